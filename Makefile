@@ -1,0 +1,55 @@
+# kubeinfer developer entry points. `make serve` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The virtual environment lives outside git (reused across clones and CI runs); .venv links to it.
+KUBEINFER_CACHE ?= $(HOME)/.cache/kubeinfer
+VENV_REAL := $(KUBEINFER_CACHE)/venv
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: help install serve test test-fast lint model bench clean
+
+help:
+	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
+	@echo "make test     install what is needed and run the whole suite"
+	@echo "make lint     ruff over the Python packages and tests"
+	@echo "make model    write the built-in tiny model to .models/"
+	@echo "make bench    run the serving benchmark against baselines"
+
+$(STAMP): requirements.lock pyproject.toml
+	@mkdir -p $(KUBEINFER_CACHE)
+	@test -x $(VENV_REAL)/bin/python || $(PYTHON) -m venv $(VENV_REAL)
+	$(VENV_REAL)/bin/pip install -q --upgrade pip setuptools
+	$(VENV_REAL)/bin/pip install -q -r requirements.lock
+	@rm -f $(VENV_REAL)/.kubeinfer-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+	@ln -sfn $(VENV_REAL) $(VENV)
+	@# The project itself is installed editable into the shared venv on every run, so it points at this clone.
+	@$(VENV_REAL)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+serve: install
+	$(VENV)/bin/kubeinfer-serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+model: install
+	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check serving operator tests bench
+
+bench: install
+	$(PY) -m bench.serve_bench $(BENCH_ARGS)
+
+clean:
+	rm -rf .models .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""kubeinfer_serving.registry"""
