@@ -1,0 +1,83 @@
+"""Prometheus metrics of the serving pod (DESIGN.md section 5), all labelled by ``model``.
+
+Meanings follow vLLM's metrics (``vllm:num_requests_waiting`` and friends) so dashboards
+and the HPA read them the same way. ``kubeinfer_queue_length`` is the autoscaling signal:
+the number of requests waiting to be scheduled (not yet running) for a model.
+Times are seconds, sizes are bytes, token counts are tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: The registry served at ``/metrics``. A dedicated one keeps tests and embedding apps isolated
+#: from the process-global default registry.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)
+_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+QUEUE_LENGTH = Gauge(
+    "kubeinfer_queue_length", "Requests waiting to be scheduled (the HPA signal).", ["model"], registry=REGISTRY
+)
+NUM_REQUESTS_RUNNING = Gauge(
+    "kubeinfer_num_requests_running", "Requests in the running batch.", ["model"], registry=REGISTRY
+)
+KV_CACHE_USAGE = Gauge(
+    "kubeinfer_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use, 0..1.", ["model"], registry=REGISTRY
+)
+TTFT = Histogram(
+    "kubeinfer_time_to_first_token_seconds", "Time from arrival to the first output token.",
+    ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+ITL = Histogram(
+    "kubeinfer_inter_token_latency_seconds", "Time between consecutive output tokens of a request.",
+    ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+E2E_LATENCY = Histogram(
+    "kubeinfer_e2e_request_latency_seconds", "Time from arrival to the request's end.",
+    ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+QUEUE_TIME = Histogram(
+    "kubeinfer_request_queue_time_seconds", "Time a request spent waiting before its first schedule.",
+    ["model"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+PROMPT_TOKENS = Counter(
+    "kubeinfer_prompt_tokens", "Prompt tokens processed (prefill).", ["model"], registry=REGISTRY
+)
+GENERATION_TOKENS = Counter(
+    "kubeinfer_generation_tokens", "Output tokens generated.", ["model"], registry=REGISTRY
+)
+NUM_PREEMPTIONS = Counter(
+    "kubeinfer_num_preemptions", "Sequences preempted for lack of KV blocks (recomputed later).",
+    ["model"], registry=REGISTRY,
+)
+PREFIX_CACHE_QUERIES = Counter(
+    "kubeinfer_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model"], registry=REGISTRY
+)
+PREFIX_CACHE_HITS = Counter(
+    "kubeinfer_prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["model"], registry=REGISTRY
+)
+REQUESTS_FINISHED = Counter(
+    "kubeinfer_request_success", "Finished requests by finish reason (stop, length, abort).",
+    ["model", "finish_reason"], registry=REGISTRY,
+)
+MODEL_LOADS = Counter(
+    "kubeinfer_model_loads", "Model loads completed (cold or warm).", ["model"], registry=REGISTRY
+)
+MODEL_LOAD_FAILURES = Counter(
+    "kubeinfer_model_load_failures", "Model loads that failed.", ["model"], registry=REGISTRY
+)
+MODEL_EVICTIONS = Counter(
+    "kubeinfer_model_evictions", "Models evicted from device memory.", ["model"], registry=REGISTRY
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "kubeinfer_model_load_seconds", "Wall time of a model load.", ["model"], buckets=_LOAD_BUCKETS, registry=REGISTRY
+)
+MODEL_LOADED_BYTES = Gauge(
+    "kubeinfer_model_loaded_bytes", "Bytes a loaded model holds (weights + KV pool); 0 when unloaded.",
+    ["model"], registry=REGISTRY,
+)
