@@ -1,0 +1,1 @@
+"""kubeinfer benchmarks (run as modules: python -m bench.<name>)."""
