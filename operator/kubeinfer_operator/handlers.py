@@ -1,0 +1,146 @@
+"""kopf wiring: which events trigger :meth:`Reconciler.reconcile`, and the operator's settings.
+
+* InferenceService create / update (spec, labels or annotations changed) / resume (operator
+  start): reconcile that object.
+* Any change or deletion of a child (Deployment, Service, ConfigMap, HPA carrying the label
+  ``app.kubernetes.io/managed-by=kubeinfer-operator``): reconcile its controlling owner, so
+  drift is reverted, a deleted child is recreated and the status follows the Deployment's
+  and HPA's status.
+* A resync timer per InferenceService (every ``RESYNC_SECONDS``) as a level-triggered safety net.
+
+Importing this module registers the handlers on kopf's default registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, OperatorConfig
+from kubeinfer_operator.kube import Kube, KubeError, load_api_client
+from kubeinfer_operator.reconcile import Outcome, Reconciler
+
+RESYNC_SECONDS = 60.0
+#: Retry delay (seconds) after a transient API failure.
+RETRY_SECONDS = 10.0
+CHILD_SELECTOR = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+
+logger = logging.getLogger(__name__)
+
+
+def _post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Queue a Kubernetes Event (core/v1) on ``obj`` through kopf's background poster."""
+    kopf.event(dict(obj), type=type_, reason=reason, message=message[:1024])
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """``$KUBECONFIG`` (or ``~/.kube/config``) when present, else in-cluster service-account credentials."""
+    if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Keep kopf's bookkeeping in ``serving.kubeinfer.io/*`` annotations (the structural schema
+    would prune ``status.kopf``), skip CRD watching (least-privilege RBAC has no access to
+    CRDs; install the CRD before the operator), and build the reconciler."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.scanning.disabled = True
+    settings.execution.max_workers = 8
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    memo.reconciler = Reconciler(Kube(load_api_client()), OperatorConfig.from_env(), _post_event)
+
+
+def _run(memo: kopf.Memo, namespace: str, name: str, why: str) -> Outcome:
+    reconciler: Reconciler = memo.reconciler
+    try:
+        outcome = reconciler.reconcile(namespace, name)
+    except KubeError as err:
+        raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {err}", delay=RETRY_SECONDS) from err
+    if outcome.found:
+        logger.info(
+            "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s",
+            namespace, name, why, outcome.ready, outcome.created, outcome.updated, outcome.invalid,
+        )
+    return outcome
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def on_create(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A new InferenceService: create its children and first status."""
+    _run(memo, namespace, name, "create")
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_update(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """The spec (or labels/annotations) changed: re-render and apply."""
+    _run(memo, namespace, name, "update")
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def on_resume(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Operator (re)start: re-apply; identical content changes nothing on the server."""
+    _run(memo, namespace, name, "resume")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Periodic level-triggered resync, in case a watch event was missed."""
+    _run(memo, namespace, name, "resync")
+
+
+def owner_name(body: Mapping[str, Any]) -> str | None:
+    """Name of the InferenceService that controls ``body`` (a child), or None."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+            return ref.get("name")
+    return None
+
+
+def _on_child_event(type: str | None, body: Mapping[str, Any], memo: kopf.Memo) -> None:
+    if type is None:  # the initial listing: on_resume covers existing owners
+        return
+    owner = owner_name(body)
+    namespace = (body.get("metadata") or {}).get("namespace")
+    if not owner or not namespace:
+        return
+    child = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name')}"
+    try:
+        _run(memo, namespace, owner, f"{child} {type.lower()}")
+    except kopf.TemporaryError as err:  # the resync timer retries
+        logger.warning("%s", err)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)
+def on_deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A Deployment child changed (status included) or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_SELECTOR)
+def on_hpa_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """An HPA child changed (status included) or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("", "v1", "services", labels=CHILD_SELECTOR)
+def on_service_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A Service child changed or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)
+def on_configmap_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A catalogue ConfigMap changed or was deleted."""
+    _on_child_event(type, body, memo)

@@ -1,0 +1,147 @@
+"""One reconcile of one InferenceService: read it, render its children, apply them, write status.
+
+Level-triggered: every call re-derives everything from the isvc and its children as stored now,
+so a call caused by the isvc, by a child's change or deletion, or by a periodic resync does the
+same thing, and repeating it changes nothing (server-side apply of identical content is a
+no-op on the server: no new resourceVersion, no rollout).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
+from kubeinfer_operator.kube import Kube, KubeError
+from kubeinfer_operator.render import Owner, render_children
+from kubeinfer_operator.spec import InvalidSpecError, parse_spec
+from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
+
+ISVC_API_VERSION = f"{GROUP}/{VERSION}"
+logger = logging.getLogger(__name__)
+
+#: emit(isvc, type, reason, message): posts a Kubernetes Event about ``isvc`` (type Normal|Warning).
+EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did.
+
+    Attributes:
+        found: the isvc exists and is not being deleted.
+        invalid: the InvalidSpec message, or None.
+        created / updated: ``Kind/name`` of children the apply created or changed.
+        status_written: the status subresource was patched.
+        ready: the Ready condition's status after this reconcile ("True", "False", "Unknown").
+    """
+
+    found: bool = True
+    invalid: str | None = None
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    status_written: bool = False
+    ready: str = "Unknown"
+
+
+def _ready_condition(status: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    for cond in (status or {}).get("conditions") or []:
+        if cond.get("type") == READY:
+            return cond
+    return {}
+
+
+class Reconciler:
+    """Reconciles InferenceServices through a :class:`Kube` client; one call at a time per object.
+
+    Args:
+        kube: the API client.
+        config: operator settings (default image, probe and drain timings).
+        emit: the Event sink.
+        clock: returns the current UTC time (condition timestamps).
+    """
+
+    def __init__(
+        self, kube: Kube, config: OperatorConfig, emit: EventSink, clock: Callable[[], dt.datetime] = _utcnow
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.emit = emit
+        self.clock = clock
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        """Bring the children and status of isvc ``namespace/name`` in line with its spec.
+
+        A spec the operator cannot serve (parse failure, or a child the API server rejects
+        with 400/422) is not an error here: it yields Ready=False/InvalidSpec, one Warning
+        Event per distinct message, and a normal return, so nothing retries until the spec
+        changes. Existing children are left as they are meanwhile.
+
+        Raises:
+            KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
+        """
+        with self._lock(namespace, name):
+            isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
+            if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
+                return Outcome(found=False)
+            return self._reconcile(isvc)
+
+    def _reconcile(self, isvc: dict[str, Any]) -> Outcome:
+        meta = isvc["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        outcome = Outcome()
+        spec = None
+        try:
+            spec = parse_spec(isvc.get("spec"), name)
+        except InvalidSpecError as err:
+            outcome.invalid = str(err)
+        if spec is not None:
+            children = render_children(Owner(name, namespace, meta["uid"]), spec, self.config)
+            for obj in children.in_order():
+                kind, child = obj["kind"], obj["metadata"]["name"]
+                before = self.kube.get(obj["apiVersion"], kind, namespace, child)
+                try:
+                    after = self.kube.apply(obj)
+                except KubeError as err:
+                    if not err.invalid:
+                        self.emit(isvc, "Warning", "ApplyFailed", f"{kind} {child}: {err}")
+                        raise
+                    outcome.invalid = f"the API server rejected {kind} {child}: {err.message}"
+                    break
+                if before is None:
+                    outcome.created.append(f"{kind}/{child}")
+                    self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
+                elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
+                    outcome.updated.append(f"{kind}/{child}")
+                    self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+        deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
+        hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+        new_status = compute_status(isvc, spec, outcome.invalid, deployment, hpa, self.clock())
+        previous_ready = _ready_condition(isvc.get("status"))
+        if outcome.invalid is not None and (
+            previous_ready.get("reason") != INVALID_SPEC or previous_ready.get("message") != outcome.invalid
+        ):
+            self.emit(isvc, "Warning", INVALID_SPEC, outcome.invalid)
+        outcome.ready = _ready_condition(new_status).get("status", "Unknown")
+        if status_changed(isvc.get("status"), new_status):
+            try:
+                self.kube.patch_isvc_status(namespace, name, new_status)
+                outcome.status_written = True
+            except KubeError as err:
+                if err.status != 404:  # 404: deleted meanwhile, nothing to report on
+                    raise
+        return outcome

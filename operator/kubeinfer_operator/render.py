@@ -1,0 +1,354 @@
+"""Pure renderers: an InferenceService (name, uid, parsed spec) -> the child objects as plain dicts.
+
+No I/O here; the reconciler applies what these return with server-side apply, so every field
+set below is owned by the operator's field manager and anything not set (the Deployment's
+``replicas``, which the HPA owns; server defaults) is left to others.
+Children (DESIGN.md section 4): ConfigMap ``NAME-models`` (the catalogue), Deployment ``NAME``,
+Service ``NAME`` (port 80 -> 8000) and HorizontalPodAutoscaler ``NAME`` (autoscaling/v2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, VERSION, OperatorConfig
+from kubeinfer_operator.spec import MODEL_STORE_ROOT, InferenceServiceSpec
+
+SERVING_PORT = 8000
+SERVICE_PORT = 80
+CATALOGUE_DIR = "/etc/kubeinfer"
+CATALOGUE_FILE = "models.yaml"
+CACHE_DIR = "/var/cache/kubeinfer"
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+ISVC_LABEL = f"{GROUP}/inferenceservice"
+#: Seconds a terminating pod keeps serving before SIGTERM, so endpoint removal reaches every
+#: kube-proxy / load balancer first (the usual preStop pause, Kubernetes "Pod Lifecycle" docs).
+PRESTOP_SECONDS = 10
+#: The queue-length series the serving pod exports (serving/kubeinfer_serving/metrics.py).
+QUEUE_METRIC = "kubeinfer_queue_length"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The InferenceService the children belong to (``metadata.name``, ``namespace``, ``uid``)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def configmap_name(name: str) -> str:
+    """Name of the catalogue ConfigMap of InferenceService ``name``."""
+    return f"{name}-models"
+
+
+def service_url(name: str, namespace: str) -> str:
+    """The in-cluster URL clients use: ``http://NAME.NAMESPACE.svc.cluster.local``."""
+    return f"http://{name}.{namespace}.svc.cluster.local"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """Pod selector of the Deployment and Service (immutable once the Deployment exists)."""
+    return {ISVC_LABEL: name, "app.kubernetes.io/component": "serving"}
+
+
+def common_labels(name: str) -> dict[str, str]:
+    """Labels every child carries (Kubernetes recommended labels plus the owning isvc's name)."""
+    return {
+        "app.kubernetes.io/name": "kubeinfer-serving",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "serving",
+        "app.kubernetes.io/part-of": "kubeinfer",
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        ISVC_LABEL: name,
+    }
+
+
+def _metadata(owner: Owner, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": common_labels(owner.name),
+        "ownerReferences": [
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+            }
+        ],
+    }
+
+
+def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The serving pod's model catalogue as a dict (written as ``models.yaml``).
+
+    Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
+    gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, pvcRoot, models: [{name, source,
+    kind, preload, dtype, maxModelLen?}]}``. ``gpuMemoryUtilization`` is the fraction of device
+    memory for weights + KV cache of all loaded models; ``pvcRoot`` is where pvc:// claims are
+    mounted, so ``pvc://CLAIM/PATH`` reads ``/mnt/models/CLAIM/PATH``.
+    """
+    models = []
+    for m in spec.models:
+        entry: dict[str, Any] = {
+            "name": m.name,
+            "source": m.source,
+            "kind": m.kind,
+            "preload": m.preload,
+            "dtype": m.dtype,
+        }
+        if m.max_model_len is not None:
+            entry["maxModelLen"] = m.max_model_len
+        models.append(entry)
+    return {
+        "maxLoadedModels": spec.max_loaded_models,
+        "gpuMemoryUtilization": spec.runtime.gpu_memory_utilization,
+        "maxNumSeqs": spec.runtime.max_num_seqs,
+        "maxNumBatchedTokens": spec.runtime.max_num_batched_tokens,
+        "pvcRoot": MODEL_STORE_ROOT,
+        "models": models,
+    }
+
+
+def catalogue_yaml(spec: InferenceServiceSpec) -> str:
+    """``models.yaml`` text: deterministic (key order fixed), so equal specs give equal bytes."""
+    return yaml.safe_dump(render_catalogue(spec), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(catalogue: str) -> str:
+    """First 16 hex digits of SHA-256 over the catalogue text; a change rolls the Deployment."""
+    return hashlib.sha256(catalogue.encode()).hexdigest()[:16]
+
+
+def render_configmap(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The catalogue ConfigMap ``NAME-models`` with key ``models.yaml``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, configmap_name(owner.name)),
+        "data": {CATALOGUE_FILE: catalogue_yaml(spec)},
+    }
+
+
+def serving_args(config: OperatorConfig) -> list[str]:
+    """``kubeinfer-serve`` command line (flags of serving/kubeinfer_serving/config.py); the engine
+    knobs (maxNumSeqs, maxNumBatchedTokens) travel in the catalogue."""
+    return [
+        "kubeinfer-serve",
+        "--host", "0.0.0.0",
+        "--port", str(SERVING_PORT),
+        "--models-config", f"{CATALOGUE_DIR}/{CATALOGUE_FILE}",
+        "--timeout-graceful-shutdown", str(config.drain_seconds),
+    ]
+
+
+def _volume_name(index: int) -> str:
+    return f"model-store-{index}"
+
+
+def render_deployment(
+    owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig, catalogue_hash: str
+) -> dict[str, Any]:
+    """The serving Deployment ``NAME``; ``replicas`` is left out (the HPA owns it).
+
+    Args:
+        catalogue_hash: :func:`config_hash` of the catalogue, put on the pod template so a
+            catalogue change rolls the pods.
+    """
+    labels = common_labels(owner.name)
+    volumes: list[dict[str, Any]] = [
+        {"name": "catalogue", "configMap": {"name": configmap_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "catalogue", "mountPath": CATALOGUE_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+    ]
+    for index, claim in enumerate(spec.claims()):
+        volumes.append(
+            {"name": _volume_name(index), "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": _volume_name(index), "mountPath": f"{MODEL_STORE_ROOT}/{claim}", "readOnly": True})
+    needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.models)
+    env = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "HF_HUB_OFFLINE", "value": "0" if needs_hub else "1"},
+    ]
+    container: dict[str, Any] = {
+        "name": "serving",
+        "image": spec.runtime.image or config.serving_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": serving_args(config)[:1],
+        "args": serving_args(config)[1:],
+        "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "env": env,
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(config.startup_timeout_seconds / 10),
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    resources = spec.resources.as_dict()
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + config.drain_seconds + 5,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": config.startup_timeout_seconds + 300,
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(SERVING_PORT),
+                        "prometheus.io/path": "/metrics",
+                        CONFIG_HASH_ANNOTATION: catalogue_hash,
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(owner: Owner) -> dict[str, Any]:
+    """ClusterIP Service ``NAME``: port 80 named ``http`` -> the pods' port 8000."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner.name),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_hpa(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """autoscaling/v2 HPA on the Pods metric ``kubeinfer_queue_length`` (waiting requests per pod).
+
+    Scale-up reacts at once (no stabilisation window; at most +100 % or +2 pods per 30 s,
+    whichever is more); scale-down waits ``scaleDownStabilizationSeconds`` and removes at most
+    one pod a minute, since a serving pod reloads its models from scratch when it comes back.
+    Algorithm: the HPA controller's desired = ceil(current * metric / target) (Kubernetes docs,
+    "Horizontal Pod Autoscaling").
+    """
+    scaling = spec.scaling
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": QUEUE_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(scaling.target_queue_length)},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "selectPolicy": "Max",
+                    "policies": [
+                        {"type": "Percent", "value": 100, "periodSeconds": 30},
+                        {"type": "Pods", "value": 2, "periodSeconds": 30},
+                    ],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                },
+            },
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Children:
+    """All rendered children, in apply order (catalogue before the pods that mount it)."""
+
+    configmap: dict[str, Any]
+    service: dict[str, Any]
+    deployment: dict[str, Any]
+    hpa: dict[str, Any]
+
+    def in_order(self) -> list[dict[str, Any]]:
+        """ConfigMap, Service, Deployment, HPA."""
+        return [self.configmap, self.service, self.deployment, self.hpa]
+
+
+def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> Children:
+    """Render every child of ``owner`` from its parsed ``spec``; pure and deterministic."""
+    configmap = render_configmap(owner, spec)
+    digest = config_hash(configmap["data"][CATALOGUE_FILE])
+    return Children(
+        configmap=configmap,
+        service=render_service(owner),
+        deployment=render_deployment(owner, spec, config, digest),
+        hpa=render_hpa(owner, spec),
+    )

@@ -1,0 +1,260 @@
+"""Parse and check an InferenceService ``spec`` (DESIGN.md section 3) into typed pydantic models.
+
+The CRD schema and its CEL rules reject most bad specs at the API server; this module repeats
+those checks (an object stored under an older CRD, or written with validation off, must not
+crash the operator) and adds the ones a schema cannot express, e.g. a resource request above
+its limit. Every failure becomes one :class:`InvalidSpecError` whose message names each bad
+field, which the operator reports as ``Ready=False, reason=InvalidSpec``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, Literal
+
+from kubernetes.utils import parse_quantity
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_HF_PART = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+
+#: Where the serving pod finds pvc:// sources: pvc://CLAIM/PATH -> MODEL_STORE_ROOT/CLAIM/PATH.
+MODEL_STORE_ROOT = "/mnt/models"
+
+
+class InvalidSpecError(ValueError):
+    """The spec cannot be served as written; ``str(err)`` is a readable list of the problems."""
+
+
+class ModelSource(BaseModel):
+    """A parsed ``source`` URI.
+
+    Attributes:
+        scheme: ``pvc``, ``file`` or ``hf``.
+        claim: the PersistentVolumeClaim name for ``pvc``, else None.
+        path: path inside the claim (``pvc``), absolute path in the image (``file``), or ``org/name`` (``hf``).
+    """
+
+    scheme: Literal["pvc", "file", "hf"]
+    claim: str | None = None
+    path: str
+
+    @classmethod
+    def parse(cls, uri: str) -> ModelSource:
+        """Split ``pvc://CLAIM/PATH``, ``file:///PATH`` or ``hf://ORG/NAME``.
+
+        Raises:
+            ValueError: unknown scheme, or a malformed claim, path or repository id.
+        """
+        if uri.startswith("pvc://"):
+            claim, sep, path = uri[len("pvc://"):].partition("/")
+            if not sep or not path or path.startswith("/"):
+                raise ValueError(f"pvc source {uri!r} must be pvc://CLAIM/PATH")
+            if len(claim) > 253 or not DNS1123_SUBDOMAIN.match(claim):
+                raise ValueError(f"claim {claim!r} in {uri!r} is not a valid PersistentVolumeClaim name")
+            return cls(scheme="pvc", claim=claim, path=path)
+        if uri.startswith("file://"):
+            path = uri[len("file://"):]
+            if not path.startswith("/") or path == "/" or path.startswith("//"):
+                raise ValueError(f"file source {uri!r} must be file:///ABSOLUTE/PATH")
+            return cls(scheme="file", path=path)
+        if uri.startswith("hf://"):
+            repo = uri[len("hf://"):]
+            parts = repo.split("/")
+            if len(parts) != 2 or not all(_HF_PART.match(p) for p in parts):
+                raise ValueError(f"hf source {uri!r} must be hf://ORG/NAME")
+            return cls(scheme="hf", path=repo)
+        raise ValueError(f"source {uri!r} must be pvc://CLAIM/PATH, file:///ABSOLUTE/PATH or hf://ORG/NAME")
+
+    def local_path(self) -> str | None:
+        """Path the serving pod reads weights from, or None for ``hf`` (downloaded at load time)."""
+        if self.scheme == "pvc":
+            return f"{MODEL_STORE_ROOT}/{self.claim}/{self.path}"
+        if self.scheme == "file":
+            return self.path
+        return None
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+class ModelSpec(_Camel):
+    """One entry of ``spec.models``: an OpenAI model name and where its weights come from."""
+
+    name: str = Field(max_length=63)
+    source: str = Field(max_length=1024)
+    preload: bool = False
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: int | None = Field(default=None, alias="maxModelLen", ge=1, le=1 << 20)
+    kind: Literal["generate", "embed"] = "generate"
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not DNS1123_LABEL.match(value):
+            raise ValueError(f"model name {value!r} must be a DNS-1123 label")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        ModelSource.parse(value)
+        return value
+
+    @property
+    def parsed_source(self) -> ModelSource:
+        """The parsed :class:`ModelSource` of ``source``."""
+        return ModelSource.parse(self.source)
+
+
+class RuntimeSpec(_Camel):
+    """``spec.runtime``: serving image and engine limits (tokens, sequences, memory fraction)."""
+
+    image: str | None = Field(default=None, max_length=512)
+    max_loaded_models: int | None = Field(default=None, alias="maxLoadedModels", ge=1, le=32)
+    gpu_memory_utilization: float = Field(default=0.9, alias="gpuMemoryUtilization", gt=0, le=1)
+    max_num_seqs: int = Field(default=256, alias="maxNumSeqs", ge=1, le=65536)
+    max_num_batched_tokens: int = Field(default=8192, alias="maxNumBatchedTokens", ge=1, le=1 << 20)
+
+
+class ScalingSpec(_Camel):
+    """``spec.scaling``: HPA bounds and behaviour; queue length is in waiting requests per pod."""
+
+    min_replicas: int = Field(default=1, alias="minReplicas", ge=1, le=1000)
+    max_replicas: int = Field(default=1, alias="maxReplicas", ge=1, le=1000)
+    target_queue_length: int = Field(default=8, alias="targetQueueLength", ge=1, le=100000)
+    scale_down_stabilization_seconds: int = Field(
+        default=300, alias="scaleDownStabilizationSeconds", ge=0, le=3600
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must be less than or equal to maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+def _is_extended_resource(name: str) -> bool:
+    """Extended resources (e.g. ``nvidia.com/gpu``) are domain-prefixed outside ``kubernetes.io``."""
+    return "/" in name and not name.split("/", 1)[0].endswith("kubernetes.io")
+
+
+class ResourcesSpec(_Camel):
+    """``spec.resources``: core/v1 ResourceRequirements of the serving container, passed through."""
+
+    limits: dict[str, int | str] = Field(default_factory=dict)
+    requests: dict[str, int | str] = Field(default_factory=dict)
+    claims: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _quantities(self) -> ResourcesSpec:
+        parsed: dict[str, dict[str, Decimal]] = {}
+        for field in ("limits", "requests"):
+            parsed[field] = {}
+            for name, raw in getattr(self, field).items():
+                try:
+                    parsed[field][name] = parse_quantity(raw)
+                except ValueError as err:
+                    raise ValueError(f"{field}[{name}] = {raw!r} is not a Kubernetes quantity") from err
+        for name, request in parsed["requests"].items():
+            limit = parsed["limits"].get(name)
+            if limit is None:
+                continue
+            if request > limit:
+                raise ValueError(f"requests[{name}] ({self.requests[name]}) exceeds limits[{name}] ({self.limits[name]})")
+            if _is_extended_resource(name) and request != limit:
+                raise ValueError(f"requests[{name}] must equal limits[{name}]: extended resources cannot be overcommitted")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ResourceRequirements object for the container, empty sections left out."""
+        out: dict[str, Any] = {}
+        if self.limits:
+            out["limits"] = {k: str(v) for k, v in self.limits.items()}
+        if self.requests:
+            out["requests"] = {k: str(v) for k, v in self.requests.items()}
+        if self.claims:
+            out["claims"] = [dict(c) for c in self.claims]
+        return out
+
+
+class InferenceServiceSpec(_Camel):
+    """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does."""
+
+    models: list[ModelSpec] = Field(max_length=32)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models(self) -> InferenceServiceSpec:
+        if not self.models:
+            raise ValueError("spec.models must list at least one model")
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} appears more than once")
+            seen.add(model.name)
+        preloaded = sum(1 for m in self.models if m.preload)
+        if self.runtime.max_loaded_models is not None and preloaded > self.runtime.max_loaded_models:
+            raise ValueError(
+                f"{preloaded} models have preload: true but runtime.maxLoadedModels is {self.runtime.max_loaded_models}"
+            )
+        return self
+
+    @property
+    def max_loaded_models(self) -> int:
+        """``runtime.maxLoadedModels``, or the number of models when unset (all may be resident)."""
+        return self.runtime.max_loaded_models or len(self.models)
+
+    def claims(self) -> list[str]:
+        """Distinct PersistentVolumeClaim names used by pvc:// sources, in first-use order."""
+        out: list[str] = []
+        for model in self.models:
+            claim = model.parsed_source.claim
+            if claim and claim not in out:
+                out.append(claim)
+        return out
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = "spec"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_spec(spec: Mapping[str, Any] | None, name: str | None = None) -> InferenceServiceSpec:
+    """Validate ``spec`` (the object's ``.spec`` as a plain dict) and return it typed, defaults filled.
+
+    Args:
+        spec: the InferenceService ``spec`` mapping.
+        name: ``metadata.name``; when given it must be a DNS-1035 label (it names the Service).
+
+    Raises:
+        InvalidSpecError: one message listing every problem, e.g.
+            ``spec.scaling: minReplicas (3) must be less than or equal to maxReplicas (2)``.
+    """
+    problems: list[str] = []
+    if name is not None and (len(name) > 63 or not DNS1035_LABEL.match(name)):
+        problems.append(f"metadata.name {name!r} must be a DNS-1035 label (it names the Service)")
+    parsed: InferenceServiceSpec | None = None
+    try:
+        parsed = InferenceServiceSpec.model_validate(dict(spec or {}))
+    except ValidationError as err:
+        for item in err.errors(include_url=False):
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{_location(item['loc'])}: {message}")
+    if problems or parsed is None:
+        raise InvalidSpecError("; ".join(problems))
+    return parsed

@@ -1,0 +1,239 @@
+"""Pure status computation: children's observed state -> the InferenceService ``status``.
+
+Conditions follow metav1.Condition (Kubernetes API conventions, "Typical status properties"):
+``type``, ``status`` (True/False/Unknown), a CamelCase ``reason`` that is never empty, a
+human ``message``, ``observedGeneration`` (the isvc generation this was computed for) and
+``lastTransitionTime``, which changes only when ``status`` flips.
+
+* ``DeploymentAvailable``: the Deployment's own ``Available`` condition (its definition of
+  minimum availability), False on ``ProgressDeadlineExceeded``.
+* ``AutoscalerReady``: the HPA controller accepted the HPA (``AbleToScale``) and can read
+  the queue-length metric (``ScalingActive``); with minReplicas == maxReplicas no metric is
+  needed, so a missing metric does not make it False.
+* ``ModelsReady``: a serving pod is ready, i.e. every preloaded model is loaded (the
+  serving pod's ``/ready`` is true exactly then).
+* ``Ready``: the roll-up: False with reason ``InvalidSpec`` for a spec the operator cannot
+  serve, else the first of DeploymentAvailable, AutoscalerReady that is not True.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubeinfer_operator.render import service_url
+from kubeinfer_operator.spec import InferenceServiceSpec
+
+READY = "Ready"
+DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
+AUTOSCALER_READY = "AutoscalerReady"
+MODELS_READY = "ModelsReady"
+INVALID_SPEC = "InvalidSpec"
+CONDITION_ORDER = (READY, DEPLOYMENT_AVAILABLE, AUTOSCALER_READY, MODELS_READY)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One condition's status, reason and message before timestamps are attached."""
+
+    status: str
+    reason: str
+    message: str
+
+
+def rfc3339(now: dt.datetime) -> str:
+    """``now`` as the API server writes metav1.Time: UTC, whole seconds, ``Z`` suffix."""
+    return now.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conditions_by_type(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+    return {c.get("type"): c for c in conditions if isinstance(c, Mapping)}
+
+
+def deployment_verdict(deployment: Mapping[str, Any] | None) -> Verdict:
+    """DeploymentAvailable from the Deployment object (None when it does not exist)."""
+    if deployment is None:
+        return Verdict("False", "DeploymentMissing", "the serving Deployment does not exist yet")
+    conditions = _conditions_by_type(deployment)
+    progressing = conditions.get("Progressing")
+    if progressing and progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Verdict("False", "ProgressDeadlineExceeded", progressing.get("message") or "rollout stalled")
+    available = conditions.get("Available")
+    if available is None:
+        return Verdict("Unknown", "DeploymentPending", "the deployment controller has not reported availability yet")
+    status = deployment.get("status") or {}
+    desired = (deployment.get("spec") or {}).get("replicas", 1)
+    updated = status.get("updatedReplicas", 0)
+    generation = (deployment.get("metadata") or {}).get("generation", 0)
+    if available.get("status") == "True" and (
+        status.get("observedGeneration", 0) < generation or updated < desired
+    ):
+        return Verdict("True", "RollingUpdate", f"available while rolling out: {updated} of {desired} pods updated")
+    return Verdict(
+        str(available.get("status", "Unknown")),
+        available.get("reason") or "DeploymentAvailability",
+        available.get("message") or "",
+    )
+
+
+def autoscaler_verdict(hpa: Mapping[str, Any] | None, spec: InferenceServiceSpec | None) -> Verdict:
+    """AutoscalerReady from the HPA object (None when it does not exist)."""
+    if hpa is None:
+        return Verdict("False", "AutoscalerMissing", "the HorizontalPodAutoscaler does not exist yet")
+    conditions = _conditions_by_type(hpa)
+    able = conditions.get("AbleToScale")
+    active = conditions.get("ScalingActive")
+    if able is None or active is None:
+        return Verdict("Unknown", "AutoscalerPending", "the horizontal-pod-autoscaler controller has not reported yet")
+    if able.get("status") != "True":
+        return Verdict("False", able.get("reason") or "UnableToScale", able.get("message") or "")
+    if active.get("status") != "True":
+        fixed = spec is not None and spec.scaling.min_replicas == spec.scaling.max_replicas
+        if fixed:
+            return Verdict(
+                "True",
+                "FixedReplicas",
+                f"minReplicas == maxReplicas == {spec.scaling.min_replicas}: no metric needed "
+                f"({active.get('reason')}: {active.get('message', '')})",
+            )
+        return Verdict(
+            "False",
+            active.get("reason") or "ScalingInactive",
+            f"{active.get('message', '')} (is a custom-metrics adapter serving kubeinfer_queue_length?)",
+        )
+    return Verdict("True", active.get("reason") or "ScalingActive", active.get("message") or "")
+
+
+def models_verdict(spec: InferenceServiceSpec | None, ready_replicas: int) -> Verdict:
+    """ModelsReady: True once a pod is ready, since /ready means every preloaded model is loaded."""
+    if spec is None:
+        return Verdict("Unknown", INVALID_SPEC, "the model list cannot be read from the spec")
+    preloaded = sum(1 for m in spec.models if m.preload)
+    if ready_replicas > 0:
+        return Verdict(
+            "True",
+            "PreloadedModelsLoaded",
+            f"{preloaded} preloaded model(s) loaded on {ready_replicas} ready pod(s); "
+            f"{len(spec.models) - preloaded} load on first request",
+        )
+    return Verdict("False", "NoReadyPods", "no serving pod is ready yet")
+
+
+def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list[dict[str, str]]:
+    """``status.models``: preloaded models are Loaded once a pod is ready; the rest stay Pending
+    (loaded on demand inside the pod, which does not report to the API)."""
+    if spec is None:
+        return []
+    out = []
+    for m in spec.models:
+        if m.preload and ready_replicas > 0:
+            out.append({"name": m.name, "state": "Loaded", "message": "preloaded; a ready pod has it loaded"})
+        elif m.preload:
+            out.append({"name": m.name, "state": "Pending", "message": "preloaded at pod start; no pod is ready yet"})
+        else:
+            out.append({"name": m.name, "state": "Pending", "message": "loaded on demand by the first request"})
+    return out
+
+
+def ready_verdict(invalid: str | None, deployment: Verdict, autoscaler: Verdict) -> Verdict:
+    """The Ready roll-up (see the module docstring)."""
+    if invalid is not None:
+        return Verdict("False", INVALID_SPEC, invalid)
+    for part in (deployment, autoscaler):
+        if part.status != "True":
+            return part
+    return Verdict("True", "Available", "serving pods available and autoscaler ready")
+
+
+def merge_conditions(
+    previous: Iterable[Mapping[str, Any]] | None,
+    verdicts: Mapping[str, Verdict],
+    generation: int,
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """Build the condition list, keeping ``lastTransitionTime`` where the status did not flip.
+
+    Args:
+        previous: the current ``status.conditions`` (may be None).
+        verdicts: condition type -> :class:`Verdict`.
+        generation: the isvc ``metadata.generation`` these verdicts were computed for.
+        now: the time stamped on conditions whose status changed (or that are new).
+    """
+    before = {c.get("type"): c for c in previous or [] if isinstance(c, Mapping)}
+    out = []
+    for ctype in sorted(verdicts, key=lambda t: CONDITION_ORDER.index(t) if t in CONDITION_ORDER else 99):
+        verdict = verdicts[ctype]
+        old = before.get(ctype)
+        changed = old is None or old.get("status") != verdict.status or not old.get("lastTransitionTime")
+        out.append(
+            {
+                "type": ctype,
+                "status": verdict.status,
+                "reason": verdict.reason,
+                "message": verdict.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": rfc3339(now) if changed else old["lastTransitionTime"],
+            }
+        )
+    return out
+
+
+def compute_status(
+    isvc: Mapping[str, Any],
+    spec: InferenceServiceSpec | None,
+    invalid: str | None,
+    deployment: Mapping[str, Any] | None,
+    hpa: Mapping[str, Any] | None,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The whole ``status`` of ``isvc`` from its parsed spec and its children.
+
+    Args:
+        isvc: the InferenceService object (metadata and current status are read).
+        spec: the parsed spec, or None when it is invalid.
+        invalid: the InvalidSpec message, or None when the spec is fine.
+        deployment: the Deployment child as read from the API, or None when absent.
+        hpa: the HPA child as read from the API, or None when absent.
+        now: the current time (timestamps of changed conditions).
+    """
+    meta = isvc.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
+    dep_status = (deployment or {}).get("status") or {}
+    replicas = int(dep_status.get("replicas") or 0)
+    ready = int(dep_status.get("readyReplicas") or 0)
+    if deployment is not None:
+        desired = int((deployment.get("spec") or {}).get("replicas") or 0)
+    else:
+        desired = spec.scaling.min_replicas if spec else 0
+    dep_v = deployment_verdict(deployment)
+    hpa_v = autoscaler_verdict(hpa, spec)
+    verdicts = {
+        READY: ready_verdict(invalid, dep_v, hpa_v),
+        DEPLOYMENT_AVAILABLE: dep_v,
+        AUTOSCALER_READY: hpa_v,
+        MODELS_READY: models_verdict(spec, ready),
+    }
+    previous = (isvc.get("status") or {}).get("conditions")
+    raw_models = ((isvc.get("spec") or {}).get("models")) or []
+    names = [m.name for m in spec.models] if spec else [
+        str(m.get("name")) for m in raw_models if isinstance(m, Mapping) and m.get("name")
+    ]
+    return {
+        "observedGeneration": generation,
+        "url": service_url(meta.get("name", ""), meta.get("namespace", "")),
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "replicaSummary": f"{ready}/{desired}",
+        "modelNames": ",".join(names),
+        "models": model_states(spec, ready),
+        "conditions": merge_conditions(previous, verdicts, generation, now),
+    }
+
+
+def status_changed(current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """True when writing ``new`` would change the stored status (ignoring unknown extra keys)."""
+    current = current or {}
+    return any(current.get(key) != value for key, value in new.items())

@@ -1,0 +1,63 @@
+"""The FastAPI application of the serving pod.
+
+:func:`create_app` wires the routes to a :class:`~kubeinfer_serving.registry.protocol.ModelProvider`
+(the registry in production). The app's lifespan starts the provider in the background, so
+``/health`` answers at once while preloaded models load (``/ready`` says 503 until they are
+loaded), and shuts it down when the server stops (after uvicorn drained in-flight requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from kubeinfer_serving import __version__
+from kubeinfer_serving.api import chat, completions, embeddings, health, models
+from kubeinfer_serving.api.errors import install_error_handlers
+from kubeinfer_serving.config import ServerSettings
+from kubeinfer_serving.registry.protocol import ModelProvider
+
+log = logging.getLogger(__name__)
+
+
+def create_app(provider: ModelProvider, *, settings: ServerSettings | None = None) -> FastAPI:
+    """Build the HTTP app over ``provider``.
+
+    Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+    ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
+    ``GET /health``, ``GET /ready``, ``GET /metrics``. Every error has OpenAI's error body.
+
+    Args:
+        provider: hands out models by name; started by the lifespan (``provider.start()`` as a
+            background task) and shut down when the app stops (``provider.shutdown()``).
+        settings: the server settings, kept as ``app.state.settings``.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def start() -> None:
+            try:
+                await provider.start()
+            except Exception:
+                log.exception("starting the model provider failed; /ready stays 503")
+
+        starting = asyncio.ensure_future(start())
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await provider.shutdown()
+
+    app = FastAPI(title="kubeinfer serving", version=__version__, lifespan=lifespan)
+    app.state.provider = provider
+    app.state.settings = settings or ServerSettings()
+    install_error_handlers(app)
+    for module in (completions, chat, embeddings, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,74 @@
+"""``POST /v1/embeddings``: sentence embeddings from an embedding model of the catalogue.
+
+``encoding_format: base64`` returns each vector as base64 of little-endian float32 bytes (what
+OpenAI's Python client asks for by default and decodes). ``dimensions`` is refused: the served
+models have one fixed output size.
+"""
+
+from __future__ import annotations
+
+import base64
+from contextlib import AsyncExitStack
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
+from kubeinfer_serving.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from kubeinfer_serving.api.serving import CLIENT_CLOSED, acquire
+from kubeinfer_serving.registry.protocol import ModelKind
+
+router = APIRouter()
+
+
+def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    """The request's ``input`` as a list of strings or a list of token-id lists.
+
+    Raises:
+        APIError: 400 for an empty list or an empty string/token list.
+    """
+    if isinstance(raw, str):
+        items: list = [raw]
+    elif len(raw) == 0:
+        raise APIError(400, "input must not be empty", param="input")
+    elif isinstance(raw[0], int):
+        items = [list(raw)]
+    else:
+        items = list(raw)
+    if any(len(x) == 0 for x in items):
+        raise APIError(400, "input must not contain empty strings or token lists", param="input")
+    return items
+
+
+def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+    """One embedding as a float list, or base64 of its little-endian float32 bytes."""
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+@router.post("/v1/embeddings", response_model=None)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """Embed each input; returns OpenAI's ``list`` of ``embedding`` objects with ``usage.prompt_tokens``.
+
+    Errors (OpenAI body): 404 unknown model; 400 a generative model, empty input, ``dimensions``,
+    or input the embedder rejects (e.g. too long); 503 model cannot be loaded.
+    """
+    if body.dimensions is not None:
+        raise APIError(400, "dimensions is not supported: the model's output size is fixed", param="dimensions",
+                       code="unsupported_parameter")
+    items = _inputs(body.input)
+    async with AsyncExitStack() as stack:
+        served = await acquire(request, stack, body.model, ModelKind.EMBED)
+        try:
+            vectors, num_tokens = await until_disconnect(request, served.embedder.embed(items))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="input") from exc
+    data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
+    usage = Usage(prompt_tokens=int(num_tokens), total_tokens=int(num_tokens))
+    resp = EmbeddingResponse(data=data, model=body.model, usage=usage)
+    return JSONResponse(resp.model_dump(mode="json", exclude_none=True))

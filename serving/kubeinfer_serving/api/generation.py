@@ -1,0 +1,201 @@
+"""Running the engine requests of one HTTP request: one per choice, concurrently, with clean aborts.
+
+A completion with several prompts or ``n > 1`` becomes several engine requests. Each runs in
+its own task that pumps ``engine.generate(...)`` into one queue, so their prefill and decode
+share the engine's batches. Cancelling a :class:`GenerationRun` cancels those tasks; the
+cancellation lands inside the engine's async iterator, which aborts the request and frees its
+KV blocks. Routes cancel the run when the client disconnects (streaming or not), so a client
+that goes away never leaves work behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.schemas import _SamplingFields
+from kubeinfer_serving.engine.errors import PromptTooLongError
+from kubeinfer_serving.engine.outputs import RequestOutput
+from kubeinfer_serving.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client closed the connection before the response was ready."""
+
+
+def reject_unsupported(body: _SamplingFields) -> None:
+    """Refuse OpenAI sampling fields the engine does not implement, instead of silently ignoring them.
+
+    Raises:
+        APIError: 400 naming the field, for non-zero ``presence_penalty``/``frequency_penalty`` or a
+            non-empty ``logit_bias``.
+    """
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
+                       code="unsupported_parameter")
+
+
+def sampling_params(body: _SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
+    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``.
+
+    OpenAI defaults: temperature 1, top_p 1. With a ``seed`` and ``n > 1``, choice ``j`` uses
+    ``seed + j`` so the choices differ yet the whole response stays reproducible.
+    """
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            seed=None if body.seed is None else body.seed + choice,
+            stop=[s for s in stop if s],
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="invalid_value") from exc
+
+
+@dataclass
+class Job:
+    """One engine request of an HTTP request.
+
+    Attributes:
+        index: the choice index in the response.
+        prompt_index: which prompt of the request it continues.
+        request_id: the engine's request id (unique per process).
+        prompt_token_ids: the prompt, token ids.
+        params: its sampling parameters.
+    """
+
+    index: int
+    prompt_index: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+class GenerationRun:
+    """The engine requests of one HTTP request, run concurrently and merged into one output stream.
+
+    Usage: ``run.start()``, then ``await run.wait_first()`` (raises the engine's admission errors:
+    ``QueueFullError``, ``PromptTooLongError``, ``EngineDeadError``), then ``async for job, out in
+    run.outputs()``; ``run.cancel()`` aborts whatever still runs and is safe to call at any time.
+    """
+
+    def __init__(self, engine: Any, jobs: list[Job]) -> None:
+        self._engine = engine
+        self._jobs = {j.index: j for j in jobs}
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._buffer: list[tuple[int, RequestOutput]] = []
+        self._finished: set[int] = set()
+
+    def start(self) -> None:
+        """Submit every job to the engine (one task each)."""
+        self._tasks = [asyncio.ensure_future(self._pump(job)) for job in self._jobs.values()]
+
+    async def _pump(self, job: Job) -> None:
+        it = self._engine.generate(job.request_id, job.prompt_token_ids, job.params)
+        if inspect.isawaitable(it):
+            it = await it
+        try:
+            async for out in it:
+                self._queue.put_nowait((job.index, out, None))
+        except asyncio.CancelledError:
+            raise
+        except PromptTooLongError as exc:
+            self._queue.put_nowait((job.index, None, exc))
+        except ValueError as exc:  # the engine's verdict on the request itself (e.g. unknown token ids)
+            self._queue.put_nowait((job.index, None, APIError(400, str(exc), param="prompt")))
+        except Exception as exc:
+            self._queue.put_nowait((job.index, None, exc))
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _next(self) -> tuple[int, RequestOutput]:
+        index, out, exc = await self._queue.get()
+        if exc is not None:
+            self.cancel()
+            raise exc
+        assert out is not None
+        if out.finished:
+            self._finished.add(index)
+        return index, out
+
+    async def wait_first(self) -> None:
+        """Wait until every job has produced its first output (its prompt was admitted and prefilled).
+
+        Raises:
+            QueueFullError, PromptTooLongError, EngineDeadError: the first job's admission error;
+                the other jobs are aborted.
+        """
+        seen = {i for i, _ in self._buffer}
+        while len(seen) < len(self._jobs):
+            index, out = await self._next()
+            self._buffer.append((index, out))
+            seen.add(index)
+
+    async def outputs(self) -> AsyncIterator[tuple[Job, RequestOutput]]:
+        """Every output of every job in arrival order, until all jobs finished.
+
+        Raises:
+            EngineDeadError (or another engine error): when a job fails mid-way; the rest are aborted.
+        """
+        while self._buffer:
+            index, out = self._buffer.pop(0)
+            yield self._jobs[index], out
+        while len(self._finished) < len(self._jobs):
+            index, out = await self._next()
+            yield self._jobs[index], out
+
+    def cancel(self) -> None:
+        """Abort every job still running (their engine iterators close and free their KV blocks)."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the ASGI ``http.disconnect`` message).
+
+    Called after the body was read, ``receive()`` blocks until the disconnect (uvicorn semantics).
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` unless the client disconnects first.
+
+    Raises:
+        ClientDisconnected: the client went away first; ``awaitable`` was cancelled.
+    """
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientDisconnected()
+    finally:
+        task.cancel()
+        watcher.cancel()

@@ -1,0 +1,33 @@
+"""Probes and metrics: ``/health`` (liveness), ``/ready`` (readiness), ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubeinfer_serving.api.errors import error_body
+from kubeinfer_serving.metrics import REGISTRY
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """200 while the process serves HTTP (the liveness probe); model loading does not affect it."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(request: Request) -> JSONResponse:
+    """200 once every preloaded model is loaded (the readiness probe), else 503 in OpenAI's error body."""
+    if request.app.state.provider.is_ready():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse(error_body(503, "Preloaded models are still loading (or failed to load)",
+                                   code="not_ready"), status_code=503)
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """The Prometheus text exposition of :data:`kubeinfer_serving.metrics.REGISTRY`."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

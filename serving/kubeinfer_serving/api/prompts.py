@@ -1,0 +1,128 @@
+"""Turning request prompts into token ids, and checking them against the model's context length.
+
+Completions take a string, a list of strings, a token-id list or a list of token-id lists
+(OpenAI's four ``prompt`` forms). Chat prompts are rendered with the model's own chat template
+(``tokenizer.apply_chat_template(..., add_generation_prompt=True)``), as Hugging Face and vLLM do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.schemas import ChatMessage
+
+
+def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt of a completion request.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (special tokens such as BOS are added as the model expects).
+        prompt: one of OpenAI's four forms.
+
+    Returns:
+        one list of token ids (int) per prompt, in request order.
+
+    Raises:
+        APIError: 400 when the list of prompts is empty, a prompt has no tokens, or a token id is
+            outside the vocabulary.
+    """
+    if isinstance(prompt, str):
+        texts_or_ids: list[Any] = [prompt]
+    elif len(prompt) == 0:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    elif isinstance(prompt[0], int):
+        texts_or_ids = [list(prompt)]
+    else:
+        texts_or_ids = list(prompt)
+    vocab = len(tokenizer)
+    out: list[list[int]] = []
+    for p in texts_or_ids:
+        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _message_text(msg: ChatMessage) -> str:
+    """The text of a message: the string, or its text parts joined (non-text parts are rejected)."""
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    texts = []
+    for part in msg.content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"content part type {part.type!r} is not supported (text only)", param="messages")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of a chat conversation rendered by the model's chat template, ending in the assistant turn.
+
+    ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know ``system``).
+
+    Raises:
+        APIError: 400 when the model has no chat template, the template rejects the conversation
+            (e.g. roles out of order), or a content part is not text.
+    """
+    conv = [
+        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages
+    ]
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
+    try:
+        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+        raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+    # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
+    if isinstance(rendered, Mapping):
+        rendered = rendered["input_ids"]
+    ids = list(rendered)
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, *, param: str) -> int:
+    """The output budget of one prompt, checked against the context length.
+
+    Args:
+        requested: ``max_tokens`` from the request, or None for "fill the remaining context".
+        num_prompt_tokens: prompt length in tokens.
+        max_model_len: the model's context length in tokens (prompt + output).
+        param: the request field named in the error (``prompt`` or ``messages``).
+
+    Returns:
+        max output tokens (>= 1).
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` when prompt + max_tokens exceeds ``max_model_len``
+            (or the prompt alone leaves no room); the message names both numbers, as OpenAI's does.
+    """
+    if requested is None:
+        if num_prompt_tokens >= max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+                f"{num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + requested > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested

@@ -1,0 +1,149 @@
+"""What completions and chat completions share: acquiring the model, running the jobs, usage, ids.
+
+The model acquired from the provider is held (busy, never evicted) until the response is fully
+sent: for a non-streaming request until the handler returns, for a stream until its last event
+or the client's disconnect (:class:`~kubeinfer_serving.api.sse.SSEResponse` releases it).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
+from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
+from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
+from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
+from kubeinfer_serving.engine.outputs import RequestOutput
+from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
+
+#: Status logged (never sent) when the client left before the response: nginx's "client closed request".
+CLIENT_CLOSED = 499
+
+
+def new_id(prefix: str) -> str:
+    """A response id like OpenAI's: ``cmpl-<32 hex>`` / ``chatcmpl-<32 hex>``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix time in whole seconds (the ``created`` field)."""
+    return int(time.time())
+
+
+async def acquire(request: Request, stack: AsyncExitStack, name: str, kind: ModelKind) -> ServedModel:
+    """Acquire model ``name`` from the app's provider on ``stack`` and check it serves ``kind``.
+
+    Raises:
+        ModelNotFoundError, ModelUnavailableError: from the provider (404, 503).
+        APIError: 400 ``model_not_supported`` when the model is of the other kind.
+    """
+    served = await stack.enter_async_context(request.app.state.provider.acquire(name))
+    if kind is ModelKind.GENERATE and getattr(served, "engine", None) is None:
+        raise APIError(400, f"Model {name!r} is an embedding model; use /v1/embeddings", param="model",
+                       code="model_not_supported")
+    if kind is ModelKind.EMBED and getattr(served, "embedder", None) is None:
+        raise APIError(400, f"Model {name!r} does not serve embeddings", param="model", code="model_not_supported")
+    return served
+
+
+class UsageCounter:
+    """Sums token counts over the jobs of a request: prompts once each, outputs over all choices."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._prompt = {j.prompt_index: len(j.prompt_token_ids) for j in jobs}
+        self._first_of_prompt = {j.prompt_index: j.index for j in reversed(jobs)}
+        self._output: dict[int, int] = {}
+        self._cached: dict[int, int] = {}
+
+    def update(self, job: Job, out: RequestOutput) -> None:
+        """Record the latest cumulative counts of ``job``."""
+        self._output[job.index] = out.num_output_tokens
+        if self._first_of_prompt[job.prompt_index] == job.index:
+            self._cached[job.prompt_index] = out.num_cached_tokens
+
+    def usage(self) -> Usage:
+        """The ``usage`` object: prompt, completion and total tokens, plus prefix-cache hits."""
+        prompt = sum(self._prompt.values())
+        completion = sum(self._output.values())
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached.values())),
+        )
+
+
+async def respond(
+    request: Request,
+    stack: AsyncExitStack,
+    served: ServedModel,
+    jobs: list[Job],
+    *,
+    stream: bool,
+    build_response: Callable[[list[str], list[str | None], Usage], BaseModel],
+    stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
+) -> Response:
+    """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
+
+    Errors raised by the engine before the first output (queue full, prompt too long) become
+    HTTP errors; the stream starts only once every job produced its first output. If the client
+    disconnects, the jobs are aborted (freeing their KV blocks) and nothing is sent.
+
+    Args:
+        build_response: (texts per choice, finish reasons per choice, usage) -> the response body.
+        stream_events: (run, usage counter) -> the SSE ``data:`` events, without the final ``[DONE]``.
+
+    Returns:
+        a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
+    """
+    run = GenerationRun(served.engine, jobs)
+    usage = UsageCounter(jobs)
+    run.start()
+    try:
+        if not stream:
+
+            async def collect() -> BaseModel:
+                texts = [""] * len(jobs)
+                reasons: list[str | None] = [None] * len(jobs)
+                await run.wait_first()
+                async for job, out in run.outputs():
+                    texts[job.index] += out.new_text
+                    usage.update(job, out)
+                    if out.finished:
+                        reasons[job.index] = out.finish_reason
+                return build_response(texts, reasons, usage.usage())
+
+            body = await until_disconnect(request, collect())
+            return JSONResponse(body.model_dump(mode="json"))
+        await until_disconnect(request, run.wait_first())
+    except ClientDisconnected:
+        run.cancel()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        run.cancel()
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in stream_events(run, usage):
+                yield event
+        except Exception as exc:  # an engine failure mid-stream: the status line is already sent
+            err = to_api_error(exc)
+            yield sse_event(error_body(err.status, err.message, param=err.param, code=err.code))
+        yield DONE
+
+    owned = stack.pop_all()
+
+    async def on_close() -> None:
+        run.cancel()
+        await owned.aclose()
+
+    return SSEResponse(events(), on_close)
+

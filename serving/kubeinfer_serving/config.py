@@ -1,0 +1,129 @@
+"""Settings of the serving pod, from command-line flags and ``KUBEINFER_*`` environment variables.
+
+Precedence: a flag given on the command line, else the environment variable, else the default.
+Each field ``foo_bar`` reads ``KUBEINFER_FOO_BAR`` (e.g. ``KUBEINFER_PORT=9000``,
+``KUBEINFER_MODELS_CONFIG=/etc/kubeinfer/models.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "KUBEINFER_"
+
+
+class ServerSettings(BaseModel):
+    """Everything ``kubeinfer-serve`` is configured with.
+
+    Attributes:
+        host: address to bind (``0.0.0.0`` in a container; ``make serve`` passes 127.0.0.1).
+        port: TCP port.
+        models_config: catalogue YAML (the ConfigMap the operator mounts); None with no
+            ``model_dir`` serves the default catalogue (tiny-llama + all-minilm-l6-v2).
+        model_dir: serve one Hugging Face model directory instead of a catalogue (vLLM-style
+            single-model mode); its name is ``served_model_name``.
+        served_model_name: the OpenAI ``model`` name of ``model_dir`` (default: the directory's name).
+        max_num_seqs: most sequences in a generative engine's running batch.
+        max_num_batched_tokens: token budget of one engine step.
+        max_waiting_requests: waiting-queue cap per engine; beyond it requests get 429.
+        max_model_len: context length cap in tokens (None: the model's own).
+        device: "cuda", "cpu" or None (CUDA when available).
+        dtype: weights dtype ("bfloat16", "float32", ...) or None (bf16 on CUDA, fp32 on CPU).
+        memory_budget_bytes: registry budget for weights + KV of all loaded models (None: the
+            registry's default for the device).
+        log_level: uvicorn and application log level.
+        timeout_graceful_shutdown: seconds in-flight requests may take to finish after SIGTERM.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    models_config: Path | None = None
+    model_dir: Path | None = None
+    served_model_name: str | None = None
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_waiting_requests: int = Field(1024, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    device: str | None = None
+    dtype: str | None = None
+    memory_budget_bytes: int | None = Field(None, ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    timeout_graceful_shutdown: float = Field(30.0, ge=0)
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable of ``field`` (``KUBEINFER_`` + upper case)."""
+        return ENV_PREFIX + field.upper()
+
+    @classmethod
+    def from_sources(cls, cli: Mapping[str, object], env: Mapping[str, str] | None = None) -> ServerSettings:
+        """Merge flags over environment variables over defaults.
+
+        Args:
+            cli: parsed flags; None values mean "not given".
+            env: the environment (default ``os.environ``).
+
+        Raises:
+            ValueError: a value is invalid (the message names the flag/variable).
+        """
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            if cli.get(name) is not None:
+                values[name] = cli[name]
+            elif env.get(cls.env_name(name), "") != "":
+                values[name] = env[cls.env_name(name)]
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            msgs = [f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')} / "
+                    f"{cls.env_name(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors()]
+            raise ValueError("; ".join(msgs)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kubeinfer-serve`` argument parser; every flag defaults to None (= env var or default)."""
+    p = argparse.ArgumentParser(
+        prog="kubeinfer-serve",
+        description="OpenAI-compatible serving pod. With no model flags it serves the default catalogue "
+        "(tiny-llama + all-minilm-l6-v2). Every flag can also be set as KUBEINFER_<FLAG> (e.g. KUBEINFER_PORT).",
+    )
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--models-config", type=Path, help="model catalogue YAML (e.g. /etc/kubeinfer/models.yaml)")
+    p.add_argument("--model-dir", type=Path, help="serve this one Hugging Face model directory")
+    p.add_argument("--served-model-name", help="OpenAI model name for --model-dir (default: directory name)")
+    p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
+    p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap; beyond it 429 (default 1024)")
+    p.add_argument("--max-model-len", type=int, help="context length cap in tokens (default: the model's)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--memory-budget-bytes", type=int, help="bytes for weights + KV of all loaded models")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--timeout-graceful-shutdown", type=float,
+                   help="seconds in-flight requests get to finish on shutdown (default 30)")
+    return p
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerSettings:
+    """Settings from ``argv`` (default ``sys.argv[1:]``) and ``env`` (default ``os.environ``).
+
+    Raises:
+        SystemExit: invalid flags or values (argparse prints the usage and the reason, exit code 2).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return ServerSettings.from_sources(vars(args), env)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

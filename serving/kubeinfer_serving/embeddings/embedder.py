@@ -1,0 +1,264 @@
+"""The embedding runner: a sentence-transformers encoder that batches concurrent callers.
+
+Each :meth:`Embedder.embed` call tokenises its inputs on the event loop (so a too-long input
+fails at once) and queues them. One batcher task takes everything queued, runs it as padded
+forwards of at most ``max_batch_size`` sequences (sorted by length to limit padding) on a
+single worker thread, pools (:mod:`.pooling`), and hands each caller its rows. While a forward
+runs, new callers queue up and share the next one: dynamic batching as in Triton/TEI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kubeinfer_serving.embeddings.pooling import PoolingConfig, pool, read_pooling_config
+from kubeinfer_serving.models.loader import ModelLoadError, load_tokenizer, weights_nbytes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Job:
+    ids: list[list[int]]
+    future: asyncio.Future = field(repr=False)
+
+
+class Embedder:
+    """Turns texts (or token-id lists) into sentence embeddings with one encoder model.
+
+    Args:
+        model: a Hugging Face encoder (``transformers.AutoModel``), already on ``device``, in eval mode.
+        tokenizer: its tokenizer.
+        pooling: pooling mode / normalisation / max sequence length.
+        device: where ``model`` lives.
+        max_batch_size: most sequences in one forward.
+        name: model name for thread names and messages.
+
+    Attributes:
+        dim: embedding size (floats per vector).
+        max_model_len: most tokens per input, special tokens included.
+        num_forwards: forwards run so far (a batching counter tests can read).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        pooling: PoolingConfig,
+        *,
+        device: torch.device,
+        max_batch_size: int = 64,
+        name: str = "embed",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.device = device
+        self.name = name
+        self.max_batch_size = max_batch_size
+        cfg = model.config
+        limits = [n for n in (pooling.max_seq_length, getattr(cfg, "max_position_embeddings", None)) if n]
+        self.max_model_len = int(min(limits)) if limits else 512
+        self.dim = int(cfg.hidden_size)
+        self.num_forwards = 0
+        self._uses_token_types = getattr(cfg, "type_vocab_size", 0) > 0
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._prefix, self._suffix = self._special_wrapping()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"embed-{name}")
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_batch_size: int = 64,
+        name: str = "embed",
+        host_model: torch.nn.Module | None = None,
+    ) -> Embedder:
+        """Load a sentence-transformers (or plain Hugging Face encoder) directory. Blocking: call in a thread.
+
+        Args:
+            path: the model directory (``config.json``, ``*.safetensors``, tokenizer, optional ``modules.json``).
+            device: default CUDA when available, else CPU.
+            dtype: "auto"/None = float32, or float32 / bfloat16 / float16.
+            host_model: the model from :meth:`offload` of an earlier load (the warm tier): moved
+                to ``device`` instead of reading the weights from disk.
+
+        Raises:
+            ModelLoadError: missing/corrupt files; UnsupportedModelError: unsupported pipeline modules.
+        """
+        from transformers import AutoModel
+
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else (
+            dtype if isinstance(dtype, torch.dtype) else torch.float32
+        )
+        pooling = read_pooling_config(path)
+        tokenizer = load_tokenizer(path)
+        if host_model is None:
+            weights_nbytes(path)  # validates presence and safetensors headers with a readable message
+            try:
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load embedding model from {path}: {exc}") from exc
+        else:
+            model = host_model
+        model = model.to(dev).eval()
+        return cls(model, tokenizer, pooling, device=dev, max_batch_size=max_batch_size, name=name)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers on its device."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _special_wrapping(self) -> tuple[list[int], list[int]]:
+        """Token ids the tokenizer puts before and after one input (e.g. [CLS] ... [SEP] for BERT)."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return [], []
+
+    def encode_inputs(self, inputs: list[str] | list[list[int]]) -> list[list[int]]:
+        """Token ids fed to the model for each input, special tokens included.
+
+        Strings are tokenised; token-id lists are wrapped in the tokenizer's special tokens.
+
+        Raises:
+            ValueError: an empty input list, a token id outside the vocabulary, or an input longer
+                than :attr:`max_model_len` tokens (the API answers 400).
+        """
+        if not inputs:
+            raise ValueError("input must not be empty")
+        if isinstance(inputs[0], str):
+            ids = self.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+        else:
+            vocab = len(self.tokenizer)
+            ids = []
+            for row in inputs:
+                bad = [t for t in row if not 0 <= int(t) < vocab]
+                if bad:
+                    raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                ids.append(self._prefix + [int(t) for t in row] + self._suffix)
+        for i, row in enumerate(ids):
+            if len(row) > self.max_model_len:
+                raise ValueError(
+                    f"input {i} has {len(row)} tokens, more than the model {self.name!r} accepts ({self.max_model_len})"
+                )
+        return ids
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
+        """Embed ``inputs``, batched with whatever other callers are waiting.
+
+        Returns:
+            (vectors, prompt_tokens): ``vectors`` is a (len(inputs), dim) float32 array in input
+            order; ``prompt_tokens`` counts the tokens fed to the model (special tokens included).
+
+        Raises:
+            ValueError: see :meth:`encode_inputs`.
+            RuntimeError: the embedder was shut down.
+        """
+        if self._closed:
+            raise RuntimeError(f"embedding model {self.name!r} is shut down")
+        ids = self.encode_inputs(inputs)
+        loop = asyncio.get_running_loop()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._batch_loop(), name=f"embed-batcher-{self.name}")
+        job = _Job(ids, loop.create_future())
+        self._pending.append(job)
+        self._wake.set()
+        vectors = await job.future
+        return vectors, sum(len(r) for r in ids)
+
+    async def _batch_loop(self) -> None:
+        """Take every queued job, run them in one go on the worker thread, repeat."""
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while not self._closed:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            jobs = [j for j in self._pending if not j.future.done()]
+            self._pending.clear()
+            if not jobs:
+                continue
+            rows = [r for j in jobs for r in j.ids]
+            try:
+                out = await loop.run_in_executor(self._executor, self._forward_all, rows)
+            except Exception as exc:
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            start = 0
+            for j in jobs:
+                n = len(j.ids)
+                if not j.future.done():
+                    j.future.set_result(out[start:start + n])
+                start += n
+
+    @torch.inference_mode()
+    def _forward_all(self, rows: list[list[int]]) -> np.ndarray:
+        """Embed ``rows`` (token ids) in forwards of <= max_batch_size sequences; (len(rows), dim) float32."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for s in range(0, len(order), self.max_batch_size):
+            idx = order[s:s + self.max_batch_size]
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), width), self._pad_id, dtype=torch.int64)
+            mask = torch.zeros((len(idx), width), dtype=torch.int64)
+            for b, i in enumerate(idx):
+                ids[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.int64)
+                mask[b, : len(rows[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            kwargs = {"token_type_ids": torch.zeros_like(ids)} if self._uses_token_types else {}
+            hidden = self.model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+            out[idx] = pool(hidden, mask, self.pooling).cpu().numpy()
+            self.num_forwards += 1
+        return out
+
+    async def offload(self) -> torch.nn.Module:
+        """Move the model to host memory and return it for the warm tier (the embedder is unusable after)."""
+        await self._stop()
+        model = self.model
+        if self.device.type != "cpu":
+            model = await asyncio.get_running_loop().run_in_executor(None, lambda: model.to("cpu"))
+        return model
+
+    async def _stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(f"embedding model {self.name!r} was unloaded"))
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+
+    async def shutdown(self) -> None:
+        """Stop the batcher, fail queued callers with RuntimeError, and drop the model's memory."""
+        await self._stop()
+        self.model = None

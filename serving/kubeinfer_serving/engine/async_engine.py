@@ -1,0 +1,240 @@
+"""Runs an :class:`LLMEngine` on its own thread and streams outputs into asyncio.
+
+The model runs in a dedicated thread so the HTTP event loop never waits for a step (torch
+releases the GIL inside its kernels). Requests and aborts travel to the thread through a
+thread-safe inbox, drained at the start of every step, so a request joins the running batch
+at the next step; outputs travel back through ``loop.call_soon_threadsafe`` into one
+``asyncio.Queue`` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from .config import EngineConfig, EngineStats
+from .errors import EngineDeadError, QueueFullError
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: Seconds the idle loop sleeps between checks for shutdown (a new request wakes it at once).
+_IDLE_WAIT = 0.5
+#: ``retry_after`` of :class:`QueueFullError`, seconds.
+_RETRY_AFTER = 1.0
+
+
+class _Stream:
+    """Where one request's outputs go: its event loop and queue."""
+
+    __slots__ = ("loop", "queue", "prompt_len", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_len: int) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.prompt_len = prompt_len
+        self.done = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException) or item.finished:
+            self.done = True
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class AsyncLLMEngine:
+    """The asyncio face of one generative model's engine.
+
+    Attributes:
+        model_name: the OpenAI ``model`` name (and metric label).
+        tokenizer: the Hugging Face tokenizer.
+        max_model_len: context length in tokens.
+        device: the torch device the model runs on.
+        memory_bytes: weights + KV pool, bytes.
+        engine: the wrapped :class:`LLMEngine` (touched only by the loop thread after start).
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.device = engine.device
+        self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._num_pending_adds = 0
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model_dir(
+        cls, path: str | Path, *, model_name: str, config: EngineConfig | None = None
+    ) -> AsyncLLMEngine:
+        """Load a Hugging Face directory, build the engine and start its thread.
+
+        Blocking (weights load, KV pool allocation): call it off the event loop, e.g. with
+        ``asyncio.to_thread``.
+
+        Raises:
+            kubeinfer_serving.models.loader.ModelLoadError / UnsupportedModelError,
+            kubeinfer_serving.models.llama.WeightLoadError: see :meth:`LLMEngine.from_model_dir`.
+        """
+        return cls(LLMEngine.from_model_dir(path, model_name=model_name, config=config))
+
+    # ------------------------------------------------------------------ public API
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs as steps produce them; the last one has ``finished``.
+
+        Errors are raised at the first iteration, before any output:
+
+        Raises:
+            PromptTooLongError: prompt + max_tokens > max_model_len.
+            QueueFullError: ``max_waiting_requests`` waiting already (``retry_after`` seconds).
+            EngineDeadError: the engine was shut down or its loop crashed.
+            ValueError: an empty prompt, unknown token ids, or a request id in use.
+
+        If the consumer stops early (``aclose()``, task cancellation on client disconnect),
+        the request is aborted and its KV blocks are freed at the next step.
+        """
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError(f"engine for {self.model_name!r} is not running")
+        self.engine.validate(prompt_token_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), len(prompt_token_ids))
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            waiting = len(self.engine.scheduler.waiting) + self._num_pending_adds
+            if waiting >= self.engine.config.max_waiting_requests:
+                raise QueueFullError(
+                    f"too many requests waiting for {self.model_name!r} ({waiting}); retry later",
+                    retry_after=_RETRY_AFTER,
+                )
+            self._streams[request_id] = stream
+            self._num_pending_adds += 1
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished); its blocks are freed at the next step."""
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        """Occupancy now; ``num_waiting`` includes requests not yet taken in by the loop."""
+        s = self.engine.stats()
+        s.num_waiting += self._num_pending_adds
+        return s
+
+    @property
+    def is_running(self) -> bool:
+        """True while the loop thread serves requests."""
+        return self._thread.is_alive() and not self._stopping and self._dead is None
+
+    async def shutdown(self) -> None:
+        """Stop the loop: outstanding requests finish with finish_reason "abort", then the
+        model and KV pool tensors are dropped (GPU memory returns to the allocator)."""
+        self._stopping = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join)
+
+    # ------------------------------------------------------------------ loop thread
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                self._drain_inbox()
+                if not engine.has_unfinished_requests():
+                    self._wakeup.wait(_IDLE_WAIT)
+                    continue
+                for out in engine.step():
+                    self._deliver(out)
+        except BaseException as exc:  # noqa: BLE001 - any crash must reach every waiting client
+            log.exception("engine loop for %s crashed", self.model_name)
+            self._dead = exc
+            err = EngineDeadError(f"engine for {self.model_name!r} crashed: {exc!r}")
+            with self._lock:
+                streams = list(self._streams.values())
+            for stream in streams:
+                stream.put(err)
+        finally:
+            self._stopping = True
+            self._abort_everything()
+            engine.release()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, prompt, params, arrival = msg
+                with self._lock:
+                    self._num_pending_adds -= 1
+                    stream = self._streams.get(rid)
+                if stream is None:  # the client left before the request was taken in
+                    continue
+                try:
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                except Exception as exc:  # noqa: BLE001 - validation errors go back to the caller
+                    stream.put(exc)
+            else:
+                out = self.engine.abort_request(msg[1])
+                if out is not None:
+                    self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.put(out)
+
+    def _abort_everything(self) -> None:
+        """Finish every request still in the engine or the inbox with finish_reason "abort"."""
+        for rid in self.engine.request_ids():
+            try:
+                out = self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - after a crash the engine state may be broken
+                log.exception("aborting %s failed", rid)
+                continue
+            if out is not None:
+                self._deliver(out)
+        with self._lock:
+            leftover = [(rid, s) for rid, s in self._streams.items() if not s.done]
+        for rid, stream in leftover:
+            stream.put(RequestOutput(rid, [], "", True, "abort", stream.prompt_len, 0, 0))

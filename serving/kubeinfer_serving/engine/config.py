@@ -1,0 +1,92 @@
+"""Engine configuration and the stats snapshot it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: KV pool size on CPU when neither ``num_kv_blocks`` nor ``kv_cache_memory_bytes`` is given.
+CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
+#: Fraction of the free GPU memory (after weights) the KV pool takes by default on CUDA.
+CUDA_DEFAULT_KV_FRACTION = 0.5
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of one engine (vLLM's names and defaults where they exist).
+
+    Attributes:
+        max_num_seqs: most sequences in the running batch.
+        max_num_batched_tokens: token budget of one step (prefill chunks + one per decode).
+        block_size: tokens per KV-cache block.
+        num_kv_blocks: KV pool size in blocks; overrides ``kv_cache_memory_bytes``.
+        kv_cache_memory_bytes: KV pool size in bytes. Default: on CPU
+            min(256 MiB, what max_num_seqs full-length sequences need); on CUDA half of the
+            free device memory after the weights load, bounded the same way.
+        max_model_len: context length in tokens (prompt + output); default the model's
+            ``max_position_embeddings``; capped at what the KV pool holds.
+        max_waiting_requests: queue cap; beyond it ``QueueFullError`` (HTTP 429).
+        enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
+        device: "cuda", "cpu" or None (CUDA when available).
+        dtype: weights/KV dtype or None (bfloat16 on CUDA, float32 on CPU).
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    max_waiting_requests: int = 1024
+    enable_prefix_caching: bool = True
+    device: str | None = None
+    dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolve_device(self) -> torch.device:
+        """The device to run on: the configured one, else CUDA when available, else CPU."""
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        """Weights/KV dtype: the configured one, else bfloat16 on CUDA and float32 on CPU."""
+        if self.dtype is None or self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if self.dtype not in names:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(names)}")
+        return names[self.dtype]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load.
+
+    Attributes:
+        num_waiting: requests queued, not yet running (includes preempted ones).
+        num_running: sequences in the running batch.
+        num_free_blocks: KV blocks not referenced by any sequence (cached-free included).
+        num_total_blocks: KV pool size in blocks.
+        kv_cache_usage: 1 - free/total, in 0..1.
+    """
+
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float

@@ -1,0 +1,73 @@
+"""Incremental detokenization with stop-string handling, one instance per request.
+
+Decoding token by token breaks multi-byte characters and word-boundary spaces, so each step
+decodes a short window: the tokens since ``prefix_offset`` against those up to
+``read_offset``, and emits the difference once it no longer ends in an incomplete UTF-8
+character (U+FFFD). The technique is the one of Hugging Face text-generation-inference and
+vLLM; the window starts inside the prompt so SentencePiece leading spaces come out right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Prompt tokens kept as leading context of the first decode window.
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a request's output tokens into text deltas and finds stop strings.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, or None to produce no text (token-id-only use).
+        prompt_token_ids: the prompt, for the first window's context.
+        stop: stop strings; the text returned never contains them, and up to
+            ``len(longest stop) - 1`` characters are held back until they cannot start one.
+
+    Attributes:
+        text: output text so far (cut before a stop string once one is found).
+        stopped: True once a stop string was found.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        context = prompt_token_ids[-_PROMPT_CONTEXT:] if tokenizer is not None else []
+        self._ids: list[int] = list(context)
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def add_tokens(self, token_ids: list[int]) -> None:
+        """Append generated tokens, extend :attr:`text`, and cut it at a stop string if one appears."""
+        if self.tokenizer is None or self.stopped:
+            return
+        old_len = len(self.text)
+        for tid in token_ids:
+            self._ids.append(tid)
+            prefix = self.tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+            full = self.tokenizer.decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                self.text += full[len(prefix):]
+                self._prefix_offset = self._read_offset
+                self._read_offset = len(self._ids)
+        if self.stop and len(self.text) > old_len:
+            start = max(0, old_len - self.holdback)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not yet handed out; while running, the last ``holdback`` characters stay back.
+
+        Args:
+            finished: the request ends with this output, so everything left is released.
+        """
+        end = len(self.text) if finished or self.stopped else max(self._sent, len(self.text) - self.holdback)
+        delta = self.text[self._sent:end]
+        self._sent = end
+        return delta

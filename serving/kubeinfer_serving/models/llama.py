@@ -1,0 +1,251 @@
+"""Our Llama-family decoder (Llama 2/3, Mistral, Qwen2) running over the engine's paged KV cache.
+
+The module tree and parameter names equal Hugging Face's ``LlamaForCausalLM`` (so checkpoint
+tensors load by name), but activations are flattened: a step's tokens from all sequences form
+one [T, hidden] batch with explicit positions, and attention goes through
+:func:`kubeinfer_serving.engine.attention.paged_attention`. The maths follow Touvron et al.
+2023 (Llama: RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings of Su et al. 2021,
+grouped-query attention of Ainslie et al. 2023) and match the Hugging Face implementation
+operation for operation so that float32 greedy decoding agrees token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubeinfer_serving.engine.attention import AttentionMetadata, paged_attention
+
+#: Architectures this implementation runs (the ``architectures`` field of config.json).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like Hugging Face.
+
+    Args:
+        hidden_size: features; eps: added to the mean square.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden], same dtype."""
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim // 2] float32 and the cos/sin scale of the config's RoPE.
+
+    Uses transformers' ``ROPE_INIT_FUNCTIONS`` for scaled variants (linear, llama3, yarn) so
+    the values equal Hugging Face's. Raises ``WeightLoadError`` for length-dependent
+    variants (dynamic, longrope), which this engine does not implement.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise WeightLoadError(f"rope_type {rope_type!r} is not supported (supported: {_STATIC_ROPE_TYPES})")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        return inv_freq.float(), float(scale)
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv_freq, 1.0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over the paged KV cache."""
+
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim
+        qwen2 = getattr(config, "model_type", "") == "qwen2"
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or qwen2
+        o_bias = bool(getattr(config, "attention_bias", False)) and not qwen2
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * head_dim, h, bias=o_bias)
+        self.scale = head_dim ** -0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x [T, hidden], cos/sin [T, 1, head_dim] -> [T, hidden]; writes K/V into ``kv_cache``."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, head_dim)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm (HF name ``model``)."""
+
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, head_dim) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM over a paged KV cache.
+
+    Args:
+        config: the Hugging Face config (``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``).
+        max_positions: positions to precompute RoPE tables for (the engine's max_model_len).
+        dtype: weights dtype (float32 on CPU, bfloat16 on CUDA usually).
+        device: where weights live.
+
+    The parameters are created uninitialised; call :meth:`load_weights` before use.
+    Mistral's sliding window is not applied: the engine caps ``max_model_len`` at the window.
+    """
+
+    def __init__(self, config, max_positions: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        with torch.device("meta"):
+            self.model = LlamaModel(config, self.head_dim)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.to_empty(device=device)
+        self.to(dtype)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.dtype = dtype
+        inv_freq, scale = rope_inv_freq(config)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cache", (emb.cos() * scale).to(device), persistent=False)
+        self.register_buffer("sin_cache", (emb.sin() * scale).to(device), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers (one KV cache pair each)."""
+        return len(self.model.layers)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters.
+
+        Args:
+            weights: (name, tensor) pairs, e.g. from ``loader.iter_safetensors``; any dtype.
+
+        Raises:
+            WeightLoadError: a tensor's shape differs, or a parameter got no tensor.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            param = params.get(name)
+            if param is None:
+                raise WeightLoadError(f"unexpected tensor {name!r} in checkpoint")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor.to(dtype=param.dtype))
+            loaded.add(name)
+        if self.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise WeightLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Run one step.
+
+        Args:
+            input_ids: [T] int64 token ids of all scheduled tokens, flattened.
+            positions: [T] int64 position of each token in its sequence.
+            kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, head_dim].
+            meta: slot mapping and per-sequence attention layout.
+
+        Returns:
+            [T, hidden] final hidden states (dtype of the weights).
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos = self.cos_cache[positions].to(x.dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(x.dtype).unsqueeze(1)
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32 logits."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,185 @@
+"""The model catalogue: which models a serving pod answers for, and its memory rules.
+
+A YAML or JSON file (the operator renders it into a ConfigMap, DESIGN.md section 9), with
+camelCase keys::
+
+    maxLoadedModels: 2              # optional cap on models resident at once (all kinds)
+    gpuMemoryUtilization: 0.9       # budget = this fraction of device memory ...
+    # memoryBudgetBytes: 8589934592 # ... or an absolute budget in bytes (not both)
+    kvCacheBytes: 268435456         # default KV pool per generate model (bytes)
+    warmCacheBytes: 0               # host-memory tier for evicted weights (bytes, 0 = off)
+    acquireTimeoutSeconds: 30       # how long a request waits for memory to free up
+    loadTimeoutSeconds: 600         # how long a request waits for a load to finish
+    maxNumSeqs: 256                 # engine knobs applied to every generate model
+    maxNumBatchedTokens: 8192
+    pvcRoot: /mnt/models            # where pvc://CLAIM/PATH volumes are mounted
+    models:
+      - name: llama-1b              # the OpenAI `model` name
+        source: pvc://model-store/llama-3.2-1b   # pvc://, file:///abs, plain path, builtin://NAME
+        kind: generate              # generate | embed
+        preload: true               # loaded at start-up, never evicted
+        dtype: bfloat16             # auto | float32 | bfloat16 | float16
+        maxModelLen: 4096           # tokens
+        kvCacheBytes: 536870912     # this model's KV pool (overrides the pod default)
+
+The budget covers weights plus each generate model's KV pool (DESIGN.md section 5).
+``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
+project (:mod:`kubeinfer_serving.models.builtin`); they resolve when loaded, not when parsed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from kubeinfer_serving.models.builtin import BUILTIN_EMBEDDING_MODEL_NAME, BUILTIN_MODEL_NAME
+from kubeinfer_serving.registry.protocol import ModelKind
+
+#: Environment variable naming the catalogue file (same as ``kubeinfer-serve --models-config``).
+MODELS_CONFIG_ENV = "KUBEINFER_MODELS_CONFIG"
+#: Default KV pool of one generate model when the catalogue names none: 256 MiB (the engine's CPU default).
+DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+BUILTIN_SCHEME = "builtin://"
+_KNOWN_SCHEMES = ("file://", "pvc://", "hf://", BUILTIN_SCHEME)
+
+
+class CatalogueError(ValueError):
+    """The catalogue file is missing, not YAML/JSON, or does not match the schema."""
+
+
+class _CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelEntry(_CamelModel):
+    """One model of the catalogue (see the module docstring for the file format).
+
+    Attributes:
+        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-`` (1-128 chars).
+        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, a plain local path, or ``builtin://NAME``.
+        kind: generate (completions, chat) or embed (``/v1/embeddings``).
+        preload: loaded by ``start()`` and never evicted.
+        dtype: weights/KV dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU.
+        max_model_len: context length in tokens; default the model's own.
+        kv_cache_bytes: this generate model's KV pool in bytes; default the pod's ``kvCacheBytes``.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+    source: str = Field(min_length=1)
+    kind: ModelKind = ModelKind.GENERATE
+    preload: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=2)
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(_KNOWN_SCHEMES):
+            raise ValueError(f"unknown source scheme in {v!r}; use pvc://, file://, builtin:// or a plain path")
+        return v
+
+
+class Catalogue(_CamelModel):
+    """The whole catalogue file: models plus pod-level limits (see the module docstring).
+
+    Attributes:
+        models: the entries; names are unique.
+        max_loaded_models: most models resident at once, or None for no count limit.
+        memory_budget_bytes: budget for weights + KV pools in bytes (exclusive with the fraction).
+        gpu_memory_utilization: budget as a fraction of device memory (physical/cgroup memory on CPU);
+            used when ``memory_budget_bytes`` is not set; default 0.9.
+        kv_cache_bytes: default KV pool per generate model, bytes.
+        warm_cache_bytes: host-memory bytes for weights of evicted models (0 disables the warm tier).
+        acquire_timeout_seconds: longest wait for memory to be freed before HTTP 503.
+        load_timeout_seconds: longest wait of a request for a load in progress before HTTP 503.
+        max_num_seqs, max_num_batched_tokens: engine knobs of every generate model.
+        pvc_root: mount point of ``pvc://`` claims.
+    """
+
+    models: list[ModelEntry] = Field(min_length=1)
+    max_loaded_models: int | None = Field(default=None, ge=1)
+    memory_budget_bytes: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+    kv_cache_bytes: int = Field(default=DEFAULT_KV_CACHE_BYTES, ge=1)
+    warm_cache_bytes: int = Field(default=0, ge=0)
+    acquire_timeout_seconds: float = Field(default=30.0, gt=0)
+    load_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    pvc_root: str = "/mnt/models"
+
+    @model_validator(mode="after")
+    def _check(self) -> Catalogue:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if self.memory_budget_bytes is not None and self.gpu_memory_utilization is not None:
+            raise ValueError("set memoryBudgetBytes or gpuMemoryUtilization, not both")
+        return self
+
+    def entry(self, name: str) -> ModelEntry | None:
+        """The entry called ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+def parse_catalogue(data: object, *, origin: str = "catalogue") -> Catalogue:
+    """Validate already-parsed YAML/JSON data.
+
+    Raises:
+        CatalogueError: the data does not match the schema (message lists every problem with its key path).
+    """
+    try:
+        return Catalogue.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise CatalogueError(f"invalid {origin}: {problems}") from exc
+
+
+def load_catalogue(path: str | Path) -> Catalogue:
+    """Read a catalogue file (YAML or JSON; JSON is YAML).
+
+    Raises:
+        CatalogueError: the file cannot be read or parsed, or fails validation; the message names the file.
+    """
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogueError(f"cannot read models config {p}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise CatalogueError(f"models config {p} is not valid YAML/JSON: {exc}") from exc
+    return parse_catalogue(data, origin=f"models config {p}")
+
+
+def default_catalogue() -> Catalogue:
+    """The built-in catalogue: ``tiny-llama`` (generate) and ``all-minilm-l6-v2`` (embed), both preloaded.
+
+    Cheap to call: the tiny model is built (once per machine) only when the registry loads it.
+    """
+    return Catalogue(
+        models=[
+            ModelEntry(name=BUILTIN_MODEL_NAME, source=BUILTIN_SCHEME + BUILTIN_MODEL_NAME,
+                       kind=ModelKind.GENERATE, preload=True),
+            ModelEntry(name=BUILTIN_EMBEDDING_MODEL_NAME, source=BUILTIN_SCHEME + BUILTIN_EMBEDDING_MODEL_NAME,
+                       kind=ModelKind.EMBED, preload=True),
+        ]
+    )
+
+
+def catalogue_from_config(path: str | Path | None = None) -> Catalogue:
+    """The catalogue ``kubeinfer-serve`` uses: ``path`` if given, else ``$KUBEINFER_MODELS_CONFIG``, else the default.
+
+    Raises:
+        CatalogueError: as :func:`load_catalogue`.
+    """
+    chosen = path if path else os.environ.get(MODELS_CONFIG_ENV)
+    return load_catalogue(chosen) if chosen else default_catalogue()

@@ -1,0 +1,29 @@
+"""kubeinfer-serve's settings: flags over KUBEINFER_* environment variables over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubeinfer_serving.config import parse_settings
+
+
+def test_defaults_serve_on_port_8000_with_no_model_flags() -> None:
+    s = parse_settings([], env={})
+    assert (s.host, s.port, s.models_config, s.model_dir) == ("0.0.0.0", 8000, None, None)
+
+
+def test_flags_override_environment_which_overrides_defaults() -> None:
+    env = {"KUBEINFER_PORT": "9001", "KUBEINFER_HOST": "10.0.0.1", "KUBEINFER_MODELS_CONFIG": "/etc/m.yaml"}
+    s = parse_settings(["--port", "9002", "--max-num-seqs", "4"], env=env)
+    assert s.port == 9002 and s.host == "10.0.0.1" and s.models_config == Path("/etc/m.yaml")
+    assert s.max_num_seqs == 4
+
+
+def test_invalid_values_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as err:
+        parse_settings(["--max-num-seqs", "0"], env={})
+    assert err.value.code == 2
+    assert "max-num-seqs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings([], env={"KUBEINFER_PORT": "http"})

@@ -1,0 +1,244 @@
+"""render.py: the child objects a user finds after ``kubectl apply`` of an InferenceService."""
+
+from __future__ import annotations
+
+import copy
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubeinfer_operator.config import OperatorConfig
+from kubeinfer_operator.render import (
+    CONFIG_HASH_ANNOTATION,
+    Owner,
+    render_children,
+    selector_labels,
+)
+from kubeinfer_operator.spec import parse_spec
+
+OWNER = Owner(name="chat", namespace="team-a", uid="0b7a3d4e-0000-4000-8000-000000000001")
+CONFIG = OperatorConfig(serving_image="registry.local/kubeinfer-serving:test", startup_timeout_seconds=900,
+                        drain_seconds=60)
+SPEC = {
+    "models": [
+        {"name": "llama-1b", "source": "pvc://model-store/llama-3.2-1b", "preload": True, "dtype": "bfloat16",
+         "maxModelLen": 4096},
+        {"name": "qwen", "source": "pvc://model-store/qwen"},
+        {"name": "minilm", "source": "pvc://embed-store/minilm", "kind": "embed"},
+        {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"},
+    ],
+    "runtime": {"maxLoadedModels": 2, "gpuMemoryUtilization": 0.8, "maxNumSeqs": 64, "maxNumBatchedTokens": 4096},
+    "resources": {"requests": {"cpu": "4", "nvidia.com/gpu": 1}, "limits": {"memory": "32Gi", "nvidia.com/gpu": 1}},
+    "scaling": {"minReplicas": 2, "maxReplicas": 5, "targetQueueLength": 6, "scaleDownStabilizationSeconds": 120},
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+def children(spec=SPEC, config=CONFIG):
+    return render_children(OWNER, parse_spec(spec, OWNER.name), config)
+
+
+def container(kids):
+    return kids.deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_every_child_is_controlled_by_the_isvc_and_labelled():
+    for obj in children().in_order():
+        meta = obj["metadata"]
+        assert meta["namespace"] == "team-a"
+        (ref,) = meta["ownerReferences"]
+        assert ref == {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService", "name": "chat",
+                       "uid": OWNER.uid, "controller": True}
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubeinfer-operator"
+        assert meta["labels"]["serving.kubeinfer.io/inferenceservice"] == "chat"
+
+
+def test_names():
+    kids = children()
+    assert kids.configmap["metadata"]["name"] == "chat-models"
+    assert {kids.deployment["metadata"]["name"], kids.service["metadata"]["name"], kids.hpa["metadata"]["name"]} == {
+        "chat"}
+
+
+def test_deployment_leaves_replicas_to_the_hpa():
+    assert "replicas" not in children().deployment["spec"]
+
+
+def test_serving_container_command_and_catalogue_mount():
+    c = container(children())
+    assert c["command"] == ["kubeinfer-serve"]
+    assert c["args"][:6] == ["--host", "0.0.0.0", "--port", "8000", "--models-config", "/etc/kubeinfer/models.yaml"]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/kubeinfer")
+    vol = next(v for v in children().deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert vol["configMap"]["name"] == "chat-models"
+    assert mount["readOnly"] is True
+
+
+def test_container_args_are_accepted_by_kubeinfer_serve():
+    config = pytest.importorskip("kubeinfer_serving.config")
+    c = container(children())
+    settings = config.parse_settings(c["args"], env={})
+    assert settings.port == 8000
+    assert str(settings.models_config) == "/etc/kubeinfer/models.yaml"
+    assert settings.timeout_graceful_shutdown == CONFIG.drain_seconds
+
+
+def test_gpu_limits_and_requests_pass_through():
+    c = container(children())
+    assert c["resources"] == {"limits": {"memory": "32Gi", "nvidia.com/gpu": "1"},
+                              "requests": {"cpu": "4", "nvidia.com/gpu": "1"}}
+
+
+def test_probes_cover_model_loading():
+    c = container(children())
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= CONFIG.startup_timeout_seconds
+    assert children().deployment["spec"]["progressDeadlineSeconds"] > CONFIG.startup_timeout_seconds
+
+
+def test_prometheus_scrape_annotations():
+    ann = children().deployment["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert ann["prometheus.io/port"] == "8000"
+    assert ann["prometheus.io/path"] == "/metrics"
+
+
+def test_each_claim_mounted_once_read_only_under_mnt_models():
+    kids = children()
+    pod = kids.deployment["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert sorted(c["claimName"] for c in claims.values()) == ["embed-store", "model-store"]
+    assert all(c["readOnly"] for c in claims.values())
+    mounts = {m["mountPath"]: m for m in container(kids)["volumeMounts"] if m["name"] in claims}
+    assert set(mounts) == {"/mnt/models/model-store", "/mnt/models/embed-store"}
+    assert all(m["readOnly"] for m in mounts.values())
+
+
+def test_no_pvc_for_file_sources():
+    kids = children({"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}]})
+    assert not any("persistentVolumeClaim" in v for v in kids.deployment["spec"]["template"]["spec"]["volumes"])
+
+
+def test_graceful_shutdown_outlasts_prestop_and_drain():
+    kids = children()
+    pod = kids.deployment["spec"]["template"]["spec"]
+    pause = container(kids)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pause + CONFIG.drain_seconds
+
+
+def test_security_context_non_root_read_only():
+    kids = children()
+    pod = kids.deployment["spec"]["template"]["spec"]
+    c = container(kids)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert "/tmp" in writable
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_scheduling_passthrough():
+    pod = children().deployment["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == SPEC["nodeSelector"]
+    assert pod["tolerations"] == SPEC["tolerations"]
+
+
+def test_image_default_comes_from_operator_config():
+    assert container(children())["image"] == CONFIG.serving_image
+    custom = copy.deepcopy(SPEC)
+    custom["runtime"]["image"] = "mine:1"
+    assert container(children(custom))["image"] == "mine:1"
+    assert OperatorConfig.from_env({"KUBEINFER_SERVING_IMAGE": "x:2"}).serving_image == "x:2"
+
+
+def test_service_port_80_to_http_and_selects_the_pods():
+    kids = children()
+    svc = kids.service["spec"]
+    assert svc["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    pod_labels = kids.deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["selector"] == selector_labels("chat")
+    assert svc["selector"].items() <= pod_labels.items()
+    assert kids.deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container(kids)["ports"]
+
+
+def test_hpa_scales_on_queue_length():
+    hpa = children().hpa["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
+    assert hpa["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "kubeinfer_queue_length"},
+                                                        "target": {"type": "AverageValue", "averageValue": "6"}}}]
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
+
+
+def test_catalogue_content():
+    cat = yaml.safe_load(children().configmap["data"]["models.yaml"])
+    assert cat["maxLoadedModels"] == 2
+    assert cat["gpuMemoryUtilization"] == 0.8
+    assert (cat["maxNumSeqs"], cat["maxNumBatchedTokens"]) == (64, 4096)
+    assert cat["pvcRoot"] == "/mnt/models"
+    assert cat["models"][0] == {"name": "llama-1b", "source": "pvc://model-store/llama-3.2-1b", "kind": "generate",
+                                "preload": True, "dtype": "bfloat16", "maxModelLen": 4096}
+    assert [m["name"] for m in cat["models"]] == ["llama-1b", "qwen", "minilm", "tiny"]
+    assert cat["models"][2]["kind"] == "embed"
+
+
+def test_catalogue_round_trips_through_the_serving_parser(tmp_path):
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    path = tmp_path / "models.yaml"
+    path.write_text(children().configmap["data"]["models.yaml"])
+    loaded = catalogue.load_catalogue(path)
+    assert [(m.name, m.source, m.kind.value, m.preload) for m in loaded.models] == [
+        (m["name"], m["source"], m.get("kind", "generate"), m.get("preload", False)) for m in SPEC["models"]
+    ]
+    assert loaded.models[0].dtype == "bfloat16" and loaded.models[0].max_model_len == 4096
+    assert loaded.max_loaded_models == 2
+    assert loaded.gpu_memory_utilization == 0.8
+    assert (loaded.max_num_seqs, loaded.max_num_batched_tokens) == (64, 4096)
+    assert loaded.pvc_root == "/mnt/models"
+
+
+def _hash(kids):
+    return kids.deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+
+
+def test_catalogue_change_rolls_pods_scaling_change_does_not():
+    base = children()
+    more = copy.deepcopy(SPEC)
+    more["models"].append({"name": "extra", "source": "hf://org/extra"})
+    assert _hash(children(more)) != _hash(base)
+    scaled = copy.deepcopy(SPEC)
+    scaled["scaling"]["maxReplicas"] = 9
+    again = children(scaled)
+    assert again.deployment == base.deployment
+    assert again.hpa["spec"]["maxReplicas"] == 9
+
+
+def test_rendering_is_deterministic():
+    assert children() == children()
+
+
+@pytest.mark.parametrize("which", ["configmap", "service", "deployment", "hpa"])
+def test_children_validate_strictly(which):
+    obj = getattr(children(), which)
+    kubernetes_validate.validate(obj, "1.34.0", strict=True)
+
+
+def test_strict_validation_would_catch_a_bad_field():
+    obj = copy.deepcopy(children().deployment)
+    obj["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/health"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(obj, "1.34.0", strict=True)
+
+
+def test_examples_render_valid_children(examples):
+    for isvc in examples.values():
+        kids = render_children(Owner(isvc["metadata"]["name"], "default", OWNER.uid),
+                               parse_spec(isvc["spec"], isvc["metadata"]["name"]), CONFIG)
+        for obj in kids.in_order():
+            kubernetes_validate.validate(obj, "1.34.0", strict=True)

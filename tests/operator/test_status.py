@@ -1,0 +1,137 @@
+"""status.py: what ``kubectl get isvc`` and the conditions say for a given state of the children."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from kubeinfer_operator.spec import parse_spec
+from kubeinfer_operator.status import Verdict, compute_status, merge_conditions, status_changed
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+T1 = T0 + dt.timedelta(minutes=5)
+MODELS = [{"name": "chat", "source": "file:///m/chat", "preload": True}, {"name": "embed", "source": "hf://o/e"}]
+ISVC = {"metadata": {"name": "svc", "namespace": "ns", "generation": 7}, "spec": {"models": MODELS}}
+
+
+def spec(min_r=1, max_r=1):
+    return parse_spec({"models": MODELS, "scaling": {"minReplicas": min_r, "maxReplicas": max_r}}, "svc")
+
+
+def deployment(available="True", ready=1, desired=1, generation=3, observed=3, updated=None, reason=None):
+    return {
+        "metadata": {"generation": generation},
+        "spec": {"replicas": desired},
+        "status": {
+            "observedGeneration": observed, "replicas": desired, "readyReplicas": ready,
+            "updatedReplicas": desired if updated is None else updated,
+            "conditions": [
+                {"type": "Available", "status": available,
+                 "reason": reason or ("MinimumReplicasAvailable" if available == "True" else "MinimumReplicasUnavailable"),
+                 "message": "Deployment has minimum availability."},
+                {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "ok"},
+            ],
+        },
+    }
+
+
+def hpa(active="True", reason="ValidMetricFound", message="the HPA was able to compute the replica count"):
+    return {"status": {"conditions": [
+        {"type": "AbleToScale", "status": "True", "reason": "ReadyForNewScale", "message": "ok"},
+        {"type": "ScalingActive", "status": active, "reason": reason, "message": message},
+    ]}}
+
+
+def cond(status, ctype):
+    return next(c for c in status["conditions"] if c["type"] == ctype)
+
+
+def test_ready_when_deployment_available_and_autoscaler_active():
+    st = compute_status(ISVC, spec(1, 3), None, deployment(), hpa(), T0)
+    ready = cond(st, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Available")
+    assert ready["observedGeneration"] == 7
+    assert st["observedGeneration"] == 7  # the isvc's own generation, not the Deployment's (3)
+    assert st["url"] == "http://svc.ns.svc.cluster.local"
+    assert (st["replicas"], st["readyReplicas"], st["replicaSummary"]) == (1, 1, "1/1")
+    assert st["modelNames"] == "chat,embed"
+    assert [c["type"] for c in st["conditions"]] == ["Ready", "DeploymentAvailable", "AutoscalerReady", "ModelsReady"]
+    assert all(c["reason"] for c in st["conditions"])
+
+
+def test_not_ready_while_pods_unavailable():
+    st = compute_status(ISVC, spec(), None, deployment(available="False", ready=0), hpa(), T0)
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("False", "MinimumReplicasUnavailable")
+    assert cond(st, "ModelsReady")["status"] == "False"
+    assert st["replicaSummary"] == "0/1"
+
+
+def test_missing_children_are_reported_not_ready():
+    st = compute_status(ISVC, spec(), None, None, None, T0)
+    assert cond(st, "Ready")["reason"] == "DeploymentMissing"
+    assert cond(st, "AutoscalerReady")["reason"] == "AutoscalerMissing"
+
+
+def test_autoscaler_pending_before_the_controller_reports():
+    st = compute_status(ISVC, spec(), None, deployment(), {"status": {}}, T0)
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("Unknown", "AutoscalerPending")
+
+
+def test_missing_metric_blocks_ready_only_when_scaling_is_possible():
+    no_metric = hpa("False", "FailedGetPodsMetric", "unable to get metric kubeinfer_queue_length")
+    fixed = compute_status(ISVC, spec(2, 2), None, deployment(), no_metric, T0)
+    assert cond(fixed, "AutoscalerReady")["status"] == "True"
+    assert cond(fixed, "AutoscalerReady")["reason"] == "FixedReplicas"
+    assert cond(fixed, "Ready")["status"] == "True"
+    elastic = compute_status(ISVC, spec(1, 4), None, deployment(), no_metric, T0)
+    assert (cond(elastic, "Ready")["status"], cond(elastic, "Ready")["reason"]) == ("False", "FailedGetPodsMetric")
+    assert "kubeinfer_queue_length" in cond(elastic, "Ready")["message"]
+
+
+def test_invalid_spec_overrides_everything():
+    st = compute_status(ISVC, None, "spec.models[0].source: bad", deployment(), hpa(), T0)
+    ready = cond(st, "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "InvalidSpec", "spec.models[0].source: bad")
+    assert st["observedGeneration"] == 7
+    assert st["modelNames"] == "chat,embed"  # read from the raw spec
+
+
+def test_rolling_update_is_available_but_says_so():
+    st = compute_status(ISVC, spec(), None, deployment(desired=2, updated=1, generation=4, observed=4), hpa(), T0)
+    dep = cond(st, "DeploymentAvailable")
+    assert (dep["status"], dep["reason"]) == ("True", "RollingUpdate")
+    assert "1 of 2" in dep["message"]
+
+
+def test_stalled_rollout_is_not_available():
+    d = deployment()
+    d["status"]["conditions"][1] = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                    "message": "ReplicaSet has timed out progressing."}
+    st = compute_status(ISVC, spec(), None, d, hpa(), T0)
+    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("False", "ProgressDeadlineExceeded")
+
+
+def test_model_states():
+    pending = compute_status(ISVC, spec(), None, deployment(available="False", ready=0), hpa(), T0)
+    assert [(m["name"], m["state"]) for m in pending["models"]] == [("chat", "Pending"), ("embed", "Pending")]
+    ready = compute_status(ISVC, spec(), None, deployment(), hpa(), T0)
+    assert [(m["name"], m["state"]) for m in ready["models"]] == [("chat", "Loaded"), ("embed", "Pending")]
+
+
+def test_last_transition_time_changes_only_when_status_flips():
+    first = compute_status(ISVC, spec(), None, deployment(available="False", ready=0), hpa(), T0)
+    isvc = {**ISVC, "status": first}
+    # Same status, different message/reason: time kept.
+    same = merge_conditions(first["conditions"], {"Ready": Verdict("False", "Other", "changed text")}, 8, T1)
+    assert same[0]["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+    assert same[0]["observedGeneration"] == 8
+    flipped = compute_status(isvc, spec(), None, deployment(), hpa(), T1)
+    assert cond(flipped, "Ready")["lastTransitionTime"] == "2026-01-01T12:05:00Z"
+    assert cond(flipped, "AutoscalerReady")["lastTransitionTime"] == "2026-01-01T12:00:00Z"
+
+
+def test_recomputing_an_unchanged_state_changes_nothing():
+    first = compute_status(ISVC, spec(), None, deployment(), hpa(), T0)
+    again = compute_status({**ISVC, "status": first}, spec(), None, deployment(), hpa(), T1)
+    assert again == first
+    assert not status_changed(first, again)
+    assert status_changed(first, {**again, "readyReplicas": 0})

@@ -1,0 +1,1 @@
+"""Tests of kubeinfer_serving.registry and the embedding runner."""
