@@ -8,6 +8,7 @@ namespace. Serves kopf's liveness endpoint (``/healthz``) at ``--liveness``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubeinfer-operator", description=__doc__.split("\n", 1)[0])
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[],
-                       help="namespace to watch (repeatable; kopf glob patterns allowed)")
+                       help="namespace to watch (repeatable, exact names)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     p.add_argument("--liveness", default=os.environ.get("KUBEINFER_LIVENESS", "http://0.0.0.0:8080/healthz"),
@@ -40,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import kubeinfer_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(debug=args.debug, verbose=args.verbose or args.debug, log_format=kopf.LogFormat.PLAIN)
+    if not args.debug:  # -v is about reconciles, not every HTTP request
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+    memo = kopf.Memo(namespaces=None if args.all_namespaces else list(args.namespace))
     kopf.run(
+        memo=memo,
         standalone=True,
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,

@@ -6,13 +6,17 @@
   ``app.kubernetes.io/managed-by=kubeinfer-operator``): reconcile its controlling owner, so
   drift is reverted, a deleted child is recreated and the status follows the Deployment's
   and HPA's status.
-* A resync timer per InferenceService (every ``RESYNC_SECONDS``) as a level-triggered safety net.
+* A resync loop (every ``RESYNC_SECONDS``) that lists the watched InferenceServices and
+  reconciles each, as a level-triggered safety net. It is an operator-level task, not a kopf
+  timer: kopf timers put a finalizer on every object, and a finalizer makes ``kubectl delete``
+  hang whenever the operator is down.
 
 Importing this module registers the handlers on kopf's default registry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -25,8 +29,9 @@ from kubeinfer_operator.kube import Kube, KubeError, load_api_client
 from kubeinfer_operator.reconcile import Outcome, Reconciler
 
 RESYNC_SECONDS = 60.0
-#: Retry delay (seconds) after a transient API failure.
-RETRY_SECONDS = 10.0
+#: Retry delay after a transient API failure: RETRY_SECONDS * 2**attempt, at most RETRY_MAX_SECONDS.
+RETRY_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
 
 logger = logging.getLogger(__name__)
@@ -62,12 +67,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.reconciler = Reconciler(Kube(load_api_client()), OperatorConfig.from_env(), _post_event)
 
 
-def _run(memo: kopf.Memo, namespace: str, name: str, why: str) -> Outcome:
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry number ``attempt`` (0-based): exponential, capped, so a broken API
+    or missing RBAC produces a trickle of retries, not a storm."""
+    return min(RETRY_SECONDS * 2 ** max(attempt, 0), RETRY_MAX_SECONDS)
+
+
+def _run(memo: kopf.Memo, namespace: str, name: str, why: str, retry: int = 0) -> Outcome:
     reconciler: Reconciler = memo.reconciler
     try:
         outcome = reconciler.reconcile(namespace, name)
     except KubeError as err:
-        raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {err}", delay=RETRY_SECONDS) from err
+        raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {err}", delay=retry_delay(retry)) from err
     if outcome.found:
         logger.info(
             "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s",
@@ -77,27 +88,65 @@ def _run(memo: kopf.Memo, namespace: str, name: str, why: str) -> Outcome:
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
-def on_create(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_create(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """A new InferenceService: create its children and first status."""
-    _run(memo, namespace, name, "create")
+    _run(memo, namespace, name, "create", retry)
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def on_update(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_update(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """The spec (or labels/annotations) changed: re-render and apply."""
-    _run(memo, namespace, name, "update")
+    _run(memo, namespace, name, "update", retry)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def on_resume(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+def on_resume(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Operator (re)start: re-apply; identical content changes nothing on the server."""
-    _run(memo, namespace, name, "resume")
+    _run(memo, namespace, name, "resume", retry)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Periodic level-triggered resync, in case a watch event was missed."""
-    _run(memo, namespace, name, "resync")
+def resync_once(memo: kopf.Memo) -> int:
+    """Reconcile every InferenceService in the watched namespaces; returns how many were seen.
+
+    ``memo.namespaces`` is the list of watched namespaces, or None for all of them.
+    Failures are logged and left to the next round.
+    """
+    reconciler: Reconciler = memo.reconciler
+    seen = 0
+    for namespace in getattr(memo, "namespaces", None) or [None]:
+        try:
+            items = reconciler.kube.list_isvcs(namespace)
+        except KubeError as err:
+            logger.warning("resync: cannot list InferenceServices in %s: %s", namespace or "all namespaces", err)
+            continue
+        for item in items:
+            meta = item["metadata"]
+            seen += 1
+            try:
+                _run(memo, meta["namespace"], meta["name"], "resync")
+            except kopf.TemporaryError as err:
+                logger.warning("%s", err)
+    return seen
+
+
+async def _resync_loop(memo: kopf.Memo) -> None:
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        await asyncio.to_thread(resync_once, memo)
+
+
+@kopf.on.startup()
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    """Start the periodic resync task (after :func:`configure` built the reconciler)."""
+    memo.resync_task = asyncio.create_task(_resync_loop(memo))
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the resync task on operator exit."""
+    task = getattr(memo, "resync_task", None)
+    if task is not None:
+        task.cancel()
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:

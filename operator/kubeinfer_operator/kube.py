@@ -119,6 +119,16 @@ class Kube:
                 return None
             raise
 
+    def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """InferenceServices in ``namespace``, or in every namespace when None.
+
+        Raises:
+            KubeError: the list failed.
+        """
+        prefix, plural = _RESOURCES[(f"{GROUP}/{VERSION}", "InferenceService")]
+        path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+        return list(self._call("GET", path).get("items") or [])
+
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply ``obj`` as field manager ``kubeinfer-operator`` with force
         (the operator is the single owner of the fields it sets); returns the stored object.

@@ -78,10 +78,19 @@ class Reconciler:
         self.clock = clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._last_failure: dict[tuple[str, str], str] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def _warn_once(self, isvc: Mapping[str, Any], message: str) -> None:
+        """Post an ApplyFailed Warning unless the previous failure of this isvc said the same
+        (retries of one outage make one Event, not one per attempt)."""
+        key = (isvc["metadata"]["namespace"], isvc["metadata"]["name"])
+        if self._last_failure.get(key) != message:
+            self._last_failure[key] = message
+            self.emit(isvc, "Warning", "ApplyFailed", message)
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Bring the children and status of isvc ``namespace/name`` in line with its spec.
@@ -118,7 +127,7 @@ class Reconciler:
                     after = self.kube.apply(obj)
                 except KubeError as err:
                     if not err.invalid:
-                        self.emit(isvc, "Warning", "ApplyFailed", f"{kind} {child}: {err}")
+                        self._warn_once(isvc, f"{kind} {child}: {err}")
                         raise
                     outcome.invalid = f"the API server rejected {kind} {child}: {err.message}"
                     break
@@ -128,6 +137,7 @@ class Reconciler:
                 elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
                     outcome.updated.append(f"{kind}/{child}")
                     self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+        self._last_failure.pop((namespace, name), None)
         deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
         hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
         new_status = compute_status(isvc, spec, outcome.invalid, deployment, hpa, self.clock())

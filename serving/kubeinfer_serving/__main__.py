@@ -3,8 +3,10 @@
 Which models it serves:
 
 * ``--model-dir DIR [--served-model-name NAME]``: that one directory (single-model mode);
-* ``--models-config FILE``: the catalogue in FILE (the operator's ConfigMap);
-* neither: the built-in model ``tiny-llama`` (built once into the cache if missing).
+* ``--models-config FILE`` or ``$KUBEINFER_MODELS_CONFIG``: the catalogue in FILE (the
+  operator's ConfigMap), served by the multi-model registry (load on demand, LRU eviction);
+* neither: the default catalogue, ``tiny-llama`` (the built-in model, built once into the cache
+  if missing) and ``all-minilm-l6-v2`` (embeddings), both preloaded.
 
 On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up to
 ``--timeout-graceful-shutdown`` seconds, then the app's lifespan shuts the provider down.
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from kubeinfer_serving.config import ServerSettings, parse_settings
+from kubeinfer_serving.config import ServerSettings, build_parser, parse_settings
 from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.registry.protocol import ModelProvider
 
@@ -25,31 +27,54 @@ log = logging.getLogger("kubeinfer_serving")
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:
-    """The engine settings that the server flags carry (batching caps, queue cap, context, device, dtype)."""
-    return EngineConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_waiting_requests=settings.max_waiting_requests,
-        max_model_len=settings.max_model_len,
-        device=settings.device,
-        dtype=settings.dtype,
-    )
+    """Engine settings for single-model mode: the flags given, the engine's defaults otherwise."""
+    given = {
+        k: getattr(settings, k)
+        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype")
+        if getattr(settings, k) is not None
+    }
+    return EngineConfig(**given)
+
+
+#: Flags that only single-model mode honours; with a catalogue they live in the catalogue file.
+_SINGLE_MODEL_ONLY = {
+    "max_waiting_requests": "the catalogue has no queue cap; the engine default (1024) applies",
+    "max_model_len": "set maxModelLen per model in the catalogue",
+    "dtype": "set dtype per model in the catalogue",
+    "served_model_name": "it names the --model-dir model",
+}
 
 
 def build_provider(settings: ServerSettings) -> ModelProvider:
     """The model provider the settings ask for (see the module docstring).
 
     Raises:
-        OSError: the built-in model cannot be written to its cache directory.
+        ValueError: a single-model-only flag was given together with a catalogue, or a
+            catalogue-only flag (``--models-config``, ``--memory-budget-bytes``) with ``--model-dir``.
+        kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or invalid.
     """
-    from kubeinfer_serving.api.single_model import SingleModelProvider
-
     if settings.model_dir is not None:
+        for k in ("models_config", "memory_budget_bytes"):
+            if getattr(settings, k) is not None:
+                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
+        from kubeinfer_serving.api.single_model import SingleModelProvider
+
         name = settings.served_model_name or settings.model_dir.resolve().name
         return SingleModelProvider(settings.model_dir, name, engine_config(settings))
-    from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
+    from kubeinfer_serving.registry.catalogue import default_catalogue, load_catalogue
+    from kubeinfer_serving.registry.manager import ModelRegistry
 
-    return SingleModelProvider(ensure_builtin_model(), BUILTIN_MODEL_NAME, engine_config(settings))
+    misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]
+    if misplaced:
+        raise ValueError("; ".join(
+            f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
+        ))
+    catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
+    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens")
+                 if getattr(settings, k) is not None}
+    if overrides:
+        catalogue = catalogue.model_copy(update=overrides)
+    return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -61,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     from kubeinfer_serving.api.app import create_app
 
-    app = create_app(build_provider(settings), settings=settings)
+    try:
+        provider = build_provider(settings)
+    except ValueError as exc:  # CatalogueError is a ValueError too
+        build_parser().error(str(exc))
+    app = create_app(provider, settings=settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

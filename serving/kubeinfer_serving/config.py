@@ -29,14 +29,17 @@ class ServerSettings(BaseModel):
         model_dir: serve one Hugging Face model directory instead of a catalogue (vLLM-style
             single-model mode); its name is ``served_model_name``.
         served_model_name: the OpenAI ``model`` name of ``model_dir`` (default: the directory's name).
-        max_num_seqs: most sequences in a generative engine's running batch.
-        max_num_batched_tokens: token budget of one engine step.
-        max_waiting_requests: waiting-queue cap per engine; beyond it requests get 429.
-        max_model_len: context length cap in tokens (None: the model's own).
+        max_num_seqs: most sequences in a generative engine's running batch (None: the
+            catalogue's ``maxNumSeqs``, else the engine default 256).
+        max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
+        max_waiting_requests: waiting-queue cap per engine; beyond it requests get 429
+            (single-model mode; None: the engine default 1024).
+        max_model_len: context length cap in tokens (single-model mode; None: the model's own).
         device: "cuda", "cpu" or None (CUDA when available).
-        dtype: weights dtype ("bfloat16", "float32", ...) or None (bf16 on CUDA, fp32 on CPU).
+        dtype: weights dtype in single-model mode ("bfloat16", "float32", ...) or None (bf16 on
+            CUDA, fp32 on CPU); catalogue entries carry their own ``dtype``.
         memory_budget_bytes: registry budget for weights + KV of all loaded models (None: the
-            registry's default for the device).
+            catalogue's ``memoryBudgetBytes``/``gpuMemoryUtilization``).
         log_level: uvicorn and application log level.
         timeout_graceful_shutdown: seconds in-flight requests may take to finish after SIGTERM.
     """
@@ -48,9 +51,9 @@ class ServerSettings(BaseModel):
     models_config: Path | None = None
     model_dir: Path | None = None
     served_model_name: str | None = None
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
-    max_waiting_requests: int = Field(1024, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_waiting_requests: int | None = Field(None, ge=1)
     max_model_len: int | None = Field(None, ge=2)
     device: str | None = None
     dtype: str | None = None

@@ -1,8 +1,10 @@
-"""Fixtures of the API tests: the built-in model served by a real uvicorn server on a loopback port.
+"""Fixtures of the API tests: real uvicorn servers on loopback ports, driven over HTTP.
 
-One in-process server per session (uvicorn in a background thread, so tests can also look at the
-engine directly), plus, for the queue-full test, one ``kubeinfer-serve`` subprocess started from
-the console script with a one-slot queue.
+* ``server``: the production provider (the multi-model registry) over a catalogue like the
+  default one (tiny-llama + all-minilm-l6-v2, preloaded) plus an on-demand copy of tiny-llama,
+  in one uvicorn server in a background thread for the whole session;
+* ``cli_server``: ``kubeinfer-serve --model-dir ...`` (single-model mode) as a subprocess started
+  from the console script, with one batch slot and a one-request queue (the 429 test).
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ import openai
 import pytest
 import uvicorn
 from kubeinfer_serving.api.app import create_app
-from kubeinfer_serving.api.single_model import SingleModelProvider
 from kubeinfer_serving.config import ServerSettings
-from kubeinfer_serving.engine.config import EngineConfig
-from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
+from kubeinfer_serving.models.builtin import (
+    BUILTIN_EMBEDDING_MODEL_NAME,
+    BUILTIN_MODEL_NAME,
+    ensure_builtin_model,
+)
+from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
+from kubeinfer_serving.registry.manager import ModelRegistry
+from kubeinfer_serving.registry.protocol import ModelKind
 
 MODEL = BUILTIN_MODEL_NAME
+EMBED_MODEL = BUILTIN_EMBEDDING_MODEL_NAME
+#: Not preloaded: loaded by the first request or the admin API.
+ON_DEMAND_MODEL = "tiny-llama-on-demand"
 #: Context length of the test servers (tokens): small, so overflow cases are cheap to build.
 MAX_MODEL_LEN = 1024
 
@@ -84,15 +94,23 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def provider(model_dir: Path) -> SingleModelProvider:
-    """The provider behind the in-process server: tiny-llama with a small engine."""
-    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=MAX_MODEL_LEN, num_kv_blocks=256,
-                          device="cpu")
-    return SingleModelProvider(model_dir, MODEL, config)
+def provider(model_dir: Path) -> ModelRegistry:
+    """The registry behind the in-process server, with small engines (8 sequences, 1024-token context)."""
+    catalogue = Catalogue(
+        models=[
+            ModelEntry(name=MODEL, source=f"builtin://{MODEL}", preload=True, max_model_len=MAX_MODEL_LEN),
+            ModelEntry(name=EMBED_MODEL, source=f"builtin://{EMBED_MODEL}", kind=ModelKind.EMBED, preload=True),
+            ModelEntry(name=ON_DEMAND_MODEL, source=str(model_dir), max_model_len=MAX_MODEL_LEN),
+        ],
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        memory_budget_bytes=4 * 1024**3,
+    )
+    return ModelRegistry(catalogue, device="cpu")
 
 
 @pytest.fixture(scope="session")
-def server(provider: SingleModelProvider) -> Iterator[ServerThread]:
+def server(provider: ModelRegistry) -> Iterator[ServerThread]:
     """One real uvicorn server for the session."""
     srv = ServerThread(create_app(provider, settings=ServerSettings(host="127.0.0.1", port=0)))
     srv.start()
@@ -101,16 +119,22 @@ def server(provider: SingleModelProvider) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="session")
-def engine(server: ServerThread, provider: SingleModelProvider):
-    """The engine behind the in-process server (for stats and direct-generation comparisons)."""
-    assert provider.is_ready()
-    return provider._served.engine  # noqa: SLF001 - tests look inside the provider on purpose
-
-
-@pytest.fixture(scope="session")
 def client(server: ServerThread) -> openai.OpenAI:
     """The official OpenAI client pointed at the server; no retries, so 429/503 surface as errors."""
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def wait_idle(base_url: str, model: str = MODEL, timeout: float = 30.0) -> None:
+    """Poll ``/metrics`` until ``model`` has no running or waiting request and no KV block in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = {n: metric_value(base_url, n, model=model) for n in
+                 ("kubeinfer_num_requests_running", "kubeinfer_queue_length", "kubeinfer_kv_cache_usage_ratio")}
+        if not any(state.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{model} not idle after {timeout} s: {state}")
+        time.sleep(0.05)
 
 
 def metric_value(base_url: str, name: str, **labels: str) -> float:

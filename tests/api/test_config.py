@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kubeinfer_serving.__main__ import build_provider
 from kubeinfer_serving.config import parse_settings
 
 
@@ -27,3 +28,36 @@ def test_invalid_values_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> N
     assert "max-num-seqs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_settings([], env={"KUBEINFER_PORT": "http"})
+
+
+def test_no_model_flags_serve_the_default_catalogue_through_the_registry() -> None:
+    from kubeinfer_serving.registry.manager import ModelRegistry
+
+    provider = build_provider(parse_settings(["--max-num-seqs", "4", "--device", "cpu"], env={}))
+    assert isinstance(provider, ModelRegistry)
+    assert [m.name for m in provider.list_models()] == ["tiny-llama", "all-minilm-l6-v2"]
+    assert all(m.preload for m in provider.list_models())
+    assert provider.catalogue.max_num_seqs == 4
+
+
+def test_model_dir_is_single_model_mode_named_after_the_directory(tmp_path: Path) -> None:
+    from kubeinfer_serving.api.single_model import SingleModelProvider
+
+    provider = build_provider(parse_settings(["--model-dir", str(tmp_path / "llama-1b")], env={}))
+    assert isinstance(provider, SingleModelProvider)
+    assert [m.name for m in provider.list_models()] == ["llama-1b"]
+    assert provider.list_models()[0].state.value == "unloaded"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-waiting-requests", "4"],
+        ["--max-model-len", "512"],
+        ["--model-dir", "/m", "--models-config", "/c.yaml"],
+        ["--model-dir", "/m", "--memory-budget-bytes", "1000"],
+    ],
+)
+def test_flags_of_the_other_mode_are_refused(argv: list[str]) -> None:
+    with pytest.raises(ValueError, match="--"):
+        build_provider(parse_settings(argv, env={}))

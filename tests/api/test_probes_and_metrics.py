@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 
-from tests.api.conftest import MODEL, metric_value
+from tests.api.conftest import MODEL, metric_value, wait_idle
 
 
 def test_health_and_ready_are_200_once_the_model_is_loaded(server) -> None:
@@ -14,6 +14,7 @@ def test_health_and_ready_are_200_once_the_model_is_loaded(server) -> None:
 
 
 def test_metrics_expose_the_design_names_labelled_by_model(server, client: openai.OpenAI) -> None:
+    wait_idle(server.base_url)  # no earlier (aborted) request still adding tokens
     before = metric_value(server.base_url, "kubeinfer_generation_tokens_total", model=MODEL)
     client.completions.create(model=MODEL, prompt="count me", max_tokens=5, temperature=0,
                               extra_body={"ignore_eos": True})

@@ -18,10 +18,9 @@ LONG = {"model": MODEL, "prompt": "The mill wheel turned", "max_tokens": MAX_MOD
 def _stream_first_chunk(base_url: str, got_first: threading.Event, release: threading.Event) -> None:
     """Open a long stream, signal its first chunk, hold it open until ``release``, then hang up."""
     with httpx.stream("POST", f"{base_url}/v1/completions", json=LONG, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                got_first.set()
-                break
+        lines = r.iter_lines()  # kept referenced: a dropped line iterator closes the response
+        if any(line.startswith("data: ") for line in lines):
+            got_first.set()
         release.wait(60)
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.engine.llm_engine import LLMEngine
 from kubeinfer_serving.engine.sampling import SamplingParams

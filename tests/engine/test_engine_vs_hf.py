@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from kubeinfer_serving.engine.sampling import SamplingParams
+
 from tests.engine.conftest import Req, run_workload, tokens_of
 
 

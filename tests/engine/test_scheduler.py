@@ -71,7 +71,7 @@ def test_out_of_blocks_preempts_the_newest_and_requeues_it_first():
     old, new = _seq("old", 4, max_tokens=8), _seq("new", 4, max_tokens=8)
     sched.add(old)
     sched.add(new)
-    _finish_step(sched, sched.schedule())  # both prefilled: 2 blocks each... 1 each, plus decode room
+    _finish_step(sched, sched.schedule())  # both prefilled, one block each; decoding needs more
     sched.add(_seq("queued", 2))
     preempted = []
     for _ in range(8):

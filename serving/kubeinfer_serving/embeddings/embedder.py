@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModel
 
 from kubeinfer_serving.embeddings.pooling import PoolingConfig, pool, read_pooling_config
 from kubeinfer_serving.models.loader import ModelLoadError, load_tokenizer, weights_nbytes
@@ -100,8 +101,6 @@ class Embedder:
         Raises:
             ModelLoadError: missing/corrupt files; UnsupportedModelError: unsupported pipeline modules.
         """
-        from transformers import AutoModel
-
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else (
             dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -80,12 +80,13 @@ class ModelRunner:
             else:
                 ctx = start + n
                 mask = None
-                kv_slots = torch.empty(0, dtype=torch.int64)
+                kv_blocks = torch.empty(0, dtype=torch.int64)
                 if start > 0:
-                    kv_slots = self._slots(s.seq.block_table, 0, ctx).to(dev, non_blocking=True)
+                    nb = -(-ctx // self.block_size)
+                    kv_blocks = torch.tensor(s.seq.block_table[:nb], dtype=torch.int64).to(dev, non_blocking=True)
                     rows = torch.arange(n).unsqueeze(1) + start
-                    mask = (torch.arange(ctx).unsqueeze(0) <= rows).to(dev, non_blocking=True)
-                prefills.append(PrefillChunk(q_start, n, kv_slots, mask))
+                    mask = (torch.arange(nb * self.block_size).unsqueeze(0) <= rows).to(dev, non_blocking=True)
+                prefills.append(PrefillChunk(q_start, n, kv_blocks, mask))
         meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(dev, non_blocking=True), prefills=prefills)
         if decode_idx:
             bs = self.block_size
@@ -95,11 +96,11 @@ class ModelRunner:
             for i, bt in enumerate(decode_tables):
                 nb = min(len(bt), max_blocks)
                 table[i, :nb] = torch.tensor(bt[:nb], dtype=torch.int64)
-            kv_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(len(decode_tables), -1)[:, :max_ctx]
             ctx = torch.tensor(decode_ctx, dtype=torch.int64)
-            mask = (torch.arange(max_ctx).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decode_ctx), 1, 1, max_ctx)
+            width = max_blocks * bs
+            mask = (torch.arange(width).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decode_ctx), 1, 1, width)
             meta.decode_idx = torch.tensor(decode_idx, dtype=torch.int64).to(dev, non_blocking=True)
-            meta.decode_kv_slots = kv_slots.to(dev, non_blocking=True)
+            meta.decode_block_tables = table.to(dev, non_blocking=True)
             meta.decode_mask = mask.to(dev, non_blocking=True)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos = torch.cat(positions).to(dev, non_blocking=True)

@@ -175,8 +175,9 @@ class LlamaForCausalLM(nn.Module):
         with torch.device("meta"):
             self.model = LlamaModel(config, self.head_dim)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.to_empty(device=device)
+        # dtype first, on meta (no memory), then real storage once, in the final dtype.
         self.to(dtype)
+        self.to_empty(device=device)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.dtype = dtype

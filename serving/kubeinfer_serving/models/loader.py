@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoTokenizer
 
 #: Architectures the engine's model runner implements (config.json ``architectures[0]``).
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
@@ -68,8 +70,6 @@ def load_hf_config(path: str | Path, *, architectures: set[str] | None = None):
         ModelLoadError: the directory or its config.json is missing or unreadable.
         UnsupportedModelError: the architecture is not in ``architectures``.
     """
-    from transformers import AutoConfig
-
     p = _require_dir(path)
     raw = _read_config_json(p)
     allowed = SUPPORTED_ARCHITECTURES if architectures is None else architectures
@@ -91,8 +91,6 @@ def load_tokenizer(path: str | Path):
     Raises:
         ModelLoadError: the directory is missing or holds no loadable tokenizer.
     """
-    from transformers import AutoTokenizer
-
     p = _require_dir(path)
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
@@ -164,8 +162,6 @@ def iter_safetensors(path: str | Path, *, device: str = "cpu") -> Iterator[tuple
         ModelLoadError: missing weight files, or a file that is truncated or not safetensors
         (the message names the file).
     """
-    from safetensors import SafetensorError, safe_open
-
     for file in safetensors_files(path):
         _read_header(file)  # validates offsets so truncation is reported before any tensor is used
         try:

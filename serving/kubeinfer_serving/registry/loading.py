@@ -1,0 +1,226 @@
+"""Turning a catalogue entry into a running model: sizing it, loading it, offloading it.
+
+:class:`DefaultModelLoader` is what production uses: generate models become an
+:class:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine`, embed models an
+:class:`~kubeinfer_serving.embeddings.Embedder`. The registry only talks to the
+:class:`ModelLoader` protocol, so its scheduling logic can be tested with any loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from kubeinfer_serving.embeddings import Embedder
+from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
+from kubeinfer_serving.engine.config import EngineConfig
+from kubeinfer_serving.engine.llm_engine import LLMEngine
+from kubeinfer_serving.models import loader as hf
+from kubeinfer_serving.models.builtin import (
+    BUILTIN_EMBEDDING_MODEL_NAME,
+    BUILTIN_MODEL_NAME,
+    builtin_embedding_model_dir,
+    ensure_builtin_model,
+)
+from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, Catalogue, ModelEntry
+from kubeinfer_serving.registry.protocol import ModelKind
+from kubeinfer_serving.registry.warm import HostSnapshot
+
+_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Tokens per KV block used for generate models (vLLM's default, DESIGN.md section 5).
+KV_BLOCK_SIZE = 16
+
+
+def resolve_model_dir(source: str, *, pvc_root: str | Path = "/mnt/models") -> Path:
+    """The local directory of a catalogue ``source``; ``builtin://`` models are built/located here.
+
+    Raises:
+        ModelLoadError: an unknown builtin name or a source :func:`~kubeinfer_serving.models.loader.resolve_source` refuses.
+    """
+    if source.startswith(BUILTIN_SCHEME):
+        name = source[len(BUILTIN_SCHEME):]
+        if name == BUILTIN_MODEL_NAME:
+            return ensure_builtin_model()
+        if name == BUILTIN_EMBEDDING_MODEL_NAME:
+            return builtin_embedding_model_dir()
+        raise hf.ModelLoadError(
+            f"unknown built-in model {source!r}; built-ins: {BUILTIN_MODEL_NAME}, {BUILTIN_EMBEDDING_MODEL_NAME}"
+        )
+    return hf.resolve_source(source, pvc_root=pvc_root)
+
+
+@dataclass
+class LoadPlan:
+    """What a load will take, known before it starts (the registry evicts to make room for it).
+
+    Attributes:
+        model_dir: the resolved local directory.
+        weights_bytes: device bytes of the weights in the load dtype.
+        kv_cache_bytes: device bytes of the KV pool (0 for embed models).
+        num_kv_blocks: KV pool size in blocks (generate models), else None.
+    """
+
+    model_dir: Path
+    weights_bytes: int
+    kv_cache_bytes: int = 0
+    num_kv_blocks: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights + KV pool, bytes: what the registry reserves in its budget."""
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A resident model; satisfies :class:`~kubeinfer_serving.registry.protocol.ServedModel`.
+
+    Attributes:
+        name, kind, tokenizer, max_model_len, engine, embedder: as in ``ServedModel``.
+        memory_bytes: device bytes held (weights + KV pool).
+        close: coroutine function that stops the model and drops its device memory.
+        offload: coroutine function returning a :class:`HostSnapshot` of the weights for the
+            warm tier (called just before ``close``), or None when the model cannot offload.
+        warm: whether this load came from the warm tier.
+    """
+
+    name: str
+    kind: ModelKind
+    tokenizer: Any
+    max_model_len: int
+    memory_bytes: int
+    close: Callable[[], Awaitable[None]] = field(repr=False)
+    engine: Any = None
+    embedder: Any = None
+    offload: Callable[[], Awaitable[HostSnapshot]] | None = field(default=None, repr=False)
+    warm: bool = False
+
+
+class ModelLoader(Protocol):
+    """Sizes and loads catalogue entries for :class:`~kubeinfer_serving.registry.manager.ModelRegistry`."""
+
+    def plan(self, entry: ModelEntry) -> LoadPlan:
+        """Resolve the source and compute the bytes the load will take. Blocking (run in a thread).
+
+        Raises:
+            ModelLoadError: missing directory/files, unsupported architecture (the model is marked Failed).
+        """
+
+    def load(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
+        """Load the model (from ``warm`` when given, else from ``plan.model_dir``). Blocking (run in a thread).
+
+        Raises:
+            Exception: any failure marks the model Failed with the exception's message.
+        """
+
+
+@dataclass
+class _WarmWeights:
+    """A generate model's host copy: Hugging Face-named weights plus config and tokenizer."""
+
+    hf_config: Any
+    tokenizer: Any
+    weights: dict[str, torch.Tensor]
+
+
+class DefaultModelLoader:
+    """The production loader: engines for generate models, :class:`Embedder` for embed models.
+
+    Args:
+        catalogue: for the pod-level engine knobs, KV defaults and ``pvcRoot``.
+        device: where models run; default CUDA when available, else CPU.
+    """
+
+    def __init__(self, catalogue: Catalogue, device: torch.device | str | None = None) -> None:
+        self.catalogue = catalogue
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+
+    def _dtype(self, entry: ModelEntry) -> torch.dtype:
+        if entry.dtype != "auto":
+            return _DTYPE[entry.dtype]
+        if entry.kind is ModelKind.EMBED or self.device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16
+
+    def plan(self, entry: ModelEntry) -> LoadPlan:
+        """See :meth:`ModelLoader.plan`. KV pool: ``kvCacheBytes`` of the entry (else the pod's),
+        capped at what ``maxNumSeqs`` sequences of ``maxModelLen`` tokens need, rounded down to
+        whole blocks of 16 tokens (at least one block)."""
+        path = resolve_model_dir(entry.source, pvc_root=self.catalogue.pvc_root)
+        if not path.is_dir():
+            raise hf.ModelLoadError(f"model directory {path} (from {entry.source}) does not exist")
+        elem = torch.empty((), dtype=self._dtype(entry)).element_size()
+        if entry.kind is ModelKind.EMBED:
+            return LoadPlan(path, hf.weights_numel(path) * elem)
+        cfg = hf.load_hf_config(path)
+        weights = hf.weights_numel(path) * elem
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
+        max_len = entry.max_model_len or int(getattr(cfg, "max_position_embeddings", 2048))
+        full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
+        wanted = entry.kv_cache_bytes or self.catalogue.kv_cache_bytes
+        blocks = max(1, min(full_blocks, wanted // per_block))
+        return LoadPlan(path, weights, blocks * per_block, blocks)
+
+    def load(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
+        """See :meth:`ModelLoader.load`."""
+        if entry.kind is ModelKind.EMBED:
+            return self._load_embedder(entry, plan, warm)
+        return self._load_engine(entry, plan, warm)
+
+    def _load_embedder(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
+        emb = Embedder.from_model_dir(
+            plan.model_dir, device=self.device, dtype=self._dtype(entry), name=entry.name,
+            host_model=warm.payload if warm is not None else None,
+        )
+
+        async def offload() -> HostSnapshot:
+            model = await emb.offload()
+            nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+            return HostSnapshot(model, nbytes)
+
+        return LoadedModel(entry.name, ModelKind.EMBED, emb.tokenizer, emb.max_model_len, emb.memory_bytes,
+                           close=emb.shutdown, embedder=emb, offload=offload, warm=warm is not None)
+
+    def _load_engine(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
+        config = EngineConfig(
+            max_num_seqs=self.catalogue.max_num_seqs,
+            max_num_batched_tokens=self.catalogue.max_num_batched_tokens,
+            block_size=KV_BLOCK_SIZE,
+            num_kv_blocks=plan.num_kv_blocks,
+            max_model_len=entry.max_model_len,
+            device=str(self.device),
+            dtype=self._dtype(entry),
+        )
+        if warm is not None:
+            w: _WarmWeights = warm.payload
+            llm = LLMEngine.from_weights(w.hf_config, w.weights.items(), tokenizer=w.tokenizer, config=config,
+                                         model_name=entry.name)
+        else:
+            llm = LLMEngine.from_model_dir(plan.model_dir, model_name=entry.name, config=config)
+        eng = AsyncLLMEngine(llm)
+        pin = self.device.type == "cuda"
+
+        async def offload() -> HostSnapshot:
+            def copy() -> _WarmWeights:
+                weights = {}
+                for name, p in llm.model.named_parameters():
+                    t = p.detach()
+                    if t.device.type != "cpu":
+                        t = t.to("cpu").pin_memory() if pin else t.to("cpu")
+                    weights[name] = t
+                return _WarmWeights(llm.hf_config, llm.tokenizer, weights)
+
+            snap = await asyncio.to_thread(copy)
+            return HostSnapshot(snap, sum(t.numel() * t.element_size() for t in snap.weights.values()))
+
+        return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len, eng.memory_bytes,
+                           close=eng.shutdown, engine=eng, offload=offload, warm=warm is not None)

@@ -1,0 +1,480 @@
+"""The multi-model registry: loads on demand, evicts least-recently-used idle models to fit a budget.
+
+Rules (DESIGN.md section 5 "Registry"):
+
+* **Single flight.** The first request for an unloaded model starts its load (an asyncio task
+  with a future); every later request for it awaits the same future, bounded by
+  ``loadTimeoutSeconds``.
+* **Budget.** Each resident model costs its weights plus its KV pool (bytes, as planned by
+  the loader before loading and as reported by the engine after). A load first reserves its
+  planned bytes; while the reservation does not fit ``budget_bytes`` (or the model count would
+  exceed ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
+  not preloaded, with no request holding it and none waiting for it. Models being evicted
+  still count until their memory is released.
+* **Waiting.** When nothing evictable is left, the load waits for a model to become idle, up to
+  ``acquireTimeoutSeconds``; then its requests get :class:`ModelUnavailableError` (HTTP 503)
+  naming the busy models.
+* **Failure.** A load that raises (missing files, corrupt safetensors, unsupported architecture,
+  out of memory, a model larger than the whole budget) marks the model Failed with the reason;
+  requests for it get 503 with that reason; other models are unaffected. An explicit
+  :meth:`ModelRegistry.load` retries a Failed model.
+* **Warm tier.** With ``warmCacheBytes > 0`` an evicted model's weights stay in host memory
+  (:mod:`.warm`) and its next load skips the disk.
+
+Everything runs on one asyncio event loop; state changes between awaits are atomic. Blocking
+work (planning, loading) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from kubeinfer_serving import metrics
+from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
+from kubeinfer_serving.registry.loading import DefaultModelLoader, LoadedModel, ModelLoader
+from kubeinfer_serving.registry.memory import resolve_budget
+from kubeinfer_serving.registry.protocol import (
+    ModelInfo,
+    ModelNotFoundError,
+    ModelState,
+    ModelUnavailableError,
+)
+from kubeinfer_serving.registry.warm import WarmTier
+
+log = logging.getLogger(__name__)
+
+#: ``retry_after`` (seconds) suggested with a 503 for lack of memory or a slow load.
+RETRY_AFTER_SECONDS = 5.0
+
+
+@dataclass
+class LoadEvent:
+    """One completed load or unload, for measurements and logs.
+
+    Attributes:
+        model: model name.
+        action: "cold_load" (from disk), "warm_load" (from the warm tier), "evict" (LRU) or "unload" (admin).
+        seconds: wall time of the action.
+        bytes: device bytes loaded or freed.
+    """
+
+    model: str
+    action: str
+    seconds: float
+    bytes: int
+
+
+@dataclass(eq=False)
+class _Entry:
+    spec: ModelEntry
+    created: int
+    state: ModelState = ModelState.UNLOADED
+    message: str = ""
+    handle: LoadedModel | None = None
+    reserved: int = 0            # bytes counted against the budget (planned while loading, actual when loaded)
+    active: int = 0              # requests holding the model
+    waiting: int = 0             # requests waiting for it to load
+    last_used: float = 0.0       # time.monotonic() of the last acquire/release
+    load_future: asyncio.Future | None = field(default=None, repr=False)
+    evicting: asyncio.Future | None = field(default=None, repr=False)
+    max_model_len: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def holds_slot(self) -> bool:
+        """Counts towards maxLoadedModels: loaded, loading with a reservation, or being evicted."""
+        return self.state is ModelState.LOADED or self.reserved > 0 or self.evicting is not None
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and self.waiting == 0
+
+
+class ModelRegistry:
+    """Implements :class:`~kubeinfer_serving.registry.protocol.ModelProvider` over a :class:`Catalogue`.
+
+    Args:
+        catalogue: the models and the pod-level limits.
+        loader: sizes and loads models; default :class:`DefaultModelLoader` (engines and embedders).
+        budget_bytes: override of the byte budget; default from the catalogue
+            (``memoryBudgetBytes``, else ``gpuMemoryUtilization`` x device memory).
+        device: where models run (default CUDA when available, else CPU).
+
+    Attributes:
+        budget_bytes: bytes of weights + KV pools allowed on the device at once.
+        warm: the host-memory tier of evicted weights.
+        events: completed loads/evictions (:class:`LoadEvent`), oldest first.
+    """
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        *,
+        loader: ModelLoader | None = None,
+        budget_bytes: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.catalogue = catalogue
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.loader: ModelLoader = loader or DefaultModelLoader(catalogue, self.device)
+        self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
+            catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device
+        )
+        self.max_loaded_models = catalogue.max_loaded_models
+        self.warm = WarmTier(catalogue.warm_cache_bytes)
+        self.events: list[LoadEvent] = []
+        now = int(time.time())
+        self._entries = {m.name: _Entry(m, now, max_model_len=m.max_model_len) for m in catalogue.models}
+        self._changed: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ ModelProvider
+    def list_models(self) -> list[ModelInfo]:
+        """Every catalogue entry in catalogue order; ``bytes`` is the device bytes held while loaded."""
+        return [self._info(e) for e in self._entries.values()]
+
+    @asynccontextmanager
+    async def acquire(self, name: str) -> AsyncIterator[LoadedModel]:
+        """Load ``name`` if needed and hold it (never evicted) until the context exits.
+
+        Yields:
+            the :class:`LoadedModel` (``engine`` for generate models, ``embedder`` for embed models).
+
+        Raises:
+            ModelNotFoundError: not in the catalogue.
+            ModelUnavailableError: the model is Failed (message has the reason), memory could not be
+                freed within ``acquireTimeoutSeconds`` (message names the busy models), the load took
+                longer than ``loadTimeoutSeconds``, or the registry is shutting down.
+        """
+        entry = self._get(name)
+        entry.waiting += 1
+        try:
+            handle = await self._ensure_loaded(entry, retry_failed=False)
+            entry.active += 1  # no await since the check above: it cannot have been evicted
+        finally:
+            entry.waiting -= 1
+        entry.last_used = time.monotonic()
+        try:
+            yield handle
+        finally:
+            entry.active -= 1
+            entry.last_used = time.monotonic()
+            self._notify()
+
+    def is_ready(self) -> bool:
+        """True once every preloaded model is loaded."""
+        return all(e.state is ModelState.LOADED for e in self._entries.values() if e.spec.preload)
+
+    async def start(self) -> None:
+        """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise."""
+        preload = [e for e in self._entries.values() if e.spec.preload]
+        results = await asyncio.gather(
+            *(self._ensure_loaded(e, retry_failed=True) for e in preload), return_exceptions=True
+        )
+        for e, r in zip(preload, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error("preloading %s failed: %s", e.name, r)
+
+    async def shutdown(self) -> None:
+        """Stop accepting loads, wait for loads in flight, close every model and drop the warm tier."""
+        self._closing = True
+        self._notify()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for e in self._entries.values():
+            if e.handle is not None:
+                handle, e.handle = e.handle, None
+                try:
+                    await handle.close()
+                except Exception:  # noqa: BLE001 - shutting down regardless
+                    log.exception("closing %s failed", e.name)
+                del handle
+            e.state, e.reserved = ModelState.UNLOADED, 0
+            metrics.MODEL_LOADED_BYTES.labels(model=e.name).set(0)
+        self.warm.clear()
+        self._free_device_memory()
+
+    async def load(self, name: str) -> ModelInfo:
+        """Load ``name`` now (admin API), retrying it if it had Failed; same errors as :meth:`acquire`."""
+        entry = self._get(name)
+        entry.waiting += 1
+        try:
+            await self._ensure_loaded(entry, retry_failed=True)
+        finally:
+            entry.waiting -= 1
+        entry.last_used = time.monotonic()
+        self._notify()
+        return self._info(entry)
+
+    async def unload(self, name: str) -> ModelInfo:
+        """Unload an idle model (admin API); a Failed model is reset to unloaded (so it can be retried).
+
+        Raises:
+            ModelNotFoundError: unknown name.
+            ModelUnavailableError: the model is preloaded, loading, or busy (requests hold or await it).
+        """
+        entry = self._get(name)
+        if entry.spec.preload:
+            raise ModelUnavailableError(f"model {name!r} is preloaded and is never unloaded")
+        if not entry.idle:
+            raise ModelUnavailableError(
+                f"model {name!r} is busy ({entry.active} running, {entry.waiting} waiting requests)",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+        if entry.state is ModelState.LOADING:
+            raise ModelUnavailableError(f"model {name!r} is loading", retry_after=RETRY_AFTER_SECONDS)
+        if entry.state is ModelState.FAILED:
+            entry.state, entry.message = ModelState.UNLOADED, ""
+        elif entry.state is ModelState.LOADED:
+            self._start_unload(entry, action="unload")
+        if entry.evicting is not None:
+            await asyncio.shield(entry.evicting)
+        return self._info(entry)
+
+    # ------------------------------------------------------------------ introspection
+    def used_bytes(self) -> int:
+        """Bytes of the budget reserved now (loaded, loading and still-evicting models)."""
+        return sum(e.reserved for e in self._entries.values())
+
+    def in_use(self, name: str) -> tuple[int, int]:
+        """(requests holding, requests waiting for) model ``name``."""
+        e = self._get(name)
+        return e.active, e.waiting
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"The model '{name}' does not exist")
+        return entry
+
+    def _info(self, e: _Entry) -> ModelInfo:
+        return ModelInfo(
+            name=e.name, kind=e.spec.kind, state=e.state,
+            bytes=e.reserved if e.state is ModelState.LOADED else 0,
+            message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
+        )
+
+    def _notify(self) -> None:
+        """Wake everything waiting for memory or a state change."""
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _ensure_loaded(self, entry: _Entry, *, retry_failed: bool) -> LoadedModel:
+        """Return the loaded model, starting its load if nobody has; waits at most ``loadTimeoutSeconds``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.catalogue.load_timeout_seconds
+        while True:
+            if self._closing:
+                raise ModelUnavailableError("the server is shutting down")
+            if entry.state is ModelState.LOADED:
+                assert entry.handle is not None
+                return entry.handle
+            if entry.state is ModelState.FAILED:
+                if not retry_failed:
+                    raise ModelUnavailableError(f"model {entry.name!r} failed to load: {entry.message}")
+                entry.state, entry.message = ModelState.UNLOADED, ""
+            retry_failed = False
+            if entry.state is ModelState.UNLOADED:
+                self._begin_load(entry)
+            assert entry.load_future is not None
+            remaining = deadline - loop.time()
+            try:
+                await asyncio.wait_for(asyncio.shield(entry.load_future), max(remaining, 0))
+            except asyncio.TimeoutError:
+                raise ModelUnavailableError(
+                    f"model {entry.name!r} is still loading after {self.catalogue.load_timeout_seconds:g} s",
+                    retry_after=RETRY_AFTER_SECONDS,
+                ) from None
+
+    def _begin_load(self, entry: _Entry) -> None:
+        """Mark ``entry`` Loading and start its single load task (synchronously: no await in between)."""
+        entry.state = ModelState.LOADING
+        entry.message = ""
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even with no waiter
+        entry.load_future = fut
+        self._spawn(self._load(entry, fut))
+
+    async def _load(self, entry: _Entry, fut: asyncio.Future) -> None:
+        name = entry.name
+        try:
+            if entry.evicting is not None:  # a previous unload of this model is still releasing memory
+                await asyncio.shield(entry.evicting)
+            plan = await asyncio.to_thread(self.loader.plan, entry.spec)
+            if plan.total_bytes > self.budget_bytes:
+                raise MemoryError(
+                    f"needs {plan.total_bytes} bytes (weights {plan.weights_bytes} + KV pool "
+                    f"{plan.kv_cache_bytes}), more than the whole memory budget of {self.budget_bytes} bytes"
+                )
+            warm = self.warm.pop(name)  # taken before evicting, so evictions cannot push it out of the tier
+            try:
+                await self._reserve(entry, plan.total_bytes)
+            except BaseException:
+                if warm is not None:
+                    self.warm.put(name, warm)
+                raise
+            t0 = time.perf_counter()
+            handle = await asyncio.to_thread(self.loader.load, entry.spec, plan, warm)
+            seconds = time.perf_counter() - t0
+            del warm
+        except ModelUnavailableError as exc:  # no memory in time, or shutting down: not the model's fault
+            entry.state, entry.reserved = ModelState.UNLOADED, 0
+            fut.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - any load failure marks only this model Failed
+            entry.state, entry.reserved = ModelState.FAILED, 0
+            entry.message = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+            log.error("loading %s failed: %s", name, entry.message)
+            self._free_device_memory()
+            fut.set_exception(ModelUnavailableError(f"model {name!r} failed to load: {entry.message}"))
+        else:
+            entry.handle, entry.reserved = handle, handle.memory_bytes
+            entry.max_model_len = handle.max_model_len
+            entry.state, entry.last_used = ModelState.LOADED, time.monotonic()
+            metrics.MODEL_LOADS.labels(model=name).inc()
+            metrics.MODEL_LOAD_SECONDS.labels(model=name).observe(seconds)
+            metrics.MODEL_LOADED_BYTES.labels(model=name).set(handle.memory_bytes)
+            self.events.append(LoadEvent(name, "warm_load" if handle.warm else "cold_load", seconds,
+                                         handle.memory_bytes))
+            log.info("loaded %s (%s, %d bytes) in %.3f s", name, "warm" if handle.warm else "cold",
+                     handle.memory_bytes, seconds)
+            fut.set_result(None)
+        finally:
+            self._notify()
+
+    def _fits(self, need: int, used: int, slots: int) -> bool:
+        if used + need > self.budget_bytes:
+            return False
+        return self.max_loaded_models is None or slots + 1 <= self.max_loaded_models
+
+    async def _reserve(self, entry: _Entry, need: int) -> None:
+        """Reserve ``need`` bytes and a model slot for ``entry``, evicting idle models LRU-first.
+
+        Raises:
+            ModelUnavailableError: nothing more can be evicted within ``acquireTimeoutSeconds``
+                (the message names the models that hold the memory), or shutdown began.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.catalogue.acquire_timeout_seconds
+        while True:
+            if self._closing:
+                raise ModelUnavailableError("the server is shutting down")
+            others = [e for e in self._entries.values() if e is not entry]
+            used = sum(e.reserved for e in others)
+            slots = sum(1 for e in others if e.holds_slot)
+            if self._fits(need, used, slots):
+                entry.reserved = need
+                return
+            leaving = [e for e in others if e.evicting is not None]
+            used -= sum(e.reserved for e in leaving)
+            slots -= len(leaving)
+            candidates = sorted(
+                (e for e in others if e.state is ModelState.LOADED and e.evicting is None
+                 and not e.spec.preload and e.idle),
+                key=lambda e: e.last_used,
+            )
+            victims = []
+            for cand in candidates:
+                if self._fits(need, used, slots):
+                    break
+                victims.append(cand)
+                used -= cand.reserved
+                slots -= 1
+            if self._fits(need, used, slots):
+                for v in victims:
+                    self._start_unload(v, action="evict")
+                pending = [e.evicting for e in leaving + victims if e.evicting is not None]
+                if pending:
+                    await asyncio.wait([asyncio.shield(p) for p in pending])
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ModelUnavailableError(self._no_memory_message(entry, need), retry_after=RETRY_AFTER_SECONDS)
+            await self._wait_change(remaining)
+
+    def _no_memory_message(self, entry: _Entry, need: int) -> str:
+        holders = []
+        for e in self._entries.values():
+            if e is entry or not e.holds_slot:
+                continue
+            why = ("preloaded" if e.spec.preload else "loading" if e.state is ModelState.LOADING
+                   else f"{e.active} running, {e.waiting} waiting requests")
+            holders.append(f"{e.name} ({why}, {e.reserved} bytes)")
+        limit = f", maxLoadedModels {self.max_loaded_models}" if self.max_loaded_models else ""
+        return (
+            f"no memory for model {entry.name!r} within {self.catalogue.acquire_timeout_seconds:g} s: it needs "
+            f"{need} bytes, {self.used_bytes()} of {self.budget_bytes} are in use{limit}; busy models: "
+            + ("; ".join(holders) or "none")
+        )
+
+    def _start_unload(self, entry: _Entry, *, action: str) -> None:
+        """Take ``entry`` out of service now and release its memory in a task (``entry.evicting`` completes then)."""
+        handle, entry.handle = entry.handle, None
+        entry.state = ModelState.UNLOADED
+        fut = asyncio.get_running_loop().create_future()
+        entry.evicting = fut
+        assert handle is not None
+        self._spawn(self._unload(entry, handle, fut, action))
+
+    async def _unload(self, entry: _Entry, handle: LoadedModel, fut: asyncio.Future, action: str) -> None:
+        name, freed = entry.name, entry.reserved
+        t0 = time.perf_counter()
+        try:
+            if handle.offload is not None and self.warm.accepts(handle.memory_bytes):
+                snapshot = await handle.offload()
+                dropped = self.warm.put(name, snapshot)
+                if dropped:
+                    log.info("warm tier dropped %s", ", ".join(dropped))
+                del snapshot
+            await handle.close()
+        except Exception:  # noqa: BLE001 - the memory accounting is released regardless
+            log.exception("unloading %s failed", name)
+        finally:
+            del handle
+            self._free_device_memory()
+            seconds = time.perf_counter() - t0
+            entry.reserved = 0
+            entry.evicting = None
+            metrics.MODEL_LOADED_BYTES.labels(model=name).set(0)
+            if action == "evict":
+                metrics.MODEL_EVICTIONS.labels(model=name).inc()
+            self.events.append(LoadEvent(name, action, seconds, freed))
+            log.info("%s %s (%d bytes) in %.3f s", "evicted" if action == "evict" else "unloaded", name, freed, seconds)
+            fut.set_result(None)
+            self._notify()
+
+    def _free_device_memory(self) -> None:
+        """Collect dropped tensors and return cached CUDA blocks to the driver."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

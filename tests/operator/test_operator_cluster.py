@@ -1,0 +1,434 @@
+"""The operator against the real control plane (tests/cluster): kubectl in, children and status out.
+
+The operator runs as a local process (``kubeinfer-operator -n NAMESPACE``) with the credentials
+of the ServiceAccount from deploy/operator/rbac.yaml, so every test here also proves that the
+least-privilege RBAC is enough. kwok plays the kubelets: it marks scheduled pods Running and Ready.
+Tests run in file order and share one InferenceService lifecycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.operator.conftest import CRD_PATH, EXAMPLES, REPO, load_yaml_docs
+
+pytestmark = pytest.mark.cluster
+
+NS = "kubeinfer-e2e"
+CRD_NAME = "inferenceservices.serving.kubeinfer.io"
+FIRST = EXAMPLES[0]
+TRANSCRIPT = REPO / "tests" / ".artifacts" / "operator-transcript.txt"
+SERVING_IMAGE = "registry.local/kubeinfer-serving:e2e"
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, interval: float = 0.5) -> Any:
+    """Poll ``probe`` until it returns a truthy value; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Operator:
+    """A ``kubeinfer-operator`` process with its log in a file."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log_path = self.log_dir / f"operator-{self.starts}.log"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE}
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", NS, "-v",
+             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+            env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def live() -> bool:
+            assert self.proc.poll() is None, f"operator exited:\n{self.log()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for("the operator's liveness endpoint", live, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def k(cluster):
+    """kubectl with JSON helpers, bound to the test namespace."""
+
+    class K:
+        def run(self, *args: str, check: bool = True, input: str | None = None):
+            return cluster.kubectl(*args, check=check, input=input)
+
+        def json(self, *args: str) -> dict | None:
+            res = cluster.kubectl("-n", NS, "get", *args, "-o", "json", "--show-managed-fields", check=False)
+            return json.loads(res.stdout) if res.returncode == 0 else None
+
+        def apply(self, manifest: str | dict, check: bool = True):
+            text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+            return cluster.kubectl("-n", NS, "apply", "-f", "-", input=text, check=check)
+
+    return K()
+
+
+def _sa_kubeconfig(cluster, token: str, path: Path) -> Path:
+    cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cfg["users"] = [{"name": "kubeinfer-operator", "user": {"token": token}}]
+    for ctx in cfg["contexts"]:
+        ctx["context"]["user"] = "kubeinfer-operator"
+        ctx["context"]["namespace"] = NS
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, k) -> Iterator[Operator]:
+    """CRD + RBAC installed, namespace created, operator running as its ServiceAccount."""
+    k.run("apply", "--server-side", "-f", str(CRD_PATH))
+    k.run("wait", "--for", "condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    k.run("apply", "-f", str(REPO / "deploy" / "operator" / "namespace.yaml"),
+          "-f", str(REPO / "deploy" / "operator" / "rbac.yaml"))
+    k.run("create", "namespace", NS, check=False)
+    token = k.run("-n", "kubeinfer-system", "create", "token", "kubeinfer-operator", "--duration=2h").stdout.strip()
+    workdir = Path(tempfile.mkdtemp(prefix="kubeinfer-operator-"))
+    op = Operator(_sa_kubeconfig(cluster, token, workdir / "kubeconfig"), workdir)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        artifacts = REPO / "tests" / ".artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        for log in sorted(workdir.glob("operator-*.log")):
+            (artifacts / log.name).write_text(log.read_text())
+
+
+def condition(isvc: dict | None, ctype: str) -> dict:
+    for c in ((isvc or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == ctype:
+            return c
+    return {}
+
+
+def first_example() -> dict:
+    (doc,) = [d for d in load_yaml_docs(FIRST) if d["kind"] == "InferenceService"]
+    return doc
+
+
+def children_of(k, name: str) -> dict[str, dict | None]:
+    return {
+        "configmap": k.json("configmap", f"{name}-models"),
+        "service": k.json("service", name),
+        "deployment": k.json("deployment", name),
+        "hpa": k.json("hpa", name),
+    }
+
+
+def _create_raw(cluster, body: dict) -> tuple[int, str]:
+    """POST an InferenceService with the kubernetes client; returns (HTTP status, message)."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    try:
+        api.create_namespaced_custom_object("serving.kubeinfer.io", "v1alpha1", NS, "inferenceservices", body)
+    except ApiException as err:
+        return err.status, json.loads(err.body)["message"]
+    return 201, ""
+
+
+MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "message"),
+    [
+        ("min-over-max", {"models": [MODEL], "scaling": {"minReplicas": 3, "maxReplicas": 2}},
+         "scaling.minReplicas must be less than or equal to scaling.maxReplicas"),
+        ("duplicate-names", {"models": [MODEL, MODEL]}, "spec.models names must be unique"),
+        ("bad-scheme", {"models": [{**MODEL, "source": "s3://bucket/model"}]},
+         "source must be pvc://CLAIM/PATH, file:///ABSOLUTE/PATH or hf://ORG/NAME"),
+        ("no-models", {"models": []}, "spec.models must list at least one model"),
+        ("bad-model-name", {"models": [{**MODEL, "name": "Llama_3"}]}, "model name must be a DNS-1123 label"),
+    ],
+)
+def test_schema_rejects_invalid_specs_with_a_readable_message(cluster, operator, k, name, spec, message):
+    body = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name}, "spec": spec}
+    status, text = _create_raw(cluster, body)
+    assert status == 422
+    assert message in text
+    res = k.apply(body, check=False)
+    assert res.returncode != 0 and message in res.stderr
+    assert k.json("isvc", name) is None
+
+
+def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
+    isvc = first_example()
+    name = isvc["metadata"]["name"]
+    k.run("-n", NS, "apply", "-f", str(FIRST))
+    kids = wait_for("all four children", lambda: (c := children_of(k, name)) and all(c.values()) and c)
+
+    uid = k.json("isvc", name)["metadata"]["uid"]
+    for obj in kids.values():
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("InferenceService", name, uid, True)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubeinfer-operator"
+
+    catalogue = yaml.safe_load(kids["configmap"]["data"]["models.yaml"])
+    assert [m["name"] for m in catalogue["models"]] == [m["name"] for m in isvc["spec"]["models"]]
+
+    dep = kids["deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == SERVING_IMAGE
+    assert c["command"] == ["kubeinfer-serve"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    ours = [m for m in dep["metadata"]["managedFields"] if m["manager"] == "kubeinfer-operator"]
+    assert ours and all(m["operation"] == "Apply" for m in ours)
+    assert all("f:replicas" not in m["fieldsV1"].get("f:spec", {}) for m in ours)  # the HPA owns replicas
+
+    svc = kids["service"]["spec"]
+    assert svc["ports"][0]["port"] == 80 and svc["ports"][0]["name"] == "http"
+    assert svc["ports"][0]["targetPort"] == "http"
+    hpa = kids["hpa"]["spec"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "kubeinfer_queue_length"
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 1)
+
+    def ready():
+        obj = k.json("isvc", name)
+        return condition(obj, "Ready").get("status") == "True" and obj
+
+    obj = wait_for("Ready=True", ready, timeout=120)
+    cond = condition(obj, "Ready")
+    assert cond["reason"] == "Available"
+    gen = obj["metadata"]["generation"]
+    assert obj["status"]["observedGeneration"] == gen
+    assert all(c["observedGeneration"] == gen for c in obj["status"]["conditions"])
+    assert obj["status"]["url"] == f"http://{name}.{NS}.svc.cluster.local"
+    assert obj["status"]["replicaSummary"] == "1/1"
+    assert [m["state"] for m in obj["status"]["models"]] == ["Loaded"]  # preloaded + a ready pod
+
+    table = k.run("-n", NS, "get", "isvc").stdout
+    header, row = table.splitlines()[0], next(line for line in table.splitlines() if line.startswith(name))
+    assert header.split() == ["NAME", "URL", "READY", "REASON", "REPLICAS", "MODELS", "AGE"]
+    assert row.split()[1:6] == [obj["status"]["url"], "True", "Available", "1/1", "tiny-llama"]
+
+    events = k.run("-n", NS, "get", "events", "--field-selector", f"involvedObject.name={name}",
+                   "-o", "json").stdout
+    reasons = {e["reason"] for e in json.loads(events)["items"]}
+    assert "Created" in reasons
+
+    TRANSCRIPT.parent.mkdir(parents=True, exist_ok=True)
+    children_table = k.run("-n", NS, "get", "deploy,svc,hpa").stdout
+    TRANSCRIPT.write_text(
+        f"$ kubectl apply -f deploy/examples/{FIRST.name}\n"
+        f"inferenceservice.serving.kubeinfer.io/{name} created\n"
+        f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa\n{children_table}"
+    )
+
+
+def test_spec_update_rolls_deployment_and_updates_hpa(operator, k):
+    name = first_example()["metadata"]["name"]
+    before = children_of(k, name)
+    old_gen = k.json("isvc", name)["metadata"]["generation"]
+    models = first_example()["spec"]["models"] + [{"name": "minilm", "source": "hf://sentence-transformers/all-MiniLM-L6-v2",
+                                                   "kind": "embed"}]
+    patch = {"spec": {"models": models, "scaling": {"maxReplicas": 3}}}
+    k.run("-n", NS, "patch", "isvc", name, "--type", "merge", "-p", json.dumps(patch))
+
+    def observed():
+        obj = k.json("isvc", name)
+        return obj["metadata"]["generation"] > old_gen and obj["status"]["observedGeneration"] == obj["metadata"]["generation"] and obj
+
+    obj = wait_for("observedGeneration to follow", observed)
+    after = children_of(k, name)
+    assert "minilm" in after["configmap"]["data"]["models.yaml"]
+    key = "serving.kubeinfer.io/config-hash"
+    assert (after["deployment"]["spec"]["template"]["metadata"]["annotations"][key]
+            != before["deployment"]["spec"]["template"]["metadata"]["annotations"][key])
+    assert after["deployment"]["metadata"]["generation"] > before["deployment"]["metadata"]["generation"]
+    assert after["hpa"]["spec"]["maxReplicas"] == 3
+    assert obj["status"]["modelNames"] == "tiny-llama,minilm"
+
+    # Now 1..3 replicas needs the queue-length metric, which this cluster has no adapter for:
+    # Ready must say so instead of claiming readiness.
+    def honest():
+        o = k.json("isvc", name)
+        return condition(o, "AutoscalerReady").get("status") == "False" and o
+
+    o = wait_for("AutoscalerReady=False without a metrics adapter", honest, timeout=60)
+    assert condition(o, "Ready")["status"] == "False"
+    assert condition(o, "Ready")["reason"] == condition(o, "AutoscalerReady")["reason"]
+    assert "kubeinfer_queue_length" in condition(o, "Ready")["message"]
+    assert condition(o, "DeploymentAvailable")["status"] == "True"
+
+
+def test_deleted_or_edited_children_are_put_back(operator, k):
+    name = first_example()["metadata"]["name"]
+    old = children_of(k, name)
+    k.run("-n", NS, "delete", "service", name, "--wait=true")
+    k.run("-n", NS, "delete", "configmap", f"{name}-models", "--wait=true")
+    k.run("-n", NS, "patch", "hpa", name, "--type", "merge", "-p", '{"spec":{"maxReplicas":7}}')
+
+    def restored():
+        c = children_of(k, name)
+        return (
+            c["service"] and c["service"]["metadata"]["uid"] != old["service"]["metadata"]["uid"]
+            and c["configmap"] and c["configmap"]["metadata"]["uid"] != old["configmap"]["metadata"]["uid"]
+            and c["hpa"]["spec"]["maxReplicas"] == 3
+        ) and c
+
+    c = wait_for("the deleted Service and ConfigMap back and the HPA edit reverted", restored, timeout=60)
+    assert c["service"]["spec"]["ports"][0]["port"] == 80
+    assert "minilm" in c["configmap"]["data"]["models.yaml"]
+
+    k.run("-n", NS, "delete", "deployment", name, "--wait=true")
+    wait_for("the deleted Deployment back", lambda: (d := k.json("deployment", name))
+             and d["metadata"]["uid"] != old["deployment"]["metadata"]["uid"], timeout=60)
+
+
+def test_invalid_spec_beyond_the_schema_is_reported_once(operator, k):
+    bad = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+           "metadata": {"name": "overcommitted"},
+           "spec": {"models": [MODEL], "resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}}
+    k.apply(bad)
+
+    def invalid():
+        o = k.json("isvc", "overcommitted")
+        return condition(o, "Ready").get("reason") == "InvalidSpec" and o
+
+    obj = wait_for("Ready=False/InvalidSpec", invalid)
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False"
+    assert "requests[cpu] (2) exceeds limits[cpu] (1)" in ready["message"]
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    assert children_of(k, "overcommitted")["deployment"] is None
+
+    def invalid_events():
+        out = k.run("-n", NS, "get", "events", "--field-selector",
+                    "involvedObject.name=overcommitted,reason=InvalidSpec", "-o", "json").stdout
+        return json.loads(out)["items"]
+
+    wait_for("an InvalidSpec event", invalid_events)
+    rv = obj["metadata"]["resourceVersion"]
+    time.sleep(8)  # no retry storm: nothing rewrites the object or posts more events meanwhile
+    assert k.json("isvc", "overcommitted")["metadata"]["resourceVersion"] == rv
+    assert len(invalid_events()) == 1
+    assert operator.proc.poll() is None
+
+    k.run("-n", NS, "patch", "isvc", "overcommitted", "--type", "merge",
+          "-p", '{"spec":{"resources":{"requests":{"cpu":"1"}}}}')
+    wait_for("children once the spec is fixed", lambda: children_of(k, "overcommitted")["deployment"])
+
+
+def test_operator_restart_makes_no_duplicates_and_no_rollout(operator, k):
+    name = first_example()["metadata"]["name"]
+    wait_for("the Deployment rollout to settle", lambda: (d := k.json("deployment", name))
+             and d["status"].get("observedGeneration") == d["metadata"]["generation"])
+    before = children_of(k, name)
+    rs_before = k.json("replicasets", "-l", f"serving.kubeinfer.io/inferenceservice={name}")["items"]
+    operator.stop()
+    operator.start()
+    wait_for("the restarted operator to resume the isvc", lambda: f"{NS}/{name} (resume)" in operator.log())
+    time.sleep(3)
+    after = children_of(k, name)
+    assert after["deployment"]["metadata"]["generation"] == before["deployment"]["metadata"]["generation"]
+    assert after["configmap"]["metadata"]["resourceVersion"] == before["configmap"]["metadata"]["resourceVersion"]
+    assert after["service"]["metadata"]["resourceVersion"] == before["service"]["metadata"]["resourceVersion"]
+    rs_after = k.json("replicasets", "-l", f"serving.kubeinfer.io/inferenceservice={name}")["items"]
+    assert sorted(r["metadata"]["name"] for r in rs_after) == sorted(r["metadata"]["name"] for r in rs_before)
+    sel = f"serving.kubeinfer.io/inferenceservice={name}"
+    for kind in ("deployments", "services", "configmaps", "hpa"):
+        assert len(k.json(kind, "-l", sel)["items"]) == 1, kind
+
+
+def test_deleting_the_isvc_garbage_collects_children(operator, k):
+    name = first_example()["metadata"]["name"]
+    k.run("-n", NS, "delete", "isvc", name, "overcommitted", "--wait=true")
+    sel = "app.kubernetes.io/managed-by=kubeinfer-operator"
+    wait_for("children garbage-collected", lambda: all(
+        not k.json(kind, "-l", sel)["items"] for kind in ("deployments", "services", "configmaps", "hpa")
+    ), timeout=90)
+
+
+def test_every_example_is_accepted_and_rendered(operator, k):
+    for path in EXAMPLES:
+        for doc in load_yaml_docs(path):
+            name = doc["metadata"]["name"]
+            k.run("-n", NS, "apply", "-f", str(path))
+            kids = wait_for(f"children of {path.name}", lambda n=name: (c := children_of(k, n)) and all(c.values()) and c)
+            assert kids["hpa"]["spec"]["maxReplicas"] == doc["spec"].get("scaling", {}).get("maxReplicas", 1)
+            k.run("-n", NS, "delete", "isvc", name, "--wait=true")
+
+
+def test_helm_chart_templates_and_installs(cluster, k):
+    chart = str(REPO / "deploy" / "helm" / "kubeinfer")
+    cluster.helm("lint", chart)
+    rendered = cluster.helm("template", "kubeinfer", chart, "--include-crds", "--namespace", "kubeinfer-helm",
+                            "--set", "metricsAdapter.rulesConfigMap.enabled=true").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert crds == [yaml.safe_load(CRD_PATH.read_text())]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                            "Deployment", "ConfigMap"])
+    plain_rules = next(d for d in load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml")
+                       if d["kind"] == "ClusterRole")["rules"]
+    assert next(d for d in docs if d["kind"] == "ClusterRole")["rules"] == plain_rules
+    bad = cluster.helm("template", "kubeinfer", chart, "--set", "image.pullPolicy=Sometimes", check=False)
+    assert bad.returncode != 0 and "pullPolicy" in bad.stderr  # values.schema.json is enforced
+
+    cluster.helm("install", "kubeinfer", chart, "--namespace", "kubeinfer-helm", "--create-namespace",
+                 "--set", "watchNamespaces={team-a}")
+    try:
+        dep = json.loads(k.run("-n", "kubeinfer-helm", "get", "deployment", "kubeinfer-kubeinfer-operator",
+                               "-o", "json").stdout)
+        assert "--namespace=team-a" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        k.run("get", "crd", CRD_NAME)
+    finally:
+        cluster.helm("uninstall", "kubeinfer", "--namespace", "kubeinfer-helm")

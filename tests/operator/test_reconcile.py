@@ -1,0 +1,143 @@
+"""reconcile.py against an in-memory API (plain dicts): events, InvalidSpec handling, idempotence.
+
+The real API server behaviour (server-side apply, garbage collection, CEL) is covered by
+test_operator_cluster.py; here only the reconciler's own decisions are checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+from kubeinfer_operator.config import OperatorConfig
+from kubeinfer_operator.kube import KubeError
+from kubeinfer_operator.reconcile import Reconciler
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+class MemoryKube:
+    """Stores objects by (kind, namespace, name); apply replaces content and bumps resourceVersion
+    only when the content changed, as server-side apply of identical content does."""
+
+    def __init__(self, isvc):
+        self.objects = {("InferenceService", "ns", isvc["metadata"]["name"]): isvc}
+        self.version = 100
+        self.reject: dict[str, KubeError] = {}
+        self.status_patches = 0
+
+    def get(self, api_version, kind, namespace, name):
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def apply(self, obj):
+        if obj["kind"] in self.reject:
+            raise self.reject[obj["kind"]]
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        old = self.objects.get(key)
+        content = copy.deepcopy(dict(obj))
+        if old is not None:
+            same = {k: v for k, v in old.items() if k != "status"}
+            same["metadata"] = {k: v for k, v in old["metadata"].items() if k != "resourceVersion"}
+            if same == content:
+                return copy.deepcopy(old)
+        self.version += 1
+        content["metadata"]["resourceVersion"] = str(self.version)
+        self.objects[key] = content
+        return copy.deepcopy(content)
+
+    def patch_isvc_status(self, namespace, name, status):
+        self.status_patches += 1
+        self.objects[("InferenceService", namespace, name)]["status"] = copy.deepcopy(dict(status))
+        return self.objects[("InferenceService", namespace, name)]
+
+
+def isvc(spec):
+    return {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "svc", "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": spec}
+
+
+GOOD = {"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}]}
+
+
+def make(spec):
+    kube = MemoryKube(isvc(spec))
+    events: list[tuple[str, str, str]] = []
+    rec = Reconciler(kube, OperatorConfig(), lambda obj, t, r, m: events.append((t, r, m)), clock=lambda: NOW)
+    return kube, rec, events
+
+
+def test_first_reconcile_creates_children_and_says_so():
+    kube, rec, events = make(GOOD)
+    out = rec.reconcile("ns", "svc")
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", "HorizontalPodAutoscaler/svc"]
+    assert [(t, r) for t, r, _ in events] == [("Normal", "Created")] * 4
+    status = kube.objects[("InferenceService", "ns", "svc")]["status"]
+    assert status["observedGeneration"] == 2
+    assert status["url"] == "http://svc.ns.svc.cluster.local"
+
+
+def test_second_reconcile_is_silent():
+    kube, rec, events = make(GOOD)
+    rec.reconcile("ns", "svc")
+    n_events, n_patches = len(events), kube.status_patches
+    out = rec.reconcile("ns", "svc")
+    assert (out.created, out.updated, out.status_written) == ([], [], False)
+    assert (len(events), kube.status_patches) == (n_events, n_patches)
+
+
+def test_spec_change_updates_and_reports():
+    kube, rec, events = make(GOOD)
+    rec.reconcile("ns", "svc")
+    obj = kube.objects[("InferenceService", "ns", "svc")]
+    obj["spec"]["models"].append({"name": "more", "source": "hf://o/n"})
+    obj["metadata"]["generation"] = 3
+    out = rec.reconcile("ns", "svc")
+    assert out.updated == ["ConfigMap/svc-models", "Deployment/svc"]
+    assert obj["status"]["observedGeneration"] == 3
+
+
+def test_invalid_spec_one_event_no_children_no_exception():
+    bad = {"models": [{"name": "a", "source": "file:///x"}], "resources": {"requests": {"cpu": "2"},
+                                                                          "limits": {"cpu": "1"}}}
+    kube, rec, events = make(bad)
+    for _ in range(3):
+        out = rec.reconcile("ns", "svc")
+        assert out.invalid and "exceeds limits[cpu]" in out.invalid
+    assert [r for _, r, _ in events] == ["InvalidSpec"]
+    assert [k for k in kube.objects if k[0] != "InferenceService"] == []
+    ready = kube.objects[("InferenceService", "ns", "svc")]["status"]["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")
+
+
+def test_server_rejection_is_invalid_spec_not_a_retry():
+    kube, rec, events = make(GOOD)
+    kube.reject["Deployment"] = KubeError(422, "Unprocessable Entity", 'Deployment.apps "svc" is invalid: bad toleration')
+    out = rec.reconcile("ns", "svc")
+    assert out.invalid.startswith("the API server rejected Deployment svc")
+    assert events[-1][1] == "InvalidSpec"
+
+
+def test_transient_failure_propagates_for_retry():
+    kube, rec, events = make(GOOD)
+    kube.reject["Service"] = KubeError(503, "Service Unavailable", "etcd timeout")
+    for _ in range(3):
+        with pytest.raises(KubeError):
+            rec.reconcile("ns", "svc")
+    assert [r for _, r, _ in events if r == "ApplyFailed"] == ["ApplyFailed"]  # one Event per outage
+    del kube.reject["Service"]
+    rec.reconcile("ns", "svc")
+    kube.reject["Service"] = KubeError(503, "Service Unavailable", "etcd timeout")
+    kube.objects.pop(("Service", "ns", "svc"))
+    with pytest.raises(KubeError):
+        rec.reconcile("ns", "svc")
+    assert [r for _, r, _ in events if r == "ApplyFailed"] == ["ApplyFailed"] * 2  # a new outage is reported
+
+
+def test_deleted_or_deleting_isvc_is_left_alone():
+    kube, rec, events = make(GOOD)
+    kube.objects[("InferenceService", "ns", "svc")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert rec.reconcile("ns", "svc").found is False
+    assert rec.reconcile("ns", "other").found is False
+    assert events == []
