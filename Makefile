@@ -22,6 +22,7 @@ help:
 	@echo "make lint     ruff over the Python packages and tests"
 	@echo "make model    write the built-in tiny model to .models/"
 	@echo "make bench    run the serving benchmark against baselines"
+	@echo "make cluster  start the test control plane (.cluster/kubeconfig); make cluster-down stops it"
 
 $(STAMP): requirements.lock pyproject.toml
 	@mkdir -p $(KUBEINFER_CACHE)
@@ -42,7 +43,7 @@ serve: install
 model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
-test: install
+test: install cluster-bin
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -53,3 +54,5 @@ bench: install
 
 clean:
 	rm -rf .models .pytest_cache .ruff_cache build *.egg-info
+
+include mk/cluster.mk

@@ -22,3 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# The session-scoped real control plane (tests/cluster), shared by every test marked ``cluster``.
+from tests.cluster_fixture import cluster  # noqa: E402, F401

@@ -35,9 +35,10 @@ stop() {  # name: TERM the process group, wait up to 10 s, then KILL it
   fi
   rm -f "$f"
 }
-for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-  stop "$name"
-done
+# Clients of the API server first (in parallel), then the API server, then etcd.
+stop kwok & stop kube-scheduler & stop kube-controller-manager & wait
+stop kube-apiserver
+stop etcd
 if [[ "$KEEP" == 0 ]]; then
   rm -rf "$DIR"
 fi

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+import torch
+from kubeinfer_serving import metrics
 from kubeinfer_serving.engine.sampling import SamplingParams
 
 from tests.engine.conftest import Req, run_workload, tokens_of
@@ -43,8 +46,11 @@ def test_staggered_requests_match_hf_as_batch_changes(make_engine, workload, hf_
 def test_preemption_under_a_small_kv_pool_keeps_outputs_equal(make_engine, workload, hf_greedy):
     # 14 blocks x 16 tokens = 224 tokens of KV for 36 requests of up to 190 tokens each.
     engine = make_engine(max_num_seqs=8, max_num_batched_tokens=96, num_kv_blocks=14)
+    before = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model": "tiny-test"}) or 0
     outs = run_workload(engine, workload)
     assert engine.scheduler.num_preemptions > 0
+    after = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model": "tiny-test"})
+    assert after - before == engine.scheduler.num_preemptions
     _assert_matches_hf(outs, workload, hf_greedy)
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks == 14
@@ -56,6 +62,7 @@ def test_prefix_cache_hits_give_the_same_tokens(make_engine, hf_greedy):
     reqs = [Req(f"p{i}", shared + [rng.randrange(6, 8192) for _ in range(i + 1)], 12, 0) for i in range(4)]
     reqs.append(Req("same-as-p0", list(reqs[0].prompt), 12, 0))
     engine = make_engine(max_num_seqs=4, max_num_batched_tokens=256, num_kv_blocks=64)
+    hits_before = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model": "tiny-test"}) or 0
     outs = {}
     for r in reqs:  # one after another, so each finds its predecessors' blocks in the cache
         outs.update(run_workload(engine, [r]))
@@ -64,6 +71,8 @@ def test_prefix_cache_hits_give_the_same_tokens(make_engine, hf_greedy):
     # 70 shared tokens = 4 full blocks of 16 (64 tokens) reusable by the others.
     assert all(outs[f"p{i}"][-1].num_cached_tokens == 64 for i in range(1, 4))
     assert outs["same-as-p0"][-1].num_cached_tokens == 64  # (71 - 1) // 16 full blocks, last token recomputed
+    hits = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model": "tiny-test"})
+    assert hits - hits_before == 4 * 64
 
 
 def test_prefix_caching_off_gives_the_same_tokens(make_engine, workload, hf_greedy):
@@ -88,3 +97,22 @@ def test_long_prompt_is_prefilled_in_chunks_within_the_budget(make_engine, hf_gr
             chunk_sizes.append(seq_tokens - plan_tokens_before)
     assert chunk_sizes[:9] == [32] * 9 and chunk_sizes[9] == 12  # 300 = 9 x 32 + 12, then decode
     assert tokens_of(outs) == hf_greedy(prompt, 5)
+
+
+@pytest.mark.cuda
+def test_cuda_engine_matches_hf_in_float32_and_runs_in_bfloat16(make_engine, workload, tiny_dir):
+    from transformers import LlamaForCausalLM
+
+    reqs = workload[:10]
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    hf.generation_config.eos_token_id = None
+    engine = make_engine(device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=64)
+    outs = run_workload(engine, reqs)
+    for r in reqs:
+        ref = hf.generate(torch.tensor([r.prompt], device="cuda"), max_new_tokens=r.max_tokens, do_sample=False)
+        assert tokens_of(outs[r.request_id]) == ref[0, len(r.prompt):].tolist()
+    bf16 = make_engine(device="cuda", max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=64)
+    assert bf16.dtype == torch.bfloat16
+    outs = run_workload(bf16, reqs)
+    assert all(len(tokens_of(outs[r.request_id])) == r.max_tokens for r in reqs)
+    assert bf16.stats().num_free_blocks == 64

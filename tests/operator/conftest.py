@@ -1,7 +1,7 @@
 """Operator tests: pure renderer/status/schema tests, and ``cluster`` tests against the real API server.
 
-The session fixture ``cluster`` comes from ``tests/cluster_fixture.py``; it is imported here
-unless the top-level ``tests/conftest.py`` already provides it (one control plane per session).
+The session fixture ``cluster`` comes from ``tests/cluster_fixture.py`` through the top-level
+``tests/conftest.py`` (one control plane per session).
 """
 
 from __future__ import annotations
@@ -10,11 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-import tests.conftest as _root
-
-if not hasattr(_root, "cluster"):
-    from tests.cluster_fixture import cluster  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "deploy" / "crds" / "serving.kubeinfer.io_inferenceservices.yaml"

@@ -208,7 +208,7 @@ def test_schema_rejects_invalid_specs_with_a_readable_message(cluster, operator,
 def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
     isvc = first_example()
     name = isvc["metadata"]["name"]
-    k.run("-n", NS, "apply", "-f", str(FIRST))
+    applied = k.run("-n", NS, "apply", "-f", str(FIRST)).stdout
     kids = wait_for("all four children", lambda: (c := children_of(k, name)) and all(c.values()) and c)
 
     uid = k.json("isvc", name)["metadata"]["uid"]
@@ -246,6 +246,7 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
     obj = wait_for("Ready=True", ready, timeout=120)
     cond = condition(obj, "Ready")
     assert cond["reason"] == "Available"
+    assert not obj["metadata"].get("finalizers")  # deleting never waits for the operator
     gen = obj["metadata"]["generation"]
     assert obj["status"]["observedGeneration"] == gen
     assert all(c["observedGeneration"] == gen for c in obj["status"]["conditions"])
@@ -266,8 +267,7 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
     TRANSCRIPT.parent.mkdir(parents=True, exist_ok=True)
     children_table = k.run("-n", NS, "get", "deploy,svc,hpa").stdout
     TRANSCRIPT.write_text(
-        f"$ kubectl apply -f deploy/examples/{FIRST.name}\n"
-        f"inferenceservice.serving.kubeinfer.io/{name} created\n"
+        f"$ kubectl apply -f deploy/examples/{FIRST.name}\n{applied}"
         f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa\n{children_table}"
     )
 
@@ -355,7 +355,11 @@ def test_invalid_spec_beyond_the_schema_is_reported_once(operator, k):
         return json.loads(out)["items"]
 
     wait_for("an InvalidSpec event", invalid_events)
-    rv = obj["metadata"]["resourceVersion"]
+    # kopf records the handled spec in an annotation right after the handler; from then on, quiet.
+    handled = wait_for("kopf's last-handled annotation", lambda: (o := k.json("isvc", "overcommitted"))
+                       and "serving.kubeinfer.io/last-handled-configuration" in o["metadata"].get("annotations", {})
+                       and o)
+    rv = handled["metadata"]["resourceVersion"]
     time.sleep(8)  # no retry storm: nothing rewrites the object or posts more events meanwhile
     assert k.json("isvc", "overcommitted")["metadata"]["resourceVersion"] == rv
     assert len(invalid_events()) == 1

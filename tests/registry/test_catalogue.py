@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kubeinfer_serving.registry.catalogue import (
     MODELS_CONFIG_ENV,
     CatalogueError,

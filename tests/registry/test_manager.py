@@ -11,7 +11,6 @@ import asyncio
 import random
 
 import pytest
-
 from kubeinfer_serving import metrics
 from kubeinfer_serving.registry import Catalogue, ModelEntry, ModelRegistry
 from kubeinfer_serving.registry.protocol import (
@@ -20,6 +19,7 @@ from kubeinfer_serving.registry.protocol import (
     ModelState,
     ModelUnavailableError,
 )
+
 from tests.registry.fakes import FakeLoader, missing_files
 
 MiB = 1 << 20
