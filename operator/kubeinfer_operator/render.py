@@ -90,7 +90,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     """The serving pod's model catalogue as a dict (written as ``models.yaml``).
 
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
-    gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, pvcRoot, models: [{name, source,
+    gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, models: [{name, source,
     kind, preload, dtype, maxModelLen?}]}``. ``gpuMemoryUtilization`` is the fraction of device
     memory for weights + KV cache of all loaded models; ``pvcRoot`` is where pvc:// claims are
     mounted, so ``pvc://CLAIM/PATH`` reads ``/mnt/models/CLAIM/PATH``.
@@ -112,6 +112,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         "gpuMemoryUtilization": spec.runtime.gpu_memory_utilization,
         "maxNumSeqs": spec.runtime.max_num_seqs,
         "maxNumBatchedTokens": spec.runtime.max_num_batched_tokens,
+        "maxWaitingRequests": spec.runtime.max_waiting_requests,
         "pvcRoot": MODEL_STORE_ROOT,
         "models": models,
     }
@@ -139,7 +140,7 @@ def render_configmap(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
 
 def serving_args(config: OperatorConfig) -> list[str]:
     """``kubeinfer-serve`` command line (flags of serving/kubeinfer_serving/config.py); the engine
-    knobs (maxNumSeqs, maxNumBatchedTokens) travel in the catalogue."""
+    knobs (maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests) travel in the catalogue."""
     return [
         "kubeinfer-serve",
         "--host", "0.0.0.0",

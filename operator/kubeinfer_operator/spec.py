@@ -120,6 +120,7 @@ class RuntimeSpec(_Camel):
     gpu_memory_utilization: float = Field(default=0.9, alias="gpuMemoryUtilization", gt=0, le=1)
     max_num_seqs: int = Field(default=256, alias="maxNumSeqs", ge=1, le=65536)
     max_num_batched_tokens: int = Field(default=8192, alias="maxNumBatchedTokens", ge=1, le=1 << 20)
+    max_waiting_requests: int = Field(default=1024, alias="maxWaitingRequests", ge=1, le=1 << 20)
 
 
 class ScalingSpec(_Camel):

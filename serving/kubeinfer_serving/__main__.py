@@ -38,7 +38,6 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
 
 #: Flags that only single-model mode honours; with a catalogue they live in the catalogue file.
 _SINGLE_MODEL_ONLY = {
-    "max_waiting_requests": "the catalogue has no queue cap; the engine default (1024) applies",
     "max_model_len": "set maxModelLen per model in the catalogue",
     "dtype": "set dtype per model in the catalogue",
     "served_model_name": "it names the --model-dir model",
@@ -70,7 +69,7 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
             f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
-    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens")
+    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests")
                  if getattr(settings, k) is not None}
     if overrides:
         catalogue = catalogue.model_copy(update=overrides)

@@ -33,7 +33,7 @@ class ServerSettings(BaseModel):
             catalogue's ``maxNumSeqs``, else the engine default 256).
         max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
         max_waiting_requests: waiting-queue cap per engine; beyond it requests get 429
-            (single-model mode; None: the engine default 1024).
+            (None: the catalogue's ``maxWaitingRequests``, else the engine default 1024).
         max_model_len: context length cap in tokens (single-model mode; None: the model's own).
         device: "cuda", "cpu" or None (CUDA when available).
         dtype: weights dtype in single-model mode ("bfloat16", "float32", ...) or None (bf16 on
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="OpenAI model name for --model-dir (default: directory name)")
     p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
-    p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap; beyond it 429 (default 1024)")
+    p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap per engine; beyond it 429 (default: the catalogue's maxWaitingRequests, else 1024)")
     p.add_argument("--max-model-len", type=int, help="context length cap in tokens (default: the model's)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")

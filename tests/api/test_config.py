@@ -33,11 +33,13 @@ def test_invalid_values_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> N
 def test_no_model_flags_serve_the_default_catalogue_through_the_registry() -> None:
     from kubeinfer_serving.registry.manager import ModelRegistry
 
-    provider = build_provider(parse_settings(["--max-num-seqs", "4", "--device", "cpu"], env={}))
+    argv = ["--max-num-seqs", "4", "--max-waiting-requests", "3", "--device", "cpu"]
+    provider = build_provider(parse_settings(argv, env={}))
     assert isinstance(provider, ModelRegistry)
     assert [m.name for m in provider.list_models()] == ["tiny-llama", "all-minilm-l6-v2"]
     assert all(m.preload for m in provider.list_models())
     assert provider.catalogue.max_num_seqs == 4
+    assert provider.catalogue.max_waiting_requests == 3
 
 
 def test_model_dir_is_single_model_mode_named_after_the_directory(tmp_path: Path) -> None:
@@ -52,7 +54,6 @@ def test_model_dir_is_single_model_mode_named_after_the_directory(tmp_path: Path
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--max-waiting-requests", "4"],
         ["--max-model-len", "512"],
         ["--model-dir", "/m", "--models-config", "/c.yaml"],
         ["--model-dir", "/m", "--memory-budget-bytes", "1000"],

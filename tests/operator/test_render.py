@@ -27,7 +27,8 @@ SPEC = {
         {"name": "minilm", "source": "pvc://embed-store/minilm", "kind": "embed"},
         {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"},
     ],
-    "runtime": {"maxLoadedModels": 2, "gpuMemoryUtilization": 0.8, "maxNumSeqs": 64, "maxNumBatchedTokens": 4096},
+    "runtime": {"maxLoadedModels": 2, "gpuMemoryUtilization": 0.8, "maxNumSeqs": 64, "maxNumBatchedTokens": 4096,
+                "maxWaitingRequests": 32},
     "resources": {"requests": {"cpu": "4", "nvidia.com/gpu": 1}, "limits": {"memory": "32Gi", "nvidia.com/gpu": 1}},
     "scaling": {"minReplicas": 2, "maxReplicas": 5, "targetQueueLength": 6, "scaleDownStabilizationSeconds": 120},
     "nodeSelector": {"nvidia.com/gpu.present": "true"},
@@ -180,7 +181,7 @@ def test_catalogue_content():
     cat = yaml.safe_load(children().configmap["data"]["models.yaml"])
     assert cat["maxLoadedModels"] == 2
     assert cat["gpuMemoryUtilization"] == 0.8
-    assert (cat["maxNumSeqs"], cat["maxNumBatchedTokens"]) == (64, 4096)
+    assert (cat["maxNumSeqs"], cat["maxNumBatchedTokens"], cat["maxWaitingRequests"]) == (64, 4096, 32)
     assert cat["pvcRoot"] == "/mnt/models"
     assert cat["models"][0] == {"name": "llama-1b", "source": "pvc://model-store/llama-3.2-1b", "kind": "generate",
                                 "preload": True, "dtype": "bfloat16", "maxModelLen": 4096}

@@ -53,6 +53,31 @@ async def test_sixty_requests_over_three_models_get_their_own_greedy_output(mode
     assert reg.used_bytes() == 0
 
 
+async def test_catalogue_queue_cap_reaches_the_engine(model_dirs) -> None:
+    """maxWaitingRequests bounds each engine's waiting queue: the request past it gets QueueFullError (HTTP 429)."""
+    from kubeinfer_serving.engine.errors import QueueFullError
+
+    one = {"tiny-0": model_dirs["tiny-0"]}
+    reg = ModelRegistry(catalogue(one, maxNumSeqs=1, maxWaitingRequests=1), device="cpu")
+    try:
+        async with reg.acquire("tiny-0") as served:
+            ids = served.tokenizer(PROMPT).input_ids
+            params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+            running = served.engine.generate("run", ids, params)
+            await running.__anext__()  # admitted and decoding: it holds the one running slot
+            waiting = served.engine.generate("wait", ids, params)
+            waiting_task = asyncio.ensure_future(waiting.__anext__())
+            while served.engine.stats().num_waiting < 1:
+                await asyncio.sleep(0.01)
+            with pytest.raises(QueueFullError):
+                await served.engine.generate("over", ids, params).__anext__()
+            await running.aclose()
+            await waiting_task
+            await waiting.aclose()
+    finally:
+        await reg.shutdown()
+
+
 async def test_corrupt_model_fails_alone(model_dirs, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(model_dirs["tiny-0"], bad)

@@ -12,6 +12,7 @@ camelCase keys::
     loadTimeoutSeconds: 600         # how long a request waits for a load to finish
     maxNumSeqs: 256                 # engine knobs applied to every generate model
     maxNumBatchedTokens: 8192
+    maxWaitingRequests: 1024        # queue cap per generate model; beyond it HTTP 429 + Retry-After
     pvcRoot: /mnt/models            # where pvc://CLAIM/PATH volumes are mounted
     models:
       - name: llama-1b              # the OpenAI `model` name
@@ -99,6 +100,7 @@ class Catalogue(_CamelModel):
         acquire_timeout_seconds: longest wait for memory to be freed before HTTP 503.
         load_timeout_seconds: longest wait of a request for a load in progress before HTTP 503.
         max_num_seqs, max_num_batched_tokens: engine knobs of every generate model.
+        max_waiting_requests: waiting-queue cap of every generate model; requests beyond it get HTTP 429.
         pvc_root: mount point of ``pvc://`` claims.
     """
 
@@ -112,6 +114,7 @@ class Catalogue(_CamelModel):
     load_timeout_seconds: float = Field(default=600.0, gt=0)
     max_num_seqs: int = Field(default=256, ge=1)
     max_num_batched_tokens: int = Field(default=8192, ge=1)
+    max_waiting_requests: int = Field(default=1024, ge=1)
     pvc_root: str = "/mnt/models"
 
     @model_validator(mode="after")
