@@ -44,6 +44,7 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
         ("stop", 5),
         ("logprobs", 2),
         ("presence_penalty", 0.5),
+        ("prompt", []),
     ],
 )
 def test_invalid_completion_fields_are_400_naming_the_field(client: openai.OpenAI, field: str, value) -> None:

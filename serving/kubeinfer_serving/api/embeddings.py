@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
+from kubeinfer_serving.api.prompts import split_inputs
 from kubeinfer_serving.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from kubeinfer_serving.api.serving import CLIENT_CLOSED, acquire
 from kubeinfer_serving.registry.protocol import ModelKind
@@ -29,14 +30,7 @@ def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str] | l
     Raises:
         APIError: 400 for an empty list or an empty string/token list.
     """
-    if isinstance(raw, str):
-        items: list = [raw]
-    elif len(raw) == 0:
-        raise APIError(400, "input must not be empty", param="input")
-    elif isinstance(raw[0], int):
-        items = [list(raw)]
-    else:
-        items = list(raw)
+    items = split_inputs(raw, "input")
     if any(len(x) == 0 for x in items):
         raise APIError(400, "input must not contain empty strings or token lists", param="input")
     return items

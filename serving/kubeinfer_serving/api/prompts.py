@@ -14,6 +14,28 @@ from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.schemas import ChatMessage
 
 
+def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str) -> list[str] | list[list[int]]:
+    """One of OpenAI's four input forms (``prompt`` of completions, ``input`` of embeddings) as a list.
+
+    Args:
+        raw: a string, a list of strings, a token-id list, or a list of token-id lists.
+        param: the request field's name, used in the error.
+
+    Returns:
+        one string or token-id list per item, in request order (a lone token-id list is one item).
+
+    Raises:
+        APIError: 400 when the list is empty.
+    """
+    if isinstance(raw, str):
+        return [raw]
+    if len(raw) == 0:
+        raise APIError(400, f"{param} must not be empty", param=param)
+    if isinstance(raw[0], int):
+        return [list(raw)]
+    return list(raw)
+
+
 def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Token ids of each prompt of a completion request.
 
@@ -28,14 +50,7 @@ def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | lis
         APIError: 400 when the list of prompts is empty, a prompt has no tokens, or a token id is
             outside the vocabulary.
     """
-    if isinstance(prompt, str):
-        texts_or_ids: list[Any] = [prompt]
-    elif len(prompt) == 0:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    elif isinstance(prompt[0], int):
-        texts_or_ids = [list(prompt)]
-    else:
-        texts_or_ids = list(prompt)
+    texts_or_ids = split_inputs(prompt, "prompt")
     vocab = len(tokenizer)
     out: list[list[int]] = []
     for p in texts_or_ids:
