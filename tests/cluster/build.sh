@@ -2,7 +2,7 @@
 # Build the test control plane's binaries and link them at <repo>/.cache/cluster-bin.
 #
 # Builds etcd (embedded, ./cmd/etcd), kube-apiserver, kube-controller-manager,
-# kube-scheduler and kubectl from this module (k8s.io/kubernetes pinned in go.mod),
+# kube-scheduler, kubectl, and the real node's kubelet and kube-proxy from this module (k8s.io/kubernetes pinned in go.mod),
 # and helm and kwok with `go install pkg@version` (pinned below). The binaries live
 # outside the clone in $KUBEINFER_CACHE/cluster-bin-<hash>, keyed by go.mod, go.sum,
 # cmd/ and this script, so fresh clones (CI) reuse them; they are rebuilt only when
@@ -67,7 +67,9 @@ echo "build.sh: building Kubernetes $KUBE_VERSION components and etcd into $STAG
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
-  k8s.io/kubernetes/cmd/kubectl)
+  k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kubelet \
+  k8s.io/kubernetes/cmd/kube-proxy)
 
 echo "build.sh: building helm $HELM_VERSION and kwok $KWOK_VERSION" >&2
 # Outside any module, so their own go.mod files decide their dependencies.
@@ -78,7 +80,7 @@ echo "build.sh: building helm $HELM_VERSION and kwok $KWOK_VERSION" >&2
   -ldflags "-s -w" \
   "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
 
-for bin in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm kwok; do
+for bin in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy helm kwok; do
   [[ -x "$STAGE/$bin" ]] || { echo "build.sh: $bin missing after build" >&2; exit 1; }
 done
 echo "kube=$KUBE_VERSION helm=$HELM_VERSION kwok=$KWOK_VERSION built_in_s=$(( $(date +%s) - start ))" > "$STAGE/.complete"
