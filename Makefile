@@ -48,12 +48,13 @@ model: install
 # The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
 # The three preparations are independent (venv: network; Go build: CPU; images: network and disk),
 # so they run in parallel.
+# A dockerd that `make images` had to start is stopped again afterwards (images/stop-docker.sh).
 test:
 	@$(MAKE) --no-print-directory -j3 install cluster-bin images
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; images/stop-docker.sh; exit $$status
 
 lint: install
-	$(VENV)/bin/ruff check serving operator tests bench
+	$(VENV)/bin/ruff check serving operator tests bench images
 
 bench: install
 	$(PY) -m bench.serve_bench $(BENCH_ARGS)
