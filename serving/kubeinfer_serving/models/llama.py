@@ -3,7 +3,7 @@
 The module tree and parameter names equal Hugging Face's ``LlamaForCausalLM`` (so checkpoint
 tensors load by name), but activations are flattened: a step's tokens from all sequences form
 one [T, hidden] batch with explicit positions, and attention goes through
-:func:`kubeinfer_serving.engine.attention.paged_attention`. The maths follow Touvron et al.
+:func:`kubeinfer_serving.layers.attention.paged_attention`. The maths follow Touvron et al.
 2023 (Llama: RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings of Su et al. 2021,
 grouped-query attention of Ainslie et al. 2023) and match the Hugging Face implementation
 operation for operation so that float32 greedy decoding agrees token for token.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubeinfer_serving.engine.attention import AttentionMetadata, paged_attention
+from kubeinfer_serving.layers.attention import AttentionMetadata, paged_attention
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
