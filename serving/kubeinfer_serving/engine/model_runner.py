@@ -7,6 +7,7 @@ slots then see finite values that the mask removes).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from itertools import chain
 
@@ -68,6 +69,8 @@ class ModelRunner:
         ) * num_blocks
         self._stage: list[torch.Tensor | None] = [None, None]
         self._stage_i = 0
+        #: host seconds the latest :meth:`prepare` took (for step statistics).
+        self.last_prepare_s = 0.0
 
     def _staging(self, n: int) -> np.ndarray:
         """A host int64 buffer of >= n elements to pack one step's inputs into.
@@ -154,7 +157,9 @@ class ModelRunner:
             one entry per scheduled sequence: the sampled token id, or None for a prefill
             chunk that stops short of the sequence's end (nothing to sample yet).
         """
+        t0 = time.perf_counter()
         inputs = self.prepare(scheduled)
+        self.last_prepare_s = time.perf_counter() - t0
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         rows = inputs.sample_rows
         result: list[int | None] = [None] * len(scheduled)
