@@ -1,5 +1,6 @@
-"""The engine with the Triton paged-attention kernel (on CPU: under Triton's interpreter) agrees with
-Hugging Face greedy decoding token for token, over mixed prefill/decode steps and prefix-cache hits."""
+"""The engine on its CUDA code path -- the Triton paged-attention kernel and the fused norm/activation
+kernels (on CPU: under Triton's interpreter) -- agrees with Hugging Face greedy decoding token for
+token, over mixed prefill/decode steps and prefix-cache hits."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from .conftest import tokens_of
 @pytest.fixture
 def triton_backend(triton_device, monkeypatch):
     monkeypatch.setenv("KUBEINFER_ATTENTION_BACKEND", "triton")
+    monkeypatch.setenv("KUBEINFER_FUSED_KERNELS", "1")
     return triton_device
 
 
-def test_engine_on_the_triton_kernel_matches_hf_greedy(triton_backend, make_engine, hf_greedy):
+def test_engine_on_the_triton_kernels_matches_hf_greedy(triton_backend, make_engine, hf_greedy):
     engine = make_engine(device=str(triton_backend), num_kv_blocks=32, max_num_batched_tokens=40)
     shared = [(7 * i) % 8000 + 6 for i in range(33)]  # two full blocks + 1: later requests hit the prefix cache
     prompts = {"a": shared, "b": shared[:32] + [77, 78, 79], "c": [5, 900, 17, 4000, 23]}

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kubeinfer_serving.layers.activation_norm import add_rms_norm, silu_and_mul
 from kubeinfer_serving.layers.attention import AttentionMetadata, paged_attention
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
@@ -31,7 +31,9 @@ class WeightLoadError(ValueError):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like Hugging Face.
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like Hugging Face,
+    optionally fused with the residual add before it (see
+    :func:`kubeinfer_serving.layers.activation_norm.add_rms_norm`).
 
     Args:
         hidden_size: features; eps: added to the mean square.
@@ -42,12 +44,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden], same dtype."""
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, hidden] -> (norm(x + residual), x + residual); residual None: (norm(x), x)."""
+        return add_rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -128,8 +127,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -142,10 +140,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) [T, hidden] -> (mlp output, residual before it); residual None for layer 0.
+
+        The residual add of each sublayer is fused into the norm that follows it:
+        ``h, residual = norm(x, residual)``, as in vLLM's Llama.
+        """
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -281,9 +285,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos = self.cos_cache[positions].to(x.dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(x.dtype).unsqueeze(1)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits."""
