@@ -165,7 +165,7 @@ class ModelRunner:
         result: list[int | None] = [None] * len(scheduled)
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[inputs.logits_idx])
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_idx))
         seqs = [scheduled[i].seq for i in rows]
         # The step's one device-to-host copy: the sampled ids.
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()

@@ -283,8 +283,8 @@ class LlamaForCausalLM(nn.Module):
             [T, hidden] final hidden states (dtype of the weights).
         """
         x = self.model.embed_tokens(input_ids)
-        cos = self.cos_cache[positions].to(x.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(x.dtype).unsqueeze(1)
+        cos = self.cos_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
+        sin = self.sin_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, cos, sin, kv, meta)
