@@ -72,7 +72,7 @@ class ModelRunner:
         #: host seconds the latest :meth:`prepare` took (for step statistics).
         self.last_prepare_s = 0.0
 
-    def _staging(self, n: int) -> np.ndarray:
+    def _staging(self, n: int) -> torch.Tensor:
         """A host int64 buffer of >= n elements to pack one step's inputs into.
 
         On CUDA two pinned buffers alternate (double buffering), so packing the next step
@@ -84,7 +84,7 @@ class ModelRunner:
             pin = self.device.type == "cuda"
             buf = torch.empty(max(n, 4096) * 2, dtype=torch.int64, pin_memory=pin)
             self._stage[self._stage_i] = buf
-        return buf.numpy()
+        return buf
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         """Build the step's inputs, vectorized over sequences (NumPy), with one host-to-device copy.
@@ -120,7 +120,8 @@ class ModelRunner:
         # One buffer: ids | positions | slots | logits_idx | query_start_loc | seq_lens | block tables.
         sizes = (num_tokens, num_tokens, num_tokens, num_samples, num_seqs + 1, num_seqs, num_seqs * max_nb)
         offs = np.cumsum((0,) + sizes)
-        host = self._staging(int(offs[-1]))
+        staging = self._staging(int(offs[-1]))
+        host = staging.numpy()
         part = [host[offs[i]:offs[i + 1]] for i in range(len(sizes))]
         part[0][:] = ids
         qsl = part[4]
@@ -137,10 +138,9 @@ class ModelRunner:
         np.add(table[row_of, pos // bs] * bs, pos % bs, out=part[2])
         np.subtract(qsl[1:][sample_rows], 1, out=part[3])
 
-        if self.device.type == "cpu":
-            dev = torch.from_numpy(host[:offs[-1]])
-        else:
-            dev = torch.from_numpy(host[:offs[-1]]).to(self.device, non_blocking=True)
+        dev = staging[:offs[-1]]
+        if self.device.type != "cpu":
+            dev = dev.to(self.device, non_blocking=True)  # pinned source: asynchronous
         d = [dev[offs[i]:offs[i + 1]] for i in range(len(sizes))]
         meta = AttentionMetadata(
             slot_mapping=d[2], query_start_loc=d[4], seq_lens=d[5], block_tables=d[6].view(num_seqs, max_nb),
