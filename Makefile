@@ -30,7 +30,6 @@ help:
 $(STAMP): requirements.lock requirements-build.lock pyproject.toml
 	@mkdir -p $(KUBEINFER_CACHE)
 	@test -x $(VENV_REAL)/bin/python || $(PYTHON) -m venv $(VENV_REAL)
-	$(VENV_REAL)/bin/pip install -q --upgrade pip
 	$(VENV_REAL)/bin/pip install -q -r requirements-build.lock
 	$(VENV_REAL)/bin/pip install -q -r requirements.lock
 	@rm -f $(VENV_REAL)/.kubeinfer-*
