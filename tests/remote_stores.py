@@ -224,8 +224,8 @@ class HubServer:
         repo, rest = self._find(parts[2:] if api else parts)
         if repo is None:
             return self._error(h, 404, "Repository not found", head, code="RepoNotFound")
-        if api and rest[:1] == ["revision"]:
-            if unquote(rest[1]) not in ("main", repo.sha):
+        if api and (not rest or rest[:1] == ["revision"]):
+            if rest and unquote(rest[1]) not in ("main", repo.sha):
                 return self._error(h, 404, "Invalid rev id", head, code="RevisionNotFound")
             body = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha, "private": False,
                     "siblings": [{"rfilename": n} for n in repo.files]}
