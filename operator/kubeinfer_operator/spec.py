@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
+from kubeinfer_serving.sources import DNS1123_SUBDOMAIN, ModelSource, parse_source
 from kubernetes.utils import parse_quantity
-from kubeinfer_serving.sources import DNS1123_SUBDOMAIN, ModelSource, SourceError, parse_source
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
