@@ -14,7 +14,7 @@ LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test test-fast lint model bench clean
+.PHONY: help install serve test test-fast lint model bench clean s3proxy
 
 help:
 	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
@@ -43,8 +43,12 @@ serve: install
 model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
-test: install cluster-bin
+test: install cluster-bin s3proxy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# S3Proxy from Maven Central for the s3:// tests, cached in ~/.cache/kubeinfer/s3proxy-VERSION.
+s3proxy:
+	@tests/s3/install.sh >/dev/null
 
 lint: install
 	$(VENV)/bin/ruff check serving operator tests bench
