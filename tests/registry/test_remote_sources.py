@@ -278,3 +278,21 @@ async def test_embedding_model_from_s3_matches_the_local_one(s3_env, tmp_path) -
         assert "1_Pooling/config.json" in files and "README.md" not in files
     finally:
         await reg.shutdown()
+
+
+async def test_load_from_the_warm_tier_skips_the_disk_tier(s3_env, model_dirs, tmp_path) -> None:
+    reg = ModelRegistry(_catalogue(tmp_path, [_entry("m", f"s3://{BUCKET}/tiny-2")], warmCacheBytes=1 << 30),
+                        device="cpu")
+    try:
+        await reg.load("m")
+        await reg.unload("m")  # weights go to host RAM
+        disk = reg.loader.disk
+        key = disk.snapshots()[0].key
+        s3_env.client().remove_object(BUCKET, "tiny-2/config.json")  # the store could not serve it again
+        await reg.load("m")
+        assert [e.action for e in reg.events if e.action.endswith("_load")] == ["cold_load", "warm_load"]
+        assert (disk.misses, disk.hits) == (1, 0)
+        assert disk.pinned(key) == 1  # loaded from RAM, its disk snapshot is still kept
+    finally:
+        s3_env.client().fput_object(BUCKET, "tiny-2/config.json", str(model_dirs["tiny-2"] / "config.json"))
+        await reg.shutdown()

@@ -118,6 +118,19 @@ class DiskTier:
         with self._lock:
             self._pins[key] += 1
 
+    def pin_if_present(self, key: str) -> bool:
+        """Pin ``key`` if its snapshot is on disk (no fetch, not a hit); returns whether it pinned."""
+        with self._lock:
+            if key not in self._snapshots:
+                return False
+            self._pins[key] += 1
+            return True
+
+    def pinned(self, key: str) -> int:
+        """How many pins ``key`` holds (0: evictable)."""
+        with self._lock:
+            return self._pins.get(key, 0)
+
     def unpin(self, key: str) -> None:
         """Undo one :meth:`pin`."""
         with self._lock:

@@ -205,7 +205,9 @@ class HubFetcher:
     def download(self, listing: Listing, dest: Path) -> None:
         """See :meth:`Fetcher.download`."""
         from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars
 
+        disable_progress_bars()  # a server logs one line per fetch (disk.py), not terminal progress bars
         try:
             snapshot_download(
                 self.source.path, revision=listing.revision, local_dir=dest, endpoint=self.endpoint,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class DefaultModelLoader:
             "cuda" if torch.cuda.is_available() else "cpu"
         )
         self._disk: DiskTier | None = None
+        self._plans: dict[str, LoadPlan] = {}  # last plan per model name, for loads from the warm tier
         self._disk_lock = threading.Lock()
 
     @property
@@ -196,10 +198,30 @@ class DefaultModelLoader:
         fetched into, the disk tier (:class:`~.disk.DiskTier`; ``FetchError`` when that fails)."""
         path, remote = self._local_dir(entry)
         try:
-            return self._plan(entry, path, remote)
+            plan = self._plan(entry, path, remote)
         except BaseException:
             remote.get("release", lambda: None)()
             raise
+        self._plans[entry.name] = plan
+        return plan
+
+    def plan_warm(self, entry: ModelEntry) -> LoadPlan:
+        """The plan of a model about to load from the warm tier: its last plan's sizes, without a
+        disk-tier lookup or fetch (its snapshot is pinned again if it is still on disk)."""
+        last = self._plans.get(entry.name)
+        if last is None:
+            return self.plan(entry)
+        src = entry.parsed_source
+        release: Callable[[], None] = lambda: None  # noqa: E731
+        if src.remote and self.disk.pin_if_present(src.cache_key()):
+            key, done = src.cache_key(), threading.Event()
+
+            def release() -> None:
+                if not done.is_set():
+                    done.set()
+                    self.disk.unpin(key)
+
+        return dataclasses.replace(last, disk="", fetch_seconds=0.0, release=release)
 
     def _plan(self, entry: ModelEntry, path: Path, remote: dict[str, Any]) -> LoadPlan:
         if not path.is_dir():

@@ -339,7 +339,10 @@ class ModelRegistry:
         try:
             if entry.evicting is not None:  # a previous unload of this model is still releasing memory
                 await asyncio.shield(entry.evicting)
-            plan = await asyncio.to_thread(self.loader.plan, entry.spec)
+            # A model whose weights sit in the warm tier is not looked up in (or fetched into) the disk tier.
+            plan_warm = getattr(self.loader, "plan_warm", None)
+            planner = plan_warm if plan_warm is not None and name in self.warm else self.loader.plan
+            plan = await asyncio.to_thread(planner, entry.spec)
             entry.revision = getattr(plan, "revision", None)
             release = getattr(plan, "release", lambda: None)
             if plan.total_bytes > self.budget_bytes:
