@@ -181,11 +181,13 @@ class ModelRegistry:
             self._notify()
 
     def is_ready(self) -> bool:
-        """True once every preloaded model has settled: loaded, or Failed with its reason (the pod
-        then serves the others; the failed model answers 503 with the reason). Remote preloaded
-        models are fetched into the disk tier before they count as loaded."""
-        return all(e.state in (ModelState.LOADED, ModelState.FAILED)
-                   for e in self._entries.values() if e.spec.preload)
+        """True once every preloaded model has settled, loaded or Failed with its reason, and at
+        least one of them loaded (or none is preloaded): a failed preload does not hold back a pod
+        that serves the others, whose requests for the failed model get 503 with the reason.
+        Remote preloaded models are fetched into the disk tier before they count as loaded."""
+        preload = [e for e in self._entries.values() if e.spec.preload]
+        settled = all(e.state in (ModelState.LOADED, ModelState.FAILED) for e in preload)
+        return settled and (not preload or any(e.state is ModelState.LOADED for e in preload))
 
     async def start(self) -> None:
         """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise."""
