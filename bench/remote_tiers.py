@@ -66,7 +66,8 @@ async def main(repeat: int) -> None:
                             for k, v in (await _cycle(source, kind, root / f"{store}-{name}-{i}-{warm}", warm)).items():
                                 runs.setdefault(k, []).append(v)
                     print(json.dumps({"model": name, "store": store, "repeats": repeat,
-                                      **{k: round(statistics.median(v), 3) for k, v in runs.items()}}), flush=True)
+                                      **{k: (int(statistics.median(v)) if k.endswith("bytes") else round(statistics.median(v), 3))
+                                         for k, v in runs.items()}}), flush=True)
         finally:
             hub.stop()
             s3.stop()
