@@ -43,12 +43,19 @@ def install_s3proxy() -> Path:
 
 
 class S3Server:
-    """S3Proxy on 127.0.0.1 with a filesystem store under ``data_dir``; credentials :data:`S3_ACCESS_KEY`/:data:`S3_SECRET_KEY`."""
+    """S3Proxy with a filesystem store under ``data_dir``; credentials :data:`S3_ACCESS_KEY`/:data:`S3_SECRET_KEY`.
 
-    def __init__(self, data_dir: Path) -> None:
+    Args:
+        data_dir: where objects are stored.
+        host: address to listen on: loopback for the tests; the e2e tier may pass the node bridge's
+            gateway address so pods on the real node reach it.
+    """
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
+        self.host = host
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> S3Server:
@@ -71,7 +78,7 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"s3proxy exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.2)
@@ -92,7 +99,7 @@ class S3Server:
         """A MinIO SDK client for this server."""
         from minio import Minio
 
-        return Minio(f"127.0.0.1:{self.port}", access_key=access_key, secret_key=secret_key, secure=False,
+        return Minio(f"{self.host}:{self.port}", access_key=access_key, secret_key=secret_key, secure=False,
                      region=S3_REGION)
 
     def env(self, access_key: str = S3_ACCESS_KEY, secret_key: str = S3_SECRET_KEY) -> dict[str, str]:
