@@ -36,6 +36,7 @@ class _Tracked:
     seq: Sequence
     detok: IncrementalDetokenizer
     sent_tokens: int = 0
+    sent_prompt_logprobs: bool = False
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
 
 
@@ -176,13 +177,16 @@ class LLMEngine:
 
         Raises:
             PromptTooLongError: prompt + max_tokens > max_model_len.
-            ValueError: empty prompt, token ids outside the vocabulary, or stop strings
-                without a tokenizer.
+            ValueError: empty prompt, token ids outside the vocabulary (in the prompt or in
+                ``logit_bias``, ``allowed_token_ids``, ``bad_words_token_ids``, ``stop_token_ids``),
+                or stop strings without a tokenizer.
         """
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.max_token_id() >= self.vocab_size:
+            raise ValueError(f"token ids in the sampling parameters must be in [0, {self.vocab_size})")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         if params.stop and self.tokenizer is None:
@@ -217,6 +221,8 @@ class LLMEngine:
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.min_tokens:
+            seq.min_tokens_stop_ids = tuple(sorted(set(params.stop_token_ids) | self.eos_token_ids))
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         self._requests[request_id] = _Tracked(seq, detok, stop_token_ids=stops)
@@ -291,6 +297,12 @@ class LLMEngine:
             if tok is None:
                 continue
             tracked = self._requests[seq.request_id]
+            if seq.params.max_tokens == 0:  # scoring the prompt only: nothing is output
+                self.scheduler.finish(seq, "length")
+                del self._requests[seq.request_id]
+                self._on_finished(seq, now)
+                outputs.append(self._output(tracked, finished=True))
+                continue
             seq.output_token_ids.append(tok)
             self._m_gen.inc()
             if seq.first_token_time is None:
@@ -318,6 +330,13 @@ class LLMEngine:
         seq = tracked.seq
         new_ids = seq.output_token_ids[tracked.sent_tokens:]
         tracked.sent_tokens = len(seq.output_token_ids)
+        new_logprobs = None
+        if seq.params.logprobs is not None:
+            new_logprobs = seq.output_logprobs[len(seq.output_token_ids) - len(new_ids):]
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and not tracked.sent_prompt_logprobs:
+            tracked.sent_prompt_logprobs = True
+            prompt_logprobs = list(seq.prompt_logprobs)
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
@@ -327,6 +346,8 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            new_logprobs=new_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _on_finished(self, seq: Sequence, now: float) -> None:

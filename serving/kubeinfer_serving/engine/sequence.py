@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .outputs import TokenLogprob
 from .sampling import SamplingParams
 
 
@@ -35,6 +36,11 @@ class Sequence:
         block_hashes: chained hashes of the full blocks registered in the prefix cache so far.
         num_cached_tokens: prompt tokens the prefix cache served at the first schedule.
         generator: per-request RNG when ``params.seed`` is set (on the engine's device).
+        output_logprobs: one entry per output token when ``params.logprobs`` is set.
+        prompt_logprobs: entries for the prompt positions scored so far (first one None)
+            when ``params.prompt_logprobs`` is set; filled by the model runner chunk by chunk.
+        min_tokens_stop_ids: tokens banned while fewer than ``params.min_tokens`` are out
+            (EOS and ``stop_token_ids``; set by the engine).
         status, finish_reason: lifecycle.
         first_scheduled_time / first_token_time / last_token_time: monotonic seconds, for metrics.
     """
@@ -55,6 +61,9 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    min_tokens_stop_ids: tuple[int, ...] = ()
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,0 +1,120 @@
+"""Per-request logits processors, applied to the whole batch at once before sampling.
+
+What each does follows vLLM's ``SamplingParams`` (and OpenAI's API reference for the
+penalties and ``logit_bias``), in vLLM's order:
+
+1. ``allowed_token_ids``: every other token gets ``-inf``.
+2. ``bad_words_token_ids``: the last token of a banned sequence gets ``-inf`` when the output
+   ends with the sequence's other tokens (always, for a one-token sequence).
+3. ``min_tokens``: EOS and ``stop_token_ids`` get ``-inf`` while the output is shorter.
+4. ``logit_bias``: added to the named tokens' logits.
+5. Penalties: ``repetition_penalty`` (CTRL, Keskar et al. 2019: a positive logit is divided
+   by it, a negative one multiplied, for tokens in the prompt or the output), then
+   ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted, counts
+   over the output tokens.
+
+The host builds small index tensors for the rows that use a processor (sizes proportional
+to their bans, biases and token counts, never to the vocabulary) and copies them to the
+device without waiting; the vocabulary-wide work is a few batched tensor operations. The
+host never reads anything back from the device here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """[R, max len] int64 CPU tensor of ``rows``, right-padded with ``pad`` (at least one column)."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    out = torch.full((len(rows), width), pad, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out
+
+
+def _banned_and_bias(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int], list[float]]:
+    """Host-side lists: (ban rows, ban token ids, bias rows, bias token ids, bias values)."""
+    ban_r: list[int] = []
+    ban_t: list[int] = []
+    bias_r: list[int] = []
+    bias_t: list[int] = []
+    bias_v: list[float] = []
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        out = seq.output_token_ids
+        for word in p.bad_words_token_ids:
+            prefix = word[:-1]
+            if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix):] == prefix):
+                ban_r.append(row)
+                ban_t.append(word[-1])
+        if len(out) < p.min_tokens:
+            ban_r.extend([row] * len(seq.min_tokens_stop_ids))
+            ban_t.extend(seq.min_tokens_stop_ids)
+        for tok, value in p.logit_bias.items():
+            bias_r.append(row)
+            bias_t.append(tok)
+            bias_v.append(value)
+    return ban_r, ban_t, bias_r, bias_t, bias_v
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Apply each row's processors (see the module docstring) to ``logits``.
+
+    Args:
+        logits: [B, V] float32 next-token logits, one row per sequence of ``seqs``; modified
+            in place when a processor applies.
+        seqs: the B sequences, in row order (their params, prompt and output so far).
+
+    Returns:
+        [B, V] float32 logits (the same tensor); unchanged when no row uses a processor.
+    """
+    if not any(s.params.uses_processors for s in seqs):
+        return logits
+    device = logits.device
+    vocab = logits.shape[-1]
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    allowed = [(row, s.params.allowed_token_ids) for row, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
+    if allowed:
+        rows = [r for r, _ in allowed]
+        keep = torch.zeros((len(allowed), vocab), dtype=torch.bool, device=device)
+        idx_r = torch.tensor([i for i, (_, ids) in enumerate(allowed) for _ in ids], dtype=torch.int64)
+        idx_t = torch.tensor([t for _, ids in allowed for t in ids], dtype=torch.int64)
+        keep[dev(idx_r), dev(idx_t)] = True
+        row_idx = dev(torch.tensor(rows, dtype=torch.int64))
+        logits[row_idx] = logits[row_idx].masked_fill(~keep, float("-inf"))
+
+    ban_r, ban_t, bias_r, bias_t, bias_v = _banned_and_bias(seqs)
+    if ban_r:
+        logits[dev(torch.tensor(ban_r)), dev(torch.tensor(ban_t))] = float("-inf")
+    if bias_r:
+        logits.index_put_((dev(torch.tensor(bias_r)), dev(torch.tensor(bias_t))),
+                          dev(torch.tensor(bias_v, dtype=logits.dtype)), accumulate=True)
+
+    pen = [row for row, s in enumerate(seqs) if s.params.uses_penalties]
+    if pen:
+        outputs = _pad([seqs[r].output_token_ids for r in pen], vocab)
+        counts = torch.zeros((len(pen), vocab + 1), dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, dev(outputs), torch.ones(outputs.shape, dtype=logits.dtype, device=device))
+        counts = counts[:, :vocab]
+        row_idx = dev(torch.tensor(pen, dtype=torch.int64))
+        sub = logits[row_idx]
+        rep = torch.tensor([seqs[r].params.repetition_penalty for r in pen], dtype=logits.dtype)
+        if bool((rep != 1.0).any()):
+            seen_ids = _pad([seqs[r].prompt_token_ids + seqs[r].output_token_ids for r in pen], vocab)
+            seen = torch.zeros((len(pen), vocab + 1), dtype=torch.bool, device=device)
+            seen.scatter_(1, dev(seen_ids), True)
+            rep_d = dev(rep).unsqueeze(1)
+            penalised = torch.where(sub > 0, sub / rep_d, sub * rep_d)
+            sub = torch.where(seen[:, :vocab], penalised, sub)
+        freq = dev(torch.tensor([seqs[r].params.frequency_penalty for r in pen], dtype=logits.dtype)).unsqueeze(1)
+        pres = dev(torch.tensor([seqs[r].params.presence_penalty for r in pen], dtype=logits.dtype)).unsqueeze(1)
+        sub = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+        logits[row_idx] = sub
+    return logits
