@@ -221,9 +221,13 @@ class LLMEngine:
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.guide is not None:
+            seq.matcher = params.guide.matcher()
         if params.min_tokens:
             seq.min_tokens_stop_ids = tuple(sorted(set(params.stop_token_ids) | self.eos_token_ids))
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
+                                       include_stop_str=params.include_stop_str_in_output,
+                                       skip_special_tokens=params.skip_special_tokens)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         self._requests[request_id] = _Tracked(seq, detok, stop_token_ids=stops)
         self.scheduler.add(seq)
@@ -313,7 +317,11 @@ class LLMEngine:
             seq.last_token_time = now
             tracked.detok.add_tokens([tok])
             reason = None
-            if tok in tracked.stop_token_ids or tracked.detok.stopped:
+            grammar_done = False
+            if seq.matcher is not None:
+                seq.matcher.consume_token(tok)
+                grammar_done = seq.matcher.is_stopped()  # complete (or failed): nothing may follow
+            if tok in tracked.stop_token_ids or tracked.detok.stopped or grammar_done:
                 reason = "stop"
             elif seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"

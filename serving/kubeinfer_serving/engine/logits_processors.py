@@ -3,6 +3,9 @@
 What each does follows vLLM's ``SamplingParams`` (and OpenAI's API reference for the
 penalties and ``logit_bias``), in vLLM's order:
 
+0. A grammar (structured outputs): the matcher's token bitmask (one bit per token, 32 per
+   int32 word) is built on the host for the rows with a grammar, copied to the device in one
+   [R, ceil(V / 32)] tensor and unpacked there; tokens with a 0 bit get ``-inf``.
 1. ``allowed_token_ids``: every other token gets ``-inf``.
 2. ``bad_words_token_ids``: the last token of a banned sequence gets ``-inf`` when the output
    ends with the sequence's other tokens (always, for a one-token sequence).
@@ -61,6 +64,30 @@ def _banned_and_bias(seqs: list[Sequence]) -> tuple[list[int], list[int], list[i
     return ban_r, ban_t, bias_r, bias_t, bias_v
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[bytes]) -> None:
+    """Set to ``-inf`` the logits of tokens whose bit is 0 in their row's mask (in place).
+
+    Args:
+        logits: [B, V] float32.
+        rows: the R rows that have a mask.
+        masks: R byte strings of ``4 * ceil(V' / 32)`` bytes: little-endian int32 words, bit
+            ``i % 32`` of word ``i // 32`` set when token ``i`` is allowed. ``V'`` may differ from
+            ``V``: tokens beyond the mask are banned, mask bits beyond ``V`` ignored.
+    """
+    device = logits.device
+    vocab = logits.shape[-1]
+    words = len(masks[0]) // 4
+    host = torch.frombuffer(bytearray(b"".join(masks)), dtype=torch.int32).view(len(rows), words)
+    packed = host.to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), words * 32).bool()
+    if words * 32 < vocab:
+        bits = torch.cat([bits, bits.new_zeros((len(rows), vocab - words * 32))], dim=1)
+    keep = bits[:, :vocab]
+    row_idx = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    logits[row_idx] = logits[row_idx].masked_fill(~keep, float("-inf"))
+
+
 def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Apply each row's processors (see the module docstring) to ``logits``.
 
@@ -79,6 +106,10 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
 
     def dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
+
+    guided = [row for row, s in enumerate(seqs) if s.matcher is not None]
+    if guided:
+        apply_token_bitmask(logits, guided, [seqs[r].matcher.compute_bitmask() for r in guided])
 
     allowed = [(row, s.params.allowed_token_ids) for row, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
     if allowed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Most top log-probabilities per token a request may ask for (vLLM's default cap).
 MAX_LOGPROBS = 20
@@ -35,6 +36,13 @@ class SamplingParams:
         allowed_token_ids: when set, only these tokens can be sampled.
         bad_words_token_ids: token-id sequences that never appear in the output: the last token
             of each is banned when the output ends with the others (vLLM's ``bad_words``).
+        include_stop_str_in_output: keep the stop string that ended the output in its text.
+        skip_special_tokens: leave special tokens (BOS, EOS, ...) out of the text (default).
+        guide: a compiled grammar the output must match (structured outputs), or None. Any
+            object whose ``matcher()`` returns a fresh matcher with ``compute_bitmask() -> bytes``
+            (one bit per token id, little-endian int32 words, as llguidance and xgrammar give),
+            ``consume_token(id) -> bool`` and ``is_stopped() -> bool``; see
+            :class:`kubeinfer_serving.structured.CompiledGrammar`.
         logprobs: return the log-probability of each sampled token and of the ``logprobs`` most
             likely tokens at that step (0: the sampled token only); None returns none.
         prompt_logprobs: the same for every prompt token after the first (``echo`` with
@@ -63,6 +71,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    guide: Any = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -123,8 +134,8 @@ class SamplingParams:
 
     @property
     def uses_processors(self) -> bool:
-        """True when any logits processor (penalties, bans, bias, min_tokens) applies to this request."""
-        return (self.uses_penalties or self.min_tokens > 0 or bool(self.logit_bias)
+        """True when any logits processor (grammar, penalties, bans, bias, min_tokens) applies to this request."""
+        return (self.uses_penalties or self.min_tokens > 0 or bool(self.logit_bias) or self.guide is not None
                 or self.allowed_token_ids is not None or bool(self.bad_words_token_ids))
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,8 @@ class Sequence:
             when ``params.prompt_logprobs`` is set; filled by the model runner chunk by chunk.
         min_tokens_stop_ids: tokens banned while fewer than ``params.min_tokens`` are out
             (EOS and ``stop_token_ids``; set by the engine).
+        matcher: the grammar matcher when ``params.guide`` is set (advanced by the engine with
+            each output token).
         status, finish_reason: lifecycle.
         first_scheduled_time / first_token_time / last_token_time: monotonic seconds, for metrics.
     """
@@ -64,6 +67,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     min_tokens_stop_ids: tuple[int, ...] = ()
+    matcher: Any = None
 
     @property
     def token_ids(self) -> list[int]:
