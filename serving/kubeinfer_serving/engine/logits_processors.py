@@ -16,9 +16,9 @@ penalties and ``logit_bias``), in vLLM's order:
    ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted, counts
    over the output tokens.
 
-The host builds small index tensors for the rows that use a processor (sizes proportional
-to their bans, biases and token counts, never to the vocabulary) and copies them to the
-device without waiting; the vocabulary-wide work is a few batched tensor operations. The
+The host builds flat (row, token id) index tensors for the rows that use a processor (sizes
+proportional to their bans, biases and token histories, never to the vocabulary) and copies
+them to the device without waiting; the vocabulary-wide work is a few batched tensor operations. The
 host never reads anything back from the device here.
 """
 
@@ -27,16 +27,6 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
-
-
-def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
-    """[R, max len] int64 CPU tensor of ``rows``, right-padded with ``pad`` (at least one column)."""
-    width = max(1, max((len(r) for r in rows), default=0))
-    out = torch.full((len(rows), width), pad, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-    return out
 
 
 def _banned_and_bias(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int], list[float]]:
@@ -130,22 +120,29 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
 
     pen = [row for row, s in enumerate(seqs) if s.params.uses_penalties]
     if pen:
-        outputs = _pad([seqs[r].output_token_ids for r in pen], vocab)
-        counts = torch.zeros((len(pen), vocab + 1), dtype=logits.dtype, device=device)
-        counts.scatter_add_(1, dev(outputs), torch.ones(outputs.shape, dtype=logits.dtype, device=device))
-        counts = counts[:, :vocab]
+        # Token counts of the outputs (and prompt+output presence for repetition) as flat
+        # (row, token) index lists: one host->device copy each, no padding, no per-row tensors.
+        out_r = [i for i, r in enumerate(pen) for _ in seqs[r].output_token_ids]
+        out_t = [t for r in pen for t in seqs[r].output_token_ids]
+        counts = torch.zeros((len(pen), vocab), dtype=logits.dtype, device=device)
+        if out_t:
+            counts.index_put_((dev(torch.tensor(out_r)), dev(torch.tensor(out_t))),
+                              torch.ones(len(out_t), dtype=logits.dtype, device=device), accumulate=True)
         row_idx = dev(torch.tensor(pen, dtype=torch.int64))
         sub = logits[row_idx]
-        rep = torch.tensor([seqs[r].params.repetition_penalty for r in pen], dtype=logits.dtype)
-        if bool((rep != 1.0).any()):
-            seen_ids = _pad([seqs[r].prompt_token_ids + seqs[r].output_token_ids for r in pen], vocab)
-            seen = torch.zeros((len(pen), vocab + 1), dtype=torch.bool, device=device)
-            seen.scatter_(1, dev(seen_ids), True)
-            rep_d = dev(rep).unsqueeze(1)
-            penalised = torch.where(sub > 0, sub / rep_d, sub * rep_d)
-            sub = torch.where(seen[:, :vocab], penalised, sub)
+        rep = [seqs[r].params.repetition_penalty for r in pen]
+        if any(x != 1.0 for x in rep):
+            seen_r = [i for i, r in enumerate(pen) for _ in seqs[r].prompt_token_ids] + out_r
+            seen_t = [t for r in pen for t in seqs[r].prompt_token_ids] + out_t
+            factor = torch.ones((len(pen), vocab), dtype=logits.dtype, device=device)
+            rep_d = dev(torch.tensor(rep, dtype=logits.dtype)).unsqueeze(1)
+            seen = torch.zeros((len(pen), vocab), dtype=torch.bool, device=device)
+            seen[dev(torch.tensor(seen_r)), dev(torch.tensor(seen_t))] = True
+            # CTRL: positive logits divided by the penalty, negative ones multiplied.
+            factor = torch.where(seen, torch.where(sub > 0, 1.0 / rep_d, rep_d), factor)
+            sub.mul_(factor)
         freq = dev(torch.tensor([seqs[r].params.frequency_penalty for r in pen], dtype=logits.dtype)).unsqueeze(1)
         pres = dev(torch.tensor([seqs[r].params.presence_penalty for r in pen], dtype=logits.dtype)).unsqueeze(1)
-        sub = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+        sub.sub_(freq * counts).sub_(pres * (counts > 0).to(logits.dtype))
         logits[row_idx] = sub
     return logits
