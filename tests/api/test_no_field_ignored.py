@@ -129,6 +129,12 @@ def test_unknown_fields_and_unknown_message_fields_are_refused(server) -> None:
                       json={**BASE["completions"], "stream": True, "stream_options": {"include_usage": True,
                                                                                        "sparkle": 1}})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream_options.sparkle"
+    from tests.api.conftest import EMBED_MODEL
+
+    for field, value in (("truncate_prompt_tokens", 8), ("normalize", False)):
+        resp = httpx.post(f"{server.base_url}/v1/embeddings", timeout=30,
+                          json={"model": EMBED_MODEL, "input": "hi", field: value})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == field, resp.text
     # The value that means "off" is accepted for fields this server does not implement.
     resp = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
                       json={**BASE["chat/completions"], "store": False, "use_beam_search": False, "priority": 0})
