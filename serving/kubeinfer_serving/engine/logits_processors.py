@@ -29,6 +29,16 @@ import torch
 from .sequence import Sequence
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a host tensor) on ``device`` without blocking the host: pinned, then copied non-blocking.
+
+    A copy from pageable memory would make the host wait for the queued forward pass.
+    """
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _banned_and_bias(seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int], list[float]]:
     """Host-side lists: (ban rows, ban token ids, bias rows, bias token ids, bias values)."""
     ban_r: list[int] = []
@@ -68,13 +78,13 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[bytes
     vocab = logits.shape[-1]
     words = len(masks[0]) // 4
     host = torch.frombuffer(bytearray(b"".join(masks)), dtype=torch.int32).view(len(rows), words)
-    packed = host.to(device, non_blocking=True)
+    packed = _to_device(host, device)
     shifts = torch.arange(32, dtype=torch.int32, device=device)
     bits = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), words * 32).bool()
     if words * 32 < vocab:
         bits = torch.cat([bits, bits.new_zeros((len(rows), vocab - words * 32))], dim=1)
     keep = bits[:, :vocab]
-    row_idx = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    row_idx = _to_device(torch.tensor(rows, dtype=torch.int64), device)
     logits[row_idx] = logits[row_idx].masked_fill(~keep, float("-inf"))
 
 
@@ -95,7 +105,7 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
     vocab = logits.shape[-1]
 
     def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+        return _to_device(t, device)
 
     guided = [row for row, s in enumerate(seqs) if s.matcher is not None]
     if guided:
