@@ -21,20 +21,9 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -d "$DIR" ]] || exit 0
 
-stop() {  # name: TERM the process group, wait up to 10 s, then KILL it
-  local f="$DIR/pids/$1.pid" pid i
-  [[ -f "$f" ]] || return 0
-  pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for (( i = 0; i < 100; i++ )); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  rm -f "$f"
-}
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+stop() { stop_pidfile "$DIR/pids/$1.pid"; }  # name: see lib.sh
 # A real node (up.sh --real-node) goes first: its pods, network and mounts need the processes below
 # only to have been stopped in order.
 if [[ -d "$DIR/node" ]]; then
