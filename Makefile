@@ -43,7 +43,7 @@ serve: install
 model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
-test: install cluster-bin
+test: install cluster-bin metrics-bin
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -56,3 +56,4 @@ clean:
 	rm -rf .models .pytest_cache .ruff_cache build *.egg-info
 
 include mk/cluster.mk
+include mk/metrics.mk
