@@ -19,6 +19,9 @@ KIND = "InferenceService"
 FIELD_MANAGER = "kubeinfer-operator"
 
 DEFAULT_SERVING_IMAGE = "ghcr.io/kubeinfer/kubeinfer-serving:0.1.0"
+#: Prometheus that KEDA ScaledObjects query by default: kube-prometheus-stack's Service in
+#: namespace ``monitoring``.
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,18 @@ class OperatorConfig:
             before liveness checks start, in seconds (env ``KUBEINFER_STARTUP_TIMEOUT_SECONDS``).
         drain_seconds: time a terminating pod gets to finish in-flight requests after the preStop
             pause, in seconds (env ``KUBEINFER_DRAIN_SECONDS``).
+        prometheus_url: Prometheus HTTP API that rendered KEDA ScaledObjects query when the isvc sets
+            no ``scaling.prometheusAddress`` (env ``KUBEINFER_PROMETHEUS_URL``).
+        keda_polling_seconds: KEDA ``pollingInterval`` of rendered ScaledObjects, in seconds
+            (env ``KUBEINFER_KEDA_POLLING_SECONDS``); how often KEDA checks for activity at zero.
     """
 
     serving_image: str = DEFAULT_SERVING_IMAGE
     image_pull_policy: str = "IfNotPresent"
     startup_timeout_seconds: int = 1800
     drain_seconds: int = 120
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    keda_polling_seconds: int = 15
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
@@ -62,4 +71,6 @@ class OperatorConfig:
             image_pull_policy=env.get("KUBEINFER_IMAGE_PULL_POLICY") or "IfNotPresent",
             startup_timeout_seconds=positive("KUBEINFER_STARTUP_TIMEOUT_SECONDS", 1800),
             drain_seconds=positive("KUBEINFER_DRAIN_SECONDS", 120),
+            prometheus_url=env.get("KUBEINFER_PROMETHEUS_URL") or DEFAULT_PROMETHEUS_URL,
+            keda_polling_seconds=positive("KUBEINFER_KEDA_POLLING_SECONDS", 15),
         )

@@ -27,6 +27,7 @@ import kopf
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError, load_api_client
 from kubeinfer_operator.reconcile import Outcome, Reconciler
+from kubeinfer_operator.render import ISVC_LABEL
 
 RESYNC_SECONDS = 60.0
 #: Retry delay after a transient API failure: RETRY_SECONDS * 2**attempt, at most RETRY_MAX_SECONDS.
@@ -150,10 +151,20 @@ async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
-    """Name of the InferenceService that controls ``body`` (a child), or None."""
-    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+    """Name of the InferenceService that controls ``body`` (a child), or None.
+
+    The HPA KEDA creates for an isvc's ScaledObject is controlled by the ScaledObject; it
+    carries the ScaledObject's labels, so its isvc is the ``serving.kubeinfer.io/inferenceservice``
+    label's value.
+    """
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if not ref.get("controller"):
+            continue
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
             return ref.get("name")
+        if ref.get("kind") == "ScaledObject" and str(ref.get("apiVersion", "")).startswith("keda.sh/"):
+            return (meta.get("labels") or {}).get(ISVC_LABEL)
     return None
 
 
@@ -179,7 +190,8 @@ def on_deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_SELECTOR)
 def on_hpa_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """An HPA child changed (status included) or was deleted."""
+    """An HPA child (the operator's, or the one KEDA made for a ScaledObject child) changed
+    (status included) or was deleted."""
     _on_child_event(type, body, memo)
 
 

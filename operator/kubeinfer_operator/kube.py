@@ -1,7 +1,7 @@
 """A small dict-in, dict-out Kubernetes client on top of the official ``kubernetes`` package.
 
-Only the calls the reconciler makes: GET one object, server-side apply one object, and a
-JSON merge patch of an InferenceService's status subresource. Objects stay plain dicts
+Only the calls the reconciler makes: GET, server-side apply and DELETE of one object, an
+API discovery probe, and a JSON merge patch of an InferenceService's status subresource. Objects stay plain dicts
 (camelCase, as the API serves them), so renderers and tests never touch generated models.
 """
 
@@ -23,6 +23,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Service"): ("/api/v1", "services"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("keda.sh/v1alpha1", "ScaledObject"): ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     (f"{GROUP}/{VERSION}", "InferenceService"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -118,6 +119,38 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete the object (background propagation); False when it was already gone (404).
+
+        Raises:
+            KubeError: any other failure.
+        """
+        try:
+            self._call(
+                "DELETE", object_path(api_version, kind, namespace, name),
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )
+        except KubeError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def serves(self, group_version: str) -> bool:
+        """Whether the API server serves ``group_version`` (e.g. ``keda.sh/v1alpha1``), i.e. its
+        CRD is installed; asked through discovery, which every authenticated user may read.
+
+        Raises:
+            KubeError: a failure other than 404.
+        """
+        try:
+            self._call("GET", f"/apis/{group_version}")
+        except KubeError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
 
     def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
         """InferenceServices in ``namespace``, or in every namespace when None.

@@ -11,17 +11,21 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
-from kubeinfer_operator.render import Owner, render_children
+from kubeinfer_operator.render import SCALED_OBJECT_API_VERSION, Owner, keda_hpa_name, render_children
 from kubeinfer_operator.spec import InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
 ISVC_API_VERSION = f"{GROUP}/{VERSION}"
+HPA_API_VERSION = "autoscaling/v2"
+#: Seconds a KEDA discovery answer is reused; installing KEDA is noticed within this time.
+KEDA_CHECK_SECONDS = 60.0
 logger = logging.getLogger(__name__)
 
 #: emit(isvc, type, reason, message): posts a Kubernetes Event about ``isvc`` (type Normal|Warning).
@@ -40,6 +44,7 @@ class Outcome:
         found: the isvc exists and is not being deleted.
         invalid: the InvalidSpec message, or None.
         created / updated: ``Kind/name`` of children the apply created or changed.
+        deleted: ``Kind/name`` of the other mode's autoscaler removed after a mode switch.
         status_written: the status subresource was patched.
         ready: the Ready condition's status after this reconcile ("True", "False", "Unknown").
     """
@@ -48,6 +53,7 @@ class Outcome:
     invalid: str | None = None
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
     status_written: bool = False
     ready: str = "Unknown"
 
@@ -79,6 +85,19 @@ class Reconciler:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._last_failure: dict[tuple[str, str], str] = {}
+        self._keda: tuple[float, bool] | None = None  # (monotonic time asked, served)
+
+    def keda_installed(self) -> bool:
+        """Whether the API server serves KEDA's ``keda.sh/v1alpha1`` (its CRDs are installed),
+        asked through discovery at most once per ``KEDA_CHECK_SECONDS``.
+
+        Raises:
+            KubeError: discovery failed for another reason than 404.
+        """
+        now = time.monotonic()
+        if self._keda is None or now - self._keda[0] > KEDA_CHECK_SECONDS:
+            self._keda = (now, self.kube.serves(SCALED_OBJECT_API_VERSION))
+        return self._keda[1]
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -91,6 +110,29 @@ class Reconciler:
         if self._last_failure.get(key) != message:
             self._last_failure[key] = message
             self.emit(isvc, "Warning", "ApplyFailed", message)
+
+    def _remove_other_autoscaler(
+        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome
+    ) -> None:
+        """Delete the autoscaler of the mode the isvc does not use (after a switch between
+        ``hpa`` and ``keda``), if this isvc controls it, so two autoscalers never fight over
+        the Deployment's replicas."""
+        meta = isvc["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        if keda:
+            stale = (HPA_API_VERSION, "HorizontalPodAutoscaler")
+        elif self.keda_installed():
+            stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
+        else:
+            return
+        obj = self.kube.get(*stale, namespace, name)
+        owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+        if obj is None or not any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
+            return
+        if self.kube.delete(*stale, namespace, name):
+            outcome.deleted.append(f"{stale[1]}/{name}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now "
+                      f"{'keda' if keda else 'hpa'}")
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         """Bring the children and status of isvc ``namespace/name`` in line with its spec.
@@ -118,9 +160,14 @@ class Reconciler:
             spec = parse_spec(isvc.get("spec"), name)
         except InvalidSpecError as err:
             outcome.invalid = str(err)
+        keda = spec is not None and spec.scaling.autoscaler == "keda"
+        keda_installed = self.keda_installed() if keda else True
         if spec is not None:
             children = render_children(Owner(name, namespace, meta["uid"]), spec, self.config)
-            for obj in children.in_order():
+            objects = children.in_order()
+            if keda and not keda_installed:  # nothing can hold a ScaledObject; say so in the status
+                objects = [o for o in objects if o is not children.scaled_object]
+            for obj in objects:
                 kind, child = obj["kind"], obj["metadata"]["name"]
                 before = self.kube.get(obj["apiVersion"], kind, namespace, child)
                 try:
@@ -137,10 +184,18 @@ class Reconciler:
                 elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
                     outcome.updated.append(f"{kind}/{child}")
                     self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+            if outcome.invalid is None:
+                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome)
         self._last_failure.pop((namespace, name), None)
         deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
-        hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
-        new_status = compute_status(isvc, spec, outcome.invalid, deployment, hpa, self.clock())
+        hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, keda_hpa_name(name) if keda else name)
+        scaled_object = (
+            self.kube.get(SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name) if keda and keda_installed else None
+        )
+        new_status = compute_status(
+            isvc, spec, outcome.invalid, deployment, hpa, self.clock(),
+            scaled_object=scaled_object, keda_installed=keda_installed,
+        )
         previous_ready = _ready_condition(isvc.get("status"))
         if outcome.invalid is not None and (
             previous_ready.get("reason") != INVALID_SPEC or previous_ready.get("message") != outcome.invalid

@@ -26,6 +26,15 @@ class MemoryKube:
         self.version = 100
         self.reject: dict[str, KubeError] = {}
         self.status_patches = 0
+        self.keda = False  # whether keda.sh/v1alpha1 is served
+        self.deleted: list[tuple[str, str]] = []
+
+    def serves(self, group_version):
+        return self.keda and group_version == "keda.sh/v1alpha1"
+
+    def delete(self, api_version, kind, namespace, name):
+        self.deleted.append((kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
 
     def get(self, api_version, kind, namespace, name):
         obj = self.objects.get((kind, namespace, name))
@@ -141,3 +150,55 @@ def test_deleted_or_deleting_isvc_is_left_alone():
     assert rec.reconcile("ns", "svc").found is False
     assert rec.reconcile("ns", "other").found is False
     assert events == []
+
+
+KEDA = {**GOOD, "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 3}}
+
+
+def _autoscaler_condition(kube):
+    conditions = kube.objects[("InferenceService", "ns", "svc")]["status"]["conditions"]
+    return next(c for c in conditions if c["type"] == "AutoscalerReady")
+
+
+def test_keda_mode_without_keda_runs_the_deployment_and_says_why_it_cannot_scale():
+    kube, rec, events = make(KEDA)
+    out = rec.reconcile("ns", "svc")
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc"]
+    cond = _autoscaler_condition(kube)
+    assert (cond["status"], cond["reason"]) == ("False", "KedaNotInstalled")
+    assert "install KEDA" in cond["message"]
+
+
+def test_keda_mode_with_keda_applies_a_scaled_object():
+    kube, rec, events = make(KEDA)
+    kube.keda = True
+    out = rec.reconcile("ns", "svc")
+    assert out.created[-1] == "ScaledObject/svc"
+    assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
+    assert _autoscaler_condition(kube)["reason"] == "AutoscalerPending"  # KEDA has not reported yet
+
+
+def test_switching_modes_removes_the_other_autoscaler():
+    kube, rec, events = make(GOOD)
+    kube.keda = True
+    rec.reconcile("ns", "svc")
+    assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+    obj = kube.objects[("InferenceService", "ns", "svc")]
+    obj["spec"]["scaling"] = {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["HorizontalPodAutoscaler/svc"]
+    assert ("ScaledObject", "ns", "svc") in kube.objects
+    assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
+    obj["spec"]["scaling"] = {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["ScaledObject/svc"]
+    assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+
+
+def test_an_autoscaler_of_another_owner_is_never_deleted():
+    kube, rec, events = make({**GOOD, "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2}})
+    kube.keda = True
+    kube.objects[("HorizontalPodAutoscaler", "ns", "svc")] = {
+        "metadata": {"name": "svc", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == [] and ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
