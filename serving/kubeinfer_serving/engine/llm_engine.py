@@ -23,7 +23,7 @@ from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
 from .model_runner import ModelRunner, kv_bytes_per_block
-from .outputs import RequestOutput
+from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -93,18 +93,18 @@ class LLMEngine:
         self._requests: dict[str, _Tracked] = {}
         self.num_steps = 0
         m = model_name
-        self._m_queue = metrics.QUEUE_LENGTH.labels(model=m)
-        self._m_running = metrics.NUM_REQUESTS_RUNNING.labels(model=m)
-        self._m_kv = metrics.KV_CACHE_USAGE.labels(model=m)
-        self._m_ttft = metrics.TTFT.labels(model=m)
-        self._m_itl = metrics.ITL.labels(model=m)
-        self._m_e2e = metrics.E2E_LATENCY.labels(model=m)
-        self._m_qtime = metrics.QUEUE_TIME.labels(model=m)
-        self._m_prompt = metrics.PROMPT_TOKENS.labels(model=m)
-        self._m_gen = metrics.GENERATION_TOKENS.labels(model=m)
-        self._m_preempt = metrics.NUM_PREEMPTIONS.labels(model=m)
-        self._m_pq = metrics.PREFIX_CACHE_QUERIES.labels(model=m)
-        self._m_ph = metrics.PREFIX_CACHE_HITS.labels(model=m)
+        self._m_queue = metrics.QUEUE_LENGTH.labels(model_name=m)
+        self._m_running = metrics.NUM_REQUESTS_RUNNING.labels(model_name=m)
+        self._m_kv = metrics.KV_CACHE_USAGE.labels(model_name=m)
+        self._m_ttft = metrics.TTFT.labels(model_name=m)
+        self._m_itl = metrics.ITL.labels(model_name=m)
+        self._m_e2e = metrics.E2E_LATENCY.labels(model_name=m)
+        self._m_qtime = metrics.QUEUE_TIME.labels(model_name=m)
+        self._m_prompt = metrics.PROMPT_TOKENS.labels(model_name=m)
+        self._m_gen = metrics.GENERATION_TOKENS.labels(model_name=m)
+        self._m_preempt = metrics.NUM_PREEMPTIONS.labels(model_name=m)
+        self._m_pq = metrics.PREFIX_CACHE_QUERIES.labels(model_name=m)
+        self._m_ph = metrics.PREFIX_CACHE_HITS.labels(model_name=m)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -327,11 +327,13 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            timings=RequestTimings(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
+                                   seq.last_token_time) if finished else None,
         )
 
     def _on_finished(self, seq: Sequence, now: float) -> None:
         self._m_e2e.observe(now - seq.arrival_time)
-        metrics.REQUESTS_FINISHED.labels(model=self.model_name, finish_reason=seq.finish_reason or "abort").inc()
+        metrics.REQUESTS_FINISHED.labels(model_name=self.model_name, finish_reason=seq.finish_reason or "abort").inc()
 
     def _record_gauges(self) -> None:
         self._m_queue.set(len(self.scheduler.waiting))

@@ -5,6 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """When a request passed its phases, in ``time.monotonic()`` seconds (None: not reached).
+
+    Attributes:
+        arrival: the request was added to the engine.
+        first_scheduled: it left the waiting queue (prefill started).
+        first_token: its first output token was sampled (prefill done).
+        last_token: its latest output token was sampled.
+    """
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    last_token: float | None
+
+
 @dataclass
 class RequestOutput:
     """The progress of one request since its previous output (a streaming delta).
@@ -20,6 +37,7 @@ class RequestOutput:
         num_prompt_tokens: prompt length in tokens.
         num_output_tokens: output tokens generated so far (in total, not the delta).
         num_cached_tokens: prompt tokens served from the prefix cache at the first schedule.
+        timings: phase times of the request, set on the last output only (None before).
     """
 
     request_id: str
@@ -30,3 +48,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    timings: RequestTimings | None = None
