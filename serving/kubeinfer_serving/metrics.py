@@ -148,17 +148,25 @@ def record_finished_request(model_name: str, out: Any) -> None:
 
 class ModelStateCollector(Collector):
     """``kubeinfer_model_state{model_name, state}``: 1 for the state each catalogue model is in,
-    0 for the others, read from the provider at scrape time (no bookkeeping on transitions).
+    0 for the others, and ``kubeinfer_ready``: 1 when ``/ready`` answers 200 (every preloaded
+    model loaded), else 0; both read from the provider at scrape time (no bookkeeping on
+    transitions).
 
     Args:
         list_models: returns the catalogue's :class:`~kubeinfer_serving.registry.protocol.ModelInfo`
             list (``name``, ``state`` an enum whose value is one of :data:`MODEL_STATES`).
+        is_ready: the provider's readiness (what ``/ready`` reports).
     """
 
-    def __init__(self, list_models: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, list_models: Callable[[], Iterable[Any]], is_ready: Callable[[], bool]) -> None:
         self._list_models = list_models
+        self._is_ready = is_ready
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "kubeinfer_ready", "1 when every preloaded model is loaded (/ready is 200), else 0.",
+            value=1.0 if self._is_ready() else 0.0,
+        )
         family = GaugeMetricFamily(
             "kubeinfer_model_state", "1 for the state each model is in (unloaded, loading, loaded, failed).",
             labels=["model_name", "state"],

@@ -71,3 +71,4 @@ def test_process_metrics_and_model_state_gauge(server) -> None:
     assert "process_cpu_seconds_total" in text
     assert metric_value(server.base_url, "kubeinfer_model_state", model_name=MODEL, state="loaded") == 1.0
     assert metric_value(server.base_url, "kubeinfer_model_state", model_name=MODEL, state="loading") == 0.0
+    assert metric_value(server.base_url, "kubeinfer_ready") == 1.0

@@ -61,7 +61,7 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
     app.state.settings = settings or ServerSettings()
     # Per-app series (the model states of this app's provider), served after the global registry.
     app.state.metrics_registry = CollectorRegistry(auto_describe=True)
-    app.state.metrics_registry.register(ModelStateCollector(provider.list_models))
+    app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
     app.add_middleware(HTTPMetricsMiddleware)
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health):
