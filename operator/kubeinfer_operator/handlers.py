@@ -6,6 +6,8 @@
   ``app.kubernetes.io/managed-by=kubeinfer-operator``): reconcile its controlling owner, so
   drift is reverted, a deleted child is recreated and the status follows the Deployment's
   and HPA's status.
+* A serving pod starting, changing readiness or IP, or going away: reconcile its isvc, which
+  re-polls the pods' ``/v1/models`` for ``status.models``.
 * A resync loop (every ``RESYNC_SECONDS``) that lists the watched InferenceServices and
   reconciles each, as a level-triggered safety net. It is an operator-level task, not a kopf
   timer: kopf timers put a finalizer on every object, and a finalizer makes ``kubectl delete``
@@ -205,3 +207,33 @@ def on_service_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
 def on_configmap_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A catalogue ConfigMap changed or was deleted."""
     _on_child_event(type, body, memo)
+
+
+def pod_signature(body: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """What about a serving pod matters to its isvc's status: (phase, Ready, pod IP)."""
+    status = body.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return str(status.get("phase", "")), ready, str(status.get("podIP", ""))
+
+
+@kopf.on.event("", "v1", "pods", labels={**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT})
+def on_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A serving pod started, became (un)ready, got its IP or went away: re-read its models
+    (status.models, ModelsReady). Other pod updates (e.g. container restarts counted, probes
+    unchanged) are ignored, so a busy pod does not cause a reconcile storm."""
+    meta = body.get("metadata") or {}
+    owner, namespace, uid = (meta.get("labels") or {}).get(ISVC_LABEL), meta.get("namespace"), meta.get("uid")
+    if type is None or not owner or not namespace:
+        return
+    seen: dict[str, tuple[str, bool, str]] = memo.setdefault("pod_signatures", {})
+    signature = pod_signature(body)
+    if type == "DELETED":
+        seen.pop(uid, None)
+    elif seen.get(uid) == signature:
+        return
+    else:
+        seen[uid] = signature
+    try:
+        _run(memo, namespace, owner, f"Pod/{meta.get('name')} {type.lower()}")
+    except kopf.TemporaryError as err:  # the resync loop retries
+        logger.warning("%s", err)

@@ -21,6 +21,7 @@ from kubeinfer_operator.config import FIELD_MANAGER, GROUP, PLURAL, VERSION
 _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "Pod"): ("/api/v1", "pods"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     ("keda.sh/v1alpha1", "ScaledObject"): ("/apis/keda.sh/v1alpha1", "scaledobjects"),
@@ -151,6 +152,15 @@ class Kube:
                 return False
             raise
         return True
+
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods in ``namespace`` carrying every label of ``selector``.
+
+        Raises:
+            KubeError: the list failed.
+        """
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
+        return list(self._call("GET", object_path("v1", "Pod", namespace), query=query).get("items") or [])
 
     def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
         """InferenceServices in ``namespace``, or in every namespace when None.

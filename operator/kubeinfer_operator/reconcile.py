@@ -18,7 +18,14 @@ from typing import Any
 
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
-from kubeinfer_operator.render import SCALED_OBJECT_API_VERSION, Owner, keda_hpa_name, render_children
+from kubeinfer_operator.models_poll import ModelPoller, summarise
+from kubeinfer_operator.render import (
+    SCALED_OBJECT_API_VERSION,
+    Owner,
+    keda_hpa_name,
+    render_children,
+    selector_labels,
+)
 from kubeinfer_operator.spec import InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
@@ -86,6 +93,11 @@ class Reconciler:
         self._locks_guard = threading.Lock()
         self._last_failure: dict[tuple[str, str], str] = {}
         self._keda: tuple[float, bool] | None = None  # (monotonic time asked, served)
+        self.poller = (
+            ModelPoller(config.model_poll_timeout_seconds, config.model_poll_concurrency,
+                        allowed_networks=config.model_poll_networks)
+            if config.model_poll else None
+        )
 
     def keda_installed(self) -> bool:
         """Whether the API server serves KEDA's ``keda.sh/v1alpha1`` (its CRDs are installed),
@@ -192,9 +204,14 @@ class Reconciler:
         scaled_object = (
             self.kube.get(SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name) if keda and keda_installed else None
         )
+        models = None
+        if spec is not None and self.poller is not None and deployment is not None:
+            answers = self.poller.poll(self.kube.list_pods(namespace, selector_labels(name)))
+            if answers:  # else no pod to ask (or none the operator may reach): derive from readiness
+                models = summarise(spec, answers)
         new_status = compute_status(
             isvc, spec, outcome.invalid, deployment, hpa, self.clock(),
-            scaled_object=scaled_object, keda_installed=keda_installed,
+            scaled_object=scaled_object, keda_installed=keda_installed, models=models,
         )
         previous_ready = _ready_condition(isvc.get("status"))
         if outcome.invalid is not None and (

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubeinfer_operator.models_poll import model_summary
 from kubeinfer_operator.render import service_url
 from kubeinfer_operator.spec import InferenceServiceSpec
 
@@ -124,6 +125,7 @@ def autoscaler_verdict(
         spec: the parsed spec, or None when invalid.
         scaled_object: the KEDA ScaledObject child (keda mode), or None.
         keda_installed: whether the API server serves keda.sh/v1alpha1.
+        models: ``status.models`` from polling the pods (None: not polled; derived from readiness).
         replicas: the Deployment's desired replica count (0 when KEDA scaled it to zero).
     """
     keda = spec is not None and spec.scaling.autoscaler == "keda"
@@ -157,10 +159,20 @@ def autoscaler_verdict(
     return Verdict("True", active.get("reason") or "ScalingActive", active.get("message") or "")
 
 
-def models_verdict(spec: InferenceServiceSpec | None, ready_replicas: int) -> Verdict:
-    """ModelsReady: True once a pod is ready, since /ready means every preloaded model is loaded."""
+def models_verdict(
+    spec: InferenceServiceSpec | None, ready_replicas: int, models: list[dict[str, Any]] | None = None
+) -> Verdict:
+    """ModelsReady. With polled per-pod state (``models``, from :func:`~kubeinfer_operator.models_poll.summarise`):
+    False/ModelLoadFailed when a model failed to load in a pod (the pod's reason in the
+    message), False/NoReadyPods without a ready pod, else True. Without it: True once a pod is
+    ready, since /ready means every preloaded model is loaded."""
     if spec is None:
         return Verdict("Unknown", INVALID_SPEC, "the model list cannot be read from the spec")
+    if models is not None:
+        failed = [m for m in models if m["state"] == "Failed"]
+        if failed:
+            return Verdict("False", "ModelLoadFailed",
+                           "; ".join(f"{m['name']}: {m['message']}" for m in failed)[:1024])
     preloaded = sum(1 for m in spec.models if m.preload)
     if ready_replicas > 0:
         return Verdict(
@@ -172,19 +184,21 @@ def models_verdict(spec: InferenceServiceSpec | None, ready_replicas: int) -> Ve
     return Verdict("False", "NoReadyPods", "no serving pod is ready yet")
 
 
-def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list[dict[str, str]]:
-    """``status.models``: preloaded models are Loaded once a pod is ready; the rest stay Pending
-    (loaded on demand inside the pod, which does not report to the API)."""
+def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list[dict[str, Any]]:
+    """``status.models`` when the pods were not polled: preloaded models are Loaded on every
+    ready pod (that is what /ready means); on-demand ones stay Pending."""
     if spec is None:
         return []
-    out = []
+    out: list[dict[str, Any]] = []
     for m in spec.models:
+        counts = {"readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
         if m.preload and ready_replicas > 0:
-            out.append({"name": m.name, "state": "Loaded", "message": "preloaded; a ready pod has it loaded"})
+            out.append({"name": m.name, "state": "Loaded", **counts, "message": "preloaded; a ready pod has it loaded"})
         elif m.preload:
-            out.append({"name": m.name, "state": "Pending", "message": "preloaded at pod start; no pod is ready yet"})
+            out.append({"name": m.name, "state": "Pending", **counts,
+                        "message": "preloaded at pod start; no pod is ready yet"})
         else:
-            out.append({"name": m.name, "state": "Pending", "message": "loaded on demand by the first request"})
+            out.append({"name": m.name, "state": "Pending", **counts, "message": "loaded on demand by the first request"})
     return out
 
 
@@ -240,6 +254,7 @@ def compute_status(
     now: dt.datetime,
     scaled_object: Mapping[str, Any] | None = None,
     keda_installed: bool = True,
+    models: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of ``isvc`` from its parsed spec and its children.
 
@@ -269,8 +284,9 @@ def compute_status(
         READY: ready_verdict(invalid, dep_v, hpa_v),
         DEPLOYMENT_AVAILABLE: dep_v,
         AUTOSCALER_READY: hpa_v,
-        MODELS_READY: models_verdict(spec, ready),
+        MODELS_READY: models_verdict(spec, ready, models),
     }
+    models_list = models if models is not None and spec is not None else model_states(spec, ready)
     previous = (isvc.get("status") or {}).get("conditions")
     raw_models = ((isvc.get("spec") or {}).get("models")) or []
     names = [m.name for m in spec.models] if spec else [
@@ -283,7 +299,8 @@ def compute_status(
         "readyReplicas": ready,
         "replicaSummary": f"{ready}/{desired}",
         "modelNames": ",".join(names),
-        "models": model_states(spec, ready),
+        "models": models_list,
+        "modelSummary": model_summary(models_list),
         "conditions": merge_conditions(previous, verdicts, generation, now),
     }
 

@@ -50,7 +50,8 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, interva
 class Operator:
     """A ``kubeinfer-operator`` process with its log in a file."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.extra_env = extra_env or {}
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
@@ -63,7 +64,10 @@ class Operator:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE,
+               # kwok's fake pod IPs lead off this machine: poll /v1/models only on local addresses
+               "KUBEINFER_MODEL_POLL_NETWORKS": os.environ.get("KUBEINFER_MODEL_POLL_NETWORKS", "127.0.0.0/8"),
+               **self.extra_env}
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", NS, "-v",
              "--liveness", f"http://127.0.0.1:{port}/healthz"],

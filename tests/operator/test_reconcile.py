@@ -73,7 +73,8 @@ GOOD = {"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny
 def make(spec):
     kube = MemoryKube(isvc(spec))
     events: list[tuple[str, str, str]] = []
-    rec = Reconciler(kube, OperatorConfig(), lambda obj, t, r, m: events.append((t, r, m)), clock=lambda: NOW)
+    rec = Reconciler(kube, OperatorConfig(model_poll=False), lambda obj, t, r, m: events.append((t, r, m)),
+                     clock=lambda: NOW)
     return kube, rec, events
 
 

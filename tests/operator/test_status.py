@@ -172,3 +172,20 @@ def test_scaled_to_zero_is_ready_not_an_error():
                         T0, scaled_object=scaled_object())
     assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("True", "ScaledToZero")
     assert st["replicaSummary"] == "0/0"
+
+
+def test_polled_model_state_drives_models_ready_and_the_summary():
+    polled = [{"name": "chat", "state": "Loaded", "readyPods": 2, "loadedPods": 2, "failedPods": 0, "message": "x"},
+              {"name": "embed", "state": "Failed", "readyPods": 2, "loadedPods": 0, "failedPods": 2,
+               "message": "svc-abc-1: no such file /m/e"}]
+    st = compute_status(ISVC, spec(), None, deployment(ready=2, desired=2), hpa(), T0, models=polled)
+    assert st["models"] == polled
+    assert st["modelSummary"] == "chat 2/2, embed 0/2"
+    ready = cond(st, "ModelsReady")
+    assert (ready["status"], ready["reason"]) == ("False", "ModelLoadFailed")
+    assert "embed: svc-abc-1: no such file /m/e" in ready["message"]
+
+
+def test_without_polling_the_summary_follows_readiness():
+    st = compute_status(ISVC, spec(), None, deployment(ready=1), hpa(), T0)
+    assert st["modelSummary"] == "chat 1/1, embed 0/1"
