@@ -80,7 +80,10 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api = api_client
 
-    def _call(
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._call_status(method, path, **kwargs)[1]
+
+    def _call_status(
         self,
         method: str,
         path: str,
@@ -88,7 +91,8 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
-    ) -> dict[str, Any]:
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call: (HTTP status, JSON body)."""
         request = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -106,7 +110,7 @@ class Kube:
             raise KubeError(0, type(err).__name__, str(err)) from err
         if not 200 <= response.status <= 299:
             raise _kube_error(response.status, response.reason or "", response.data)
-        return json.loads(response.data) if response.data else {}
+        return response.status, (json.loads(response.data) if response.data else {})
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404).
@@ -187,6 +191,22 @@ class Kube:
             body=dict(obj),
             content_type="application/apply-patch+yaml",
         )
+
+    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """:meth:`apply`, also telling whether it created the object (HTTP 201) or found it (200).
+
+        Raises:
+            KubeError: as :meth:`apply`.
+        """
+        meta = obj["metadata"]
+        status, body = self._call_status(
+            "PATCH",
+            object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            body=dict(obj),
+            content_type="application/apply-patch+yaml",
+        )
+        return status == 201, body
 
     def patch_isvc_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """JSON merge patch of ``status`` through the InferenceService's status subresource.

@@ -9,6 +9,8 @@ no-op on the server: no new resourceVersion, no rollout).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -41,6 +43,25 @@ EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator's watches (kopf indexes) hold for one isvc.
+
+    Attributes:
+        children: (kind, name) -> the child object as last watched (ConfigMap, Service,
+            Deployment, the HPA - the operator's or KEDA's).
+        pods: the isvc's serving pods as last watched.
+    """
+
+    children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+
+
+def content_hash(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a rendered object's canonical JSON: equal renders give equal hashes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -93,6 +114,9 @@ class Reconciler:
         self._locks_guard = threading.Lock()
         self._last_failure: dict[tuple[str, str], str] = {}
         self._keda: tuple[float, bool] | None = None  # (monotonic time asked, served)
+        #: (namespace, kind, name) -> (content hash, resourceVersion) of this process' last apply.
+        self._applied: dict[tuple[str, str, str], tuple[str, str | None]] = {}
+        self._mode_checked: dict[tuple[str, str], str] = {}
         self.poller = (
             ModelPoller(config.model_poll_timeout_seconds, config.model_poll_concurrency,
                         allowed_networks=config.model_poll_networks)
@@ -124,30 +148,52 @@ class Reconciler:
             self.emit(isvc, "Warning", "ApplyFailed", message)
 
     def _remove_other_autoscaler(
-        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome
+        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome,
+        observed: Observed | None = None,
     ) -> None:
         """Delete the autoscaler of the mode the isvc does not use (after a switch between
         ``hpa`` and ``keda``), if this isvc controls it, so two autoscalers never fight over
-        the Deployment's replicas."""
+        the Deployment's replicas. A watched HPA is checked from ``observed``; a ScaledObject
+        (not watched) is looked up once per isvc and mode in this process."""
         meta = isvc["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        mode = "keda" if keda else "hpa"
         if keda:
             stale = (HPA_API_VERSION, "HorizontalPodAutoscaler")
-        elif self.keda_installed():
-            stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
+            if observed is not None:
+                obj = observed.children.get(("HorizontalPodAutoscaler", name))
+            else:
+                obj = self.kube.get(*stale, namespace, name)
         else:
-            return
-        obj = self.kube.get(*stale, namespace, name)
+            stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
+            if self._mode_checked.get((namespace, name)) == mode or not self.keda_installed():
+                return
+            obj = self.kube.get(*stale, namespace, name)
+        self._mode_checked[(namespace, name)] = mode
         owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
         if obj is None or not any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
             return
         if self.kube.delete(*stale, namespace, name):
             outcome.deleted.append(f"{stale[1]}/{name}")
-            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now "
-                      f"{'keda' if keda else 'hpa'}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now {mode}")
 
-    def reconcile(self, namespace: str, name: str) -> Outcome:
+    def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        isvc: Mapping[str, Any] | None = None,
+        observed: Observed | None = None,
+    ) -> Outcome:
         """Bring the children and status of isvc ``namespace/name`` in line with its spec.
+
+        Args:
+            isvc: the object as kopf delivered it (or as an index holds it); read from the API
+                when None.
+            observed: what the operator's watches hold of the children and pods (kopf indexes).
+                With it, no child is read from the API: a child whose rendered content and
+                resourceVersion equal what this process last applied is not applied again,
+                and status comes from the watched (or just applied) objects. Without it, each
+                child is read before it is applied, and the Deployment, HPA and pods after.
 
         A spec the operator cannot serve (parse failure, or a child the API server rejects
         with 400/422) is not an error here: it yields Ready=False/InvalidSpec, one Warning
@@ -158,12 +204,45 @@ class Reconciler:
             KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
         """
         with self._lock(namespace, name):
-            isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
+            if isvc is None:
+                isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
             if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
                 return Outcome(found=False)
-            return self._reconcile(isvc)
+            return self._reconcile(dict(isvc), observed)
 
-    def _reconcile(self, isvc: dict[str, Any]) -> Outcome:
+    def _apply_child(
+        self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed | None, outcome: Outcome
+    ) -> dict[str, Any] | None:
+        """Apply one child unless ``observed`` shows it unchanged since this process applied the
+        same content; record created/updated; return the object as stored (None when skipped)."""
+        meta = isvc["metadata"]
+        namespace, kind, child = meta["namespace"], obj["kind"], obj["metadata"]["name"]
+        digest = content_hash(obj)
+        key = (namespace, kind, child)
+        if observed is not None:
+            seen = observed.children.get((kind, child))
+            seen_rv = (seen or {}).get("metadata", {}).get("resourceVersion")
+            last = self._applied.get(key)
+            if seen is not None and last is not None and last == (digest, seen_rv):
+                return None  # nobody touched it since our identical apply: nothing to do
+            created, after = self.kube.apply_status(obj)
+            before_rv = seen_rv if seen is not None else (last[1] if last else None)
+        else:
+            before = self.kube.get(obj["apiVersion"], kind, namespace, child)
+            after = self.kube.apply(obj)
+            created = before is None
+            before_rv = (before or {}).get("metadata", {}).get("resourceVersion")
+        after_rv = after["metadata"].get("resourceVersion")
+        self._applied[key] = (digest, after_rv)
+        if created:
+            outcome.created.append(f"{kind}/{child}")
+            self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
+        elif before_rv is not None and before_rv != after_rv:
+            outcome.updated.append(f"{kind}/{child}")
+            self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+        return after
+
+    def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
         meta = isvc["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         outcome = Outcome()
@@ -174,39 +253,42 @@ class Reconciler:
             outcome.invalid = str(err)
         keda = spec is not None and spec.scaling.autoscaler == "keda"
         keda_installed = self.keda_installed() if keda else True
+        stored: dict[str, dict[str, Any]] = {}  # kind -> object as the apply returned it
         if spec is not None:
             children = render_children(Owner(name, namespace, meta["uid"]), spec, self.config)
             objects = children.in_order()
             if keda and not keda_installed:  # nothing can hold a ScaledObject; say so in the status
                 objects = [o for o in objects if o is not children.scaled_object]
             for obj in objects:
-                kind, child = obj["kind"], obj["metadata"]["name"]
-                before = self.kube.get(obj["apiVersion"], kind, namespace, child)
                 try:
-                    after = self.kube.apply(obj)
+                    after = self._apply_child(isvc, obj, observed, outcome)
                 except KubeError as err:
                     if not err.invalid:
-                        self._warn_once(isvc, f"{kind} {child}: {err}")
+                        self._warn_once(isvc, f"{obj['kind']} {obj['metadata']['name']}: {err}")
                         raise
-                    outcome.invalid = f"the API server rejected {kind} {child}: {err.message}"
+                    outcome.invalid = f"the API server rejected {obj['kind']} {obj['metadata']['name']}: {err.message}"
                     break
-                if before is None:
-                    outcome.created.append(f"{kind}/{child}")
-                    self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
-                elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
-                    outcome.updated.append(f"{kind}/{child}")
-                    self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+                if after is not None:
+                    stored[obj["kind"]] = after
             if outcome.invalid is None:
-                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome)
+                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome, observed)
         self._last_failure.pop((namespace, name), None)
-        deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
-        hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, keda_hpa_name(name) if keda else name)
-        scaled_object = (
-            self.kube.get(SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name) if keda and keda_installed else None
-        )
+        hpa_name = keda_hpa_name(name) if keda else name
+        if observed is not None:
+            deployment = stored.get("Deployment") or observed.children.get(("Deployment", name))
+            hpa = (None if keda else stored.get("HorizontalPodAutoscaler")) or observed.children.get(
+                ("HorizontalPodAutoscaler", hpa_name))
+        else:
+            deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
+            hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
+        scaled_object = None
+        if keda and keda_installed:  # not watched (KEDA may be installed after the operator started)
+            scaled_object = stored.get("ScaledObject") or self.kube.get(
+                SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name)
         models = None
         if spec is not None and self.poller is not None and deployment is not None:
-            answers = self.poller.poll(self.kube.list_pods(namespace, selector_labels(name)))
+            pods = observed.pods if observed is not None else self.kube.list_pods(namespace, selector_labels(name))
+            answers = self.poller.poll(pods)
             if answers:  # else no pod to ask (or none the operator may reach): derive from readiness
                 models = summarise(spec, answers)
         new_status = compute_status(

@@ -203,3 +203,56 @@ def test_an_autoscaler_of_another_owner_is_never_deleted():
         "metadata": {"name": "svc", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
     out = rec.reconcile("ns", "svc")
     assert out.deleted == [] and ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+
+
+class CountingKube(MemoryKube):
+    """MemoryKube that counts calls and answers apply_status (201 on create) like the API server."""
+
+    def __init__(self, isvc):
+        super().__init__(isvc)
+        self.calls: list[str] = []
+
+    def get(self, api_version, kind, namespace, name):
+        self.calls.append(f"GET {kind}")
+        return super().get(api_version, kind, namespace, name)
+
+    def apply(self, obj):
+        self.calls.append(f"APPLY {obj['kind']}")
+        return super().apply(obj)
+
+    def apply_status(self, obj):
+        created = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) not in self.objects
+        return created, self.apply(obj)
+
+    def patch_isvc_status(self, namespace, name, status):
+        self.calls.append("PATCH status")
+        return super().patch_isvc_status(namespace, name, status)
+
+
+def watched(kube):
+    """What the watches would hold: every child as stored now."""
+    from kubeinfer_operator.reconcile import Observed
+
+    return Observed(children={(k, n): copy.deepcopy(o) for (k, ns, n), o in kube.objects.items()
+                              if k != "InferenceService"})
+
+
+def test_reconcile_from_watched_state_reads_nothing_and_skips_unchanged_children():
+    kube = CountingKube(isvc(GOOD))
+    events = []
+    rec = Reconciler(kube, OperatorConfig(model_poll=False), lambda o, t, r, m: events.append(r), clock=lambda: NOW)
+    body = kube.objects[("InferenceService", "ns", "svc")]
+    out = rec.reconcile("ns", "svc", isvc=body, observed=watched(kube))
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", "HorizontalPodAutoscaler/svc"]
+    assert [c for c in kube.calls if c.startswith("GET")] == []  # no read before or after the applies
+    kube.calls.clear()
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert kube.calls == [] and (out.created, out.updated) == ([], [])  # steady state: zero API requests
+    kube.objects[("Service", "ns", "svc")]["spec"]["type"] = "NodePort"  # drift: someone edited the Service
+    kube.objects[("Service", "ns", "svc")]["metadata"]["resourceVersion"] = "999"
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert kube.calls == ["APPLY Service"] and out.updated == ["Service/svc"]
+    del kube.objects[("Deployment", "ns", "svc")]  # deleted: recreated
+    kube.calls.clear()
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert kube.calls == ["APPLY Deployment"] and out.created == ["Deployment/svc"]
