@@ -270,6 +270,8 @@ def _on_child_event(type: str | None, body: Mapping[str, Any], memo: kopf.Memo) 
     if not owner or not namespace:
         return
     child = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name')}"
+    if type == "DELETED":
+        memo.reconciler.forget(namespace, str(body.get("kind")), str((body.get("metadata") or {}).get("name")))
     try:
         _run(memo, namespace, owner, f"{child} {type.lower()}")
     except kopf.TemporaryError as err:  # the resync timer retries

@@ -59,6 +59,22 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
 
 
+def fingerprint(obj: Mapping[str, Any]) -> str:
+    """What changes when someone changes a stored object, but not when only its status moves:
+    ``metadata.generation`` (bumped by spec changes) plus a hash of labels, annotations and
+    owner references for kinds with a generation (Deployment, HPA, ScaledObject), else the
+    resourceVersion (ConfigMap, Service)."""
+    meta = obj.get("metadata") or {}
+    if "generation" not in meta:
+        return f"rv:{meta.get('resourceVersion')}"
+    rest = {k: meta.get(k) for k in ("labels", "annotations", "ownerReferences")}
+    return f"gen:{meta['generation']}:{content_hash(rest)[:16]}"
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    return int((obj.get("metadata") or {}).get("generation") or 0)
+
+
 def content_hash(obj: Mapping[str, Any]) -> str:
     """SHA-256 of a rendered object's canonical JSON: equal renders give equal hashes."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -114,14 +130,19 @@ class Reconciler:
         self._locks_guard = threading.Lock()
         self._last_failure: dict[tuple[str, str], str] = {}
         self._keda: tuple[float, bool] | None = None  # (monotonic time asked, served)
-        #: (namespace, kind, name) -> (content hash, resourceVersion) of this process' last apply.
-        self._applied: dict[tuple[str, str, str], tuple[str, str | None]] = {}
+        #: (namespace, kind, name) -> (content hash, :func:`fingerprint`, generation) of this
+        #: process' last apply of that child.
+        self._applied: dict[tuple[str, str, str], tuple[str, str, int]] = {}
         self._mode_checked: dict[tuple[str, str], str] = {}
         self.poller = (
             ModelPoller(config.model_poll_timeout_seconds, config.model_poll_concurrency,
                         allowed_networks=config.model_poll_networks)
             if config.model_poll else None
         )
+
+    def forget(self, namespace: str, kind: str, name: str) -> None:
+        """A child was deleted: the next reconcile applies it again whatever the watches show."""
+        self._applied.pop((namespace, kind, name), None)
 
     def keda_installed(self) -> bool:
         """Whether the API server serves KEDA's ``keda.sh/v1alpha1`` (its CRDs are installed),
@@ -221,23 +242,27 @@ class Reconciler:
         key = (namespace, kind, child)
         if observed is not None:
             seen = observed.children.get((kind, child))
-            seen_rv = (seen or {}).get("metadata", {}).get("resourceVersion")
+            seen_print = fingerprint(seen) if seen is not None else None
             last = self._applied.get(key)
-            if seen is not None and last is not None and last == (digest, seen_rv):
-                return None  # nobody touched it since our identical apply: nothing to do
+            if last is not None and last[0] == digest and (
+                seen is None  # applied, but the watch has not delivered it yet (a deletion calls forget())
+                or seen_print == last[1]  # nobody changed it since our identical apply
+                or _generation(seen) < last[2]  # the watch still shows an older version than ours
+            ):
+                return None
             created, after = self.kube.apply_status(obj)
-            before_rv = seen_rv if seen is not None else (last[1] if last else None)
+            before_print = seen_print if seen is not None else (last[1] if last else None)
         else:
             before = self.kube.get(obj["apiVersion"], kind, namespace, child)
             after = self.kube.apply(obj)
             created = before is None
-            before_rv = (before or {}).get("metadata", {}).get("resourceVersion")
-        after_rv = after["metadata"].get("resourceVersion")
-        self._applied[key] = (digest, after_rv)
+            before_print = fingerprint(before) if before is not None else None
+        after_print = fingerprint(after)
+        self._applied[key] = (digest, after_print, _generation(after))
         if created:
             outcome.created.append(f"{kind}/{child}")
             self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
-        elif before_rv is not None and before_rv != after_rv:
+        elif before_print is not None and before_print != after_print:
             outcome.updated.append(f"{kind}/{child}")
             self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
         return after
