@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the test cluster's metrics stack and link it at <repo>/.cache/metrics-bin.
 #
-# Builds prometheus and promtool (github.com/prometheus/prometheus) and KEDA's operator
-# and metrics adapter (github.com/kedacore/keda/v2, as keda-operator and
-# keda-adapter) from this module; versions are pinned in go.mod. The binaries live
-# outside the clone in $KUBEINFER_CACHE/metrics-bin-<hash>, keyed by go.mod, go.sum
-# and this script, so fresh clones (CI) reuse them; they are rebuilt only when one of
+# Builds prometheus and promtool (github.com/prometheus/prometheus, module ./prometheus) and
+# KEDA's operator and metrics adapter (github.com/kedacore/keda/v2, module ./keda, as
+# keda-operator and keda-adapter); versions are pinned in the go.mod files (two modules:
+# their dependency graphs conflict). The binaries live outside the clone in
+# $KUBEINFER_CACHE/metrics-bin-<hash>, keyed by the go.mod, go.sum and tools.go files and
+# this script, so fresh clones (CI) reuse them; they are rebuilt only when one of
 # those changes. Safe to run concurrently (flock). Prometheus is built without its
 # embedded web UI (the HTTP API, which is all the tests use, is complete).
 #
@@ -20,7 +21,8 @@ REPO="$(cd "$HERE/../.." && pwd)"
 CACHE_ROOT="${KUBEINFER_CACHE:-$HOME/.cache/kubeinfer}"
 JOBS="${GO_BUILD_JOBS:-2}"
 NICE="${BUILD_NICE:-19}"
-KEY="$(cd "$HERE" && cat go.mod go.sum tools.go build.sh | sha256sum | cut -c1-16)"
+KEY="$(cd "$HERE" && cat prometheus/go.mod prometheus/go.sum prometheus/tools.go keda/go.mod keda/go.sum keda/tools.go \
+  build.sh | sha256sum | cut -c1-16)"
 BIN_REAL="$CACHE_ROOT/metrics-bin-$KEY"
 LINK="$REPO/.cache/metrics-bin"
 
@@ -44,10 +46,10 @@ if [[ -f "$BIN_REAL/.complete" ]]; then  # another process finished the build wh
 fi
 
 command -v go >/dev/null || { echo "build.sh: the Go toolchain (go) is required" >&2; exit 1; }
-version_of() { (cd "$HERE" && go list -m -f '{{.Version}}' "$1"); }
-PROM_MODULE_VERSION="$(version_of github.com/prometheus/prometheus)"   # v0.3XY.Z is Prometheus 3.XY.Z
+version_of() { (cd "$HERE/$1" && go list -m -f '{{.Version}}' "$2"); }
+PROM_MODULE_VERSION="$(version_of prometheus github.com/prometheus/prometheus)"   # v0.3XY.Z is Prometheus 3.XY.Z
 PROM_VERSION="3.${PROM_MODULE_VERSION#v0.3}"; PROM_VERSION="${PROM_VERSION/#3.0/3.}"
-KEDA_VERSION="$(version_of github.com/kedacore/keda/v2)"
+KEDA_VERSION="$(version_of keda github.com/kedacore/keda/v2)"
 STAGE="$BIN_REAL.partial"
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
@@ -56,16 +58,16 @@ start=$(date +%s)
 echo "build.sh: building Prometheus $PROM_VERSION, promtool and KEDA $KEDA_VERSION into $STAGE (go build -p $JOBS)" >&2
 prom_ldflags="-s -w -X github.com/prometheus/common/version.Version=$PROM_VERSION"
 prom_ldflags+=" -X github.com/prometheus/common/version.Branch=release -X github.com/prometheus/common/version.Revision=$PROM_MODULE_VERSION"
-(cd "$HERE" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$prom_ldflags" -o "$STAGE/" \
+(cd "$HERE/prometheus" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$prom_ldflags" -o "$STAGE/" \
   github.com/prometheus/prometheus/cmd/prometheus \
   github.com/prometheus/prometheus/cmd/promtool)
 keda_ldflags="-s -w -X github.com/kedacore/keda/v2/version.Version=${KEDA_VERSION#v} -X github.com/kedacore/keda/v2/version.GitCommit=$KEDA_VERSION"
-(cd "$HERE" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$keda_ldflags" -o "$STAGE/keda-operator" \
+(cd "$HERE/keda" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$keda_ldflags" -o "$STAGE/keda-operator" \
   github.com/kedacore/keda/v2/cmd/operator)
-(cd "$HERE" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$keda_ldflags" -o "$STAGE/keda-adapter" \
+(cd "$HERE/keda" && nice -n "$NICE" go build -p "$JOBS" -ldflags "$keda_ldflags" -o "$STAGE/keda-adapter" \
   github.com/kedacore/keda/v2/cmd/adapter)
 # KEDA's CRDs (ScaledObject, ScaledJob, TriggerAuthentication, ...) from the same module version.
-keda_dir="$(cd "$HERE" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"
+keda_dir="$(cd "$HERE/keda" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"
 mkdir -p "$STAGE/keda-crds"
 cp "$keda_dir"/config/crd/bases/*.yaml "$STAGE/keda-crds/"
 chmod u+w "$STAGE/keda-crds/"*.yaml
