@@ -96,8 +96,9 @@ def _run(
         raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {err}", delay=retry_delay(retry)) from err
     if outcome.found:
         logger.info(
-            "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s",
+            "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s status=%s",
             namespace, name, why, outcome.ready, outcome.created, outcome.updated, outcome.invalid,
+            outcome.status_changes,
         )
     return outcome
 

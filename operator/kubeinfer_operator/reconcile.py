@@ -71,6 +71,18 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
     return f"gen:{meta['generation']}:{content_hash(rest)[:16]}"
 
 
+def newest(*objs: Mapping[str, Any] | None) -> Any:
+    """The most recent of several copies of one object (highest resourceVersion when they are
+    numbers, as the API server's are in practice; else the first present), or None."""
+    present = [o for o in objs if o is not None]
+    if not present:
+        return None
+    try:
+        return max(present, key=lambda o: int(o["metadata"]["resourceVersion"]))
+    except (KeyError, TypeError, ValueError):
+        return present[0]
+
+
 def _generation(obj: Mapping[str, Any]) -> int:
     return int((obj.get("metadata") or {}).get("generation") or 0)
 
@@ -90,6 +102,7 @@ class Outcome:
         created / updated: ``Kind/name`` of children the apply created or changed.
         deleted: ``Kind/name`` of the other mode's autoscaler removed after a mode switch.
         status_written: the status subresource was patched.
+        status_changes: the top-level status fields that patch changed.
         ready: the Ready condition's status after this reconcile ("True", "False", "Unknown").
     """
 
@@ -99,6 +112,7 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     status_written: bool = False
+    status_changes: list[str] = field(default_factory=list)
     ready: str = "Unknown"
 
 
@@ -134,6 +148,10 @@ class Reconciler:
         #: process' last apply of that child.
         self._applied: dict[tuple[str, str, str], tuple[str, str, int]] = {}
         self._mode_checked: dict[tuple[str, str], str] = {}
+        #: (namespace, kind, name) -> the newest copy of a child seen (see :meth:`_latest`).
+        self._seen: dict[tuple[str, str, str], Any] = {}
+        #: (namespace, name) -> the isvc as our last status write returned it.
+        self._written: dict[tuple[str, str], dict[str, Any]] = {}
         self.poller = (
             ModelPoller(config.model_poll_timeout_seconds, config.model_poll_concurrency,
                         allowed_networks=config.model_poll_networks)
@@ -143,6 +161,17 @@ class Reconciler:
     def forget(self, namespace: str, kind: str, name: str) -> None:
         """A child was deleted: the next reconcile applies it again whatever the watches show."""
         self._applied.pop((namespace, kind, name), None)
+        self._seen.pop((namespace, kind, name), None)
+
+    def _latest(self, namespace: str, kind: str, name: str, *copies: Mapping[str, Any] | None) -> Any:
+        """The newest copy of a child among ``copies`` and the newest this process saw before,
+        so a reconcile working from a lagging watch never reports an older state than an
+        earlier reconcile did (status would flip back and forth)."""
+        key = (namespace, kind, name)
+        best = newest(*copies, self._seen.get(key))  # a deletion clears the memory (forget())
+        if best is not None:
+            self._seen[key] = best
+        return best
 
     def keda_installed(self) -> bool:
         """Whether the API server serves KEDA's ``keda.sh/v1alpha1`` (its CRDs are installed),
@@ -270,6 +299,10 @@ class Reconciler:
     def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
         meta = isvc["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        written = self._written.get((namespace, name))
+        if written is not None and newest(written, isvc) is written and written is not isvc:
+            # the delivered copy predates our own last status write: judge changes against that
+            isvc = {**isvc, "status": written.get("status")}
         outcome = Outcome()
         spec = None
         try:
@@ -300,9 +333,11 @@ class Reconciler:
         self._last_failure.pop((namespace, name), None)
         hpa_name = keda_hpa_name(name) if keda else name
         if observed is not None:
-            deployment = stored.get("Deployment") or observed.children.get(("Deployment", name))
-            hpa = (None if keda else stored.get("HorizontalPodAutoscaler")) or observed.children.get(
-                ("HorizontalPodAutoscaler", hpa_name))
+            deployment = self._latest(namespace, "Deployment", name, stored.get("Deployment"),
+                                      observed.children.get(("Deployment", name)))
+            hpa = self._latest(namespace, "HorizontalPodAutoscaler", hpa_name,
+                               None if keda else stored.get("HorizontalPodAutoscaler"),
+                               observed.children.get(("HorizontalPodAutoscaler", hpa_name)))
         else:
             deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
             hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
@@ -327,9 +362,13 @@ class Reconciler:
             self.emit(isvc, "Warning", INVALID_SPEC, outcome.invalid)
         outcome.ready = _ready_condition(new_status).get("status", "Unknown")
         if status_changed(isvc.get("status"), new_status):
+            current = isvc.get("status") or {}
+            outcome.status_changes = sorted(k for k, v in new_status.items() if current.get(k) != v)
             try:
-                self.kube.patch_isvc_status(namespace, name, new_status)
+                stored = self.kube.patch_isvc_status(namespace, name, new_status)
                 outcome.status_written = True
+                if isinstance(stored, Mapping) and (stored.get("metadata") or {}).get("resourceVersion"):
+                    self._written[(namespace, name)] = dict(stored)
             except KubeError as err:
                 if err.status != 404:  # 404: deleted meanwhile, nothing to report on
                     raise

@@ -28,7 +28,7 @@ OPERATOR_USER = "system:serviceaccount:kubeinfer-system:kubeinfer-operator"
 REPORT = REPO / "tests" / ".artifacts" / "operator-api-requests.txt"
 #: Upper bounds this test holds the operator to (before the watch-driven reconcile: ~60 for a
 #: create, ~12 for one reconcile).
-MAX_PER_CREATE = 25
+MAX_PER_CREATE = 20
 MAX_PER_RECONCILE = 3
 
 
