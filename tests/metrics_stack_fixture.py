@@ -201,13 +201,16 @@ def prometheus_config(kubeconfig: Path, allowed_pod_ips: str, interval: str = "2
             "scrape_configs": jobs}
 
 
-def start_metrics_stack(cluster: Any, state_dir: Path, allowed_pod_ips: str | None = None) -> MetricsStack:
+def start_metrics_stack(
+    cluster: Any, state_dir: Path, allowed_pod_ips: str | None = None, with_keda: bool = True
+) -> MetricsStack:
     """Build if needed, then start Prometheus and KEDA against ``cluster`` (a
     ``tests.cluster_fixture.Cluster``) and wait until the external metrics API is Available.
 
     Args:
         allowed_pod_ips: regex of pod IPs Prometheus may scrape (default: this machine's address
             and the real node's pod range 10.244.0.0/16).
+        with_keda: False starts Prometheus only.
 
     Raises:
         MetricsStackError: a build or start-up failure (logs in ``state_dir/logs``).
@@ -229,6 +232,9 @@ def start_metrics_stack(cluster: Any, state_dir: Path, allowed_pod_ips: str | No
         _start(stack, "prometheus", [str(bin_dir / "prometheus"), f"--config.file={config}",
                                      f"--storage.tsdb.path={state_dir / 'tsdb'}",
                                      f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=info"])
+        _wait(stack, "Prometheus /-/ready", lambda: _http_ok(f"{stack.prometheus_url}/-/ready"))
+        if not with_keda:
+            return stack
 
         # --- KEDA: CRDs, namespace, certificates, RBAC for the HPA controller ---
         certs = state_dir / "certs"
@@ -257,7 +263,6 @@ def start_metrics_stack(cluster: Any, state_dir: Path, allowed_pod_ips: str | No
             f"--lister-kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}", "--zap-log-level=info",
         ], env)
-        _wait(stack, "Prometheus /-/ready", lambda: _http_ok(f"{stack.prometheus_url}/-/ready"))
         _wait(stack, "keda-operator /readyz", lambda: _http_ok(f"http://127.0.0.1:{op_probe}/readyz"))
 
         def available() -> bool:
