@@ -14,21 +14,22 @@ LOCK_HASH := $(shell cat requirements.lock requirements-build.lock pyproject.tom
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test test-fast lint model bench clean
+.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve clean s3proxy
 
 help:
 	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
 	@echo "make test     install what is needed and run the whole suite"
 	@echo "make lint     ruff over the Python packages and tests"
 	@echo "make model    write the built-in tiny model to .models/"
-	@echo "make bench    run the serving benchmark against baselines"
+	@echo "make bench    engine vs sequential/static/transformers CB on one workload (JSON + PNG in bench/results)"
+	@echo "make bench-smoke  the same at CI size (< 3 min)"
+	@echo "make bench-serve  HTTP load generator against a running server (BENCH_ARGS=--base-url ...)"
 	@echo "make cluster  start the test control plane (.cluster/kubeconfig); REAL_NODE=1 adds a real node; make cluster-down stops it"
 	@echo "make images   build the serving and operator images (REGISTRY=..., BASE_IMAGE=...); make push pushes them"
 
 $(STAMP): requirements.lock requirements-build.lock pyproject.toml
 	@mkdir -p $(KUBEINFER_CACHE)
 	@test -x $(VENV_REAL)/bin/python || $(PYTHON) -m venv $(VENV_REAL)
-	$(VENV_REAL)/bin/pip install -q --upgrade pip
 	$(VENV_REAL)/bin/pip install -q -r requirements-build.lock
 	$(VENV_REAL)/bin/pip install -q -r requirements.lock
 	@rm -f $(VENV_REAL)/.kubeinfer-*
@@ -46,16 +47,27 @@ model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
 # The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
-# The preparations are independent (venv: network; Go builds: CPU; images: network and disk),
-# so they run in parallel.
+# The preparations are independent (venv: network; Go builds: CPU; images: network and disk;
+# S3Proxy for the s3:// tests: Maven Central), so they run in parallel.
+# A dockerd that `make images` had to start is stopped again afterwards (images/stop-docker.sh).
 test:
-	@$(MAKE) --no-print-directory -j4 install cluster-bin metrics-bin images
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory -j5 install cluster-bin metrics-bin images s3proxy
+	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; images/stop-docker.sh; exit $$status
+
+# S3Proxy from Maven Central for the s3:// tests, cached in ~/.cache/kubeinfer/s3proxy-VERSION.
+s3proxy:
+	@tests/s3/install.sh >/dev/null
 
 lint: install
-	$(VENV)/bin/ruff check serving operator tests bench
+	$(VENV)/bin/ruff check serving operator tests bench images
 
 bench: install
+	$(PY) -m bench.kubeinfer_bench $(BENCH_ARGS)
+
+bench-smoke: install
+	$(PY) -m bench.kubeinfer_bench --smoke --out-dir bench/results/smoke
+
+bench-serve: install
 	$(PY) -m bench.serve_bench $(BENCH_ARGS)
 
 clean:

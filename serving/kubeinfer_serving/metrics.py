@@ -209,3 +209,81 @@ class HTTPMetricsMiddleware:
             method = scope.get("method", "GET")
             HTTP_REQUESTS.labels(route=template, method=method, status=str(status)).inc()
             HTTP_REQUEST_DURATION.labels(route=template, method=method).observe(time.perf_counter() - start)
+
+_FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
+MODEL_FETCH_SECONDS = Histogram(
+    "kubeinfer_model_fetch_seconds", "Wall time of fetching a remote model (hf://, s3://) into the disk tier.",
+    ["model_name"], buckets=_FETCH_BUCKETS, registry=REGISTRY,
+)
+MODEL_FETCH_BYTES = Counter(
+    "kubeinfer_model_fetch_bytes", "Bytes fetched from remote stores into the disk tier.", ["model_name"], registry=REGISTRY
+)
+DISK_CACHE_HITS = Counter(
+    "kubeinfer_disk_cache_hits", "Loads of a remote model that found it in the disk tier.", ["model_name"],
+    registry=REGISTRY,
+)
+DISK_CACHE_MISSES = Counter(
+    "kubeinfer_disk_cache_misses", "Loads of a remote model that had to fetch it.", ["model_name"], registry=REGISTRY
+)
+DISK_CACHE_EVICTIONS = Counter(
+    "kubeinfer_disk_cache_evictions", "Snapshots deleted from the disk tier to make room (label: the model "
+    "whose fetch needed the room).", ["model_name"], registry=REGISTRY,
+)
+DISK_CACHE_USAGE = Gauge(
+    "kubeinfer_disk_cache_usage_bytes", "Bytes of model snapshots in the disk tier plus fetches in flight.",
+    registry=REGISTRY,
+)
+DISK_CACHE_CAPACITY = Gauge(
+    "kubeinfer_disk_cache_capacity_bytes", "Byte budget of the disk tier.", registry=REGISTRY,
+)
+
+
+class EngineMetrics:
+    """Records an engine's :class:`~kubeinfer_serving.engine.stats.StepStats` into the metrics above.
+
+    Attach with ``llm_engine.add_stat_logger(EngineMetrics(model_name))``; the engine itself
+    holds no Prometheus handles.
+
+    Args:
+        model_name: the ``model_name`` label.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        m = model_name
+        self.model_name = model_name
+        self._queue = QUEUE_LENGTH.labels(model_name=m)
+        self._running = NUM_REQUESTS_RUNNING.labels(model_name=m)
+        self._kv = KV_CACHE_USAGE.labels(model_name=m)
+        self._ttft = TTFT.labels(model_name=m)
+        self._itl = ITL.labels(model_name=m)
+        self._e2e = E2E_LATENCY.labels(model_name=m)
+        self._qtime = QUEUE_TIME.labels(model_name=m)
+        self._prompt = PROMPT_TOKENS.labels(model_name=m)
+        self._gen = GENERATION_TOKENS.labels(model_name=m)
+        self._preempt = NUM_PREEMPTIONS.labels(model_name=m)
+        self._pq = PREFIX_CACHE_QUERIES.labels(model_name=m)
+        self._ph = PREFIX_CACHE_HITS.labels(model_name=m)
+
+    def __call__(self, stats) -> None:
+        """Record one step's statistics (a ``StepStats``)."""
+        self._queue.set(stats.num_waiting)
+        self._running.set(stats.num_running)
+        self._kv.set(stats.kv_cache_usage)
+        for t in stats.queue_times:
+            self._qtime.observe(t)
+        if stats.prompt_tokens:
+            self._prompt.inc(stats.prompt_tokens)
+        if stats.generation_tokens:
+            self._gen.inc(stats.generation_tokens)
+        if stats.num_preemptions:
+            self._preempt.inc(stats.num_preemptions)
+        if stats.prefix_queries:
+            self._pq.inc(stats.prefix_queries)
+            self._ph.inc(stats.prefix_hits)
+        for t in stats.ttfts:
+            self._ttft.observe(t)
+        for t in stats.itls:
+            self._itl.observe(t)
+        for t, reason in zip(stats.e2e_latencies, stats.finish_reasons, strict=True):
+            self._e2e.observe(t)
+            REQUESTS_FINISHED.labels(model_name=self.model_name, finish_reason=reason).inc()

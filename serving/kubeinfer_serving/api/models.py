@@ -16,7 +16,8 @@ router = APIRouter()
 
 
 def model_card(info: ModelInfo) -> ModelCard:
-    """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``."""
+    """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``,
+    ``source`` and the pinned ``revision`` of a remote source."""
     return ModelCard(
         id=info.name,
         created=info.created,
@@ -26,6 +27,8 @@ def model_card(info: ModelInfo) -> ModelCard:
         preload=info.preload,
         max_model_len=info.max_model_len,
         message=info.message,
+        source=info.source,
+        revision=info.revision,
     )
 
 

@@ -220,6 +220,8 @@ class ModelCard(BaseModel):
     preload: bool
     max_model_len: int | None = None
     message: str = ""
+    source: str = ""
+    revision: str | None = None
 
 
 class ModelList(BaseModel):

@@ -64,12 +64,16 @@ class LoadEvent:
         action: "cold_load" (from disk), "warm_load" (from the warm tier), "evict" (LRU) or "unload" (admin).
         seconds: wall time of the action.
         bytes: device bytes loaded or freed.
+        disk: for a cold load of a remote model, "hit" (found in the disk tier) or "miss" (fetched); else "".
+        fetch_seconds: wall time of that fetch (a miss), else 0.0; not part of ``seconds``.
     """
 
     model: str
     action: str
     seconds: float
     bytes: int
+    disk: str = ""
+    fetch_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -86,6 +90,7 @@ class _Entry:
     load_future: asyncio.Future | None = field(default=None, repr=False)
     evicting: asyncio.Future | None = field(default=None, repr=False)
     max_model_len: int | None = None
+    revision: str | None = None  # pinned revision of a remote source, once fetched or found on disk
 
     @property
     def name(self) -> str:
@@ -176,8 +181,13 @@ class ModelRegistry:
             self._notify()
 
     def is_ready(self) -> bool:
-        """True once every preloaded model is loaded."""
-        return all(e.state is ModelState.LOADED for e in self._entries.values() if e.spec.preload)
+        """True once every preloaded model has settled, loaded or Failed with its reason, and at
+        least one of them loaded (or none is preloaded): a failed preload does not hold back a pod
+        that serves the others, whose requests for the failed model get 503 with the reason.
+        Remote preloaded models are fetched into the disk tier before they count as loaded."""
+        preload = [e for e in self._entries.values() if e.spec.preload]
+        settled = all(e.state in (ModelState.LOADED, ModelState.FAILED) for e in preload)
+        return settled and (not preload or any(e.state is ModelState.LOADED for e in preload))
 
     async def start(self) -> None:
         """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise."""
@@ -267,6 +277,7 @@ class ModelRegistry:
             name=e.name, kind=e.spec.kind, state=e.state,
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
+            source=e.spec.source, revision=e.revision,
         )
 
     def _notify(self) -> None:
@@ -330,8 +341,14 @@ class ModelRegistry:
         try:
             if entry.evicting is not None:  # a previous unload of this model is still releasing memory
                 await asyncio.shield(entry.evicting)
-            plan = await asyncio.to_thread(self.loader.plan, entry.spec)
+            # A model whose weights sit in the warm tier is not looked up in (or fetched into) the disk tier.
+            plan_warm = getattr(self.loader, "plan_warm", None)
+            planner = plan_warm if plan_warm is not None and name in self.warm else self.loader.plan
+            plan = await asyncio.to_thread(planner, entry.spec)
+            entry.revision = getattr(plan, "revision", None)
+            release = getattr(plan, "release", lambda: None)
             if plan.total_bytes > self.budget_bytes:
+                release()
                 raise MemoryError(
                     f"needs {plan.total_bytes} bytes (weights {plan.weights_bytes} + KV pool "
                     f"{plan.kv_cache_bytes}), more than the whole memory budget of {self.budget_bytes} bytes"
@@ -340,6 +357,7 @@ class ModelRegistry:
             try:
                 await self._reserve(entry, plan.total_bytes)
             except BaseException:
+                release()
                 if warm is not None:
                     self.warm.put(name, warm)
                 raise
@@ -365,7 +383,8 @@ class ModelRegistry:
             metrics.MODEL_LOAD_SECONDS.labels(model_name=name).observe(seconds)
             metrics.MODEL_LOADED_BYTES.labels(model_name=name).set(handle.memory_bytes)
             self.events.append(LoadEvent(name, "warm_load" if handle.warm else "cold_load", seconds,
-                                         handle.memory_bytes))
+                                         handle.memory_bytes, disk=getattr(plan, "disk", ""),
+                                         fetch_seconds=getattr(plan, "fetch_seconds", 0.0)))
             log.info("loaded %s (%s, %d bytes) in %.3f s", name, "warm" if handle.warm else "cold",
                      handle.memory_bytes, seconds)
             fut.set_result(None)

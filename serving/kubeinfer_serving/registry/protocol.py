@@ -42,6 +42,8 @@ class ModelInfo:
         preload: loaded at start-up and never evicted.
         max_model_len: context length in tokens, when known.
         created: Unix time (seconds) the entry was registered.
+        source: the catalogue ``source`` URI (never carries credentials).
+        revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
     """
 
     name: str
@@ -52,6 +54,8 @@ class ModelInfo:
     preload: bool = False
     max_model_len: int | None = None
     created: int = 0
+    source: str = ""
+    revision: str | None = None
 
 
 class ModelError(Exception):
