@@ -43,17 +43,22 @@ def install_s3proxy() -> Path:
 
 
 class S3Server:
-    """S3Proxy with a filesystem store under ``data_dir``; credentials :data:`S3_ACCESS_KEY`/:data:`S3_SECRET_KEY`.
+    """S3Proxy with a filesystem store under ``data_dir``.
 
     Args:
         data_dir: where objects are stored.
-        host: address to listen on: loopback for the tests; the e2e tier may pass the node bridge's
-            gateway address so pods on the real node reach it.
+        host: address to listen on: loopback for the tests; the e2e tier passes the real node's
+            bridge gateway address so pods on the node reach it.
+        access_key, secret_key: the one identity the server accepts (default :data:`S3_ACCESS_KEY`,
+            :data:`S3_SECRET_KEY`).
     """
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", access_key: str = S3_ACCESS_KEY,
+                 secret_key: str = S3_SECRET_KEY) -> None:
         self.data_dir = data_dir
         self.host = host
+        self.access_key = access_key
+        self.secret_key = secret_key
         self.port = free_port()
         self.endpoint = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -65,7 +70,7 @@ class S3Server:
         conf = self.data_dir.parent / f"s3proxy-{self.port}.conf"
         conf.write_text(
             f"s3proxy.endpoint={self.endpoint}\ns3proxy.authorization=aws-v2-or-v4\n"
-            f"s3proxy.identity={S3_ACCESS_KEY}\ns3proxy.credential={S3_SECRET_KEY}\n"
+            f"s3proxy.identity={self.access_key}\ns3proxy.credential={self.secret_key}\n"
             f"jclouds.provider=filesystem\njclouds.filesystem.basedir={self.data_dir}\n"
         )
         self.log = open(self.data_dir.parent / f"s3proxy-{self.port}.log", "wb")
@@ -95,12 +100,12 @@ class S3Server:
                 self.proc.wait()
         self.log.close()
 
-    def client(self, access_key: str = S3_ACCESS_KEY, secret_key: str = S3_SECRET_KEY):
-        """A MinIO SDK client for this server."""
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        """A MinIO SDK client for this server (its own identity unless others are given)."""
         from minio import Minio
 
-        return Minio(f"{self.host}:{self.port}", access_key=access_key, secret_key=secret_key, secure=False,
-                     region=S3_REGION)
+        return Minio(f"{self.host}:{self.port}", access_key=access_key or self.access_key,
+                     secret_key=secret_key or self.secret_key, secure=False, region=S3_REGION)
 
     def env(self, access_key: str = S3_ACCESS_KEY, secret_key: str = S3_SECRET_KEY) -> dict[str, str]:
         """The environment a serving pod gets from its credentials Secret for this server."""

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, models
+from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization
 from kubeinfer_serving.api.errors import install_error_handlers
 from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.metrics import HTTPMetricsMiddleware, ModelStateCollector
@@ -25,13 +27,43 @@ from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger(__name__)
 
+#: The request-id header: echoed when the client sends one, else generated (as vLLM does).
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: every HTTP response carries ``X-Request-Id`` (the client's or a new uuid4 hex).
+
+    Works for streamed responses too (it only edits the ``http.response.start`` message).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v for k, v in scope.get("headers", []) if k.lower() == REQUEST_ID_HEADER), None)
+        rid = rid or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
 
 def create_app(provider: ModelProvider, *, settings: ServerSettings | None = None) -> FastAPI:
     """Build the HTTP app over ``provider``.
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
-    ``GET /health``, ``GET /ready``, ``GET /metrics``. Every error has OpenAI's error body.
+    ``GET /health``, ``GET /ready``, ``GET /metrics``, and vLLM's ``POST /tokenize``,
+    ``POST /detokenize``, ``GET /version``. Every error has OpenAI's error body; every
+    response carries ``X-Request-Id``.
 
     Args:
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
@@ -64,6 +96,7 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
     app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
     app.add_middleware(HTTPMetricsMiddleware)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health):
+    for module in (completions, chat, embeddings, models, health, tokenization):
         app.include_router(module.router)
+    app.add_middleware(RequestIdMiddleware)
     return app

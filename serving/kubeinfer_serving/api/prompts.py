@@ -2,11 +2,13 @@
 
 Completions take a string, a list of strings, a token-id list or a list of token-id lists
 (OpenAI's four ``prompt`` forms). Chat prompts are rendered with the model's own chat template
-(``tokenizer.apply_chat_template(..., add_generation_prompt=True)``), as Hugging Face and vLLM do.
+(``tokenizer.apply_chat_template(...)``), as Hugging Face and vLLM do, with the request's
+``tools``, ``add_generation_prompt`` / ``continue_final_message`` and ``chat_template_kwargs``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,22 +80,65 @@ def _message_text(msg: ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
-    """Token ids of a chat conversation rendered by the model's chat template, ending in the assistant turn.
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as chat templates expect it (``developer`` as ``system``; tool-call arguments as objects)."""
+    msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+    if m.name is not None:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            fn = dict(call.get("function") or {})
+            args = fn.get("arguments")
+            if isinstance(args, str):  # OpenAI sends a JSON string; templates (Llama 3's) render an object
+                try:
+                    fn["arguments"] = json.loads(args)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({**call, "function": fn})
+        msg["tool_calls"] = calls
+    return msg
 
-    ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know ``system``).
+
+def chat_prompt(
+    tokenizer: Any,
+    messages: Sequence[ChatMessage],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Token ids of a chat conversation rendered by the model's chat template.
+
+    ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know
+    ``system``); assistant ``tool_calls`` and ``tool`` messages (with ``tool_call_id``) reach
+    the template, as do ``tools``.
+
+    Args:
+        add_generation_prompt: end with the assistant turn's header (the usual case).
+        continue_final_message: leave the last message open so the model continues it
+            (a "prefill"); exclusive with ``add_generation_prompt``.
+        chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
 
     Raises:
         APIError: 400 when the model has no chat template, the template rejects the conversation
             (e.g. roles out of order), or a content part is not text.
     """
-    conv = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages
-    ]
+    conv = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
+    kwargs = dict(chat_template_kwargs or {})
+    for reserved in ("conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize"):
+        if reserved in kwargs:
+            raise APIError(400, f"chat_template_kwargs must not set {reserved!r}", param="chat_template_kwargs",
+                           code="invalid_value")
     try:
-        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        rendered = tokenizer.apply_chat_template(conv, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message, tokenize=True,
+                                                 **kwargs)
     except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
         raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
     # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
