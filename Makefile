@@ -47,11 +47,11 @@ model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
 # The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
-# The four preparations are independent (venv: network; Go build: CPU; images: network and disk;
+# The preparations are independent (venv: network; Go builds: CPU; images: network and disk;
 # S3Proxy for the s3:// tests: Maven Central), so they run in parallel.
 # A dockerd that `make images` had to start is stopped again afterwards (images/stop-docker.sh).
 test:
-	@$(MAKE) --no-print-directory -j4 install cluster-bin images s3proxy
+	@$(MAKE) --no-print-directory -j5 install cluster-bin metrics-bin images s3proxy
 	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; images/stop-docker.sh; exit $$status
 
 # S3Proxy from Maven Central for the s3:// tests, cached in ~/.cache/kubeinfer/s3proxy-VERSION.
@@ -74,4 +74,5 @@ clean:
 	rm -rf .models .pytest_cache .ruff_cache build *.egg-info
 
 include mk/cluster.mk
+include mk/metrics.mk
 include mk/images.mk

@@ -32,3 +32,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # The session-scoped real control plane (tests/cluster), shared by every test marked ``cluster``.
 from tests.cluster_fixture import cluster  # noqa: E402, F401
+
+# Prometheus + KEDA on the cluster (tests/metrics-stack), for tests marked ``metrics``.
+from tests.metrics_stack_fixture import metrics_stack  # noqa: E402, F401

@@ -24,6 +24,10 @@ DEFAULT_SERVING_IMAGE = "ghcr.io/kubeinfer/kubeinfer-serving:0.1.0"
 #: so libraries that look the user up (getpass, torch's cache dirs) find it.
 SERVING_UID = 1000
 
+#: Prometheus that KEDA ScaledObjects query by default: kube-prometheus-stack's Service in
+#: namespace ``monitoring``.
+DEFAULT_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -36,12 +40,28 @@ class OperatorConfig:
             before liveness checks start, in seconds (env ``KUBEINFER_STARTUP_TIMEOUT_SECONDS``).
         drain_seconds: time a terminating pod gets to finish in-flight requests after the preStop
             pause, in seconds (env ``KUBEINFER_DRAIN_SECONDS``).
+        prometheus_url: Prometheus HTTP API that rendered KEDA ScaledObjects query when the isvc sets
+            no ``scaling.prometheusAddress`` (env ``KUBEINFER_PROMETHEUS_URL``).
+        keda_polling_seconds: KEDA ``pollingInterval`` of rendered ScaledObjects, in seconds
+            (env ``KUBEINFER_KEDA_POLLING_SECONDS``); how often KEDA checks for activity at zero.
+        model_poll: poll serving pods' ``/v1/models`` for ``status.models`` (env
+            ``KUBEINFER_MODEL_POLL``, ``true``/``false``).
+        model_poll_timeout_seconds: connect/read timeout per pod (env ``KUBEINFER_MODEL_POLL_TIMEOUT_SECONDS``).
+        model_poll_concurrency: pods polled at once (env ``KUBEINFER_MODEL_POLL_CONCURRENCY``).
+        model_poll_networks: CIDRs the operator may poll pods in, empty for any (env
+            ``KUBEINFER_MODEL_POLL_NETWORKS``, comma-separated).
     """
 
     serving_image: str = DEFAULT_SERVING_IMAGE
     image_pull_policy: str = "IfNotPresent"
     startup_timeout_seconds: int = 1800
     drain_seconds: int = 120
+    prometheus_url: str = DEFAULT_PROMETHEUS_URL
+    keda_polling_seconds: int = 15
+    model_poll: bool = True
+    model_poll_timeout_seconds: float = 2.0
+    model_poll_concurrency: int = 8
+    model_poll_networks: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
@@ -66,4 +86,11 @@ class OperatorConfig:
             image_pull_policy=env.get("KUBEINFER_IMAGE_PULL_POLICY") or "IfNotPresent",
             startup_timeout_seconds=positive("KUBEINFER_STARTUP_TIMEOUT_SECONDS", 1800),
             drain_seconds=positive("KUBEINFER_DRAIN_SECONDS", 120),
+            prometheus_url=env.get("KUBEINFER_PROMETHEUS_URL") or DEFAULT_PROMETHEUS_URL,
+            keda_polling_seconds=positive("KUBEINFER_KEDA_POLLING_SECONDS", 15),
+            model_poll=(env.get("KUBEINFER_MODEL_POLL") or "true").lower() not in ("false", "0", "no"),
+            model_poll_timeout_seconds=float(positive("KUBEINFER_MODEL_POLL_TIMEOUT_SECONDS", 2)),
+            model_poll_concurrency=positive("KUBEINFER_MODEL_POLL_CONCURRENCY", 8),
+            model_poll_networks=tuple(n.strip() for n in (env.get("KUBEINFER_MODEL_POLL_NETWORKS") or "").split(",")
+                                      if n.strip()),
         )

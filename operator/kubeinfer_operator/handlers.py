@@ -6,6 +6,8 @@
   ``app.kubernetes.io/managed-by=kubeinfer-operator``): reconcile its controlling owner, so
   drift is reverted, a deleted child is recreated and the status follows the Deployment's
   and HPA's status.
+* A serving pod starting, changing readiness or IP, or going away: reconcile its isvc, which
+  re-polls the pods' ``/v1/models`` for ``status.models``.
 * A resync loop (every ``RESYNC_SECONDS``) that lists the watched InferenceServices and
   reconciles each, as a level-triggered safety net. It is an operator-level task, not a kopf
   timer: kopf timers put a finalizer on every object, and a finalizer makes ``kubectl delete``
@@ -17,6 +19,7 @@ Importing this module registers the handlers on kopf's default registry.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -26,7 +29,8 @@ import kopf
 
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError, load_api_client
-from kubeinfer_operator.reconcile import Outcome, Reconciler
+from kubeinfer_operator.reconcile import Observed, Outcome, Reconciler
+from kubeinfer_operator.render import ISVC_LABEL
 
 RESYNC_SECONDS = 60.0
 #: Retry delay after a transient API failure: RETRY_SECONDS * 2**attempt, at most RETRY_MAX_SECONDS.
@@ -79,36 +83,48 @@ def retry_delay(attempt: int) -> float:
     return min(RETRY_SECONDS * 2 ** max(attempt, 0), RETRY_MAX_SECONDS)
 
 
-def _run(memo: kopf.Memo, namespace: str, name: str, why: str, retry: int = 0) -> Outcome:
+def _run(
+    memo: kopf.Memo, namespace: str, name: str, why: str, retry: int = 0, isvc: Mapping[str, Any] | None = None
+) -> Outcome:
+    """One reconcile of ``namespace/name`` from the delivered (or indexed) object and the indexed
+    children; the API is read only for what no watch holds."""
     reconciler: Reconciler = memo.reconciler
+    indices = getattr(memo, "indices", None)
+    if isvc is None and indices is not None:
+        isvc = next(iter(_values(indices["isvc_index"], (namespace, name))), None)
+        if isvc is None:  # not (yet) seen by the watch: ask the API
+            isvc = reconciler.kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
+            if isvc is None:
+                return Outcome(found=False)
     try:
-        outcome = reconciler.reconcile(namespace, name)
+        outcome = reconciler.reconcile(namespace, name, isvc=isvc, observed=observed(indices, namespace, name))
     except KubeError as err:
         raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {err}", delay=retry_delay(retry)) from err
     if outcome.found:
         logger.info(
-            "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s",
+            "reconciled %s/%s (%s): ready=%s created=%s updated=%s invalid=%s status=%s",
             namespace, name, why, outcome.ready, outcome.created, outcome.updated, outcome.invalid,
+            outcome.status_changes,
         )
     return outcome
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
-def on_create(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def on_create(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """A new InferenceService: create its children and first status."""
-    _run(memo, namespace, name, "create", retry)
+    _run(memo, namespace, name, "create", retry, isvc=_plain(body))
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def on_update(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def on_update(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """The spec (or labels/annotations) changed: re-render and apply."""
-    _run(memo, namespace, name, "update", retry)
+    _run(memo, namespace, name, "update", retry, isvc=_plain(body))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-def on_resume(namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def on_resume(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, retry: int, **_: Any) -> None:
     """Operator (re)start: re-apply; identical content changes nothing on the server."""
-    _run(memo, namespace, name, "resume", retry)
+    _run(memo, namespace, name, "resume", retry, isvc=_plain(body))
 
 
 def resync_once(memo: kopf.Memo) -> int:
@@ -129,7 +145,7 @@ def resync_once(memo: kopf.Memo) -> int:
             meta = item["metadata"]
             seen += 1
             try:
-                _run(memo, meta["namespace"], meta["name"], "resync")
+                _run(memo, meta["namespace"], meta["name"], "resync", isvc=item)
             except kopf.TemporaryError as err:
                 logger.warning("%s", err)
     return seen
@@ -142,8 +158,10 @@ async def _resync_loop(memo: kopf.Memo) -> None:
 
 
 @kopf.on.startup()
-async def start_resync(memo: kopf.Memo, **_: Any) -> None:
-    """Start the periodic resync task (after :func:`configure` built the reconciler)."""
+async def start_resync(memo: kopf.Memo, **kwargs: Any) -> None:
+    """Keep the indexes for :func:`resync_once` and child events, and start the periodic
+    resync task (after :func:`configure` built the reconciler)."""
+    memo.indices = {key: kwargs[key] for key in INDEXES}
     memo.resync_task = asyncio.create_task(_resync_loop(memo))
 
 
@@ -156,11 +174,99 @@ async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
-    """Name of the InferenceService that controls ``body`` (a child), or None."""
-    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+    """Name of the InferenceService that controls ``body`` (a child), or None.
+
+    The HPA KEDA creates for an isvc's ScaledObject is controlled by the ScaledObject; it
+    carries the ScaledObject's labels, so its isvc is the ``serving.kubeinfer.io/inferenceservice``
+    label's value.
+    """
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if not ref.get("controller"):
+            continue
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
             return ref.get("name")
+        if ref.get("kind") == "ScaledObject" and str(ref.get("apiVersion", "")).startswith("keda.sh/"):
+            return (meta.get("labels") or {}).get(ISVC_LABEL)
     return None
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A detached plain-dict copy of a kopf body (kopf reuses and updates its body objects)."""
+    return copy.deepcopy(dict(body))
+
+
+def _child(kind: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Index entry of a child: ``{(namespace, owning isvc): object}`` (kind filled in), or None."""
+    owner = owner_name(body)
+    namespace = (body.get("metadata") or {}).get("namespace")
+    if not owner or not namespace:
+        return None
+    obj = _plain(body)
+    obj["kind"] = kind
+    return {(namespace, owner): obj}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def isvc_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every watched InferenceService by (namespace, name): reconciles read it from here."""
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("", "v1", "configmaps", labels=CHILD_SELECTOR)
+def children_configmaps(body: kopf.Body, **_: Any) -> dict | None:
+    """Catalogue ConfigMaps by (namespace, isvc)."""
+    return _child("ConfigMap", body)
+
+
+@kopf.index("", "v1", "services", labels=CHILD_SELECTOR)
+def children_services(body: kopf.Body, **_: Any) -> dict | None:
+    """Services by (namespace, isvc)."""
+    return _child("Service", body)
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD_SELECTOR)
+def children_deployments(body: kopf.Body, **_: Any) -> dict | None:
+    """Deployments (with their status) by (namespace, isvc)."""
+    return _child("Deployment", body)
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_SELECTOR)
+def children_hpas(body: kopf.Body, **_: Any) -> dict | None:
+    """HPAs (the operator's, and KEDA's for a ScaledObject child) by (namespace, isvc)."""
+    return _child("HorizontalPodAutoscaler", body)
+
+
+@kopf.index("", "v1", "pods", labels={**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT})
+def serving_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict | None:
+    """Serving pods by (namespace, isvc), for the /v1/models poll."""
+    return {(namespace, labels[ISVC_LABEL]): _plain(body)}
+
+
+INDEXES = ("isvc_index", "children_configmaps", "children_services", "children_deployments", "children_hpas",
+           "serving_pods")
+
+
+def _values(index: Mapping[Any, Any], key: Any) -> list[Any]:
+    """The values an index holds for ``key``. kopf updates indexes on the event loop while
+    reconciles read them from worker threads: retry a read that raced with an update."""
+    for _ in range(5):
+        try:
+            return list(index.get(key, []))
+        except RuntimeError:  # changed size during iteration
+            continue
+    return list(index.get(key, []))
+
+
+def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Observed | None:
+    """The indexed children and pods of isvc ``namespace/name`` (None without indexes)."""
+    if indices is None:
+        return None
+    children: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in INDEXES[1:-1]:
+        for obj in _values(indices[key], (namespace, name)):
+            children[(obj["kind"], obj["metadata"]["name"])] = obj
+    return Observed(children=children, pods=_values(indices["serving_pods"], (namespace, name)))
 
 
 def _on_child_event(type: str | None, body: Mapping[str, Any], memo: kopf.Memo) -> None:
@@ -171,6 +277,8 @@ def _on_child_event(type: str | None, body: Mapping[str, Any], memo: kopf.Memo) 
     if not owner or not namespace:
         return
     child = f"{body.get('kind')}/{(body.get('metadata') or {}).get('name')}"
+    if type == "DELETED":
+        memo.reconciler.forget(namespace, str(body.get("kind")), str((body.get("metadata") or {}).get("name")))
     try:
         _run(memo, namespace, owner, f"{child} {type.lower()}")
     except kopf.TemporaryError as err:  # the resync timer retries
@@ -185,7 +293,8 @@ def on_deployment_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=CHILD_SELECTOR)
 def on_hpa_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """An HPA child changed (status included) or was deleted."""
+    """An HPA child (the operator's, or the one KEDA made for a ScaledObject child) changed
+    (status included) or was deleted."""
     _on_child_event(type, body, memo)
 
 
@@ -199,3 +308,33 @@ def on_service_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
 def on_configmap_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A catalogue ConfigMap changed or was deleted."""
     _on_child_event(type, body, memo)
+
+
+def pod_signature(body: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """What about a serving pod matters to its isvc's status: (phase, Ready, pod IP)."""
+    status = body.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return str(status.get("phase", "")), ready, str(status.get("podIP", ""))
+
+
+@kopf.on.event("", "v1", "pods", labels={**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT})
+def on_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A serving pod started, became (un)ready, got its IP or went away: re-read its models
+    (status.models, ModelsReady). Other pod updates (e.g. container restarts counted, probes
+    unchanged) are ignored, so a busy pod does not cause a reconcile storm."""
+    meta = body.get("metadata") or {}
+    owner, namespace, uid = (meta.get("labels") or {}).get(ISVC_LABEL), meta.get("namespace"), meta.get("uid")
+    if type is None or not owner or not namespace:
+        return
+    seen: dict[str, tuple[str, bool, str]] = memo.setdefault("pod_signatures", {})
+    signature = pod_signature(body)
+    if type == "DELETED":
+        seen.pop(uid, None)
+    elif seen.get(uid) == signature:
+        return
+    else:
+        seen[uid] = signature
+    try:
+        _run(memo, namespace, owner, f"Pod/{meta.get('name')} {type.lower()}")
+    except kopf.TemporaryError as err:  # the resync loop retries
+        logger.warning("%s", err)

@@ -1,7 +1,7 @@
 """A small dict-in, dict-out Kubernetes client on top of the official ``kubernetes`` package.
 
-Only the calls the reconciler makes: GET one object, server-side apply one object, and a
-JSON merge patch of an InferenceService's status subresource. Objects stay plain dicts
+Only the calls the reconciler makes: GET, server-side apply and DELETE of one object, an
+API discovery probe, and a JSON merge patch of an InferenceService's status subresource. Objects stay plain dicts
 (camelCase, as the API serves them), so renderers and tests never touch generated models.
 """
 
@@ -21,8 +21,10 @@ from kubeinfer_operator.config import FIELD_MANAGER, GROUP, PLURAL, VERSION
 _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "Pod"): ("/api/v1", "pods"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("keda.sh/v1alpha1", "ScaledObject"): ("/apis/keda.sh/v1alpha1", "scaledobjects"),
     (f"{GROUP}/{VERSION}", "InferenceService"): (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -78,7 +80,10 @@ class Kube:
     def __init__(self, api_client: client.ApiClient) -> None:
         self.api = api_client
 
-    def _call(
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return self._call_status(method, path, **kwargs)[1]
+
+    def _call_status(
         self,
         method: str,
         path: str,
@@ -86,7 +91,8 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
-    ) -> dict[str, Any]:
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call: (HTTP status, JSON body)."""
         request = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -104,7 +110,7 @@ class Kube:
             raise KubeError(0, type(err).__name__, str(err)) from err
         if not 200 <= response.status <= 299:
             raise _kube_error(response.status, response.reason or "", response.data)
-        return json.loads(response.data) if response.data else {}
+        return response.status, (json.loads(response.data) if response.data else {})
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist (404).
@@ -118,6 +124,47 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete the object (background propagation); False when it was already gone (404).
+
+        Raises:
+            KubeError: any other failure.
+        """
+        try:
+            self._call(
+                "DELETE", object_path(api_version, kind, namespace, name),
+                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            )
+        except KubeError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def serves(self, group_version: str) -> bool:
+        """Whether the API server serves ``group_version`` (e.g. ``keda.sh/v1alpha1``), i.e. its
+        CRD is installed; asked through discovery, which every authenticated user may read.
+
+        Raises:
+            KubeError: a failure other than 404.
+        """
+        try:
+            self._call("GET", f"/apis/{group_version}")
+        except KubeError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods in ``namespace`` carrying every label of ``selector``.
+
+        Raises:
+            KubeError: the list failed.
+        """
+        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
+        return list(self._call("GET", object_path("v1", "Pod", namespace), query=query).get("items") or [])
 
     def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
         """InferenceServices in ``namespace``, or in every namespace when None.
@@ -144,6 +191,22 @@ class Kube:
             body=dict(obj),
             content_type="application/apply-patch+yaml",
         )
+
+    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """:meth:`apply`, also telling whether it created the object (HTTP 201) or found it (200).
+
+        Raises:
+            KubeError: as :meth:`apply`.
+        """
+        meta = obj["metadata"]
+        status, body = self._call_status(
+            "PATCH",
+            object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            body=dict(obj),
+            content_type="application/apply-patch+yaml",
+        )
+        return status == 201, body
 
     def patch_isvc_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """JSON merge patch of ``status`` through the InferenceService's status subresource.

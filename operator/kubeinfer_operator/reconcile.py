@@ -9,19 +9,32 @@ no-op on the server: no new resourceVersion, no rollout).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
-from kubeinfer_operator.render import Owner, render_children
+from kubeinfer_operator.models_poll import ModelPoller, summarise
+from kubeinfer_operator.render import (
+    SCALED_OBJECT_API_VERSION,
+    Owner,
+    keda_hpa_name,
+    render_children,
+    selector_labels,
+)
 from kubeinfer_operator.spec import InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
 ISVC_API_VERSION = f"{GROUP}/{VERSION}"
+HPA_API_VERSION = "autoscaling/v2"
+#: Seconds a KEDA discovery answer is reused; installing KEDA is noticed within this time.
+KEDA_CHECK_SECONDS = 60.0
 logger = logging.getLogger(__name__)
 
 #: emit(isvc, type, reason, message): posts a Kubernetes Event about ``isvc`` (type Normal|Warning).
@@ -32,6 +45,53 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What the operator's watches (kopf indexes) hold for one isvc.
+
+    Attributes:
+        children: (kind, name) -> the child object as last watched (ConfigMap, Service,
+            Deployment, the HPA - the operator's or KEDA's).
+        pods: the isvc's serving pods as last watched.
+    """
+
+    children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fingerprint(obj: Mapping[str, Any]) -> str:
+    """What changes when someone changes a stored object, but not when only its status moves:
+    ``metadata.generation`` (bumped by spec changes) plus a hash of labels, annotations and
+    owner references for kinds with a generation (Deployment, HPA, ScaledObject), else the
+    resourceVersion (ConfigMap, Service)."""
+    meta = obj.get("metadata") or {}
+    if "generation" not in meta:
+        return f"rv:{meta.get('resourceVersion')}"
+    rest = {k: meta.get(k) for k in ("labels", "annotations", "ownerReferences")}
+    return f"gen:{meta['generation']}:{content_hash(rest)[:16]}"
+
+
+def newest(*objs: Mapping[str, Any] | None) -> Any:
+    """The most recent of several copies of one object (highest resourceVersion when they are
+    numbers, as the API server's are in practice; else the first present), or None."""
+    present = [o for o in objs if o is not None]
+    if not present:
+        return None
+    try:
+        return max(present, key=lambda o: int(o["metadata"]["resourceVersion"]))
+    except (KeyError, TypeError, ValueError):
+        return present[0]
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    return int((obj.get("metadata") or {}).get("generation") or 0)
+
+
+def content_hash(obj: Mapping[str, Any]) -> str:
+    """SHA-256 of a rendered object's canonical JSON: equal renders give equal hashes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 @dataclass
 class Outcome:
     """What one reconcile did.
@@ -40,7 +100,9 @@ class Outcome:
         found: the isvc exists and is not being deleted.
         invalid: the InvalidSpec message, or None.
         created / updated: ``Kind/name`` of children the apply created or changed.
+        deleted: ``Kind/name`` of the other mode's autoscaler removed after a mode switch.
         status_written: the status subresource was patched.
+        status_changes: the top-level status fields that patch changed.
         ready: the Ready condition's status after this reconcile ("True", "False", "Unknown").
     """
 
@@ -48,7 +110,9 @@ class Outcome:
     invalid: str | None = None
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
     status_written: bool = False
+    status_changes: list[str] = field(default_factory=list)
     ready: str = "Unknown"
 
 
@@ -79,6 +143,47 @@ class Reconciler:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._last_failure: dict[tuple[str, str], str] = {}
+        self._keda: tuple[float, bool] | None = None  # (monotonic time asked, served)
+        #: (namespace, kind, name) -> (content hash, :func:`fingerprint`, generation) of this
+        #: process' last apply of that child.
+        self._applied: dict[tuple[str, str, str], tuple[str, str, int]] = {}
+        self._mode_checked: dict[tuple[str, str], str] = {}
+        #: (namespace, kind, name) -> the newest copy of a child seen (see :meth:`_latest`).
+        self._seen: dict[tuple[str, str, str], Any] = {}
+        #: (namespace, name) -> the isvc as our last status write returned it.
+        self._written: dict[tuple[str, str], dict[str, Any]] = {}
+        self.poller = (
+            ModelPoller(config.model_poll_timeout_seconds, config.model_poll_concurrency,
+                        allowed_networks=config.model_poll_networks)
+            if config.model_poll else None
+        )
+
+    def forget(self, namespace: str, kind: str, name: str) -> None:
+        """A child was deleted: the next reconcile applies it again whatever the watches show."""
+        self._applied.pop((namespace, kind, name), None)
+        self._seen.pop((namespace, kind, name), None)
+
+    def _latest(self, namespace: str, kind: str, name: str, *copies: Mapping[str, Any] | None) -> Any:
+        """The newest copy of a child among ``copies`` and the newest this process saw before,
+        so a reconcile working from a lagging watch never reports an older state than an
+        earlier reconcile did (status would flip back and forth)."""
+        key = (namespace, kind, name)
+        best = newest(*copies, self._seen.get(key))  # a deletion clears the memory (forget())
+        if best is not None:
+            self._seen[key] = best
+        return best
+
+    def keda_installed(self) -> bool:
+        """Whether the API server serves KEDA's ``keda.sh/v1alpha1`` (its CRDs are installed),
+        asked through discovery at most once per ``KEDA_CHECK_SECONDS``.
+
+        Raises:
+            KubeError: discovery failed for another reason than 404.
+        """
+        now = time.monotonic()
+        if self._keda is None or now - self._keda[0] > KEDA_CHECK_SECONDS:
+            self._keda = (now, self.kube.serves(SCALED_OBJECT_API_VERSION))
+        return self._keda[1]
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -92,8 +197,53 @@ class Reconciler:
             self._last_failure[key] = message
             self.emit(isvc, "Warning", "ApplyFailed", message)
 
-    def reconcile(self, namespace: str, name: str) -> Outcome:
+    def _remove_other_autoscaler(
+        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome,
+        observed: Observed | None = None,
+    ) -> None:
+        """Delete the autoscaler of the mode the isvc does not use (after a switch between
+        ``hpa`` and ``keda``), if this isvc controls it, so two autoscalers never fight over
+        the Deployment's replicas. A watched HPA is checked from ``observed``; a ScaledObject
+        (not watched) is looked up once per isvc and mode in this process."""
+        meta = isvc["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        mode = "keda" if keda else "hpa"
+        if keda:
+            stale = (HPA_API_VERSION, "HorizontalPodAutoscaler")
+            if observed is not None:
+                obj = observed.children.get(("HorizontalPodAutoscaler", name))
+            else:
+                obj = self.kube.get(*stale, namespace, name)
+        else:
+            stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
+            if self._mode_checked.get((namespace, name)) == mode or not self.keda_installed():
+                return
+            obj = self.kube.get(*stale, namespace, name)
+        self._mode_checked[(namespace, name)] = mode
+        owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+        if obj is None or not any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
+            return
+        if self.kube.delete(*stale, namespace, name):
+            outcome.deleted.append(f"{stale[1]}/{name}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now {mode}")
+
+    def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        isvc: Mapping[str, Any] | None = None,
+        observed: Observed | None = None,
+    ) -> Outcome:
         """Bring the children and status of isvc ``namespace/name`` in line with its spec.
+
+        Args:
+            isvc: the object as kopf delivered it (or as an index holds it); read from the API
+                when None.
+            observed: what the operator's watches hold of the children and pods (kopf indexes).
+                With it, no child is read from the API: a child whose rendered content and
+                resourceVersion equal what this process last applied is not applied again,
+                and status comes from the watched (or just applied) objects. Without it, each
+                child is read before it is applied, and the Deployment, HPA and pods after.
 
         A spec the operator cannot serve (parse failure, or a child the API server rejects
         with 400/422) is not an error here: it yields Ready=False/InvalidSpec, one Warning
@@ -104,43 +254,107 @@ class Reconciler:
             KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
         """
         with self._lock(namespace, name):
-            isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
+            if isvc is None:
+                isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
             if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
                 return Outcome(found=False)
-            return self._reconcile(isvc)
+            return self._reconcile(dict(isvc), observed)
 
-    def _reconcile(self, isvc: dict[str, Any]) -> Outcome:
+    def _apply_child(
+        self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed | None, outcome: Outcome
+    ) -> dict[str, Any] | None:
+        """Apply one child unless ``observed`` shows it unchanged since this process applied the
+        same content; record created/updated; return the object as stored (None when skipped)."""
+        meta = isvc["metadata"]
+        namespace, kind, child = meta["namespace"], obj["kind"], obj["metadata"]["name"]
+        digest = content_hash(obj)
+        key = (namespace, kind, child)
+        if observed is not None:
+            seen = observed.children.get((kind, child))
+            seen_print = fingerprint(seen) if seen is not None else None
+            last = self._applied.get(key)
+            if last is not None and last[0] == digest and (
+                seen is None  # applied, but the watch has not delivered it yet (a deletion calls forget())
+                or seen_print == last[1]  # nobody changed it since our identical apply
+                or _generation(seen) < last[2]  # the watch still shows an older version than ours
+            ):
+                return None
+            created, after = self.kube.apply_status(obj)
+            before_print = seen_print if seen is not None else (last[1] if last else None)
+        else:
+            before = self.kube.get(obj["apiVersion"], kind, namespace, child)
+            after = self.kube.apply(obj)
+            created = before is None
+            before_print = fingerprint(before) if before is not None else None
+        after_print = fingerprint(after)
+        self._applied[key] = (digest, after_print, _generation(after))
+        if created:
+            outcome.created.append(f"{kind}/{child}")
+            self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
+        elif before_print is not None and before_print != after_print:
+            outcome.updated.append(f"{kind}/{child}")
+            self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+        return after
+
+    def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
         meta = isvc["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        written = self._written.get((namespace, name))
+        if written is not None and newest(written, isvc) is written and written is not isvc:
+            # the delivered copy predates our own last status write: judge changes against that
+            isvc = {**isvc, "status": written.get("status")}
         outcome = Outcome()
         spec = None
         try:
             spec = parse_spec(isvc.get("spec"), name)
         except InvalidSpecError as err:
             outcome.invalid = str(err)
+        keda = spec is not None and spec.scaling.autoscaler == "keda"
+        keda_installed = self.keda_installed() if keda else True
+        stored: dict[str, dict[str, Any]] = {}  # kind -> object as the apply returned it
         if spec is not None:
             children = render_children(Owner(name, namespace, meta["uid"]), spec, self.config)
-            for obj in children.in_order():
-                kind, child = obj["kind"], obj["metadata"]["name"]
-                before = self.kube.get(obj["apiVersion"], kind, namespace, child)
+            objects = children.in_order()
+            if keda and not keda_installed:  # nothing can hold a ScaledObject; say so in the status
+                objects = [o for o in objects if o is not children.scaled_object]
+            for obj in objects:
                 try:
-                    after = self.kube.apply(obj)
+                    after = self._apply_child(isvc, obj, observed, outcome)
                 except KubeError as err:
                     if not err.invalid:
-                        self._warn_once(isvc, f"{kind} {child}: {err}")
+                        self._warn_once(isvc, f"{obj['kind']} {obj['metadata']['name']}: {err}")
                         raise
-                    outcome.invalid = f"the API server rejected {kind} {child}: {err.message}"
+                    outcome.invalid = f"the API server rejected {obj['kind']} {obj['metadata']['name']}: {err.message}"
                     break
-                if before is None:
-                    outcome.created.append(f"{kind}/{child}")
-                    self.emit(isvc, "Normal", "Created", f"created {kind} {child}")
-                elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
-                    outcome.updated.append(f"{kind}/{child}")
-                    self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
+                if after is not None:
+                    stored[obj["kind"]] = after
+            if outcome.invalid is None:
+                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome, observed)
         self._last_failure.pop((namespace, name), None)
-        deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
-        hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
-        new_status = compute_status(isvc, spec, outcome.invalid, deployment, hpa, self.clock())
+        hpa_name = keda_hpa_name(name) if keda else name
+        if observed is not None:
+            deployment = self._latest(namespace, "Deployment", name, stored.get("Deployment"),
+                                      observed.children.get(("Deployment", name)))
+            hpa = self._latest(namespace, "HorizontalPodAutoscaler", hpa_name,
+                               None if keda else stored.get("HorizontalPodAutoscaler"),
+                               observed.children.get(("HorizontalPodAutoscaler", hpa_name)))
+        else:
+            deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
+            hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
+        scaled_object = None
+        if keda and keda_installed:  # not watched (KEDA may be installed after the operator started)
+            scaled_object = stored.get("ScaledObject") or self.kube.get(
+                SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name)
+        models = None
+        if spec is not None and self.poller is not None and deployment is not None:
+            pods = observed.pods if observed is not None else self.kube.list_pods(namespace, selector_labels(name))
+            answers = self.poller.poll(pods)
+            if answers:  # else no pod to ask (or none the operator may reach): derive from readiness
+                models = summarise(spec, answers)
+        new_status = compute_status(
+            isvc, spec, outcome.invalid, deployment, hpa, self.clock(),
+            scaled_object=scaled_object, keda_installed=keda_installed, models=models,
+        )
         previous_ready = _ready_condition(isvc.get("status"))
         if outcome.invalid is not None and (
             previous_ready.get("reason") != INVALID_SPEC or previous_ready.get("message") != outcome.invalid
@@ -148,9 +362,13 @@ class Reconciler:
             self.emit(isvc, "Warning", INVALID_SPEC, outcome.invalid)
         outcome.ready = _ready_condition(new_status).get("status", "Unknown")
         if status_changed(isvc.get("status"), new_status):
+            current = isvc.get("status") or {}
+            outcome.status_changes = sorted(k for k, v in new_status.items() if current.get(k) != v)
             try:
-                self.kube.patch_isvc_status(namespace, name, new_status)
+                stored = self.kube.patch_isvc_status(namespace, name, new_status)
                 outcome.status_written = True
+                if isinstance(stored, Mapping) and (stored.get("metadata") or {}).get("resourceVersion"):
+                    self._written[(namespace, name)] = dict(stored)
             except KubeError as err:
                 if err.status != 404:  # 404: deleted meanwhile, nothing to report on
                     raise

@@ -4,7 +4,9 @@ No I/O here; the reconciler applies what these return with server-side apply, so
 set below is owned by the operator's field manager and anything not set (the Deployment's
 ``replicas``, which the HPA owns; server defaults) is left to others.
 Children (DESIGN.md section 4): ConfigMap ``NAME-models`` (the catalogue), Deployment ``NAME``,
-Service ``NAME`` (port 80 -> 8000) and HorizontalPodAutoscaler ``NAME`` (autoscaling/v2).
+Service ``NAME`` (port 80 -> 8000) and the autoscaler: HorizontalPodAutoscaler ``NAME``
+(autoscaling/v2, ``scaling.autoscaler: hpa``) or KEDA ScaledObject ``NAME`` (``keda``; KEDA
+then creates and owns HorizontalPodAutoscaler ``keda-hpa-NAME``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ ISVC_LABEL = f"{GROUP}/inferenceservice"
 PRESTOP_SECONDS = 10
 #: The queue-length series the serving pod exports (serving/kubeinfer_serving/metrics.py).
 QUEUE_METRIC = "kubeinfer_queue_length"
+SCALED_OBJECT_API_VERSION = "keda.sh/v1alpha1"
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,25 @@ def render_service(owner: Owner) -> dict[str, Any]:
     }
 
 
+def _behavior(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """autoscaling/v2 ``behavior`` shared by both autoscaler modes (see :func:`render_hpa`)."""
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 30},
+                {"type": "Pods", "value": 2, "periodSeconds": 30},
+            ],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": spec.scaling.scale_down_stabilization_seconds,
+            "selectPolicy": "Max",
+            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+        },
+    }
+
+
 def render_hpa(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
     """autoscaling/v2 HPA on the Pods metric ``kubeinfer_queue_length`` (waiting requests per pod).
 
@@ -350,46 +372,106 @@ def render_hpa(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
                     },
                 }
             ],
-            "behavior": {
-                "scaleUp": {
-                    "stabilizationWindowSeconds": 0,
-                    "selectPolicy": "Max",
-                    "policies": [
-                        {"type": "Percent", "value": 100, "periodSeconds": 30},
-                        {"type": "Pods", "value": 2, "periodSeconds": 30},
-                    ],
-                },
-                "scaleDown": {
-                    "stabilizationWindowSeconds": scaling.scale_down_stabilization_seconds,
-                    "selectPolicy": "Max",
-                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+            "behavior": _behavior(spec),
+        },
+    }
+
+
+def keda_hpa_name(name: str) -> str:
+    """Name of the HPA KEDA creates for ScaledObject ``name`` (KEDA's default ``keda-hpa-NAME``)."""
+    return f"keda-hpa-{name}"
+
+
+def queue_query(owner: Owner) -> str:
+    """PromQL for the isvc's total queue: ``kubeinfer_queue_length`` summed over its serving pods.
+
+    Pods are matched by the ``namespace`` and ``pod`` target labels (what Prometheus's
+    kubernetes-pods example job and kube-prometheus-stack PodMonitors attach) and the
+    Deployment's pod-name shape ``NAME-<template hash>-<suffix>``, which never matches another
+    isvc's pods (``NAME-other`` pods have one dash-separated part more).
+    """
+    return f'sum(kubeinfer_queue_length{{namespace="{owner.namespace}",pod=~"{owner.name}-[a-z0-9]+-[a-z0-9]+"}})'
+
+
+def render_scaled_object(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> dict[str, Any]:
+    """KEDA ScaledObject ``NAME`` (keda.sh/v1alpha1) for ``scaling.autoscaler: keda``.
+
+    One Prometheus trigger on :func:`queue_query` with ``metricType: AverageValue`` and
+    ``threshold`` = ``targetQueueLength``: KEDA serves the summed queue as an external metric
+    and the HPA it creates computes desired = ceil(sum / target), the same replica count as the
+    Pods-metric HPA's ceil(current * average / target). ``activationThreshold`` =
+    ``activationQueueLength`` decides 0 <-> 1 (KEDA scales to zero after ``cooldownPeriod`` =
+    ``scaleDownStabilizationSeconds`` without activity); an empty query result counts as 0
+    (``ignoreNullValues``), so a scaled-to-zero isvc stays there. The HPA behaviour fields are
+    the ones :func:`render_hpa` sets. KEDA docs: "Scaling Deployments", "Prometheus scaler".
+    """
+    scaling = spec.scaling
+    return {
+        "apiVersion": SCALED_OBJECT_API_VERSION,
+        "kind": "ScaledObject",
+        "metadata": _metadata(owner, owner.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "pollingInterval": config.keda_polling_seconds,
+            "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "name": keda_hpa_name(owner.name),
+                    "behavior": _behavior(spec),
                 },
             },
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "name": "queue-length",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": scaling.prometheus_address or config.prometheus_url,
+                        "query": queue_query(owner),
+                        "threshold": str(scaling.target_queue_length),
+                        "activationThreshold": str(scaling.activation_queue_length),
+                        "ignoreNullValues": "true",
+                    },
+                }
+            ],
         },
     }
 
 
 @dataclass(frozen=True)
 class Children:
-    """All rendered children, in apply order (catalogue before the pods that mount it)."""
+    """All rendered children, in apply order (catalogue before the pods that mount it).
+
+    Exactly one of ``hpa`` (``scaling.autoscaler: hpa``) and ``scaled_object`` (``keda``) is set.
+    """
 
     configmap: dict[str, Any]
     service: dict[str, Any]
     deployment: dict[str, Any]
-    hpa: dict[str, Any]
+    hpa: dict[str, Any] | None = None
+    scaled_object: dict[str, Any] | None = None
+
+    @property
+    def autoscaler(self) -> dict[str, Any]:
+        """The autoscaler child of the chosen mode (HPA or ScaledObject)."""
+        return self.hpa if self.hpa is not None else self.scaled_object  # type: ignore[return-value]
 
     def in_order(self) -> list[dict[str, Any]]:
-        """ConfigMap, Service, Deployment, HPA."""
-        return [self.configmap, self.service, self.deployment, self.hpa]
+        """ConfigMap, Service, Deployment, then the HPA or the ScaledObject."""
+        return [self.configmap, self.service, self.deployment, self.autoscaler]
 
 
 def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> Children:
     """Render every child of ``owner`` from its parsed ``spec``; pure and deterministic."""
     configmap = render_configmap(owner, spec)
     digest = config_hash(configmap["data"][CATALOGUE_FILE])
+    keda = spec.scaling.autoscaler == "keda"
     return Children(
         configmap=configmap,
         service=render_service(owner),
         deployment=render_deployment(owner, spec, config, digest),
-        hpa=render_hpa(owner, spec),
+        hpa=None if keda else render_hpa(owner, spec),
+        scaled_object=render_scaled_object(owner, spec, config) if keda else None,
     )

@@ -93,14 +93,24 @@ class RuntimeSpec(_Camel):
 
 
 class ScalingSpec(_Camel):
-    """``spec.scaling``: HPA bounds and behaviour; queue length is in waiting requests per pod."""
+    """``spec.scaling``: autoscaler bounds and behaviour; queue length is in waiting requests per pod.
 
-    min_replicas: int = Field(default=1, alias="minReplicas", ge=1, le=1000)
+    ``autoscaler`` picks who scales the Deployment: ``hpa`` (an autoscaling/v2 HPA on the Pods
+    metric ``kubeinfer_queue_length``, served by prometheus-adapter) or ``keda`` (a KEDA
+    ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero).
+    ``minReplicas`` 0 needs ``keda``; the Deployment then leaves zero when the isvc's queue
+    exceeds ``activationQueueLength`` (KEDA's ``activationThreshold``).
+    """
+
+    autoscaler: Literal["hpa", "keda"] = "hpa"
+    min_replicas: int = Field(default=1, alias="minReplicas", ge=0, le=1000)
     max_replicas: int = Field(default=1, alias="maxReplicas", ge=1, le=1000)
     target_queue_length: int = Field(default=8, alias="targetQueueLength", ge=1, le=100000)
+    activation_queue_length: int = Field(default=0, alias="activationQueueLength", ge=0, le=100000)
     scale_down_stabilization_seconds: int = Field(
         default=300, alias="scaleDownStabilizationSeconds", ge=0, le=3600
     )
+    prometheus_address: str | None = Field(default=None, alias="prometheusAddress", max_length=512)
 
     @model_validator(mode="after")
     def _bounds(self) -> ScalingSpec:
@@ -108,6 +118,10 @@ class ScalingSpec(_Camel):
             raise ValueError(
                 f"minReplicas ({self.min_replicas}) must be less than or equal to maxReplicas ({self.max_replicas})"
             )
+        if self.min_replicas == 0 and self.autoscaler != "keda":
+            raise ValueError("minReplicas 0 (scale to zero) needs autoscaler: keda; an HPA cannot scale to zero")
+        if self.prometheus_address is not None and not re.match(r"^https?://[^\s/]+", self.prometheus_address):
+            raise ValueError(f"prometheusAddress {self.prometheus_address!r} must be an http(s):// URL")
         return self
 
 

@@ -9,7 +9,9 @@ human ``message``, ``observedGeneration`` (the isvc generation this was computed
   minimum availability), False on ``ProgressDeadlineExceeded``.
 * ``AutoscalerReady``: the HPA controller accepted the HPA (``AbleToScale``) and can read
   the queue-length metric (``ScalingActive``); with minReplicas == maxReplicas no metric is
-  needed, so a missing metric does not make it False.
+  needed, so a missing metric does not make it False. In keda mode first: KEDA's API is
+  served (else ``KedaNotInstalled``), the ScaledObject is ``Ready``, and a Deployment that
+  KEDA scaled to zero is fine (``ScaledToZero``); then the HPA KEDA created, as above.
 * ``ModelsReady``: a serving pod is ready, i.e. every preloaded model is loaded (the
   serving pod's ``/ready`` is true exactly then).
 * ``Ready``: the roll-up: False with reason ``InvalidSpec`` for a spec the operator cannot
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubeinfer_operator.models_poll import model_summary
 from kubeinfer_operator.render import service_url
 from kubeinfer_operator.spec import InferenceServiceSpec
 
@@ -79,8 +82,57 @@ def deployment_verdict(deployment: Mapping[str, Any] | None) -> Verdict:
     )
 
 
-def autoscaler_verdict(hpa: Mapping[str, Any] | None, spec: InferenceServiceSpec | None) -> Verdict:
-    """AutoscalerReady from the HPA object (None when it does not exist)."""
+def _keda_verdict(
+    spec: InferenceServiceSpec, scaled_object: Mapping[str, Any] | None, keda_installed: bool, replicas: int
+) -> Verdict | None:
+    """The KEDA part of AutoscalerReady, or None when the HPA KEDA created decides it."""
+    if not keda_installed:
+        return Verdict(
+            "False",
+            "KedaNotInstalled",
+            "scaling.autoscaler is keda but the API server does not serve keda.sh/v1alpha1: install KEDA "
+            "(its CRDs and operator), or set scaling.autoscaler: hpa; the Deployment runs unscaled meanwhile",
+        )
+    if scaled_object is None:
+        return Verdict("False", "AutoscalerMissing", "the KEDA ScaledObject does not exist yet")
+    ready = _conditions_by_type(scaled_object).get("Ready")
+    if ready is None or ready.get("status") == "Unknown":
+        return Verdict("Unknown", "AutoscalerPending", "KEDA has not reported on the ScaledObject yet")
+    if ready.get("status") != "True":
+        return Verdict("False", ready.get("reason") or "ScaledObjectNotReady", ready.get("message") or "")
+    if spec.scaling.min_replicas == 0 and replicas == 0:
+        return Verdict(
+            "True",
+            "ScaledToZero",
+            f"scaled to zero: the queue is at or below activationQueueLength "
+            f"({spec.scaling.activation_queue_length}); KEDA scales up when it is exceeded",
+        )
+    return None
+
+
+def autoscaler_verdict(
+    hpa: Mapping[str, Any] | None,
+    spec: InferenceServiceSpec | None,
+    scaled_object: Mapping[str, Any] | None = None,
+    keda_installed: bool = True,
+    replicas: int = 0,
+) -> Verdict:
+    """AutoscalerReady from the HPA object (None when it does not exist) and, for
+    ``scaling.autoscaler: keda``, the ScaledObject and whether KEDA's API is served.
+
+    Args:
+        hpa: the HPA that scales the Deployment (the operator's, or the one KEDA created).
+        spec: the parsed spec, or None when invalid.
+        scaled_object: the KEDA ScaledObject child (keda mode), or None.
+        keda_installed: whether the API server serves keda.sh/v1alpha1.
+        models: ``status.models`` from polling the pods (None: not polled; derived from readiness).
+        replicas: the Deployment's desired replica count (0 when KEDA scaled it to zero).
+    """
+    keda = spec is not None and spec.scaling.autoscaler == "keda"
+    if keda:
+        verdict = _keda_verdict(spec, scaled_object, keda_installed, replicas)
+        if verdict is not None:
+            return verdict
     if hpa is None:
         return Verdict("False", "AutoscalerMissing", "the HorizontalPodAutoscaler does not exist yet")
     conditions = _conditions_by_type(hpa)
@@ -99,18 +151,28 @@ def autoscaler_verdict(hpa: Mapping[str, Any] | None, spec: InferenceServiceSpec
                 f"minReplicas == maxReplicas == {spec.scaling.min_replicas}: no metric needed "
                 f"({active.get('reason')}: {active.get('message', '')})",
             )
-        return Verdict(
-            "False",
-            active.get("reason") or "ScalingInactive",
-            f"{active.get('message', '')} (is a custom-metrics adapter serving kubeinfer_queue_length?)",
+        hint = (
+            "is KEDA's metrics adapter serving external.metrics.k8s.io, and can it query Prometheus?"
+            if keda else "is a custom-metrics adapter serving kubeinfer_queue_length?"
         )
+        return Verdict("False", active.get("reason") or "ScalingInactive", f"{active.get('message', '')} ({hint})")
     return Verdict("True", active.get("reason") or "ScalingActive", active.get("message") or "")
 
 
-def models_verdict(spec: InferenceServiceSpec | None, ready_replicas: int) -> Verdict:
-    """ModelsReady: True once a pod is ready, since /ready means every preloaded model is loaded."""
+def models_verdict(
+    spec: InferenceServiceSpec | None, ready_replicas: int, models: list[dict[str, Any]] | None = None
+) -> Verdict:
+    """ModelsReady. With polled per-pod state (``models``, from :func:`~kubeinfer_operator.models_poll.summarise`):
+    False/ModelLoadFailed when a model failed to load in a pod (the pod's reason in the
+    message), False/NoReadyPods without a ready pod, else True. Without it: True once a pod is
+    ready, since /ready means every preloaded model is loaded."""
     if spec is None:
         return Verdict("Unknown", INVALID_SPEC, "the model list cannot be read from the spec")
+    if models is not None:
+        failed = [m for m in models if m["state"] == "Failed"]
+        if failed:
+            return Verdict("False", "ModelLoadFailed",
+                           "; ".join(f"{m['name']}: {m['message']}" for m in failed)[:1024])
     preloaded = sum(1 for m in spec.models if m.preload)
     if ready_replicas > 0:
         return Verdict(
@@ -122,19 +184,21 @@ def models_verdict(spec: InferenceServiceSpec | None, ready_replicas: int) -> Ve
     return Verdict("False", "NoReadyPods", "no serving pod is ready yet")
 
 
-def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list[dict[str, str]]:
-    """``status.models``: preloaded models are Loaded once a pod is ready; the rest stay Pending
-    (loaded on demand inside the pod, which does not report to the API)."""
+def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list[dict[str, Any]]:
+    """``status.models`` when the pods were not polled: preloaded models are Loaded on every
+    ready pod (that is what /ready means); on-demand ones stay Pending."""
     if spec is None:
         return []
-    out = []
+    out: list[dict[str, Any]] = []
     for m in spec.models:
+        counts = {"readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
         if m.preload and ready_replicas > 0:
-            out.append({"name": m.name, "state": "Loaded", "message": "preloaded; a ready pod has it loaded"})
+            out.append({"name": m.name, "state": "Loaded", **counts, "message": "preloaded; a ready pod has it loaded"})
         elif m.preload:
-            out.append({"name": m.name, "state": "Pending", "message": "preloaded at pod start; no pod is ready yet"})
+            out.append({"name": m.name, "state": "Pending", **counts,
+                        "message": "preloaded at pod start; no pod is ready yet"})
         else:
-            out.append({"name": m.name, "state": "Pending", "message": "loaded on demand by the first request"})
+            out.append({"name": m.name, "state": "Pending", **counts, "message": "loaded on demand by the first request"})
     return out
 
 
@@ -188,6 +252,9 @@ def compute_status(
     deployment: Mapping[str, Any] | None,
     hpa: Mapping[str, Any] | None,
     now: dt.datetime,
+    scaled_object: Mapping[str, Any] | None = None,
+    keda_installed: bool = True,
+    models: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of ``isvc`` from its parsed spec and its children.
 
@@ -196,8 +263,11 @@ def compute_status(
         spec: the parsed spec, or None when it is invalid.
         invalid: the InvalidSpec message, or None when the spec is fine.
         deployment: the Deployment child as read from the API, or None when absent.
-        hpa: the HPA child as read from the API, or None when absent.
+        hpa: the HPA that scales the Deployment as read from the API (the operator's child in
+            hpa mode, KEDA's ``keda-hpa-NAME`` in keda mode), or None when absent.
         now: the current time (timestamps of changed conditions).
+        scaled_object: the KEDA ScaledObject child (keda mode), or None.
+        keda_installed: whether the API server serves keda.sh/v1alpha1.
     """
     meta = isvc.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
@@ -209,13 +279,14 @@ def compute_status(
     else:
         desired = spec.scaling.min_replicas if spec else 0
     dep_v = deployment_verdict(deployment)
-    hpa_v = autoscaler_verdict(hpa, spec)
+    hpa_v = autoscaler_verdict(hpa, spec, scaled_object, keda_installed, desired)
     verdicts = {
         READY: ready_verdict(invalid, dep_v, hpa_v),
         DEPLOYMENT_AVAILABLE: dep_v,
         AUTOSCALER_READY: hpa_v,
-        MODELS_READY: models_verdict(spec, ready),
+        MODELS_READY: models_verdict(spec, ready, models),
     }
+    models_list = models if models is not None and spec is not None else model_states(spec, ready)
     previous = (isvc.get("status") or {}).get("conditions")
     raw_models = ((isvc.get("spec") or {}).get("models")) or []
     names = [m.name for m in spec.models] if spec else [
@@ -228,7 +299,8 @@ def compute_status(
         "readyReplicas": ready,
         "replicaSummary": f"{ready}/{desired}",
         "modelNames": ",".join(names),
-        "models": model_states(spec, ready),
+        "models": models_list,
+        "modelSummary": model_summary(models_list),
         "conditions": merge_conditions(previous, verdicts, generation, now),
     }
 

@@ -128,7 +128,7 @@ def wait_idle(base_url: str, model: str = MODEL, timeout: float = 30.0) -> None:
     """Poll ``/metrics`` until ``model`` has no running or waiting request and no KV block in use."""
     deadline = time.monotonic() + timeout
     while True:
-        state = {n: metric_value(base_url, n, model=model) for n in
+        state = {n: metric_value(base_url, n, model_name=model) for n in
                  ("kubeinfer_num_requests_running", "kubeinfer_queue_length", "kubeinfer_kv_cache_usage_ratio")}
         if not any(state.values()):
             return

@@ -12,7 +12,7 @@ LONG = {"model": MODEL, "prompt": "The mill wheel turned", "max_tokens": 900, "t
 
 
 def aborted(base_url: str) -> float:
-    return metric_value(base_url, "kubeinfer_request_success_total", model=MODEL, finish_reason="abort")
+    return metric_value(base_url, "kubeinfer_request_success_total", model_name=MODEL, finish_reason="abort")
 
 
 def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(server) -> None:
@@ -23,8 +23,8 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(server) -> Non
         first = next(line for line in lines if line.startswith("data: "))
         assert '"text"' in first
         time.sleep(0.3)  # several engine steps: the request keeps running while the client holds on
-        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model=MODEL) == 1
-        assert metric_value(server.base_url, "kubeinfer_kv_cache_usage_ratio", model=MODEL) > 0
+        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model_name=MODEL) == 1
+        assert metric_value(server.base_url, "kubeinfer_kv_cache_usage_ratio", model_name=MODEL) > 0
     # The connection is closed here, ~900 tokens early.
     wait_idle(server.base_url)
     assert aborted(server.base_url) == before + 1

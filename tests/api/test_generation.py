@@ -143,7 +143,7 @@ def test_tokens_arrive_while_the_request_is_still_running(server) -> None:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert '"text"' in first
-        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model=MODEL) >= 1
+        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model_name=MODEL) >= 1
         received = 1
         for line in lines:
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -151,4 +151,4 @@ def test_tokens_arrive_while_the_request_is_still_running(server) -> None:
                 if received >= 10:
                     break
         # Still mid-generation after ten chunks: the stream is incremental, not one buffered body.
-        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model=MODEL) == 1
+        assert metric_value(server.base_url, "kubeinfer_num_requests_running", model_name=MODEL) == 1

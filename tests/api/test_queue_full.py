@@ -33,7 +33,7 @@ def test_queue_full_is_429_with_retry_after(cli_server: str) -> None:
         assert running_first.wait(60), "the first stream never started"
         waiting.start()
         deadline = time.monotonic() + 30
-        while metric_value(cli_server, "kubeinfer_queue_length", model=MODEL) < 1:
+        while metric_value(cli_server, "kubeinfer_queue_length", model_name=MODEL) < 1:
             assert time.monotonic() < deadline, "the second request never queued"
             time.sleep(0.02)
         client = openai.OpenAI(base_url=f"{cli_server}/v1", api_key="unused", max_retries=0, timeout=30)

@@ -16,6 +16,8 @@
 #            authorizer, NodeRestriction), and the fake GPU nodes carry the taint
 #            nvidia.com/gpu=present:NoSchedule that ExtendedResourceToleration lets only pods
 #            requesting nvidia.com/gpu tolerate: CPU pods run on the real node, GPU pods on kwok's.
+# The API server runs with the aggregation layer (front-proxy client cert, --requestheader-*,
+# --enable-aggregator-routing) and a Metadata-level audit log in DIR/audit.log.
 # On success DIR/kubeconfig reaches the cluster as a system:masters user, the default
 # ServiceAccount exists and every fake node is Ready. On failure the started
 # processes are stopped, the log tails are printed and the exit status is 1; the
@@ -57,7 +59,7 @@ if compgen -G "$DIR/pids/*.pid" >/dev/null; then
     fi
   done
 fi
-rm -rf "$DIR/pki" "$DIR/etcd" "$DIR/logs" "$DIR/pids" "$DIR/kubeconfig" "$DIR"/*.kubeconfig "$DIR/node.env"
+rm -rf "$DIR/pki" "$DIR/etcd" "$DIR/logs" "$DIR/pids" "$DIR/kubeconfig" "$DIR"/*.kubeconfig "$DIR/node.env" "$DIR"/audit*
 mkdir -p "$DIR/pki" "$DIR/etcd" "$DIR/logs" "$DIR/pids"
 chmod 700 "$DIR/pki" "$DIR/etcd"
 PKI="$DIR/pki"
@@ -89,7 +91,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 )
 
-# --- PKI: CA, API server serving cert, service-account signing key, bearer tokens ---
+# --- PKI: CA, API server serving cert, front-proxy CA, service-account signing key, bearer tokens ---
 openssl_quiet() { openssl "$@" 2>/dev/null; }
 openssl_quiet req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kubeinfer-test-ca" \
   -keyout "$PKI/ca.key" -out "$PKI/ca.crt"
@@ -103,6 +105,19 @@ subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:$GATEWAY,DNS:localhost,DNS:kubernetes
 EOF
 openssl_quiet x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
   -days 3650 -extfile "$PKI/apiserver.ext" -out "$PKI/apiserver.crt"
+# Aggregation layer (kube-apiserver "Configure the Aggregation Layer"): a separate front-proxy CA
+# and the client certificate the API server presents to extension API servers (e.g. KEDA's
+# external.metrics.k8s.io adapter), which trust it through the requestheader settings the API
+# server publishes in kube-system/extension-apiserver-authentication.
+openssl_quiet req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kubeinfer-test-front-proxy-ca" \
+  -keyout "$PKI/front-proxy-ca.key" -out "$PKI/front-proxy-ca.crt"
+openssl_quiet req -newkey rsa:2048 -nodes -subj "/CN=front-proxy-client" \
+  -keyout "$PKI/front-proxy-client.key" -out "$PKI/front-proxy-client.csr"
+printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' \
+  > "$PKI/front-proxy-client.ext"
+openssl_quiet x509 -req -in "$PKI/front-proxy-client.csr" -CA "$PKI/front-proxy-ca.crt" \
+  -CAkey "$PKI/front-proxy-ca.key" -CAcreateserial -days 3650 -extfile "$PKI/front-proxy-client.ext" \
+  -out "$PKI/front-proxy-client.crt"
 openssl_quiet genrsa -out "$PKI/sa.key" 2048
 openssl_quiet rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 
@@ -209,6 +224,15 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
 EOF
 
 # --- kube-apiserver ---
+# Audit log (Metadata level: who, verb, resource, status; no bodies) in DIR/audit.log, so tests
+# can count the API requests a client such as the operator makes (user.username per request).
+cat > "$DIR/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+EOF
 start kube-apiserver "$BIN/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
   "${API_BIND[@]}" --secure-port "$API_PORT" \
@@ -220,6 +244,15 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --service-cluster-ip-range "$SERVICE_CIDR" \
   --allow-privileged \
   --profiling=false \
+  --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names front-proxy-client \
+  --requestheader-username-headers X-Remote-User \
+  --requestheader-group-headers X-Remote-Group \
+  --requestheader-extra-headers-prefix X-Remote-Extra- \
+  --proxy-client-cert-file "$PKI/front-proxy-client.crt" --proxy-client-key-file "$PKI/front-proxy-client.key" \
+  --enable-aggregator-routing=true \
+  --audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/audit.log" \
+  --audit-log-format json --audit-log-maxsize 200 --audit-log-maxbackup 1 \
   --cert-dir "$PKI"
 wait_for "kube-apiserver /readyz" "${KUBECTL[@]}" get --raw /readyz
 

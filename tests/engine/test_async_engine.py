@@ -49,9 +49,9 @@ async def test_concurrent_streams_match_hf(aengine, hf_greedy):
         assert [t for o in outs for t in o.new_token_ids] == hf_greedy(p, n)
         assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].num_prompt_tokens == len(p)
     await _wait_idle(aengine)
-    gen = metrics.REGISTRY.get_sample_value("kubeinfer_generation_tokens_total", {"model": "tiny-test"})
+    gen = metrics.REGISTRY.get_sample_value("kubeinfer_generation_tokens_total", {"model_name": "tiny-test"})
     assert gen is not None and gen >= sum(n for _, _, n in reqs)
-    assert metrics.REGISTRY.get_sample_value("kubeinfer_time_to_first_token_seconds_count", {"model": "tiny-test"})
+    assert metrics.REGISTRY.get_sample_value("kubeinfer_time_to_first_token_seconds_count", {"model_name": "tiny-test"})
 
 
 async def test_consumer_that_stops_early_aborts_and_frees_blocks(aengine):

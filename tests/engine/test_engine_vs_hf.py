@@ -46,10 +46,10 @@ def test_staggered_requests_match_hf_as_batch_changes(make_engine, workload, hf_
 def test_preemption_under_a_small_kv_pool_keeps_outputs_equal(make_engine, workload, hf_greedy):
     # 14 blocks x 16 tokens = 224 tokens of KV for 36 requests of up to 190 tokens each.
     engine = make_engine(max_num_seqs=8, max_num_batched_tokens=96, num_kv_blocks=14)
-    before = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model": "tiny-test"}) or 0
+    before = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model_name": "tiny-test"}) or 0
     outs = run_workload(engine, workload)
     assert engine.scheduler.num_preemptions > 0
-    after = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model": "tiny-test"})
+    after = metrics.REGISTRY.get_sample_value("kubeinfer_num_preemptions_total", {"model_name": "tiny-test"})
     assert after - before == engine.scheduler.num_preemptions
     _assert_matches_hf(outs, workload, hf_greedy)
     stats = engine.stats()
@@ -62,7 +62,7 @@ def test_prefix_cache_hits_give_the_same_tokens(make_engine, hf_greedy):
     reqs = [Req(f"p{i}", shared + [rng.randrange(6, 8192) for _ in range(i + 1)], 12, 0) for i in range(4)]
     reqs.append(Req("same-as-p0", list(reqs[0].prompt), 12, 0))
     engine = make_engine(max_num_seqs=4, max_num_batched_tokens=256, num_kv_blocks=64)
-    hits_before = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model": "tiny-test"}) or 0
+    hits_before = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model_name": "tiny-test"}) or 0
     outs = {}
     for r in reqs:  # one after another, so each finds its predecessors' blocks in the cache
         outs.update(run_workload(engine, [r]))
@@ -71,7 +71,7 @@ def test_prefix_cache_hits_give_the_same_tokens(make_engine, hf_greedy):
     # 70 shared tokens = 4 full blocks of 16 (64 tokens) reusable by the others.
     assert all(outs[f"p{i}"][-1].num_cached_tokens == 64 for i in range(1, 4))
     assert outs["same-as-p0"][-1].num_cached_tokens == 64  # (71 - 1) // 16 full blocks, last token recomputed
-    hits = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model": "tiny-test"})
+    hits = metrics.REGISTRY.get_sample_value("kubeinfer_prefix_cache_hits_total", {"model_name": "tiny-test"})
     assert hits - hits_before == 4 * 64
 
 

@@ -92,7 +92,9 @@ def test_examples_validate_against_the_crd_schema(path, validator):
     [
         (lambda s: s["models"][0].update(dtype="int4"), "int4"),
         (lambda s: s["models"][0].update(kind="rerank"), "rerank"),
-        (lambda s: s.setdefault("scaling", {}).update(minReplicas=0), "0"),
+        (lambda s: s.setdefault("scaling", {}).update(minReplicas=-1), "-1"),
+        (lambda s: s.setdefault("scaling", {}).update(autoscaler="vpa"), "vpa"),
+        (lambda s: s.setdefault("scaling", {}).update(prometheusAddress="prometheus:9090"), "prometheus:9090"),
         (lambda s: s.setdefault("runtime", {}).update(gpuMemoryUtilization=0), "0"),
         (lambda s: s.setdefault("runtime", {}).update(gpuMemoryUtilization=1.5), "1.5"),
         (lambda s: s.setdefault("resources", {}).update(limits={"memory": "lots"}), "lots"),
@@ -143,9 +145,14 @@ def test_plain_rbac_is_least_privilege():
     rules = _rules(load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml"))
     resources = {r for rule in rules for r in rule["resources"]}
     assert resources == {"inferenceservices", "inferenceservices/status", "configmaps", "services", "deployments",
-                         "horizontalpodautoscalers", "events"}
+                         "horizontalpodautoscalers", "scaledobjects", "pods", "events"}
     verbs = {v for rule in rules for v in rule["verbs"]}
-    assert verbs <= {"get", "list", "watch", "patch", "create"}
+    assert verbs <= {"get", "list", "watch", "patch", "create", "delete"}
+    for rule in rules:
+        if "delete" in rule["verbs"]:  # only the autoscaler of the mode an isvc left
+            assert set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects"}
+        if "pods" in rule["resources"]:  # read-only: pod IPs for the model-state poll
+            assert rule["verbs"] == ["list", "watch"]
     assert "*" not in yaml.safe_dump(rules)
     for rule in rules:
         if "events" in rule["resources"]:

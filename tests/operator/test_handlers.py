@@ -35,3 +35,9 @@ def test_cli_scope_flags():
     args = build_parser().parse_args(["-n", "a", "-n", "b", "--liveness", ""])
     assert args.namespace == ["a", "b"] and not args.all_namespaces and args.liveness == ""
     assert build_parser().parse_args(["-A"]).all_namespaces
+
+
+def test_kedas_hpa_belongs_to_the_isvc_named_in_its_labels():
+    body = {"metadata": {"labels": {"serving.kubeinfer.io/inferenceservice": "chat"}, "ownerReferences": [
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": "chat", "controller": True}]}}
+    assert owner_name(body) == "chat"

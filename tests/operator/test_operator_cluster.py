@@ -50,7 +50,10 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 90.0, interva
 class Operator:
     """A ``kubeinfer-operator`` process with its log in a file."""
 
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, extra_env: dict[str, str] | None = None,
+                 namespace: str = NS) -> None:
+        self.extra_env = extra_env or {}
+        self.namespace = namespace
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
@@ -63,9 +66,12 @@ class Operator:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE,
+               # kwok's fake pod IPs lead off this machine: poll /v1/models only on local addresses
+               "KUBEINFER_MODEL_POLL_NETWORKS": os.environ.get("KUBEINFER_MODEL_POLL_NETWORKS", "127.0.0.0/8"),
+               **self.extra_env}
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", NS, "-v",
+            [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", self.namespace, "-v",
              "--liveness", f"http://127.0.0.1:{port}/healthz"],
             env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )

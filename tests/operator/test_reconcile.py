@@ -26,6 +26,15 @@ class MemoryKube:
         self.version = 100
         self.reject: dict[str, KubeError] = {}
         self.status_patches = 0
+        self.keda = False  # whether keda.sh/v1alpha1 is served
+        self.deleted: list[tuple[str, str]] = []
+
+    def serves(self, group_version):
+        return self.keda and group_version == "keda.sh/v1alpha1"
+
+    def delete(self, api_version, kind, namespace, name):
+        self.deleted.append((kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
 
     def get(self, api_version, kind, namespace, name):
         obj = self.objects.get((kind, namespace, name))
@@ -64,7 +73,8 @@ GOOD = {"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny
 def make(spec):
     kube = MemoryKube(isvc(spec))
     events: list[tuple[str, str, str]] = []
-    rec = Reconciler(kube, OperatorConfig(), lambda obj, t, r, m: events.append((t, r, m)), clock=lambda: NOW)
+    rec = Reconciler(kube, OperatorConfig(model_poll=False), lambda obj, t, r, m: events.append((t, r, m)),
+                     clock=lambda: NOW)
     return kube, rec, events
 
 
@@ -141,3 +151,113 @@ def test_deleted_or_deleting_isvc_is_left_alone():
     assert rec.reconcile("ns", "svc").found is False
     assert rec.reconcile("ns", "other").found is False
     assert events == []
+
+
+KEDA = {**GOOD, "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 3}}
+
+
+def _autoscaler_condition(kube):
+    conditions = kube.objects[("InferenceService", "ns", "svc")]["status"]["conditions"]
+    return next(c for c in conditions if c["type"] == "AutoscalerReady")
+
+
+def test_keda_mode_without_keda_runs_the_deployment_and_says_why_it_cannot_scale():
+    kube, rec, events = make(KEDA)
+    out = rec.reconcile("ns", "svc")
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc"]
+    cond = _autoscaler_condition(kube)
+    assert (cond["status"], cond["reason"]) == ("False", "KedaNotInstalled")
+    assert "install KEDA" in cond["message"]
+
+
+def test_keda_mode_with_keda_applies_a_scaled_object():
+    kube, rec, events = make(KEDA)
+    kube.keda = True
+    out = rec.reconcile("ns", "svc")
+    assert out.created[-1] == "ScaledObject/svc"
+    assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
+    assert _autoscaler_condition(kube)["reason"] == "AutoscalerPending"  # KEDA has not reported yet
+
+
+def test_switching_modes_removes_the_other_autoscaler():
+    kube, rec, events = make(GOOD)
+    kube.keda = True
+    rec.reconcile("ns", "svc")
+    assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+    obj = kube.objects[("InferenceService", "ns", "svc")]
+    obj["spec"]["scaling"] = {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["HorizontalPodAutoscaler/svc"]
+    assert ("ScaledObject", "ns", "svc") in kube.objects
+    assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
+    obj["spec"]["scaling"] = {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["ScaledObject/svc"]
+    assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+
+
+def test_an_autoscaler_of_another_owner_is_never_deleted():
+    kube, rec, events = make({**GOOD, "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2}})
+    kube.keda = True
+    kube.objects[("HorizontalPodAutoscaler", "ns", "svc")] = {
+        "metadata": {"name": "svc", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == [] and ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
+
+
+class CountingKube(MemoryKube):
+    """MemoryKube that counts calls and answers apply_status (201 on create) like the API server."""
+
+    def __init__(self, isvc):
+        super().__init__(isvc)
+        self.calls: list[str] = []
+
+    def get(self, api_version, kind, namespace, name):
+        self.calls.append(f"GET {kind}")
+        return super().get(api_version, kind, namespace, name)
+
+    def apply(self, obj):
+        self.calls.append(f"APPLY {obj['kind']}")
+        return super().apply(obj)
+
+    def apply_status(self, obj):
+        created = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) not in self.objects
+        return created, self.apply(obj)
+
+    def patch_isvc_status(self, namespace, name, status):
+        self.calls.append("PATCH status")
+        return super().patch_isvc_status(namespace, name, status)
+
+
+def watched(kube):
+    """What the watches would hold: every child as stored now."""
+    from kubeinfer_operator.reconcile import Observed
+
+    return Observed(children={(k, n): copy.deepcopy(o) for (k, ns, n), o in kube.objects.items()
+                              if k != "InferenceService"})
+
+
+def test_reconcile_from_watched_state_reads_nothing_and_skips_unchanged_children():
+    kube = CountingKube(isvc(GOOD))
+    events = []
+    rec = Reconciler(kube, OperatorConfig(model_poll=False), lambda o, t, r, m: events.append(r), clock=lambda: NOW)
+    body = kube.objects[("InferenceService", "ns", "svc")]
+    out = rec.reconcile("ns", "svc", isvc=body, observed=watched(kube))
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", "HorizontalPodAutoscaler/svc"]
+    assert [c for c in kube.calls if c.startswith("GET")] == []  # no read before or after the applies
+    kube.calls.clear()
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert kube.calls == [] and (out.created, out.updated) == ([], [])  # steady state: zero API requests
+    kube.objects[("Service", "ns", "svc")]["spec"]["type"] = "NodePort"  # drift: someone edited the Service
+    kube.objects[("Service", "ns", "svc")]["metadata"]["resourceVersion"] = "999"
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert kube.calls == ["APPLY Service"] and out.updated == ["Service/svc"]
+    del kube.objects[("Deployment", "ns", "svc")]  # deleted: recreated once the deletion is known
+    kube.calls.clear()
+    rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert not [c for c in kube.calls if c.startswith("APPLY")]  # absent from the watch may be lag: no apply
+    rec.forget("ns", "Deployment", "svc")  # the DELETED event
+    kube.calls.clear()
+    out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
+    assert [c for c in kube.calls if c.startswith("APPLY")] == ["APPLY Deployment"]
+    assert out.created == ["Deployment/svc"]

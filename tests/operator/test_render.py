@@ -192,6 +192,40 @@ def test_hpa_scales_on_queue_length():
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
 
 
+def test_keda_mode_renders_a_scaled_object_instead_of_an_hpa():
+    keda = {**SPEC, "scaling": {**SPEC["scaling"], "autoscaler": "keda", "minReplicas": 0, "activationQueueLength": 1}}
+    kids = children(keda)
+    assert kids.hpa is None
+    so = kids.scaled_object
+    assert (so["apiVersion"], so["kind"], so["metadata"]["name"]) == ("keda.sh/v1alpha1", "ScaledObject", "chat")
+    assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"], so["spec"]["cooldownPeriod"]) == (0, 5, 120)
+    (trigger,) = so["spec"]["triggers"]
+    assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
+    meta = trigger["metadata"]
+    assert meta["query"] == 'sum(kubeinfer_queue_length{namespace="team-a",pod=~"chat-[a-z0-9]+-[a-z0-9]+"})'
+    assert (meta["threshold"], meta["activationThreshold"]) == ("6", "1")
+    assert meta["serverAddress"] == CONFIG.prometheus_url
+    hpa_config = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
+    assert hpa_config["name"] == "keda-hpa-chat"
+    assert hpa_config["behavior"] == children().hpa["spec"]["behavior"]  # same behaviour in both modes
+    assert kids.in_order()[-1] is so
+
+
+def test_keda_query_matches_only_this_isvcs_pods():
+    import re
+
+    pattern = re.search(r'pod=~"([^"]+)"', children({**SPEC, "scaling": {"autoscaler": "keda"}}).scaled_object[
+        "spec"]["triggers"][0]["metadata"]["query"]).group(1)
+    assert re.fullmatch(pattern, "chat-7d9c5b6f4-x2x9k")
+    assert not re.fullmatch(pattern, "chat-large-7d9c5b6f4-x2x9k")  # another isvc named chat-large
+
+
+def test_keda_prometheus_address_per_isvc():
+    kids = children({**SPEC, "scaling": {"autoscaler": "keda", "prometheusAddress": "http://prom.obs:9090"}})
+    assert kids.scaled_object["spec"]["triggers"][0]["metadata"]["serverAddress"] == "http://prom.obs:9090"
+
+
 def test_catalogue_content():
     cat = yaml.safe_load(children().configmap["data"]["models.yaml"])
     assert cat["maxLoadedModels"] == 2

@@ -76,3 +76,16 @@ def test_claims_are_distinct_in_first_use_order():
         "svc",
     )
     assert spec.claims() == ["store-b", "store-a"]
+
+
+def test_scale_to_zero_needs_keda():
+    with pytest.raises(InvalidSpecError, match="minReplicas 0 .* needs autoscaler: keda"):
+        parse_spec({"models": [MODEL], "scaling": {"minReplicas": 0, "maxReplicas": 2}}, "svc")
+    spec = parse_spec({"models": [MODEL], "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2,
+                                                      "activationQueueLength": 2}}, "svc")
+    assert (spec.scaling.autoscaler, spec.scaling.min_replicas, spec.scaling.activation_queue_length) == ("keda", 0, 2)
+
+
+def test_prometheus_address_must_be_a_url():
+    with pytest.raises(InvalidSpecError, match="prometheusAddress"):
+        parse_spec({"models": [MODEL], "scaling": {"autoscaler": "keda", "prometheusAddress": "prom:9090"}}, "svc")

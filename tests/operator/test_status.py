@@ -135,3 +135,57 @@ def test_recomputing_an_unchanged_state_changes_nothing():
     assert again == first
     assert not status_changed(first, again)
     assert status_changed(first, {**again, "readyReplicas": 0})
+
+
+def keda_spec(min_r=0, max_r=3):
+    return parse_spec({"models": MODELS, "scaling": {"autoscaler": "keda", "minReplicas": min_r,
+                                                     "maxReplicas": max_r}}, "svc")
+
+
+def scaled_object(ready="True", reason="ScaledObjectReady", message="ScaledObject is defined correctly"):
+    return {"status": {"conditions": [{"type": "Ready", "status": ready, "reason": reason, "message": message}]}}
+
+
+def test_keda_mode_without_keda_is_not_ready_and_says_install_keda():
+    st = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0, keda_installed=False)
+    assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("False", "KedaNotInstalled")
+    assert cond(st, "Ready")["reason"] == "KedaNotInstalled"
+
+
+def test_keda_mode_reads_the_scaled_object_then_kedas_hpa():
+    bad = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0,
+                         scaled_object=scaled_object("False", "ScaledObjectCheckFailed", "bad trigger"))
+    assert (cond(bad, "AutoscalerReady")["status"], cond(bad, "AutoscalerReady")["reason"]) == (
+        "False", "ScaledObjectCheckFailed")
+    no_metric = compute_status(ISVC, keda_spec(1), None, deployment(), hpa("False", "FailedGetExternalMetric", "x"),
+                               T0, scaled_object=scaled_object())
+    verdict = cond(no_metric, "AutoscalerReady")
+    assert (verdict["status"], verdict["reason"]) == ("False", "FailedGetExternalMetric")
+    assert "external.metrics.k8s.io" in verdict["message"]
+    good = compute_status(ISVC, keda_spec(1), None, deployment(), hpa(), T0, scaled_object=scaled_object())
+    assert cond(good, "Ready")["status"] == "True"
+
+
+def test_scaled_to_zero_is_ready_not_an_error():
+    zero = deployment(ready=0, desired=0)
+    st = compute_status(ISVC, keda_spec(0), None, zero, hpa("False", "ScalingDisabled", "scaling is disabled"),
+                        T0, scaled_object=scaled_object())
+    assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("True", "ScaledToZero")
+    assert st["replicaSummary"] == "0/0"
+
+
+def test_polled_model_state_drives_models_ready_and_the_summary():
+    polled = [{"name": "chat", "state": "Loaded", "readyPods": 2, "loadedPods": 2, "failedPods": 0, "message": "x"},
+              {"name": "embed", "state": "Failed", "readyPods": 2, "loadedPods": 0, "failedPods": 2,
+               "message": "svc-abc-1: no such file /m/e"}]
+    st = compute_status(ISVC, spec(), None, deployment(ready=2, desired=2), hpa(), T0, models=polled)
+    assert st["models"] == polled
+    assert st["modelSummary"] == "chat 2/2, embed 0/2"
+    ready = cond(st, "ModelsReady")
+    assert (ready["status"], ready["reason"]) == ("False", "ModelLoadFailed")
+    assert "embed: svc-abc-1: no such file /m/e" in ready["message"]
+
+
+def test_without_polling_the_summary_follows_readiness():
+    st = compute_status(ISVC, spec(), None, deployment(ready=1), hpa(), T0)
+    assert st["modelSummary"] == "chat 1/1, embed 0/1"

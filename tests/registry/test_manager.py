@@ -39,7 +39,7 @@ def states(reg: ModelRegistry) -> dict[str, str]:
 
 
 def metric(counter, name: str) -> float:
-    return counter.labels(model=name)._value.get()
+    return counter.labels(model_name=name)._value.get()
 
 
 async def use(reg: ModelRegistry, name: str, hold: float = 0.0) -> str:

@@ -51,7 +51,7 @@ def test_sixty_http_requests_over_three_models(model_dirs) -> None:
                 listing = (await client.get(f"{base}/v1/models")).json()["data"]
                 assert sorted(m["state"] for m in listing) == ["loaded", "loaded", "unloaded"]
                 metrics = (await client.get(f"{base}/metrics")).text
-                assert 'kubeinfer_model_evictions_total{model="tiny-' in metrics
+                assert 'kubeinfer_model_evictions_total{model_name="tiny-' in metrics
 
         asyncio.run(run())
         evictions = [e for e in reg.events if e.action == "evict"]

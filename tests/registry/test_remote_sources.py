@@ -116,13 +116,13 @@ async def test_concurrent_loads_of_one_source_fetch_once(s3_env, tmp_path) -> No
     source = f"s3://{BUCKET}/tiny-1"
     reg = ModelRegistry(_catalogue(tmp_path, [_entry("a", source), _entry("b", source)]), device="cpu")
     try:
-        before = metrics.MODEL_FETCH_BYTES.labels(model="a")._value.get() + \
-            metrics.MODEL_FETCH_BYTES.labels(model="b")._value.get()
+        before = metrics.MODEL_FETCH_BYTES.labels(model_name="a")._value.get() + \
+            metrics.MODEL_FETCH_BYTES.labels(model_name="b")._value.get()
         await asyncio.gather(reg.load("a"), reg.load("b"))
         disk = reg.loader.disk
         assert (disk.misses, disk.hits) == (1, 1)
-        after = metrics.MODEL_FETCH_BYTES.labels(model="a")._value.get() + \
-            metrics.MODEL_FETCH_BYTES.labels(model="b")._value.get()
+        after = metrics.MODEL_FETCH_BYTES.labels(model_name="a")._value.get() + \
+            metrics.MODEL_FETCH_BYTES.labels(model_name="b")._value.get()
         assert after - before == disk.snapshots()[0].bytes
     finally:
         await reg.shutdown()

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization
 from kubeinfer_serving.api.errors import install_error_handlers
 from kubeinfer_serving.config import ServerSettings
+from kubeinfer_serving.metrics import HTTPMetricsMiddleware, ModelStateCollector
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
     app = FastAPI(title="kubeinfer serving", version=__version__, lifespan=lifespan)
     app.state.provider = provider
     app.state.settings = settings or ServerSettings()
+    # Per-app series (the model states of this app's provider), served after the global registry.
+    app.state.metrics_registry = CollectorRegistry(auto_describe=True)
+    app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
+    app.add_middleware(HTTPMetricsMiddleware)
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health, tokenization):
         app.include_router(module.router)

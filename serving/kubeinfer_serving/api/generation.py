@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from kubeinfer_serving import metrics
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.engine.errors import PromptTooLongError
@@ -162,6 +163,8 @@ class GenerationRun:
             it = await it
         try:
             async for out in it:
+                if out.finished:
+                    metrics.record_finished_request(getattr(self._engine, "model_name", "unknown"), out)
                 self._queue.put_nowait((job.index, out, None))
         except asyncio.CancelledError:
             raise

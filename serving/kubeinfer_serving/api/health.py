@@ -28,6 +28,11 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    """The Prometheus text exposition of :data:`kubeinfer_serving.metrics.REGISTRY`."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """The Prometheus text exposition of :data:`kubeinfer_serving.metrics.REGISTRY` followed by the
+    app's own registry (``kubeinfer_model_state`` of its provider)."""
+    body = generate_latest(REGISTRY)
+    own = getattr(request.app.state, "metrics_registry", None)
+    if own is not None:
+        body += generate_latest(own)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -107,14 +107,14 @@ class SingleModelProvider:
                 engine = AsyncLLMEngine(llm)
             except Exception as exc:
                 self._state, self._message = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
-                metrics.MODEL_LOAD_FAILURES.labels(model=self.name).inc()
+                metrics.MODEL_LOAD_FAILURES.labels(model_name=self.name).inc()
                 log.exception("loading %s from %s failed", self.name, self.model_dir)
                 raise ModelUnavailableError(f"Model '{self.name}' failed to load: {self._message}") from exc
             self._served = LoadedModel(self.name, ModelKind.GENERATE, engine.tokenizer, engine.max_model_len, engine)
             self._state = ModelState.LOADED
-            metrics.MODEL_LOADS.labels(model=self.name).inc()
-            metrics.MODEL_LOAD_SECONDS.labels(model=self.name).observe(time.perf_counter() - t0)
-            metrics.MODEL_LOADED_BYTES.labels(model=self.name).set(self._bytes())
+            metrics.MODEL_LOADS.labels(model_name=self.name).inc()
+            metrics.MODEL_LOAD_SECONDS.labels(model_name=self.name).observe(time.perf_counter() - t0)
+            metrics.MODEL_LOADED_BYTES.labels(model_name=self.name).set(self._bytes())
             log.info("loaded %s from %s in %.2f s", self.name, self.model_dir, time.perf_counter() - t0)
             return self._served
 
@@ -147,7 +147,7 @@ class SingleModelProvider:
                 await self._served.engine.shutdown()
                 self._served = None
                 self._state = ModelState.UNLOADED
-                metrics.MODEL_LOADED_BYTES.labels(model=self.name).set(0)
+                metrics.MODEL_LOADED_BYTES.labels(model_name=self.name).set(0)
 
     async def load(self, name: str) -> ModelInfo:
         """Load the model if it is not loaded (admin API). Raises as :meth:`acquire`."""

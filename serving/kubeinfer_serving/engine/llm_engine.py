@@ -22,7 +22,7 @@ from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
 from .model_runner import ModelRunner, kv_bytes_per_block
-from .outputs import RequestOutput
+from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -366,6 +366,8 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=new_logprobs,
             prompt_logprobs=prompt_logprobs,
+            timings=RequestTimings(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
+                                   seq.last_token_time) if finished else None,
         )
 
     def _on_finished(self, seq: Sequence, now: float, stats: StepStats) -> None:

@@ -26,6 +26,23 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """When a request passed its phases, in ``time.monotonic()`` seconds (None: not reached).
+
+    Attributes:
+        arrival: the request was added to the engine.
+        first_scheduled: it left the waiting queue (prefill started).
+        first_token: its first output token was sampled (prefill done).
+        last_token: its latest output token was sampled.
+    """
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    last_token: float | None
+
+
 @dataclass
 class RequestOutput:
     """The progress of one request since its previous output (a streaming delta).
@@ -45,6 +62,7 @@ class RequestOutput:
             ``logprobs``, else None.
         prompt_logprobs: on the request's first output, when it asked for ``prompt_logprobs``:
             one entry per prompt token, None for the first (nothing predicts it); else None.
+        timings: phase times of the request, set on the last output only (None before).
     """
 
     request_id: str
@@ -57,3 +75,4 @@ class RequestOutput:
     num_cached_tokens: int
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    timings: RequestTimings | None = None

@@ -159,7 +159,7 @@ class DiskTier:
                     snap.last_used = time.time()
                     snap.hit, snap.fetch_seconds = True, 0.0
                     self.hits += 1
-                    metrics.DISK_CACHE_HITS.labels(model=model).inc()
+                    metrics.DISK_CACHE_HITS.labels(model_name=model).inc()
                     _touch(snap.path / MANIFEST)
                     if pin:
                         self._pins[key] += 1
@@ -168,7 +168,7 @@ class DiskTier:
                 if waiting is None:
                     done = self._inflight[key] = threading.Event()
                     self.misses += 1
-                    metrics.DISK_CACHE_MISSES.labels(model=model).inc()
+                    metrics.DISK_CACHE_MISSES.labels(model_name=model).inc()
                     break
             waiting.wait()  # another thread fetches it; then look again (a hit, or fetch ourselves if it failed)
         try:
@@ -218,7 +218,7 @@ class DiskTier:
                 continue
             del self._snapshots[snap.key]
             shutil.rmtree(snap.path, ignore_errors=True)
-            metrics.DISK_CACHE_EVICTIONS.labels(model=model).inc()
+            metrics.DISK_CACHE_EVICTIONS.labels(model_name=model).inc()
             log.info("disk cache: evicted %s (%d bytes) for %s", snap.source, snap.bytes, model)
         if self._used() + need > self.budget_bytes:
             pinned = ", ".join(s.source for s in self._snapshots.values() if self._pins.get(s.key)) or "none"
@@ -257,8 +257,8 @@ class DiskTier:
             self._snapshots[key] = snap
             if pin:
                 self._pins[key] += 1
-        metrics.MODEL_FETCH_SECONDS.labels(model=model).observe(seconds)
-        metrics.MODEL_FETCH_BYTES.labels(model=model).inc(listing.total_bytes)
+        metrics.MODEL_FETCH_SECONDS.labels(model_name=model).observe(seconds)
+        metrics.MODEL_FETCH_BYTES.labels(model_name=model).inc(listing.total_bytes)
         log.info("fetched %s (%s, %d bytes) in %.3f s", fetcher.source.uri, listing.revision,
                  listing.total_bytes, seconds)
         return snap

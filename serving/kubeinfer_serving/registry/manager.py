@@ -214,7 +214,7 @@ class ModelRegistry:
                     log.exception("closing %s failed", e.name)
                 del handle
             e.state, e.reserved = ModelState.UNLOADED, 0
-            metrics.MODEL_LOADED_BYTES.labels(model=e.name).set(0)
+            metrics.MODEL_LOADED_BYTES.labels(model_name=e.name).set(0)
         self.warm.clear()
         self._free_device_memory()
 
@@ -371,7 +371,7 @@ class ModelRegistry:
         except Exception as exc:  # noqa: BLE001 - any load failure marks only this model Failed
             entry.state, entry.reserved = ModelState.FAILED, 0
             entry.message = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
-            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+            metrics.MODEL_LOAD_FAILURES.labels(model_name=name).inc()
             log.error("loading %s failed: %s", name, entry.message)
             self._free_device_memory()
             fut.set_exception(ModelUnavailableError(f"model {name!r} failed to load: {entry.message}"))
@@ -379,9 +379,9 @@ class ModelRegistry:
             entry.handle, entry.reserved = handle, handle.memory_bytes
             entry.max_model_len = handle.max_model_len
             entry.state, entry.last_used = ModelState.LOADED, time.monotonic()
-            metrics.MODEL_LOADS.labels(model=name).inc()
-            metrics.MODEL_LOAD_SECONDS.labels(model=name).observe(seconds)
-            metrics.MODEL_LOADED_BYTES.labels(model=name).set(handle.memory_bytes)
+            metrics.MODEL_LOADS.labels(model_name=name).inc()
+            metrics.MODEL_LOAD_SECONDS.labels(model_name=name).observe(seconds)
+            metrics.MODEL_LOADED_BYTES.labels(model_name=name).set(handle.memory_bytes)
             self.events.append(LoadEvent(name, "warm_load" if handle.warm else "cold_load", seconds,
                                          handle.memory_bytes, disk=getattr(plan, "disk", ""),
                                          fetch_seconds=getattr(plan, "fetch_seconds", 0.0)))
@@ -484,9 +484,9 @@ class ModelRegistry:
             seconds = time.perf_counter() - t0
             entry.reserved = 0
             entry.evicting = None
-            metrics.MODEL_LOADED_BYTES.labels(model=name).set(0)
+            metrics.MODEL_LOADED_BYTES.labels(model_name=name).set(0)
             if action == "evict":
-                metrics.MODEL_EVICTIONS.labels(model=name).inc()
+                metrics.MODEL_EVICTIONS.labels(model_name=name).inc()
             self.events.append(LoadEvent(name, action, seconds, freed))
             log.info("%s %s (%d bytes) in %.3f s", "evicted" if action == "evict" else "unloaded", name, freed, seconds)
             fut.set_result(None)
