@@ -51,8 +51,10 @@ for name in "${WHICH[@]}"; do
     exit 1
   fi
   rm -f "$log"
-  # The previous build of this image, now untagged, is only disk: drop it (layers still used stay).
+  # The previous build of this image, now untagged, is only disk: drop it (layers still used stay),
+  # and keep BuildKit's cache (pip downloads, old layers) within BUILD_CACHE_KEEP (default 10GB).
   "$DOCKER" image prune -f --filter "label=io.kubeinfer.image=$name" >/dev/null
+  "$DOCKER" builder prune -f --keep-storage "${BUILD_CACHE_KEEP:-10GB}" >/dev/null
   echo "images/build.sh: $ref built in $(( $(date +%s) - start ))s" >&2
   if [[ "$PUSH" == 1 ]]; then
     "$DOCKER" push "$ref" >&2

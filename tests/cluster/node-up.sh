@@ -79,6 +79,7 @@ fail() {
     echo "----- last lines of $log -----" >&2
     tail -n 25 "$log" >&2
   done
+  say "$* (the reason again, after the logs)"
   exit 1
 }
 wait_for() {  # description command...
@@ -142,8 +143,13 @@ for ref in "$SANDBOX_IMAGE" "${IMAGES[@]}"; do
     say "$ref ($id) is already in the node's containerd"
     continue
   fi
+  # The previous version goes first (with its content and snapshots, --sync), so the persistent
+  # root holds one version of each image and does not grow with every rebuild.
+  if "${CTR[@]}" images ls -q "name==$ref" | grep -qx "$ref"; then
+    "${CTR[@]}" images rm --sync "$ref" >/dev/null || fail "removing the previous $ref from the node failed"
+  fi
   "$DOCKER" save "$ref" | "${CTR[@]}" images import --snapshotter overlayfs - >/dev/null \
-    || fail "loading $ref into the node's containerd failed"
+    || fail "loading $ref into the node's containerd failed (free disk: $(df -h --output=avail "$CONTAINERD_ROOT" | tail -n 1))"
   echo "$id" > "$stamp"
   say "loaded $ref in $(( $(date +%s) - t ))s"
 done

@@ -195,6 +195,7 @@ fail() {
     echo "----- last lines of $log -----" >&2
     tail -n 25 "$log" >&2
   done
+  echo "up.sh: $* (the reason again, after the logs)" >&2
   "$HERE/down.sh" --dir "$DIR" --keep >&2 || true
   exit 1
 }
