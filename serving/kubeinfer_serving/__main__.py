@@ -9,7 +9,9 @@ Which models it serves:
   if missing) and ``all-minilm-l6-v2`` (embeddings), both preloaded.
 
 On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up to
-``--timeout-graceful-shutdown`` seconds, then the app's lifespan shuts the provider down.
+``--timeout-graceful-shutdown`` seconds, ends what still runs cleanly (a 503 body or an SSE
+error event and ``[DONE]``), then the app's lifespan shuts the provider down; the exit status
+is 0 after such a clean drain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from kubeinfer_serving.api.limits import guarded_h11_protocol
 from kubeinfer_serving.config import ServerSettings, build_parser, parse_settings
 from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.registry.protocol import ModelProvider
@@ -84,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kubeinfer_serving.api.app import create_app
+    from kubeinfer_serving.server import DrainingServer, drain_config_timeout
 
     try:
         provider = build_provider(settings)
@@ -95,10 +99,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        http=guarded_h11_protocol(settings.timeout_request_headers),
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_graceful_shutdown=drain_config_timeout(settings.timeout_graceful_shutdown),
         access_log=settings.log_level in ("debug", "trace"),
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain=app.state.drain, drain_seconds=settings.timeout_graceful_shutdown).run()
 
 
 if __name__ == "__main__":

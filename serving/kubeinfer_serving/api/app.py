@@ -17,7 +17,10 @@ from fastapi import FastAPI
 
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api import chat, completions, embeddings, health, models
+from kubeinfer_serving.api.drain import Drain
 from kubeinfer_serving.api.errors import install_error_handlers
+from kubeinfer_serving.api.limits import BodyLimitMiddleware
+from kubeinfer_serving.api.openapi import install_openapi
 from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.registry.protocol import ModelProvider
 
@@ -54,10 +57,15 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
                 await starting
             await provider.shutdown()
 
+    settings = settings or ServerSettings()
     app = FastAPI(title="kubeinfer serving", version=__version__, lifespan=lifespan)
     app.state.provider = provider
-    app.state.settings = settings or ServerSettings()
+    app.state.settings = settings
+    app.state.drain = Drain()
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health):
         app.include_router(module.router)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
+                       body_timeout=settings.timeout_request_body)
     return app

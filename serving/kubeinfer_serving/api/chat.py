@@ -8,6 +8,7 @@ as OpenAI's does.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -15,7 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.generation import GenerationRun, Job, reject_unsupported, sampling_params
+from kubeinfer_serving.api.generation import (
+    GenerationRun,
+    Job,
+    check_fanout,
+    reject_unsupported,
+    sampling_params,
+)
 from kubeinfer_serving.api.prompts import chat_prompt, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
     AssistantMessage,
@@ -57,11 +64,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     ``data: [DONE]``). Errors as for ``/v1/completions``; ``param`` is ``messages`` for context overflow.
     """
     _reject_unsupported(body)
+    check_fanout(request, 1, body.n)
     response_id, created = new_id("chatcmpl"), now()
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, body.model, ModelKind.GENERATE)
-        ids = chat_prompt(served.tokenizer, body.messages)
+        ids = await asyncio.to_thread(chat_prompt, served.tokenizer, body.messages, served.max_model_len,
+                                      parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat)
         max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
         jobs = [Job(j, 0, f"{response_id}-{j}", ids, sampling_params(body, max_tokens, j)) for j in range(body.n)]
 

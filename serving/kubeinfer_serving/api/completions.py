@@ -6,6 +6,7 @@ Several prompts and ``n > 1`` are served as separate engine requests; choice ``i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -13,7 +14,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.generation import GenerationRun, Job, reject_unsupported, sampling_params
+from kubeinfer_serving.api.generation import (
+    GenerationRun,
+    Job,
+    check_fanout,
+    reject_unsupported,
+    sampling_params,
+)
 from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
 from kubeinfer_serving.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from kubeinfer_serving.api.serving import UsageCounter, acquire, new_id, now, respond
@@ -45,10 +52,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     when the model cannot be loaded.
     """
     _reject_unsupported(body)
+    num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
+        body.prompt[0], int) else 1
+    check_fanout(request, num_prompts, body.n)
     response_id, created = new_id("cmpl"), now()
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, body.model, ModelKind.GENERATE)
-        prompts = completion_prompts(served.tokenizer, body.prompt)
+        prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
         if isinstance(body.prompt, str):
             echo_texts = [body.prompt]
         elif isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):

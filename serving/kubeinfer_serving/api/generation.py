@@ -48,6 +48,22 @@ def reject_unsupported(body: _SamplingFields) -> None:
                        code="unsupported_parameter")
 
 
+def check_fanout(request: Request, num_prompts: int, n: int) -> None:
+    """Refuse a request that would become more engine requests than ``--max-jobs-per-request``.
+
+    Checked before any tokenization, so a request of 5,000 prompts x ``n`` 16 costs nothing.
+
+    Raises:
+        APIError: 400 naming ``prompt`` (or ``n`` for a single prompt) when ``num_prompts * n``
+            exceeds the cap.
+    """
+    cap = request.app.state.settings.max_jobs_per_request
+    if num_prompts * n > cap:
+        raise APIError(400, f"This request asks for {num_prompts * n} completions ({num_prompts} prompts x n={n}); "
+                       f"at most {cap} are allowed per request", param="prompt" if num_prompts > 1 else "n",
+                       code="invalid_value")
+
+
 def sampling_params(body: _SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
     """Engine sampling parameters for choice ``choice`` (0-based) of ``body``.
 
@@ -164,6 +180,10 @@ class GenerationRun:
         while len(self._finished) < len(self._jobs):
             index, out = await self._next()
             yield self._jobs[index], out
+
+    def interrupt(self, exc: BaseException) -> None:
+        """End the run with ``exc``: the consumer's next wait raises it, and every job is aborted."""
+        self._queue.put_nowait((-1, None, exc))
 
     def cancel(self) -> None:
         """Abort every job still running (their engine iterators close and free their KV blocks)."""

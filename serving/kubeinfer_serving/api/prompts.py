@@ -36,22 +36,71 @@ def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str)
     return list(raw)
 
 
-def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (cached on the tokenizer).
+
+    A vocabulary entry's string is at least as long as the text it covers (byte-level BPE spells
+    each byte as one character; SentencePiece spells it as is), so a text longer than
+    ``max_model_len * max_token_chars`` cannot fit the context, whatever its tokens.
+    """
+    cached = getattr(tokenizer, "_kubeinfer_max_token_chars", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        cached = max((len(k) for k in vocab), default=1) + 1
+        try:
+            tokenizer._kubeinfer_max_token_chars = cached
+        except AttributeError:  # a tokenizer that refuses attributes: compute every time
+            pass
+    return cached
+
+
+def check_text_fits(tokenizer: Any, num_chars: int, max_model_len: int, *, param: str) -> None:
+    """Reject a text that cannot fit the context before spending any time tokenizing it.
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` when ``num_chars`` characters need more than
+            ``max_model_len`` tokens whatever they are (see :func:`max_token_chars`).
+    """
+    if num_chars > max_model_len * max_token_chars(tokenizer):
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your {param} has "
+            f"{num_chars} characters, more than {max_model_len} tokens can hold. Please reduce the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def completion_prompts(
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int | None = None
+) -> list[list[int]]:
     """Token ids of each prompt of a completion request.
+
+    Blocking for long prompts: routes call it in a worker thread.
 
     Args:
         tokenizer: a Hugging Face tokenizer (special tokens such as BOS are added as the model expects).
         prompt: one of OpenAI's four forms.
+        max_model_len: when given, a prompt that cannot fit this context is refused before it is
+            tokenized (a token-id list longer than it, or a text longer than it can hold).
 
     Returns:
         one list of token ids (int) per prompt, in request order.
 
     Raises:
         APIError: 400 when the list of prompts is empty, a prompt has no tokens, or a token id is
-            outside the vocabulary.
+            outside the vocabulary; 400 ``context_length_exceeded`` for a prompt that cannot fit.
     """
     texts_or_ids = split_inputs(prompt, "prompt")
     vocab = len(tokenizer)
+    if max_model_len is not None:
+        for p in texts_or_ids:
+            if isinstance(p, str):
+                check_text_fits(tokenizer, len(p), max_model_len, param="prompt")
+            elif len(p) > max_model_len:
+                raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                               f"your prompt has {len(p)} tokens. Please reduce the prompt.",
+                               param="prompt", code="context_length_exceeded")
     out: list[list[int]] = []
     for p in texts_or_ids:
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
@@ -78,24 +127,86 @@ def _message_text(msg: ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The text forms of the tokenizer's special (control) tokens, e.g. ``<|eot_id|>`` (cached)."""
+    cached = getattr(tokenizer, "_kubeinfer_special_strings", None)
+    if cached is None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        cached = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False) and t.content}))
+        try:
+            tokenizer._kubeinfer_special_strings = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _encode_rendered(tokenizer: Any, rendered: str, contents: list[str]) -> list[int]:
+    """Tokenize a rendered conversation so that only the template's text can produce special tokens.
+
+    The message contents are found in ``rendered`` in order; the template's text around them is
+    tokenized as usual, the contents with ``split_special_tokens=True`` (their control-token text
+    becomes ordinary text tokens), as Hugging Face's guidance on untrusted chat input recommends.
+
+    Raises:
+        APIError: 400 when the template changed a content that holds control-token text so that
+            it cannot be located (the request is refused rather than parsed into control tokens).
+    """
+    ids: list[int] = []
+    pos = 0
+    for content in contents:
+        if not content:
+            continue
+        at = rendered.find(content, pos)
+        if at < 0:
+            raise APIError(400, "A message contains the model's control-token text, which is not allowed",
+                           param="messages", code="invalid_value")
+        if at > pos:
+            ids += tokenizer(rendered[pos:at], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pos = at + len(content)
+    if pos < len(rendered):
+        ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def chat_prompt(
+    tokenizer: Any,
+    messages: Sequence[ChatMessage],
+    max_model_len: int | None = None,
+    *,
+    parse_special_tokens: bool = False,
+) -> list[int]:
     """Token ids of a chat conversation rendered by the model's chat template, ending in the assistant turn.
 
     ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know ``system``).
+    Message contents can never produce the model's control tokens (``<|eot_id|>`` typed by a user
+    stays text, so it cannot close its turn and forge a system turn), unless ``parse_special_tokens``
+    (the server's ``--parse-special-tokens-in-chat`` opt-out). Blocking: routes call it in a worker thread.
+
+    Args:
+        max_model_len: when given, a conversation whose text cannot fit the context is refused
+            before rendering.
 
     Raises:
         APIError: 400 when the model has no chat template, the template rejects the conversation
-            (e.g. roles out of order), or a content part is not text.
+            (e.g. roles out of order), or a content part is not text; 400 ``context_length_exceeded``
+            when the text cannot fit.
     """
     conv = [
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages
     ]
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
+    if max_model_len is not None:
+        check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param="messages")
+    specials = () if parse_special_tokens else special_token_strings(tokenizer)
+    injected = any(s in m["content"] for m in conv for s in specials)
     try:
-        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=not injected)
     except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
         raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+    if injected:
+        return [int(t) for t in _encode_rendered(tokenizer, rendered, [m["content"] for m in conv])]
     # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
     if isinstance(rendered, Mapping):
         rendered = rendered["input_ids"]

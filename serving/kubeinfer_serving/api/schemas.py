@@ -6,20 +6,112 @@ Extensions in the style of vLLM's API: ``top_k``, ``ignore_eos``, ``stop_token_i
 Unknown fields are ignored (as vLLM does); known OpenAI fields this server cannot honour
 (``logprobs``, penalties, ``logit_bias``, ``suffix``, tools) are rejected by the routes with 400,
 never silently dropped.
+
+Every field is bounded, so no value can reach the engine that it cannot represent (a ``top_k``
+of 2**64 once killed an engine): integers are within int32 (``seed`` within int64), floats are
+finite, lists and names have caps. Validation is strict (``"stream": "yes"`` or
+``"max_tokens": "4"`` are 400s, as in OpenAI's API), and strings with lone UTF-16 surrogates
+(valid JSON, but not text) are 400s. The four ``prompt``/``input`` forms are checked by one
+linear pass (:func:`check_prompt_input`) instead of pydantic's union, which cost ~86x the
+body's size in memory for a long token-id list.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 #: Largest ``n`` accepted: each choice is a separate engine request.
 MAX_N = 16
+#: Largest integer accepted in int fields (int32), ``top_k`` and token ids included.
+MAX_INT32 = 2**31 - 1
+#: ``seed`` range: what ``torch.Generator.manual_seed`` accepts for ``seed + choice`` (int64).
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1 - MAX_N
+#: Most ``stop`` strings per request (OpenAI allows 4; vLLM-style clients send a few more) and their length.
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+#: Most ``stop_token_ids`` per request.
+MAX_STOP_TOKEN_IDS = 64
+#: Longest ``model`` / ``user`` / ``name`` string (characters): names are never megabytes.
+MAX_NAME_CHARS = 256
 
+
+def no_lone_surrogates(text: str) -> str:
+    """Reject strings holding lone UTF-16 surrogates (``"\\ud800"`` is valid JSON but not text).
+
+    Raises:
+        ValueError: the string cannot be encoded as UTF-8.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text contains a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return text
+
+
+#: A string that is valid Unicode (no lone surrogates).
+Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+#: A short name (``model``, ``user``, message ``name``).
+Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+
+
+def check_prompt_input(value: Any) -> Any:
+    """Check one of OpenAI's four prompt/input forms in one pass, without copying it.
+
+    Accepted: a string, a list of strings, a list of token ids, a list of token-id lists; token
+    ids are ints (not booleans) in [0, 2**31). An empty list passes (the route answers 400
+    naming the field). The vocabulary bound is checked later, by the model.
+
+    Raises:
+        ValueError: any other shape or element type, or a string with a lone surrogate.
+    """
+    if isinstance(value, str):
+        return no_lone_surrogates(value)
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    if not value:
+        return value
+    first = value[0]
+    if isinstance(first, str):
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("a list of strings must hold only strings")
+            no_lone_surrogates(item)
+    elif type(first) is int:
+        _check_token_ids(value)
+    elif isinstance(first, list):
+        for item in value:
+            if not isinstance(item, list) or not item:
+                raise ValueError("a list of token-id lists must hold only non-empty lists of token ids")
+            _check_token_ids(item)
+    else:
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    return value
+
+
+def _check_token_ids(ids: list[Any]) -> None:
+    if not all(type(t) is int for t in ids):
+        raise ValueError("token ids must be integers")
+    if min(ids) < 0 or max(ids) > MAX_INT32:
+        raise ValueError(f"token ids must be in [0, {MAX_INT32}]")
+
+
+#: ``prompt`` / ``input``: OpenAI's four forms, validated by :func:`check_prompt_input`.
+PromptInput = Annotated[
+    Any,
+    BeforeValidator(check_prompt_input),
+    WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    ]}),
+]
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -31,58 +123,61 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: Name
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop: Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | Annotated[
+        list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Name | None = None
     # Extensions (vLLM's names).
-    top_k: int | None = Field(None, ge=-1, description="Sample among the k most likely tokens; 0 or -1 disables.")
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32,
+                              description="Sample among the k most likely tokens; 0 or -1 disables.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt`` is a string, a list of strings, a token-id list or a list of those."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
 
 
 class ContentPart(_Request):
     """One part of a multi-part message ``content``; only ``{"type": "text", "text": ...}`` is served."""
 
-    type: str
-    text: str | None = None
+    type: Name
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     """One chat message; ``content`` is a string or a list of text parts (joined with no separator)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Name | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``. Without ``max_tokens``/``max_completion_tokens`` the output may fill the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -91,11 +186,11 @@ class ChatCompletionRequest(_SamplingFields):
 class EmbeddingRequest(_Request):
     """``POST /v1/embeddings``. ``encoding_format`` ``base64`` is little-endian float32, as OpenAI's clients expect."""
 
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: Name
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT32)
+    user: Name | None = None
 
 
 class PromptTokensDetails(BaseModel):

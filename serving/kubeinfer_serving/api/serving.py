@@ -105,7 +105,9 @@ async def respond(
     """
     run = GenerationRun(served.engine, jobs)
     usage = UsageCounter(jobs)
+    drain = request.app.state.drain
     run.start()
+    drain.track(run)
     try:
         if not stream:
 
@@ -120,13 +122,18 @@ async def respond(
                         reasons[job.index] = out.finish_reason
                 return build_response(texts, reasons, usage.usage())
 
-            body = await until_disconnect(request, collect())
+            try:
+                body = await until_disconnect(request, collect())
+            finally:
+                drain.untrack(run)
             return JSONResponse(body.model_dump(mode="json"))
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
+        drain.untrack(run)
         run.cancel()
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
+        drain.untrack(run)
         run.cancel()
         raise
 
@@ -142,6 +149,7 @@ async def respond(
     owned = stack.pop_all()
 
     async def on_close() -> None:
+        drain.untrack(run)
         run.cancel()
         await owned.aclose()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig, EngineStats
-from .errors import EngineDeadError, QueueFullError
+from .errors import EngineDeadError, QueueFullError, RequestFailedError
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -164,6 +164,11 @@ class AsyncLLMEngine:
         """True while the loop thread serves requests."""
         return self._thread.is_alive() and not self._stopping and self._dead is None
 
+    @property
+    def is_dead(self) -> bool:
+        """True once the loop thread crashed (not after a clean shutdown): the liveness probe fails."""
+        return self._dead is not None
+
     async def shutdown(self) -> None:
         """Stop the loop: outstanding requests finish with finish_reason "abort", then the
         model and KV pool tensors are dropped (GPU memory returns to the allocator)."""
@@ -222,7 +227,7 @@ class AsyncLLMEngine:
         with self._lock:
             stream = self._streams.get(out.request_id)
         if stream is not None:
-            stream.put(out)
+            stream.put(RequestFailedError(out.error) if out.error is not None else out)
 
     def _abort_everything(self) -> None:
         """Finish every request still in the engine or the inbox with finish_reason "abort"."""

@@ -7,6 +7,7 @@ immutable settings, so the event loop may call it to reject bad requests before 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 
+log = logging.getLogger(__name__)
+
+#: ``RequestOutput.error`` of a request the engine failed; no internal detail reaches the client.
+REQUEST_FAILED_MESSAGE = "The server failed while generating for this request; it was aborted"
 
 @dataclass
 class _Tracked:
@@ -280,12 +285,15 @@ class LLMEngine:
             self._m_pq.inc(plan.prefix_queries)
             self._m_ph.inc(plan.prefix_hits)
 
-        tokens = self.runner.run(plan.scheduled)
+        tokens, failed = self._run_isolating_failures(plan.scheduled)
 
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         for item, tok in zip(plan.scheduled, tokens, strict=True):
             seq = item.seq
+            if seq.request_id in failed:
+                outputs.append(self._fail(seq, now))
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
             if tok is None:
@@ -314,6 +322,45 @@ class LLMEngine:
         return outputs
 
     # ------------------------------------------------------------------ helpers
+    def _run_isolating_failures(self, scheduled: list) -> tuple[list[int | None], set[str]]:
+        """Run the step; when it raises, run each sequence alone to find the one(s) at fault.
+
+        One bad request (e.g. sampling parameters torch cannot represent) must fail only itself:
+        the batch is re-run one sequence at a time (the KV written by the failed attempt is
+        overwritten, as ``num_computed_tokens`` did not advance), and each sequence that still
+        raises on its own is reported as failed.
+
+        Returns:
+            (token per scheduled item as :meth:`ModelRunner.run` returns them, request ids that failed).
+        """
+        try:
+            return self.runner.run(scheduled), set()
+        except Exception:  # noqa: BLE001 - isolated below; the engine keeps stepping
+            if len(scheduled) == 1:
+                log.exception("engine %s: request %s failed", self.model_name, scheduled[0].seq.request_id)
+                return [None], {scheduled[0].seq.request_id}
+            log.warning("engine %s: a step of %d sequences failed; re-running them one by one",
+                        self.model_name, len(scheduled), exc_info=True)
+        tokens: list[int | None] = []
+        failed: set[str] = set()
+        for item in scheduled:
+            try:
+                tokens.extend(self.runner.run([item]))
+            except Exception:  # noqa: BLE001 - this request alone is at fault
+                log.exception("engine %s: request %s failed", self.model_name, item.seq.request_id)
+                tokens.append(None)
+                failed.add(item.seq.request_id)
+        return tokens, failed
+
+    def _fail(self, seq: Sequence, now: float) -> RequestOutput:
+        """Abort ``seq`` after the engine failed it: free its blocks, report finish_reason "error"."""
+        tracked = self._requests.pop(seq.request_id)
+        self.scheduler.finish(seq, "error")
+        self._on_finished(seq, now)
+        out = self._output(tracked, finished=True)
+        out.error = REQUEST_FAILED_MESSAGE
+        return out
+
     def _output(self, tracked: _Tracked, *, finished: bool) -> RequestOutput:
         seq = tracked.seq
         new_ids = seq.output_token_ids[tracked.sent_tokens:]

@@ -20,6 +20,8 @@ class RequestOutput:
         num_prompt_tokens: prompt length in tokens.
         num_output_tokens: output tokens generated so far (in total, not the delta).
         num_cached_tokens: prompt tokens served from the prefix cache at the first schedule.
+        error: set (with finish_reason "error") when the engine failed this one request while
+            preparing, running or sampling it; the engine itself keeps serving the others.
     """
 
     request_id: str
@@ -30,3 +32,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str | None = None

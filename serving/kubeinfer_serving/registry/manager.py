@@ -176,8 +176,22 @@ class ModelRegistry:
             self._notify()
 
     def is_ready(self) -> bool:
-        """True once every preloaded model is loaded."""
-        return all(e.state is ModelState.LOADED for e in self._entries.values() if e.spec.preload)
+        """True once no preloaded model is still loading and some model can serve.
+
+        A preloaded model that failed to load is Failed (``/v1/models`` shows why, its requests get
+        503) but does not hold the whole pod out of the Service: the pod is ready as soon as every
+        preload has finished and at least one model is loaded or loadable on demand.
+        """
+        entries = list(self._entries.values())
+        preload = [e for e in entries if e.spec.preload]
+        if any(e.state not in (ModelState.LOADED, ModelState.FAILED) for e in preload):
+            return False
+        return any(e.state is ModelState.LOADED or not e.spec.preload for e in entries)
+
+    def dead_models(self) -> list[str]:
+        """Names of loaded generative models whose engine loop crashed."""
+        return [e.name for e in self._entries.values()
+                if e.handle is not None and getattr(e.handle.engine, "is_dead", False)]
 
     async def start(self) -> None:
         """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise."""

@@ -122,7 +122,10 @@ class ModelProvider(Protocol):
         """
 
     def is_ready(self) -> bool:
-        """True once every preloaded model is loaded (the ``/ready`` probe)."""
+        """True once the preloaded models finished loading and some model can serve (the ``/ready`` probe)."""
+
+    def dead_models(self) -> list[str]:
+        """Names of loaded models whose engine crashed (the ``/health`` liveness probe fails on any)."""
 
     async def start(self) -> None:
         """Load the preloaded models."""
