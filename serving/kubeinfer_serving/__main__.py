@@ -33,7 +33,8 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
     """Engine settings for single-model mode: the flags given, the engine's defaults otherwise."""
     given = {
         k: getattr(settings, k)
-        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype")
+        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype",
+                  "scheduling_policy")
         if getattr(settings, k) is not None
     }
     return EngineConfig(**given)
@@ -56,7 +57,7 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
         kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or invalid.
     """
     if settings.model_dir is not None:
-        for k in ("models_config", "memory_budget_bytes"):
+        for k in ("models_config", "memory_budget_bytes", "idle_timeout_seconds"):
             if getattr(settings, k) is not None:
                 raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
         from kubeinfer_serving.api.single_model import SingleModelProvider
@@ -72,7 +73,8 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
             f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
-    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests")
+    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests",
+                                                   "scheduling_policy", "idle_timeout_seconds")
                  if getattr(settings, k) is not None}
     if overrides:
         catalogue = catalogue.model_copy(update=overrides)
@@ -91,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         provider = build_provider(settings)
-    except ValueError as exc:  # CatalogueError is a ValueError too
+        app = create_app(provider, settings=settings)
+    except ValueError as exc:  # CatalogueError and KeysFileError are ValueErrors too
         build_parser().error(str(exc))
-    app = create_app(provider, settings=settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -53,6 +53,12 @@ class ServerSettings(BaseModel):
             inputs, 300,000 tokens).
         parse_special_tokens_in_chat: let chat message text produce the model's control tokens
             (off: ``<|eot_id|>`` typed by a user stays text; turn it on only for trusted clients).
+        api_keys_file: API keys and tenants (:mod:`kubeinfer_serving.api.tenancy`); keys also come
+            from ``$KUBEINFER_API_KEYS`` / ``$KUBEINFER_ADMIN_API_KEYS``. None of them: no auth.
+        scheduling_policy: ``fcfs`` or ``priority`` for the generate engines (None: the catalogue's, else fcfs).
+        idle_timeout_seconds: idle TTL of non-preloaded models (catalogue mode; None: the catalogue's).
+        fair_admission: weighted fair admission across tenants ahead of each engine
+            (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -80,6 +86,10 @@ class ServerSettings(BaseModel):
     max_embedding_inputs: int = Field(2048, ge=1)
     max_embedding_tokens: int = Field(300_000, ge=1)
     parse_special_tokens_in_chat: bool = False
+    api_keys_file: Path | None = None
+    fair_admission: bool | None = None
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
+    idle_timeout_seconds: float | None = Field(None, ge=0)
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -147,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-embedding-tokens", type=int, help="most tokens per embeddings request (default 300000)")
     p.add_argument("--parse-special-tokens-in-chat", action="store_true", default=None,
                    help="let chat message text produce control tokens (unsafe with untrusted clients)")
+    p.add_argument("--api-keys-file", type=Path,
+                   help="YAML file of API keys and tenants (also: $KUBEINFER_API_KEYS, $KUBEINFER_ADMIN_API_KEYS)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                   help="engine scheduling policy: fcfs (default) or priority (requests' priority field)")
+    p.add_argument("--idle-timeout-seconds", type=float,
+                   help="unload a non-preloaded model idle this long (catalogue mode; default: the catalogue's)")
+    p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
+                   help="fair admission across tenants (default: on when API keys are configured)")
     return p
 
 

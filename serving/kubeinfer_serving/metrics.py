@@ -81,3 +81,20 @@ MODEL_LOADED_BYTES = Gauge(
     "kubeinfer_model_loaded_bytes", "Bytes a loaded model holds (weights + KV pool); 0 when unloaded.",
     ["model"], registry=REGISTRY,
 )
+AUTH_FAILURES = Counter(
+    "kubeinfer_auth_failures", "Requests refused for a missing or unknown API key.", ["reason"], registry=REGISTRY
+)
+TENANT_REQUESTS = Counter(
+    "kubeinfer_tenant_requests",
+    "Generation/embedding requests per tenant and outcome (admitted, rate_limited, queue_full). "
+    "Tenants come from the API keys file, so the label set is bounded.",
+    ["tenant", "outcome"], registry=REGISTRY,
+)
+TENANT_TOKENS = Counter(
+    "kubeinfer_tenant_tokens", "Tokens served per tenant (kind: prompt or generation).",
+    ["tenant", "kind"], registry=REGISTRY,
+)
+TENANT_WAITING = Gauge(
+    "kubeinfer_tenant_waiting_requests", "Requests per tenant waiting for fair admission to an engine.",
+    ["tenant"], registry=REGISTRY,
+)

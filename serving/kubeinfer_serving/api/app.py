@@ -17,17 +17,22 @@ from fastapi import FastAPI
 
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api import chat, completions, embeddings, health, models
+from kubeinfer_serving.api.admission import FairAdmission
+from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
 from kubeinfer_serving.api.errors import install_error_handlers
 from kubeinfer_serving.api.limits import BodyLimitMiddleware
 from kubeinfer_serving.api.openapi import install_openapi
+from kubeinfer_serving.api.tenancy import KeyStore
 from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger(__name__)
 
 
-def create_app(provider: ModelProvider, *, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    provider: ModelProvider, *, settings: ServerSettings | None = None, keys: KeyStore | None = None
+) -> FastAPI:
     """Build the HTTP app over ``provider``.
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
@@ -38,6 +43,11 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
             background task) and shut down when the app stops (``provider.shutdown()``).
         settings: the server settings, kept as ``app.state.settings``.
+        keys: API keys and tenants (default: read from ``settings.api_keys_file`` and the
+            environment, :meth:`KeyStore.load`); kept as ``app.state.keys``.
+
+    Raises:
+        KeysFileError: the API keys file is invalid.
     """
 
     @contextlib.asynccontextmanager
@@ -62,10 +72,14 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
     app.state.provider = provider
     app.state.settings = settings
     app.state.drain = Drain()
+    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
+    fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
+    app.state.admission = FairAdmission(enabled=fair)
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        body_timeout=settings.timeout_request_body)
+    app.add_middleware(AuthMiddleware, keys=app.state.keys)  # outermost: refuse before reading a body
     return app

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 #: OpenAI's ``error.type`` for each HTTP status the API uses.
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    408: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

@@ -64,8 +64,8 @@ def check_fanout(request: Request, num_prompts: int, n: int) -> None:
                        code="invalid_value")
 
 
-def sampling_params(body: _SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
-    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``.
+def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priority: int = 0) -> SamplingParams:
+    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``, with the resolved ``priority``.
 
     OpenAI defaults: temperature 1, top_p 1. With a ``seed`` and ``n > 1``, choice ``j`` uses
     ``seed + j`` so the choices differ yet the whole response stays reproducible.
@@ -81,6 +81,7 @@ def sampling_params(body: _SamplingFields, max_tokens: int, choice: int) -> Samp
             stop=[s for s in stop if s],
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
+            priority=priority,
         )
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc

@@ -11,11 +11,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from kubeinfer_serving.api.admission import FairAdmission, Ticket
+from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
 from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
 from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
@@ -80,6 +83,56 @@ class UsageCounter:
         )
 
 
+def engine_config(served: ServedModel) -> Any:
+    """The :class:`~kubeinfer_serving.engine.config.EngineConfig` of ``served``'s engine, or None."""
+    return getattr(getattr(served.engine, "engine", None), "config", None)
+
+
+def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
+    """The request's scheduling priority: its ``priority`` field, else its tenant's default.
+
+    Under the ``fcfs`` policy every request has priority 0 (as in vLLM, a non-zero ``priority``
+    is then an error).
+
+    Raises:
+        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model.
+    """
+    config = engine_config(served)
+    policy = getattr(config, "scheduling_policy", "fcfs")
+    if body.priority is not None:
+        if body.priority != 0 and policy != "priority":
+            raise APIError(400, f"priority needs the priority scheduling policy; model {served.name!r} schedules "
+                           "first come, first served", param="priority", code="unsupported_parameter")
+        return body.priority
+    return identity_of(request.scope).tenant.priority if policy == "priority" else 0
+
+
+async def admit(request: Request, served: ServedModel, jobs: list[Job]) -> Ticket | None:
+    """Pass the tenant's limits and fair admission (:mod:`.admission`) for ``jobs`` on ``served``.
+
+    Returns:
+        the ticket to release when the jobs are done (None when fair admission is off).
+
+    Raises:
+        APIError: 429 (tenant rate, tenant queue, model queue); ClientDisconnected while waiting.
+    """
+    admission: FairAdmission = request.app.state.admission
+    tenant = identity_of(request.scope).tenant
+    config = engine_config(served)
+    prompts = {j.prompt_index: len(j.prompt_token_ids) for j in jobs}
+    if not admission.enabled or config is None:
+        admission.check_rate(tenant)
+        admission.charge(tenant, sum(prompts.values()), "prompt")
+        return None
+    ticket = admission.try_admit(served.name, config.max_num_seqs, config.max_waiting_requests, tenant, len(jobs))
+    if ticket is None:
+        priority = jobs[0].params.priority if jobs else 0
+        ticket = await until_disconnect(request, admission.admit(
+            served.name, config.max_num_seqs, config.max_waiting_requests, tenant, len(jobs), priority))
+    admission.charge(tenant, sum(prompts.values()), "prompt")
+    return ticket
+
+
 async def respond(
     request: Request,
     stack: AsyncExitStack,
@@ -103,9 +156,27 @@ async def respond(
     Returns:
         a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
     """
+    try:
+        ticket = await admit(request, served, jobs)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
     run = GenerationRun(served.engine, jobs)
     usage = UsageCounter(jobs)
     drain = request.app.state.drain
+    admission: FairAdmission = request.app.state.admission
+    tenant = identity_of(request.scope).tenant
+    settled = False
+
+    def settle() -> None:
+        """Release the admission room and charge the completion tokens (once)."""
+        nonlocal settled
+        if not settled:
+            settled = True
+            drain.untrack(run)
+            if ticket is not None:
+                ticket.release()
+            admission.charge(tenant, usage.usage().completion_tokens, "generation")
+
     run.start()
     drain.track(run)
     try:
@@ -125,16 +196,16 @@ async def respond(
             try:
                 body = await until_disconnect(request, collect())
             finally:
-                drain.untrack(run)
+                settle()
             return JSONResponse(body.model_dump(mode="json"))
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
-        drain.untrack(run)
         run.cancel()
+        settle()
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
-        drain.untrack(run)
         run.cancel()
+        settle()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -149,8 +220,8 @@ async def respond(
     owned = stack.pop_all()
 
     async def on_close() -> None:
-        drain.untrack(run)
         run.cancel()
+        settle()
         await owned.aclose()
 
     return SSEResponse(events(), on_close)

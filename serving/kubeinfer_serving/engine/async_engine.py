@@ -120,7 +120,7 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            waiting = len(self.engine.scheduler.waiting) + self._num_pending_adds
+            waiting = self.engine.num_waiting_beyond_batch(self._num_pending_adds)
             if waiting >= self.engine.config.max_waiting_requests:
                 raise QueueFullError(
                     f"too many requests waiting for {self.model_name!r} ({waiting}); retry later",
@@ -212,7 +212,8 @@ class AsyncLLMEngine:
                 with self._lock:
                     self._num_pending_adds -= 1
                     stream = self._streams.get(rid)
-                if stream is None:  # the client left before the request was taken in
+                if stream is None:  # the client left before the request was taken in: still an abort
+                    self.engine.count_abort_before_admission()
                     continue
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival)

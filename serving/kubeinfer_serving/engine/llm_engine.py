@@ -54,6 +54,21 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or infinity (a corrupted file that still parses).
+
+    Raises:
+        kubeinfer_serving.models.llama.WeightLoadError: naming how many tensors are bad and the first.
+    """
+    from kubeinfer_serving.models.llama import WeightLoadError
+
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise WeightLoadError(f"{len(bad)} weight tensor(s) hold NaN or infinite values (corrupted weights?), "
+                              f"first: {bad[0]}")
+
+
 class LLMEngine:
     """Continuous-batching text generation over one model.
 
@@ -91,7 +106,8 @@ class LLMEngine:
         self.max_model_len = min(max_model_len, num_kv_blocks * self.config.block_size)
         self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.config.scheduling_policy)
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
@@ -143,6 +159,7 @@ class LLMEngine:
         model = LlamaForCausalLM(hf_config, max_positions=max_len, dtype=dtype, device=device)
         model.load_weights(weights)
         model.eval()
+        check_finite_weights(model)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -192,6 +209,8 @@ class LLMEngine:
             raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
+        if params.priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError("priority needs the priority scheduling policy (this engine schedules fcfs)")
 
     def add_request(
         self,
@@ -214,10 +233,9 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            raise QueueFullError(
-                f"{len(self.scheduler.waiting)} requests are waiting (max_waiting_requests)", retry_after=1.0
-            )
+        waiting = self.num_waiting_beyond_batch()
+        if waiting >= self.config.max_waiting_requests:
+            raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests)", retry_after=1.0)
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
@@ -242,6 +260,19 @@ class LLMEngine:
         self._on_finished(tracked.seq, time.monotonic())
         self._record_gauges()
         return self._output(tracked, finished=True)
+
+    def num_waiting_beyond_batch(self, pending: int = 0) -> int:
+        """Requests that would really wait: queued (plus ``pending`` not yet added) minus free batch slots.
+
+        ``max_waiting_requests`` caps this number, so a burst that the running batch has room
+        for is admitted, not shed. Reads only lengths: safe from another thread.
+        """
+        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        return max(0, len(self.scheduler.waiting) + pending - free_slots)
+
+    def count_abort_before_admission(self) -> None:
+        """Count a request whose client left before the engine took it in (finish reason "abort")."""
+        metrics.REQUESTS_FINISHED.labels(model=self.model_name, finish_reason="abort").inc()
 
     def request_ids(self) -> list[str]:
         """Ids of the requests in the engine (waiting or running)."""

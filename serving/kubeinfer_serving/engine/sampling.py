@@ -19,6 +19,8 @@ class SamplingParams:
         stop: strings that end the output; the returned text never contains them.
         stop_token_ids: token ids that end the output (finish reason "stop").
         ignore_eos: keep generating past the EOS token (benchmarks use this).
+        priority: scheduling priority under the ``priority`` policy, as vLLM defines it: lower
+            values are admitted first and preempted last; ties go by arrival. Must be 0 under ``fcfs``.
 
     Raises:
         ValueError: from ``__post_init__`` when a field is out of range, naming the field.
@@ -32,6 +34,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int32 (<= 0 disables it), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if not isinstance(self.priority, int) or not -(2**31) <= self.priority < 2**31:
+            raise ValueError(f"priority must be an int32, got {self.priority!r}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

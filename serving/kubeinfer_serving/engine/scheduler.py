@@ -8,10 +8,15 @@ partly prefilled one), then admits waiting sequences FIFO while the token budget
 than the remaining budget is prefilled in chunks over several steps. When the KV pool runs
 out, the newest running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue to be recomputed later (recompute preemption, vLLM's default).
+
+With the ``priority`` policy (vLLM's ``--scheduling-policy priority``) the waiting queue is kept
+in (priority, arrival) order, lower values first, and the victim of a preemption is the running
+sequence with the highest (priority, arrival): the least important, newest one.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -77,9 +82,14 @@ class Scheduler:
         block_manager: the KV pool.
         max_num_seqs: running-batch cap.
         max_num_batched_tokens: per-step token budget.
+        policy: ``fcfs`` (arrival order, newest preempted first) or ``priority`` (see the module docstring).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs") -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown scheduling policy {policy!r}; use fcfs or priority")
+        self.policy = policy
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -90,7 +100,23 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence at the back."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.append(seq)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, float]:
+        return (seq.params.priority, seq.arrival_time)
+
+    def _insert_by_priority(self, seq: Sequence) -> None:
+        keys = [self._rank(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self._rank(seq)), seq)
+
+    def _pop_victim(self) -> Sequence:
+        """The running sequence to preempt: the last one, i.e. the newest (fcfs) or, as ``schedule``
+        sorts the batch by (priority, arrival) under the priority policy, the least important, newest."""
+        return self.running.pop()
 
     def has_unfinished(self) -> bool:
         """True while any sequence waits or runs."""
@@ -101,6 +127,8 @@ class Scheduler:
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_num_batched_tokens
+        if self.policy == "priority":
+            self.running.sort(key=self._rank)  # important first: victims come from the tail
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -108,7 +136,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             preempted_self = False
             while not bm.allocate_slots(seq, n):
-                victim = self.running.pop()
+                victim = self._pop_victim()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -159,4 +187,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)
