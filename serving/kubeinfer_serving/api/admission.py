@@ -3,7 +3,10 @@
 The engine serves its waiting queue first come, first served, so a tenant that sends a thousand
 requests at once would make everyone else wait behind all of them. :class:`FairAdmission` keeps
 each model's engine supplied with at most ``capacity`` engine requests (its batch size plus a
-little slack, so the batch never starves) and queues the rest per tenant. When engine requests
+little slack, so the batch never starves) and queues the rest per tenant. One tenant alone may
+hold at most the batch size minus one reserved slot (``reserve``), so a request of another tenant
+starts at once instead of waiting for a flood's requests to finish (at a cost of one slot of
+batch for a single tenant: 1/256 with the default ``max_num_seqs``). When engine requests
 finish, the freed room goes to the waiting tenant that has received the least service relative
 to its weight: start-time fair queuing (Goyal, Vin and Cheng, SIGCOMM 1996) over jobs, where a
 tenant that becomes active starts at the current minimum so idle time earns no credit. Within a
@@ -77,12 +80,13 @@ class _Waiter:
 
 
 class Ticket:
-    """Room for ``jobs`` engine requests in one model's gate; :meth:`release` it when they are done."""
+    """Room for ``jobs`` engine requests of ``tenant`` in one model's gate; :meth:`release` it when done."""
 
-    __slots__ = ("_gate", "jobs", "_released")
+    __slots__ = ("_gate", "tenant", "jobs", "_released")
 
-    def __init__(self, gate: _Gate, jobs: int) -> None:
+    def __init__(self, gate: _Gate, tenant: str, jobs: int) -> None:
         self._gate = gate
+        self.tenant = tenant
         self.jobs = jobs
         self._released = False
 
@@ -90,45 +94,51 @@ class Ticket:
         """Give the room back (idempotent) and admit whoever is next."""
         if not self._released:
             self._released = True
-            self._gate.release(self.jobs)
+            self._gate.release(self.tenant, self.jobs)
 
 
 class _Gate:
-    """One model's admission state."""
+    """One model's admission state: jobs in flight (in all and per tenant) and the tenants' queues."""
 
-    def __init__(self, capacity: int, max_queued_jobs: int) -> None:
+    def __init__(self, capacity: int, tenant_cap: int, max_queued_jobs: int) -> None:
         self.capacity = capacity
+        self.tenant_cap = tenant_cap
         self.max_queued_jobs = max_queued_jobs
         self.in_flight = 0
+        self.tenant_in_flight: dict[str, int] = {}
         self.queued_jobs = 0
         self.queues: dict[str, list[_Waiter]] = {}
         self.start_tag: dict[str, float] = {}
         self._seq = itertools.count()
 
-    def _fits(self, jobs: int) -> bool:
-        return self.in_flight + jobs <= self.capacity or self.in_flight == 0
+    def fits(self, tenant: str, jobs: int) -> bool:
+        """Room for ``jobs`` more of ``tenant``: within the total and the tenant's cap (or the engine is idle)."""
+        if self.in_flight == 0:
+            return True
+        mine = self.tenant_in_flight.get(tenant, 0)
+        return self.in_flight + jobs <= self.capacity and (mine == 0 or mine + jobs <= self.tenant_cap)
 
-    def release(self, jobs: int) -> None:
+    def take(self, tenant: str, jobs: int) -> None:
+        self.in_flight += jobs
+        self.tenant_in_flight[tenant] = self.tenant_in_flight.get(tenant, 0) + jobs
+
+    def release(self, tenant: str, jobs: int) -> None:
         self.in_flight -= jobs
+        self.tenant_in_flight[tenant] -= jobs
         self._admit_waiters()
 
     def _admit_waiters(self) -> None:
         while True:
-            active = [t for t, q in self.queues.items() if q]
-            if not active:
+            for queue in self.queues.values():
+                while queue and queue[0].future.done():  # clients that left while waiting
+                    self.queued_jobs -= queue.pop(0).jobs
+            ready = [t for t, q in self.queues.items() if q and self.fits(t, q[0].jobs)]
+            if not ready:
                 return
-            tenant = min(active, key=lambda t: self.start_tag.get(t, 0.0))
-            queue = self.queues[tenant]
-            head = queue[0]
-            if head.future.done():  # the client left while waiting
-                queue.pop(0)
-                self.queued_jobs -= head.jobs
-                continue
-            if not self._fits(head.jobs):
-                return
-            queue.pop(0)
+            tenant = min(ready, key=lambda t: self.start_tag.get(t, 0.0))
+            head = self.queues[tenant].pop(0)
             self.queued_jobs -= head.jobs
-            self.in_flight += head.jobs
+            self.take(tenant, head.jobs)
             head.future.set_result(None)
 
 
@@ -140,11 +150,13 @@ class FairAdmission:
             token rate (the engine's FIFO and queue cap do the rest, as without tenants).
         slack: extra engine requests admitted beyond the batch size, as a fraction of it, so the
             engine has the next request at hand when one finishes.
+        reserve: batch slots one tenant may not take, kept for the others.
     """
 
-    def __init__(self, *, enabled: bool, slack: float = 0.25) -> None:
+    def __init__(self, *, enabled: bool, slack: float = 0.125, reserve: int = 1) -> None:
         self.enabled = enabled
         self.slack = slack
+        self.reserve = reserve
         self._gates: dict[str, _Gate] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._waiting: dict[str, int] = {}
@@ -188,19 +200,20 @@ class FairAdmission:
         """
         self.check_rate(tenant)
         gate = self._gate(model, capacity, max_queued_jobs)
-        if gate._fits(jobs) and not any(gate.queues.values()):
-            gate.in_flight += jobs
+        if not gate.queues.get(tenant.name) and gate.fits(tenant.name, jobs):
+            gate.take(tenant.name, jobs)
             self._advance(gate, tenant, jobs)
             metrics.TENANT_REQUESTS.labels(tenant=tenant.name, outcome="admitted").inc()
-            return Ticket(gate, jobs)
+            return Ticket(gate, tenant.name, jobs)
         return None
 
     def _gate(self, model: str, capacity: int, max_queued_jobs: int) -> _Gate:
         room = capacity + max(1, math.ceil(capacity * self.slack))
+        tenant_cap = max(1, capacity - self.reserve) if capacity > 1 else 1
         gate = self._gates.get(model)
         if gate is None:
-            gate = self._gates[model] = _Gate(room, max_queued_jobs)
-        gate.capacity, gate.max_queued_jobs = room, max_queued_jobs
+            gate = self._gates[model] = _Gate(room, tenant_cap, max_queued_jobs)
+        gate.capacity, gate.tenant_cap, gate.max_queued_jobs = room, tenant_cap, max_queued_jobs
         return gate
 
     async def admit(self, model: str, capacity: int, max_queued_jobs: int, tenant: Tenant, jobs: int,
@@ -225,11 +238,11 @@ class FairAdmission:
             return None
         gate = self._gate(model, capacity, max_queued_jobs)
         queue = gate.queues.setdefault(tenant.name, [])
-        if not queue and gate._fits(jobs) and not any(gate.queues.values()):
-            gate.in_flight += jobs
+        if not queue and gate.fits(tenant.name, jobs):
+            gate.take(tenant.name, jobs)
             self._advance(gate, tenant, jobs)
             metrics.TENANT_REQUESTS.labels(tenant=tenant.name, outcome="admitted").inc()
-            return Ticket(gate, jobs)
+            return Ticket(gate, tenant.name, jobs)
         waiting = self._waiting.get(tenant.name, 0)
         if tenant.max_waiting_requests is not None and waiting >= tenant.max_waiting_requests:
             metrics.TENANT_REQUESTS.labels(tenant=tenant.name, outcome="queue_full").inc()
@@ -253,7 +266,7 @@ class FairAdmission:
             await waiter.future
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
-                gate.release(jobs)  # admitted, but the client left at the same moment
+                gate.release(tenant.name, jobs)  # admitted, but the client left at the same moment
             else:
                 waiter.future.cancel()
                 if waiter in queue:
@@ -266,7 +279,7 @@ class FairAdmission:
             metrics.TENANT_WAITING.labels(tenant=tenant.name).set(self._waiting[tenant.name])
         self._advance(gate, tenant, jobs)
         metrics.TENANT_REQUESTS.labels(tenant=tenant.name, outcome="admitted").inc()
-        return Ticket(gate, jobs)
+        return Ticket(gate, tenant.name, jobs)
 
     @staticmethod
     def _advance(gate: _Gate, tenant: Tenant, jobs: int) -> None:
