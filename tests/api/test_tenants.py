@@ -219,3 +219,17 @@ def test_waiting_cap_per_tenant(tenant_server) -> None:
 
     asyncio.run(run())
 
+
+
+def test_prefix_cache_is_not_shared_across_tenants(tenant_server) -> None:
+    prompt = "A secret prompt that only the calm tenant knows about, long enough to fill some blocks " * 3
+    calm, flood = client_for(tenant_server, "calm"), client_for(tenant_server, "flood")
+
+    def cached(client) -> int:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(calm) == 0
+    assert cached(flood) == 0  # another tenant learns nothing from the cache
+    assert cached(calm) > 0  # the same tenant still hits
+    assert cached(flood) > 0

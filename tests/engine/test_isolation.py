@@ -207,3 +207,22 @@ def test_top_k_beyond_the_vocabulary_samples(make_engine):
         outs += engine.step()
     assert outs[-1].finish_reason in ("length", "stop") and outs[-1].error is None
     assert torch.is_tensor(torch.tensor([1]))
+
+
+# ------------------------------------------------------------------ cache salt
+def _cached_tokens(engine, rid: str, prompt: list[int], salt: str | None) -> int:
+    engine.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, cache_salt=salt))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    return outs[-1].num_cached_tokens
+
+
+def test_cache_salt_separates_prefix_cache_hits(make_engine):
+    engine = make_engine(num_kv_blocks=64, block_size=16)
+    prompt = list(range(100, 164))  # 4 full blocks
+    assert _cached_tokens(engine, "a1", prompt, "tenant-a") == 0
+    assert _cached_tokens(engine, "b1", prompt, "tenant-b") == 0  # another salt: no hit
+    assert _cached_tokens(engine, "u1", prompt, None) == 0  # unsalted: no hit on salted blocks
+    assert _cached_tokens(engine, "a2", prompt, "tenant-a") == 48  # same salt: hits (all but the last block)
+    assert _cached_tokens(engine, "u2", prompt, None) == 48

@@ -34,7 +34,15 @@ from kubeinfer_serving.api.schemas import (
     DeltaMessage,
     Usage,
 )
-from kubeinfer_serving.api.serving import UsageCounter, acquire, new_id, now, resolve_priority, respond
+from kubeinfer_serving.api.serving import (
+    UsageCounter,
+    acquire,
+    cache_salt,
+    new_id,
+    now,
+    resolve_priority,
+    respond,
+)
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.registry.protocol import ModelKind
 
@@ -70,10 +78,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, body.model, ModelKind.GENERATE)
         priority = resolve_priority(request, body, served)
+        salt = cache_salt(request, body)
         ids = await asyncio.to_thread(chat_prompt, served.tokenizer, body.messages, served.max_model_len,
                                       parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat)
         max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
-        jobs = [Job(j, 0, f"{response_id}-{j}", ids, sampling_params(body, max_tokens, j, priority)) for j in range(body.n)]
+        jobs = [Job(j, 0, f"{response_id}-{j}", ids, sampling_params(body, max_tokens, j, priority, salt)) for j in range(body.n)]
 
         def build(texts: list[str], reasons: list[str | None], usage: Usage) -> ChatCompletionResponse:
             choices = [

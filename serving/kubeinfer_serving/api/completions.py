@@ -23,7 +23,15 @@ from kubeinfer_serving.api.generation import (
 )
 from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
 from kubeinfer_serving.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
-from kubeinfer_serving.api.serving import UsageCounter, acquire, new_id, now, resolve_priority, respond
+from kubeinfer_serving.api.serving import (
+    UsageCounter,
+    acquire,
+    cache_salt,
+    new_id,
+    now,
+    resolve_priority,
+    respond,
+)
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.registry.protocol import ModelKind
 
@@ -59,6 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, body.model, ModelKind.GENERATE)
         priority = resolve_priority(request, body, served)
+        salt = cache_salt(request, body)
         prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
         if isinstance(body.prompt, str):
             echo_texts = [body.prompt]
@@ -71,7 +80,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             max_tokens = resolve_max_tokens(body.max_tokens, len(ids), served.max_model_len, param="prompt")
             for j in range(body.n):
                 index = p * body.n + j
-                jobs.append(Job(index, p, f"{response_id}-{index}", ids, sampling_params(body, max_tokens, j, priority)))
+                jobs.append(Job(index, p, f"{response_id}-{index}", ids, sampling_params(body, max_tokens, j, priority, salt)))
 
         def echo(job: Job) -> str:
             return echo_texts[job.prompt_index] if body.echo else ""

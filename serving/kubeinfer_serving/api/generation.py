@@ -64,8 +64,10 @@ def check_fanout(request: Request, num_prompts: int, n: int) -> None:
                        code="invalid_value")
 
 
-def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priority: int = 0) -> SamplingParams:
-    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``, with the resolved ``priority``.
+def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priority: int = 0,
+                    cache_salt: str | None = None) -> SamplingParams:
+    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``, with the resolved
+    ``priority`` and prefix-cache salt.
 
     OpenAI defaults: temperature 1, top_p 1. With a ``seed`` and ``n > 1``, choice ``j`` uses
     ``seed + j`` so the choices differ yet the whole response stays reproducible.
@@ -82,6 +84,7 @@ def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priorit
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             priority=priority,
+            cache_salt=cache_salt,
         )
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from exc

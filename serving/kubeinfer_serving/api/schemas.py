@@ -142,6 +142,9 @@ class _SamplingFields(_Request):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]],
                               Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    cache_salt: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = Field(
+        None, description="vLLM's cache_salt: prefix-cache blocks are shared only between requests with the "
+        "same salt (and tenant).")
     priority: int | None = Field(None, ge=-MAX_INT32 - 1, le=MAX_INT32,
                                  description="vLLM's priority: lower values run first (needs the priority "
                                  "scheduling policy); default: the tenant's priority, else 0.")

@@ -107,6 +107,21 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
     return identity_of(request.scope).tenant.priority if policy == "priority" else 0
 
 
+def cache_salt(request: Request, body: Any) -> str | None:
+    """The prefix-cache salt of a request: its tenant (when API keys are on) and its own ``cache_salt``.
+
+    Tenants never share cached blocks, so one cannot learn another's prompts from cache timing;
+    requests of one tenant still share them. Without keys and without ``cache_salt`` there is no
+    salt (every request may share).
+    """
+    keys = request.app.state.keys
+    tenant = identity_of(request.scope, keys).tenant.name if keys.enabled else None
+    own = getattr(body, "cache_salt", None)
+    if tenant is None and own is None:
+        return None
+    return f"{tenant or ''}\x00{own or ''}"
+
+
 async def admit(request: Request, served: ServedModel, jobs: list[Job]) -> Ticket | None:
     """Pass the tenant's limits and fair admission (:mod:`.admission`) for ``jobs`` on ``served``.
 

@@ -21,6 +21,8 @@ class SamplingParams:
         ignore_eos: keep generating past the EOS token (benchmarks use this).
         priority: scheduling priority under the ``priority`` policy, as vLLM defines it: lower
             values are admitted first and preempted last; ties go by arrival. Must be 0 under ``fcfs``.
+        cache_salt: prefix-cache salt (vLLM's ``cache_salt``): requests share cached KV blocks only
+            with requests of the same salt; None shares with unsalted requests.
 
     Raises:
         ValueError: from ``__post_init__`` when a field is out of range, naming the field.
@@ -35,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     priority: int = 0
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
