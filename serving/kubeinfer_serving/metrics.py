@@ -98,3 +98,7 @@ TENANT_WAITING = Gauge(
     "kubeinfer_tenant_waiting_requests", "Requests per tenant waiting for fair admission to an engine.",
     ["tenant"], registry=REGISTRY,
 )
+MODEL_IDLE_UNLOADS = Counter(
+    "kubeinfer_model_idle_unloads", "Models unloaded after their idleTimeoutSeconds without requests.",
+    ["model"], registry=REGISTRY,
+)

@@ -26,6 +26,7 @@ def model_card(info: ModelInfo) -> ModelCard:
         preload=info.preload,
         max_model_len=info.max_model_len,
         message=redact(info.message),
+        idle_timeout_seconds=info.idle_timeout_seconds,
     )
 
 

@@ -321,6 +321,7 @@ class ModelCard(BaseModel):
     preload: bool
     max_model_len: int | None = None
     message: str = ""
+    idle_timeout_seconds: float | None = None
 
 
 class ModelList(BaseModel):

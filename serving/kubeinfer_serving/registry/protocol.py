@@ -42,6 +42,7 @@ class ModelInfo:
         preload: loaded at start-up and never evicted.
         max_model_len: context length in tokens, when known.
         created: Unix time (seconds) the entry was registered.
+        idle_timeout_seconds: unloaded after this long without requests (None: never).
     """
 
     name: str
@@ -52,6 +53,7 @@ class ModelInfo:
     preload: bool = False
     max_model_len: int | None = None
     created: int = 0
+    idle_timeout_seconds: float | None = None
 
 
 class ModelError(Exception):
