@@ -24,6 +24,9 @@ SERVICE_PORT = 80
 CATALOGUE_DIR = "/etc/kubeinfer"
 CATALOGUE_FILE = "models.yaml"
 CACHE_DIR = "/var/cache/kubeinfer"
+#: Where the Secret named by ``spec.apiKeysSecret`` is mounted, and its key read by the serving pod.
+API_KEYS_DIR = "/etc/kubeinfer-keys"
+API_KEYS_FILE = "keys.yaml"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 ISVC_LABEL = f"{GROUP}/inferenceservice"
 #: Seconds a terminating pod keeps serving before SIGTERM, so endpoint removal reaches every
@@ -106,16 +109,23 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         }
         if m.max_model_len is not None:
             entry["maxModelLen"] = m.max_model_len
+        if m.idle_timeout_seconds is not None:
+            entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
         models.append(entry)
-    return {
+    out: dict[str, Any] = {
         "maxLoadedModels": spec.max_loaded_models,
         "gpuMemoryUtilization": spec.runtime.gpu_memory_utilization,
         "maxNumSeqs": spec.runtime.max_num_seqs,
         "maxNumBatchedTokens": spec.runtime.max_num_batched_tokens,
         "maxWaitingRequests": spec.runtime.max_waiting_requests,
         "pvcRoot": MODEL_STORE_ROOT,
-        "models": models,
     }
+    if spec.runtime.idle_timeout_seconds is not None:
+        out["idleTimeoutSeconds"] = spec.runtime.idle_timeout_seconds
+    if spec.runtime.scheduling_policy != "fcfs":
+        out["schedulingPolicy"] = spec.runtime.scheduling_policy
+    out["models"] = models
+    return out
 
 
 def catalogue_yaml(spec: InferenceServiceSpec) -> str:
@@ -179,6 +189,9 @@ def render_deployment(
             {"name": _volume_name(index), "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
         mounts.append({"name": _volume_name(index), "mountPath": f"{MODEL_STORE_ROOT}/{claim}", "readOnly": True})
+    if spec.api_keys_secret:  # API keys and tenants (serving reads KUBEINFER_API_KEYS_FILE)
+        volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.models)
     env = [
         {"name": "HOME", "value": "/tmp"},
@@ -186,6 +199,8 @@ def render_deployment(
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HF_HUB_OFFLINE", "value": "0" if needs_hub else "1"},
     ]
+    if spec.api_keys_secret:
+        env.append({"name": "KUBEINFER_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE}"})
     container: dict[str, Any] = {
         "name": "serving",
         "image": spec.runtime.image or config.serving_image,
