@@ -57,6 +57,8 @@ class ServerSettings(BaseModel):
             from ``$KUBEINFER_API_KEYS`` / ``$KUBEINFER_ADMIN_API_KEYS``. None of them: no auth.
         scheduling_policy: ``fcfs`` or ``priority`` for the generate engines (None: the catalogue's, else fcfs).
         idle_timeout_seconds: idle TTL of non-preloaded models (catalogue mode; None: the catalogue's).
+        result_cache: single-model mode: cache complete responses of deterministic requests
+            (catalogue mode: ``resultCache: true`` per model).
         fair_admission: weighted fair admission across tenants ahead of each engine
             (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
     """
@@ -90,6 +92,7 @@ class ServerSettings(BaseModel):
     fair_admission: bool | None = None
     scheduling_policy: Literal["fcfs", "priority"] | None = None
     idle_timeout_seconds: float | None = Field(None, ge=0)
+    result_cache: bool = False
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -163,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine scheduling policy: fcfs (default) or priority (requests' priority field)")
     p.add_argument("--idle-timeout-seconds", type=float,
                    help="unload a non-preloaded model idle this long (catalogue mode; default: the catalogue's)")
+    p.add_argument("--result-cache", action="store_true", default=None,
+                   help="single-model mode: cache responses of greedy/seeded requests (catalogue: resultCache)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
     return p

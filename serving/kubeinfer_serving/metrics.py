@@ -102,3 +102,10 @@ MODEL_IDLE_UNLOADS = Counter(
     "kubeinfer_model_idle_unloads", "Models unloaded after their idleTimeoutSeconds without requests.",
     ["model"], registry=REGISTRY,
 )
+RESULT_CACHE_REQUESTS = Counter(
+    "kubeinfer_result_cache_requests", "Cacheable requests looked up in the result cache (outcome: hit or miss).",
+    ["model", "outcome"], registry=REGISTRY,
+)
+RESULT_CACHE_BYTES = Gauge(
+    "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
+)

@@ -23,11 +23,22 @@ from kubeinfer_serving.api.drain import Drain
 from kubeinfer_serving.api.errors import install_error_handlers
 from kubeinfer_serving.api.limits import BodyLimitMiddleware
 from kubeinfer_serving.api.openapi import install_openapi
+from kubeinfer_serving.api.result_cache import ResultCache
 from kubeinfer_serving.api.tenancy import KeyStore
 from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger(__name__)
+
+
+def _result_cache(provider: ModelProvider, settings: ServerSettings) -> ResultCache:
+    """The result cache: the catalogue's opted-in models and sizes, or ``--result-cache`` for the single model."""
+    catalogue = getattr(provider, "catalogue", None)
+    if catalogue is not None:
+        models = {m.name for m in catalogue.models if m.result_cache}
+        return ResultCache(catalogue.result_cache_bytes, catalogue.result_cache_ttl_seconds, models)
+    name = getattr(provider, "name", None)
+    return ResultCache(64 * 1024 * 1024, 600.0, {name} if settings.result_cache and name else set())
 
 
 def create_app(
@@ -75,6 +86,7 @@ def create_app(
     app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
     fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
     app.state.admission = FairAdmission(enabled=fair)
+    app.state.result_cache = _result_cache(provider, settings)
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health):
         app.include_router(module.router)

@@ -42,6 +42,7 @@ from kubeinfer_serving.api.serving import (
     now,
     resolve_priority,
     respond,
+    result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.registry.protocol import ModelKind
@@ -110,4 +111,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 yield chunk([], usage.usage())
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
-                             stream_events=events)
+                             stream_events=events, cache_key=result_cache_key(request, "chat", body, served),
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage))

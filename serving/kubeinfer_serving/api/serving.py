@@ -14,13 +14,15 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
 from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
+from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
+from kubeinfer_serving.api.result_cache import ResultCache, replay
 from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
 from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
 from kubeinfer_serving.engine.outputs import RequestOutput
@@ -107,6 +109,13 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
     return identity_of(request.scope).tenant.priority if policy == "priority" else 0
 
 
+def result_cache_key(request: Request, route: str, body: Any, served: ServedModel) -> str | None:
+    """The result-cache key of this request, or None when it is not cacheable (see :mod:`.result_cache`)."""
+    cache: ResultCache = request.app.state.result_cache
+    tenant = identity_of(request.scope, request.app.state.keys).tenant.name
+    return cache.key(route, tenant, served.name, getattr(served.engine, "instance_id", ""), body)
+
+
 def cache_salt(request: Request, body: Any) -> str | None:
     """The prefix-cache salt of a request: its tenant (when API keys are on) and its own ``cache_salt``.
 
@@ -157,6 +166,8 @@ async def respond(
     stream: bool,
     build_response: Callable[[list[str], list[str | None], Usage], BaseModel],
     stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
+    cache_key: str | None = None,
+    include_usage: bool = False,
 ) -> Response:
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
@@ -168,9 +179,20 @@ async def respond(
         build_response: (texts per choice, finish reasons per choice, usage) -> the response body.
         stream_events: (run, usage counter) -> the SSE ``data:`` events, without the final ``[DONE]``.
 
+        cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
+        include_usage: the stream's ``stream_options.include_usage`` (for a replayed hit).
+
     Returns:
         a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
     """
+    cache: ResultCache = request.app.state.result_cache
+    if cache_key is not None:
+        hit = cache.get(cache_key, served.name)
+        if hit is not None:
+            if stream:
+                return StreamingResponse(replay(hit, include_usage), media_type="text/event-stream",
+                                         headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
+            return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
     try:
         ticket = await admit(request, served, jobs)
     except ClientDisconnected:
@@ -212,7 +234,12 @@ async def respond(
                 body = await until_disconnect(request, collect())
             finally:
                 settle()
-            return JSONResponse(body.model_dump(mode="json"))
+            data = body.model_dump(mode="json")
+            if cache_key is None:
+                return JSONResponse(data)
+            if all(c.get("finish_reason") in ("stop", "length") for c in data.get("choices", [])):
+                cache.put(cache_key, data)
+            return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
         run.cancel()

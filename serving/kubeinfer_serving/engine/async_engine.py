@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.device = engine.device
         self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes
+        #: Unique per engine instance: a reloaded model is a new instance (result-cache keys use it).
+        self.instance_id = uuid.uuid4().hex
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()

@@ -15,6 +15,8 @@ camelCase keys::
     maxWaitingRequests: 1024        # queue cap per generate model; beyond it HTTP 429 + Retry-After
     schedulingPolicy: fcfs          # fcfs | priority (requests' `priority`, lower first; vLLM's policies)
     idleTimeoutSeconds: 1800        # unload a non-preloaded model idle this long (0/absent: never)
+    resultCacheBytes: 67108864      # result cache size for the models with resultCache: true
+    resultCacheTtlSeconds: 600
     pvcRoot: /mnt/models            # where pvc://CLAIM/PATH volumes are mounted
     models:
       - name: llama-1b              # the OpenAI `model` name
@@ -25,6 +27,7 @@ camelCase keys::
         maxModelLen: 4096           # tokens
         kvCacheBytes: 536870912     # this model's KV pool (overrides the pod default)
         idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
+        resultCache: false          # cache complete responses of deterministic requests (opt-in)
 
 The budget covers weights plus each generate model's KV pool (DESIGN.md section 5).
 ``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
@@ -83,6 +86,7 @@ class ModelEntry(_CamelModel):
     max_model_len: int | None = Field(default=None, ge=2)
     kv_cache_bytes: int | None = Field(default=None, ge=1)
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
+    result_cache: bool = False
 
     @field_validator("source")
     @classmethod
@@ -126,6 +130,8 @@ class Catalogue(_CamelModel):
     pvc_root: str = "/mnt/models"
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
+    result_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    result_cache_ttl_seconds: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Catalogue:
