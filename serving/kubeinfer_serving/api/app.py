@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, models
+from kubeinfer_serving.api import chat, completions, embeddings, health, models, websocket
 from kubeinfer_serving.api.admission import FairAdmission
 from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
@@ -88,7 +88,7 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider, settings)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health):
+    for module in (completions, chat, embeddings, models, health, websocket):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
