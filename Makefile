@@ -10,7 +10,7 @@ KUBEINFER_CACHE ?= $(HOME)/.cache/kubeinfer
 VENV_REAL := $(KUBEINFER_CACHE)/venv
 VENV := .venv
 PY := $(VENV)/bin/python
-LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+LOCK_HASH := $(shell cat requirements.lock requirements-build.lock pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
@@ -22,12 +22,14 @@ help:
 	@echo "make lint     ruff over the Python packages and tests"
 	@echo "make model    write the built-in tiny model to .models/"
 	@echo "make bench    run the serving benchmark against baselines"
-	@echo "make cluster  start the test control plane (.cluster/kubeconfig); make cluster-down stops it"
+	@echo "make cluster  start the test control plane (.cluster/kubeconfig); REAL_NODE=1 adds a real node; make cluster-down stops it"
+	@echo "make images   build the serving and operator images (REGISTRY=..., BASE_IMAGE=...); make push pushes them"
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-build.lock pyproject.toml
 	@mkdir -p $(KUBEINFER_CACHE)
 	@test -x $(VENV_REAL)/bin/python || $(PYTHON) -m venv $(VENV_REAL)
-	$(VENV_REAL)/bin/pip install -q --upgrade pip setuptools
+	$(VENV_REAL)/bin/pip install -q --upgrade pip
+	$(VENV_REAL)/bin/pip install -q -r requirements-build.lock
 	$(VENV_REAL)/bin/pip install -q -r requirements.lock
 	@rm -f $(VENV_REAL)/.kubeinfer-*
 	@touch $(STAMP)
@@ -43,7 +45,11 @@ serve: install
 model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
-test: install cluster-bin
+# The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
+# The three preparations are independent (venv: network; Go build: CPU; images: network and disk),
+# so they run in parallel.
+test:
+	@$(MAKE) --no-print-directory -j3 install cluster-bin images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -56,3 +62,4 @@ clean:
 	rm -rf .models .pytest_cache .ruff_cache build *.egg-info
 
 include mk/cluster.mk
+include mk/images.mk

@@ -114,32 +114,47 @@ def build_binaries() -> Path:
 
 
 def save_logs(state_dir: Path, dest: Path = LOG_ARTIFACTS) -> Path:
-    """Copy ``state_dir/logs/*.log`` (one file per component) into ``dest``, replacing older copies."""
+    """Copy the component logs into ``dest``, replacing older copies.
+
+    Copies ``state_dir/logs/*.log`` (control plane) and, for a real node,
+    ``state_dir/node/logs/*.log`` (containerd, kubelet, kube-proxy) and the containers' logs
+    under ``state_dir/node/pod-logs`` (into ``dest/pods/``).
+    """
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
-    for log in sorted((state_dir / "logs").glob("*.log")):
+    for log in sorted((state_dir / "logs").glob("*.log")) + sorted((state_dir / "node" / "logs").glob("*.log")):
         shutil.copy2(log, dest / log.name)
+    pod_logs = state_dir / "node" / "pod-logs"
+    if pod_logs.is_dir():
+        shutil.copytree(pod_logs, dest / "pods", dirs_exist_ok=True)
     return dest
 
 
-def start_cluster(state_dir: Path, nodes: int = 2, gpus_per_node: int = 8) -> Cluster:
+def start_cluster(
+    state_dir: Path, nodes: int = 2, gpus_per_node: int = 8, real_node_images: tuple[str, ...] | None = None
+) -> Cluster:
     """Build if needed, then start a control plane in ``state_dir`` and wait until it is healthy.
 
     Healthy means: ``/readyz`` answers ok, the ``default`` ServiceAccount exists and all
-    ``nodes`` fake nodes are Ready. Raises ``ClusterError`` (with the component log tails)
-    when start-up fails; the logs are then saved to ``tests/.artifacts/cluster-logs``.
+    ``nodes`` fake nodes are Ready. With ``real_node_images`` (Docker image references, possibly
+    empty) a real node ``real-node-0`` joins too (``up.sh --real-node``, needs root), with those
+    images loaded into its containerd, and is Ready with kube-proxy's rules in place.
+    Raises ``ClusterError`` (with the component log tails) when start-up fails; the logs are
+    then saved to ``tests/.artifacts/cluster-logs``.
     """
     bin_dir = build_binaries()
-    result = subprocess.run(
-        [
-            str(CLUSTER_SRC / "up.sh"),
-            "--dir", str(state_dir),
-            "--bin", str(bin_dir),
-            "--nodes", str(nodes),
-            "--gpus-per-node", str(gpus_per_node),
-        ],
-        capture_output=True, text=True, cwd=REPO,
-    )
+    cmd = [
+        str(CLUSTER_SRC / "up.sh"),
+        "--dir", str(state_dir),
+        "--bin", str(bin_dir),
+        "--nodes", str(nodes),
+        "--gpus-per-node", str(gpus_per_node),
+    ]
+    if real_node_images is not None:
+        cmd.append("--real-node")
+        for image in real_node_images:
+            cmd += ["--image", image]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         saved = save_logs(state_dir)
         raise ClusterError(f"tests/cluster/up.sh failed (logs in {saved}):\n{result.stderr[-8000:]}")

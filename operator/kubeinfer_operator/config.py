@@ -19,6 +19,10 @@ KIND = "InferenceService"
 FIELD_MANAGER = "kubeinfer-operator"
 
 DEFAULT_SERVING_IMAGE = "ghcr.io/kubeinfer/kubeinfer-serving:0.1.0"
+#: uid and gid of the serving container: the pod securityContext sets them, and serving/Dockerfile
+#: creates that user (ARG KUBEINFER_UID, same default; tests/operator/test_render.py keeps them equal),
+#: so libraries that look the user up (getpass, torch's cache dirs) find it.
+SERVING_UID = 1000
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,16 @@ def _post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """``$KUBECONFIG`` (or ``~/.kube/config``) when present, else in-cluster service-account credentials."""
+    """``$KUBECONFIG`` (or ``~/.kube/config``) when present, else in-cluster service-account credentials.
+
+    In a pod the API server is found the way client-go's ``InClusterConfig`` finds it: from
+    ``KUBERNETES_SERVICE_HOST``/``_PORT`` (the kubernetes client's ``load_incluster_config``), not
+    from the DNS name ``kubernetes.default.svc`` that kopf's minimal service-account login uses,
+    so the operator works in clusters without cluster DNS (found on the test cluster's real node).
+    """
     if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
         return kopf.login_with_kubeconfig(**kwargs)
-    return kopf.login_with_service_account(**kwargs)
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.startup()

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, VERSION, OperatorConfig
+from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, SERVING_UID, VERSION, OperatorConfig
 from kubeinfer_operator.spec import MODEL_STORE_ROOT, InferenceServiceSpec
 
 SERVING_PORT = 8000
@@ -247,9 +247,9 @@ def render_deployment(
         "terminationGracePeriodSeconds": PRESTOP_SECONDS + config.drain_seconds + 5,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": SERVING_UID,
+            "runAsGroup": SERVING_UID,
+            "fsGroup": SERVING_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }

@@ -35,6 +35,12 @@ stop() {  # name: TERM the process group, wait up to 10 s, then KILL it
   fi
   rm -f "$f"
 }
+# A real node (up.sh --real-node) goes first: its pods, network and mounts need the processes below
+# only to have been stopped in order.
+if [[ -d "$DIR/node" ]]; then
+  keep=(); [[ "$KEEP" == 1 ]] && keep=(--keep)
+  "$HERE/node-down.sh" --dir "$DIR" "${keep[@]}" || true
+fi
 # Clients of the API server first (in parallel), then the API server, then etcd.
 stop kwok & stop kube-scheduler & stop kube-controller-manager & wait
 stop kube-apiserver

@@ -159,3 +159,19 @@ def test_helm_rbac_rules_equal_plain_rbac():
     role_part = text.split("---", 1)[0]  # the ClusterRole document; templating is only in its labels
     helm_rules = yaml.safe_load("rules:" + role_part.split("rules:", 1)[1])["rules"]
     assert helm_rules == _rules(load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml"))
+
+
+def test_operator_pod_runs_as_the_user_the_operator_image_creates():
+    # kopf calls getpass.getuser(): a uid without a passwd entry in the image crashes the operator
+    # at start-up (found when the chart first ran the image on a real node).
+    import re
+
+    dockerfile = (REPO / "operator" / "Dockerfile").read_text()
+    image_uid = int(re.search(r"^ARG OPERATOR_UID=(\d+)$", dockerfile, flags=re.M).group(1))
+    assert re.search(r'useradd --uid "\$OPERATOR_UID"', dockerfile)
+    assert re.search(r"^USER \$\{OPERATOR_UID\}:\$\{OPERATOR_UID\}$", dockerfile, flags=re.M)
+    chart = (REPO / "deploy" / "helm" / "kubeinfer" / "templates" / "deployment.yaml").read_text()
+    assert f"runAsUser: {image_uid}" in chart and f"runAsGroup: {image_uid}" in chart
+    (plain,) = [d for d in load_yaml_docs(REPO / "deploy" / "operator" / "deployment.yaml") if d["kind"] == "Deployment"]
+    pod = plain["spec"]["template"]["spec"]["securityContext"]
+    assert pod["runAsUser"] == pod["runAsGroup"] == image_uid

@@ -436,3 +436,14 @@ def test_helm_chart_templates_and_installs(cluster, k):
         k.run("get", "crd", CRD_NAME)
     finally:
         cluster.helm("uninstall", "kubeinfer", "--namespace", "kubeinfer-helm")
+
+
+def test_crd_directory_and_kustomization_apply_cleanly(cluster, k):
+    # `kubectl apply -f deploy/crds/` must see the CRD only (the kustomize entry is named
+    # "Kustomization", which kubectl skips), and `kubectl apply -k deploy/operator` still gets it.
+    out = k.run("apply", "--dry-run=server", "-f", str(REPO / "deploy" / "crds")).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"customresourcedefinition.apiextensions.k8s.io/{CRD_NAME} "), out
+    rendered = k.run("kustomize", str(REPO / "deploy" / "operator")).stdout
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered) if d)
+    assert "CustomResourceDefinition" in kinds and "Deployment" in kinds, kinds

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from kubeinfer_operator.config import OperatorConfig
+from kubeinfer_operator.config import SERVING_UID, OperatorConfig
 from kubeinfer_operator.render import (
     CONFIG_HASH_ANNOTATION,
     Owner,
@@ -15,6 +17,8 @@ from kubeinfer_operator.render import (
     selector_labels,
 )
 from kubeinfer_operator.spec import parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
 
 OWNER = Owner(name="chat", namespace="team-a", uid="0b7a3d4e-0000-4000-8000-000000000001")
 CONFIG = OperatorConfig(serving_image="registry.local/kubeinfer-serving:test", startup_timeout_seconds=900,
@@ -141,6 +145,17 @@ def test_security_context_non_root_read_only():
     writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
     assert "/tmp" in writable
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_pod_runs_as_the_user_the_serving_image_creates():
+    # serving/Dockerfile creates the user (ARG KUBEINFER_UID) that the pod securityContext names:
+    # with another uid, getpass/torch find no passwd entry and the home directory is not writable.
+    dockerfile = (REPO / "serving" / "Dockerfile").read_text()
+    image_uid = int(re.search(r"^ARG KUBEINFER_UID=(\d+)$", dockerfile, flags=re.M).group(1))
+    assert re.search(r"^USER \$\{KUBEINFER_UID\}:\$\{KUBEINFER_UID\}$", dockerfile, flags=re.M)
+    pod = children().deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == image_uid
+    assert SERVING_UID == image_uid
 
 
 def test_scheduling_passthrough():

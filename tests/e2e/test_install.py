@@ -1,0 +1,283 @@
+"""What a user does, in order, on the real node: the README's "Install on a cluster" section.
+
+1. ``helm install`` of the chart with the built operator image: the operator runs as a real pod
+   under the chart's ServiceAccount and RBAC.
+2. ``kubectl apply -f deploy/examples/01-tiny-chat.yaml``: the serving pod runs the built serving
+   image with the security context the operator renders (non-root, read-only root filesystem)
+   and its startup, readiness and liveness probes pass.
+3. The official ``openai`` client reaches the isvc through its Service's ClusterIP: models, a
+   completion, a streamed chat completion; ``kubectl get isvc`` shows READY True, REPLICAS 1/1.
+4. Deleting the serving pod while a request streams: the request completes (preStop pause, then
+   SIGTERM and uvicorn's drain), and the Deployment's new pod serves.
+5. A spec change rolls the pod and the new pod serves.
+6. ``kubectl delete isvc`` removes its pods; ``helm uninstall`` leaves no operator objects (the CRD
+   stays, as Helm documents for crds/).
+
+The tests of this module run in file order and share one installation (module fixture); the
+helm/kubectl commands of steps 1-2 are taken verbatim from README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from kubeinfer_operator.config import SERVING_UID
+from openai import OpenAI
+
+from tests.cluster_fixture import REPO
+from tests.e2e.conftest import OPERATOR_IMAGE, SERVING_IMAGE, E2ECluster, wait_until
+
+pytestmark = pytest.mark.timeout(900)
+
+ISVC = "tiny-chat"
+RELEASE_NS = "kubeinfer-system"
+SERVING_SELECTOR = f"serving.kubeinfer.io/inferenceservice={ISVC}"
+OPERATOR_SELECTOR = "app.kubernetes.io/instance=kubeinfer,app.kubernetes.io/name=kubeinfer-operator"
+#: Seconds the operator's preStop hook pauses before SIGTERM (render.PRESTOP_SECONDS).
+PRESTOP_SECONDS = 10
+
+
+def readme_install_commands() -> list[str]:
+    """The shell commands of README.md's "Install on a cluster" section, in order.
+
+    Lines of its ```bash blocks with continuation backslashes joined and comments dropped.
+    """
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Install on a cluster", 1)[1].split("\n## ", 1)[0]
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+@dataclass
+class State:
+    """What earlier steps learned, for later ones (tests of this module run in order)."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    serving_pod: str = ""
+
+
+@pytest.fixture(scope="module")
+def e2e(e2e_cluster: E2ECluster) -> E2ECluster:
+    return e2e_cluster
+
+
+@pytest.fixture(scope="module")
+def state() -> State:
+    return State()
+
+
+def run_readme_command(e2e: E2ECluster, command: str) -> str:
+    """Run one README command (``helm ...`` or ``kubectl ...``) with the cluster's binaries; return stdout."""
+    argv = shlex.split(command)
+    tool, args = argv[0], argv[1:]
+    if tool == "helm":
+        return e2e.helm(*args, timeout=600).stdout
+    if tool == "kubectl":
+        return e2e.kubectl(*args, timeout=900).stdout
+    raise AssertionError(f"README command not run by the e2e test: {command}")
+
+
+def serving_pods(e2e: E2ECluster) -> list[dict]:
+    """The isvc's pods that are not terminating."""
+    pods = e2e.get("pods", "-n", "default", "-l", SERVING_SELECTOR)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def ready(pod: dict) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return conditions.get("Ready") == "True"
+
+
+def client(e2e: E2ECluster) -> OpenAI:
+    """An ``openai`` client on the isvc's Service ClusterIP (port 80)."""
+    ip = e2e.get("service", ISVC, "-n", "default")["spec"]["clusterIP"]
+    return OpenAI(base_url=f"http://{ip}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def one_ready_serving_pod(e2e: E2ECluster, exclude: str = "") -> dict:
+    """Wait until exactly one non-terminating serving pod exists, other than ``exclude``, and it is Ready."""
+    def check():
+        pods = [p for p in serving_pods(e2e) if p["metadata"]["name"] != exclude]
+        return pods[0] if len(pods) == 1 and ready(pods[0]) and len(serving_pods(e2e)) == 1 else None
+    return wait_until("one Ready serving pod", check, timeout=600)
+
+
+def test_readme_section_is_what_this_test_runs():
+    commands = readme_install_commands()
+    helm = [c for c in commands if c.startswith("helm install")]
+    assert helm and f"image.repository={OPERATOR_IMAGE.rsplit(':', 1)[0]}" in helm[0]
+    assert f"servingImage={SERVING_IMAGE}" in helm[0]
+    assert "kubectl apply -f deploy/examples/01-tiny-chat.yaml" in commands
+
+
+def test_helm_install_runs_the_operator_as_a_pod(e2e: E2ECluster, state: State):
+    start = time.monotonic()
+    for command in readme_install_commands():
+        if command.startswith("helm install"):
+            run_readme_command(e2e, command)
+    pods = e2e.get("pods", "-n", RELEASE_NS, "-l", OPERATOR_SELECTOR)["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    pod = pods[0]
+    assert ready(pod), pod["status"]
+    assert pod["spec"]["nodeName"] == e2e.node
+    assert pod["spec"]["serviceAccountName"] == "kubeinfer-operator"
+    assert pod["spec"]["containers"][0]["image"] == OPERATOR_IMAGE
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    state.timings["helm install --wait (s)"] = time.monotonic() - start
+
+
+def test_example_becomes_ready_on_the_real_node(e2e: E2ECluster, state: State):
+    start = time.monotonic()
+    for command in readme_install_commands():
+        if command.startswith("kubectl "):
+            print(f"$ {command}\n{run_readme_command(e2e, command)}")
+    state.timings["apply to isvc Ready (s)"] = time.monotonic() - start
+    pod = one_ready_serving_pod(e2e)
+    state.serving_pod = pod["metadata"]["name"]
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    assert spec["nodeName"] == e2e.node
+    assert container["image"] == SERVING_IMAGE
+    assert spec["securityContext"]["runAsUser"] == SERVING_UID
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= container.keys()
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"] and status["restartCount"] == 0, status
+    started = pod["status"]["startTime"]
+    assert started
+
+    table = e2e.kubectl("get", "isvc", ISVC, "-n", "default").stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    columns = dict(zip(header, row, strict=False))
+    assert columns["READY"] == "True", table
+    assert columns["REPLICAS"] == "1/1", table
+    assert "tiny-llama" in columns["MODELS"], table
+
+
+def test_openai_client_through_the_service(e2e: E2ECluster, state: State):
+    api = client(e2e)
+    assert "tiny-llama" in [m.id for m in api.models.list()]
+
+    done = api.completions.create(model="tiny-llama", prompt="The river ran", max_tokens=8, temperature=0)
+    assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+
+    start = time.monotonic()
+    stream = api.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Tell me about the river."}],
+        max_tokens=64, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    elapsed = time.monotonic() - start
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 64
+    state.timings["64-token chat stream (s)"] = elapsed
+
+
+def test_deleted_pod_drains_its_stream_and_is_replaced(e2e: E2ECluster, state: State):
+    api = client(e2e)
+    old = state.serving_pod
+    # A stream long enough to still run when SIGTERM arrives after the preStop pause.
+    result: dict = {}
+
+    def stream_long():
+        try:
+            stream = api.completions.create(model="tiny-llama", prompt="Once", max_tokens=2000, stream=True,
+                                            temperature=0, extra_body={"ignore_eos": True})
+            pieces = []
+            for chunk in stream:
+                pieces.append(chunk)
+                if len(pieces) == 1:
+                    result["first"] = time.monotonic()
+            result["chunks"] = pieces
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+        result["end"] = time.monotonic()
+
+    worker = threading.Thread(target=stream_long)
+    worker.start()
+    wait_until("the first streamed chunk", lambda: "first" in result or "error" in result, timeout=60, interval=0.1)
+    deleted_at = time.monotonic()
+    e2e.kubectl("delete", "pod", old, "-n", "default", "--wait=false")
+    worker.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    chunks = result["chunks"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 1
+    # The request was still running when the pod got SIGTERM (after the preStop pause), and the
+    # server drained it: uvicorn logged that it waited for the open connection.
+    assert result["end"] - deleted_at > PRESTOP_SECONDS, (
+        f"the stream ended {result['end'] - deleted_at:.1f}s after the delete, before SIGTERM; make it longer")
+    log = e2e.container_log("default", old, "serving")
+    assert "Waiting for connections to close" in log or "Waiting for background tasks" in log, log[-3000:]
+    state.timings["stream after delete (s)"] = result["end"] - deleted_at
+
+    start = time.monotonic()
+    new = one_ready_serving_pod(e2e, exclude=old)
+    state.timings["replacement pod Ready (s)"] = time.monotonic() - start
+    state.serving_pod = new["metadata"]["name"]
+    done = api.completions.create(model="tiny-llama", prompt="Again", max_tokens=4, temperature=0)
+    assert done.usage.completion_tokens == 4
+
+
+def test_spec_change_rolls_the_pod(e2e: E2ECluster, state: State):
+    before = state.serving_pod
+    start = time.monotonic()
+    e2e.kubectl("patch", "isvc", ISVC, "-n", "default", "--type", "merge", "-p",
+                '{"spec": {"runtime": {"maxNumSeqs": 16}}}')
+    catalogue = wait_until(
+        "the catalogue to change",
+        lambda: "maxNumSeqs: 16" in (text := e2e.get("configmap", f"{ISVC}-models", "-n", "default")["data"]["models.yaml"]) and text,
+        timeout=60)
+    assert "maxNumSeqs: 16" in catalogue
+    new = wait_until(
+        "a new Ready pod and the old one gone",
+        lambda: (pods := serving_pods(e2e)) and len(pods) == 1 and pods[0]["metadata"]["name"] != before
+        and ready(pods[0]) and pods[0],
+        timeout=600)
+    state.timings["spec change to new pod Ready (s)"] = time.monotonic() - start
+    state.serving_pod = new["metadata"]["name"]
+    isvc = wait_until(
+        "isvc Ready for the new generation",
+        lambda: (o := e2e.get("isvc", ISVC, "-n", "default"))["status"].get("observedGeneration") == o["metadata"]["generation"]
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in o["status"]["conditions"]) and o,
+        timeout=120)
+    assert isvc
+    done = client(e2e).completions.create(model="tiny-llama", prompt="New pod", max_tokens=4, temperature=0)
+    assert done.usage.completion_tokens == 4
+
+
+def test_delete_isvc_removes_its_pods(e2e: E2ECluster):
+    e2e.kubectl("delete", "isvc", ISVC, "-n", "default", "--wait=true", timeout=300)
+    wait_until("serving pods gone",
+                lambda: not e2e.get("pods", "-n", "default", "-l", SERVING_SELECTOR)["items"], timeout=300)
+    for kind in ("deployment", "service", "configmap", "hpa"):
+        left = e2e.get(kind, "-n", "default", "-l", SERVING_SELECTOR)["items"]
+        assert not left, (kind, [o["metadata"]["name"] for o in left])
+
+
+def test_helm_uninstall_leaves_no_operator_objects(e2e: E2ECluster, state: State):
+    e2e.helm("uninstall", "kubeinfer", "--namespace", RELEASE_NS, "--wait", timeout=300)
+    wait_until("operator pods gone",
+                lambda: not e2e.get("pods", "-n", RELEASE_NS, "-l", OPERATOR_SELECTOR)["items"], timeout=120)
+    for kind, scope in (("deployment", ["-n", RELEASE_NS]), ("serviceaccount", ["-n", RELEASE_NS]),
+                        ("clusterrole", []), ("clusterrolebinding", []), ("configmap", ["-n", RELEASE_NS])):
+        left = e2e.get(kind, *scope, "-l", "app.kubernetes.io/instance=kubeinfer")["items"]
+        assert not left, (kind, [o["metadata"]["name"] for o in left])
+    # Helm never deletes what it installed from crds/: the CRD and so users' isvcs stay.
+    e2e.kubectl("get", "crd", "inferenceservices.serving.kubeinfer.io")
+    print("e2e timings:", {k: round(v, 1) for k, v in state.timings.items()})

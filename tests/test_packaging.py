@@ -1,0 +1,32 @@
+"""The wheel the images install carries everything the code reads at run time (package data)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_has_every_module_and_the_tokenizer_corpus(tmp_path):
+    # serving/Dockerfile does `pip install .`; without package data the image build fails when it
+    # bakes the built-in model ("No such file ... models/data/corpus.txt").
+    # Built from a copy (what the image's build context holds), so no build/ directory of an
+    # earlier build can contribute files.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for name in ("serving", "operator"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("kubeinfer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "kubeinfer_serving/models/data/corpus.txt" in names
+    for package in ("serving/kubeinfer_serving", "operator/kubeinfer_operator"):
+        for module in (REPO / package).rglob("*.py"):
+            assert str(module.relative_to(REPO / package.split("/")[0])) in names, module
