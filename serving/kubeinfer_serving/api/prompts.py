@@ -7,6 +7,7 @@ Completions take a string, a list of strings, a token-id list or a list of token
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,28 @@ def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str)
     if isinstance(raw[0], int):
         return [list(raw)]
     return list(raw)
+
+
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The lock serializing calls into ``tokenizer`` from worker threads (created once per tokenizer).
+
+    Fast tokenizers keep per-call settings (``split_special_tokens``, truncation) in the shared
+    Rust object, so two threads must not use one tokenizer at the same time.
+    """
+    lock = getattr(tokenizer, "_kubeinfer_lock", None)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = getattr(tokenizer, "_kubeinfer_lock", None)
+            if lock is None:
+                lock = threading.Lock()
+                try:
+                    tokenizer._kubeinfer_lock = lock
+                except AttributeError:
+                    pass
+    return lock
 
 
 def max_token_chars(tokenizer: Any) -> int:
@@ -103,7 +126,11 @@ def completion_prompts(
                                param="prompt", code="context_length_exceeded")
     out: list[list[int]] = []
     for p in texts_or_ids:
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            with tokenizer_lock(tokenizer):
+                ids = tokenizer.encode(p)
+        else:
+            ids = list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -201,12 +228,13 @@ def chat_prompt(
         check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param="messages")
     specials = () if parse_special_tokens else special_token_strings(tokenizer)
     injected = any(s in m["content"] for m in conv for s in specials)
-    try:
-        rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=not injected)
-    except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
-        raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
-    if injected:
-        return [int(t) for t in _encode_rendered(tokenizer, rendered, [m["content"] for m in conv])]
+    with tokenizer_lock(tokenizer):
+        try:
+            rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=not injected)
+        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+            raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+        if injected:
+            return [int(t) for t in _encode_rendered(tokenizer, rendered, [m["content"] for m in conv])]
     # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
     if isinstance(rendered, Mapping):
         rendered = rendered["input_ids"]
