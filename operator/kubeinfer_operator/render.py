@@ -111,6 +111,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["maxModelLen"] = m.max_model_len
         if m.idle_timeout_seconds is not None:
             entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
+        if m.result_cache:
+            entry["resultCache"] = True
         models.append(entry)
     out: dict[str, Any] = {
         "maxLoadedModels": spec.max_loaded_models,

@@ -93,6 +93,7 @@ class ModelSpec(_Camel):
     max_model_len: int | None = Field(default=None, alias="maxModelLen", ge=1, le=1 << 20)
     kind: Literal["generate", "embed"] = "generate"
     idle_timeout_seconds: int | None = Field(default=None, alias="idleTimeoutSeconds", ge=0, le=31536000)
+    result_cache: bool = Field(default=False, alias="resultCache")
 
     @field_validator("name")
     @classmethod

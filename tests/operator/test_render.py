@@ -288,7 +288,7 @@ def test_api_keys_secret_is_mounted_and_named_to_the_server(tmp_path):
 def test_idle_timeout_and_scheduling_policy_reach_the_catalogue(tmp_path):
     spec = copy.deepcopy(SPEC)
     spec["runtime"] = {**spec["runtime"], "idleTimeoutSeconds": 1800, "schedulingPolicy": "priority"}
-    spec["models"][1] = {**spec["models"][1], "idleTimeoutSeconds": 60}
+    spec["models"][1] = {**spec["models"][1], "idleTimeoutSeconds": 60, "resultCache": True}
     text = children(spec).configmap["data"]["models.yaml"]
     cat = yaml.safe_load(text)
     assert cat["idleTimeoutSeconds"] == 1800 and cat["schedulingPolicy"] == "priority"
@@ -299,3 +299,4 @@ def test_idle_timeout_and_scheduling_policy_reach_the_catalogue(tmp_path):
     loaded = catalogue.load_catalogue(path)
     assert loaded.idle_timeout_seconds == 1800 and loaded.scheduling_policy == "priority"
     assert loaded.models[1].idle_timeout_seconds == 60
+    assert loaded.models[1].result_cache and not loaded.models[0].result_cache
