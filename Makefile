@@ -14,14 +14,16 @@ LOCK_HASH := $(shell cat requirements.lock requirements-build.lock pyproject.tom
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test test-fast lint model bench clean
+.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve clean
 
 help:
 	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
 	@echo "make test     install what is needed and run the whole suite"
 	@echo "make lint     ruff over the Python packages and tests"
 	@echo "make model    write the built-in tiny model to .models/"
-	@echo "make bench    run the serving benchmark against baselines"
+	@echo "make bench    engine vs sequential/static/transformers CB on one workload (JSON + PNG in bench/results)"
+	@echo "make bench-smoke  the same at CI size (< 3 min)"
+	@echo "make bench-serve  HTTP load generator against a running server (BENCH_ARGS=--base-url ...)"
 	@echo "make cluster  start the test control plane (.cluster/kubeconfig); REAL_NODE=1 adds a real node; make cluster-down stops it"
 	@echo "make images   build the serving and operator images (REGISTRY=..., BASE_IMAGE=...); make push pushes them"
 
@@ -48,14 +50,21 @@ model: install
 # The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
 # The three preparations are independent (venv: network; Go build: CPU; images: network and disk),
 # so they run in parallel.
+# A dockerd that `make images` had to start is stopped again afterwards (images/stop-docker.sh).
 test:
 	@$(MAKE) --no-print-directory -j3 install cluster-bin images
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; images/stop-docker.sh; exit $$status
 
 lint: install
-	$(VENV)/bin/ruff check serving operator tests bench
+	$(VENV)/bin/ruff check serving operator tests bench images
 
 bench: install
+	$(PY) -m bench.kubeinfer_bench $(BENCH_ARGS)
+
+bench-smoke: install
+	$(PY) -m bench.kubeinfer_bench --smoke --out-dir bench/results/smoke
+
+bench-serve: install
 	$(PY) -m bench.serve_bench $(BENCH_ARGS)
 
 clean:

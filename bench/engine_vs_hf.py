@@ -7,6 +7,7 @@ once) and through ``generate`` one request at a time, in the same process, inter
 exact step counters of the engine, and whether every request matched token for token.
 
     .venv/bin/python bench/engine_vs_hf.py [--model DIR] [--reps 3] [--threads 1] [--json out.json]
+        [--transformers-cb]   # adds transformers' continuous batching as a third method per rep
 """
 
 from __future__ import annotations
@@ -60,6 +61,37 @@ def run_hf(model, reqs, device) -> tuple[float, dict[str, list[int]]]:
     return time.perf_counter() - t0, out
 
 
+def run_hf_cb(model, reqs, max_batch: int, block_size: int = 16) -> tuple[float, dict[str, list[int]]]:
+    """Seconds for transformers' own continuous batching (``ContinuousBatchingManager``) over all
+    requests submitted at once, and their tokens.
+
+    Per-request ``max_new_tokens`` through the manager; EOS disabled; cache sized explicitly
+    (``num_blocks``, ``max_batch_tokens``) so no auto-sizing (which needs psutil on CPU) runs.
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    longest = max(len(p) + n for _, p, n in reqs)
+    num_blocks = max_batch * (-(-longest // block_size)) + 8
+    gen_cfg = GenerationConfig(do_sample=False, eos_token_id=None, max_new_tokens=max(n for _, _, n in reqs))
+    cb_cfg = ContinuousBatchingConfig(block_size=block_size, num_blocks=num_blocks, max_batch_tokens=2048,
+                                      max_requests_per_batch=max_batch)
+    out: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                   block=True, timeout=60, warmup=False) as mgr:
+        for rid, prompt, n in reqs:
+            mgr.add_request(list(prompt), request_id=rid, max_new_tokens=n)
+        while len(out) < len(reqs):
+            res = mgr.get_result(timeout=120)
+            if res is None:
+                raise RuntimeError("transformers continuous batching returned no result within 120 s")
+            if res.is_finished():
+                if res.error:
+                    raise RuntimeError(f"transformers continuous batching failed {res.request_id}: {res.error}")
+                out[res.request_id] = list(res.generated_tokens)
+    return time.perf_counter() - t0, out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print (and optionally write) the numbers."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -69,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--transformers-cb", action="store_true",
+                    help="also run transformers' continuous batching (max batch = --max-num-seqs) each rep")
     args = ap.parse_args(argv)
 
     import torch
@@ -90,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run_engine(engine, reqs[:4])  # warm-up both paths
     run_hf(hf, reqs[:2], device)
-    eng_tps, hf_tps, mismatches = [], [], 0
+    if args.transformers_cb:
+        run_hf_cb(hf, reqs[:2], args.max_num_seqs)
+    eng_tps, hf_tps, cb_tps, mismatches, cb_mismatches = [], [], [], 0, 0
     for rep in range(args.reps):
         steps_before = engine.num_steps
         t_eng, out_eng = run_engine(engine, reqs)
@@ -99,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         mismatches = sum(out_eng[rid] != out_hf[rid] for rid, _, _ in reqs)
         eng_tps.append(total_out / t_eng)
         hf_tps.append(total_out / t_hf)
-        print(f"rep {rep}: engine {eng_tps[-1]:.0f} tok/s ({steps} steps), "
-              f"HF sequential {hf_tps[-1]:.0f} tok/s, mismatching requests {mismatches}/{len(reqs)}")
+        line = (f"rep {rep}: engine {eng_tps[-1]:.0f} tok/s ({steps} steps), "
+                f"HF sequential {hf_tps[-1]:.0f} tok/s, mismatching requests {mismatches}/{len(reqs)}")
+        if args.transformers_cb:
+            t_cb, out_cb = run_hf_cb(hf, reqs, args.max_num_seqs)
+            cb_tps.append(total_out / t_cb)
+            cb_mismatches = sum(out_cb[rid] != out_hf[rid] for rid, _, _ in reqs)
+            line += f", transformers CB {cb_tps[-1]:.0f} tok/s (mismatching {cb_mismatches})"
+        print(line)
     result = {
         "device": str(device),
         "threads": args.threads,
@@ -112,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         "engine_steps": steps,
         "mismatching_requests": mismatches,
     }
+    if cb_tps:
+        result["transformers_cb_tok_s_median"] = statistics.median(cb_tps)
+        result["ratio_vs_transformers_cb"] = statistics.median(e / c for e, c in zip(eng_tps, cb_tps, strict=True))
+        result["transformers_cb_mismatching_requests"] = cb_mismatches
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

@@ -5,8 +5,8 @@
 # Usage: images/ensure-docker.sh        (prints the docker client to use on stdout's last line)
 # Env:   DOCKER (default: /usr/bin/docker when Debian's package is installed, else `docker`)
 #        KUBEINFER_CACHE (default ~/.cache/kubeinfer): dockerd's log and pid file live there.
-# dockerd is started without systemd (none runs here); it stays up after this script exits, like
-# a system service, because images and the build cache live in it. `images/stop-docker.sh` stops it.
+# dockerd is started without systemd (none runs here) and stays up after this script exits;
+# `images/stop-docker.sh` stops it again (only a dockerd this script started: it leaves a marker).
 set -euo pipefail
 CACHE_ROOT="${KUBEINFER_CACHE:-$HOME/.cache/kubeinfer}"
 mkdir -p "$CACHE_ROOT"
@@ -34,5 +34,6 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   done
   "$DOCKER" info >/dev/null 2>&1 || { say "dockerd did not come up; last log lines:"; tail -n 20 "$CACHE_ROOT/dockerd.log" >&2; exit 1; }
   say "dockerd is up"
+  touch "$CACHE_ROOT/dockerd.started-here"
 fi
 echo "$DOCKER"

@@ -13,6 +13,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU, Triton kernels (tests/layers) run on CPU tensors under Triton's interpreter.
+# triton.jit picks the interpreter when a kernel is defined, so this must precede every
+# import of triton (transformers imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``cuda`` when no CUDA device is present (they run on GPU machines)."""

@@ -109,3 +109,54 @@ RESULT_CACHE_REQUESTS = Counter(
 RESULT_CACHE_BYTES = Gauge(
     "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
 )
+
+
+class EngineMetrics:
+    """Records an engine's :class:`~kubeinfer_serving.engine.stats.StepStats` into the metrics above.
+
+    Attach with ``llm_engine.add_stat_logger(EngineMetrics(model_name))``; the engine itself
+    holds no Prometheus handles.
+
+    Args:
+        model_name: the ``model`` label.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        m = model_name
+        self.model_name = model_name
+        self._queue = QUEUE_LENGTH.labels(model=m)
+        self._running = NUM_REQUESTS_RUNNING.labels(model=m)
+        self._kv = KV_CACHE_USAGE.labels(model=m)
+        self._ttft = TTFT.labels(model=m)
+        self._itl = ITL.labels(model=m)
+        self._e2e = E2E_LATENCY.labels(model=m)
+        self._qtime = QUEUE_TIME.labels(model=m)
+        self._prompt = PROMPT_TOKENS.labels(model=m)
+        self._gen = GENERATION_TOKENS.labels(model=m)
+        self._preempt = NUM_PREEMPTIONS.labels(model=m)
+        self._pq = PREFIX_CACHE_QUERIES.labels(model=m)
+        self._ph = PREFIX_CACHE_HITS.labels(model=m)
+
+    def __call__(self, stats) -> None:
+        """Record one step's statistics (a ``StepStats``)."""
+        self._queue.set(stats.num_waiting)
+        self._running.set(stats.num_running)
+        self._kv.set(stats.kv_cache_usage)
+        for t in stats.queue_times:
+            self._qtime.observe(t)
+        if stats.prompt_tokens:
+            self._prompt.inc(stats.prompt_tokens)
+        if stats.generation_tokens:
+            self._gen.inc(stats.generation_tokens)
+        if stats.num_preemptions:
+            self._preempt.inc(stats.num_preemptions)
+        if stats.prefix_queries:
+            self._pq.inc(stats.prefix_queries)
+            self._ph.inc(stats.prefix_hits)
+        for t in stats.ttfts:
+            self._ttft.observe(t)
+        for t in stats.itls:
+            self._itl.observe(t)
+        for t, reason in zip(stats.e2e_latencies, stats.finish_reasons, strict=True):
+            self._e2e.observe(t)
+            REQUESTS_FINISHED.labels(model=self.model_name, finish_reason=reason).inc()

@@ -99,7 +99,7 @@ if [[ -n "$ROOT" ]]; then
   rm -rf "$ROOT/io.containerd.grpc.v1.cri/sandboxes" "$ROOT/io.containerd.grpc.v1.cri/containers"
 fi
 # Network namespaces the node's sandboxes made (the ones that were there before stay).
-if [[ -d /var/run/netns ]]; then
+if [[ -d /var/run/netns && -f "$STATE/netns-before" ]]; then
   comm -13 "$STATE/netns-before" <(ls /var/run/netns 2>/dev/null | sort) | while read -r ns; do
     [[ "$ns" == cni-* ]] || continue
     umount -l "/var/run/netns/$ns" 2>/dev/null || true

@@ -54,6 +54,11 @@ if [[ ${#need[@]} -gt 0 ]]; then
     || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "${need[@]}" >&2; }
 fi
 CNI_BIN=/usr/lib/cni
+# containerd's root (images) persists in the cache, keyed by containerd's version.
+CACHE_ROOT="${KUBEINFER_CACHE:-$HOME/.cache/kubeinfer}"
+CONTAINERD_ROOT="$CACHE_ROOT/node-containerd-$(containerd --version | awk '{print $3}')"
+mkdir -p "$CONTAINERD_ROOT/.kubeinfer-images"
+echo "$CONTAINERD_ROOT" > "$STATE/containerd-root"
 
 fill() {  # template out: replace @KEY@ with the values below
   sed -e "s#@STATE@#$STATE#g" -e "s#@CLUSTER_DIR@#$DIR#g" -e "s#@ROOT@#$CONTAINERD_ROOT#g" -e "s#@SANDBOX_IMAGE@#$SANDBOX_IMAGE#g" -e "s#@CNI_BIN@#$CNI_BIN#g" \
@@ -113,11 +118,7 @@ for hier in /sys/fs/cgroup/*/; do
   [[ -d "$hier" && ! -L "${hier%/}" ]] && mkdir -p "${hier}kubeinfer-node" 2>/dev/null || true
 done
 
-# --- containerd with CRI; its root (images) persists in the cache, keyed by containerd's version ---
-CACHE_ROOT="${KUBEINFER_CACHE:-$HOME/.cache/kubeinfer}"
-CONTAINERD_ROOT="$CACHE_ROOT/node-containerd-$(containerd --version | awk '{print $3}')"
-mkdir -p "$CONTAINERD_ROOT/.kubeinfer-images"
-echo "$CONTAINERD_ROOT" > "$STATE/containerd-root"
+# --- containerd with CRI ---
 fill "$HERE/node/containerd-config.toml" "$STATE/containerd/config.toml"
 start containerd containerd --config "$STATE/containerd/config.toml"
 CTR=(ctr --address "$STATE/containerd/containerd.sock" -n k8s.io)

@@ -40,13 +40,18 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="session")
 def make_engine(tiny):
-    """Factory: an LLMEngine on CPU over the tiny model with the given EngineConfig fields."""
+    """Factory: an LLMEngine on CPU over the tiny model with the given EngineConfig fields,
+    recording into the Prometheus metrics (model label "tiny-test") as the serving pod does."""
+    from kubeinfer_serving.metrics import EngineMetrics
+
     hf_config, weights, tokenizer = tiny
 
     def make(**kwargs) -> LLMEngine:
         kwargs.setdefault("device", "cpu")
-        return LLMEngine.from_weights(hf_config, weights.items(), tokenizer=tokenizer,
-                                      config=EngineConfig(**kwargs), model_name="tiny-test")
+        engine = LLMEngine.from_weights(hf_config, weights.items(), tokenizer=tokenizer,
+                                        config=EngineConfig(**kwargs), model_name="tiny-test")
+        engine.add_stat_logger(EngineMetrics("tiny-test"))
+        return engine
 
     return make
 
@@ -111,3 +116,6 @@ def run_workload(engine: LLMEngine, reqs: list[Req], params=None, on_step=None) 
 def tokens_of(outputs: list) -> list[int]:
     """All token ids of one request's outputs, concatenated."""
     return [t for o in outputs for t in o.new_token_ids]
+
+
+from tests.triton_fixture import triton_device  # noqa: E402, F401

@@ -14,19 +14,38 @@ def _seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
 
 
 def _finish_step(sched: Scheduler, plan) -> list[str]:
-    """Pretend the model ran: advance computed tokens, append a token where one is sampled,
-    finish sequences at max_tokens. Returns the ids that finished."""
-    done = []
-    for item in plan.scheduled:
-        seq = item.seq
-        seq.num_computed_tokens += item.num_new_tokens
-        sched.block_manager.cache_full_blocks(seq)
-        if item.samples:
-            seq.output_token_ids.append(1)
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                sched.finish(seq, "length")
-                done.append(seq.request_id)
-    return done
+    """Pretend the model ran and sampled token 1 wherever a chunk reaches its sequence's end;
+    the scheduler applies the result. Returns the ids that finished."""
+    sampled = [1 if item.samples else None for item in plan.scheduled]
+    return [u.seq.request_id for u in sched.update_from_output(plan, sampled) if u.finish_reason is not None]
+
+
+def test_update_from_output_applies_stop_ids_max_tokens_and_max_model_len():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=7)
+    stops = _seq("s", 3, max_tokens=10)
+    stops.stop_token_ids = frozenset({99})
+    short = _seq("m", 3, max_tokens=2)
+    capped = _seq("c", 5, max_tokens=10)
+    chunk = _seq("p", 30, max_tokens=10)
+    for seq in (stops, short, capped):
+        sched.add(seq)
+    plan = sched.schedule()
+    updates = sched.update_from_output(plan, [99, 5, 5])
+    assert [(u.seq.request_id, u.token, u.finish_reason) for u in updates] == [("s", 99, "stop"), ("m", 5, None),
+                                                                               ("c", 5, None)]
+    assert stops.is_finished and stops.block_table == [] and stops.output_token_ids == [99]
+    plan = sched.schedule()
+    updates = sched.update_from_output(plan, [6, 6])
+    # "m" reached max_tokens=2; "c" reached 7 tokens = max_model_len
+    assert [(u.seq.request_id, u.finish_reason) for u in updates] == [("m", "length"), ("c", "length")]
+    assert not sched.has_unfinished()
+    # a prefill chunk short of the prompt's end: computed tokens advance, no token, no update
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=16)
+    sched.add(chunk)
+    plan = sched.schedule()
+    assert sched.update_from_output(plan, [None]) == []
+    assert chunk.num_computed_tokens == 16 and chunk.output_token_ids == []
+    assert len(chunk.block_hashes) == 4  # the four full blocks went into the prefix cache
 
 
 def test_token_budget_chunks_long_prompts_and_decodes_go_first():

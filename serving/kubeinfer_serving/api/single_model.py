@@ -19,6 +19,7 @@ from typing import Any
 from kubeinfer_serving import metrics
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
 from kubeinfer_serving.engine.config import EngineConfig
+from kubeinfer_serving.engine.llm_engine import LLMEngine
 from kubeinfer_serving.registry.protocol import (
     ModelInfo,
     ModelKind,
@@ -99,9 +100,11 @@ class SingleModelProvider:
             self._state, self._message = ModelState.LOADING, ""
             t0 = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(
-                    AsyncLLMEngine.from_model_dir, self.model_dir, model_name=self.name, config=self.engine_config
+                llm = await asyncio.to_thread(
+                    LLMEngine.from_model_dir, self.model_dir, model_name=self.name, config=self.engine_config
                 )
+                llm.add_stat_logger(metrics.EngineMetrics(self.name))
+                engine = AsyncLLMEngine(llm)
             except Exception as exc:
                 self._state, self._message = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
                 metrics.MODEL_LOAD_FAILURES.labels(model=self.name).inc()

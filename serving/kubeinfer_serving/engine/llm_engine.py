@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kubeinfer_serving import metrics
 from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -28,11 +27,13 @@ from .outputs import RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .stats import StatLogger, StepStats
 
 log = logging.getLogger(__name__)
 
 #: ``RequestOutput.error`` of a request the engine failed; no internal detail reaches the client.
 REQUEST_FAILED_MESSAGE = "The server failed while generating for this request; it was aborted"
+
 
 @dataclass
 class _Tracked:
@@ -41,7 +42,6 @@ class _Tracked:
     seq: Sequence
     detok: IncrementalDetokenizer
     sent_tokens: int = 0
-    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
@@ -81,6 +81,9 @@ class LLMEngine:
         device, dtype: where and in what the model and KV pool live.
         num_kv_blocks: KV pool size in blocks.
         weights_bytes, kv_cache_bytes: memory held, bytes.
+        stat_loggers: called with a :class:`~kubeinfer_serving.engine.stats.StepStats` after
+            every step and queue change (see :meth:`add_stat_logger`).
+        last_step_stats: the statistics of the latest step.
     """
 
     def __init__(
@@ -107,25 +110,14 @@ class LLMEngine:
         self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   self.config.scheduling_policy)
+                                   max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         self._requests: dict[str, _Tracked] = {}
         self.num_steps = 0
-        m = model_name
-        self._m_queue = metrics.QUEUE_LENGTH.labels(model=m)
-        self._m_running = metrics.NUM_REQUESTS_RUNNING.labels(model=m)
-        self._m_kv = metrics.KV_CACHE_USAGE.labels(model=m)
-        self._m_ttft = metrics.TTFT.labels(model=m)
-        self._m_itl = metrics.ITL.labels(model=m)
-        self._m_e2e = metrics.E2E_LATENCY.labels(model=m)
-        self._m_qtime = metrics.QUEUE_TIME.labels(model=m)
-        self._m_prompt = metrics.PROMPT_TOKENS.labels(model=m)
-        self._m_gen = metrics.GENERATION_TOKENS.labels(model=m)
-        self._m_preempt = metrics.NUM_PREEMPTIONS.labels(model=m)
-        self._m_pq = metrics.PREFIX_CACHE_QUERIES.labels(model=m)
-        self._m_ph = metrics.PREFIX_CACHE_HITS.labels(model=m)
+        self.stat_loggers: list[StatLogger] = []
+        self.last_step_stats = StepStats()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -240,11 +232,11 @@ class LLMEngine:
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
-        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        self._requests[request_id] = _Tracked(seq, detok, stop_token_ids=stops)
+        self._requests[request_id] = _Tracked(seq, detok)
         self.scheduler.add(seq)
-        self._record_gauges()
+        self._emit(StepStats())
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Remove a request now and free its KV blocks.
@@ -257,8 +249,9 @@ class LLMEngine:
         if tracked is None:
             return None
         self.scheduler.finish(tracked.seq, "abort")
-        self._on_finished(tracked.seq, time.monotonic())
-        self._record_gauges()
+        stats = StepStats()
+        self._on_finished(tracked.seq, time.monotonic(), stats)
+        self._emit(stats)
         return self._output(tracked, finished=True)
 
     def num_waiting_beyond_batch(self, pending: int = 0) -> int:
@@ -272,7 +265,9 @@ class LLMEngine:
 
     def count_abort_before_admission(self) -> None:
         """Count a request whose client left before the engine took it in (finish reason "abort")."""
-        metrics.REQUESTS_FINISHED.labels(model=self.model_name, finish_reason="abort").inc()
+        stats = StepStats()
+        stats.finish_reasons.append("abort")
+        self._emit(stats)
 
     def request_ids(self) -> list[str]:
         """Ids of the requests in the engine (waiting or running)."""
@@ -293,64 +288,84 @@ class LLMEngine:
             kv_cache_usage=bm.usage,
         )
 
+    def add_stat_logger(self, logger: StatLogger) -> None:
+        """Call ``logger(StepStats)`` after every step and queue change (on the engine's thread)."""
+        self.stat_loggers.append(logger)
+
     # ------------------------------------------------------------------ the iteration
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report progress.
 
         Returns:
             one output per request that produced tokens (or finished) in this step; a prefill
-            chunk short of the prompt's end produces none.
+            chunk short of the prompt's end produces none. The step's statistics are in
+            :attr:`last_step_stats` (and went to the stat loggers).
         """
+        return self.step_with_stats()[0]
+
+    def step_with_stats(self) -> tuple[list[RequestOutput], StepStats]:
+        """One iteration: schedule -> run -> post-process.
+
+        Returns:
+            (outputs as :meth:`step` returns them, this step's :class:`StepStats`).
+        """
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        stats = StepStats(schedule_s=time.perf_counter() - t0)
         if plan.is_empty:
-            self._record_gauges()
-            return []
+            self._emit(stats)
+            return [], stats
         self.num_steps += 1
         now = time.monotonic()
         for seq in plan.first_scheduled:
-            self._m_qtime.observe(max(0.0, (seq.first_scheduled_time or now) - seq.arrival_time))
-            self._m_prompt.inc(seq.num_prompt_tokens)
-        if plan.preempted:
-            self._m_preempt.inc(len(plan.preempted))
-        if plan.prefix_queries:
-            self._m_pq.inc(plan.prefix_queries)
-            self._m_ph.inc(plan.prefix_hits)
+            stats.queue_times.append(max(0.0, (seq.first_scheduled_time or now) - seq.arrival_time))
+            stats.prompt_tokens += seq.num_prompt_tokens
+        stats.num_preemptions = len(plan.preempted)
+        stats.prefix_queries, stats.prefix_hits = plan.prefix_queries, plan.prefix_hits
+        stats.num_scheduled_seqs = len(plan.scheduled)
+        stats.num_batched_tokens = plan.num_batched_tokens
 
+        t1 = time.perf_counter()
         tokens, failed = self._run_isolating_failures(plan.scheduled)
+        t2 = time.perf_counter()
+        stats.prepare_s = self.runner.last_prepare_s
+        stats.model_s = t2 - t1 - stats.prepare_s
 
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for item, tok in zip(plan.scheduled, tokens, strict=True):
-            seq = item.seq
-            if seq.request_id in failed:
-                outputs.append(self._fail(seq, now))
-                continue
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
-            if tok is None:
-                continue
+        if failed:  # fail those before applying the step: their chunk did not run
+            keep = [i for i, item in enumerate(plan.scheduled) if item.seq.request_id not in failed]
+            for item in plan.scheduled:
+                if item.seq.request_id in failed:
+                    outputs.append(self._fail(item.seq, now, stats))
+            plan.scheduled = [plan.scheduled[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
+        for upd in self.scheduler.update_from_output(plan, tokens):
+            seq = upd.seq
             tracked = self._requests[seq.request_id]
-            seq.output_token_ids.append(tok)
-            self._m_gen.inc()
+            stats.generation_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                self._m_ttft.observe(now - seq.arrival_time)
+                stats.ttfts.append(now - seq.arrival_time)
             else:
-                self._m_itl.observe(now - (seq.last_token_time or now))
+                stats.itls.append(now - (seq.last_token_time or now))
             seq.last_token_time = now
-            tracked.detok.add_tokens([tok])
-            reason = None
-            if tok in tracked.stop_token_ids or tracked.detok.stopped:
-                reason = "stop"
-            elif seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
-                reason = "length"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+            tracked.detok.add_tokens([upd.token])
+            finished = upd.finish_reason is not None
+            if tracked.detok.stopped:
+                # A stop string ends the request as "stop" even on its last allowed token.
+                if finished:
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
+                    finished = True
+            if finished:
                 del self._requests[seq.request_id]
-                self._on_finished(seq, now)
-            outputs.append(self._output(tracked, finished=reason is not None))
-        self._record_gauges()
-        return outputs
+                self._on_finished(seq, now, stats)
+            outputs.append(self._output(tracked, finished=finished))
+        stats.update_s = time.perf_counter() - t2
+        self._emit(stats)
+        return outputs, stats
 
     # ------------------------------------------------------------------ helpers
     def _run_isolating_failures(self, scheduled: list) -> tuple[list[int | None], set[str]]:
@@ -383,11 +398,11 @@ class LLMEngine:
                 failed.add(item.seq.request_id)
         return tokens, failed
 
-    def _fail(self, seq: Sequence, now: float) -> RequestOutput:
+    def _fail(self, seq: Sequence, now: float, stats: StepStats) -> RequestOutput:
         """Abort ``seq`` after the engine failed it: free its blocks, report finish_reason "error"."""
         tracked = self._requests.pop(seq.request_id)
         self.scheduler.finish(seq, "error")
-        self._on_finished(seq, now)
+        self._on_finished(seq, now, stats)
         out = self._output(tracked, finished=True)
         out.error = REQUEST_FAILED_MESSAGE
         return out
@@ -407,14 +422,17 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
-    def _on_finished(self, seq: Sequence, now: float) -> None:
-        self._m_e2e.observe(now - seq.arrival_time)
-        metrics.REQUESTS_FINISHED.labels(model=self.model_name, finish_reason=seq.finish_reason or "abort").inc()
+    def _on_finished(self, seq: Sequence, now: float, stats: StepStats) -> None:
+        stats.e2e_latencies.append(now - seq.arrival_time)
+        stats.finish_reasons.append(seq.finish_reason or "abort")
 
-    def _record_gauges(self) -> None:
-        self._m_queue.set(len(self.scheduler.waiting))
-        self._m_running.set(len(self.scheduler.running))
-        self._m_kv.set(self.block_manager.usage)
+    def _emit(self, stats: StepStats) -> None:
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.num_running = len(self.scheduler.running)
+        stats.kv_cache_usage = self.block_manager.usage
+        self.last_step_stats = stats
+        for logger in self.stat_loggers:
+            logger(stats)
 
     def release(self) -> None:
         """Drop the KV pool and the model's tensors so their memory can be freed."""

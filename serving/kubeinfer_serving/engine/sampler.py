@@ -13,6 +13,18 @@ import torch
 from .sampling import SamplingParams
 
 
+def _h2d(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [len(values)] tensor on ``device`` without blocking the host.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory synchronously, so the host
+    would wait for the queued forward pass; a pinned staging tensor copied with
+    ``non_blocking=True`` does not. (The pinned tensor stays alive until the copy ran: the
+    caching host allocator records the copy's stream.)
+    """
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p (nucleus, Holtzman et al. 2020) sets.
 
@@ -57,11 +69,11 @@ def sample(
         return greedy_tokens
     device = logits.device
     vocab = logits.shape[-1]
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    temps = _h2d([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
     scaled = logits / temps.unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+        top_k = _h2d([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.int64, device)
+        top_p = _h2d([p.top_p for p in params], torch.float32, device)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
@@ -69,5 +81,5 @@ def sample(
         if gen is not None and not params[row].greedy:
             noise[row].exponential_(generator=gen)
     sampled = (probs / noise).argmax(dim=-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    is_greedy = _h2d([p.greedy for p in params], torch.bool, device)
     return torch.where(is_greedy, greedy_tokens, sampled)

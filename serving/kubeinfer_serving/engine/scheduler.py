@@ -9,6 +9,10 @@ than the remaining budget is prefilled in chunks over several steps. When the KV
 out, the newest running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue to be recomputed later (recompute preemption, vLLM's default).
 
+After the model ran, :meth:`Scheduler.update_from_output` applies the step's result (as vLLM
+v1's scheduler does): computed-token counts, prefix-cache registration of newly full blocks,
+sampled tokens, and the token-level stop checks (stop token ids, max_tokens, max_model_len).
+
 With the ``priority`` policy (vLLM's ``--scheduling-policy priority``) the waiting queue is kept
 in (priority, arrival) order, lower values first, and the victim of a preemption is the running
 sequence with the highest (priority, arrival): the least important, newest one.
@@ -75,6 +79,22 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class SeqUpdate:
+    """A sequence that got a token in a step (from :meth:`Scheduler.update_from_output`).
+
+    Attributes:
+        seq: the sequence (its ``output_token_ids`` already end with ``token``).
+        token: the sampled token id.
+        finish_reason: "stop" or "length" when the token finished it (it has left the
+            scheduler and its blocks are free), else None.
+    """
+
+    seq: Sequence
+    token: int
+    finish_reason: str | None
+
+
 class Scheduler:
     """Holds the waiting queue and the running batch; plans steps.
 
@@ -82,15 +102,17 @@ class Scheduler:
         block_manager: the KV pool.
         max_num_seqs: running-batch cap.
         max_num_batched_tokens: per-step token budget.
+        max_model_len: a sequence reaching this many tokens finishes ("length"); None: no cap.
         policy: ``fcfs`` (arrival order, newest preempted first) or ``priority`` (see the module docstring).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs") -> None:
+                 max_model_len: int | None = None, policy: str = "fcfs") -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {policy!r}; use fcfs or priority")
         self.policy = policy
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -171,6 +193,39 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, num_cached))
             budget -= n
         return out
+
+    def update_from_output(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[SeqUpdate]:
+        """Apply a step's result to the scheduled sequences.
+
+        Args:
+            plan: the step's plan from :meth:`schedule`.
+            sampled: one entry per ``plan.scheduled`` item: the sampled token id, or None for
+                a prefill chunk that stops short of the sequence's end.
+
+        Returns:
+            one :class:`SeqUpdate` per sequence that got a token, in batch order. Finished
+            ones (stop token id, max_tokens, max_model_len) are already removed here.
+        """
+        bm = self.block_manager
+        updates: list[SeqUpdate] = []
+        for item, tok in zip(plan.scheduled, sampled, strict=True):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            bm.cache_full_blocks(seq)
+            if tok is None:
+                continue
+            seq.output_token_ids.append(tok)
+            reason = None
+            if tok in seq.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= seq.params.max_tokens or (
+                self.max_model_len is not None and len(seq) >= self.max_model_len
+            ):
+                reason = "length"
+            if reason is not None:
+                self.finish(seq, reason)
+            updates.append(SeqUpdate(seq, tok, reason))
+        return updates
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove ``seq`` from the engine (running or waiting) and free its blocks at once."""

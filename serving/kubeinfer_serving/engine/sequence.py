@@ -35,6 +35,8 @@ class Sequence:
         block_hashes: chained hashes of the full blocks registered in the prefix cache so far.
         num_cached_tokens: prompt tokens the prefix cache served at the first schedule.
         generator: per-request RNG when ``params.seed`` is set (on the engine's device).
+        stop_token_ids: sampled ids that finish the sequence (its stop_token_ids, plus EOS
+            unless ignore_eos).
         status, finish_reason: lifecycle.
         first_scheduled_time / first_token_time / last_token_time: monotonic seconds, for metrics.
     """
@@ -49,6 +51,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     generator: torch.Generator | None = None
+    stop_token_ids: frozenset[int] = frozenset()
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     first_scheduled_time: float | None = None

@@ -1,9 +1,11 @@
 """Our Llama-family decoder (Llama 2/3, Mistral, Qwen2) running over the engine's paged KV cache.
 
-The module tree and parameter names equal Hugging Face's ``LlamaForCausalLM`` (so checkpoint
-tensors load by name), but activations are flattened: a step's tokens from all sequences form
+The module tree and parameter names follow Hugging Face's ``LlamaForCausalLM`` (so checkpoint
+tensors load by name), except that q/k/v and gate/up projections are stacked at load time into
+``qkv_proj`` and ``gate_up_proj`` (one matmul each instead of three and two, as vLLM does);
+activations are flattened: a step's tokens from all sequences form
 one [T, hidden] batch with explicit positions, and attention goes through
-:func:`kubeinfer_serving.engine.attention.paged_attention`. The maths follow Touvron et al.
+:func:`kubeinfer_serving.layers.attention.paged_attention`. The maths follow Touvron et al.
 2023 (Llama: RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings of Su et al. 2021,
 grouped-query attention of Ainslie et al. 2023) and match the Hugging Face implementation
 operation for operation so that float32 greedy decoding agrees token for token.
@@ -14,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kubeinfer_serving.engine.attention import AttentionMetadata, paged_attention
+from kubeinfer_serving.layers.activation_norm import add_rms_norm, silu_and_mul
+from kubeinfer_serving.layers.attention import AttentionMetadata, paged_attention
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -29,7 +31,9 @@ class WeightLoadError(ValueError):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like Hugging Face.
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like Hugging Face,
+    optionally fused with the residual add before it (see
+    :func:`kubeinfer_serving.layers.activation_norm.add_rms_norm`).
 
     Args:
         hidden_size: features; eps: added to the mean square.
@@ -40,12 +44,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden], same dtype."""
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, hidden] -> (norm(x + residual), x + residual); residual None: (norm(x), x)."""
+        return add_rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -87,9 +88,10 @@ class Attention(nn.Module):
         qkv_bias = bool(getattr(config, "attention_bias", False)) or qwen2
         o_bias = bool(getattr(config, "attention_bias", False)) and not qwen2
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * head_dim, bias=qkv_bias)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        # q_proj, k_proj and v_proj of the checkpoint stacked by rows: one matmul instead of three.
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * head_dim, h, bias=o_bias)
         self.scale = head_dim ** -0.5
 
@@ -103,9 +105,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden], cos/sin [T, 1, head_dim] -> [T, hidden]; writes K/V into ``kv_cache``."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
@@ -118,13 +121,13 @@ class MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        # gate_proj and up_proj of the checkpoint stacked by rows: one matmul instead of two.
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -137,10 +140,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) [T, hidden] -> (mlp output, residual before it); residual None for layer 0.
+
+        The residual add of each sublayer is fused into the norm that follows it:
+        ``h, residual = norm(x, residual)``, as in vLLM's Llama.
+        """
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -192,33 +201,66 @@ class LlamaForCausalLM(nn.Module):
         """Decoder layers (one KV cache pair each)."""
         return len(self.model.layers)
 
+    def _stacked_shards(self) -> dict[str, tuple[str, str, int, int]]:
+        """Checkpoint name suffix -> (merged parameter suffix, shard id, first row, rows)."""
+        a = self.model.layers[0].self_attn
+        inter = self.model.layers[0].mlp.down_proj.in_features
+        return {
+            "self_attn.q_proj": ("self_attn.qkv_proj", "q", 0, a.q_size),
+            "self_attn.k_proj": ("self_attn.qkv_proj", "k", a.q_size, a.kv_size),
+            "self_attn.v_proj": ("self_attn.qkv_proj", "v", a.q_size + a.kv_size, a.kv_size),
+            "mlp.gate_proj": ("mlp.gate_up_proj", "gate", 0, inter),
+            "mlp.up_proj": ("mlp.gate_up_proj", "up", inter, inter),
+        }
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the parameters.
+        """Copy checkpoint tensors into the parameters.
+
+        Accepts Hugging Face names (``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``
+        are copied into row slices of the merged ``qkv_proj`` / ``gate_up_proj``) and this
+        model's own parameter names (e.g. a snapshot of :meth:`named_parameters`).
 
         Args:
             weights: (name, tensor) pairs, e.g. from ``loader.iter_safetensors``; any dtype.
 
         Raises:
-            WeightLoadError: a tensor's shape differs, or a parameter got no tensor.
+            WeightLoadError: a tensor's shape differs, or a parameter (or shard of a merged
+                parameter) got no tensor.
         """
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
+        shards = self._stacked_shards()
+        need: dict[str, set[str]] = {}
+        for name in params:
+            for merged, shard, _, _ in shards.values():
+                if f".{merged}." in name:
+                    need.setdefault(name, set()).add(shard)
+        loaded: dict[str, set[str]] = {}
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            param = params.get(name)
+            target, shard, rows = name, "full", None
+            if name not in params:
+                for ckpt, (merged, shard_id, first, count) in shards.items():
+                    if f".{ckpt}." in name:
+                        target, shard, rows = name.replace(f".{ckpt}.", f".{merged}."), shard_id, (first, count)
+                        break
+            param = params.get(target)
             if param is None:
                 raise WeightLoadError(f"unexpected tensor {name!r} in checkpoint")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            dest = param if rows is None else param[rows[0]:rows[0] + rows[1]]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
             with torch.no_grad():
-                param.copy_(tensor.to(dtype=param.dtype))
-            loaded.add(name)
+                dest.copy_(tensor.to(dtype=param.dtype))
+            loaded.setdefault(target, set()).add(shard)
         if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = sorted(set(params) - loaded)
+            loaded.setdefault("lm_head.weight", set()).add("full")
+        missing = sorted(
+            n for n in params
+            if "full" not in loaded.get(n, set()) and not (n in need and need[n] <= loaded.get(n, set()))
+        )
         if missing:
             raise WeightLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
@@ -241,11 +283,12 @@ class LlamaForCausalLM(nn.Module):
             [T, hidden] final hidden states (dtype of the weights).
         """
         x = self.model.embed_tokens(input_ids)
-        cos = self.cos_cache[positions].to(x.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(x.dtype).unsqueeze(1)
+        cos = self.cos_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
+        sin = self.sin_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits."""

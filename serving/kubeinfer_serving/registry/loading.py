@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kubeinfer_serving import metrics
 from kubeinfer_serving.embeddings import Embedder
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
 from kubeinfer_serving.engine.config import EngineConfig
@@ -208,6 +209,7 @@ class DefaultModelLoader:
                                          model_name=entry.name)
         else:
             llm = LLMEngine.from_model_dir(plan.model_dir, model_name=entry.name, config=config)
+        llm.add_stat_logger(metrics.EngineMetrics(entry.name))
         eng = AsyncLLMEngine(llm)
         pin = self.device.type == "cuda"
 

@@ -1,0 +1,274 @@
+"""Offline throughput/latency benchmark: our engine against three baselines on one workload, same run.
+
+Methods (all greedy, EOS ignored so every request produces exactly its output length; all
+requests arrive at t0, so TTFT includes queueing):
+
+* ``engine``: our :class:`~kubeinfer_serving.engine.llm_engine.LLMEngine` with
+  ``max_num_seqs`` = the concurrency; TTFTs come from its step statistics.
+* ``transformers_cb``: transformers' continuous batching (``ContinuousBatchingManager``) with at
+  most ``concurrency`` requests per batch; TTFT from its per-token timestamps.
+* ``static``: Hugging Face ``generate`` over batches of ``--static-batch`` (8) requests, left
+  padded, each batch running until its longest request ends (the batch size does not follow
+  the concurrency: one line); TTFT = when its batch's first token came out.
+* ``sequential``: ``generate`` one request at a time (one line).
+
+The workload is seeded random token ids (prompt and output lengths uniform in the given
+ranges). Methods are interleaved within each repetition; the medians over ``--reps`` are
+reported with the ratios of the engine to each baseline. Outputs are checked against
+``sequential`` token for token. Writes ``<out-dir>/kubeinfer_bench.json`` and a PNG (output
+tokens/s and P99 TTFT against concurrency, one line per method). The HTTP serving benchmark
+is ``bench/serve_bench.py``.
+
+    python -m bench.kubeinfer_bench [--model DIR] [--concurrency 8 32 64] [--reps 3] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
+                  seed: int) -> list[tuple[str, list[int], int]]:
+    """``n`` (request id, prompt token ids, output tokens) triples, seeded; ids avoid 0..5 (special tokens)."""
+    rng = random.Random(seed)
+    return [(f"r{i}", [rng.randrange(6, vocab) for _ in range(rng.randint(*prompt_range))],
+             rng.randint(*output_range)) for i in range(n)]
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def _summary(seconds: float, ttfts: list[float], out_tokens: int) -> dict[str, float]:
+    return {"seconds": seconds, "output_tok_s": out_tokens / seconds, "ttft_mean_s": statistics.fmean(ttfts),
+            "ttft_median_s": statistics.median(ttfts), "ttft_p99_s": _pct(ttfts, 99)}
+
+
+def run_engine(engine, reqs) -> tuple[float, list[float], dict[str, list[int]]]:
+    """Seconds, TTFTs and tokens of ``reqs`` through the engine, all arriving at t0."""
+    from kubeinfer_serving.engine.sampling import SamplingParams
+
+    out: dict[str, list[int]] = {rid: [] for rid, _, _ in reqs}
+    ttfts: list[float] = []
+    t0 = time.monotonic()
+    for rid, prompt, n in reqs:
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                           arrival_time=t0)
+    while engine.has_unfinished_requests():
+        outputs, stats = engine.step_with_stats()
+        ttfts.extend(stats.ttfts)
+        for o in outputs:
+            out[o.request_id].extend(o.new_token_ids)
+    return time.monotonic() - t0, ttfts, out
+
+
+def run_transformers_cb(model, reqs, max_batch: int, block_size: int = 16):
+    """Seconds, TTFTs and tokens through transformers' continuous batching (cache sized explicitly)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    longest = max(len(p) + n for _, p, n in reqs)
+    gen_cfg = GenerationConfig(do_sample=False, eos_token_id=None, max_new_tokens=max(n for _, _, n in reqs))
+    cb_cfg = ContinuousBatchingConfig(block_size=block_size, num_blocks=max_batch * (-(-longest // block_size)) + 8,
+                                      max_batch_tokens=2048, max_requests_per_batch=max_batch)
+    out: dict[str, list[int]] = {}
+    ttfts: list[float] = []
+    with model.continuous_batching_context_manager(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                   block=True, timeout=60, warmup=False) as mgr:
+        t0 = time.perf_counter()
+        for rid, prompt, n in reqs:
+            mgr.add_request(list(prompt), request_id=rid, max_new_tokens=n, record_timestamps=True)
+        while len(out) < len(reqs):
+            res = mgr.get_result(timeout=300)
+            if res is None:
+                raise RuntimeError("transformers continuous batching returned nothing within 300 s")
+            if res.is_finished():
+                if res.error:
+                    raise RuntimeError(f"transformers continuous batching failed {res.request_id}: {res.error}")
+                out[res.request_id] = list(res.generated_tokens)
+                ttfts.append(res.timestamps[0] - t0)
+        seconds = time.perf_counter() - t0
+    return seconds, ttfts, out
+
+
+class _FirstToken:
+    """A ``generate`` streamer that records when the first generated token came out."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first: float | None = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # call 1 is the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_static(model, reqs, batch: int, pad_id: int):
+    """Seconds, TTFTs and tokens of ``generate`` over left-padded batches of ``batch`` requests."""
+    out: dict[str, list[int]] = {}
+    ttfts: list[float] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(reqs), batch):
+            group = reqs[i:i + batch]
+            width = max(len(p) for _, p, _ in group)
+            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for r, (_, p, _) in enumerate(group):
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            streamer = _FirstToken()
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, _, n in group),
+                                 do_sample=False, pad_token_id=pad_id, streamer=streamer)
+            for r, (rid, _, n) in enumerate(group):
+                out[rid] = gen[r, width:width + n].tolist()
+                ttfts.append(streamer.first - t0)
+    return time.perf_counter() - t0, ttfts, out
+
+
+def run_sequential(model, reqs):
+    """Seconds, TTFTs and tokens of ``generate`` one request at a time."""
+    out: dict[str, list[int]] = {}
+    ttfts: list[float] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for rid, prompt, n in reqs:
+            ids = torch.tensor([prompt])
+            streamer = _FirstToken()
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 streamer=streamer)
+            out[rid] = gen[0, len(prompt):].tolist()
+            ttfts.append(streamer.first - t0)
+    return time.perf_counter() - t0, ttfts, out
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = report["concurrency"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for method, rows in report["methods"].items():
+        if len(rows) == len(conc):  # one point per concurrency
+            ax1.plot(conc, [r["output_tok_s"] for r in rows], "-o", label=method)
+            ax2.plot(conc, [r["ttft_p99_s"] for r in rows], "-o", label=method)
+        else:  # independent of concurrency: a horizontal line
+            ax1.plot(conc, [rows[0]["output_tok_s"]] * len(conc), "--", label=method)
+            ax2.plot(conc, [rows[0]["ttft_p99_s"]] * len(conc), "--", label=method)
+    ax1.set(xlabel="concurrency (max running requests)", ylabel="output tokens/s", title="throughput")
+    ax2.set(xlabel="concurrency (max running requests)", ylabel="P99 TTFT (s)", title="P99 time to first token")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{report['device']}, {report['num_requests']} requests, {report['output_tokens']} output tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point; returns the report written to JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="Hugging Face model dir (default: the built-in tiny Llama)")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(8, 128), metavar=("MIN", "MAX"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
+    ap.add_argument("--static-batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for CI (well under 3 minutes)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.prompt_len, args.output_len = 8, (4, 32), (2, 8)
+        args.concurrency, args.reps = [4], 1
+
+    from kubeinfer_serving.engine.config import EngineConfig
+    from kubeinfer_serving.engine.llm_engine import LLMEngine
+    from kubeinfer_serving.models.builtin import ensure_builtin_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    path = args.model or str(ensure_builtin_model())
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    reqs = make_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
+                         int(hf.config.vocab_size), args.seed)
+    total_out = sum(n for _, _, n in reqs)
+    engines = {c: LLMEngine.from_model_dir(path, model_name="bench", config=EngineConfig(
+        max_num_seqs=c, max_num_batched_tokens=2048, dtype="float32", device="cpu",
+        enable_prefix_caching=False)) for c in args.concurrency}
+    pad_id = 0
+    warm = reqs[:2]  # warm-up every path once
+    for c, eng in engines.items():
+        run_engine(eng, warm)
+        run_transformers_cb(hf, warm, c)
+    run_static(hf, warm, args.static_batch, pad_id)
+    run_sequential(hf, warm)
+
+    runs: dict[str, list[list[dict]]] = {"engine": [], "transformers_cb": [], "static": [], "sequential": []}
+    mismatches: dict[str, int] = {}
+    for rep in range(args.reps):
+        t, ttft, ref = run_sequential(hf, reqs)
+        runs["sequential"].append([_summary(t, ttft, total_out)])
+        t, ttft, out = run_static(hf, reqs, args.static_batch, pad_id)
+        runs["static"].append([_summary(t, ttft, total_out)])
+        mismatches["static"] = sum(out[r] != ref[r] for r, _, _ in reqs)
+        for name, fn in (("engine", lambda c: run_engine(engines[c], reqs)),
+                         ("transformers_cb", lambda c: run_transformers_cb(hf, reqs, c))):
+            rows = []
+            for c in args.concurrency:
+                t, ttft, out = fn(c)
+                rows.append(_summary(t, ttft, total_out) | {"concurrency": c})
+                mismatches[name] = max(mismatches.get(name, 0), sum(out[r] != ref[r] for r, _, _ in reqs))
+            runs[name].append(rows)
+        tok_s = {m: "/".join(f"{r['output_tok_s']:.0f}" for r in v[-1]) for m, v in runs.items()}
+        print(f"rep {rep}: " + ", ".join(f"{m} {t} tok/s" for m, t in tok_s.items()))
+
+    def median_rows(reps: list[list[dict]]) -> list[dict]:
+        return [{k: statistics.median(rep[i][k] for rep in reps) for k in reps[0][i]} for i in range(len(reps[0]))]
+
+    methods = {m: median_rows(v) for m, v in runs.items()}
+    ratios = {}
+    for i, c in enumerate(args.concurrency):
+        eng = [rep[i]["output_tok_s"] for rep in runs["engine"]]
+        ratios[str(c)] = {
+            "vs_transformers_cb": statistics.median(e / rep[i]["output_tok_s"]
+                                                    for e, rep in zip(eng, runs["transformers_cb"], strict=True)),
+            "vs_static": statistics.median(e / rep[0]["output_tok_s"] for e, rep in zip(eng, runs["static"], strict=True)),
+            "vs_sequential": statistics.median(e / rep[0]["output_tok_s"]
+                                               for e, rep in zip(eng, runs["sequential"], strict=True)),
+        }
+    report = {
+        "device": "cpu", "threads": args.threads, "model": path, "num_requests": len(reqs),
+        "prompt_len": list(args.prompt_len), "output_len": list(args.output_len), "output_tokens": total_out,
+        "concurrency": args.concurrency, "static_batch": args.static_batch, "reps": args.reps, "seed": args.seed,
+        "methods": methods, "engine_ratio_per_rep_median": ratios, "mismatching_requests_vs_sequential": mismatches,
+        "raw": runs,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "kubeinfer_bench.json").write_text(json.dumps(report, indent=2))
+    _plot(report, args.out_dir / "kubeinfer_bench.png")
+    print(json.dumps({"ratios": ratios, "mismatching_requests_vs_sequential": mismatches}, indent=2))
+    print(f"wrote {args.out_dir / 'kubeinfer_bench.json'} and {args.out_dir / 'kubeinfer_bench.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

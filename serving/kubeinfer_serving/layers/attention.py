@@ -1,0 +1,231 @@
+"""Attention over the paged KV cache: the step's metadata and the backend dispatch.
+
+The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads,
+head_dim]; token position p of a sequence lives in slot ``block_table[p // block_size] *
+block_size + p % block_size`` (PagedAttention, Kwon et al., SOSP 2023). A step's queries
+are packed back to back (varlen): sequence i owns queries ``query_start_loc[i] ..
+query_start_loc[i+1]``, which are its positions ``seq_lens[i] - q_len .. seq_lens[i] - 1``
+(a decode row has one query; a prefill chunk has many, after any cached or earlier-chunk
+context).
+
+Two backends compute the same thing:
+
+* ``triton`` (CUDA): :func:`kubeinfer_serving.layers.paged_attention_triton.paged_attention_triton`,
+  one launch for all decode rows and prefill chunks, reading K/V in place through the block table.
+* ``reference`` (CPU, and the test oracle): gathers each sequence's blocks and runs
+  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences together,
+  padded to the longest context with a key mask; prefill chunks one by one, causal, with the
+  chunk's queries at the end of its context.
+
+The backend is chosen per call: Triton for CUDA tensors, the reference otherwise.
+``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference on CUDA too;
+``KUBEINFER_ATTENTION_BACKEND=triton`` forces Triton everywhere (on CPU only useful under
+``TRITON_INTERPRET=1``, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Environment variable that picks the attention backend on CUDA ("triton" or "reference").
+BACKEND_ENV = "KUBEINFER_ATTENTION_BACKEND"
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's multi-token chunk, as the reference backend runs it.
+
+    Attributes:
+        q_start: index of its first token in the flattened batch.
+        q_len: tokens in the chunk.
+        kv_blocks: [nb] int64 block ids holding positions 0..ctx_len-1 (context + chunk).
+        mask: [q_len, nb * block_size] bool (True = attend), or None when the chunk has no
+            earlier context (plain causal attention over the chunk's own K/V).
+    """
+
+    q_start: int
+    q_len: int
+    kv_blocks: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class ReferencePlan:
+    """How the reference backend splits a step (built once per step, shared by all layers).
+
+    Attributes:
+        prefills: multi-token chunks (and first-token rows without context).
+        decode_idx: [Bd] int64 batch positions of single-token queries after context, or None.
+        decode_block_tables: [Bd, nb] int64 block tables of those sequences.
+        decode_mask: [Bd, 1, 1, nb * block_size] bool key mask (True = a real context position).
+    """
+
+    prefills: list[PrefillChunk]
+    decode_idx: torch.Tensor | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step inputs of :func:`paged_attention`, shared by all layers.
+
+    Attributes:
+        slot_mapping: [T] int64 cache slot of each token of the flattened batch (device).
+        query_start_loc: [B+1] int64 cumulative query counts (device).
+        seq_lens: [B] int64 context length of each sequence after this step (device).
+        block_tables: [B, max_blocks] int64 block tables, padded with 0 (device).
+        max_query_len: longest query run of the step (host int).
+        max_seq_len: longest context of the step (host int).
+        query_start_loc_cpu / seq_lens_cpu / block_tables_cpu: host (NumPy) copies of the
+            above, used to plan the reference backend without a device-to-host sync.
+        block_size: tokens per KV block.
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: np.ndarray
+    seq_lens_cpu: np.ndarray
+    block_tables_cpu: np.ndarray
+    block_size: int
+    _reference: ReferencePlan | None = field(default=None, repr=False)
+
+    def reference_plan(self) -> ReferencePlan:
+        """The reference backend's split of this step (computed on first use, then cached)."""
+        if self._reference is None:
+            self._reference = build_reference_plan(self)
+        return self._reference
+
+
+def build_reference_plan(meta: AttentionMetadata) -> ReferencePlan:
+    """Split a step into decode rows (batched) and prefill chunks (one by one) for SDPA.
+
+    Vectorized over decode rows; loops only over prefill chunks (few per step).
+    """
+    dev = meta.slot_mapping.device
+    bs = meta.block_size
+    qsl = meta.query_start_loc_cpu.astype(np.int64)
+    q_lens = qsl[1:] - qsl[:-1]
+    seq_lens = meta.seq_lens_cpu.astype(np.int64)
+    starts = seq_lens - q_lens
+    is_decode = (q_lens == 1) & (starts > 0)
+    plan = ReferencePlan(prefills=[])
+    for i in np.flatnonzero(~is_decode).tolist():
+        s, n, start, ctx = int(qsl[i]), int(q_lens[i]), int(starts[i]), int(seq_lens[i])
+        if start == 0:
+            plan.prefills.append(PrefillChunk(s, n, torch.empty(0, dtype=torch.int64), None))
+            continue
+        nb = -(-ctx // bs)
+        kv_blocks = torch.from_numpy(meta.block_tables_cpu[i, :nb].astype(np.int64)).to(dev, non_blocking=True)
+        rows = torch.arange(n).unsqueeze(1) + start
+        mask = (torch.arange(nb * bs).unsqueeze(0) <= rows).to(dev, non_blocking=True)
+        plan.prefills.append(PrefillChunk(s, n, kv_blocks, mask))
+    rows = np.flatnonzero(is_decode)
+    if rows.size:
+        ctx = seq_lens[rows]
+        nb = int(-(-ctx.max() // bs))
+        width = nb * bs
+        tables = torch.from_numpy(meta.block_tables_cpu[rows, :nb].astype(np.int64))
+        mask = torch.from_numpy(np.arange(width)[None, :] < ctx[:, None]).view(rows.size, 1, 1, width)
+        plan.decode_idx = torch.from_numpy(qsl[rows]).to(dev, non_blocking=True)
+        plan.decode_block_tables = tables.to(dev, non_blocking=True)
+        plan.decode_mask = mask.to(dev, non_blocking=True)
+    return plan
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's K/V ([T, KVH, D] each) at their slots of the cache (in place)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attend each query over its sequence's context with SDPA (the cache already holds this step's K/V).
+
+    Args/returns: as :func:`paged_attention`.
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    plan = meta.reference_plan()
+    # Whole-block gathers with index_select over [num_blocks, block elements] views: on CPU
+    # about 7x faster than advanced indexing (k_cache[table]) for the same copy.
+    k_blocks = k_cache.view(k_cache.shape[0], -1)
+    v_blocks = v_cache.view(v_cache.shape[0], -1)
+    out = torch.empty_like(q)
+    for chunk in plan.prefills:
+        s, n = chunk.q_start, chunk.q_len
+        qs = q[s:s + n].transpose(0, 1).unsqueeze(0)
+        if chunk.mask is None:
+            ks = k[s:s + n].transpose(0, 1).unsqueeze(0)
+            vs = v[s:s + n].transpose(0, 1).unsqueeze(0)
+        else:
+            ks = k_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+            vs = v_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True
+        )
+        out[s:s + n] = o[0].transpose(0, 1)
+    if plan.decode_idx is not None:
+        qd = q.index_select(0, plan.decode_idx).unsqueeze(2)
+        bd = plan.decode_block_tables.shape[0]
+        flat = plan.decode_block_tables.view(-1)
+        kd = k_blocks.index_select(0, flat).view(bd, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        vd = v_blocks.index_select(0, flat).view(bd, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
+        out.index_copy_(0, plan.decode_idx, o[:, :, 0])
+    return out
+
+
+def use_triton(device: torch.device) -> bool:
+    """True when :func:`paged_attention` runs the Triton kernel for tensors on ``device``."""
+    choice = os.environ.get(BACKEND_ENV, "")
+    if choice in ("triton", "reference"):
+        return choice == "triton"
+    return device.type == "cuda"
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend each query over its sequence's context.
+
+    Args:
+        q: [T, H, D] queries (RoPE applied).
+        k, v: [T, KVH, D] this step's keys (RoPE applied) and values; H % KVH == 0 (GQA).
+        k_cache, v_cache: [num_blocks, block_size, KVH, D], updated in place.
+        meta: see :class:`AttentionMetadata`.
+        scale: softmax scale, usually head_dim ** -0.5.
+
+    Returns:
+        [T, H, D] attention output, dtype of ``q``.
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if use_triton(q.device):
+        from .paged_attention_triton import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    return reference_attention(q, k, v, k_cache, v_cache, meta, scale)
