@@ -216,7 +216,7 @@ class AsyncLLMEngine:
                     self._num_pending_adds -= 1
                     stream = self._streams.get(rid)
                 if stream is None:  # the client left before the request was taken in: still an abort
-                    self.engine.count_abort_before_admission()
+                    self.engine.count_abort_before_admission(arrival)
                     continue
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival)

@@ -263,9 +263,14 @@ class LLMEngine:
         free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
         return max(0, len(self.scheduler.waiting) + pending - free_slots)
 
-    def count_abort_before_admission(self) -> None:
-        """Count a request whose client left before the engine took it in (finish reason "abort")."""
+    def count_abort_before_admission(self, arrival_time: float) -> None:
+        """Count a request whose client left before the engine took it in (finish reason "abort").
+
+        Args:
+            arrival_time: its ``time.monotonic()`` arrival, for the end-to-end latency.
+        """
         stats = StepStats()
+        stats.e2e_latencies.append(max(0.0, time.monotonic() - arrival_time))
         stats.finish_reasons.append("abort")
         self._emit(stats)
 
