@@ -169,15 +169,15 @@ def test_priorities_set_the_order_of_completion(tenant_server, capsys) -> None:
 
     async def run() -> list[int]:
         async with httpx.AsyncClient(base_url=tenant_server.base_url, timeout=600) as c:
-            # Staggered lengths: the blockers free their batch slots one at a time, 12 steps apart.
-            blockers = [asyncio.ensure_future(_timed(c, KEYS["calm"], {**body, "max_tokens": 48 + 12 * i}))
+            # Long, staggered blockers: they hold the batch, then free its slots one at a time, 40 steps apart.
+            blockers = [asyncio.ensure_future(_timed(c, KEYS["calm"], {**body, "max_tokens": 240 + 40 * i}))
                         for i in range(MAX_NUM_SEQS + 2)]
-            await asyncio.sleep(0.5)  # the batch is full; the following requests wait in the engine queue
+            deadline = time.monotonic() + 30
+            while metric_value(tenant_server.base_url, "kubeinfer_num_requests_running", model=MODEL) < MAX_NUM_SEQS - 1:
+                assert time.monotonic() < deadline, "the blockers never filled the batch"
+                await asyncio.sleep(0.05)
             prios = [7, 3, 9, 1, 5, 0]
-            tasks = []
-            for p in prios:
-                tasks.append(asyncio.ensure_future(_timed(c, KEYS["calm"], {**body, "priority": p})))
-                await asyncio.sleep(0.02)
+            tasks = [asyncio.ensure_future(_timed(c, KEYS["calm"], {**body, "priority": p})) for p in prios]
             ends = [end for _, end in await asyncio.gather(*tasks)]
             await asyncio.gather(*blockers)
             return [p for _, p in sorted(zip(ends, prios, strict=True))]
