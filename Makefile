@@ -14,7 +14,7 @@ LOCK_HASH := $(shell cat requirements.lock requirements-build.lock pyproject.tom
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve clean
+.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve clean s3proxy
 
 help:
 	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
@@ -30,7 +30,6 @@ help:
 $(STAMP): requirements.lock requirements-build.lock pyproject.toml
 	@mkdir -p $(KUBEINFER_CACHE)
 	@test -x $(VENV_REAL)/bin/python || $(PYTHON) -m venv $(VENV_REAL)
-	$(VENV_REAL)/bin/pip install -q --upgrade pip
 	$(VENV_REAL)/bin/pip install -q -r requirements-build.lock
 	$(VENV_REAL)/bin/pip install -q -r requirements.lock
 	@rm -f $(VENV_REAL)/.kubeinfer-*
@@ -48,12 +47,16 @@ model: install
 	$(PY) -m kubeinfer_serving.models.build_tiny --out .models/tiny-llama
 
 # The e2e tier (tests/e2e) runs the built images on a real node: build them first (cached layers).
-# The three preparations are independent (venv: network; Go build: CPU; images: network and disk),
-# so they run in parallel.
+# The four preparations are independent (venv: network; Go build: CPU; images: network and disk;
+# S3Proxy for the s3:// tests: Maven Central), so they run in parallel.
 # A dockerd that `make images` had to start is stopped again afterwards (images/stop-docker.sh).
 test:
-	@$(MAKE) --no-print-directory -j3 install cluster-bin images
+	@$(MAKE) --no-print-directory -j4 install cluster-bin images s3proxy
 	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; images/stop-docker.sh; exit $$status
+
+# S3Proxy from Maven Central for the s3:// tests, cached in ~/.cache/kubeinfer/s3proxy-VERSION.
+s3proxy:
+	@tests/s3/install.sh >/dev/null
 
 lint: install
 	$(VENV)/bin/ruff check serving operator tests bench images

@@ -44,13 +44,15 @@ for name in "${WHICH[@]}"; do
   log="$(mktemp)"
   if ! DOCKER_BUILDKIT=1 "$DOCKER" build --progress=plain \
       --build-arg "BASE_IMAGE=$BASE_IMAGE" "${secret[@]}" \
-      --label "org.opencontainers.image.version=$VERSION" \
+      --label "org.opencontainers.image.version=$VERSION" --label "io.kubeinfer.image=$name" \
       -f "$REPO/$name/Dockerfile" -t "$ref" "$REPO" >"$log" 2>&1; then
     tail -n 40 "$log" >&2; rm -f "$log"
     echo "images/build.sh: building $ref failed" >&2
     exit 1
   fi
   rm -f "$log"
+  # The previous build of this image, now untagged, is only disk: drop it (layers still used stay).
+  "$DOCKER" image prune -f --filter "label=io.kubeinfer.image=$name" >/dev/null
   echo "images/build.sh: $ref built in $(( $(date +%s) - start ))s" >&2
   if [[ "$PUSH" == 1 ]]; then
     "$DOCKER" push "$ref" >&2

@@ -1,13 +1,16 @@
-"""Fail an image build when an installed distribution is not pinned by requirements.lock.
+"""Fail an image build when a dependency is not pinned by the lock files.
 
-Run inside the image after its dependencies are installed::
+Two uses inside the image build::
 
-    python3 check_pins.py requirements.lock [--allow NAME ...]
+    python3 check_pins.py LOCK [LOCK ...] [--allow NAME ...]
+        every distribution installed in the running interpreter's environment is at the version
+        the lock files pin (the project itself is allowed with --allow);
+    python3 check_pins.py LOCK [LOCK ...] --resolved PINS
+        every NAME==VERSION line of PINS (what pip resolved for the image) is pinned by the locks.
 
-Compares ``importlib.metadata`` of the running interpreter's environment with the lock file
-(names normalised as in PEP 503, versions compared as strings). Exits 1 listing every
-distribution whose version differs from the lock or which the lock does not name, so an image
-never carries an unpinned transitive dependency.
+Names are normalised as in PEP 503 and versions compared as strings. Exits 1 listing every
+distribution whose version differs from the locks or which they do not name, so an image never
+carries an unpinned transitive dependency.
 """
 
 from __future__ import annotations
@@ -22,30 +25,39 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("lock", nargs="+", help="lock files (NAME==VERSION per line)")
-    parser.add_argument("--allow", nargs="*", default=[], help="distributions not checked (the project itself)")
-    args = parser.parse_args()
+def _read(paths: list[str]) -> dict[str, str]:
     pins: dict[str, str] = {}
-    for path in args.lock:
+    for path in paths:
         for line in open(path, encoding="utf-8"):
             line = line.split("#", 1)[0].strip()
             if "==" in line:
                 name, version = line.split("==", 1)
                 pins[_norm(name)] = version.strip()
-    allowed = {_norm(n) for n in args.allow} | {"pip"}
+    return pins
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lock", nargs="+", help="lock files (NAME==VERSION per line)")
+    parser.add_argument("--allow", nargs="*", default=[], help="distributions not checked (the project itself)")
+    parser.add_argument("--resolved", help="a NAME==VERSION file to check instead of the environment")
+    args = parser.parse_args()
+    pins = _read(args.lock)
+    if args.resolved:
+        found = _read([args.resolved]).items()
+    else:
+        found = [(_norm(d.metadata["Name"]), d.version) for d in metadata.distributions()]
+    allowed = {_norm(n) for n in args.allow}
     bad = []
-    for dist in metadata.distributions():
-        name = _norm(dist.metadata["Name"])
+    for name, version in found:
         if name in allowed:
             continue
-        if pins.get(name) != dist.version:
-            bad.append(f"{name}=={dist.version} (lock: {pins.get(name, 'not pinned')})")
+        if pins.get(name) != version:
+            bad.append(f"{name}=={version} (lock: {pins.get(name, 'not pinned')})")
     if bad:
         print("installed but not pinned by the lock:\n  " + "\n  ".join(sorted(bad)), file=sys.stderr)
         return 1
-    print(f"check_pins: all installed distributions match the lock ({len(pins)} pins)")
+    print(f"check_pins: {len(list(found))} distributions, all at the locks' versions")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, SERVING_UID, VERSION, OperatorConfig
-from kubeinfer_operator.spec import MODEL_STORE_ROOT, InferenceServiceSpec
+from kubeinfer_operator.spec import DISK_CACHE_FILL, MODEL_STORE_ROOT, InferenceServiceSpec
 
 SERVING_PORT = 8000
 SERVICE_PORT = 80
@@ -27,6 +27,9 @@ CACHE_DIR = "/var/cache/kubeinfer"
 #: Where the Secret named by ``spec.apiKeysSecret`` is mounted, and its key read by the serving pod.
 API_KEYS_DIR = "/etc/kubeinfer-keys"
 API_KEYS_FILE = "keys.yaml"
+#: Mount point of the disk tier of hf:// and s3:// models (an emptyDir with sizeLimit, or spec.modelCache.claimName).
+MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
+MODEL_CACHE_VOLUME = "model-cache"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 ISVC_LABEL = f"{GROUP}/inferenceservice"
 #: Seconds a terminating pod keeps serving before SIGTERM, so endpoint removal reaches every
@@ -94,11 +97,14 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
 
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, models: [{name, source,
-    kind, preload, dtype, maxModelLen?}]}``. ``gpuMemoryUtilization`` is the fraction of device
-    memory for weights + KV cache of all loaded models; ``pvcRoot`` is where pvc:// claims are
-    mounted, so ``pvc://CLAIM/PATH`` reads ``/mnt/models/CLAIM/PATH``.
+    kind, preload, dtype, maxModelLen?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
+    models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
+    ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
+    :data:`MODEL_CACHE_DIR` with :data:`~kubeinfer_operator.spec.DISK_CACHE_FILL` of ``modelCache.size``.
     """
     models = []
+    secrets = spec.model_secrets()
     for m in spec.models:
         entry: dict[str, Any] = {
             "name": m.name,
@@ -113,6 +119,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
         if m.result_cache:
             entry["resultCache"] = True
+        if m.credentials_secret:
+            entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)
     out: dict[str, Any] = {
         "maxLoadedModels": spec.max_loaded_models,
@@ -126,8 +134,35 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         out["idleTimeoutSeconds"] = spec.runtime.idle_timeout_seconds
     if spec.runtime.scheduling_policy != "fcfs":
         out["schedulingPolicy"] = spec.runtime.scheduling_policy
+    if spec.remote_models:
+        out["diskCacheDir"] = MODEL_CACHE_DIR
+        out["diskCacheBytes"] = int(spec.model_cache.size_bytes * DISK_CACHE_FILL)
     out["models"] = models
     return out
+
+
+def secret_env_prefix(index: int) -> str:
+    """Env-var prefix under which the ``index``-th distinct per-model ``credentialsSecret`` is mounted."""
+    return f"KUBEINFER_SECRET_{index}_"
+
+
+def credential_env_from(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """``envFrom`` entries of the serving container: the pod-level ``credentialsSecret`` as plain
+    variables (``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``, ...), and each per-model Secret under its
+    :func:`secret_env_prefix`; the catalogue names only the prefix, never a value."""
+    out: list[dict[str, Any]] = []
+    if spec.credentials_secret:
+        out.append({"secretRef": {"name": spec.credentials_secret}})
+    for index, name in enumerate(spec.model_secrets()):
+        out.append({"prefix": secret_env_prefix(index), "secretRef": {"name": name}})
+    return out
+
+
+def model_cache_volume(spec: InferenceServiceSpec) -> dict[str, Any]:
+    """The disk-tier volume: the named PersistentVolumeClaim, else an emptyDir with ``sizeLimit``."""
+    if spec.model_cache.claim_name:
+        return {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
+    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": str(spec.model_cache.size)}}
 
 
 def catalogue_yaml(spec: InferenceServiceSpec) -> str:
@@ -195,6 +230,9 @@ def render_deployment(
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret, "defaultMode": 0o440}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.models)
+    if spec.remote_models:
+        volumes.append(model_cache_volume(spec))
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
     env = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
@@ -211,6 +249,7 @@ def render_deployment(
         "args": serving_args(config)[1:],
         "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
         "env": env,
+        **({"envFrom": credential_env_from(spec)} if credential_env_from(spec) else {}),
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 10,

@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
+from kubeinfer_serving.sources import DNS1123_SUBDOMAIN, ModelSource, parse_source
 from kubernetes.utils import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_HF_PART = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
 
 #: Where the serving pod finds pvc:// sources: pvc://CLAIM/PATH -> MODEL_STORE_ROOT/CLAIM/PATH.
 MODEL_STORE_ROOT = "/mnt/models"
@@ -30,53 +29,14 @@ class InvalidSpecError(ValueError):
     """The spec cannot be served as written; ``str(err)`` is a readable list of the problems."""
 
 
-class ModelSource(BaseModel):
-    """A parsed ``source`` URI.
+def parse_model_source(uri: str) -> ModelSource:
+    """Parse ``source`` as an InferenceService may write it (:func:`kubeinfer_serving.sources.parse_source`
+    without the serving-only ``builtin://`` and plain paths).
 
-    Attributes:
-        scheme: ``pvc``, ``file`` or ``hf``.
-        claim: the PersistentVolumeClaim name for ``pvc``, else None.
-        path: path inside the claim (``pvc``), absolute path in the image (``file``), or ``org/name`` (``hf``).
+    Raises:
+        SourceError: a ValueError naming the form the URI broke.
     """
-
-    scheme: Literal["pvc", "file", "hf"]
-    claim: str | None = None
-    path: str
-
-    @classmethod
-    def parse(cls, uri: str) -> ModelSource:
-        """Split ``pvc://CLAIM/PATH``, ``file:///PATH`` or ``hf://ORG/NAME``.
-
-        Raises:
-            ValueError: unknown scheme, or a malformed claim, path or repository id.
-        """
-        if uri.startswith("pvc://"):
-            claim, sep, path = uri[len("pvc://"):].partition("/")
-            if not sep or not path or path.startswith("/"):
-                raise ValueError(f"pvc source {uri!r} must be pvc://CLAIM/PATH")
-            if len(claim) > 253 or not DNS1123_SUBDOMAIN.match(claim):
-                raise ValueError(f"claim {claim!r} in {uri!r} is not a valid PersistentVolumeClaim name")
-            return cls(scheme="pvc", claim=claim, path=path)
-        if uri.startswith("file://"):
-            path = uri[len("file://"):]
-            if not path.startswith("/") or path == "/" or path.startswith("//"):
-                raise ValueError(f"file source {uri!r} must be file:///ABSOLUTE/PATH")
-            return cls(scheme="file", path=path)
-        if uri.startswith("hf://"):
-            repo = uri[len("hf://"):]
-            parts = repo.split("/")
-            if len(parts) != 2 or not all(_HF_PART.match(p) for p in parts):
-                raise ValueError(f"hf source {uri!r} must be hf://ORG/NAME")
-            return cls(scheme="hf", path=repo)
-        raise ValueError(f"source {uri!r} must be pvc://CLAIM/PATH, file:///ABSOLUTE/PATH or hf://ORG/NAME")
-
-    def local_path(self) -> str | None:
-        """Path the serving pod reads weights from, or None for ``hf`` (downloaded at load time)."""
-        if self.scheme == "pvc":
-            return f"{MODEL_STORE_ROOT}/{self.claim}/{self.path}"
-        if self.scheme == "file":
-            return self.path
-        return None
+    return parse_source(uri, allow_local=False)
 
 
 class _Camel(BaseModel):
@@ -102,16 +62,25 @@ class ModelSpec(_Camel):
             raise ValueError(f"model name {value!r} must be a DNS-1123 label")
         return value
 
+    credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
+
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        ModelSource.parse(value)
+        parse_model_source(value)
+        return value
+
+    @field_validator("credentials_secret")
+    @classmethod
+    def _secret_name(cls, value: str | None) -> str | None:
+        if value is not None and not DNS1123_SUBDOMAIN.match(value):
+            raise ValueError(f"credentialsSecret {value!r} must be a Secret name (DNS-1123 subdomain)")
         return value
 
     @property
     def parsed_source(self) -> ModelSource:
-        """The parsed :class:`ModelSource` of ``source``."""
-        return ModelSource.parse(self.source)
+        """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
+        return parse_model_source(self.source)
 
 
 class RuntimeSpec(_Camel):
@@ -190,6 +159,48 @@ class ResourcesSpec(_Camel):
         return out
 
 
+class ModelCacheSpec(_Camel):
+    """``spec.modelCache``: the pod's disk tier for ``hf://`` and ``s3://`` models.
+
+    Attributes:
+        size: a Kubernetes quantity (default ``20Gi``): the ``sizeLimit`` of the ``emptyDir``, or
+            the part of the claim the pod may fill; the serving pod keeps fetched models within
+            :data:`DISK_CACHE_FILL` of it and evicts least-recently-used ones beyond.
+        claim_name: a PersistentVolumeClaim to keep the cache in (survives pod restarts) instead
+            of an ``emptyDir``.
+    """
+
+    size: int | str = "20Gi"
+    claim_name: str | None = Field(default=None, alias="claimName", max_length=253)
+
+    @field_validator("size")
+    @classmethod
+    def _quantity(cls, value: int | str) -> int | str:
+        try:
+            if parse_quantity(value) < 1024 * 1024:
+                raise ValueError(f"modelCache.size {value!r} is below 1Mi")
+        except ValueError as err:
+            raise ValueError(f"modelCache.size {value!r}: {err}") from err
+        return value
+
+    @field_validator("claim_name")
+    @classmethod
+    def _claim(cls, value: str | None) -> str | None:
+        if value is not None and not DNS1123_SUBDOMAIN.match(value):
+            raise ValueError(f"modelCache.claimName {value!r} is not a valid PersistentVolumeClaim name")
+        return value
+
+    @property
+    def size_bytes(self) -> int:
+        """``size`` in bytes."""
+        return int(parse_quantity(self.size))
+
+
+#: Fraction of ``modelCache.size`` the serving pod fills with model snapshots: the rest is headroom
+#: for download metadata, so the kubelet never evicts the pod for exceeding the emptyDir's sizeLimit.
+DISK_CACHE_FILL = 0.95
+
+
 class InferenceServiceSpec(_Camel):
     """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does."""
 
@@ -202,6 +213,15 @@ class InferenceServiceSpec(_Camel):
     affinity: dict[str, Any] = Field(default_factory=dict)
     api_keys_secret: str | None = Field(default=None, alias="apiKeysSecret", max_length=253,
                                         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
+    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, alias="modelCache")
+
+    @field_validator("credentials_secret")
+    @classmethod
+    def _secret_name(cls, value: str | None) -> str | None:
+        if value is not None and not DNS1123_SUBDOMAIN.match(value):
+            raise ValueError(f"credentialsSecret {value!r} must be a Secret name (DNS-1123 subdomain)")
+        return value
 
     @model_validator(mode="after")
     def _models(self) -> InferenceServiceSpec:
@@ -223,6 +243,19 @@ class InferenceServiceSpec(_Camel):
     def max_loaded_models(self) -> int:
         """``runtime.maxLoadedModels``, or the number of models when unset (all may be resident)."""
         return self.runtime.max_loaded_models or len(self.models)
+
+    @property
+    def remote_models(self) -> bool:
+        """Whether any model is fetched over the network (``hf://``, ``s3://``) into the disk tier."""
+        return any(m.parsed_source.remote for m in self.models)
+
+    def model_secrets(self) -> list[str]:
+        """Distinct per-model ``credentialsSecret`` names, in first-use order (index = env prefix number)."""
+        out: list[str] = []
+        for model in self.models:
+            if model.credentials_secret and model.credentials_secret not in out:
+                out.append(model.credentials_secret)
+        return out
 
     def claims(self) -> list[str]:
         """Distinct PersistentVolumeClaim names used by pvc:// sources, in first-use order."""

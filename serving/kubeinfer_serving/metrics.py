@@ -109,6 +109,32 @@ RESULT_CACHE_REQUESTS = Counter(
 RESULT_CACHE_BYTES = Gauge(
     "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
 )
+_FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
+MODEL_FETCH_SECONDS = Histogram(
+    "kubeinfer_model_fetch_seconds", "Wall time of fetching a remote model (hf://, s3://) into the disk tier.",
+    ["model"], buckets=_FETCH_BUCKETS, registry=REGISTRY,
+)
+MODEL_FETCH_BYTES = Counter(
+    "kubeinfer_model_fetch_bytes", "Bytes fetched from remote stores into the disk tier.", ["model"], registry=REGISTRY
+)
+DISK_CACHE_HITS = Counter(
+    "kubeinfer_disk_cache_hits", "Loads of a remote model that found it in the disk tier.", ["model"],
+    registry=REGISTRY,
+)
+DISK_CACHE_MISSES = Counter(
+    "kubeinfer_disk_cache_misses", "Loads of a remote model that had to fetch it.", ["model"], registry=REGISTRY
+)
+DISK_CACHE_EVICTIONS = Counter(
+    "kubeinfer_disk_cache_evictions", "Snapshots deleted from the disk tier to make room (label: the model "
+    "whose fetch needed the room).", ["model"], registry=REGISTRY,
+)
+DISK_CACHE_USAGE = Gauge(
+    "kubeinfer_disk_cache_usage_bytes", "Bytes of model snapshots in the disk tier plus fetches in flight.",
+    registry=REGISTRY,
+)
+DISK_CACHE_CAPACITY = Gauge(
+    "kubeinfer_disk_cache_capacity_bytes", "Byte budget of the disk tier.", registry=REGISTRY,
+)
 
 
 class EngineMetrics:

@@ -11,7 +11,8 @@
    uvicorn's drain), and the Deployment's new pod serves. SIGTERM to the serving process while
    streams run: they complete (drain), the kubelet restarts the container and it serves again.
 5. A spec change rolls the pod and the new pod serves.
-6. ``kubectl delete isvc`` removes its pods; ``helm uninstall`` leaves no operator objects (the CRD
+6. ``kubectl delete isvc`` removes its pods; example 03 fetches its model from S3 (S3Proxy on the
+   bridge) into the disk tier and answers; ``helm uninstall`` leaves no operator objects (the CRD
    stays, as Helm documents for crds/).
 
 The tests of this module run in file order and share one installation (module fixture); the
@@ -30,11 +31,15 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 from kubeinfer_operator.config import SERVING_UID
+from kubeinfer_serving.models.builtin import builtin_embedding_model_dir
 from openai import OpenAI
+from sentence_transformers import SentenceTransformer
 
 from tests.cluster_fixture import REPO
 from tests.e2e.conftest import OPERATOR_IMAGE, SERVING_IMAGE, E2ECluster, wait_until
+from tests.remote_stores import S3Server
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -308,6 +313,54 @@ def test_delete_isvc_removes_its_pods(e2e: E2ECluster):
     for kind in ("deployment", "service", "configmap", "hpa"):
         left = e2e.get(kind, "-n", "default", "-l", SERVING_SELECTOR)["items"]
         assert not left, (kind, [o["metadata"]["name"] for o in left])
+
+
+def test_s3_example_fetches_its_model_and_answers(e2e: E2ECluster, state: State, tmp_path):
+    """deploy/examples/03-s3-embeddings.yaml: the model comes from S3 at load time into the pod's disk tier.
+
+    The store is S3Proxy on this machine, listening on the node bridge's gateway address, behind a
+    selector-less Service ``model-store`` in ``kubeinfer-system`` (what the example's Secret names).
+    The test cluster has no cluster DNS, so the only change to the example is the Secret's
+    endpoint: the Service's ClusterIP instead of its DNS name.
+    """
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "examples" / "03-s3-embeddings.yaml").read_text()))
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    isvc = next(d for d in docs if d["kind"] == "InferenceService")
+    gateway = e2e.get("endpoints", "kubernetes", "-n", "default")["subsets"][0]["addresses"][0]["ip"]
+    store = S3Server(tmp_path / "s3", host=gateway, access_key=secret["stringData"]["AWS_ACCESS_KEY_ID"],
+                     secret_key=secret["stringData"]["AWS_SECRET_ACCESS_KEY"]).start()
+    try:
+        bucket, prefix = isvc["spec"]["models"][0]["source"].removeprefix("s3://").split("/", 1)
+        uploaded = store.upload_dir(bucket, prefix, builtin_embedding_model_dir())
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "model-store", "namespace": RELEASE_NS},
+                   "spec": {"ports": [{"name": "http", "port": 80, "targetPort": store.port}]}}
+        endpoints = {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "model-store", "namespace": RELEASE_NS},
+                     "subsets": [{"addresses": [{"ip": gateway}], "ports": [{"name": "http", "port": store.port}]}]}
+        e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([service, endpoints]))
+        ip = e2e.get("service", "model-store", "-n", RELEASE_NS)["spec"]["clusterIP"]
+        secret["stringData"]["AWS_ENDPOINT_URL"] = f"http://{ip}"
+        start = time.monotonic()
+        e2e.kubectl("apply", "-n", "default", "-f", "-", input=yaml.safe_dump_all([secret, isvc]))
+        e2e.kubectl("wait", "--for=condition=Ready", "isvc/embeddings", "-n", "default", "--timeout=600s", timeout=620)
+        state.timings["s3 example apply to Ready (s)"] = time.monotonic() - start
+
+        svc_ip = e2e.get("service", "embeddings", "-n", "default")["spec"]["clusterIP"]
+        api = OpenAI(base_url=f"http://{svc_ip}/v1", api_key="unused", timeout=120, max_retries=0)
+        model = api.models.retrieve("all-minilm-l6-v2")
+        assert model.model_extra.get("state") == "loaded" and model.model_extra.get("revision"), model
+        texts = ["a cat sat on the mat", "stock prices fell sharply"]
+        got = [d.embedding for d in api.embeddings.create(model="all-minilm-l6-v2", input=texts).data]
+        want = SentenceTransformer(str(builtin_embedding_model_dir()), device="cpu").encode(texts)
+        for g, w in zip(got, want, strict=True):
+            cosine = sum(a * b for a, b in zip(g, w, strict=True)) / (
+                sum(a * a for a in g) ** 0.5 * sum(b * b for b in w) ** 0.5)
+            assert cosine > 0.9999, cosine
+        assert uploaded > 0
+        e2e.kubectl("delete", "isvc", "embeddings", "-n", "default", "--wait=true", timeout=300)
+        e2e.kubectl("delete", "secret", secret["metadata"]["name"], "-n", "default")
+        e2e.kubectl("delete", "service,endpoints", "model-store", "-n", RELEASE_NS)
+    finally:
+        store.stop()
 
 
 def test_helm_uninstall_leaves_no_operator_objects(e2e: E2ECluster, state: State):

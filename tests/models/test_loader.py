@@ -100,9 +100,9 @@ def test_resolve_source(tmp_path: Path) -> None:
     assert resolve_source("/models/b") == Path("/models/b")
     assert resolve_source("rel/dir") == Path("rel/dir")
     assert resolve_source("pvc://store/llama/3b", pvc_root=tmp_path) == tmp_path / "store" / "llama" / "3b"
-    assert resolve_source("pvc://store", pvc_root="/mnt/models") == Path("/mnt/models/store")
-    with pytest.raises(ModelLoadError, match="needs network"):
-        resolve_source("hf://meta-llama/Llama-3.2-1B")
-    for bad in ("s3://bucket/x", "file://relative", "pvc://store/../etc", "pvc://"):
+    for remote in ("hf://meta-llama/Llama-3.2-1B", "s3://bucket/x"):
+        with pytest.raises(ModelLoadError, match="disk tier"):
+            resolve_source(remote)
+    for bad in ("pvc://store", "file://relative", "pvc://store/../etc", "pvc://", "gs://bucket/x"):
         with pytest.raises(ModelLoadError):
             resolve_source(bad)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kubeinfer_operator.spec import InvalidSpecError, ModelSource, parse_spec
+from kubeinfer_operator.spec import InvalidSpecError, parse_model_source, parse_spec
 
 MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
 
@@ -30,7 +30,7 @@ def test_defaults_match_the_crd():
     ],
 )
 def test_source_parsing(uri, scheme, claim, local):
-    src = ModelSource.parse(uri)
+    src = parse_model_source(uri)
     assert (src.scheme, src.claim, src.local_path()) == (scheme, claim, local)
 
 
@@ -40,7 +40,7 @@ def test_source_parsing(uri, scheme, claim, local):
         ({"models": []}, "svc", "at least one model"),
         ({"models": [MODEL, MODEL]}, "svc", "appears more than once"),
         ({"models": [{**MODEL, "name": "Bad_Name"}]}, "svc", "DNS-1123"),
-        ({"models": [{**MODEL, "source": "s3://bucket/x"}]}, "svc", "must be pvc://CLAIM/PATH"),
+        ({"models": [{**MODEL, "source": "gs://bucket/x"}]}, "svc", "must be pvc://CLAIM/PATH"),
         ({"models": [{**MODEL, "source": "pvc://claim"}]}, "svc", "pvc://CLAIM/PATH"),
         ({"models": [MODEL], "scaling": {"minReplicas": 3, "maxReplicas": 2}}, "svc", "minReplicas (3)"),
         ({"models": [MODEL], "resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}, "svc",

@@ -57,7 +57,7 @@ def test_json_is_accepted(tmp_path: Path) -> None:
         ({"models": [{"name": "a", "source": "/x"}, {"name": "a", "source": "/y"}]}, "repeated: a"),
         ({"memoryBudgetBytes": 1, "gpuMemoryUtilization": 0.5, "models": [{"name": "a", "source": "/x"}]},
          "not both"),
-        ({"models": [{"name": "a", "source": "s3://bucket/a"}]}, "unknown source scheme"),
+        ({"models": [{"name": "a", "source": "gs://bucket/a"}]}, "must be pvc://"),
         ({"models": [{"name": "a", "source": "/x", "maxModelLen": 0}]}, "models.0.maxModelLen"),
         ({"models": [{"name": "a", "source": "/x", "kind": "rerank"}]}, "models.0.kind"),
         ({"models": [{"name": "a b", "source": "/x"}]}, "models.0.name"),

@@ -108,13 +108,20 @@ async def test_busy_models_are_never_evicted_and_requests_get_503_naming_them() 
 
 async def test_waiting_request_is_served_when_a_model_becomes_idle() -> None:
     reg, fake = make({"a": MiB, "b": MiB, "c": MiB}, max_loaded_models=2, acquire_timeout_seconds=10)
+    release_b = asyncio.Event()
+
+    async def hold_b_until_released() -> None:
+        async with reg.acquire("b"):
+            await release_b.wait()
+
     hold_a = asyncio.create_task(use(reg, "a", hold=0.3))
-    hold_b = asyncio.create_task(use(reg, "b", hold=1.0))
+    hold_b = asyncio.create_task(hold_b_until_released())
     await asyncio.sleep(0.1)
     got_c = await use(reg, "c")  # waits until a is released, then evicts a (b is still busy)
     assert got_c == "engine of c"
     assert hold_a.done() and not hold_b.done()
     assert fake.closes == {"a": 1}
+    release_b.set()
     await hold_b
 
 
@@ -141,7 +148,7 @@ async def test_failed_model_fails_alone_with_its_reason() -> None:
     reg, fake = make(loader.sizes, loader=loader, preload=("bad",))
     before = metric(metrics.MODEL_LOAD_FAILURES, "bad")
     await reg.start()  # does not raise
-    assert reg.is_ready()  # a failed preload does not hold the pod out of the Service (D7)
+    assert not reg.is_ready()  # its only preload failed (with others loaded it would be ready: test_hardening D7)
     for name, reason in (("bad", "no *.safetensors weight files in /models/bad"), ("oom", "CUDA out of memory")):
         with pytest.raises(ModelUnavailableError, match=reason.replace("*", r"\*")) as err:
             await use(reg, name)

@@ -16,7 +16,8 @@ router = APIRouter()
 
 
 def model_card(info: ModelInfo) -> ModelCard:
-    """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``."""
+    """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``,
+    ``source`` and the pinned ``revision`` of a remote source."""
     return ModelCard(
         id=info.name,
         created=info.created,
@@ -27,6 +28,8 @@ def model_card(info: ModelInfo) -> ModelCard:
         max_model_len=info.max_model_len,
         message=redact(info.message),
         idle_timeout_seconds=info.idle_timeout_seconds,
+        source=info.source,
+        revision=info.revision,
     )
 
 

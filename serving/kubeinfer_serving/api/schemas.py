@@ -322,6 +322,8 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     message: str = ""
     idle_timeout_seconds: float | None = None
+    source: str = ""
+    revision: str | None = None
 
 
 class ModelList(BaseModel):

@@ -6,7 +6,7 @@ message that names the offending path, so the registry can show it as a Failed r
 
 Sources (DESIGN.md section 3): ``file:///abs/path`` and plain paths are local directories;
 ``pvc://CLAIM/PATH`` is the read-only volume the operator mounts at ``{pvc_root}/CLAIM``;
-``hf://org/name`` would need the network and is refused.
+``hf://`` and ``s3://`` sources are fetched by the registry (registry/disk.py), not here.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer
+
+from kubeinfer_serving.sources import SourceError, parse_source
 
 #: Architectures the engine's model runner implements (config.json ``architectures[0]``).
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
@@ -212,25 +214,20 @@ def resolve_source(source: str, *, pvc_root: str | Path = "/mnt/models") -> Path
     ``file:///abs/dir`` -> ``/abs/dir``; a plain path -> itself (``~`` expanded);
     ``pvc://CLAIM/PATH`` -> ``{pvc_root}/CLAIM/PATH``.
 
+    Parsing is :func:`kubeinfer_serving.sources.parse_source` (one parser for the whole project).
+
     Raises:
-        ModelLoadError: ``hf://`` (needs network), an unknown scheme, a relative file:// path,
-        or a pvc:// path that escapes its claim with ``..``.
+        ModelLoadError: a remote (``hf://``, ``s3://``) or ``builtin://`` source, an unknown scheme,
+        a relative file:// path, or a pvc:// source without a path or escaping its claim with ``..``.
     """
-    if source.startswith("file://"):
-        rest = source[len("file://"):]
-        if not rest.startswith("/"):
-            raise ModelLoadError(f"file:// source must be absolute (file:///path), got {source!r}")
-        return Path(rest)
-    if source.startswith("pvc://"):
-        rest = source[len("pvc://"):].strip("/")
-        parts = rest.split("/")
-        if not rest or not parts[0] or ".." in parts:
-            raise ModelLoadError(f"pvc:// source must be pvc://CLAIM/PATH without '..', got {source!r}")
-        return Path(pvc_root).joinpath(*parts)
-    if source.startswith("hf://"):
-        raise ModelLoadError(
-            f"{source}: hf:// needs network, not supported here: download it to a volume and use pvc:// or file://"
-        )
-    if "://" in source:
-        raise ModelLoadError(f"unknown source scheme in {source!r}; use file://, pvc:// or a plain path")
-    return Path(source).expanduser()
+    try:
+        src = parse_source(source)
+    except SourceError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if src.remote:
+        raise ModelLoadError(f"{source} is remote: the registry fetches it into its disk tier; it has no local path")
+    if src.scheme == "builtin":
+        raise ModelLoadError(f"{source} names a built-in model; kubeinfer_serving.models.builtin locates it")
+    if src.scheme == "path":
+        return Path(source).expanduser()
+    return Path(src.local_path(str(pvc_root)))

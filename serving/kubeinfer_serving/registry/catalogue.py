@@ -18,9 +18,14 @@ camelCase keys::
     resultCacheBytes: 67108864      # result cache size for the models with resultCache: true
     resultCacheTtlSeconds: 600
     pvcRoot: /mnt/models            # where pvc://CLAIM/PATH volumes are mounted
+    diskCacheDir: /var/cache/kubeinfer/models   # disk tier of hf:// and s3:// models (default
+                                    # $XDG_CACHE_HOME/kubeinfer/remote-models, else ~/.cache/...)
+    diskCacheBytes: 21474836480     # its budget in bytes (LRU beyond it)
     models:
       - name: llama-1b              # the OpenAI `model` name
-        source: pvc://model-store/llama-3.2-1b   # pvc://, file:///abs, plain path, builtin://NAME
+        source: pvc://model-store/llama-3.2-1b   # pvc://, file:///abs, hf://ORG/NAME[@REV],
+                                                 # s3://BUCKET/PREFIX, plain path, builtin://NAME
+        credentialsEnvPrefix: KUBEINFER_SECRET_0_  # read AWS_*/HF_* as this prefix + name first
         kind: generate              # generate | embed
         preload: true               # loaded at start-up, never evicted
         dtype: bfloat16             # auto | float32 | bfloat16 | float16
@@ -32,6 +37,8 @@ camelCase keys::
 The budget covers weights plus each generate model's KV pool (DESIGN.md section 5).
 ``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
 project (:mod:`kubeinfer_serving.models.builtin`); they resolve when loaded, not when parsed.
+``hf://`` and ``s3://`` models are fetched into the disk tier when loaded (:mod:`.disk`, :mod:`.fetch`).
+Source URIs are parsed by :func:`kubeinfer_serving.sources.parse_source` (shared with the operator).
 """
 
 from __future__ import annotations
@@ -46,13 +53,15 @@ from pydantic.alias_generators import to_camel
 
 from kubeinfer_serving.models.builtin import BUILTIN_EMBEDDING_MODEL_NAME, BUILTIN_MODEL_NAME
 from kubeinfer_serving.registry.protocol import ModelKind
+from kubeinfer_serving.sources import ModelSource, SourceError, parse_source
 
 #: Environment variable naming the catalogue file (same as ``kubeinfer-serve --models-config``).
 MODELS_CONFIG_ENV = "KUBEINFER_MODELS_CONFIG"
 #: Default KV pool of one generate model when the catalogue names none: 256 MiB (the engine's CPU default).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 BUILTIN_SCHEME = "builtin://"
-_KNOWN_SCHEMES = ("file://", "pvc://", "hf://", BUILTIN_SCHEME)
+#: Default byte budget of the disk tier: 20 GiB.
+DEFAULT_DISK_CACHE_BYTES = 20 * 1024**3
 
 
 class CatalogueError(ValueError):
@@ -68,7 +77,8 @@ class ModelEntry(_CamelModel):
 
     Attributes:
         name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-`` (1-128 chars).
-        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, a plain local path, or ``builtin://NAME``.
+        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[@REVISION]``,
+            ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
         kind: generate (completions, chat) or embed (``/v1/embeddings``).
         preload: loaded by ``start()`` and never evicted.
         dtype: weights/KV dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU.
@@ -76,6 +86,8 @@ class ModelEntry(_CamelModel):
         kv_cache_bytes: this generate model's KV pool in bytes; default the pod's ``kvCacheBytes``.
         idle_timeout_seconds: unload this model after that long without requests (not when
             preloaded); None: the pod's ``idleTimeoutSeconds``; 0: never.
+        credentials_env_prefix: environment prefix of this model's own credentials Secret
+            (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
@@ -87,13 +99,21 @@ class ModelEntry(_CamelModel):
     kv_cache_bytes: int | None = Field(default=None, ge=1)
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
     result_cache: bool = False
+    credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(_KNOWN_SCHEMES):
-            raise ValueError(f"unknown source scheme in {v!r}; use pvc://, file://, builtin:// or a plain path")
+        try:
+            parse_source(v)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
         return v
+
+    @property
+    def parsed_source(self) -> ModelSource:
+        """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
+        return parse_source(self.source)
 
 
 class Catalogue(_CamelModel):
@@ -114,6 +134,8 @@ class Catalogue(_CamelModel):
         pvc_root: mount point of ``pvc://`` claims.
         scheduling_policy: ``fcfs`` or ``priority`` for every generate model.
         idle_timeout_seconds: idle TTL of non-preloaded models, seconds (None or 0: never unloaded for idleness).
+        disk_cache_dir: directory of the disk tier for ``hf://``/``s3://`` models (None: the user cache).
+        disk_cache_bytes: byte budget of the disk tier.
     """
 
     models: list[ModelEntry] = Field(min_length=1)
@@ -132,6 +154,8 @@ class Catalogue(_CamelModel):
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
     result_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     result_cache_ttl_seconds: float = Field(default=600.0, gt=0)
+    disk_cache_dir: str | None = None
+    disk_cache_bytes: int = Field(default=DEFAULT_DISK_CACHE_BYTES, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Catalogue:
@@ -142,6 +166,13 @@ class Catalogue(_CamelModel):
         if self.memory_budget_bytes is not None and self.gpu_memory_utilization is not None:
             raise ValueError("set memoryBudgetBytes or gpuMemoryUtilization, not both")
         return self
+
+    def resolved_disk_cache_dir(self) -> Path:
+        """``diskCacheDir``, else ``$XDG_CACHE_HOME/kubeinfer/remote-models`` (``~/.cache`` without it)."""
+        if self.disk_cache_dir:
+            return Path(self.disk_cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+        return Path(base).expanduser() / "kubeinfer" / "remote-models"
 
     def entry(self, name: str) -> ModelEntry | None:
         """The entry called ``name``, or None."""

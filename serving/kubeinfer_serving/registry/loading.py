@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ from kubeinfer_serving.models.builtin import (
     ensure_builtin_model,
 )
 from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, Catalogue, ModelEntry
+from kubeinfer_serving.registry.disk import DiskTier
+from kubeinfer_serving.registry.fetch import make_fetcher
 from kubeinfer_serving.registry.protocol import ModelKind
 from kubeinfer_serving.registry.warm import HostSnapshot
 
@@ -64,12 +68,21 @@ class LoadPlan:
         weights_bytes: device bytes of the weights in the load dtype.
         kv_cache_bytes: device bytes of the KV pool (0 for embed models).
         num_kv_blocks: KV pool size in blocks (generate models), else None.
+        revision: pinned revision of a remote source (hub commit, S3 listing digest), else None.
+        disk: for remote sources "hit" (found in the disk tier) or "miss" (fetched); "" for local ones.
+        fetch_seconds: wall time of the fetch on a miss, else 0.0.
+        release: call once when the load does not go ahead (or when the loaded model closes): lets
+            the disk tier evict the snapshot again. Idempotent.
     """
 
     model_dir: Path
     weights_bytes: int
     kv_cache_bytes: int = 0
     num_kv_blocks: int | None = None
+    revision: str | None = None
+    disk: str = ""
+    fetch_seconds: float = 0.0
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -142,6 +155,35 @@ class DefaultModelLoader:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
+        self._disk: DiskTier | None = None
+        self._plans: dict[str, LoadPlan] = {}  # last plan per model name, for loads from the warm tier
+        self._disk_lock = threading.Lock()
+
+    @property
+    def disk(self) -> DiskTier:
+        """The disk tier of remote models (``diskCacheDir``, ``diskCacheBytes``), created on first use."""
+        with self._disk_lock:
+            if self._disk is None:
+                self._disk = DiskTier(self.catalogue.resolved_disk_cache_dir(), self.catalogue.disk_cache_bytes)
+            return self._disk
+
+    def _local_dir(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]]:
+        """The model directory, fetching a remote source into the disk tier (pinned until released)."""
+        src = entry.parsed_source
+        if not src.remote:
+            return resolve_model_dir(entry.source, pvc_root=self.catalogue.pvc_root), {}
+        disk = self.disk
+        key = src.cache_key()
+        snap = disk.ensure(key, make_fetcher(src, entry.credentials_env_prefix), model=entry.name, pin=True)
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                disk.unpin(key)
+
+        return snap.path, {"revision": snap.revision, "disk": "hit" if snap.hit else "miss",
+                           "fetch_seconds": snap.fetch_seconds, "release": release}
 
     def _dtype(self, entry: ModelEntry) -> torch.dtype:
         if entry.dtype != "auto":
@@ -153,13 +195,41 @@ class DefaultModelLoader:
     def plan(self, entry: ModelEntry) -> LoadPlan:
         """See :meth:`ModelLoader.plan`. KV pool: ``kvCacheBytes`` of the entry (else the pod's),
         capped at what ``maxNumSeqs`` sequences of ``maxModelLen`` tokens need, rounded down to
-        whole blocks of 16 tokens (at least one block)."""
-        path = resolve_model_dir(entry.source, pvc_root=self.catalogue.pvc_root)
+        whole blocks of 16 tokens (at least one block). A remote source is first found in, or
+        fetched into, the disk tier (:class:`~.disk.DiskTier`; ``FetchError`` when that fails)."""
+        path, remote = self._local_dir(entry)
+        try:
+            plan = self._plan(entry, path, remote)
+        except BaseException:
+            remote.get("release", lambda: None)()
+            raise
+        self._plans[entry.name] = plan
+        return plan
+
+    def plan_warm(self, entry: ModelEntry) -> LoadPlan:
+        """The plan of a model about to load from the warm tier: its last plan's sizes, without a
+        disk-tier lookup or fetch (its snapshot is pinned again if it is still on disk)."""
+        last = self._plans.get(entry.name)
+        if last is None:
+            return self.plan(entry)
+        src = entry.parsed_source
+        release: Callable[[], None] = lambda: None  # noqa: E731
+        if src.remote and self.disk.pin_if_present(src.cache_key()):
+            key, done = src.cache_key(), threading.Event()
+
+            def release() -> None:
+                if not done.is_set():
+                    done.set()
+                    self.disk.unpin(key)
+
+        return dataclasses.replace(last, disk="", fetch_seconds=0.0, release=release)
+
+    def _plan(self, entry: ModelEntry, path: Path, remote: dict[str, Any]) -> LoadPlan:
         if not path.is_dir():
             raise hf.ModelLoadError(f"model directory {path} (from {entry.source}) does not exist")
         elem = torch.empty((), dtype=self._dtype(entry)).element_size()
         if entry.kind is ModelKind.EMBED:
-            return LoadPlan(path, hf.weights_numel(path) * elem)
+            return LoadPlan(path, hf.weights_numel(path) * elem, **remote)
         cfg = hf.load_hf_config(path)
         weights = hf.weights_numel(path) * elem
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -169,13 +239,28 @@ class DefaultModelLoader:
         full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
         wanted = entry.kv_cache_bytes or self.catalogue.kv_cache_bytes
         blocks = max(1, min(full_blocks, wanted // per_block))
-        return LoadPlan(path, weights, blocks * per_block, blocks)
+        return LoadPlan(path, weights, blocks * per_block, blocks, **remote)
 
     def load(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
-        """See :meth:`ModelLoader.load`."""
-        if entry.kind is ModelKind.EMBED:
-            return self._load_embedder(entry, plan, warm)
-        return self._load_engine(entry, plan, warm)
+        """See :meth:`ModelLoader.load`. The model's disk-tier snapshot stays pinned until it closes."""
+        try:
+            if entry.kind is ModelKind.EMBED:
+                loaded = self._load_embedder(entry, plan, warm)
+            else:
+                loaded = self._load_engine(entry, plan, warm)
+        except BaseException:
+            plan.release()
+            raise
+        close = loaded.close
+
+        async def close_and_release() -> None:
+            try:
+                await close()
+            finally:
+                plan.release()
+
+        loaded.close = close_and_release
+        return loaded
 
     def _load_embedder(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
         emb = Embedder.from_model_dir(

@@ -68,12 +68,16 @@ class LoadEvent:
         action: "cold_load" (from disk), "warm_load" (from the warm tier), "evict" (LRU) or "unload" (admin).
         seconds: wall time of the action.
         bytes: device bytes loaded or freed.
+        disk: for a cold load of a remote model, "hit" (found in the disk tier) or "miss" (fetched); else "".
+        fetch_seconds: wall time of that fetch (a miss), else 0.0; not part of ``seconds``.
     """
 
     model: str
     action: str
     seconds: float
     bytes: int
+    disk: str = ""
+    fetch_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -90,6 +94,7 @@ class _Entry:
     load_future: asyncio.Future | None = field(default=None, repr=False)
     evicting: asyncio.Future | None = field(default=None, repr=False)
     max_model_len: int | None = None
+    revision: str | None = None  # pinned revision of a remote source, once fetched or found on disk
 
     @property
     def name(self) -> str:
@@ -181,17 +186,13 @@ class ModelRegistry:
             self._notify()
 
     def is_ready(self) -> bool:
-        """True once no preloaded model is still loading and some model can serve.
-
-        A preloaded model that failed to load is Failed (``/v1/models`` shows why, its requests get
-        503) but does not hold the whole pod out of the Service: the pod is ready as soon as every
-        preload has finished and at least one model is loaded or loadable on demand.
-        """
-        entries = list(self._entries.values())
-        preload = [e for e in entries if e.spec.preload]
-        if any(e.state not in (ModelState.LOADED, ModelState.FAILED) for e in preload):
-            return False
-        return any(e.state is ModelState.LOADED or not e.spec.preload for e in entries)
+        """True once every preloaded model has settled, loaded or Failed with its reason, and at
+        least one of them loaded (or none is preloaded): a failed preload does not hold back a pod
+        that serves the others, whose requests for the failed model get 503 with the reason.
+        Remote preloaded models are fetched into the disk tier before they count as loaded."""
+        preload = [e for e in self._entries.values() if e.spec.preload]
+        settled = all(e.state in (ModelState.LOADED, ModelState.FAILED) for e in preload)
+        return settled and (not preload or any(e.state is ModelState.LOADED for e in preload))
 
     def dead_models(self) -> list[str]:
         """Names of loaded generative models whose engine loop crashed."""
@@ -324,6 +325,7 @@ class ModelRegistry:
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
+            source=e.spec.source, revision=e.revision,
         )
 
     def _notify(self) -> None:
@@ -387,8 +389,14 @@ class ModelRegistry:
         try:
             if entry.evicting is not None:  # a previous unload of this model is still releasing memory
                 await asyncio.shield(entry.evicting)
-            plan = await asyncio.to_thread(self.loader.plan, entry.spec)
+            # A model whose weights sit in the warm tier is not looked up in (or fetched into) the disk tier.
+            plan_warm = getattr(self.loader, "plan_warm", None)
+            planner = plan_warm if plan_warm is not None and name in self.warm else self.loader.plan
+            plan = await asyncio.to_thread(planner, entry.spec)
+            entry.revision = getattr(plan, "revision", None)
+            release = getattr(plan, "release", lambda: None)
             if plan.total_bytes > self.budget_bytes:
+                release()
                 raise MemoryError(
                     f"needs {plan.total_bytes} bytes (weights {plan.weights_bytes} + KV pool "
                     f"{plan.kv_cache_bytes}), more than the whole memory budget of {self.budget_bytes} bytes"
@@ -397,6 +405,7 @@ class ModelRegistry:
             try:
                 await self._reserve(entry, plan.total_bytes)
             except BaseException:
+                release()
                 if warm is not None:
                     self.warm.put(name, warm)
                 raise
@@ -422,7 +431,8 @@ class ModelRegistry:
             metrics.MODEL_LOAD_SECONDS.labels(model=name).observe(seconds)
             metrics.MODEL_LOADED_BYTES.labels(model=name).set(handle.memory_bytes)
             self.events.append(LoadEvent(name, "warm_load" if handle.warm else "cold_load", seconds,
-                                         handle.memory_bytes))
+                                         handle.memory_bytes, disk=getattr(plan, "disk", ""),
+                                         fetch_seconds=getattr(plan, "fetch_seconds", 0.0)))
             log.info("loaded %s (%s, %d bytes) in %.3f s", name, "warm" if handle.warm else "cold",
                      handle.memory_bytes, seconds)
             fut.set_result(None)

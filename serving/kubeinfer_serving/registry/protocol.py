@@ -43,6 +43,8 @@ class ModelInfo:
         max_model_len: context length in tokens, when known.
         created: Unix time (seconds) the entry was registered.
         idle_timeout_seconds: unloaded after this long without requests (None: never).
+        source: the catalogue ``source`` URI (never carries credentials).
+        revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
     """
 
     name: str
@@ -54,6 +56,8 @@ class ModelInfo:
     max_model_len: int | None = None
     created: int = 0
     idle_timeout_seconds: float | None = None
+    source: str = ""
+    revision: str | None = None
 
 
 class ModelError(Exception):
