@@ -42,8 +42,10 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
         ("top_p", 1.5),
         ("n", 0),
         ("stop", 5),
-        ("logprobs", 2),
-        ("presence_penalty", 0.5),
+        ("logprobs", 21),
+        ("logit_bias", {"not-a-token": 1}),
+        ("frobnicate", 1),
+        ("presence_penalty", 2.5),
         ("prompt", []),
     ],
 )
@@ -63,7 +65,8 @@ def test_invalid_completion_fields_are_400_naming_the_field(client: openai.OpenA
         {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
         {"messages": [{"role": "user", "content": "hi"}]},
     ],
 )

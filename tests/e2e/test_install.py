@@ -358,7 +358,7 @@ def test_s3_example_fetches_its_model_and_answers(e2e: E2ECluster, state: State,
         assert uploaded > 0
         e2e.kubectl("delete", "isvc", "embeddings", "-n", "default", "--wait=true", timeout=300)
         e2e.kubectl("delete", "secret", secret["metadata"]["name"], "-n", "default")
-        e2e.kubectl("delete", "service,endpoints", "model-store", "-n", RELEASE_NS)
+        e2e.kubectl("delete", "service,endpoints", "model-store", "-n", RELEASE_NS, "--ignore-not-found")
     finally:
         store.stop()
 

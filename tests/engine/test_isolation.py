@@ -226,3 +226,51 @@ def test_cache_salt_separates_prefix_cache_hits(make_engine):
     assert _cached_tokens(engine, "u1", prompt, None) == 0  # unsalted: no hit on salted blocks
     assert _cached_tokens(engine, "a2", prompt, "tenant-a") == 48  # same salt: hits (all but the last block)
     assert _cached_tokens(engine, "u2", prompt, None) == 48
+
+
+class _FaultyMatcher:
+    """A grammar matcher (the protocol of ``SamplingParams.guide``) that raises at ``fault``."""
+
+    def __init__(self, vocab_size: int, fault: str) -> None:
+        self.words = (vocab_size + 31) // 32
+        self.fault = fault
+
+    def compute_bitmask(self) -> bytes:
+        if self.fault == "compute_bitmask":
+            raise RuntimeError("matcher bug while masking")
+        return b"\xff" * (4 * self.words)
+
+    def consume_token(self, token: int) -> bool:
+        if self.fault == "consume_token":
+            raise RuntimeError("matcher bug while advancing")
+        return True
+
+    def is_stopped(self) -> bool:
+        return False
+
+
+class _FaultyGuide:
+    def __init__(self, vocab_size: int, fault: str) -> None:
+        self.vocab_size, self.fault = vocab_size, fault
+
+    def matcher(self) -> _FaultyMatcher:
+        return _FaultyMatcher(self.vocab_size, self.fault)
+
+
+@pytest.mark.parametrize("fault", ["compute_bitmask", "consume_token"])
+def test_a_faulty_grammar_fails_only_that_request(make_engine, fault):
+    """Issue 11's structured outputs under issue 12's rule: a processor that raises fails its request alone."""
+    engine = make_engine(num_kv_blocks=64)
+    good = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, presence_penalty=0.5, logit_bias={5: 1.0})
+    engine.add_request("good", [7, 8, 9], good)
+    engine.add_request("bad", [7, 8, 10], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                         guide=_FaultyGuide(engine.vocab_size, fault)))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    bad = [o for o in outs if o.request_id == "bad"]
+    assert bad[-1].finished and bad[-1].finish_reason == "error" and bad[-1].error
+    assert sum(o.finished for o in bad) == 1
+    good_out = [o for o in outs if o.request_id == "good"]
+    assert good_out[-1].finish_reason == "length" and good_out[-1].num_output_tokens == 6
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, models, websocket
+from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization, websocket
 from kubeinfer_serving.api.admission import FairAdmission
 from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
@@ -29,6 +31,34 @@ from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger(__name__)
+
+#: The request-id header: echoed when the client sends one, else generated (as vLLM does).
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: every HTTP response carries ``X-Request-Id`` (the client's or a new uuid4 hex).
+
+    Works for streamed responses too (it only edits the ``http.response.start`` message).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v for k, v in scope.get("headers", []) if k.lower() == REQUEST_ID_HEADER), None)
+        rid = rid or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _result_cache(provider: ModelProvider, settings: ServerSettings) -> ResultCache:
@@ -48,7 +78,9 @@ def create_app(
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
-    ``GET /health``, ``GET /ready``, ``GET /metrics``. Every error has OpenAI's error body.
+    ``GET /health``, ``GET /ready``, ``GET /metrics``, and vLLM's ``POST /tokenize``,
+    ``POST /detokenize``, ``GET /version``. Every error has OpenAI's error body; every
+    response carries ``X-Request-Id``.
 
     Args:
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
@@ -88,10 +120,11 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider, settings)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, websocket):
+    for module in (completions, chat, embeddings, models, health, tokenization, websocket):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        body_timeout=settings.timeout_request_body)
-    app.add_middleware(AuthMiddleware, keys=app.state.keys)  # outermost: refuse before reading a body
+    app.add_middleware(AuthMiddleware, keys=app.state.keys)  # refuse before reading a body
+    app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

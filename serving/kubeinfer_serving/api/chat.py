@@ -1,9 +1,13 @@
 """``POST /v1/chat/completions``, streaming and not.
 
-The conversation is rendered with the model's chat template. Without ``max_completion_tokens``
-or ``max_tokens`` the reply may use the rest of the context (``max_model_len - prompt``), as
-vLLM does. A stream opens with a ``{"role": "assistant", "content": ""}`` delta per choice,
-as OpenAI's does.
+The conversation is rendered with the model's chat template (with the request's ``tools``,
+``add_generation_prompt``/``continue_final_message`` and ``chat_template_kwargs``). Without
+``max_completion_tokens`` or ``max_tokens`` the reply may use the rest of the context
+(``max_model_len - prompt``), as vLLM does. A stream opens with a
+``{"role": "assistant", "content": ""}`` delta per choice, as OpenAI's does. Tool calls
+(:mod:`kubeinfer_serving.api.tools`) come back as ``message.tool_calls`` with
+``finish_reason: "tool_calls"``; streamed, each call is one delta with its id, type and name
+followed by one with its arguments.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.fields import refuse_unknown_fields
 from kubeinfer_serving.api.generation import (
     GenerationRun,
     Job,
+    bad_words_token_ids,
     check_fanout,
-    reject_unsupported,
     sampling_params,
 )
-from kubeinfer_serving.api.prompts import chat_prompt, resolve_max_tokens
+from kubeinfer_serving.api.logprobs import TokenText, chat_logprobs
+from kubeinfer_serving.api.prompts import _message_text, chat_prompt, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -32,37 +38,56 @@ from kubeinfer_serving.api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from kubeinfer_serving.api.serving import (
+    SYSTEM_FINGERPRINT,
+    ChoiceResult,
     UsageCounter,
     acquire,
     cache_salt,
     new_id,
     now,
+    resolve_model_name,
     resolve_priority,
     respond,
     result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
+from kubeinfer_serving.api.structured import compile_guide, grammar_spec
+from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls, parser_for, plan_tools
+from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter()
 
 
-def _reject_unsupported(body: ChatCompletionRequest) -> None:
-    reject_unsupported(body)
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs is not supported by this server", param="logprobs",
-                       code="unsupported_parameter")
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
-    if body.tool_choice not in (None, "none"):
-        raise APIError(400, "tool_choice is not supported by this server", param="tool_choice",
-                       code="unsupported_parameter")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                       code="unsupported_parameter")
+def check_request(body: ChatCompletionRequest) -> None:
+    """Refuse what this route cannot honour, naming the field (400).
+
+    Raises:
+        APIError: unknown or unsupported fields; ``top_logprobs`` without ``logprobs`` or
+            above 20; ``stream_options`` without ``stream``; both ``add_generation_prompt`` and
+            ``continue_final_message``.
+    """
+    refuse_unknown_fields(body, defaults={"add_special_tokens": False})
+    if body.top_logprobs is not None and body.top_logprobs > 0 and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if body.top_logprobs is not None and body.top_logprobs > MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs",
+                       code="invalid_value")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options can only be given with stream: true", param="stream_options",
+                       code="invalid_value")
+    if body.continue_final_message and body.add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false",
+                       param="continue_final_message", code="invalid_value")
+    if body.spaces_between_special_tokens is False:
+        raise APIError(400, "spaces_between_special_tokens false is not supported by this server",
+                       param="spaces_between_special_tokens", code="unsupported_parameter")
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -72,41 +97,90 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     Returns a ``chat.completion`` object (or an SSE stream of ``chat.completion.chunk`` ending in
     ``data: [DONE]``). Errors as for ``/v1/completions``; ``param`` is ``messages`` for context overflow.
     """
-    _reject_unsupported(body)
+    check_request(body)
     check_fanout(request, 1, body.n)
+    plan = plan_tools(body)
+    structured = grammar_spec(body)
+    if plan.guide is not None:
+        if structured is not None:
+            raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",
+                           param=structured[0], code="invalid_value")
+        structured = ("tool_choice", plan.guide)
     response_id, created = new_id("chatcmpl"), now()
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    want_lp = (body.top_logprobs or 0) if body.logprobs else None
     async with AsyncExitStack() as stack:
-        served = await acquire(request, stack, body.model, ModelKind.GENERATE)
+        model = resolve_model_name(request, body.model, ModelKind.GENERATE)
+        served = await acquire(request, stack, model, ModelKind.GENERATE)
         priority = resolve_priority(request, body, served)
         salt = cache_salt(request, body)
-        ids = await asyncio.to_thread(chat_prompt, served.tokenizer, body.messages, served.max_model_len,
-                                      parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat)
+        tok = served.tokenizer
+        guide = await compile_guide(served.engine, tok, structured[1], structured[0]) if structured else None
+        ids = await asyncio.to_thread(
+            chat_prompt, tok, body.messages, served.max_model_len,
+            parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs)
         max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
-        jobs = [Job(j, 0, f"{response_id}-{j}", ids, sampling_params(body, max_tokens, j, priority, salt)) for j in range(body.n)]
+        bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
+        jobs = [Job(j, 0, f"{response_id}-{j}", ids,
+                    sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
+                                    logprobs=want_lp))
+                for j in range(body.n)]
+        parser = parser_for(tok)
+        text_of = TokenText(tok, bool(body.return_tokens_as_token_ids))
+        last = body.messages[-1]
+        echo = _message_text(last) if body.echo and last.role == "assistant" else ""
 
-        def build(texts: list[str], reasons: list[str | None], usage: Usage) -> ChatCompletionResponse:
-            choices = [
-                ChatChoice(index=j.index, message=AssistantMessage(content=texts[j.index]),
-                           finish_reason=reasons[j.index])
-                for j in jobs
-            ]
-            return ChatCompletionResponse(id=response_id, created=created, model=body.model, choices=choices,
-                                          usage=usage)
+        def build(results: list[ChoiceResult], usage: Usage) -> ChatCompletionResponse:
+            choices = []
+            for j in jobs:
+                r = results[j.index]
+                content, calls = parse_tool_calls(r.text, plan, parser)
+                reason = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
+                if content is not None:
+                    content = echo + content
+                message = AssistantMessage(content=content, tool_calls=calls or None)
+                lp = chat_logprobs(r.logprobs, text_of, want_lp) if want_lp is not None else None
+                choices.append(ChatChoice(index=j.index, message=message, logprobs=lp, finish_reason=reason))
+            return ChatCompletionResponse(id=response_id, created=created, model=model, choices=choices,
+                                          usage=usage, system_fingerprint=SYSTEM_FINGERPRINT)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse_event(ChatCompletionChunk(id=response_id, created=created, model=body.model,
-                                                 choices=choices, usage=usage))
+            return sse_event(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
+                                                 usage=usage, system_fingerprint=SYSTEM_FINGERPRINT))
+
+        def call_deltas(calls: list[ToolCall]) -> list[ToolCallDelta]:
+            out = []
+            for i, c in enumerate(calls):
+                out.append(ToolCallDelta(index=i, id=c.id, type="function",
+                                         function=FunctionCallDelta(name=c.function.name, arguments="")))
+                out.append(ToolCallDelta(index=i, function=FunctionCallDelta(arguments=c.function.arguments)))
+            return out
 
         async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
-            yield chunk([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=""))
+            yield chunk([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=echo))
                          for j in jobs])
+            streams = {j.index: ToolCallStream(plan, parser) for j in jobs}
             async for job, out in run.outputs():
                 usage.update(job, out)
-                if out.new_text or out.finished:
-                    delta = DeltaMessage(content=out.new_text or None)
-                    yield chunk([ChatChunkChoice(index=job.index, delta=delta,
-                                                 finish_reason=out.finish_reason if out.finished else None)])
+                ts = streams[job.index]
+                content = ts.feed(out.new_text)
+                lp = chat_logprobs(out.new_logprobs or [], text_of, want_lp) if want_lp is not None else None
+                if not out.finished:
+                    if content or (lp is not None and lp.content):
+                        yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                     logprobs=lp)])
+                    continue
+                rest, calls = ts.finish()
+                content += rest
+                reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+                if content or (lp is not None and lp.content):
+                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                 logprobs=lp)])
+                for delta in call_deltas(calls):
+                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
+                yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield chunk([], usage.usage())
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.prompts import tokenizer_lock
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.engine.errors import PromptTooLongError
 from kubeinfer_serving.engine.outputs import RequestOutput
@@ -33,19 +34,24 @@ class ClientDisconnected(Exception):
     """The HTTP client closed the connection before the response was ready."""
 
 
-def reject_unsupported(body: _SamplingFields) -> None:
-    """Refuse OpenAI sampling fields the engine does not implement, instead of silently ignoring them.
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token id as a string -> bias in [-100, 100]) with integer keys.
 
     Raises:
-        APIError: 400 naming the field, for non-zero ``presence_penalty``/``frequency_penalty`` or a
-            non-empty ``logit_bias``.
+        APIError: 400 ``param=logit_bias`` for a key that is not a token id or a value out of range.
     """
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
-                       code="unsupported_parameter")
+    out: dict[int, float] = {}
+    for key, value in (raw or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias",
+                           code="invalid_value") from None
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value!r}", param="logit_bias",
+                           code="invalid_value")
+        out[tok] = float(value)
+    return out
 
 
 def check_fanout(request: Request, num_prompts: int, n: int) -> None:
@@ -64,13 +70,43 @@ def check_fanout(request: Request, num_prompts: int, n: int) -> None:
                        code="invalid_value")
 
 
+def bad_words_token_ids(tokenizer: Any, words: list[str] | None) -> list[list[int]]:
+    """vLLM's ``bad_words``: each word's token ids, as written and with a leading space.
+
+    A word is banned in both spellings since BPE tokenizers encode a word differently at the
+    start of the text and after a space (vLLM tokenizes both forms too). Blocking (it holds the
+    tokenizer's lock): routes call it in a worker thread.
+    """
+    out: list[list[int]] = []
+    with tokenizer_lock(tokenizer):
+        for word in words or []:
+            for text in (word, " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+    return out
+
+
 def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priority: int = 0,
-                    cache_salt: str | None = None) -> SamplingParams:
+                    cache_salt: str | None = None, *, bad_words_ids: list[list[int]] | None = None,
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    guide: Any = None) -> SamplingParams:
     """Engine sampling parameters for choice ``choice`` (0-based) of ``body``, with the resolved
     ``priority`` and prefix-cache salt.
 
     OpenAI defaults: temperature 1, top_p 1. With a ``seed`` and ``n > 1``, choice ``j`` uses
     ``seed + j`` so the choices differ yet the whole response stays reproducible.
+
+    Args:
+        priority: the request's scheduling priority (already resolved from the tenant's default).
+        cache_salt: the prefix-cache salt (already combined with the tenant's), or None.
+        bad_words_ids: ``bad_words`` as token ids (:func:`bad_words_token_ids`).
+        logprobs, prompt_logprobs: how many top alternatives to report per output / prompt
+            token (None: no log-probabilities).
+        guide: the compiled grammar of a structured-output request.
+
+    Raises:
+        APIError: 400 naming the field when a value is out of range.
     """
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
@@ -85,9 +121,25 @@ def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priorit
             ignore_eos=body.ignore_eos,
             priority=priority,
             cache_salt=cache_salt,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens,
+            min_p=body.min_p or 0.0,
+            logit_bias=_logit_bias(body.logit_bias),
+            allowed_token_ids=body.allowed_token_ids,
+            bad_words_token_ids=bad_words_ids or [],
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            guide=guide,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
-        raise APIError(400, str(exc), code="invalid_value") from exc
+        message = str(exc)
+        param = message.split(" ", 1)[0]
+        raise APIError(400, message, param=param if param in type(body).model_fields else None,
+                       code="invalid_value") from exc
 
 
 @dataclass

@@ -2,11 +2,13 @@
 
 Completions take a string, a list of strings, a token-id list or a list of token-id lists
 (OpenAI's four ``prompt`` forms). Chat prompts are rendered with the model's own chat template
-(``tokenizer.apply_chat_template(..., add_generation_prompt=True)``), as Hugging Face and vLLM do.
+(``tokenizer.apply_chat_template(...)``), as Hugging Face and vLLM do, with the request's
+``tools``, ``add_generation_prompt`` / ``continue_final_message`` and ``chat_template_kwargs``.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -196,41 +198,106 @@ def _encode_rendered(tokenizer: Any, rendered: str, contents: list[str]) -> list
     return ids
 
 
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as chat templates expect it (``developer`` as ``system``; tool-call arguments as objects)."""
+    msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+    if m.name is not None:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            fn = dict(call.get("function") or {})
+            args = fn.get("arguments")
+            if isinstance(args, str):  # OpenAI sends a JSON string; templates (Llama 3's) render an object
+                try:
+                    fn["arguments"] = json.loads(args)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({**call, "function": fn})
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessage],
+                         tools: list[dict[str, Any]] | None, chat_template_kwargs: dict[str, Any] | None) -> None:
+    """Refuse control-token text in the client strings a template renders besides message contents.
+
+    Contents are tokenized so that such text stays text (:func:`_encode_rendered`); names, tool
+    calls, ``tools`` and template variables cannot be located reliably in the rendered text
+    (templates serialize them), so they are refused instead.
+
+    Raises:
+        APIError: 400 naming the field that holds control-token text.
+    """
+    parts: list[tuple[str, Any]] = [("tools", tools), ("chat_template_kwargs", chat_template_kwargs)]
+    for i, m in enumerate(messages):
+        parts += [(f"messages[{i}].name", m.name), (f"messages[{i}].tool_call_id", m.tool_call_id),
+                  (f"messages[{i}].tool_calls", m.tool_calls)]
+    for param, value in parts:
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if any(s in text for s in specials):
+            raise APIError(400, "The request contains the model's control-token text, which is not allowed",
+                           param=param, code="invalid_value")
+
+
+
 def chat_prompt(
     tokenizer: Any,
     messages: Sequence[ChatMessage],
     max_model_len: int | None = None,
     *,
     parse_special_tokens: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of a chat conversation rendered by the model's chat template, ending in the assistant turn.
+    """Token ids of a chat conversation rendered by the model's chat template.
 
-    ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know ``system``).
-    Message contents can never produce the model's control tokens (``<|eot_id|>`` typed by a user
-    stays text, so it cannot close its turn and forge a system turn), unless ``parse_special_tokens``
-    (the server's ``--parse-special-tokens-in-chat`` opt-out). Blocking: routes call it in a worker thread.
+    ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know
+    ``system``); assistant ``tool_calls`` and ``tool`` messages (with ``tool_call_id``) reach
+    the template, as do ``tools``. Message contents can never produce the model's control tokens
+    (``<|eot_id|>`` typed by a user stays text, so it cannot close its turn and forge a system
+    turn), unless ``parse_special_tokens`` (the server's ``--parse-special-tokens-in-chat``
+    opt-out); control-token text in the other client strings the template renders (names, tool
+    calls, ``tools``, ``chat_template_kwargs``) is refused. Blocking: routes call it in a worker thread.
 
     Args:
         max_model_len: when given, a conversation whose text cannot fit the context is refused
             before rendering.
+        add_generation_prompt: end with the assistant turn's header (the usual case).
+        continue_final_message: leave the last message open so the model continues it
+            (a "prefill"); exclusive with ``add_generation_prompt``.
+        chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
 
     Raises:
         APIError: 400 when the model has no chat template, the template rejects the conversation
             (e.g. roles out of order), or a content part is not text; 400 ``context_length_exceeded``
             when the text cannot fit.
     """
-    conv = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in messages
-    ]
+    conv = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
     if max_model_len is not None:
         check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param="messages")
+    kwargs = dict(chat_template_kwargs or {})
+    for reserved in ("conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize"):
+        if reserved in kwargs:
+            raise APIError(400, f"chat_template_kwargs must not set {reserved!r}", param="chat_template_kwargs",
+                           code="invalid_value")
     specials = () if parse_special_tokens else special_token_strings(tokenizer)
+    if specials:
+        _refuse_control_text(specials, messages, tools, chat_template_kwargs)
     injected = any(s in m["content"] for m in conv for s in specials)
     with tokenizer_lock(tokenizer):
         try:
-            rendered = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=not injected)
+            rendered = tokenizer.apply_chat_template(
+                conv, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=not injected, **kwargs)
         except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
             raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
         if injected:

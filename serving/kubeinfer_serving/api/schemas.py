@@ -2,10 +2,15 @@
 
 Field names and defaults follow OpenAI's API reference (https://platform.openai.com/docs/api-reference):
 ``max_tokens`` defaults to 16 for legacy completions; ``temperature`` is in [0, 2]; ``top_p`` in (0, 1].
-Extensions in the style of vLLM's API: ``top_k``, ``ignore_eos``, ``stop_token_ids``.
-Unknown fields are ignored (as vLLM does); known OpenAI fields this server cannot honour
-(``logprobs``, penalties, ``logit_bias``, ``suffix``, tools) are rejected by the routes with 400,
-never silently dropped.
+Extensions with vLLM's names and meanings: ``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``, ``bad_words``,
+``include_stop_str_in_output``, ``skip_special_tokens``, ``return_tokens_as_token_ids``, the
+``guided_*`` / ``structured_outputs`` constraints, the chat template controls, ``priority``
+and ``cache_salt``.
+
+No field is silently ignored: request bodies keep unknown fields (``extra="allow"``) so that
+:func:`kubeinfer_serving.api.fields.refuse_unknown_fields` can answer 400 naming any field this
+server does not implement (OpenAI's and vLLM's fields alike), as OpenAI's API does.
 
 Every field is bounded, so no value can reach the engine that it cannot represent (a ``top_k``
 of 2**64 once killed an engine): integers are within int32 (``seed`` within int64), floats are
@@ -35,6 +40,10 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 #: Longest ``model`` / ``user`` / ``name`` string (characters): names are never megabytes.
 MAX_NAME_CHARS = 256
+#: Most ``logit_bias`` entries per request (the routes check keys and the [-100, 100] values).
+MAX_LOGIT_BIAS = 4096
+#: Most ``bad_words`` per request.
+MAX_BAD_WORDS = 1024
 
 
 def no_lone_surrogates(text: str) -> str:
@@ -55,6 +64,9 @@ def no_lone_surrogates(text: str) -> str:
 Text = Annotated[str, AfterValidator(no_lone_surrogates)]
 #: A short name (``model``, ``user``, message ``name``).
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+#: A token id field (``allowed_token_ids``, ``/detokenize`` tokens): an int in [0, 2**31); the
+#: vocabulary bound is checked later, by the model.
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
 
 def check_prompt_input(value: Any) -> Any:
@@ -111,7 +123,7 @@ PromptInput = Annotated[
 ]
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
 
 class StreamOptions(_Request):
@@ -123,7 +135,7 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: Name
+    model: Name | None = Field(None, description="Optional when the server serves one generative model.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -134,7 +146,7 @@ class _SamplingFields(_Request):
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Name | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32,
@@ -148,13 +160,33 @@ class _SamplingFields(_Request):
     priority: int | None = Field(None, ge=-MAX_INT32 - 1, le=MAX_INT32,
                                  description="vLLM's priority: lower values run first (needs the priority "
                                  "scheduling policy); default: the tenant's priority, else 0.")
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]],
+                         Field(max_length=MAX_BAD_WORDS)] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_tokens_as_token_ids: bool | None = None
+    # Structured outputs (vLLM's guided decoding fields and their newer ``structured_outputs`` form).
+    response_format: dict[str, Any] | None = None
+    guided_json: Text | dict[str, Any] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_decoding_backend: Name | None = None
+    guided_whitespace_pattern: Text | None = None
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt`` is a string, a list of strings, a token-id list or a list of those."""
 
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT32,
+                                   description="0 only with echo: score the prompt, generate nothing.")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -174,6 +206,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Name | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: Name | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -185,8 +219,48 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (vLLM): a ``prompt``, or chat ``messages`` rendered with the chat template."""
+
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    """``/tokenize`` answer: the token ids, their count and the model's context length."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize`` (vLLM): token ids -> text."""
+
+    model: Name | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    """``/detokenize`` answer."""
+
+    prompt: str
 
 
 class EmbeddingRequest(_Request):
@@ -214,12 +288,42 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """``logprobs`` of a legacy completion choice: per token its text, log-probability, the top
+    alternatives (token text -> log-probability) and its character offset in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class ChatTopLogprob(BaseModel):
+    """One alternative token of a chat ``logprobs`` entry (``bytes``: its UTF-8 bytes)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(ChatTopLogprob):
+    """One output token of a chat ``logprobs.content`` list, with its ``top_logprobs``."""
+
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """``choices[i].logprobs`` of a chat completion."""
+
+    content: list[ChatLogprob] | None = None
+
+
 class CompletionChoice(BaseModel):
     """One generated text of ``/v1/completions``."""
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -235,11 +339,43 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCall(BaseModel):
+    """The function a tool call invokes: its name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message (OpenAI's shape)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    """A streamed piece of a function call: the name in the first piece, then argument text."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call; ``index`` says which call it extends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class AssistantMessage(BaseModel):
     """The generated chat message."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -247,7 +383,7 @@ class ChatChoice(BaseModel):
 
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -268,6 +404,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -275,7 +412,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -11,12 +11,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from kubeinfer_serving import __version__
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
@@ -25,11 +27,15 @@ from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
 from kubeinfer_serving.api.result_cache import ResultCache, replay
 from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
 from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
-from kubeinfer_serving.engine.outputs import RequestOutput
+from kubeinfer_serving.engine.outputs import RequestOutput, TokenLogprob
 from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
 
 #: Status logged (never sent) when the client left before the response: nginx's "client closed request".
 CLIENT_CLOSED = 499
+
+
+#: ``system_fingerprint`` of every response: the server build (OpenAI: the backend configuration).
+SYSTEM_FINGERPRINT = f"kubeinfer-{__version__}"
 
 
 def new_id(prefix: str) -> str:
@@ -42,13 +48,34 @@ def now() -> int:
     return int(time.time())
 
 
-async def acquire(request: Request, stack: AsyncExitStack, name: str, kind: ModelKind) -> ServedModel:
+def resolve_model_name(request: Request, name: str | None, kind: ModelKind) -> str:
+    """``name``, or when the request left ``model`` out, the one model of ``kind`` the server serves (as vLLM).
+
+    Raises:
+        APIError: 400 ``param=model``, ``missing_required_parameter``, when ``model`` is missing
+            and the server serves several (or no) models of that kind.
+    """
+    if name:
+        return name
+    names = [m.name for m in request.app.state.provider.list_models() if m.kind is kind]
+    if len(names) != 1:
+        raise APIError(400, f"model is required: this server serves {len(names)} models of this kind "
+                       f"({', '.join(names)})", param="model", code="missing_required_parameter")
+    return names[0]
+
+
+async def acquire(request: Request, stack: AsyncExitStack, name: str | None, kind: ModelKind) -> ServedModel:
     """Acquire model ``name`` from the app's provider on ``stack`` and check it serves ``kind``.
+
+    Args:
+        name: the model; None picks the only model of ``kind`` (see :func:`resolve_model_name`).
 
     Raises:
         ModelNotFoundError, ModelUnavailableError: from the provider (404, 503).
-        APIError: 400 ``model_not_supported`` when the model is of the other kind.
+        APIError: 400 ``model_not_supported`` when the model is of the other kind; 400 when
+            ``name`` is None and there is no single model to pick.
     """
+    name = resolve_model_name(request, name, kind)
     served = await stack.enter_async_context(request.app.state.provider.acquire(name))
     if kind is ModelKind.GENERATE and getattr(served, "engine", None) is None:
         raise APIError(400, f"Model {name!r} is an embedding model; use /v1/embeddings", param="model",
@@ -56,6 +83,36 @@ async def acquire(request: Request, stack: AsyncExitStack, name: str, kind: Mode
     if kind is ModelKind.EMBED and getattr(served, "embedder", None) is None:
         raise APIError(400, f"Model {name!r} does not serve embeddings", param="model", code="model_not_supported")
     return served
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice produced, for a non-streamed response.
+
+    Attributes:
+        text: the output text.
+        finish_reason: why it ended.
+        token_ids: the output token ids.
+        logprobs: one entry per output token (when asked for).
+        prompt_logprobs: per prompt token, first None (when asked for).
+    """
+
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        """Append one engine output (a delta) of this choice."""
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        if out.new_logprobs:
+            self.logprobs += out.new_logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finish_reason = out.finish_reason
 
 
 class UsageCounter:
@@ -164,7 +221,7 @@ async def respond(
     jobs: list[Job],
     *,
     stream: bool,
-    build_response: Callable[[list[str], list[str | None], Usage], BaseModel],
+    build_response: Callable[[list[ChoiceResult], Usage], BaseModel],
     stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
     cache_key: str | None = None,
     include_usage: bool = False,
@@ -176,7 +233,7 @@ async def respond(
     disconnects, the jobs are aborted (freeing their KV blocks) and nothing is sent.
 
     Args:
-        build_response: (texts per choice, finish reasons per choice, usage) -> the response body.
+        build_response: (results per choice index, usage) -> the response body.
         stream_events: (run, usage counter) -> the SSE ``data:`` events, without the final ``[DONE]``.
 
         cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
@@ -220,15 +277,12 @@ async def respond(
         if not stream:
 
             async def collect() -> BaseModel:
-                texts = [""] * len(jobs)
-                reasons: list[str | None] = [None] * len(jobs)
+                results = [ChoiceResult() for _ in jobs]
                 await run.wait_first()
                 async for job, out in run.outputs():
-                    texts[job.index] += out.new_text
+                    results[job.index].add(out)
                     usage.update(job, out)
-                    if out.finished:
-                        reasons[job.index] = out.finish_reason
-                return build_response(texts, reasons, usage.usage())
+                return build_response(results, usage.usage())
 
             try:
                 body = await until_disconnect(request, collect())
@@ -237,7 +291,7 @@ async def respond(
             data = body.model_dump(mode="json")
             if cache_key is None:
                 return JSONResponse(data)
-            if all(c.get("finish_reason") in ("stop", "length") for c in data.get("choices", [])):
+            if all(c.get("finish_reason") in ("stop", "length", "tool_calls") for c in data.get("choices", [])):
                 cache.put(cache_key, data)
             return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
         await until_disconnect(request, run.wait_first())

@@ -92,8 +92,8 @@ class BlockManager:
         Returns:
             (block ids, their hashes), not yet referenced; pass both to :meth:`allocate_slots`.
         """
-        if not self.enable_prefix_caching:
-            return [], []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return [], []  # a request scoring its prompt needs the logits of every prompt token
         max_blocks = (len(seq) - 1) // self.block_size
         blocks: list[int] = []
         hashes: list[bytes] = []

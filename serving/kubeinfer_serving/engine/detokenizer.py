@@ -21,16 +21,22 @@ class IncrementalDetokenizer:
     Args:
         tokenizer: a Hugging Face tokenizer, or None to produce no text (token-id-only use).
         prompt_token_ids: the prompt, for the first window's context.
-        stop: stop strings; the text returned never contains them, and up to
-            ``len(longest stop) - 1`` characters are held back until they cannot start one.
+        stop: stop strings; the text returned never contains them (unless
+            ``include_stop_str``), and up to ``len(longest stop) - 1`` characters are held back
+            until they cannot start one.
+        include_stop_str: keep the stop string found at the end of the text.
+        skip_special_tokens: leave special tokens out of the text.
 
     Attributes:
         text: output text so far (cut before a stop string once one is found).
         stopped: True once a stop string was found.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str]) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str], *,
+                 include_stop_str: bool = False, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.include_stop_str = include_stop_str
+        self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         context = prompt_token_ids[-_PROMPT_CONTEXT:] if tokenizer is not None else []
@@ -48,17 +54,19 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         for tid in token_ids:
             self._ids.append(tid)
-            prefix = self.tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-            full = self.tokenizer.decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+            skip = self.skip_special_tokens
+            prefix = self.tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=skip)
+            full = self.tokenizer.decode(self._ids[self._prefix_offset:], skip_special_tokens=skip)
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
                 self.text += full[len(prefix):]
                 self._prefix_offset = self._read_offset
                 self._read_offset = len(self._ids)
         if self.stop and len(self.text) > old_len:
             start = max(0, old_len - self.holdback)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, i + len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                begin, end = min(hits)
+                self.text = self.text[: end if self.include_stop_str else begin]
                 self.stopped = True
 
     def take_delta(self, finished: bool) -> str:

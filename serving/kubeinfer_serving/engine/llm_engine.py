@@ -42,6 +42,7 @@ class _Tracked:
     seq: Sequence
     detok: IncrementalDetokenizer
     sent_tokens: int = 0
+    sent_prompt_logprobs: bool = False
 
 
 def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
@@ -190,13 +191,16 @@ class LLMEngine:
 
         Raises:
             PromptTooLongError: prompt + max_tokens > max_model_len.
-            ValueError: empty prompt, token ids outside the vocabulary, or stop strings
-                without a tokenizer.
+            ValueError: empty prompt, token ids outside the vocabulary (in the prompt or in
+                ``logit_bias``, ``allowed_token_ids``, ``bad_words_token_ids``, ``stop_token_ids``),
+                or stop strings without a tokenizer.
         """
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.max_token_id() >= self.vocab_size:
+            raise ValueError(f"token ids in the sampling parameters must be in [0, {self.vocab_size})")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         if params.stop and self.tokenizer is None:
@@ -233,7 +237,13 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        if params.guide is not None:
+            seq.matcher = params.guide.matcher()
+        if params.min_tokens:
+            seq.min_tokens_stop_ids = tuple(sorted(set(params.stop_token_ids) | self.eos_token_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
+                                       include_stop_str=params.include_stop_str_in_output,
+                                       skip_special_tokens=params.skip_special_tokens)
         self._requests[request_id] = _Tracked(seq, detok)
         self.scheduler.add(seq)
         self._emit(StepStats())
@@ -348,6 +358,13 @@ class LLMEngine:
         for upd in self.scheduler.update_from_output(plan, tokens):
             seq = upd.seq
             tracked = self._requests[seq.request_id]
+            if seq.params.max_tokens == 0:
+                # Scoring the prompt only: the scheduler finished it ("length"); nothing is output.
+                seq.output_token_ids.pop()
+                del self._requests[seq.request_id]
+                self._on_finished(seq, now, stats)
+                outputs.append(self._output(tracked, finished=True))
+                continue
             stats.generation_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -357,8 +374,17 @@ class LLMEngine:
             seq.last_token_time = now
             tracked.detok.add_tokens([upd.token])
             finished = upd.finish_reason is not None
-            if tracked.detok.stopped:
-                # A stop string ends the request as "stop" even on its last allowed token.
+            grammar_done = False
+            if seq.matcher is not None:
+                try:
+                    seq.matcher.consume_token(upd.token)
+                    grammar_done = seq.matcher.is_stopped()  # complete (or failed): nothing may follow
+                except Exception:  # noqa: BLE001 - a faulty grammar matcher fails its request alone
+                    log.exception("engine %s: request %s failed", self.model_name, seq.request_id)
+                    outputs.append(self._fail_after_update(seq, finished, now, stats))
+                    continue
+            if tracked.detok.stopped or grammar_done:
+                # A stop string or a completed grammar ends the request as "stop", even on its last allowed token.
                 if finished:
                     seq.finish_reason = "stop"
                 else:
@@ -412,10 +438,29 @@ class LLMEngine:
         out.error = REQUEST_FAILED_MESSAGE
         return out
 
+    def _fail_after_update(self, seq: Sequence, finished: bool, now: float, stats: StepStats) -> RequestOutput:
+        """As :meth:`_fail`, for a sequence the step already advanced (``finished``: the scheduler
+        already finished it, e.g. on its last allowed token)."""
+        if finished:
+            seq.finish_reason = "error"
+            tracked = self._requests.pop(seq.request_id)
+            self._on_finished(seq, now, stats)
+            out = self._output(tracked, finished=True)
+            out.error = REQUEST_FAILED_MESSAGE
+            return out
+        return self._fail(seq, now, stats)
+
     def _output(self, tracked: _Tracked, *, finished: bool) -> RequestOutput:
         seq = tracked.seq
         new_ids = seq.output_token_ids[tracked.sent_tokens:]
         tracked.sent_tokens = len(seq.output_token_ids)
+        new_logprobs = None
+        if seq.params.logprobs is not None:
+            new_logprobs = seq.output_logprobs[len(seq.output_token_ids) - len(new_ids):]
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and not tracked.sent_prompt_logprobs:
+            tracked.sent_prompt_logprobs = True
+            prompt_logprobs = list(seq.prompt_logprobs)
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
@@ -425,6 +470,8 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            new_logprobs=new_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _on_finished(self, seq: Sequence, now: float, stats: StepStats) -> None:

@@ -16,14 +16,97 @@ import torch
 
 from kubeinfer_serving.layers.attention import AttentionMetadata
 
-from .sampler import sample
+from .logits_processors import apply_logits_processors
+from .outputs import TokenLogprob
+from .sampler import _h2d, sample
 from .scheduler import ScheduledSeq
+from .sequence import Sequence
+
+#: Prompt positions whose logits are materialised at once when scoring a prompt ([rows, vocab] fp32).
+_PROMPT_ROWS = 512
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes over all layers (K and V)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+
+def _token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of given tokens and the top ``k`` per row.
+
+    Args:
+        logits: [N, V] float32.
+        token_ids: [N] int64, the token whose log-probability each row reports.
+        k: how many of the most likely tokens to return (0: none).
+
+    Returns:
+        ([N] float32 own log-probabilities, [N, k] float32 top values, [N, k] int64 top ids),
+        computed in float32 on the logits' device with ``log_softmax``.
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    own = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    if k > 0:
+        top_v, top_i = logprobs.topk(k, dim=-1)
+    else:
+        top_v = logprobs.new_empty((logits.shape[0], 0))
+        top_i = torch.empty((logits.shape[0], 0), dtype=torch.int64, device=logits.device)
+    return own, top_v, top_i
+
+
+def _prompt_logprob_jobs(scheduled: list[ScheduledSeq], last_idx: list[int]
+                         ) -> list[tuple[Sequence, list[int], list[int]]]:
+    """For each sequence scoring its prompt: (seq, batch rows, target token ids) of this chunk.
+
+    Row ``r`` holds the hidden state of position ``p``; its target is prompt token ``p + 1``.
+    Positions already scored (before a preemption, say) are skipped. The first prompt token
+    gets a None entry when scoring starts.
+    """
+    jobs = []
+    for s, last in zip(scheduled, last_idx, strict=True):
+        seq = s.seq
+        if seq.params.prompt_logprobs is None:
+            continue
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        n_prompt = seq.num_prompt_tokens
+        start = s.num_computed_before
+        first = max(start, len(seq.prompt_logprobs) - 1)
+        end = min(start + s.num_new_tokens, n_prompt - 1)
+        if first >= end:
+            continue
+        q_start = last - s.num_new_tokens + 1
+        jobs.append((seq, [q_start + p - start for p in range(first, end)], seq.prompt_token_ids[first + 1:end + 1]))
+    return jobs
+
+
+def _copy_to_host(tensors: list[torch.Tensor]) -> list[list]:
+    """Bring several device tensors to the host in one copy (one synchronisation).
+
+    Every tensor is cast to float64 (exact for token ids below 2**53) and flattened into one
+    buffer; the result gives each back as nested lists of its original shape.
+    """
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out: list[list] = []
+    pos = 0
+    for t in tensors:
+        n = t.numel()
+        chunk = flat[pos:pos + n]
+        pos += n
+        if t.dim() == 2:
+            width = t.shape[1]
+            chunk = [chunk[r * width:(r + 1) * width] for r in range(t.shape[0])]
+        out.append(chunk)
+    return out
+
+
+def _triples(host: list[list]):
+    """Group a flat list of host values into (own, top values, top ids) triples."""
+    for i in range(0, len(host), 3):
+        yield host[i], host[i + 1], host[i + 2]
 
 
 @dataclass
@@ -153,6 +236,14 @@ class ModelRunner:
     def run(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
         """Run one step and sample for every sequence whose chunk reaches its end.
 
+        Each sampled row first goes through its request's logits processors
+        (:func:`~kubeinfer_serving.engine.logits_processors.apply_logits_processors`). For a
+        sequence that asked for ``logprobs`` the sampled token's :class:`TokenLogprob` is
+        appended to ``seq.output_logprobs`` (not when ``max_tokens`` is 0: nothing is output);
+        for one that asked for ``prompt_logprobs`` the prompt positions of this chunk are
+        appended to ``seq.prompt_logprobs``. Everything the host needs comes back in one
+        device-to-host copy.
+
         Returns:
             one entry per scheduled sequence: the sampled token id, or None for a prefill
             chunk that stops short of the sequence's end (nothing to sample yet).
@@ -163,15 +254,67 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         rows = inputs.sample_rows
         result: list[int | None] = [None] * len(scheduled)
-        if not rows:
+        prompt_jobs: list[tuple[Sequence, list[int], list[int]]] = []
+        if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
+            last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
+            prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
+        if not rows and not prompt_jobs:
             return result
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_idx))
+        to_host: list[torch.Tensor] = []
         seqs = [scheduled[i].seq for i in rows]
-        # The step's one device-to-host copy: the sampled ids.
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for i, tok in zip(rows, tokens, strict=True):
-            result[i] = tok
+        lp_rows: list[int] = []
+        if rows:
+            logits = apply_logits_processors(self.model.compute_logits(hidden.index_select(0, inputs.logits_idx)),
+                                             seqs)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            if not prompt_jobs and all(s.params.logprobs is None for s in seqs):
+                # The step's one device-to-host copy: the sampled ids.
+                for i, tok in zip(rows, tokens.tolist(), strict=True):
+                    result[i] = tok
+                return result
+            to_host.append(tokens)
+            lp_rows = [j for j, s in enumerate(seqs) if s.params.logprobs is not None and s.params.max_tokens > 0]
+            k = max((seqs[j].params.logprobs for j in lp_rows), default=0)
+            if lp_rows:
+                sel = _h2d(lp_rows, torch.int64, self.device)
+                to_host.extend(_token_logprobs(logits[sel], tokens[sel], k))
+        prompt_parts = self._prompt_logprobs(hidden, prompt_jobs)
+        host = _copy_to_host(to_host + prompt_parts)  # the step's one device-to-host copy
+        if rows:
+            toks = [int(t) for t in host.pop(0)]
+            for i, tok in zip(rows, toks, strict=True):
+                result[i] = tok
+            if lp_rows:
+                own, top_v, top_i = host.pop(0), host.pop(0), host.pop(0)
+                for n, j in enumerate(lp_rows):
+                    kj = seqs[j].params.logprobs
+                    seqs[j].output_logprobs.append(
+                        TokenLogprob(toks[j], own[n], list(zip((int(t) for t in top_i[n][:kj]), top_v[n][:kj],
+                                                               strict=True))))
+        for job, (own, top_v, top_i) in zip(prompt_jobs, _triples(host), strict=True):
+            seq, targets = job[0], job[2]
+            k = seq.params.prompt_logprobs
+            for n, tok in enumerate(targets):
+                seq.prompt_logprobs.append(
+                    TokenLogprob(tok, own[n], list(zip((int(t) for t in top_i[n][:k]), top_v[n][:k], strict=True))))
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, jobs: list[tuple[Sequence, list[int], list[int]]]
+                         ) -> list[torch.Tensor]:
+        """Device tensors (own, top values, top ids) per job, rows in slices of ``_PROMPT_ROWS``."""
+        parts: list[torch.Tensor] = []
+        for seq, batch_rows, targets in jobs:
+            k = seq.params.prompt_logprobs or 0
+            own_l, v_l, i_l = [], [], []
+            for a in range(0, len(batch_rows), _PROMPT_ROWS):
+                sel = _h2d(batch_rows[a:a + _PROMPT_ROWS], torch.int64, self.device)
+                tgt = _h2d(targets[a:a + _PROMPT_ROWS], torch.int64, self.device)
+                own, v, i = _token_logprobs(self.model.compute_logits(hidden[sel]), tgt, k)
+                own_l.append(own)
+                v_l.append(v)
+                i_l.append(i)
+            parts.extend([torch.cat(own_l), torch.cat(v_l), torch.cat(i_l)])
+        return parts
 
     def release(self) -> None:
         """Drop the KV pool tensors (frees their memory once no other reference remains)."""

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one token at one position, with the most likely alternatives.
+
+    Values are natural logs of the distribution the model gives after the request's logits
+    processors (penalties, ``logit_bias``, bans, ``min_tokens``) and before temperature,
+    top-k, top-p and min-p; for prompt tokens, of the raw model distribution. Computed in
+    float32 on the logits' device.
+
+    Attributes:
+        token_id: the token at this position (sampled, or the prompt's).
+        logprob: its log-probability (float; ``-inf`` when it was banned).
+        top: the ``k`` most likely (token id, log-probability) pairs at this position, most
+            likely first (empty when only the token's own value was asked for).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -22,6 +43,10 @@ class RequestOutput:
         num_cached_tokens: prompt tokens served from the prefix cache at the first schedule.
         error: set (with finish_reason "error") when the engine failed this one request while
             preparing, running or sampling it; the engine itself keeps serving the others.
+        new_logprobs: one entry per token of ``new_token_ids`` when the request asked for
+            ``logprobs``, else None.
+        prompt_logprobs: on the request's first output, when it asked for ``prompt_logprobs``:
+            one entry per prompt token, None for the first (nothing predicts it); else None.
     """
 
     request_id: str
@@ -33,3 +58,5 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -1,4 +1,4 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched token sampling: greedy, temperature, min-p, top-k, top-p, per-request seeds.
 
 Sampling uses the exponential-race form of the categorical draw (argmax of p / E with
 E ~ Exp(1), the Gumbel-max trick in another guise), which needs no CPU-side loop and no
@@ -49,6 +49,22 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens less likely than ``min_p`` times the row's most likely token (min-p sampling,
+    Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling"; vLLM's ``min_p``).
+
+    Args:
+        logits: [B, V] float32, already divided by temperature.
+        min_p: [B] float32 in [0, 1]; 0 disables it.
+
+    Returns:
+        [B, V] float32 logits with excluded tokens set to -inf (the top token is always kept).
+    """
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -71,6 +87,9 @@ def sample(
     vocab = logits.shape[-1]
     temps = _h2d([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
     scaled = logits / temps.unsqueeze(1)
+    if any(p.min_p > 0.0 and not p.greedy for p in params):
+        min_p = _h2d([p.min_p for p in params], torch.float32, device)
+        scaled = apply_min_p(scaled, min_p)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         top_k = _h2d([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.int64, device)
         top_p = _h2d([p.top_p for p in params], torch.float32, device)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .outputs import TokenLogprob
 from .sampling import SamplingParams
 
 
@@ -37,6 +39,13 @@ class Sequence:
         generator: per-request RNG when ``params.seed`` is set (on the engine's device).
         stop_token_ids: sampled ids that finish the sequence (its stop_token_ids, plus EOS
             unless ignore_eos).
+        output_logprobs: one entry per output token when ``params.logprobs`` is set.
+        prompt_logprobs: entries for the prompt positions scored so far (first one None)
+            when ``params.prompt_logprobs`` is set; filled by the model runner chunk by chunk.
+        min_tokens_stop_ids: tokens banned while fewer than ``params.min_tokens`` are out
+            (EOS and ``stop_token_ids``; set by the engine).
+        matcher: the grammar matcher when ``params.guide`` is set (advanced by the engine with
+            each output token).
         status, finish_reason: lifecycle.
         first_scheduled_time / first_token_time / last_token_time: monotonic seconds, for metrics.
     """
@@ -58,6 +67,10 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    min_tokens_stop_ids: tuple[int, ...] = ()
+    matcher: Any = None
 
     @property
     def token_ids(self) -> list[int]:

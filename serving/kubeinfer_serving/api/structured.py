@@ -1,0 +1,134 @@
+"""Structured-output request fields -> one grammar spec, compiled off the event loop and the engine thread.
+
+Accepted forms (one per request): OpenAI's ``response_format`` (``json_object``,
+``json_schema`` with ``json_schema.schema``; ``text`` means none), vLLM's ``guided_json``,
+``guided_regex``, ``guided_choice``, ``guided_grammar``, and vLLM's newer
+``structured_outputs`` object (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``).
+Tool calling adds its own schema (:mod:`kubeinfer_serving.api.tools`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.schemas import _SamplingFields
+from kubeinfer_serving.structured.grammar import CompiledGrammar, GrammarError, GrammarSpec, compiler_for
+
+#: ``guided_decoding_backend`` / ``structured_outputs.backend`` values that name this server's library.
+BACKENDS = {None, "auto", "guidance", "llguidance"}
+
+
+def _schema_text(value: Any, param: str) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"{param} is not valid JSON: {exc}", param=param, code="invalid_value") from exc
+    if not isinstance(value, (dict, bool)):
+        raise APIError(400, f"{param} must be a JSON schema object", param=param, code="invalid_value")
+    return json.dumps(value, sort_keys=True)
+
+
+def _choice(value: Any, param: str) -> GrammarSpec:
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+        raise APIError(400, f"{param} must be a non-empty list of non-empty strings", param=param,
+                       code="invalid_value")
+    return GrammarSpec("choice", json.dumps(value))
+
+
+def _from_response_format(rf: dict[str, Any]) -> GrammarSpec | None:
+    kind = rf.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", "")
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or "schema" not in js:
+            raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
+                           param="response_format", code="invalid_value")
+        return GrammarSpec("json", _schema_text(js["schema"], "response_format"))
+    raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                   param="response_format", code="unsupported_parameter")
+
+
+def _from_structured_outputs(so: dict[str, Any]) -> list[tuple[str, GrammarSpec]]:
+    specs: list[tuple[str, GrammarSpec]] = []
+    for key, value in so.items():
+        if value is None or value is False:
+            continue
+        param = f"structured_outputs.{key}"
+        if key == "json":
+            specs.append((param, GrammarSpec("json", _schema_text(value, param))))
+        elif key == "json_object":
+            specs.append((param, GrammarSpec("json_object", "")))
+        elif key == "regex":
+            specs.append((param, GrammarSpec("regex", str(value))))
+        elif key == "choice":
+            specs.append((param, _choice(value, param)))
+        elif key == "grammar":
+            specs.append((param, GrammarSpec("grammar", str(value))))
+        elif key == "backend":
+            if value not in BACKENDS:
+                raise APIError(400, f"{param} {value!r} is not available; this server uses llguidance",
+                               param=param, code="unsupported_parameter")
+        else:
+            raise APIError(400, f"{param} is not supported by this server", param=param,
+                           code="unsupported_parameter")
+    return specs
+
+
+def grammar_spec(body: _SamplingFields) -> tuple[str, GrammarSpec] | None:
+    """The one structured-output constraint of ``body`` and the field it came from, or None.
+
+    Raises:
+        APIError: 400 naming the field for a malformed value, an unsupported form, or more than one constraint.
+    """
+    specs: list[tuple[str, GrammarSpec]] = []
+    if body.response_format:
+        spec = _from_response_format(body.response_format)
+        if spec is not None:
+            specs.append(("response_format", spec))
+    if body.guided_json is not None:
+        specs.append(("guided_json", GrammarSpec("json", _schema_text(body.guided_json, "guided_json"))))
+    if body.guided_regex is not None:
+        specs.append(("guided_regex", GrammarSpec("regex", body.guided_regex)))
+    if body.guided_choice is not None:
+        specs.append(("guided_choice", _choice(body.guided_choice, "guided_choice")))
+    if body.guided_grammar is not None:
+        specs.append(("guided_grammar", GrammarSpec("grammar", body.guided_grammar)))
+    if body.structured_outputs:
+        specs.extend(_from_structured_outputs(body.structured_outputs))
+    if body.guided_decoding_backend not in BACKENDS:
+        raise APIError(400, f"guided_decoding_backend {body.guided_decoding_backend!r} is not available; this "
+                       "server uses llguidance", param="guided_decoding_backend", code="unsupported_parameter")
+    if body.guided_whitespace_pattern is not None:
+        raise APIError(400, "guided_whitespace_pattern is not supported by this server (JSON is generated "
+                       "compactly)", param="guided_whitespace_pattern", code="unsupported_parameter")
+    if len(specs) > 1:
+        names = ", ".join(p for p, _ in specs)
+        raise APIError(400, f"only one structured-output constraint may be given, got {names}", param=specs[1][0],
+                       code="invalid_value")
+    return specs[0] if specs else None
+
+
+async def compile_guide(engine: Any, tokenizer: Any, spec: GrammarSpec, param: str) -> CompiledGrammar:
+    """Compile ``spec`` for the model of ``engine`` on the grammar worker thread (cached per tokenizer).
+
+    Args:
+        engine: the served model's :class:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine`.
+        tokenizer: its Hugging Face tokenizer.
+        param: the request field named in errors.
+
+    Raises:
+        APIError: 400 naming ``param`` when the grammar, schema or regex does not compile.
+    """
+    inner = engine.engine
+    compiler = await asyncio.to_thread(compiler_for, tokenizer, inner.vocab_size, sorted(inner.eos_token_ids))
+    try:
+        return await compiler.compile_async(spec)
+    except GrammarError as exc:
+        raise APIError(400, f"{param} could not be compiled: {exc}", param=param, code="invalid_value") from exc

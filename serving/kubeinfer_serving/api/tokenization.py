@@ -1,0 +1,80 @@
+"""vLLM's small endpoints: ``POST /tokenize``, ``POST /detokenize`` and ``GET /version``."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from kubeinfer_serving import __version__
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.prompts import chat_prompt, tokenizer_lock
+from kubeinfer_serving.api.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from kubeinfer_serving.api.serving import acquire, resolve_model_name
+from kubeinfer_serving.registry.protocol import ModelKind
+
+router = APIRouter()
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of ``text`` under the tokenizer's lock (blocking: called in a worker thread)."""
+    with tokenizer_lock(tokenizer):
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """Token ids of ``prompt`` (with special tokens unless ``add_special_tokens`` is false), or of
+    ``messages`` as the chat route renders them (same template, tools and flags).
+
+    Errors: 400 when neither or both of ``prompt`` and ``messages`` are given; 404 unknown model.
+    """
+    refuse_unknown_fields(body)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt", code="invalid_value")
+    async with AsyncExitStack() as stack:
+        served = await acquire(request, stack, resolve_model_name(request, body.model, ModelKind.GENERATE),
+                               ModelKind.GENERATE)
+        tok = served.tokenizer
+        if body.messages is not None:
+            if body.continue_final_message and body.add_generation_prompt:
+                raise APIError(400, "continue_final_message needs add_generation_prompt: false",
+                               param="continue_final_message", code="invalid_value")
+            ids = await asyncio.to_thread(
+                chat_prompt, tok, body.messages,
+                parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=body.tools,
+                add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs)
+        else:
+            ids = await asyncio.to_thread(_encode, tok, body.prompt, body.add_special_tokens)
+        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """The text of ``tokens``. Errors: 400 for a token id outside the vocabulary; 404 unknown model."""
+    refuse_unknown_fields(body)
+    async with AsyncExitStack() as stack:
+        served = await acquire(request, stack, resolve_model_name(request, body.model, ModelKind.GENERATE),
+                               ModelKind.GENERATE)
+        vocab = len(served.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens",
+                           code="invalid_value")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(served.tokenizer.decode, body.tokens))
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The server's version (``{"version": ...}``, as vLLM's)."""
+    return {"version": __version__}

@@ -1,0 +1,263 @@
+"""Tool calling: checking ``tools`` / ``tool_choice``, the grammar that forces a call, and parsing calls out of text.
+
+What vLLM's OpenAI server does, with the same two parser formats:
+
+- ``tool_choice: "none"`` (or no tools): plain text; the template still sees the tools when
+  given (OpenAI's meaning of "none").
+- a named function: the output is forced (structured outputs) to that function's
+  ``parameters`` schema and returned as one call of it.
+- ``"required"``: the output is forced to a JSON list of ``{"name", "parameters"}`` objects
+  (one per call, at most one without ``parallel_tool_calls``), each naming a given tool.
+- ``"auto"`` (the default with tools): the model writes what it wants and the text is parsed
+  with the model family's format: Hermes ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
+  blocks (Qwen, Hermes, Mistral-instruct derivatives), or Llama 3's bare JSON
+  ``{"name": ..., "parameters": ...}`` (several separated by ``;``, optionally after
+  ``<|python_tag|>``). The format is chosen from the chat template: ``<tool_call>`` in it means
+  Hermes, else Llama 3 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.schemas import ChatCompletionRequest, FunctionCall, ToolCall
+from kubeinfer_serving.structured.grammar import GrammarSpec
+
+HERMES = "hermes"
+LLAMA3_JSON = "llama3_json"
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+@dataclass
+class ToolPlan:
+    """How a chat request uses tools.
+
+    Attributes:
+        tools: the request's tools (OpenAI's ``{"type": "function", "function": {...}}``).
+        mode: ``none``, ``auto``, ``required`` or ``named``.
+        named: the forced function's name (mode ``named``).
+        guide: the grammar forcing the call(s) (modes ``required`` and ``named``), else None.
+    """
+
+    tools: list[dict[str, Any]]
+    mode: str
+    named: str | None = None
+    guide: GrammarSpec | None = None
+
+
+def _function(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    if tool.get("type", "function") != "function" or not isinstance(tool.get("function"), dict):
+        raise APIError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param=f"tools[{i}]",
+                       code="invalid_value")
+    fn = tool["function"]
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise APIError(400, f"tools[{i}].function.name is required", param=f"tools[{i}].function.name",
+                       code="invalid_value")
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                       param=f"tools[{i}].function.parameters", code="invalid_value")
+    return fn
+
+
+def _parameters(fn: dict[str, Any]) -> dict[str, Any]:
+    return fn.get("parameters") or {"type": "object", "properties": {}}
+
+
+def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
+    """Check ``tools``/``tool_choice``/``parallel_tool_calls`` and decide how the reply is produced.
+
+    Raises:
+        APIError: 400 naming the field for a malformed tool, an unknown ``tool_choice``, a
+            named function that is not among the tools, or ``tool_choice`` without tools.
+    """
+    tools = body.tools or []
+    fns = [_function(t, i) for i, t in enumerate(tools)]
+    choice = body.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if not isinstance(name, str):
+            raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or "
+                           "{'type': 'function', 'function': {'name': ...}}", param="tool_choice", code="invalid_value")
+        match = [f for f in fns if f["name"] == name]
+        if not match:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among tools", param="tool_choice",
+                           code="invalid_value")
+        spec = GrammarSpec("json", json.dumps(_parameters(match[0]), sort_keys=True))
+        return ToolPlan(tools, "named", named=name, guide=spec)
+    if choice not in ("none", "auto", "required"):
+        raise APIError(400, f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a named function",
+                       param="tool_choice", code="invalid_value")
+    if choice != "none" and not tools:
+        raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice", code="invalid_value")
+    if choice == "required":
+        item = {"anyOf": [{
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": _parameters(f)},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        } for f in fns]}
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": item}
+        if body.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return ToolPlan(tools, "required", guide=GrammarSpec("json", json.dumps(schema, sort_keys=True)))
+    return ToolPlan(tools, choice)
+
+
+def parser_for(tokenizer: Any) -> str:
+    """The tool-call format of a model: Hermes when its chat template mentions ``<tool_call>``, else Llama 3 JSON."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(str(v) for v in template.values())
+    return HERMES if "<tool_call>" in template else LLAMA3_JSON
+
+
+def new_call_id() -> str:
+    """A tool-call id like OpenAI's (``call_`` + 24 hex digits)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _call(name: Any, args: Any) -> ToolCall | None:
+    if not isinstance(name, str) or not name:
+        return None
+    if args is None:
+        args = {}
+    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=text))
+
+
+def _json_objects(text: str) -> list[Any] | None:
+    """Parse ``text`` as JSON values separated by ``;`` or whitespace; None if it is not only that."""
+    dec = json.JSONDecoder()
+    out, i = [], 0
+    while True:
+        while i < len(text) and (text[i].isspace() or text[i] == ";"):
+            i += 1
+        if i >= len(text):
+            return out
+        try:
+            value, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        out.append(value)
+
+
+def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None, list[ToolCall]]:
+    """Split a finished reply into (content, tool calls) under ``plan``.
+
+    Args:
+        text: the generated text.
+        plan: from :func:`plan_tools`.
+        parser: :data:`HERMES` or :data:`LLAMA3_JSON` (used in ``auto`` mode).
+
+    Returns:
+        (content or None, calls). With no call found the text is the content, unchanged; a
+        forced call whose JSON is incomplete (cut by ``max_tokens``) is returned as content.
+    """
+    names = {t["function"]["name"] for t in plan.tools}
+    if plan.mode == "named":
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        call = _call(plan.named, args)
+        return None, [call] if call else []
+    if plan.mode == "required":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        calls = [_call(it.get("name"), it.get("parameters")) for it in items if isinstance(it, dict)]
+        return None, [c for c in calls if c is not None]
+    if plan.mode != "auto":
+        return text, []
+    if parser == HERMES:
+        start = text.find("<tool_call>")
+        if start < 0:
+            return text, []
+        calls = []
+        for block in _HERMES_BLOCK.findall(text[start:]):
+            try:
+                obj = json.loads(block)
+            except json.JSONDecodeError:
+                return text, []
+            call = _call(obj.get("name"), obj.get("arguments", obj.get("parameters"))) if isinstance(obj, dict) else None
+            if call is None or call.function.name not in names:
+                return text, []
+            calls.append(call)
+        content = text[:start].strip()
+        return content or None, calls
+    body = text.strip()
+    if body.startswith("<|python_tag|>"):
+        body = body[len("<|python_tag|>"):]
+    if not body.startswith("{"):
+        return text, []
+    objs = _json_objects(body)
+    if not objs or not all(isinstance(o, dict) and o.get("name") in names for o in objs):
+        return text, []
+    calls = [_call(o["name"], o.get("parameters", o.get("arguments"))) for o in objs]
+    return None, [c for c in calls if c is not None]
+
+
+class ToolCallStream:
+    """Streams a reply's content while holding back text that may turn out to be a tool call.
+
+    Forced modes (``named``, ``required``) hold everything; ``auto`` with Llama 3 JSON holds
+    the reply while it is empty or starts like a call (``{`` or ``<|python_tag|>``) and
+    streams it once it cannot; ``auto`` with Hermes streams up to ``<tool_call>`` (or a
+    suffix that could begin it). :meth:`finish` parses the whole reply.
+    """
+
+    def __init__(self, plan: ToolPlan, parser: str) -> None:
+        self.plan = plan
+        self.parser = parser
+        self.text = ""
+        self._sent = 0
+        self._content = plan.mode == "none"
+
+    def _safe_end(self) -> int:
+        if self._content:
+            return len(self.text)
+        if self.plan.mode != "auto":
+            return 0
+        if self.parser == HERMES:
+            i = self.text.find("<tool_call>")
+            if i >= 0:
+                return i
+            tag = "<tool_call>"
+            for k in range(min(len(tag) - 1, len(self.text)), 0, -1):
+                if tag.startswith(self.text[-k:]):
+                    return len(self.text) - k
+            return len(self.text)
+        head = self.text.lstrip()
+        tag = "<|python_tag|>"
+        if head == "" or head.startswith("{") or tag.startswith(head[:len(tag)]) or head.startswith(tag):
+            return 0
+        self._content = True
+        return len(self.text)
+
+    def feed(self, delta: str) -> str:
+        """Add generated text; return the content that can be streamed now."""
+        self.text += delta
+        end = max(self._sent, self._safe_end())
+        out, self._sent = self.text[self._sent:end], end
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """At the end: (content not yet streamed, tool calls found)."""
+        content, calls = parse_tool_calls(self.text, self.plan, self.parser)
+        if not calls:
+            rest, self._sent = self.text[self._sent:], len(self.text)
+            return rest, []
+        # Content before the calls (Hermes) that was not streamed yet.
+        start = self.text.find("<tool_call>") if self.parser == HERMES and self.plan.mode == "auto" else 0
+        rest = self.text[self._sent:max(self._sent, start)] if content else ""
+        self._sent = len(self.text)
+        return rest, calls
