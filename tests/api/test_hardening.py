@@ -60,9 +60,10 @@ def test_d1_every_int_field_is_bounded(server, field: str, value) -> None:
 def test_d2_body_over_the_limit_is_413(server) -> None:
     limit = server.app.state.settings.max_request_body_bytes
     big = b'{"model": "tiny-llama", "prompt": "' + b"a" * (limit + 10) + b'"}'
-    r = post(server, "/v1/completions", content=big)
+    r = post(server, "/v1/completions", content=big, headers={"x-request-id": "too-big-1"})
     err = assert_openai_error(r, 413)
     assert err["code"] == "request_too_large"
+    assert r.headers["x-request-id"] == "too-big-1"  # issue 11's request id reaches the limit's answer too
     assert_healthy(server)
 
 
@@ -294,6 +295,9 @@ def test_d16_openapi_lists_the_real_statuses_and_sse(server) -> None:
         assert {"200", "400", "404", "413", "429", "503"} <= set(responses)
         assert "text/event-stream" in responses["200"]["content"]
     assert "422" not in doc["paths"]["/v1/embeddings"]["post"]["responses"]
+    for path in ("/tokenize", "/detokenize"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"200", "400", "404", "413"} <= set(responses)
 
 
 # --------------------------------------------------------------------------- D13
