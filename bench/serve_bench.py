@@ -47,15 +47,17 @@ def _word_prompt(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(vocab) for _ in range(n_words))
 
 
-async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    """Send one streaming completion and time its chunks (TTFT, ITL, e2e)."""
+async def _one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                       api_key: str | None = None) -> RequestResult:
+    """Send one streaming completion (with ``Authorization: Bearer api_key`` when given) and time its chunks."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     result = RequestResult(ok=False, prompt_len=0)
     last = start
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}"
                 return result
@@ -101,16 +103,18 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
     async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout, limits=limits) as client:
-        async def guarded(prompt: str, max_tokens: int) -> RequestResult:
+        keys = args.api_key or [None]
+
+        async def guarded(prompt: str, max_tokens: int, key: str | None) -> RequestResult:
             if sem is None:
-                return await _one_request(client, args.model, prompt, max_tokens)
+                return await _one_request(client, args.model, prompt, max_tokens, key)
             async with sem:
-                return await _one_request(client, args.model, prompt, max_tokens)
+                return await _one_request(client, args.model, prompt, max_tokens, key)
 
         tasks = []
         start = time.perf_counter()
-        for prompt, max_tokens in workload:
-            tasks.append(asyncio.create_task(guarded(prompt, max_tokens)))
+        for i, (prompt, max_tokens) in enumerate(workload):
+            tasks.append(asyncio.create_task(guarded(prompt, max_tokens, keys[i % len(keys)])))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -120,7 +124,8 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     out_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     report = {
-        "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in vars(args).items()
+                   if k != "api_key"},
         "completed": len(ok),
         "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-output-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--api-key", action="append", default=[],
+                   help="API key sent as Authorization: Bearer; repeat it to spread requests round-robin over tenants")
     p.add_argument("--keep-requests", action="store_true", help="store every request's timings in the JSON")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)

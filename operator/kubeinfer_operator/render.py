@@ -26,6 +26,9 @@ SERVICE_PORT = 80
 CATALOGUE_DIR = "/etc/kubeinfer"
 CATALOGUE_FILE = "models.yaml"
 CACHE_DIR = "/var/cache/kubeinfer"
+#: Where the Secret named by ``spec.apiKeysSecret`` is mounted, and its key read by the serving pod.
+API_KEYS_DIR = "/etc/kubeinfer-keys"
+API_KEYS_FILE = "keys.yaml"
 #: Mount point of the disk tier of hf:// and s3:// models (an emptyDir with sizeLimit, or spec.modelCache.claimName).
 MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
 MODEL_CACHE_VOLUME = "model-cache"
@@ -115,6 +118,10 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         }
         if m.max_model_len is not None:
             entry["maxModelLen"] = m.max_model_len
+        if m.idle_timeout_seconds is not None:
+            entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
+        if m.result_cache:
+            entry["resultCache"] = True
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)
@@ -126,6 +133,10 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         "maxWaitingRequests": spec.runtime.max_waiting_requests,
         "pvcRoot": MODEL_STORE_ROOT,
     }
+    if spec.runtime.idle_timeout_seconds is not None:
+        out["idleTimeoutSeconds"] = spec.runtime.idle_timeout_seconds
+    if spec.runtime.scheduling_policy != "fcfs":
+        out["schedulingPolicy"] = spec.runtime.scheduling_policy
     if spec.remote_models:
         out["diskCacheDir"] = MODEL_CACHE_DIR
         out["diskCacheBytes"] = int(spec.model_cache.size_bytes * DISK_CACHE_FILL)
@@ -218,6 +229,9 @@ def render_deployment(
             {"name": _volume_name(index), "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
         mounts.append({"name": _volume_name(index), "mountPath": f"{MODEL_STORE_ROOT}/{claim}", "readOnly": True})
+    if spec.api_keys_secret:  # API keys and tenants (serving reads KUBEINFER_API_KEYS_FILE)
+        volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.models)
     if spec.remote_models:
         volumes.append(model_cache_volume(spec))
@@ -228,6 +242,8 @@ def render_deployment(
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HF_HUB_OFFLINE", "value": "0" if needs_hub else "1"},
     ]
+    if spec.api_keys_secret:
+        env.append({"name": "KUBEINFER_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE}"})
     container: dict[str, Any] = {
         "name": "serving",
         "image": spec.runtime.image or config.serving_image,

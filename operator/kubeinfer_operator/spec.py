@@ -52,6 +52,8 @@ class ModelSpec(_Camel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, alias="maxModelLen", ge=1, le=1 << 20)
     kind: Literal["generate", "embed"] = "generate"
+    idle_timeout_seconds: int | None = Field(default=None, alias="idleTimeoutSeconds", ge=0, le=31536000)
+    result_cache: bool = Field(default=False, alias="resultCache")
 
     @field_validator("name")
     @classmethod
@@ -90,6 +92,8 @@ class RuntimeSpec(_Camel):
     max_num_seqs: int = Field(default=256, alias="maxNumSeqs", ge=1, le=65536)
     max_num_batched_tokens: int = Field(default=8192, alias="maxNumBatchedTokens", ge=1, le=1 << 20)
     max_waiting_requests: int = Field(default=1024, alias="maxWaitingRequests", ge=1, le=1 << 20)
+    idle_timeout_seconds: int | None = Field(default=None, alias="idleTimeoutSeconds", ge=0, le=31536000)
+    scheduling_policy: Literal["fcfs", "priority"] = Field(default="fcfs", alias="schedulingPolicy")
 
 
 class ScalingSpec(_Camel):
@@ -221,6 +225,8 @@ class InferenceServiceSpec(_Camel):
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     affinity: dict[str, Any] = Field(default_factory=dict)
+    api_keys_secret: str | None = Field(default=None, alias="apiKeysSecret", max_length=253,
+                                        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, alias="modelCache")
 

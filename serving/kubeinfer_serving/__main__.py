@@ -9,7 +9,9 @@ Which models it serves:
   if missing) and ``all-minilm-l6-v2`` (embeddings), both preloaded.
 
 On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up to
-``--timeout-graceful-shutdown`` seconds, then the app's lifespan shuts the provider down.
+``--timeout-graceful-shutdown`` seconds, ends what still runs cleanly (a 503 body or an SSE
+error event and ``[DONE]``), then the app's lifespan shuts the provider down; the exit status
+is 0 after such a clean drain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from kubeinfer_serving.api.limits import guarded_h11_protocol
 from kubeinfer_serving.config import ServerSettings, build_parser, parse_settings
 from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.registry.protocol import ModelProvider
@@ -30,7 +33,8 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
     """Engine settings for single-model mode: the flags given, the engine's defaults otherwise."""
     given = {
         k: getattr(settings, k)
-        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype")
+        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype",
+                  "scheduling_policy")
         if getattr(settings, k) is not None
     }
     return EngineConfig(**given)
@@ -53,7 +57,7 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
         kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or invalid.
     """
     if settings.model_dir is not None:
-        for k in ("models_config", "memory_budget_bytes"):
+        for k in ("models_config", "memory_budget_bytes", "idle_timeout_seconds"):
             if getattr(settings, k) is not None:
                 raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
         from kubeinfer_serving.api.single_model import SingleModelProvider
@@ -69,7 +73,8 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
             f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
-    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests")
+    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests",
+                                                   "scheduling_policy", "idle_timeout_seconds")
                  if getattr(settings, k) is not None}
     if overrides:
         catalogue = catalogue.model_copy(update=overrides)
@@ -84,21 +89,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kubeinfer_serving.api.app import create_app
+    from kubeinfer_serving.server import DrainingServer, drain_config_timeout
 
     try:
         provider = build_provider(settings)
-    except ValueError as exc:  # CatalogueError is a ValueError too
+        app = create_app(provider, settings=settings)
+    except ValueError as exc:  # CatalogueError and KeysFileError are ValueErrors too
         build_parser().error(str(exc))
-    app = create_app(provider, settings=settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+        http=guarded_h11_protocol(settings.timeout_request_headers),
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_graceful_shutdown=drain_config_timeout(settings.timeout_graceful_shutdown),
         access_log=settings.log_level in ("debug", "trace"),
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, drain=app.state.drain, drain_seconds=settings.timeout_graceful_shutdown).run()
 
 
 if __name__ == "__main__":

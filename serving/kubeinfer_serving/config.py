@@ -41,7 +41,26 @@ class ServerSettings(BaseModel):
         memory_budget_bytes: registry budget for weights + KV of all loaded models (None: the
             catalogue's ``memoryBudgetBytes``/``gpuMemoryUtilization``).
         log_level: uvicorn and application log level.
-        timeout_graceful_shutdown: seconds in-flight requests may take to finish after SIGTERM.
+        timeout_graceful_shutdown: seconds in-flight requests may take to finish after SIGTERM;
+            whatever still runs then ends cleanly (503 body / an SSE error event and ``[DONE]``).
+        max_request_body_bytes: largest request body; a bigger one gets 413 before it is read.
+        timeout_request_headers: seconds a client may take to send a request's headers (and
+            ``timeout_request_body`` its body) before the connection is closed (408 for a body).
+        timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        limit_concurrency: most connections + requests at once; beyond it 503 (None: no cap).
+        max_jobs_per_request: most engine requests one HTTP request may become (prompts x ``n``).
+        max_embedding_inputs / max_embedding_tokens: caps per embeddings request (OpenAI's: 2048
+            inputs, 300,000 tokens).
+        parse_special_tokens_in_chat: let chat message text produce the model's control tokens
+            (off: ``<|eot_id|>`` typed by a user stays text; turn it on only for trusted clients).
+        api_keys_file: API keys and tenants (:mod:`kubeinfer_serving.api.tenancy`); keys also come
+            from ``$KUBEINFER_API_KEYS`` / ``$KUBEINFER_ADMIN_API_KEYS``. None of them: no auth.
+        scheduling_policy: ``fcfs`` or ``priority`` for the generate engines (None: the catalogue's, else fcfs).
+        idle_timeout_seconds: idle TTL of non-preloaded models (catalogue mode; None: the catalogue's).
+        result_cache: single-model mode: cache complete responses of deterministic requests
+            (catalogue mode: ``resultCache: true`` per model).
+        fair_admission: weighted fair admission across tenants ahead of each engine
+            (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -60,6 +79,20 @@ class ServerSettings(BaseModel):
     memory_budget_bytes: int | None = Field(None, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     timeout_graceful_shutdown: float = Field(30.0, ge=0)
+    max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    timeout_request_headers: float = Field(30.0, gt=0)
+    timeout_request_body: float = Field(60.0, gt=0)
+    timeout_keep_alive: int = Field(5, ge=1)
+    limit_concurrency: int | None = Field(None, ge=1)
+    max_jobs_per_request: int = Field(128, ge=1)
+    max_embedding_inputs: int = Field(2048, ge=1)
+    max_embedding_tokens: int = Field(300_000, ge=1)
+    parse_special_tokens_in_chat: bool = False
+    api_keys_file: Path | None = None
+    fair_admission: bool | None = None
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
+    idle_timeout_seconds: float | None = Field(None, ge=0)
+    result_cache: bool = False
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -113,7 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-bytes", type=int, help="bytes for weights + KV of all loaded models")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--timeout-graceful-shutdown", type=float,
-                   help="seconds in-flight requests get to finish on shutdown (default 30)")
+                   help="seconds in-flight requests get to finish on shutdown, then they end cleanly (default 30)")
+    p.add_argument("--max-request-body-bytes", type=int, help="largest request body; beyond it 413 (default 16 MiB)")
+    p.add_argument("--timeout-request-headers", type=float,
+                   help="seconds to receive a request's headers before closing the connection (default 30)")
+    p.add_argument("--timeout-request-body", type=float,
+                   help="seconds to receive a request's body before answering 408 (default 60)")
+    p.add_argument("--timeout-keep-alive", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--limit-concurrency", type=int, help="most connections + requests at once; beyond it 503")
+    p.add_argument("--max-jobs-per-request", type=int,
+                   help="most engine requests per HTTP request, prompts x n (default 128)")
+    p.add_argument("--max-embedding-inputs", type=int, help="most inputs per embeddings request (default 2048)")
+    p.add_argument("--max-embedding-tokens", type=int, help="most tokens per embeddings request (default 300000)")
+    p.add_argument("--parse-special-tokens-in-chat", action="store_true", default=None,
+                   help="let chat message text produce control tokens (unsafe with untrusted clients)")
+    p.add_argument("--api-keys-file", type=Path,
+                   help="YAML file of API keys and tenants (also: $KUBEINFER_API_KEYS, $KUBEINFER_ADMIN_API_KEYS)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                   help="engine scheduling policy: fcfs (default) or priority (requests' priority field)")
+    p.add_argument("--idle-timeout-seconds", type=float,
+                   help="unload a non-preloaded model idle this long (catalogue mode; default: the catalogue's)")
+    p.add_argument("--result-cache", action="store_true", default=None,
+                   help="single-model mode: cache responses of greedy/seeded requests (catalogue: resultCache)")
+    p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
+                   help="fair admission across tenants (default: on when API keys are configured)")
     return p
 
 

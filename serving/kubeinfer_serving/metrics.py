@@ -210,6 +210,34 @@ class HTTPMetricsMiddleware:
             HTTP_REQUESTS.labels(route=template, method=method, status=str(status)).inc()
             HTTP_REQUEST_DURATION.labels(route=template, method=method).observe(time.perf_counter() - start)
 
+AUTH_FAILURES = Counter(
+    "kubeinfer_auth_failures", "Requests refused for a missing or unknown API key.", ["reason"], registry=REGISTRY
+)
+TENANT_REQUESTS = Counter(
+    "kubeinfer_tenant_requests",
+    "Generation/embedding requests per tenant and outcome (admitted, rate_limited, queue_full). "
+    "Tenants come from the API keys file, so the label set is bounded.",
+    ["tenant", "outcome"], registry=REGISTRY,
+)
+TENANT_TOKENS = Counter(
+    "kubeinfer_tenant_tokens", "Tokens served per tenant (kind: prompt or generation).",
+    ["tenant", "kind"], registry=REGISTRY,
+)
+TENANT_WAITING = Gauge(
+    "kubeinfer_tenant_waiting_requests", "Requests per tenant waiting for fair admission to an engine.",
+    ["tenant"], registry=REGISTRY,
+)
+MODEL_IDLE_UNLOADS = Counter(
+    "kubeinfer_model_idle_unloads", "Models unloaded after their idleTimeoutSeconds without requests.",
+    ["model_name"], registry=REGISTRY,
+)
+RESULT_CACHE_REQUESTS = Counter(
+    "kubeinfer_result_cache_requests", "Cacheable requests looked up in the result cache (outcome: hit or miss).",
+    ["model_name", "outcome"], registry=REGISTRY,
+)
+RESULT_CACHE_BYTES = Gauge(
+    "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
+)
 _FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
 MODEL_FETCH_SECONDS = Histogram(
     "kubeinfer_model_fetch_seconds", "Wall time of fetching a remote model (hf://, s3://) into the disk tier.",

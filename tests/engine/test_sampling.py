@@ -133,15 +133,16 @@ def test_abort_frees_blocks_and_reports_abort(make_engine):
 
 
 def test_too_long_prompt_and_full_queue_are_rejected(make_engine):
-    engine = make_engine(num_kv_blocks=64, max_model_len=128, max_waiting_requests=2)
+    engine = make_engine(num_kv_blocks=64, max_model_len=128, max_waiting_requests=2, max_num_seqs=1)
     with pytest.raises(PromptTooLongError) as err:
         engine.add_request("long", list(range(6, 106)), SamplingParams(max_tokens=40))
     assert "128" in str(err.value) and "140" in str(err.value) and "100 in the prompt" in str(err.value)
     assert isinstance(err.value, ValueError)
     engine.add_request("q1", [7, 8], SamplingParams())
     engine.add_request("q2", [7, 8], SamplingParams())
+    engine.add_request("q3", [7, 8], SamplingParams())  # q1 takes the one batch slot: 2 really wait
     with pytest.raises(QueueFullError) as qf:
-        engine.add_request("q3", [7, 8], SamplingParams())
+        engine.add_request("q4", [7, 8], SamplingParams())
     assert qf.value.retry_after > 0
     with pytest.raises(ValueError, match="already"):
         engine.add_request("q1", [7, 8], SamplingParams())

@@ -61,7 +61,8 @@ def test_per_model_state_over_pods_with_the_failure_reason(server: ServerThread)
     assert (models[MODEL]["state"], models[MODEL]["loadedPods"], models[MODEL]["readyPods"]) == ("Loaded", 2, 2)
     broken = models["broken"]
     assert (broken["state"], broken["failedPods"], broken["loadedPods"]) == ("Failed", 3, 0)
-    assert "chat-a-1: " in broken["message"] and "/does/not/exist" in broken["message"]
+    # The pod's own reason (without the absolute path: the serving pod keeps paths out of messages).
+    assert "chat-a-1: " in broken["message"] and "ModelLoadError" in broken["message"] and "does not exist" in broken["message"]
     assert (models["lazy"]["state"], models["lazy"]["loadedPods"]) == ("Pending", 0)
     assert model_summary(summarise(SPEC, answers)) == f"{MODEL} 2/2, broken 0/2, lazy 0/2"
 

@@ -292,3 +292,45 @@ def test_examples_render_valid_children(examples):
                                parse_spec(isvc["spec"], isvc["metadata"]["name"]), CONFIG)
         for obj in kids.in_order():
             kubernetes_validate.validate(obj, "1.34.0", strict=True)
+
+
+
+def test_api_keys_secret_is_mounted_and_named_to_the_server(tmp_path):
+    from kubeinfer_operator.render import API_KEYS_DIR, API_KEYS_FILE
+
+    spec = copy.deepcopy(SPEC)
+    spec["apiKeysSecret"] = "chat-api-keys"
+    kids = children(spec)
+    pod = kids.deployment["spec"]["template"]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert vol["secret"]["secretName"] == "chat-api-keys"
+    mount = next(m for m in container(kids)["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True}
+    env = {e["name"]: e.get("value") for e in container(kids)["env"]}
+    assert env["KUBEINFER_API_KEYS_FILE"] == f"{API_KEYS_DIR}/{API_KEYS_FILE}"
+    # The serving pod reads that variable as its --api-keys-file.
+    config = pytest.importorskip("kubeinfer_serving.config")
+    keys_file = tmp_path / API_KEYS_FILE
+    settings = config.ServerSettings.from_sources({}, {"KUBEINFER_API_KEYS_FILE": str(keys_file)})
+    assert settings.api_keys_file == keys_file
+    # Without the field: no volume, no variable.
+    plain = children()
+    assert all(v["name"] != "api-keys" for v in plain.deployment["spec"]["template"]["spec"]["volumes"])
+    assert "KUBEINFER_API_KEYS_FILE" not in {e["name"] for e in container(plain)["env"]}
+
+
+def test_idle_timeout_and_scheduling_policy_reach_the_catalogue(tmp_path):
+    spec = copy.deepcopy(SPEC)
+    spec["runtime"] = {**spec["runtime"], "idleTimeoutSeconds": 1800, "schedulingPolicy": "priority"}
+    spec["models"][1] = {**spec["models"][1], "idleTimeoutSeconds": 60, "resultCache": True}
+    text = children(spec).configmap["data"]["models.yaml"]
+    cat = yaml.safe_load(text)
+    assert cat["idleTimeoutSeconds"] == 1800 and cat["schedulingPolicy"] == "priority"
+    assert cat["models"][1]["idleTimeoutSeconds"] == 60 and "idleTimeoutSeconds" not in cat["models"][0]
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    loaded = catalogue.load_catalogue(path)
+    assert loaded.idle_timeout_seconds == 1800 and loaded.scheduling_policy == "priority"
+    assert loaded.models[1].idle_timeout_seconds == 60
+    assert loaded.models[1].result_cache and not loaded.models[0].result_cache

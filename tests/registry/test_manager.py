@@ -148,7 +148,7 @@ async def test_failed_model_fails_alone_with_its_reason() -> None:
     reg, fake = make(loader.sizes, loader=loader, preload=("bad",))
     before = metric(metrics.MODEL_LOAD_FAILURES, "bad")
     await reg.start()  # does not raise
-    assert not reg.is_ready()
+    assert not reg.is_ready()  # its only preload failed (with others loaded it would be ready: test_hardening D7)
     for name, reason in (("bad", "no *.safetensors weight files in /models/bad"), ("oom", "CUDA out of memory")):
         with pytest.raises(ModelUnavailableError, match=reason.replace("*", r"\*")) as err:
             await use(reg, name)

@@ -19,8 +19,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization
+from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization, websocket
+from kubeinfer_serving.api.admission import FairAdmission
+from kubeinfer_serving.api.auth import AuthMiddleware
+from kubeinfer_serving.api.drain import Drain
 from kubeinfer_serving.api.errors import install_error_handlers
+from kubeinfer_serving.api.limits import BodyLimitMiddleware
+from kubeinfer_serving.api.openapi import install_openapi
+from kubeinfer_serving.api.result_cache import ResultCache
+from kubeinfer_serving.api.tenancy import KeyStore
 from kubeinfer_serving.config import ServerSettings
 from kubeinfer_serving.metrics import HTTPMetricsMiddleware, ModelStateCollector
 from kubeinfer_serving.registry.protocol import ModelProvider
@@ -56,7 +63,19 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(provider: ModelProvider, *, settings: ServerSettings | None = None) -> FastAPI:
+def _result_cache(provider: ModelProvider, settings: ServerSettings) -> ResultCache:
+    """The result cache: the catalogue's opted-in models and sizes, or ``--result-cache`` for the single model."""
+    catalogue = getattr(provider, "catalogue", None)
+    if catalogue is not None:
+        models = {m.name for m in catalogue.models if m.result_cache}
+        return ResultCache(catalogue.result_cache_bytes, catalogue.result_cache_ttl_seconds, models)
+    name = getattr(provider, "name", None)
+    return ResultCache(64 * 1024 * 1024, 600.0, {name} if settings.result_cache and name else set())
+
+
+def create_app(
+    provider: ModelProvider, *, settings: ServerSettings | None = None, keys: KeyStore | None = None
+) -> FastAPI:
     """Build the HTTP app over ``provider``.
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
@@ -69,6 +88,11 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
             background task) and shut down when the app stops (``provider.shutdown()``).
         settings: the server settings, kept as ``app.state.settings``.
+        keys: API keys and tenants (default: read from ``settings.api_keys_file`` and the
+            environment, :meth:`KeyStore.load`); kept as ``app.state.keys``.
+
+    Raises:
+        KeysFileError: the API keys file is invalid.
     """
 
     @contextlib.asynccontextmanager
@@ -88,15 +112,25 @@ def create_app(provider: ModelProvider, *, settings: ServerSettings | None = Non
                 await starting
             await provider.shutdown()
 
+    settings = settings or ServerSettings()
     app = FastAPI(title="kubeinfer serving", version=__version__, lifespan=lifespan)
     app.state.provider = provider
-    app.state.settings = settings or ServerSettings()
+    app.state.settings = settings
     # Per-app series (the model states of this app's provider), served after the global registry.
     app.state.metrics_registry = CollectorRegistry(auto_describe=True)
     app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
     app.add_middleware(HTTPMetricsMiddleware)
+    app.state.drain = Drain()
+    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
+    fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
+    app.state.admission = FairAdmission(enabled=fair)
+    app.state.result_cache = _result_cache(provider, settings)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, tokenization):
+    for module in (completions, chat, embeddings, models, health, tokenization, websocket):
         app.include_router(module.router)
-    app.add_middleware(RequestIdMiddleware)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
+                       body_timeout=settings.timeout_request_body)
+    app.add_middleware(AuthMiddleware, keys=app.state.keys)  # refuse before reading a body
+    app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

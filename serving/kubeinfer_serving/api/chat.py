@@ -12,6 +12,7 @@ followed by one with its arguments.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -20,7 +21,13 @@ from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
-from kubeinfer_serving.api.generation import GenerationRun, Job, sampling_params
+from kubeinfer_serving.api.generation import (
+    GenerationRun,
+    Job,
+    bad_words_token_ids,
+    check_fanout,
+    sampling_params,
+)
 from kubeinfer_serving.api.logprobs import TokenText, chat_logprobs
 from kubeinfer_serving.api.prompts import _message_text, chat_prompt, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
@@ -41,10 +48,13 @@ from kubeinfer_serving.api.serving import (
     ChoiceResult,
     UsageCounter,
     acquire,
+    cache_salt,
     new_id,
     now,
     resolve_model_name,
+    resolve_priority,
     respond,
+    result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.api.structured import compile_guide, grammar_spec
@@ -88,6 +98,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     ``data: [DONE]``). Errors as for ``/v1/completions``; ``param`` is ``messages`` for context overflow.
     """
     check_request(body)
+    check_fanout(request, 1, body.n)
     plan = plan_tools(body)
     structured = grammar_spec(body)
     if plan.guide is not None:
@@ -101,15 +112,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     async with AsyncExitStack() as stack:
         model = resolve_model_name(request, body.model, ModelKind.GENERATE)
         served = await acquire(request, stack, model, ModelKind.GENERATE)
+        priority = resolve_priority(request, body, served)
+        salt = cache_salt(request, body)
         tok = served.tokenizer
         guide = await compile_guide(served.engine, tok, structured[1], structured[0]) if structured else None
-        ids = chat_prompt(tok, body.messages, tools=plan.tools or None,
-                          add_generation_prompt=body.add_generation_prompt,
-                          continue_final_message=body.continue_final_message,
-                          chat_template_kwargs=body.chat_template_kwargs)
+        ids = await asyncio.to_thread(
+            chat_prompt, tok, body.messages, served.max_model_len,
+            parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs)
         max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
+        bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
         jobs = [Job(j, 0, f"{response_id}-{j}", ids,
-                    sampling_params(body, max_tokens, j, tokenizer=tok, guide=guide, logprobs=want_lp))
+                    sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
+                                    logprobs=want_lp))
                 for j in range(body.n)]
         parser = parser_for(tok)
         text_of = TokenText(tok, bool(body.return_tokens_as_token_ids))
@@ -169,4 +185,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 yield chunk([], usage.usage())
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
-                             stream_events=events)
+                             stream_events=events, cache_key=result_cache_key(request, "chat", body, served),
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage))

@@ -9,6 +9,7 @@ loglikelihood requests).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -17,7 +18,13 @@ from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
-from kubeinfer_serving.api.generation import GenerationRun, Job, sampling_params
+from kubeinfer_serving.api.generation import (
+    GenerationRun,
+    Job,
+    bad_words_token_ids,
+    check_fanout,
+    sampling_params,
+)
 from kubeinfer_serving.api.logprobs import TokenText, completion_logprobs, merge, prompt_completion_logprobs
 from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
@@ -32,10 +39,13 @@ from kubeinfer_serving.api.serving import (
     ChoiceResult,
     UsageCounter,
     acquire,
+    cache_salt,
     new_id,
     now,
     resolve_model_name,
+    resolve_priority,
     respond,
+    result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.api.structured import compile_guide, grammar_spec
@@ -82,13 +92,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     when the model cannot be loaded.
     """
     check_request(body)
+    num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
+        body.prompt[0], int) else 1
+    check_fanout(request, num_prompts, body.n)
     structured = grammar_spec(body)
     response_id, created = new_id("cmpl"), now()
     async with AsyncExitStack() as stack:
         model = resolve_model_name(request, body.model, ModelKind.GENERATE)
         served = await acquire(request, stack, model, ModelKind.GENERATE)
+        priority = resolve_priority(request, body, served)
+        salt = cache_salt(request, body)
         guide = await compile_guide(served.engine, served.tokenizer, structured[1], structured[0]) if structured else None
-        prompts = completion_prompts(served.tokenizer, body.prompt)
+        prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
+        bad = await asyncio.to_thread(bad_words_token_ids, served.tokenizer, body.bad_words) if body.bad_words else None
         if isinstance(body.prompt, str):
             echo_texts = [body.prompt]
         elif isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
@@ -101,8 +117,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             max_tokens = resolve_max_tokens(body.max_tokens, len(ids), served.max_model_len, param="prompt")
             for j in range(body.n):
                 index = p * body.n + j
-                params = sampling_params(body, max_tokens, j, tokenizer=served.tokenizer, guide=guide,
-                                         logprobs=want_lp,
+                params = sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad,
+                                         guide=guide, logprobs=want_lp,
                                          prompt_logprobs=want_lp if body.echo and want_lp is not None else None)
                 jobs.append(Job(index, p, f"{response_id}-{index}", ids, params))
         text_of = TokenText(served.tokenizer, bool(body.return_tokens_as_token_ids))
@@ -158,4 +174,5 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                                    usage=usage.usage(), system_fingerprint=SYSTEM_FINGERPRINT))
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
-                             stream_events=events)
+                             stream_events=events, cache_key=result_cache_key(request, "completions", body, served),
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage))

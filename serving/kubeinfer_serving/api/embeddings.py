@@ -14,6 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
 from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
@@ -49,22 +50,32 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     """Embed each input; returns OpenAI's ``list`` of ``embedding`` objects with ``usage.prompt_tokens``.
 
     Errors (OpenAI body): 404 unknown model; 400 a generative model, empty input, ``dimensions``,
-    an unknown or unimplemented field (e.g. vLLM's ``truncate_prompt_tokens``), or input the
-    embedder rejects (e.g. too long); 503 model cannot be loaded.
+    more than ``--max-embedding-inputs`` inputs or ``--max-embedding-tokens`` tokens, an unknown or
+    unimplemented field (e.g. vLLM's ``truncate_prompt_tokens``), or input the embedder rejects (e.g.
+    too long); 503 model cannot be loaded. A client that leaves stops its work.
     """
     refuse_unknown_fields(body, defaults={"add_special_tokens": True})
     if body.dimensions is not None:
         raise APIError(400, "dimensions is not supported: the model's output size is fixed", param="dimensions",
                        code="unsupported_parameter")
+    settings = request.app.state.settings
     items = _inputs(body.input)
+    if len(items) > settings.max_embedding_inputs:
+        raise APIError(400, f"input has {len(items)} items; at most {settings.max_embedding_inputs} are allowed "
+                       "per request", param="input", code="invalid_value")
+    tenant = identity_of(request.scope).tenant
+    admission = request.app.state.admission
+    admission.check_rate(tenant)
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, body.model, ModelKind.EMBED)
         try:
-            vectors, num_tokens = await until_disconnect(request, served.embedder.embed(items))
+            vectors, num_tokens = await until_disconnect(
+                request, served.embedder.embed(items, max_total_tokens=settings.max_embedding_tokens))
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
         except ValueError as exc:
             raise APIError(400, str(exc), param="input") from exc
+    admission.charge(tenant, int(num_tokens), "prompt")
     data = [EmbeddingData(index=i, embedding=_encode(v, body.encoding_format)) for i, v in enumerate(vectors)]
     usage = Usage(prompt_tokens=int(num_tokens), total_tokens=int(num_tokens))
     resp = EmbeddingResponse(data=data, model=body.model, usage=usage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubeinfer_serving.engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from kubeinfer_serving.engine.errors import (
+    EngineDeadError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
+)
 from kubeinfer_serving.registry.protocol import ModelError
 
 log = logging.getLogger(__name__)
@@ -26,7 +32,9 @@ log = logging.getLogger(__name__)
 #: OpenAI's ``error.type`` for each HTTP status the API uses.
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    408: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -64,11 +72,28 @@ class APIError(Exception):
         self.retry_after = retry_after
 
 
+#: Longest ``error.message`` sent (characters); longer ones are cut, so no request can make the
+#: server echo megabytes back.
+MAX_MESSAGE_CHARS = 1024
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+([\w.@+-]*)")
+
+
+def redact(message: str) -> str:
+    """``message`` safe to show a client: absolute paths cut to their last part, at most 1024 characters."""
+    message = _ABS_PATH.sub(lambda m: m.group(1) or "<dir>", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return message
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object for ``status``: ``{"error": {"message", "type", "param", "code"}}``."""
+    """OpenAI's error object for ``status``: ``{"error": {"message", "type", "param", "code"}}``.
+
+    The message goes through :func:`redact` (no filesystem paths, bounded length).
+    """
     return {
         "error": {
-            "message": message,
+            "message": redact(message),
             "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
             "param": param,
             "code": code,
@@ -92,9 +117,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"The engine stopped: {exc}", code="engine_dead")
+        return APIError(503, "The model's engine stopped; the server is restarting it", code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="request_failed")
     log.error("unhandled error", exc_info=exc)
-    return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    return APIError(500, "The server had an error while processing your request", code="internal_error")
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -107,22 +134,43 @@ def error_response(err: APIError) -> JSONResponse:
     )
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One line per pydantic error (``field: reason``) and the first offending field name."""
+#: Most pydantic errors listed in one message.
+_MAX_VALIDATION_ERRORS = 5
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """The message (one ``field: reason`` per pydantic error), the first offending field and the code.
+
+    Codes: ``invalid_json`` (syntax; ``param`` None, not the character offset pydantic reports),
+    ``missing_required_parameter``, ``invalid_type`` (wrong JSON type) or ``invalid_value``.
+    Messages never quote the input back.
+    """
     parts: list[str] = []
     param: str | None = None
-    for e in exc.errors():
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        field = ".".join(loc)
+    code: str | None = None
+    errors = exc.errors()
+    for e in errors[:_MAX_VALIDATION_ERRORS]:
+        kind = str(e.get("type", ""))
+        if kind == "json_invalid":
+            return f"Invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", None, "invalid_json"
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and not isinstance(x, int)]
+        field = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         if param is None and loc:
             param = loc[0]
-        if e.get("type") == "json_invalid":
-            parts.append(f"Invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}")
-        elif e.get("type") == "missing" and not field:
+        if code is None:
+            if kind == "missing":
+                code = "missing_required_parameter"
+            elif kind.endswith("_type") or kind.endswith("_parsing") or kind == "model_attributes_type":
+                code = "invalid_type"
+            else:
+                code = "invalid_value"
+        if kind == "missing" and not field:
             parts.append("The request body is missing")
         else:
             parts.append(f"{field or 'body'}: {e.get('msg')}")
-    return "; ".join(parts) or "Invalid request", param
+    if len(errors) > _MAX_VALIDATION_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_VALIDATION_ERRORS} more errors")
+    return "; ".join(parts) or "Invalid request", param, code or "invalid_value"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -131,13 +179,13 @@ def install_error_handlers(app: FastAPI) -> None:
     - ``RequestValidationError`` (malformed JSON, wrong types, out-of-range values): 400 instead of 422.
     - ``HTTPException`` (unknown route 404, wrong method 405): OpenAI body with the same status.
     - ``APIError``, ``ModelError`` and engine errors: :func:`to_api_error`.
-    - anything else: 500 with the exception's class in the message.
+    - anything else: 500 ``internal_error`` (logged with its traceback; the client sees no details).
     """
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(APIError(400, message, param=param, code="invalid_value"))
+        message, param, code = _validation_message(exc)
+        return error_response(APIError(400, message, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,7 +198,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    for cls in (ModelError, QueueFullError, PromptTooLongError, EngineDeadError, Exception):
+    for cls in (ModelError, QueueFullError, PromptTooLongError, EngineDeadError, RequestFailedError, Exception):
 
         @app.exception_handler(cls)
         async def _other(_: Request, exc: Exception) -> JSONResponse:

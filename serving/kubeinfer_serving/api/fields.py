@@ -43,8 +43,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,),
     "logits_processors": (None, []),
-    "priority": (None, 0),
-    "cache_salt": (None,),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None, {}),
     "mm_processor_kwargs": (None, {}),

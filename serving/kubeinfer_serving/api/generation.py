@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from kubeinfer_serving import metrics
 from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.prompts import tokenizer_lock
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.engine.errors import PromptTooLongError
 from kubeinfer_serving.engine.outputs import RequestOutput
@@ -54,31 +55,53 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
+def check_fanout(request: Request, num_prompts: int, n: int) -> None:
+    """Refuse a request that would become more engine requests than ``--max-jobs-per-request``.
+
+    Checked before any tokenization, so a request of 5,000 prompts x ``n`` 16 costs nothing.
+
+    Raises:
+        APIError: 400 naming ``prompt`` (or ``n`` for a single prompt) when ``num_prompts * n``
+            exceeds the cap.
+    """
+    cap = request.app.state.settings.max_jobs_per_request
+    if num_prompts * n > cap:
+        raise APIError(400, f"This request asks for {num_prompts * n} completions ({num_prompts} prompts x n={n}); "
+                       f"at most {cap} are allowed per request", param="prompt" if num_prompts > 1 else "n",
+                       code="invalid_value")
+
+
 def bad_words_token_ids(tokenizer: Any, words: list[str] | None) -> list[list[int]]:
     """vLLM's ``bad_words``: each word's token ids, as written and with a leading space.
 
     A word is banned in both spellings since BPE tokenizers encode a word differently at the
-    start of the text and after a space (vLLM tokenizes both forms too).
+    start of the text and after a space (vLLM tokenizes both forms too). Blocking (it holds the
+    tokenizer's lock): routes call it in a worker thread.
     """
     out: list[list[int]] = []
-    for word in words or []:
-        for text in (word, " " + word.lstrip()):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids not in out:
-                out.append(ids)
+    with tokenizer_lock(tokenizer):
+        for word in words or []:
+            for text in (word, " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
     return out
 
 
-def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, *, tokenizer: Any = None,
+def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, priority: int = 0,
+                    cache_salt: str | None = None, *, bad_words_ids: list[list[int]] | None = None,
                     logprobs: int | None = None, prompt_logprobs: int | None = None,
                     guide: Any = None) -> SamplingParams:
-    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``.
+    """Engine sampling parameters for choice ``choice`` (0-based) of ``body``, with the resolved
+    ``priority`` and prefix-cache salt.
 
     OpenAI defaults: temperature 1, top_p 1. With a ``seed`` and ``n > 1``, choice ``j`` uses
     ``seed + j`` so the choices differ yet the whole response stays reproducible.
 
     Args:
-        tokenizer: turns ``bad_words`` into token ids (needed when the request has some).
+        priority: the request's scheduling priority (already resolved from the tenant's default).
+        cache_salt: the prefix-cache salt (already combined with the tenant's), or None.
+        bad_words_ids: ``bad_words`` as token ids (:func:`bad_words_token_ids`).
         logprobs, prompt_logprobs: how many top alternatives to report per output / prompt
             token (None: no log-probabilities).
         guide: the compiled grammar of a structured-output request.
@@ -97,6 +120,8 @@ def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, *, toke
             stop=[s for s in stop if s],
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
+            priority=priority,
+            cache_salt=cache_salt,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
@@ -104,7 +129,7 @@ def sampling_params(body: _SamplingFields, max_tokens: int, choice: int, *, toke
             min_p=body.min_p or 0.0,
             logit_bias=_logit_bias(body.logit_bias),
             allowed_token_ids=body.allowed_token_ids,
-            bad_words_token_ids=bad_words_token_ids(tokenizer, body.bad_words) if body.bad_words else [],
+            bad_words_token_ids=bad_words_ids or [],
             include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens,
             guide=guide,
@@ -214,6 +239,10 @@ class GenerationRun:
         while len(self._finished) < len(self._jobs):
             index, out = await self._next()
             yield self._jobs[index], out
+
+    def interrupt(self, exc: BaseException) -> None:
+        """End the run with ``exc``: the consumer's next wait raises it, and every job is aborted."""
+        self._queue.put_nowait((-1, None, exc))
 
     def cancel(self) -> None:
         """Abort every job still running (their engine iterators close and free their KV blocks)."""

@@ -12,10 +12,20 @@ from kubeinfer_serving.metrics import REGISTRY
 router = APIRouter()
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """200 while the process serves HTTP (the liveness probe); model loading does not affect it."""
-    return {"status": "ok"}
+@router.get("/health", response_model=None)
+async def health(request: Request) -> JSONResponse:
+    """The liveness probe: 200 while the process serves HTTP and every loaded engine runs.
+
+    503 (OpenAI body, code ``engine_dead``) once an engine loop has crashed, so the kubelet
+    restarts the pod instead of leaving a model that answers every request with 503.
+    Model loading does not affect it.
+    """
+    dead_models = getattr(request.app.state.provider, "dead_models", None)
+    dead = dead_models() if dead_models is not None else []
+    if dead:
+        return JSONResponse(error_body(503, f"The engine of {len(dead)} model(s) stopped: {', '.join(dead)}",
+                                       code="engine_dead"), status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready", response_model=None)

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.errors import APIError, redact
 from kubeinfer_serving.api.schemas import ModelCard, ModelList
 from kubeinfer_serving.registry.protocol import ModelInfo
 
@@ -26,7 +26,8 @@ def model_card(info: ModelInfo) -> ModelCard:
         bytes=info.bytes,
         preload=info.preload,
         max_model_len=info.max_model_len,
-        message=info.message,
+        message=redact(info.message),
+        idle_timeout_seconds=info.idle_timeout_seconds,
         source=info.source,
         revision=info.revision,
     )
@@ -34,7 +35,9 @@ def model_card(info: ModelInfo) -> ModelCard:
 
 def info_json(info: ModelInfo) -> dict[str, Any]:
     """A :class:`ModelInfo` as JSON-ready dict (enums as their values)."""
-    return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(info).items()}
+    out = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(info).items()}
+    out["message"] = redact(out.get("message", ""))
+    return out
 
 
 @router.get("/v1/models")

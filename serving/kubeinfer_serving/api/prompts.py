@@ -9,6 +9,7 @@ Completions take a string, a list of strings, a token-id list or a list of token
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,25 +39,100 @@ def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str)
     return list(raw)
 
 
-def completion_prompts(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    """The lock serializing calls into ``tokenizer`` from worker threads (created once per tokenizer).
+
+    Fast tokenizers keep per-call settings (``split_special_tokens``, truncation) in the shared
+    Rust object, so two threads must not use one tokenizer at the same time.
+    """
+    lock = getattr(tokenizer, "_kubeinfer_lock", None)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = getattr(tokenizer, "_kubeinfer_lock", None)
+            if lock is None:
+                lock = threading.Lock()
+                try:
+                    tokenizer._kubeinfer_lock = lock
+                except AttributeError:
+                    pass
+    return lock
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` can stand for (cached on the tokenizer).
+
+    A vocabulary entry's string is at least as long as the text it covers (byte-level BPE spells
+    each byte as one character; SentencePiece spells it as is), so a text longer than
+    ``max_model_len * max_token_chars`` cannot fit the context, whatever its tokens.
+    """
+    cached = getattr(tokenizer, "_kubeinfer_max_token_chars", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        cached = max((len(k) for k in vocab), default=1) + 1
+        try:
+            tokenizer._kubeinfer_max_token_chars = cached
+        except AttributeError:  # a tokenizer that refuses attributes: compute every time
+            pass
+    return cached
+
+
+def check_text_fits(tokenizer: Any, num_chars: int, max_model_len: int, *, param: str) -> None:
+    """Reject a text that cannot fit the context before spending any time tokenizing it.
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` when ``num_chars`` characters need more than
+            ``max_model_len`` tokens whatever they are (see :func:`max_token_chars`).
+    """
+    if num_chars > max_model_len * max_token_chars(tokenizer):
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your {param} has "
+            f"{num_chars} characters, more than {max_model_len} tokens can hold. Please reduce the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def completion_prompts(
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int | None = None
+) -> list[list[int]]:
     """Token ids of each prompt of a completion request.
+
+    Blocking for long prompts: routes call it in a worker thread.
 
     Args:
         tokenizer: a Hugging Face tokenizer (special tokens such as BOS are added as the model expects).
         prompt: one of OpenAI's four forms.
+        max_model_len: when given, a prompt that cannot fit this context is refused before it is
+            tokenized (a token-id list longer than it, or a text longer than it can hold).
 
     Returns:
         one list of token ids (int) per prompt, in request order.
 
     Raises:
         APIError: 400 when the list of prompts is empty, a prompt has no tokens, or a token id is
-            outside the vocabulary.
+            outside the vocabulary; 400 ``context_length_exceeded`` for a prompt that cannot fit.
     """
     texts_or_ids = split_inputs(prompt, "prompt")
     vocab = len(tokenizer)
+    if max_model_len is not None:
+        for p in texts_or_ids:
+            if isinstance(p, str):
+                check_text_fits(tokenizer, len(p), max_model_len, param="prompt")
+            elif len(p) > max_model_len:
+                raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
+                               f"your prompt has {len(p)} tokens. Please reduce the prompt.",
+                               param="prompt", code="context_length_exceeded")
     out: list[list[int]] = []
     for p in texts_or_ids:
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if isinstance(p, str):
+            with tokenizer_lock(tokenizer):
+                ids = tokenizer.encode(p)
+        else:
+            ids = list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         bad = [t for t in ids if not 0 <= t < vocab]
@@ -78,6 +154,48 @@ def _message_text(msg: ChatMessage) -> str:
             raise APIError(400, f"content part type {part.type!r} is not supported (text only)", param="messages")
         texts.append(part.text)
     return "".join(texts)
+
+
+def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The text forms of the tokenizer's special (control) tokens, e.g. ``<|eot_id|>`` (cached)."""
+    cached = getattr(tokenizer, "_kubeinfer_special_strings", None)
+    if cached is None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        cached = tuple(sorted({t.content for t in decoder.values() if getattr(t, "special", False) and t.content}))
+        try:
+            tokenizer._kubeinfer_special_strings = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _encode_rendered(tokenizer: Any, rendered: str, contents: list[str]) -> list[int]:
+    """Tokenize a rendered conversation so that only the template's text can produce special tokens.
+
+    The message contents are found in ``rendered`` in order; the template's text around them is
+    tokenized as usual, the contents with ``split_special_tokens=True`` (their control-token text
+    becomes ordinary text tokens), as Hugging Face's guidance on untrusted chat input recommends.
+
+    Raises:
+        APIError: 400 when the template changed a content that holds control-token text so that
+            it cannot be located (the request is refused rather than parsed into control tokens).
+    """
+    ids: list[int] = []
+    pos = 0
+    for content in contents:
+        if not content:
+            continue
+        at = rendered.find(content, pos)
+        if at < 0:
+            raise APIError(400, "A message contains the model's control-token text, which is not allowed",
+                           param="messages", code="invalid_value")
+        if at > pos:
+            ids += tokenizer(rendered[pos:at], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        pos = at + len(content)
+    if pos < len(rendered):
+        ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def _template_message(m: ChatMessage) -> dict[str, Any]:
@@ -102,10 +220,37 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     return msg
 
 
+def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessage],
+                         tools: list[dict[str, Any]] | None, chat_template_kwargs: dict[str, Any] | None) -> None:
+    """Refuse control-token text in the client strings a template renders besides message contents.
+
+    Contents are tokenized so that such text stays text (:func:`_encode_rendered`); names, tool
+    calls, ``tools`` and template variables cannot be located reliably in the rendered text
+    (templates serialize them), so they are refused instead.
+
+    Raises:
+        APIError: 400 naming the field that holds control-token text.
+    """
+    parts: list[tuple[str, Any]] = [("tools", tools), ("chat_template_kwargs", chat_template_kwargs)]
+    for i, m in enumerate(messages):
+        parts += [(f"messages[{i}].name", m.name), (f"messages[{i}].tool_call_id", m.tool_call_id),
+                  (f"messages[{i}].tool_calls", m.tool_calls)]
+    for param, value in parts:
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if any(s in text for s in specials):
+            raise APIError(400, "The request contains the model's control-token text, which is not allowed",
+                           param=param, code="invalid_value")
+
+
+
 def chat_prompt(
     tokenizer: Any,
     messages: Sequence[ChatMessage],
+    max_model_len: int | None = None,
     *,
+    parse_special_tokens: bool = False,
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
@@ -115,9 +260,15 @@ def chat_prompt(
 
     ``developer`` messages are passed as ``system`` (OpenAI renamed the role; templates know
     ``system``); assistant ``tool_calls`` and ``tool`` messages (with ``tool_call_id``) reach
-    the template, as do ``tools``.
+    the template, as do ``tools``. Message contents can never produce the model's control tokens
+    (``<|eot_id|>`` typed by a user stays text, so it cannot close its turn and forge a system
+    turn), unless ``parse_special_tokens`` (the server's ``--parse-special-tokens-in-chat``
+    opt-out); control-token text in the other client strings the template renders (names, tool
+    calls, ``tools``, ``chat_template_kwargs``) is refused. Blocking: routes call it in a worker thread.
 
     Args:
+        max_model_len: when given, a conversation whose text cannot fit the context is refused
+            before rendering.
         add_generation_prompt: end with the assistant turn's header (the usual case).
         continue_final_message: leave the last message open so the model continues it
             (a "prefill"); exclusive with ``add_generation_prompt``.
@@ -125,22 +276,32 @@ def chat_prompt(
 
     Raises:
         APIError: 400 when the model has no chat template, the template rejects the conversation
-            (e.g. roles out of order), or a content part is not text.
+            (e.g. roles out of order), or a content part is not text; 400 ``context_length_exceeded``
+            when the text cannot fit.
     """
     conv = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
+    if max_model_len is not None:
+        check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param="messages")
     kwargs = dict(chat_template_kwargs or {})
     for reserved in ("conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize"):
         if reserved in kwargs:
             raise APIError(400, f"chat_template_kwargs must not set {reserved!r}", param="chat_template_kwargs",
                            code="invalid_value")
-    try:
-        rendered = tokenizer.apply_chat_template(conv, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                                                 continue_final_message=continue_final_message, tokenize=True,
-                                                 **kwargs)
-    except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
-        raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+    specials = () if parse_special_tokens else special_token_strings(tokenizer)
+    if specials:
+        _refuse_control_text(specials, messages, tools, chat_template_kwargs)
+    injected = any(s in m["content"] for m in conv for s in specials)
+    with tokenizer_lock(tokenizer):
+        try:
+            rendered = tokenizer.apply_chat_template(
+                conv, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=not injected, **kwargs)
+        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+            raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+        if injected:
+            return [int(t) for t in _encode_rendered(tokenizer, rendered, [m["content"] for m in conv])]
     # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
     if isinstance(rendered, Mapping):
         rendered = rendered["input_ids"]

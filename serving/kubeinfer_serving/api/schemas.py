@@ -5,25 +5,125 @@ Field names and defaults follow OpenAI's API reference (https://platform.openai.
 Extensions with vLLM's names and meanings: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``allowed_token_ids``, ``bad_words``,
 ``include_stop_str_in_output``, ``skip_special_tokens``, ``return_tokens_as_token_ids``, the
-``guided_*`` / ``structured_outputs`` constraints and the chat template controls.
+``guided_*`` / ``structured_outputs`` constraints, the chat template controls, ``priority``
+and ``cache_salt``.
 
 No field is silently ignored: request bodies keep unknown fields (``extra="allow"``) so that
 :func:`kubeinfer_serving.api.fields.refuse_unknown_fields` can answer 400 naming any field this
 server does not implement (OpenAI's and vLLM's fields alike), as OpenAI's API does.
+
+Every field is bounded, so no value can reach the engine that it cannot represent (a ``top_k``
+of 2**64 once killed an engine): integers are within int32 (``seed`` within int64), floats are
+finite, lists and names have caps. Validation is strict (``"stream": "yes"`` or
+``"max_tokens": "4"`` are 400s, as in OpenAI's API), and strings with lone UTF-16 surrogates
+(valid JSON, but not text) are 400s. The four ``prompt``/``input`` forms are checked by one
+linear pass (:func:`check_prompt_input`) instead of pydantic's union, which cost ~86x the
+body's size in memory for a long token-id list.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 #: Largest ``n`` accepted: each choice is a separate engine request.
 MAX_N = 16
+#: Largest integer accepted in int fields (int32), ``top_k`` and token ids included.
+MAX_INT32 = 2**31 - 1
+#: ``seed`` range: what ``torch.Generator.manual_seed`` accepts for ``seed + choice`` (int64).
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1 - MAX_N
+#: Most ``stop`` strings per request (OpenAI allows 4; vLLM-style clients send a few more) and their length.
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+#: Most ``stop_token_ids`` per request.
+MAX_STOP_TOKEN_IDS = 64
+#: Longest ``model`` / ``user`` / ``name`` string (characters): names are never megabytes.
+MAX_NAME_CHARS = 256
+#: Most ``logit_bias`` entries per request (the routes check keys and the [-100, 100] values).
+MAX_LOGIT_BIAS = 4096
+#: Most ``bad_words`` per request.
+MAX_BAD_WORDS = 1024
 
+
+def no_lone_surrogates(text: str) -> str:
+    """Reject strings holding lone UTF-16 surrogates (``"\\ud800"`` is valid JSON but not text).
+
+    Raises:
+        ValueError: the string cannot be encoded as UTF-8.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text contains a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return text
+
+
+#: A string that is valid Unicode (no lone surrogates).
+Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+#: A short name (``model``, ``user``, message ``name``).
+Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
+#: A token id field (``allowed_token_ids``, ``/detokenize`` tokens): an int in [0, 2**31); the
+#: vocabulary bound is checked later, by the model.
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+
+
+def check_prompt_input(value: Any) -> Any:
+    """Check one of OpenAI's four prompt/input forms in one pass, without copying it.
+
+    Accepted: a string, a list of strings, a list of token ids, a list of token-id lists; token
+    ids are ints (not booleans) in [0, 2**31). An empty list passes (the route answers 400
+    naming the field). The vocabulary bound is checked later, by the model.
+
+    Raises:
+        ValueError: any other shape or element type, or a string with a lone surrogate.
+    """
+    if isinstance(value, str):
+        return no_lone_surrogates(value)
+    if not isinstance(value, list):
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    if not value:
+        return value
+    first = value[0]
+    if isinstance(first, str):
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("a list of strings must hold only strings")
+            no_lone_surrogates(item)
+    elif type(first) is int:
+        _check_token_ids(value)
+    elif isinstance(first, list):
+        for item in value:
+            if not isinstance(item, list) or not item:
+                raise ValueError("a list of token-id lists must hold only non-empty lists of token ids")
+            _check_token_ids(item)
+    else:
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of token-id lists")
+    return value
+
+
+def _check_token_ids(ids: list[Any]) -> None:
+    if not all(type(t) is int for t in ids):
+        raise ValueError("token ids must be integers")
+    if min(ids) < 0 or max(ids) > MAX_INT32:
+        raise ValueError(f"token ids must be in [0, {MAX_INT32}]")
+
+
+#: ``prompt`` / ``input``: OpenAI's four forms, validated by :func:`check_prompt_input`.
+PromptInput = Annotated[
+    Any,
+    BeforeValidator(check_prompt_input),
+    WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    ]}),
+]
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
 
 
 class StreamOptions(_Request):
@@ -35,78 +135,89 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = Field(None, description="Optional when the server serves one generative model.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: Name | None = Field(None, description="Optional when the server serves one generative model.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    stop: Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | Annotated[
+        list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    user: Name | None = None
     # Extensions (vLLM's names).
-    top_k: int | None = Field(None, ge=-1, description="Sample among the k most likely tokens; 0 or -1 disables.")
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32,
+                              description="Sample among the k most likely tokens; 0 or -1 disables.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    stop_token_ids: list[int] | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    cache_salt: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = Field(
+        None, description="vLLM's cache_salt: prefix-cache blocks are shared only between requests with the "
+        "same salt (and tenant).")
+    priority: int | None = Field(None, ge=-MAX_INT32 - 1, le=MAX_INT32,
+                                 description="vLLM's priority: lower values run first (needs the priority "
+                                 "scheduling policy); default: the tenant's priority, else 0.")
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]],
+                         Field(max_length=MAX_BAD_WORDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     return_tokens_as_token_ids: bool | None = None
     # Structured outputs (vLLM's guided decoding fields and their newer ``structured_outputs`` form).
     response_format: dict[str, Any] | None = None
-    guided_json: str | dict[str, Any] | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_json: Text | dict[str, Any] | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
     structured_outputs: dict[str, Any] | None = None
-    guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: Name | None = None
+    guided_whitespace_pattern: Text | None = None
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``. ``prompt`` is a string, a list of strings, a token-id list or a list of those."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing.")
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT32,
+                                   description="0 only with echo: score the prompt, generate nothing.")
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
 
 
 class ContentPart(_Request):
     """One part of a multi-part message ``content``; only ``{"type": "text", "text": ...}`` is served."""
 
-    type: str
-    text: str | None = None
+    type: Name
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     """One chat message; ``content`` is a string or a list of text parts (joined with no separator)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Name | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Name | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``. Without ``max_tokens``/``max_completion_tokens`` the output may fill the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -119,8 +230,8 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Request):
     """``POST /tokenize`` (vLLM): a ``prompt``, or chat ``messages`` rendered with the chat template."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Name | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -142,8 +253,8 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(_Request):
     """``POST /detokenize`` (vLLM): token ids -> text."""
 
-    model: str | None = None
-    tokens: list[int]
+    model: Name | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
@@ -155,11 +266,11 @@ class DetokenizeResponse(BaseModel):
 class EmbeddingRequest(_Request):
     """``POST /v1/embeddings``. ``encoding_format`` ``base64`` is little-endian float32, as OpenAI's clients expect."""
 
-    model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    model: Name
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT32)
+    user: Name | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -347,6 +458,7 @@ class ModelCard(BaseModel):
     preload: bool
     max_model_len: int | None = None
     message: str = ""
+    idle_timeout_seconds: float | None = None
     source: str = ""
     revision: str | None = None
 

@@ -12,14 +12,19 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from kubeinfer_serving import __version__
+from kubeinfer_serving.api.admission import FairAdmission, Ticket
+from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
 from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
+from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
+from kubeinfer_serving.api.result_cache import ResultCache, replay
 from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
 from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
 from kubeinfer_serving.engine.outputs import RequestOutput, TokenLogprob
@@ -47,15 +52,15 @@ def resolve_model_name(request: Request, name: str | None, kind: ModelKind) -> s
     """``name``, or when the request left ``model`` out, the one model of ``kind`` the server serves (as vLLM).
 
     Raises:
-        APIError: 400 ``param=model`` when ``model`` is missing and the server serves several
-            (or no) models of that kind.
+        APIError: 400 ``param=model``, ``missing_required_parameter``, when ``model`` is missing
+            and the server serves several (or no) models of that kind.
     """
     if name:
         return name
     names = [m.name for m in request.app.state.provider.list_models() if m.kind is kind]
     if len(names) != 1:
         raise APIError(400, f"model is required: this server serves {len(names)} models of this kind "
-                       f"({', '.join(names)})", param="model", code="invalid_value")
+                       f"({', '.join(names)})", param="model", code="missing_required_parameter")
     return names[0]
 
 
@@ -137,6 +142,78 @@ class UsageCounter:
         )
 
 
+def engine_config(served: ServedModel) -> Any:
+    """The :class:`~kubeinfer_serving.engine.config.EngineConfig` of ``served``'s engine, or None."""
+    return getattr(getattr(served.engine, "engine", None), "config", None)
+
+
+def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
+    """The request's scheduling priority: its ``priority`` field, else its tenant's default.
+
+    Under the ``fcfs`` policy every request has priority 0 (as in vLLM, a non-zero ``priority``
+    is then an error).
+
+    Raises:
+        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model.
+    """
+    config = engine_config(served)
+    policy = getattr(config, "scheduling_policy", "fcfs")
+    if body.priority is not None:
+        if body.priority != 0 and policy != "priority":
+            raise APIError(400, f"priority needs the priority scheduling policy; model {served.name!r} schedules "
+                           "first come, first served", param="priority", code="unsupported_parameter")
+        return body.priority
+    return identity_of(request.scope).tenant.priority if policy == "priority" else 0
+
+
+def result_cache_key(request: Request, route: str, body: Any, served: ServedModel) -> str | None:
+    """The result-cache key of this request, or None when it is not cacheable (see :mod:`.result_cache`)."""
+    cache: ResultCache = request.app.state.result_cache
+    tenant = identity_of(request.scope, request.app.state.keys).tenant.name
+    return cache.key(route, tenant, served.name, getattr(served.engine, "instance_id", ""), body)
+
+
+def cache_salt(request: Request, body: Any) -> str | None:
+    """The prefix-cache salt of a request: its tenant (when API keys are on) and its own ``cache_salt``.
+
+    Tenants never share cached blocks, so one cannot learn another's prompts from cache timing;
+    requests of one tenant still share them. Without keys and without ``cache_salt`` there is no
+    salt (every request may share).
+    """
+    keys = request.app.state.keys
+    tenant = identity_of(request.scope, keys).tenant.name if keys.enabled else None
+    own = getattr(body, "cache_salt", None)
+    if tenant is None and own is None:
+        return None
+    return f"{tenant or ''}\x00{own or ''}"
+
+
+async def admit(request: Request, served: ServedModel, jobs: list[Job]) -> Ticket | None:
+    """Pass the tenant's limits and fair admission (:mod:`.admission`) for ``jobs`` on ``served``.
+
+    Returns:
+        the ticket to release when the jobs are done (None when fair admission is off).
+
+    Raises:
+        APIError: 429 (tenant rate, tenant queue, model queue); ClientDisconnected while waiting.
+    """
+    admission: FairAdmission = request.app.state.admission
+    tenant = identity_of(request.scope).tenant
+    config = engine_config(served)
+    prompts = {j.prompt_index: len(j.prompt_token_ids) for j in jobs}
+    if not admission.enabled or config is None:
+        admission.check_rate(tenant)
+        admission.charge(tenant, sum(prompts.values()), "prompt")
+        return None
+    ticket = admission.try_admit(served.name, config.max_num_seqs, config.max_waiting_requests, tenant, len(jobs))
+    if ticket is None:
+        priority = jobs[0].params.priority if jobs else 0
+        ticket = await until_disconnect(request, admission.admit(
+            served.name, config.max_num_seqs, config.max_waiting_requests, tenant, len(jobs), priority))
+    admission.charge(tenant, sum(prompts.values()), "prompt")
+    return ticket
+
+
 async def respond(
     request: Request,
     stack: AsyncExitStack,
@@ -146,6 +223,8 @@ async def respond(
     stream: bool,
     build_response: Callable[[list[ChoiceResult], Usage], BaseModel],
     stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
+    cache_key: str | None = None,
+    include_usage: bool = False,
 ) -> Response:
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
@@ -157,12 +236,43 @@ async def respond(
         build_response: (results per choice index, usage) -> the response body.
         stream_events: (run, usage counter) -> the SSE ``data:`` events, without the final ``[DONE]``.
 
+        cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
+        include_usage: the stream's ``stream_options.include_usage`` (for a replayed hit).
+
     Returns:
         a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
     """
+    cache: ResultCache = request.app.state.result_cache
+    if cache_key is not None:
+        hit = cache.get(cache_key, served.name)
+        if hit is not None:
+            if stream:
+                return StreamingResponse(replay(hit, include_usage), media_type="text/event-stream",
+                                         headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
+            return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
+    try:
+        ticket = await admit(request, served, jobs)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
     run = GenerationRun(served.engine, jobs)
     usage = UsageCounter(jobs)
+    drain = request.app.state.drain
+    admission: FairAdmission = request.app.state.admission
+    tenant = identity_of(request.scope).tenant
+    settled = False
+
+    def settle() -> None:
+        """Release the admission room and charge the completion tokens (once)."""
+        nonlocal settled
+        if not settled:
+            settled = True
+            drain.untrack(run)
+            if ticket is not None:
+                ticket.release()
+            admission.charge(tenant, usage.usage().completion_tokens, "generation")
+
     run.start()
+    drain.track(run)
     try:
         if not stream:
 
@@ -174,14 +284,24 @@ async def respond(
                     usage.update(job, out)
                 return build_response(results, usage.usage())
 
-            body = await until_disconnect(request, collect())
-            return JSONResponse(body.model_dump(mode="json"))
+            try:
+                body = await until_disconnect(request, collect())
+            finally:
+                settle()
+            data = body.model_dump(mode="json")
+            if cache_key is None:
+                return JSONResponse(data)
+            if all(c.get("finish_reason") in ("stop", "length", "tool_calls") for c in data.get("choices", [])):
+                cache.put(cache_key, data)
+            return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
         run.cancel()
+        settle()
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         run.cancel()
+        settle()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -197,6 +317,7 @@ async def respond(
 
     async def on_close() -> None:
         run.cancel()
+        settle()
         await owned.aclose()
 
     return SSEResponse(events(), on_close)

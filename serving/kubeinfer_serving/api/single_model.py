@@ -133,6 +133,11 @@ class SingleModelProvider:
         """True once the model is loaded."""
         return self._state is ModelState.LOADED
 
+    def dead_models(self) -> list[str]:
+        """``[name]`` when the engine loop crashed, else ``[]``."""
+        served = self._served
+        return [self.name] if served is not None and served.engine.is_dead else []
+
     async def start(self) -> None:
         """Load the model (preload); a failure is recorded and leaves ``/ready`` at 503."""
         try:

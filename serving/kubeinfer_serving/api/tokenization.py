@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
+from typing import Any
 
 from fastapi import APIRouter, Request
 
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
-from kubeinfer_serving.api.prompts import chat_prompt
+from kubeinfer_serving.api.prompts import chat_prompt, tokenizer_lock
 from kubeinfer_serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -20,6 +22,12 @@ from kubeinfer_serving.api.serving import acquire, resolve_model_name
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter()
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of ``text`` under the tokenizer's lock (blocking: called in a worker thread)."""
+    with tokenizer_lock(tokenizer):
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 @router.post("/tokenize")
@@ -40,11 +48,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             if body.continue_final_message and body.add_generation_prompt:
                 raise APIError(400, "continue_final_message needs add_generation_prompt: false",
                                param="continue_final_message", code="invalid_value")
-            ids = chat_prompt(tok, body.messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
-                              continue_final_message=body.continue_final_message,
-                              chat_template_kwargs=body.chat_template_kwargs)
+            ids = await asyncio.to_thread(
+                chat_prompt, tok, body.messages,
+                parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=body.tools,
+                add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs)
         else:
-            ids = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ids = await asyncio.to_thread(_encode, tok, body.prompt, body.add_special_tokens)
         strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids, token_strs=strs)
 
@@ -61,7 +71,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens",
                            code="invalid_value")
-        return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await asyncio.to_thread(served.tokenizer.decode, body.tokens))
 
 
 @router.get("/version")

@@ -1,10 +1,13 @@
 """The embedding runner: a sentence-transformers encoder that batches concurrent callers.
 
-Each :meth:`Embedder.embed` call tokenises its inputs on the event loop (so a too-long input
-fails at once) and queues them. One batcher task takes everything queued, runs it as padded
-forwards of at most ``max_batch_size`` sequences (sorted by length to limit padding) on a
-single worker thread, pools (:mod:`.pooling`), and hands each caller its rows. While a forward
-runs, new callers queue up and share the next one: dynamic batching as in Triton/TEI.
+Each :meth:`Embedder.embed` call tokenises its inputs in a worker thread (so a too-long input
+fails before any forward, and the event loop never waits for a tokenizer) and queues them. One
+batcher task builds each forward of at most ``max_batch_size`` sequences round-robin across the
+queued callers (one row from each in turn, each caller's rows in length order to limit padding),
+runs it on a single worker thread, pools (:mod:`.pooling`), and hands a caller its vectors once
+all its rows are done. So a caller with 10,000 inputs shares every forward with a caller of one
+input instead of making it wait for all 10,000 (fair dynamic batching, as in Triton/TEI), and a
+caller that goes away (its ``embed`` is cancelled) stops costing forwards at the next one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +31,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class _Job:
+    """One caller's rows: ``order`` is the row order (by length), ``next`` the first row not yet run."""
+
     ids: list[list[int]]
     future: asyncio.Future = field(repr=False)
+    out: np.ndarray | None = field(default=None, repr=False)
+    order: list[int] = field(default_factory=list)
+    next: int = 0
+    done_rows: int = 0
 
 
 class Embedder:
@@ -73,6 +83,7 @@ class Embedder:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._prefix, self._suffix = self._special_wrapping()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"embed-{name}")
+        self._tokenizer_lock = threading.Lock()
         self._pending: collections.deque[_Job] = collections.deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -133,19 +144,28 @@ class Embedder:
                 return full[:i], full[i + len(plain):]
         return [], []
 
-    def encode_inputs(self, inputs: list[str] | list[list[int]]) -> list[list[int]]:
+    def encode_inputs(self, inputs: list[str] | list[list[int]], max_total_tokens: int | None = None) -> list[list[int]]:
         """Token ids fed to the model for each input, special tokens included.
 
         Strings are tokenised; token-id lists are wrapped in the tokenizer's special tokens.
 
         Raises:
-            ValueError: an empty input list, a token id outside the vocabulary, or an input longer
-                than :attr:`max_model_len` tokens (the API answers 400).
+            ValueError: an empty input list, a token id outside the vocabulary, an input longer
+                than :attr:`max_model_len` tokens, or more than ``max_total_tokens`` tokens in all
+                (the API answers 400).
         """
         if not inputs:
             raise ValueError("input must not be empty")
         if isinstance(inputs[0], str):
-            ids = self.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+            # A string cannot hold fewer tokens than characters / (longest vocabulary entry): refuse
+            # one that cannot fit before tokenizing it.
+            longest = self._max_token_chars()
+            for i, text in enumerate(inputs):
+                if len(text) > self.max_model_len * longest:
+                    raise ValueError(f"input {i} has {len(text)} characters, more than the model {self.name!r} "
+                                     f"accepts ({self.max_model_len} tokens)")
+            with self._tokenizer_lock:
+                ids = self.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
         else:
             vocab = len(self.tokenizer)
             ids = []
@@ -159,10 +179,24 @@ class Embedder:
                 raise ValueError(
                     f"input {i} has {len(row)} tokens, more than the model {self.name!r} accepts ({self.max_model_len})"
                 )
+        total = sum(len(r) for r in ids)
+        if max_total_tokens is not None and total > max_total_tokens:
+            raise ValueError(f"the inputs have {total} tokens in all, more than the limit of {max_total_tokens} "
+                             "per request; split them over several requests")
         return ids
 
-    async def embed(self, inputs: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
-        """Embed ``inputs``, batched with whatever other callers are waiting.
+    def _max_token_chars(self) -> int:
+        cached = getattr(self, "_longest_token", None)
+        if cached is None:
+            cached = self._longest_token = max((len(k) for k in self.tokenizer.get_vocab()), default=1) + 1
+        return cached
+
+    async def embed(
+        self, inputs: list[str] | list[list[int]], max_total_tokens: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Embed ``inputs``, batched fairly with whatever other callers are waiting.
+
+        Cancelling the call (the client left) drops its rows not yet run from the next forwards.
 
         Returns:
             (vectors, prompt_tokens): ``vectors`` is a (len(inputs), dim) float32 array in input
@@ -174,45 +208,61 @@ class Embedder:
         """
         if self._closed:
             raise RuntimeError(f"embedding model {self.name!r} is shut down")
-        ids = self.encode_inputs(inputs)
+        ids = await asyncio.to_thread(self.encode_inputs, inputs, max_total_tokens)
+        if self._closed:
+            raise RuntimeError(f"embedding model {self.name!r} is shut down")
         loop = asyncio.get_running_loop()
         if self._wake is None:
             self._wake = asyncio.Event()
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._batch_loop(), name=f"embed-batcher-{self.name}")
-        job = _Job(ids, loop.create_future())
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        job = _Job(ids, loop.create_future(), np.empty((len(ids), self.dim), dtype=np.float32), order)
         self._pending.append(job)
         self._wake.set()
         vectors = await job.future
         return vectors, sum(len(r) for r in ids)
 
+    def _next_batch(self) -> list[tuple[_Job, int]]:
+        """Up to ``max_batch_size`` (job, row) pairs taken round-robin over the live queued jobs."""
+        live = [j for j in self._pending if not j.future.done()]
+        self._pending = collections.deque(live)
+        picked: list[tuple[_Job, int]] = []
+        while len(picked) < self.max_batch_size:
+            progressed = False
+            for job in live:
+                if job.next < len(job.order) and len(picked) < self.max_batch_size:
+                    picked.append((job, job.order[job.next]))
+                    job.next += 1
+                    progressed = True
+            if not progressed:
+                break
+        return picked
+
     async def _batch_loop(self) -> None:
-        """Take every queued job, run them in one go on the worker thread, repeat."""
+        """Run one fair forward at a time (see the module docstring) until shut down."""
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while not self._closed:
-            if not self._pending:
+            picked = self._next_batch()
+            if not picked:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            jobs = [j for j in self._pending if not j.future.done()]
-            self._pending.clear()
-            if not jobs:
-                continue
-            rows = [r for j in jobs for r in j.ids]
+            rows = [job.ids[i] for job, i in picked]
             try:
                 out = await loop.run_in_executor(self._executor, self._forward_all, rows)
             except Exception as exc:
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
+                for job in {id(j): j for j, _ in picked}.values():
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 continue
-            start = 0
-            for j in jobs:
-                n = len(j.ids)
-                if not j.future.done():
-                    j.future.set_result(out[start:start + n])
-                start += n
+            for (job, i), vec in zip(picked, out, strict=True):
+                job.out[i] = vec
+                job.done_rows += 1
+                if job.done_rows == len(job.ids) and not job.future.done():
+                    job.future.set_result(job.out)
+            self._pending = collections.deque(j for j in self._pending if not j.future.done())
 
     @torch.inference_mode()
     def _forward_all(self, rows: list[list[int]]) -> np.ndarray:

@@ -14,12 +14,13 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig, EngineStats
-from .errors import EngineDeadError, QueueFullError
+from .errors import EngineDeadError, QueueFullError, RequestFailedError
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
@@ -71,6 +72,8 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.device = engine.device
         self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes
+        #: Unique per engine instance: a reloaded model is a new instance (result-cache keys use it).
+        self.instance_id = uuid.uuid4().hex
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()
@@ -120,7 +123,7 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            waiting = len(self.engine.scheduler.waiting) + self._num_pending_adds
+            waiting = self.engine.num_waiting_beyond_batch(self._num_pending_adds)
             if waiting >= self.engine.config.max_waiting_requests:
                 raise QueueFullError(
                     f"too many requests waiting for {self.model_name!r} ({waiting}); retry later",
@@ -163,6 +166,11 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         """True while the loop thread serves requests."""
         return self._thread.is_alive() and not self._stopping and self._dead is None
+
+    @property
+    def is_dead(self) -> bool:
+        """True once the loop thread crashed (not after a clean shutdown): the liveness probe fails."""
+        return self._dead is not None
 
     async def shutdown(self) -> None:
         """Stop the loop: outstanding requests finish with finish_reason "abort", then the
@@ -207,7 +215,8 @@ class AsyncLLMEngine:
                 with self._lock:
                     self._num_pending_adds -= 1
                     stream = self._streams.get(rid)
-                if stream is None:  # the client left before the request was taken in
+                if stream is None:  # the client left before the request was taken in: still an abort
+                    self.engine.count_abort_before_admission(arrival)
                     continue
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival)
@@ -222,7 +231,7 @@ class AsyncLLMEngine:
         with self._lock:
             stream = self._streams.get(out.request_id)
         if stream is not None:
-            stream.put(out)
+            stream.put(RequestFailedError(out.error) if out.error is not None else out)
 
     def _abort_everything(self) -> None:
         """Finish every request still in the engine or the inbox with finish_reason "abort"."""

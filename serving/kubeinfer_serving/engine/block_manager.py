@@ -18,6 +18,18 @@ from collections.abc import Sequence as Seq
 from .sequence import Sequence
 
 
+def salt_root(cache_salt: str | None) -> bytes | None:
+    """The parent hash of a sequence's first block: None unsalted, else a hash of the salt.
+
+    As vLLM's ``cache_salt``: mixing a per-tenant salt into the first block's hash (and so,
+    through the chain, into every block's) makes blocks of different salts never match, so one
+    tenant cannot detect another's prompts through prefix-cache hits.
+    """
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(b"kubeinfer-cache-salt\x00" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+
+
 def hash_block(parent: bytes | None, token_ids: Seq[int]) -> bytes:
     """Chained hash of one full block: SHA-256 over the parent's hash and the block's token ids.
 
@@ -85,7 +97,7 @@ class BlockManager:
         max_blocks = (len(seq) - 1) // self.block_size
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent: bytes | None = None
+        parent = salt_root(seq.params.cache_salt)
         bs = self.block_size
         for i in range(max_blocks):
             h = hash_block(parent, seq.tokens_slice(i * bs, (i + 1) * bs))
@@ -142,7 +154,7 @@ class BlockManager:
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else salt_root(seq.params.cache_salt)
             h = hash_block(parent, seq.tokens_slice(i * bs, (i + 1) * bs))
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -30,6 +30,8 @@ class EngineConfig:
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
         device: "cuda", "cpu" or None (CUDA when available).
         dtype: weights/KV dtype or None (bfloat16 on CUDA, float32 on CPU).
+        scheduling_policy: ``fcfs`` (arrival order) or ``priority`` (requests' ``priority``,
+            lower first; preemption takes the lowest priority first), vLLM's two policies.
     """
 
     max_num_seqs: int = 256
@@ -42,8 +44,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str | None = None
     dtype: torch.dtype | str | None = None
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

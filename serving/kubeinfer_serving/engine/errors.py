@@ -38,3 +38,11 @@ class PromptTooLongError(EngineError, ValueError):
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
             f"{max_tokens} for the completion). Please reduce the length of the prompt or completion."
         )
+
+
+class RequestFailedError(EngineError):
+    """The engine failed this one request (an exception while preparing, running or sampling it).
+
+    The request was aborted and its KV blocks freed; the engine and the other requests go on
+    (HTTP 500 with code ``request_failed``; the message never carries internal details).
+    """

@@ -7,6 +7,7 @@ immutable settings, so the event loop may call it to reject bad requests before 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .stats import StatLogger, StepStats
 
+log = logging.getLogger(__name__)
+
+#: ``RequestOutput.error`` of a request the engine failed; no internal detail reaches the client.
+REQUEST_FAILED_MESSAGE = "The server failed while generating for this request; it was aborted"
+
 
 @dataclass
 class _Tracked:
@@ -47,6 +53,21 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
         elif isinstance(src, (list, tuple)):
             ids.update(int(i) for i in src)
     return ids
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or infinity (a corrupted file that still parses).
+
+    Raises:
+        kubeinfer_serving.models.llama.WeightLoadError: naming how many tensors are bad and the first.
+    """
+    from kubeinfer_serving.models.llama import WeightLoadError
+
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise WeightLoadError(f"{len(bad)} weight tensor(s) hold NaN or infinite values (corrupted weights?), "
+                              f"first: {bad[0]}")
 
 
 class LLMEngine:
@@ -90,7 +111,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
@@ -131,6 +152,7 @@ class LLMEngine:
         model = LlamaForCausalLM(hf_config, max_positions=max_len, dtype=dtype, device=device)
         model.load_weights(weights)
         model.eval()
+        check_finite_weights(model)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -183,6 +205,8 @@ class LLMEngine:
             raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
+        if params.priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError("priority needs the priority scheduling policy (this engine schedules fcfs)")
 
     def add_request(
         self,
@@ -205,10 +229,9 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            raise QueueFullError(
-                f"{len(self.scheduler.waiting)} requests are waiting (max_waiting_requests)", retry_after=1.0
-            )
+        waiting = self.num_waiting_beyond_batch()
+        if waiting >= self.config.max_waiting_requests:
+            raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests)", retry_after=1.0)
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         if params.seed is not None:
@@ -240,6 +263,26 @@ class LLMEngine:
         self._on_finished(tracked.seq, time.monotonic(), stats)
         self._emit(stats)
         return self._output(tracked, finished=True)
+
+    def num_waiting_beyond_batch(self, pending: int = 0) -> int:
+        """Requests that would really wait: queued (plus ``pending`` not yet added) minus free batch slots.
+
+        ``max_waiting_requests`` caps this number, so a burst that the running batch has room
+        for is admitted, not shed. Reads only lengths: safe from another thread.
+        """
+        free_slots = max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        return max(0, len(self.scheduler.waiting) + pending - free_slots)
+
+    def count_abort_before_admission(self, arrival_time: float) -> None:
+        """Count a request whose client left before the engine took it in (finish reason "abort").
+
+        Args:
+            arrival_time: its ``time.monotonic()`` arrival, for the end-to-end latency.
+        """
+        stats = StepStats()
+        stats.e2e_latencies.append(max(0.0, time.monotonic() - arrival_time))
+        stats.finish_reasons.append("abort")
+        self._emit(stats)
 
     def request_ids(self) -> list[str]:
         """Ids of the requests in the engine (waiting or running)."""
@@ -298,13 +341,20 @@ class LLMEngine:
         stats.num_batched_tokens = plan.num_batched_tokens
 
         t1 = time.perf_counter()
-        tokens = self.runner.run(plan.scheduled)
+        tokens, failed = self._run_isolating_failures(plan.scheduled)
         t2 = time.perf_counter()
         stats.prepare_s = self.runner.last_prepare_s
         stats.model_s = t2 - t1 - stats.prepare_s
 
         now = time.monotonic()
         outputs: list[RequestOutput] = []
+        if failed:  # fail those before applying the step: their chunk did not run
+            keep = [i for i, item in enumerate(plan.scheduled) if item.seq.request_id not in failed]
+            for item in plan.scheduled:
+                if item.seq.request_id in failed:
+                    outputs.append(self._fail(item.seq, now, stats))
+            plan.scheduled = [plan.scheduled[i] for i in keep]
+            tokens = [tokens[i] for i in keep]
         for upd in self.scheduler.update_from_output(plan, tokens):
             seq = upd.seq
             tracked = self._requests[seq.request_id]
@@ -326,8 +376,13 @@ class LLMEngine:
             finished = upd.finish_reason is not None
             grammar_done = False
             if seq.matcher is not None:
-                seq.matcher.consume_token(upd.token)
-                grammar_done = seq.matcher.is_stopped()  # complete (or failed): nothing may follow
+                try:
+                    seq.matcher.consume_token(upd.token)
+                    grammar_done = seq.matcher.is_stopped()  # complete (or failed): nothing may follow
+                except Exception:  # noqa: BLE001 - a faulty grammar matcher fails its request alone
+                    log.exception("engine %s: request %s failed", self.model_name, seq.request_id)
+                    outputs.append(self._fail_after_update(seq, finished, now, stats))
+                    continue
             if tracked.detok.stopped or grammar_done:
                 # A stop string or a completed grammar ends the request as "stop", even on its last allowed token.
                 if finished:
@@ -344,6 +399,57 @@ class LLMEngine:
         return outputs, stats
 
     # ------------------------------------------------------------------ helpers
+    def _run_isolating_failures(self, scheduled: list) -> tuple[list[int | None], set[str]]:
+        """Run the step; when it raises, run each sequence alone to find the one(s) at fault.
+
+        One bad request (e.g. sampling parameters torch cannot represent) must fail only itself:
+        the batch is re-run one sequence at a time (the KV written by the failed attempt is
+        overwritten, as ``num_computed_tokens`` did not advance), and each sequence that still
+        raises on its own is reported as failed.
+
+        Returns:
+            (token per scheduled item as :meth:`ModelRunner.run` returns them, request ids that failed).
+        """
+        try:
+            return self.runner.run(scheduled), set()
+        except Exception:  # noqa: BLE001 - isolated below; the engine keeps stepping
+            if len(scheduled) == 1:
+                log.exception("engine %s: request %s failed", self.model_name, scheduled[0].seq.request_id)
+                return [None], {scheduled[0].seq.request_id}
+            log.warning("engine %s: a step of %d sequences failed; re-running them one by one",
+                        self.model_name, len(scheduled), exc_info=True)
+        tokens: list[int | None] = []
+        failed: set[str] = set()
+        for item in scheduled:
+            try:
+                tokens.extend(self.runner.run([item]))
+            except Exception:  # noqa: BLE001 - this request alone is at fault
+                log.exception("engine %s: request %s failed", self.model_name, item.seq.request_id)
+                tokens.append(None)
+                failed.add(item.seq.request_id)
+        return tokens, failed
+
+    def _fail(self, seq: Sequence, now: float, stats: StepStats) -> RequestOutput:
+        """Abort ``seq`` after the engine failed it: free its blocks, report finish_reason "error"."""
+        tracked = self._requests.pop(seq.request_id)
+        self.scheduler.finish(seq, "error")
+        self._on_finished(seq, now, stats)
+        out = self._output(tracked, finished=True)
+        out.error = REQUEST_FAILED_MESSAGE
+        return out
+
+    def _fail_after_update(self, seq: Sequence, finished: bool, now: float, stats: StepStats) -> RequestOutput:
+        """As :meth:`_fail`, for a sequence the step already advanced (``finished``: the scheduler
+        already finished it, e.g. on its last allowed token)."""
+        if finished:
+            seq.finish_reason = "error"
+            tracked = self._requests.pop(seq.request_id)
+            self._on_finished(seq, now, stats)
+            out = self._output(tracked, finished=True)
+            out.error = REQUEST_FAILED_MESSAGE
+            return out
+        return self._fail(seq, now, stats)
+
     def _output(self, tracked: _Tracked, *, finished: bool) -> RequestOutput:
         seq = tracked.seq
         new_ids = seq.output_token_ids[tracked.sent_tokens:]

@@ -58,6 +58,8 @@ class RequestOutput:
         num_prompt_tokens: prompt length in tokens.
         num_output_tokens: output tokens generated so far (in total, not the delta).
         num_cached_tokens: prompt tokens served from the prefix cache at the first schedule.
+        error: set (with finish_reason "error") when the engine failed this one request while
+            preparing, running or sampling it; the engine itself keeps serving the others.
         new_logprobs: one entry per token of ``new_token_ids`` when the request asked for
             ``logprobs``, else None.
         prompt_logprobs: on the request's first output, when it asked for ``prompt_logprobs``:
@@ -73,6 +75,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str | None = None
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     timings: RequestTimings | None = None

@@ -91,7 +91,7 @@ def sample(
         min_p = _h2d([p.min_p for p in params], torch.float32, device)
         scaled = apply_min_p(scaled, min_p)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = _h2d([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, device)
+        top_k = _h2d([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.int64, device)
         top_p = _h2d([p.top_p for p in params], torch.float32, device)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(dim=-1)

@@ -23,6 +23,10 @@ class SamplingParams:
         stop: strings that end the output; the returned text never contains them.
         stop_token_ids: token ids that end the output (finish reason "stop").
         ignore_eos: keep generating past the EOS token (benchmarks use this).
+        priority: scheduling priority under the ``priority`` policy, as vLLM defines it: lower
+            values are admitted first and preempted last; ties go by arrival. Must be 0 under ``fcfs``.
+        cache_salt: prefix-cache salt (vLLM's ``cache_salt``): requests share cached KV blocks only
+            with requests of the same salt; None shares with unsalted requests.
         presence_penalty: subtracted from the logit of every token already in the output
             (OpenAI/vLLM meaning), in [-2, 2]; 0 disables it.
         frequency_penalty: subtracted once per occurrence of a token in the output, in [-2, 2].
@@ -63,6 +67,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    priority: int = 0
+    cache_salt: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -89,10 +95,12 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.top_k, int) or not -(2**31) <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be an int32 (<= 0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if not isinstance(self.priority, int) or not -(2**31) <= self.priority < 2**31:
+            raise ValueError(f"priority must be an int32, got {self.priority!r}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

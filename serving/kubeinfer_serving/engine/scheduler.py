@@ -12,10 +12,15 @@ front of the queue to be recomputed later (recompute preemption, vLLM's default)
 After the model ran, :meth:`Scheduler.update_from_output` applies the step's result (as vLLM
 v1's scheduler does): computed-token counts, prefix-cache registration of newly full blocks,
 sampled tokens, and the token-level stop checks (stop token ids, max_tokens, max_model_len).
+
+With the ``priority`` policy (vLLM's ``--scheduling-policy priority``) the waiting queue is kept
+in (priority, arrival) order, lower values first, and the victim of a preemption is the running
+sequence with the highest (priority, arrival): the least important, newest one.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -98,10 +103,14 @@ class Scheduler:
         max_num_seqs: running-batch cap.
         max_num_batched_tokens: per-step token budget.
         max_model_len: a sequence reaching this many tokens finishes ("length"); None: no cap.
+        policy: ``fcfs`` (arrival order, newest preempted first) or ``priority`` (see the module docstring).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, policy: str = "fcfs") -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"unknown scheduling policy {policy!r}; use fcfs or priority")
+        self.policy = policy
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -113,7 +122,23 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence at the back."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.append(seq)
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple[int, float]:
+        return (seq.params.priority, seq.arrival_time)
+
+    def _insert_by_priority(self, seq: Sequence) -> None:
+        keys = [self._rank(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self._rank(seq)), seq)
+
+    def _pop_victim(self) -> Sequence:
+        """The running sequence to preempt: the last one, i.e. the newest (fcfs) or, as ``schedule``
+        sorts the batch by (priority, arrival) under the priority policy, the least important, newest."""
+        return self.running.pop()
 
     def has_unfinished(self) -> bool:
         """True while any sequence waits or runs."""
@@ -124,6 +149,8 @@ class Scheduler:
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_num_batched_tokens
+        if self.policy == "priority":
+            self.running.sort(key=self._rank)  # important first: victims come from the tail
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -131,7 +158,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             preempted_self = False
             while not bm.allocate_slots(seq, n):
-                victim = self.running.pop()
+                victim = self._pop_victim()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -215,4 +242,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)

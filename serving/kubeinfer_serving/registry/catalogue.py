@@ -13,6 +13,10 @@ camelCase keys::
     maxNumSeqs: 256                 # engine knobs applied to every generate model
     maxNumBatchedTokens: 8192
     maxWaitingRequests: 1024        # queue cap per generate model; beyond it HTTP 429 + Retry-After
+    schedulingPolicy: fcfs          # fcfs | priority (requests' `priority`, lower first; vLLM's policies)
+    idleTimeoutSeconds: 1800        # unload a non-preloaded model idle this long (0/absent: never)
+    resultCacheBytes: 67108864      # result cache size for the models with resultCache: true
+    resultCacheTtlSeconds: 600
     pvcRoot: /mnt/models            # where pvc://CLAIM/PATH volumes are mounted
     diskCacheDir: /var/cache/kubeinfer/models   # disk tier of hf:// and s3:// models (default
                                     # $XDG_CACHE_HOME/kubeinfer/remote-models, else ~/.cache/...)
@@ -27,6 +31,8 @@ camelCase keys::
         dtype: bfloat16             # auto | float32 | bfloat16 | float16
         maxModelLen: 4096           # tokens
         kvCacheBytes: 536870912     # this model's KV pool (overrides the pod default)
+        idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
+        resultCache: false          # cache complete responses of deterministic requests (opt-in)
 
 The budget covers weights plus each generate model's KV pool (DESIGN.md section 5).
 ``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
@@ -78,6 +84,8 @@ class ModelEntry(_CamelModel):
         dtype: weights/KV dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU.
         max_model_len: context length in tokens; default the model's own.
         kv_cache_bytes: this generate model's KV pool in bytes; default the pod's ``kvCacheBytes``.
+        idle_timeout_seconds: unload this model after that long without requests (not when
+            preloaded); None: the pod's ``idleTimeoutSeconds``; 0: never.
         credentials_env_prefix: environment prefix of this model's own credentials Secret
             (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
     """
@@ -89,6 +97,8 @@ class ModelEntry(_CamelModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=2)
     kv_cache_bytes: int | None = Field(default=None, ge=1)
+    idle_timeout_seconds: float | None = Field(default=None, ge=0)
+    result_cache: bool = False
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
     @field_validator("source")
@@ -122,6 +132,8 @@ class Catalogue(_CamelModel):
         max_num_seqs, max_num_batched_tokens: engine knobs of every generate model.
         max_waiting_requests: waiting-queue cap of every generate model; requests beyond it get HTTP 429.
         pvc_root: mount point of ``pvc://`` claims.
+        scheduling_policy: ``fcfs`` or ``priority`` for every generate model.
+        idle_timeout_seconds: idle TTL of non-preloaded models, seconds (None or 0: never unloaded for idleness).
         disk_cache_dir: directory of the disk tier for ``hf://``/``s3://`` models (None: the user cache).
         disk_cache_bytes: byte budget of the disk tier.
     """
@@ -138,6 +150,10 @@ class Catalogue(_CamelModel):
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     max_waiting_requests: int = Field(default=1024, ge=1)
     pvc_root: str = "/mnt/models"
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    idle_timeout_seconds: float | None = Field(default=None, ge=0)
+    result_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    result_cache_ttl_seconds: float = Field(default=600.0, gt=0)
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = Field(default=DEFAULT_DISK_CACHE_BYTES, ge=1)
 

@@ -281,6 +281,7 @@ class DefaultModelLoader:
             max_num_seqs=self.catalogue.max_num_seqs,
             max_num_batched_tokens=self.catalogue.max_num_batched_tokens,
             max_waiting_requests=self.catalogue.max_waiting_requests,
+            scheduling_policy=self.catalogue.scheduling_policy,
             block_size=KV_BLOCK_SIZE,
             num_kv_blocks=plan.num_kv_blocks,
             max_model_len=entry.max_model_len,

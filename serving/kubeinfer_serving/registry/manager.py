@@ -18,6 +18,10 @@ Rules (DESIGN.md section 5 "Registry"):
   out of memory, a model larger than the whole budget) marks the model Failed with the reason;
   requests for it get 503 with that reason; other models are unaffected. An explicit
   :meth:`ModelRegistry.load` retries a Failed model.
+* **Idle TTL.** A loaded model that is not preloaded and has had no request for its
+  ``idleTimeoutSeconds`` (the entry's, else the catalogue's; absent or 0: never) is unloaded
+  by a background task, checked every few seconds; ``/v1/models`` then says so in ``message``
+  and ``kubeinfer_model_idle_unloads`` counts it. Its next request loads it again.
 * **Warm tier.** With ``warmCacheBytes > 0`` an evicted model's weights stay in host memory
   (:mod:`.warm`) and its next load skips the disk.
 
@@ -146,6 +150,7 @@ class ModelRegistry:
         self._changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._reaper: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ ModelProvider
     def list_models(self) -> list[ModelInfo]:
@@ -189,8 +194,47 @@ class ModelRegistry:
         settled = all(e.state in (ModelState.LOADED, ModelState.FAILED) for e in preload)
         return settled and (not preload or any(e.state is ModelState.LOADED for e in preload))
 
+    def dead_models(self) -> list[str]:
+        """Names of loaded generative models whose engine loop crashed."""
+        return [e.name for e in self._entries.values()
+                if e.handle is not None and getattr(e.handle.engine, "is_dead", False)]
+
+    def idle_timeout(self, entry: _Entry) -> float | None:
+        """Seconds of idleness after which ``entry`` is unloaded, or None (never: preloaded or no TTL)."""
+        if entry.spec.preload:
+            return None
+        ttl = entry.spec.idle_timeout_seconds
+        if ttl is None:
+            ttl = self.catalogue.idle_timeout_seconds
+        return ttl or None
+
+    def unload_idle(self, now: float | None = None) -> list[str]:
+        """Start unloading every loaded model idle for longer than its TTL; returns their names."""
+        now = time.monotonic() if now is None else now
+        unloaded = []
+        for e in self._entries.values():
+            ttl = self.idle_timeout(e)
+            if (ttl is not None and e.state is ModelState.LOADED and e.idle and e.evicting is None
+                    and now - e.last_used >= ttl):
+                self._start_unload(e, action="idle_unload")
+                e.message = f"unloaded after {ttl:g} s without requests"
+                metrics.MODEL_IDLE_UNLOADS.labels(model_name=e.name).inc()
+                unloaded.append(e.name)
+        return unloaded
+
+    async def _reap_idle(self, interval: float) -> None:
+        while not self._closing:
+            await asyncio.sleep(interval)
+            self.unload_idle()
+
     async def start(self) -> None:
-        """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise."""
+        """Load the preloaded models (concurrently); a failure marks that model Failed and does not raise.
+
+        Also starts the idle-TTL task when some model has a TTL.
+        """
+        ttls = [t for t in (self.idle_timeout(e) for e in self._entries.values()) if t]
+        if ttls and self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_idle(min(5.0, min(ttls) / 4)))
         preload = [e for e in self._entries.values() if e.spec.preload]
         results = await asyncio.gather(
             *(self._ensure_loaded(e, retry_failed=True) for e in preload), return_exceptions=True
@@ -202,6 +246,9 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         """Stop accepting loads, wait for loads in flight, close every model and drop the warm tier."""
         self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         self._notify()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -277,6 +324,7 @@ class ModelRegistry:
             name=e.name, kind=e.spec.kind, state=e.state,
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
+            idle_timeout_seconds=self.idle_timeout(e),
             source=e.spec.source, revision=e.revision,
         )
 

@@ -42,6 +42,7 @@ class ModelInfo:
         preload: loaded at start-up and never evicted.
         max_model_len: context length in tokens, when known.
         created: Unix time (seconds) the entry was registered.
+        idle_timeout_seconds: unloaded after this long without requests (None: never).
         source: the catalogue ``source`` URI (never carries credentials).
         revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
     """
@@ -54,6 +55,7 @@ class ModelInfo:
     preload: bool = False
     max_model_len: int | None = None
     created: int = 0
+    idle_timeout_seconds: float | None = None
     source: str = ""
     revision: str | None = None
 
@@ -126,7 +128,10 @@ class ModelProvider(Protocol):
         """
 
     def is_ready(self) -> bool:
-        """True once every preloaded model is loaded (the ``/ready`` probe)."""
+        """True once the preloaded models finished loading and some model can serve (the ``/ready`` probe)."""
+
+    def dead_models(self) -> list[str]:
+        """Names of loaded models whose engine crashed (the ``/health`` liveness probe fails on any)."""
 
     async def start(self) -> None:
         """Load the preloaded models."""

@@ -1,0 +1,131 @@
+"""An opt-in exact-match cache of complete responses, for deterministic requests only.
+
+A model opts in with ``resultCache: true`` in the catalogue (``--result-cache`` in single-model
+mode); it is off by default. Only requests whose output is fully determined by the request are
+cached: greedy ones (``temperature: 0``) and seeded ones (``seed`` set, every choice samples
+with its own generator). The key is a SHA-256 over the route, the tenant, the model, the
+engine instance (a reloaded model starts with an empty cache: entries of the old instance can
+never match again and age out) and the request body without the fields that do not change the
+output (``stream``, ``stream_options``, ``user``), serialized with sorted keys.
+
+Entries are LRU-evicted to stay within ``max_bytes`` (their JSON size) and expire after
+``ttl_seconds``. A hit answers without touching the engine: the stored body gets a new ``id``
+and ``created``, ``usage.result_cache_hit: true`` and the header ``X-Kubeinfer-Result-Cache:
+hit``; a stream replays the stored texts as chunks (``REPLAY_CHARS`` characters each), then the
+usage chunk when asked, then ``[DONE]``. Responses are stored from non-streaming requests.
+``kubeinfer_result_cache_requests_total{model,outcome}`` counts hits and misses.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from kubeinfer_serving import metrics
+from kubeinfer_serving.api.sse import DONE, sse_event
+
+#: Characters of text per replayed stream chunk.
+REPLAY_CHARS = 16
+#: Response header saying whether the result cache answered.
+HEADER = "X-Kubeinfer-Result-Cache"
+_IGNORED_FIELDS = {"stream", "stream_options", "user"}
+
+
+def is_deterministic(body: Any) -> bool:
+    """True when the request's output depends only on the request: greedy, or seeded."""
+    return body.temperature == 0 or body.seed is not None
+
+
+class ResultCache:
+    """LRU cache of response bodies bounded in bytes, with a TTL.
+
+    Args:
+        max_bytes: most bytes of stored JSON (0 disables storing).
+        ttl_seconds: how long an entry may answer.
+        models: the names of the models that opted in.
+    """
+
+    def __init__(self, max_bytes: int, ttl_seconds: float, models: set[str]) -> None:
+        self.max_bytes = max_bytes
+        self.ttl_seconds = ttl_seconds
+        self.models = set(models)
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[float, int, dict[str, Any]]] = OrderedDict()
+
+    def key(self, route: str, tenant: str, model: str, engine_id: str, body: Any) -> str | None:
+        """The cache key of a request, or None when it must not be cached (model not opted in, not deterministic)."""
+        if model not in self.models or self.max_bytes <= 0 or not is_deterministic(body):
+            return None
+        fields = body.model_dump(mode="json", exclude=_IGNORED_FIELDS)
+        text = json.dumps([route, tenant, model, engine_id, fields], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def get(self, key: str, model: str) -> dict[str, Any] | None:
+        """A fresh copy of the stored body for ``key``, marked as a hit; None on a miss."""
+        entry = self._entries.get(key)
+        if entry is not None and time.monotonic() - entry[0] > self.ttl_seconds:
+            self._drop(key)
+            entry = None
+        if entry is None:
+            metrics.RESULT_CACHE_REQUESTS.labels(model_name=model, outcome="miss").inc()
+            return None
+        self._entries.move_to_end(key)
+        metrics.RESULT_CACHE_REQUESTS.labels(model_name=model, outcome="hit").inc()
+        body = copy.deepcopy(entry[2])
+        prefix = "chatcmpl" if body.get("object") == "chat.completion" else "cmpl"
+        body["id"] = f"{prefix}-{uuid.uuid4().hex}"
+        body["created"] = int(time.time())
+        usage = body.get("usage") or {}
+        usage["result_cache_hit"] = True
+        body["usage"] = usage
+        return body
+
+    def put(self, key: str, body: dict[str, Any]) -> None:
+        """Store ``body`` (evicting least recently used entries to fit); bodies over the budget are skipped."""
+        size = len(json.dumps(body, separators=(",", ":")))
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        while self.bytes + size > self.max_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (time.monotonic(), size, body)
+        self.bytes += size
+        metrics.RESULT_CACHE_BYTES.set(self.bytes)
+
+    def _drop(self, key: str) -> None:
+        _, size, _ = self._entries.pop(key)
+        self.bytes -= size
+        metrics.RESULT_CACHE_BYTES.set(self.bytes)
+
+
+def replay(body: dict[str, Any], include_usage: bool) -> Iterator[str]:
+    """SSE events replaying a stored completion or chat body in chunks, ending with ``[DONE]``."""
+    chat = body.get("object") == "chat.completion"
+    base = {"id": body["id"], "created": body["created"], "model": body["model"],
+            "system_fingerprint": body.get("system_fingerprint")}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    if chat:
+        yield sse_event({**base, "object": obj, "choices": [
+            {"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None} for c in body["choices"]]})
+    for choice in body["choices"]:
+        text = choice["message"]["content"] if chat else choice["text"]
+        pieces = [text[i:i + REPLAY_CHARS] for i in range(0, len(text), REPLAY_CHARS)] or [""]
+        for n, piece in enumerate(pieces):
+            reason = choice.get("finish_reason") if n == len(pieces) - 1 else None
+            if chat:
+                part = {"index": choice["index"], "delta": {"content": piece or None}, "logprobs": None,
+                        "finish_reason": reason}
+            else:
+                part = {"index": choice["index"], "text": piece, "logprobs": None, "finish_reason": reason}
+            yield sse_event({**base, "object": obj, "choices": [part]})
+    if include_usage:
+        yield sse_event({**base, "object": obj, "choices": [], "usage": body.get("usage")})
+    yield DONE
