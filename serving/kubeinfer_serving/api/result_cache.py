@@ -13,7 +13,7 @@ Entries are LRU-evicted to stay within ``max_bytes`` (their JSON size) and expir
 and ``created``, ``usage.result_cache_hit: true`` and the header ``X-Kubeinfer-Result-Cache:
 hit``; a stream replays the stored texts as chunks (``REPLAY_CHARS`` characters each), then the
 usage chunk when asked, then ``[DONE]``. Responses are stored from non-streaming requests.
-``kubeinfer_result_cache_requests_total{model,outcome}`` counts hits and misses.
+``kubeinfer_result_cache_requests_total{model_name,outcome}`` counts hits and misses.
 """
 
 from __future__ import annotations
