@@ -201,8 +201,32 @@ def test_keda_scales_serving_pods_with_the_queue(e2e_cluster: E2ECluster, stack:
     assert load.completed > 0
     assert metric_seen_hpa["spec"]["metrics"][0]["type"] == "External"
     assert conditions(e2e, "scaled")["AutoscalerReady"]["status"] == "True"
-    wait_until("status.models back to one pod", lambda: (
-        e2e.get("isvc", "scaled", "-n", NS)["status"].get("modelSummary") == f"{MODEL} 1/1"), timeout=120, interval=2)
+    seen: list[object] = []
+
+    def one_pod_in_status():
+        status = e2e.get("isvc", "scaled", "-n", NS)["status"]
+        seen[:] = [status.get("modelSummary"), status.get("models"), status.get("readyReplicas")]
+        return status.get("modelSummary") == f"{MODEL} 1/1"
+
+    try:
+        wait_until("status.models back to one pod", one_pod_in_status, timeout=120, interval=2)
+    except AssertionError as err:
+        pods = e2e.get("pods", "-n", NS, "-l", "serving.kubeinfer.io/inferenceservice=scaled")["items"]
+        probes = []
+        for pod in pods:
+            t0 = time.monotonic()
+            try:
+                code = httpx.get(f"http://{pod['status']['podIP']}:8000/v1/models", timeout=10).status_code
+            except httpx.HTTPError as exc:
+                code = repr(exc)
+            probes.append(f"{pod['metadata']['name']}: /v1/models from this machine -> {code} in "
+                          f"{time.monotonic() - t0:.2f}s; log tail:\n"
+                          + "".join(e2e.container_log(NS, pod["metadata"]["name"], "serving").splitlines(True)[-30:]))
+        operator_pods = e2e.get("pods", "-n", RELEASE_NS)["items"]
+        op_log = "".join(e2e.container_log(RELEASE_NS, operator_pods[0]["metadata"]["name"], "operator")
+                         .splitlines(True)[-40:]) if operator_pods else ""
+        raise AssertionError(f"{err}; status (modelSummary, models, readyReplicas): {seen}\n" + "\n".join(probes)
+                             + f"\noperator log tail:\n{op_log}") from None
 
 
 def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
