@@ -30,7 +30,7 @@ from kubeinfer_serving.models.builtin import (
     builtin_embedding_model_dir,
     ensure_builtin_model,
 )
-from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, DEFAULT_KV_CACHE_BYTES, Catalogue, ModelEntry
+from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, Catalogue, ModelEntry
 from kubeinfer_serving.registry.disk import DiskTier
 from kubeinfer_serving.registry.fetch import make_fetcher
 from kubeinfer_serving.registry.memory import resolve_budget
@@ -68,8 +68,8 @@ class LoadPlan:
         model_dir: the resolved local directory.
         weights_bytes: device bytes of the weights in the load dtype.
         kv_cache_bytes: device bytes of the KV pool as planned (0 for embed models). A pool sized
-            from the budget (``size_kv``) plans its smallest size here: on CUDA one block, on CPU
-            :data:`~.catalogue.DEFAULT_KV_CACHE_BYTES` capped by the budget.
+            from what the budget has left plans one block here (the registry evicts idle models
+            only as far as weights + activation peak + one block need).
         num_kv_blocks: KV pool size in blocks (generate models), else None.
         activation_bytes: activation peak counted before the load (the last measured one, else 0).
         size_kv: set by the registry just before :meth:`ModelLoader.load`: the
@@ -256,12 +256,7 @@ class DefaultModelLoader:
         asked, fraction = self.catalogue.kv_request(entry)
         if fraction is not None:
             asked = int(fraction * self.budget_bytes)
-        if asked is not None:
-            wanted = asked
-        elif self.device.type == "cuda":
-            wanted = per_block
-        else:
-            wanted = min(DEFAULT_KV_CACHE_BYTES, self.budget_bytes - weights)
+        wanted = asked if asked is not None else per_block  # an auto pool takes what is left at load time
         blocks = max(1, min(full_blocks, wanted // per_block))
         last = self._plans.get(entry.name)
         return LoadPlan(path, weights, blocks * per_block, blocks, **remote,
