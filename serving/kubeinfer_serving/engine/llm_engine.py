@@ -21,8 +21,8 @@ from kubeinfer_serving.models.llama import LlamaForCausalLM
 from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
 from .detokenizer import IncrementalDetokenizer
-from .kv_sizing import KVSizing, profile_activation_peak
 from .errors import PromptTooLongError, QueueFullError
+from .kv_sizing import KVSizing, profile_activation_peak
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams

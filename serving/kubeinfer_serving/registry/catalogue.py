@@ -87,7 +87,8 @@ class ModelEntry(_CamelModel):
     """One model of the catalogue (see the module docstring for the file format).
 
     Attributes:
-        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-`` (1-128 chars).
+        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-``, ``/`` (1-128 chars,
+            starting and ending with a letter or digit; ``org/name`` as vLLM users name models).
         source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[@REVISION]``,
             ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
         kind: generate (completions, chat) or embed (``/v1/embeddings``).
@@ -104,7 +105,7 @@ class ModelEntry(_CamelModel):
             (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
     source: str = Field(min_length=1)
     kind: ModelKind = ModelKind.GENERATE
     preload: bool = False
@@ -252,6 +253,39 @@ def default_catalogue() -> Catalogue:
                        kind=ModelKind.EMBED, preload=True),
         ]
     )
+
+
+#: ``--dtype`` spellings of single-model mode (vLLM's short names too) -> the catalogue's ``dtype``.
+_DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | None = None,
+                           max_model_len: int | None = None, result_cache: bool = False,
+                           **pod: object) -> Catalogue:
+    """The one-entry catalogue of single-model mode (``kubeinfer-serve --model-dir DIR``).
+
+    Args:
+        model_dir: the Hugging Face model directory (made absolute).
+        name: the OpenAI ``model`` name (``--served-model-name``).
+        dtype: ``--dtype`` (``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float32``/``fp32``,
+            ``auto``); None: auto.
+        max_model_len: ``--max-model-len``; None: the model's own.
+        result_cache: ``--result-cache``.
+        pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
+
+    Returns:
+        a catalogue whose only model is preloaded (never evicted, gates ``/ready``).
+
+    Raises:
+        CatalogueError: an unknown dtype, a bad name or value (the message names the field).
+    """
+    if dtype is not None and dtype.lower() not in _DTYPE_NAMES:
+        raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    model = {"name": name, "source": str(Path(model_dir).expanduser().resolve()), "kind": ModelKind.GENERATE,
+             "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
+             "max_model_len": max_model_len, "result_cache": result_cache}
+    return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 
 def catalogue_from_config(path: str | Path | None = None) -> Catalogue:

@@ -320,7 +320,8 @@ class ModelRegistry:
     def _get(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFoundError(f"The model '{name}' does not exist")
+            only = f"; this server serves '{next(iter(self._entries))}'" if len(self._entries) == 1 else ""
+            raise ModelNotFoundError(f"The model '{name}' does not exist{only}")
         return entry
 
     def _info(self, e: _Entry) -> ModelInfo:
