@@ -65,7 +65,8 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
         catalogue = single_model_catalogue(settings.model_dir, name, dtype=settings.dtype,
                                            max_model_len=settings.max_model_len,
                                            result_cache=bool(settings.result_cache), **overrides)
-        return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device)
+        return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
+                             show_sources=False)
     misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]
     if misplaced:
         raise ValueError("; ".join(

@@ -123,6 +123,8 @@ class ModelRegistry:
         budget_bytes: override of the byte budget; default from the catalogue
             (``memoryBudgetBytes``, else ``gpuMemoryUtilization`` x device memory).
         device: where models run (default CUDA when available, else CPU).
+        show_sources: report each model's catalogue ``source`` in :meth:`list_models`; single-model
+            mode turns it off (its source is a local path given on the command line).
 
     Attributes:
         budget_bytes: bytes of weights + KV pools allowed on the device at once.
@@ -137,8 +139,10 @@ class ModelRegistry:
         loader: ModelLoader | None = None,
         budget_bytes: int | None = None,
         device: torch.device | str | None = None,
+        show_sources: bool = True,
     ) -> None:
         self.catalogue = catalogue
+        self.show_sources = show_sources
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
@@ -330,7 +334,7 @@ class ModelRegistry:
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
-            source=e.spec.source, revision=e.revision,
+            source=e.spec.source if self.show_sources else "", revision=e.revision,
         )
 
     def _notify(self) -> None:
