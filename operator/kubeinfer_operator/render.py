@@ -126,7 +126,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
 
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, models: [{name, source,
-    kind, preload, dtype, maxModelLen?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
+    credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -148,6 +149,10 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
         if m.result_cache:
             entry["resultCache"] = True
+        if m.kv_cache_bytes is not None:
+            entry["kvCacheBytes"] = m.kv_cache_bytes
+        if m.kv_cache_fraction is not None:
+            entry["kvCacheFraction"] = m.kv_cache_fraction
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)

@@ -398,3 +398,20 @@ def test_idle_timeout_and_scheduling_policy_reach_the_catalogue(tmp_path):
     assert loaded.idle_timeout_seconds == 1800 and loaded.scheduling_policy == "priority"
     assert loaded.models[1].idle_timeout_seconds == 60
     assert loaded.models[1].result_cache and not loaded.models[0].result_cache
+
+
+def test_kv_cache_sizes_reach_the_catalogue_and_the_serving_parser(tmp_path):
+    spec = copy.deepcopy(SPEC)
+    spec["models"][0] = {**spec["models"][0], "kvCacheFraction": 0.25}
+    spec["models"][1] = {**spec["models"][1], "kvCacheBytes": 1 << 30}
+    text = children(spec).configmap["data"]["models.yaml"]
+    cat = yaml.safe_load(text)
+    assert cat["models"][0]["kvCacheFraction"] == 0.25 and cat["models"][1]["kvCacheBytes"] == 1 << 30
+    assert not {"kvCacheBytes", "kvCacheFraction"} & (set(cat["models"][2]) | set(cat["models"][3]))
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    loaded = catalogue.load_catalogue(path)
+    assert loaded.kv_request(loaded.models[0]) == (None, 0.25)
+    assert loaded.kv_request(loaded.models[1]) == (1 << 30, None)
+    assert loaded.kv_request(loaded.models[3]) == (None, None)
