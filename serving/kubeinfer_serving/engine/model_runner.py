@@ -21,6 +21,7 @@ from .outputs import TokenLogprob
 from .sampler import _h2d, sample
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
+from .staging import DeviceToHost
 
 #: Prompt positions whose logits are materialised at once when scoring a prompt ([rows, vocab] fp32).
 _PROMPT_ROWS = 512
@@ -81,15 +82,16 @@ def _prompt_logprob_jobs(scheduled: list[ScheduledSeq], last_idx: list[int]
     return jobs
 
 
-def _copy_to_host(tensors: list[torch.Tensor]) -> list[list]:
+def _copy_to_host(tensors: list[torch.Tensor], staging: DeviceToHost) -> list[list]:
     """Bring several device tensors to the host in one copy (one synchronisation).
 
     Every tensor is cast to float64 (exact for token ids below 2**53) and flattened into one
-    buffer; the result gives each back as nested lists of its original shape.
+    buffer, fetched through ``staging`` (float64); the result gives each back as nested lists
+    of its original shape.
     """
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    flat = staging.fetch(torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]))
     out: list[list] = []
     pos = 0
     for t in tensors:
@@ -152,6 +154,10 @@ class ModelRunner:
         ) * num_blocks
         self._stage: list[torch.Tensor | None] = [None, None]
         self._stage_i = 0
+        # Results come back through pinned double-buffered staging: sampled ids (int64) and,
+        # when log-probabilities are asked for, everything packed as float64.
+        self._ids_to_host = DeviceToHost(device, torch.int64)
+        self._values_to_host = DeviceToHost(device, torch.float64)
         #: host seconds the latest :meth:`prepare` took (for step statistics).
         self.last_prepare_s = 0.0
 
@@ -269,7 +275,7 @@ class ModelRunner:
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             if not prompt_jobs and all(s.params.logprobs is None for s in seqs):
                 # The step's one device-to-host copy: the sampled ids.
-                for i, tok in zip(rows, tokens.tolist(), strict=True):
+                for i, tok in zip(rows, self._ids_to_host.fetch(tokens), strict=True):
                     result[i] = tok
                 return result
             to_host.append(tokens)
@@ -279,7 +285,7 @@ class ModelRunner:
                 sel = _h2d(lp_rows, torch.int64, self.device)
                 to_host.extend(_token_logprobs(logits[sel], tokens[sel], k))
         prompt_parts = self._prompt_logprobs(hidden, prompt_jobs)
-        host = _copy_to_host(to_host + prompt_parts)  # the step's one device-to-host copy
+        host = _copy_to_host(to_host + prompt_parts, self._values_to_host)  # the step's one device-to-host copy
         if rows:
             toks = [int(t) for t in host.pop(0)]
             for i, tok in zip(rows, toks, strict=True):
