@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench import kubeinfer_bench
+from kubeinfer_serving.bench import kubeinfer_bench
 
 
 def test_smoke_run_writes_json_and_plot(tmp_path):
