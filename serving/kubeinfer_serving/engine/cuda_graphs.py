@@ -17,7 +17,8 @@ Policy (as vLLM's default):
 * **Off** with ``EngineConfig.enforce_eager`` (vLLM's ``enforce_eager``) or the pod-wide
   ``KUBEINFER_CUDA_GRAPHS=0``; also off unless the forward runs wholly in Triton kernels (the
   Triton attention backend and the fused kernels: the reference SDPA path plans on the host
-  per step and cannot be captured), and off on CPU.
+  per step and cannot be captured), and off on CPU. A capture that fails logs a warning and
+  leaves the engine eager (graphs are an optimisation; the model still loads).
 
 Static inputs: one int64 device buffer holds, for a bucket of ``b`` rows and a block-table width
 of ``W`` blocks: input ids [b] | positions [b] | slot mapping [b] | query_start_loc [b + 1] |

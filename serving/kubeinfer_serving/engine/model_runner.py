@@ -7,6 +7,7 @@ slots then see finite values that the mask removes).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -23,6 +24,8 @@ from .sampler import _h2d, sample
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
 from .staging import DeviceToHost
+
+log = logging.getLogger(__name__)
 
 #: Prompt positions whose logits are materialised at once when scoring a prompt ([rows, vocab] fp32).
 _PROMPT_ROWS = 512
@@ -171,7 +174,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
                                        block_size, device)
             if device.type == "cuda":
-                self.graphs.capture()
+                try:
+                    self.graphs.capture()
+                except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
+                    log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
+                    self.graphs = None
         self._stage: list[torch.Tensor | None] = [None, None]
         self._stage_i = 0
         # Results come back through pinned double-buffered staging: sampled ids (int64) and,
