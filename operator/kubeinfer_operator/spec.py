@@ -103,7 +103,8 @@ class ScalingSpec(_Camel):
     metric ``kubeinfer_queue_length``, served by prometheus-adapter) or ``keda`` (a KEDA
     ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero).
     ``minReplicas`` 0 needs ``keda``; the Deployment then leaves zero when the isvc's queue
-    exceeds ``activationQueueLength`` (KEDA's ``activationThreshold``).
+    (requests pending at its activator included) exceeds ``activationQueueLength`` (KEDA's
+    ``activationThreshold``).
     """
 
     autoscaler: Literal["hpa", "keda"] = "hpa"

@@ -64,6 +64,13 @@ class E2ECluster:
         """``helm`` against the cluster (see :meth:`Cluster.helm`)."""
         return self.cluster.helm(*args, **kw)
 
+    @property
+    def gateway(self) -> str:
+        """The real node's bridge address (where the API server is advertised): what processes on
+        this machine that the API server or pods must reach listen on."""
+        env = (self.cluster.state_dir / "node.env").read_text()
+        return next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("GATEWAY="))
+
     def get(self, *args: str) -> dict:
         """``kubectl get ARGS -o json`` parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
