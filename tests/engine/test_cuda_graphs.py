@@ -60,6 +60,7 @@ def test_pack_pads_rows_into_the_null_block():
 def test_graphs_are_off_on_cpu_with_enforce_eager_or_the_env_switch(monkeypatch):
     monkeypatch.delenv("KUBEINFER_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("KUBEINFER_FUSED_KERNELS", raising=False)
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
     cuda = torch.device("cuda")
     assert graphs_enabled(cuda, enforce_eager=False)
     assert not graphs_enabled(torch.device("cpu"), enforce_eager=False)
@@ -102,8 +103,10 @@ def test_padded_static_inputs_decode_like_hf_on_cpu(triton_device, monkeypatch, 
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["float32"])
 def test_graph_replay_matches_eager_token_for_token(make_engine, dtype):
+    """fp32 only: unpadded eager matmuls may pick other cuBLAS tilings than the padded graph, which in
+    bf16 can flip a near-tie argmax; the same-shape bf16 check is the hidden-state test below."""
     reqs = _decode_workload() + [Req(f"x{i}", [100 + i] * (3 + i), 12, 1 + i) for i in range(12)]
     graphed = make_engine(device="cuda", dtype=dtype, num_kv_blocks=128, max_num_seqs=16)
     eager = make_engine(device="cuda", dtype=dtype, num_kv_blocks=128, max_num_seqs=16, enforce_eager=True)
@@ -123,8 +126,9 @@ def test_graph_replay_matches_eager_token_for_token(make_engine, dtype):
 
 
 @pytest.mark.cuda
-def test_graph_replay_hidden_states_equal_the_padded_eager_forward(make_engine):
-    engine = make_engine(device="cuda", dtype="float32", num_kv_blocks=64, max_num_seqs=8)
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_graph_replay_hidden_states_equal_the_padded_eager_forward(make_engine, dtype, tol):
+    engine = make_engine(device="cuda", dtype=dtype, num_kv_blocks=64, max_num_seqs=8)
     graphs = engine.runner.graphs
     engine.add_request("p", list(range(6, 40)), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.step()  # prefill (eager): the KV cache now holds 34 positions
@@ -132,4 +136,4 @@ def test_graph_replay_hidden_states_equal_the_padded_eager_forward(make_engine):
     args = (np.array([41]), np.array([34]), np.array([table[0, 2] * 16 + 2]), np.array([35]), table)
     eager = graphs.run_padded(4, *args).clone()
     replayed = graphs.replay(4, *args).clone()
-    torch.testing.assert_close(replayed, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(replayed.float(), eager.float(), atol=tol, rtol=tol)
