@@ -225,7 +225,7 @@ def _plot(report: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point; returns the report written to JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kubeinfer-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="Hugging Face model dir (default: the built-in tiny Llama)")
     ap.add_argument("--shapes", choices=sorted(SHAPES),
                     help="random weights of this model's shapes instead of --model (GPU workloads)")
