@@ -157,6 +157,9 @@ class DecodeGraphs:
         self.static = torch.zeros(n, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
         self._host = [torch.empty(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        # Recorded after each buffer's upload: packing waits on it before overwriting the buffer
+        # (a step that samples nothing never synchronises the host).
+        self._uploaded = [torch.cuda.Event() if pin else None for _ in range(2)]
         self._host_i = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         #: steps replayed so far (for tests and statistics).
@@ -176,11 +179,15 @@ class DecodeGraphs:
 
     def _upload(self, bucket: int, ids, positions, slots, seq_lens, tables) -> None:
         self._host_i ^= 1
-        host = self._host[self._host_i]
+        host, uploaded = self._host[self._host_i], self._uploaded[self._host_i]
         end = layout(bucket, self.width)[-1]
+        if uploaded is not None:
+            uploaded.synchronize()  # this buffer's previous upload has left it (returns at once if never recorded)
         pack_decode_inputs(host.numpy()[:end], bucket, self.width, ids, positions, slots, seq_lens, tables,
                            self.null_block, self.block_size)
         self.static[:end].copy_(host[:end], non_blocking=True)
+        if uploaded is not None:
+            uploaded.record()
 
     @torch.inference_mode()
     def run_padded(self, bucket: int, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
