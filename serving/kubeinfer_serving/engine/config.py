@@ -44,6 +44,8 @@ class EngineConfig:
         dtype: weights/KV dtype or None (bfloat16 on CUDA, float32 on CPU).
         scheduling_policy: ``fcfs`` (arrival order) or ``priority`` (requests' ``priority``,
             lower first; preemption takes the lowest priority first), vLLM's two policies.
+        enforce_eager: never run decode steps as CUDA graphs (vLLM's ``enforce_eager``); see
+            :mod:`kubeinfer_serving.engine.cuda_graphs` for when graphs run otherwise.
     """
 
     max_num_seqs: int = 256
@@ -58,6 +60,7 @@ class EngineConfig:
     dtype: torch.dtype | str | None = None
     scheduling_policy: str = "fcfs"
     kv_pool_sizer: KVPoolSizer | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -20,6 +20,7 @@ from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
+from .cuda_graphs import capture_sizes, graphs_enabled
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
 from .kv_sizing import KVSizing, profile_activation_peak
@@ -114,7 +115,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
-        self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
+        graph_sizes = (capture_sizes(self.config.max_num_seqs)
+                       if graphs_enabled(self.device, self.config.enforce_eager) else None)
+        self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device,
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         #: how the pool was sized when a ``kv_pool_sizer`` decided it (set by :meth:`from_weights`), else None.
