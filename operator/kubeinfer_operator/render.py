@@ -125,9 +125,9 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     """The serving pod's model catalogue as a dict (written as ``models.yaml``).
 
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
-    gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, models: [{name, source,
-    kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
+    source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
+    enforceEager?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -153,6 +153,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["kvCacheBytes"] = m.kv_cache_bytes
         if m.kv_cache_fraction is not None:
             entry["kvCacheFraction"] = m.kv_cache_fraction
+        if m.enforce_eager is not None:
+            entry["enforceEager"] = m.enforce_eager
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)
@@ -168,6 +170,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         out["idleTimeoutSeconds"] = spec.runtime.idle_timeout_seconds
     if spec.runtime.scheduling_policy != "fcfs":
         out["schedulingPolicy"] = spec.runtime.scheduling_policy
+    if spec.runtime.enforce_eager is not None:
+        out["enforceEager"] = spec.runtime.enforce_eager
     if spec.remote_models:
         out["diskCacheDir"] = MODEL_CACHE_DIR
         out["diskCacheBytes"] = int(spec.model_cache.size_bytes * DISK_CACHE_FILL)
@@ -221,7 +225,7 @@ def render_configmap(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]
 
 def serving_args(config: OperatorConfig) -> list[str]:
     """``kubeinfer-serve`` command line (flags of serving/kubeinfer_serving/config.py); the engine
-    knobs (maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests) travel in the catalogue."""
+    knobs (maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, enforceEager) travel in the catalogue."""
     return [
         "kubeinfer-serve",
         "--host", "0.0.0.0",

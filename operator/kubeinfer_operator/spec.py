@@ -56,6 +56,8 @@ class ModelSpec(_Camel):
     result_cache: bool = Field(default=False, alias="resultCache")
     kv_cache_bytes: int | None = Field(default=None, alias="kvCacheBytes", ge=1, le=1 << 44)
     kv_cache_fraction: float | None = Field(default=None, alias="kvCacheFraction", gt=0, le=1)
+    #: decode CUDA graphs off for this model; None: ``runtime.enforceEager``.
+    enforce_eager: bool | None = Field(default=None, alias="enforceEager")
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelSpec:
@@ -63,6 +65,8 @@ class ModelSpec(_Camel):
             raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
         if (self.kv_cache_bytes is not None or self.kv_cache_fraction is not None) and self.kind != "generate":
             raise ValueError("kvCacheBytes and kvCacheFraction apply to kind generate only")
+        if self.enforce_eager is not None and self.kind != "generate":
+            raise ValueError("enforceEager applies to kind generate only")
         return self
 
     @field_validator("name")
@@ -104,6 +108,9 @@ class RuntimeSpec(_Camel):
     max_waiting_requests: int = Field(default=1024, alias="maxWaitingRequests", ge=1, le=1 << 20)
     idle_timeout_seconds: int | None = Field(default=None, alias="idleTimeoutSeconds", ge=0, le=31536000)
     scheduling_policy: Literal["fcfs", "priority"] = Field(default="fcfs", alias="schedulingPolicy")
+    #: decode CUDA graphs off for every generate model; None: the serving pod's default (graphs on
+    #: where the engine can capture them).
+    enforce_eager: bool | None = Field(default=None, alias="enforceEager")
 
 
 class ScalingSpec(_Camel):

@@ -37,7 +37,7 @@ _SINGLE_MODEL_ONLY = {
 }
 #: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
 _POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
-              "idle_timeout_seconds")
+              "idle_timeout_seconds", "enforce_eager")
 
 
 def build_provider(settings: ServerSettings) -> ModelProvider:

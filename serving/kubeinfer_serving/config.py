@@ -59,6 +59,9 @@ class ServerSettings(BaseModel):
         idle_timeout_seconds: idle TTL of non-preloaded models (catalogue mode; None: the catalogue's).
         result_cache: single-model mode: cache complete responses of deterministic requests
             (catalogue mode: ``resultCache: true`` per model).
+        enforce_eager: run every generate model's decode steps eagerly, never as CUDA graphs
+            (vLLM's ``--enforce-eager``); overrides the catalogue's pod-level ``enforceEager``
+            (a model's own ``enforceEager`` still wins). None: the catalogue's.
         fair_admission: weighted fair admission across tenants ahead of each engine
             (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
     """
@@ -93,6 +96,7 @@ class ServerSettings(BaseModel):
     scheduling_policy: Literal["fcfs", "priority"] | None = None
     idle_timeout_seconds: float | None = Field(None, ge=0)
     result_cache: bool = False
+    enforce_eager: bool | None = None
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -168,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unload a non-preloaded model idle this long (catalogue mode; default: the catalogue's)")
     p.add_argument("--result-cache", action="store_true", default=None,
                    help="single-model mode: cache responses of greedy/seeded requests (catalogue: resultCache)")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="never run decode steps as CUDA graphs (vLLM's flag; default: the catalogue's enforceEager, "
+                   "else graphs on where the engine can capture them)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
     return p

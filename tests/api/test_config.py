@@ -75,3 +75,20 @@ def test_single_model_mode_keeps_vllm_style_names_and_refuses_a_bad_dtype(tmp_pa
 def test_flags_of_the_other_mode_are_refused(argv: list[str]) -> None:
     with pytest.raises(ValueError, match="--"):
         build_provider(parse_settings(argv, env={}))
+
+
+def test_enforce_eager_flag_and_variable_reach_the_catalogue(tmp_path: Path) -> None:
+    """--enforce-eager (vLLM's flag) / KUBEINFER_ENFORCE_EAGER set the catalogue's pod-level
+    enforceEager in both modes; without them the catalogue's own value (default off) stays."""
+    single = build_provider(parse_settings(["--model-dir", str(tmp_path), "--enforce-eager"], env={}))
+    assert single.catalogue.enforce_eager_for(single.catalogue.models[0])
+    plain = build_provider(parse_settings(["--model-dir", str(tmp_path)], env={}))
+    assert not plain.catalogue.enforce_eager_for(plain.catalogue.models[0])
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - {name: a, source: /a}\n  - {name: b, source: /b, enforceEager: false}\n")
+    catalogue = build_provider(parse_settings(["--models-config", str(config)], env={"KUBEINFER_ENFORCE_EAGER": "true"}))
+    a, b = catalogue.catalogue.models
+    assert catalogue.catalogue.enforce_eager_for(a) and not catalogue.catalogue.enforce_eager_for(b)
+    config.write_text("enforceEager: true\nmodels:\n  - {name: a, source: /a}\n")
+    kept = build_provider(parse_settings(["--models-config", str(config)], env={}))
+    assert kept.catalogue.enforce_eager_for(kept.catalogue.models[0])

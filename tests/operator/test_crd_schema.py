@@ -63,7 +63,8 @@ def test_printer_columns(version):
 def test_cel_rules_cover_the_contract(version):
     text = yaml.safe_dump(version["schema"])
     for fragment in ("self.minReplicas <= self.maxReplicas", "exists_one", "pvc://", "file:///", "hf://",
-                     "size(self.models) >= 1", "!has(self.kvCacheBytes) || !has(self.kvCacheFraction)"):
+                     "size(self.models) >= 1", "!has(self.kvCacheBytes) || !has(self.kvCacheFraction)",
+                     "!has(self.enforceEager) || !has(self.kind)"):
         assert fragment in text
 
 
@@ -103,6 +104,8 @@ def test_examples_validate_against_the_crd_schema(path, validator):
         (lambda s: s["models"][0].update(kvCacheFraction=1.2), "1.2"),
         (lambda s: s["models"][0].update(kvCacheBytes=0), "0"),
         (lambda s: s["models"][0].update(kvCacheBytes="1Gi"), "1Gi"),
+        (lambda s: s["models"][0].update(enforceEager="yes"), "yes"),
+        (lambda s: s.setdefault("runtime", {}).update(enforceEager=1), "1"),
     ],
 )
 def test_schema_rejects_out_of_bounds_values(examples, validator, mutate, fragment):

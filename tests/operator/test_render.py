@@ -415,3 +415,25 @@ def test_kv_cache_sizes_reach_the_catalogue_and_the_serving_parser(tmp_path):
     assert loaded.kv_request(loaded.models[0]) == (None, 0.25)
     assert loaded.kv_request(loaded.models[1]) == (1 << 30, None)
     assert loaded.kv_request(loaded.models[3]) == (None, None)
+
+
+def test_enforce_eager_reaches_the_catalogue_pod_wide_and_per_model(tmp_path):
+    """runtime.enforceEager is the catalogue's pod-level enforceEager, a model's own overrides it,
+    and an unset field stays out of models.yaml (the serving pod's default applies)."""
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    plain = yaml.safe_load(children().configmap["data"]["models.yaml"])
+    assert "enforceEager" not in plain and all("enforceEager" not in m for m in plain["models"])
+    spec = copy.deepcopy(SPEC)
+    spec["runtime"] = {**spec["runtime"], "enforceEager": True}
+    spec["models"][0] = {**spec["models"][0], "enforceEager": False}
+    text = children(spec).configmap["data"]["models.yaml"]
+    cat = yaml.safe_load(text)
+    assert cat["enforceEager"] is True and cat["models"][0]["enforceEager"] is False
+    assert "enforceEager" not in cat["models"][1]
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    loaded = catalogue.load_catalogue(path)
+    assert not loaded.enforce_eager_for(loaded.models[0])
+    assert loaded.enforce_eager_for(loaded.models[1])
+    # A spec changing only enforceEager rolls the pods (the catalogue hash changes).
+    assert children(spec).deployment != children().deployment

@@ -19,6 +19,8 @@ def test_defaults_match_the_crd():
     assert spec.scaling.target_queue_length == 8
     assert spec.scaling.scale_down_stabilization_seconds == 300
     assert spec.max_loaded_models == 1  # unset: every model may be resident
+    # Unset: the catalogue gets no enforceEager and the serving pod's default applies.
+    assert spec.runtime.enforce_eager is None and spec.models[0].enforce_eager is None
 
 
 @pytest.mark.parametrize(
@@ -56,6 +58,8 @@ def test_source_parsing(uri, scheme, claim, local):
         ({"models": [{**MODEL, "kvCacheFraction": 1.5}]}, "svc", "kvCacheFraction"),
         ({"models": [{**MODEL, "kvCacheFraction": 0}]}, "svc", "kvCacheFraction"),
         ({"models": [{**MODEL, "kind": "embed", "kvCacheBytes": 1 << 20}]}, "svc", "kind generate only"),
+        ({"models": [{**MODEL, "kind": "embed", "enforceEager": True}]}, "svc", "enforceEager applies to kind generate"),
+        ({"models": [MODEL], "runtime": {"enforceEager": "sometimes"}}, "svc", "enforceEager"),
     ],
 )
 def test_invalid_specs_name_the_problem(spec, name, fragment):

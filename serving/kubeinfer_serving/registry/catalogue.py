@@ -15,6 +15,7 @@ camelCase keys::
     maxNumBatchedTokens: 8192
     maxWaitingRequests: 1024        # queue cap per generate model; beyond it HTTP 429 + Retry-After
     schedulingPolicy: fcfs          # fcfs | priority (requests' `priority`, lower first; vLLM's policies)
+    enforceEager: false             # true: no decode CUDA graphs for any generate model (vLLM's enforce_eager)
     idleTimeoutSeconds: 1800        # unload a non-preloaded model idle this long (0/absent: never)
     resultCacheBytes: 67108864      # result cache size for the models with resultCache: true
     resultCacheTtlSeconds: 600
@@ -34,6 +35,7 @@ camelCase keys::
         kvCacheBytes: 536870912     # this model's KV pool in bytes (overrides the pod's kvCacheBytes)
         # kvCacheFraction: 0.4      # ... or this fraction of the pod's budget (not both)
         idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
+        enforceEager: true          # this model's decode CUDA graphs off (overrides the pod's enforceEager)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
 
 The budget covers the weights, the activation peak and the KV pool of every loaded model
@@ -61,6 +63,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.models.builtin import BUILTIN_EMBEDDING_MODEL_NAME, BUILTIN_MODEL_NAME
 from kubeinfer_serving.registry.protocol import ModelKind
 from kubeinfer_serving.sources import ModelSource, SourceError, parse_source
@@ -103,6 +106,8 @@ class ModelEntry(_CamelModel):
             preloaded); None: the pod's ``idleTimeoutSeconds``; 0: never.
         credentials_env_prefix: environment prefix of this model's own credentials Secret
             (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
+        enforce_eager: run this generate model's decode steps eagerly, never as CUDA graphs
+            (vLLM's ``enforce_eager``); None: the pod's ``enforceEager``.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
@@ -116,6 +121,7 @@ class ModelEntry(_CamelModel):
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
     result_cache: bool = False
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    enforce_eager: bool | None = None
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelEntry:
@@ -159,6 +165,10 @@ class Catalogue(_CamelModel):
         idle_timeout_seconds: idle TTL of non-preloaded models, seconds (None or 0: never unloaded for idleness).
         disk_cache_dir: directory of the disk tier for ``hf://``/``s3://`` models (None: the user cache).
         disk_cache_bytes: byte budget of the disk tier.
+        enforce_eager: run every generate model's decode steps eagerly, never as CUDA graphs
+            (vLLM's ``enforce_eager``; a model's own ``enforceEager`` overrides it). The default
+            is the engine's (:attr:`kubeinfer_serving.engine.config.EngineConfig.enforce_eager`):
+            graphs on where the engine can capture them (CUDA with the Triton kernels).
     """
 
     models: list[ModelEntry] = Field(min_length=1)
@@ -179,6 +189,7 @@ class Catalogue(_CamelModel):
     result_cache_ttl_seconds: float = Field(default=600.0, gt=0)
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = Field(default=DEFAULT_DISK_CACHE_BYTES, ge=1)
+    enforce_eager: bool = EngineConfig.enforce_eager
 
     @model_validator(mode="after")
     def _check(self) -> Catalogue:
@@ -203,6 +214,10 @@ class Catalogue(_CamelModel):
         if entry.kv_cache_fraction is not None:
             return None, entry.kv_cache_fraction
         return entry.kv_cache_bytes or self.kv_cache_bytes, None
+
+    def enforce_eager_for(self, entry: ModelEntry) -> bool:
+        """Whether ``entry``'s engine runs decode steps eagerly: its own ``enforceEager``, else the pod's."""
+        return self.enforce_eager if entry.enforce_eager is None else entry.enforce_eager
 
     def entry(self, name: str) -> ModelEntry | None:
         """The entry called ``name``, or None."""

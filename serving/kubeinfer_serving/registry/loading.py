@@ -303,6 +303,7 @@ class DefaultModelLoader:
             max_num_batched_tokens=self.catalogue.max_num_batched_tokens,
             max_waiting_requests=self.catalogue.max_waiting_requests,
             scheduling_policy=self.catalogue.scheduling_policy,
+            enforce_eager=self.catalogue.enforce_eager_for(entry),
             block_size=KV_BLOCK_SIZE,
             num_kv_blocks=plan.num_kv_blocks if plan.size_kv is None else None,
             kv_pool_sizer=plan.size_kv,
