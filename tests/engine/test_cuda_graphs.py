@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kubeinfer_serving.engine import llm_engine
+from kubeinfer_serving.engine import cuda_graphs
 from kubeinfer_serving.engine.cuda_graphs import (
     GRAPHS_ENV,
     capture_sizes,
@@ -82,7 +82,7 @@ def test_padded_static_inputs_decode_like_hf_on_cpu(triton_device, monkeypatch, 
     """The forward that gets captured (static buffers, padded rows, null block) run eagerly on CPU."""
     monkeypatch.setenv("KUBEINFER_ATTENTION_BACKEND", "triton")
     monkeypatch.setenv("KUBEINFER_FUSED_KERNELS", "1")
-    monkeypatch.setattr(llm_engine, "graphs_enabled", lambda device, enforce_eager: not enforce_eager)
+    monkeypatch.setattr(cuda_graphs, "graphs_enabled", lambda device, enforce_eager: not enforce_eager)
     engine = make_engine(device=str(triton_device), num_kv_blocks=24, max_num_seqs=8, enable_prefix_caching=False)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8]

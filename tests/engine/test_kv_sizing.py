@@ -93,7 +93,7 @@ def test_profiling_step_measures_a_peak_that_grows_with_the_token_budget(tiny_di
 
     seen = []
 
-    def sizer(weights, activation, block_bytes, max_blocks):
+    def sizer(weights, activation, block_bytes, max_blocks, graph_bytes=None, extra_blocks=0):
         seen.append(activation)
         return size_kv_pool(budget_bytes=weights + activation + 64 * block_bytes, weights_bytes=weights,
                             activation_bytes=activation, others_bytes=0, block_bytes=block_bytes,
@@ -106,3 +106,111 @@ def test_profiling_step_measures_a_peak_that_grows_with_the_token_budget(tiny_di
         assert llm.kv_sizing.activation_bytes == seen[-1]
         del llm
     assert 0 < seen[0] < seen[1]
+
+
+# ---------------------------------------------------------------- CUDA graphs: graph memory + null block
+
+GRAPHS = 37 * MiB + 4096  # a measured graph pool + static inputs (not a whole number of blocks)
+
+
+@pytest.mark.parametrize("budget_mib", [700, 701, 777, 1000, 4096])
+@pytest.mark.parametrize("share", [1, 3])
+def test_auto_pool_plus_null_block_plus_graphs_fit_the_budget_with_no_block_to_spare(budget_mib, share) -> None:
+    """What the model holds (weights + peak + graphs + pool + null block) plus the others never
+    exceeds the budget, and for one auto model one more pool block would."""
+    s = size(budget_bytes=budget_mib * MiB, graph_bytes=GRAPHS, extra_blocks=1, share=share)
+    assert s.graph_bytes == GRAPHS and s.extra_blocks == 1
+    held = 300 * MiB + 100 * MiB + GRAPHS + s.num_blocks * BLOCK + BLOCK
+    assert s.reserved_bytes == held
+    assert 200 * MiB + held <= budget_mib * MiB
+    if share == 1:
+        assert 200 * MiB + held + BLOCK > budget_mib * MiB
+    assert s.available_bytes == budget_mib * MiB - 600 * MiB - GRAPHS - BLOCK
+
+
+def test_graph_memory_and_the_null_block_shrink_an_auto_pool() -> None:
+    plain = size()
+    graphs = size(graph_bytes=GRAPHS, extra_blocks=1)
+    assert plain.num_blocks - graphs.num_blocks == -(-(GRAPHS + BLOCK) // BLOCK)
+
+
+def test_an_asked_pool_must_fit_beside_the_graphs_and_the_null_block() -> None:
+    """400 MiB are left: a 400 MiB kvCacheBytes fits alone, not with a null block (nor with graphs)."""
+    assert size(requested_bytes=400 * MiB).num_blocks == 400 * MiB // BLOCK
+    for kw in ({"extra_blocks": 1}, {"graph_bytes": GRAPHS}):
+        with pytest.raises(KVPoolSizeError) as err:
+            size(requested_bytes=400 * MiB, **kw)
+        assert "does not fit" in str(err.value)
+    with pytest.raises(KVPoolSizeError) as err:
+        size(requested_bytes=400 * MiB, graph_bytes=GRAPHS, extra_blocks=1)
+    msg = str(err.value)
+    assert f"CUDA graphs {GRAPHS / MiB:.2f} MiB ({GRAPHS} B)" in msg and "null block 0.06 MiB (65536 B)" in msg
+    ok = size(requested_bytes=400 * MiB - GRAPHS - BLOCK, graph_bytes=GRAPHS, extra_blocks=1)
+    assert ok.reserved_bytes + 200 * MiB <= 1000 * MiB
+
+
+def test_the_log_line_names_graphs_and_null_block_only_when_there_are_some() -> None:
+    line = size(graph_bytes=GRAPHS, extra_blocks=1).describe("'m'")
+    assert f"- CUDA graphs {GRAPHS / MiB:.2f} MiB" in line and "- null block 0.06 MiB (65536 B) =" in line
+    plain = size().describe("'m'")
+    assert "CUDA graphs" not in plain and "null block" not in plain
+    with pytest.raises(ValueError, match="graph_bytes and extra_blocks"):
+        size(graph_bytes=-1)
+    with pytest.raises(ValueError, match="graph_bytes and extra_blocks"):
+        size(extra_blocks=-1)
+
+
+def test_an_engine_with_decode_graphs_sizes_pool_null_block_and_static_inputs_inside_the_budget(
+        tiny, monkeypatch) -> None:
+    """CPU, graphs forced on (the padded static-input forward that CUDA captures): the sizer is told
+    the graphs' measured bytes and one extra block, and what the engine then allocates (pool + null
+    block + static inputs + weights) fits the budget it was sized against."""
+    from kubeinfer_serving.engine import cuda_graphs
+    from kubeinfer_serving.engine.config import EngineConfig
+    from kubeinfer_serving.engine.llm_engine import LLMEngine
+
+    hf_config, weights, tokenizer = tiny
+    monkeypatch.setattr(cuda_graphs, "graphs_enabled", lambda device, enforce_eager: not enforce_eager)
+    seen = []
+
+    def sizer(weights_bytes, activation, block_bytes, max_blocks, graph_bytes=None, extra_blocks=0):
+        seen.append((graph_bytes, extra_blocks))
+        return size_kv_pool(budget_bytes=weights_bytes + 10 * MiB, weights_bytes=weights_bytes,
+                            activation_bytes=activation, others_bytes=0, block_bytes=block_bytes,
+                            max_blocks=max_blocks, fallback_bytes=256 * MiB, graph_bytes=graph_bytes,
+                            extra_blocks=extra_blocks)
+
+    for eager in (False, True):
+        llm = LLMEngine.from_weights(hf_config, weights.items(), tokenizer=tokenizer, config=EngineConfig(
+            device="cpu", max_num_seqs=8, kv_pool_sizer=sizer, enforce_eager=eager))
+        graph_bytes, extra = seen[-1]
+        if eager:
+            assert (graph_bytes, extra) == (None, 0) and llm.runner.graphs is None
+            assert llm.num_kv_blocks == 10 * MiB // BLOCK
+            continue
+        assert extra == 1 and graph_bytes == llm.cuda_graph_bytes > 0
+        assert llm.runner.graphs is not None and llm.runner.kv_caches[0][0].shape[0] == llm.num_kv_blocks + 1
+        assert llm.num_kv_blocks == (10 * MiB - graph_bytes - BLOCK) // BLOCK
+        held = llm.weights_bytes + llm.kv_cache_bytes + llm.cuda_graph_bytes
+        assert held == llm.kv_sizing.reserved_bytes <= llm.weights_bytes + 10 * MiB
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_profiled_graph_memory_is_what_the_engine_graphs_hold(tiny_dir) -> None:
+    """The throwaway capture before sizing measures the memory the engine's own graphs then hold."""
+    from kubeinfer_serving.engine.config import EngineConfig
+    from kubeinfer_serving.engine.llm_engine import LLMEngine
+
+    def sizer(weights, activation, block_bytes, max_blocks, graph_bytes=None, extra_blocks=0):
+        return size_kv_pool(budget_bytes=weights + activation + (graph_bytes or 0) + 65 * block_bytes,
+                            weights_bytes=weights, activation_bytes=activation, others_bytes=0,
+                            block_bytes=block_bytes, max_blocks=max_blocks, graph_bytes=graph_bytes,
+                            extra_blocks=extra_blocks)
+
+    llm = LLMEngine.from_model_dir(tiny_dir, model_name="m", config=EngineConfig(
+        device="cuda", max_num_seqs=64, kv_pool_sizer=sizer))
+    sizing = llm.kv_sizing
+    assert llm.runner.graphs is not None, "graphs are on by default on CUDA"
+    assert sizing.extra_blocks == 1 and sizing.graph_bytes > 0 and llm.num_kv_blocks == 64
+    assert llm.cuda_graph_bytes <= sizing.graph_bytes * 1.05 + (1 << 20)
+    assert llm.kv_cache_bytes == 65 * sizing.block_bytes

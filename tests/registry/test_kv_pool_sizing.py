@@ -123,6 +123,30 @@ async def test_a_measured_activation_peak_that_leaves_no_room_fails_naming_the_n
         await reg.shutdown()
 
 
+async def test_graph_memory_and_the_null_block_are_reserved_with_the_pool(model_dirs) -> None:
+    """The sizing step with what a CUDA load reports for its decode graphs (measured bytes, one null
+    block): the pool shrinks by both, the reservation holds both, and the pod's total stays within
+    the budget; an asked pool that fits alone but not beside them fails naming them."""
+    graphs = 3 * MiB + 512
+    reg = ModelRegistry(Catalogue(models=[
+        entry("a", model_dirs["tiny-0"], preload=True, kvCacheBytes=4 * MiB),
+        entry("b", model_dirs["tiny-1"]),
+        entry("c", model_dirs["tiny-2"], kvCacheBytes=16 * MiB),
+    ]), budget_bytes=2 * WEIGHTS + 40 * MiB, device="cpu")
+    await reg.start()
+    try:
+        # c's 16 MiB fit beside a, weights and an 8 MiB peak (28 MiB left), not beside 25 MiB of graphs too.
+        with pytest.raises(KVPoolSizeError, match=r"CUDA graphs 25.00 MiB .* - null block 0.06 MiB"):
+            reg.size_kv("c", WEIGHTS, 8 * MiB, BLOCK, 1 << 20, graph_bytes=25 * MiB, extra_blocks=1)
+        assert reg.used_bytes() == WEIGHTS + 4 * MiB  # a failed sizing reserves nothing
+        b = reg.size_kv("b", WEIGHTS, 8 * MiB, BLOCK, 1 << 20, graph_bytes=graphs, extra_blocks=1)
+        assert b.num_blocks == (36 * MiB - 8 * MiB - graphs - BLOCK) // BLOCK
+        assert reg.used_bytes() == WEIGHTS + 4 * MiB + WEIGHTS + 8 * MiB + graphs + (b.num_blocks + 1) * BLOCK
+        assert reg.used_bytes() <= reg.budget_bytes
+    finally:
+        await reg.shutdown()
+
+
 async def test_auto_pools_share_what_is_left_with_the_auto_models_still_to_come(model_dirs) -> None:
     budget = 3 * WEIGHTS + 30 * MiB
     reg = ModelRegistry(Catalogue(models=[entry(n, p) for n, p in model_dirs.items()]),
@@ -159,8 +183,13 @@ async def test_on_cuda_the_pool_takes_what_weights_and_the_measured_peak_leave(m
         async with reg.acquire("a") as served:
             sizing = served.engine.engine.kv_sizing
             assert sizing.rule == "auto" and sizing.activation_bytes > 0
-            assert sizing.kv_bytes == (budget - weights - sizing.activation_bytes) // (BLOCK // 2) * (BLOCK // 2)
-        assert reg.list_models()[0].bytes == weights + sizing.activation_bytes + sizing.kv_bytes
+            # Decode graphs are on by default on CUDA: their measured memory and the null block come off too.
+            assert sizing.graph_bytes > 0 and sizing.extra_blocks == 1
+            left = budget - weights - sizing.activation_bytes - sizing.graph_bytes - BLOCK // 2
+            assert sizing.kv_bytes == left // (BLOCK // 2) * (BLOCK // 2)
+            engine = served.engine.engine
+            held = weights + sizing.activation_bytes + engine.cuda_graph_bytes + engine.kv_cache_bytes
+        assert reg.list_models()[0].bytes == held and engine.kv_cache_bytes == sizing.kv_bytes + BLOCK // 2
         assert len(await generate(reg, "a")) == 4
         assert any("activation peak" in r.getMessage() and "not measured" not in r.getMessage() for r in caplog.records)
         peak = sizing.activation_bytes

@@ -61,7 +61,7 @@ class AsyncLLMEngine:
         tokenizer: the Hugging Face tokenizer.
         max_model_len: context length in tokens.
         device: the torch device the model runs on.
-        memory_bytes: weights + KV pool, bytes.
+        memory_bytes: weights + KV pool (its null block included) + decode CUDA graphs, bytes.
         engine: the wrapped :class:`LLMEngine` (touched only by the loop thread after start).
     """
 
@@ -71,7 +71,7 @@ class AsyncLLMEngine:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.device = engine.device
-        self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes
+        self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes + engine.cuda_graph_bytes
         #: Unique per engine instance: a reloaded model is a new instance (result-cache keys use it).
         self.instance_id = uuid.uuid4().hex
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()

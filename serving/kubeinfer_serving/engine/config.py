@@ -11,8 +11,10 @@ import torch
 if TYPE_CHECKING:
     from .kv_sizing import KVSizing
 
-#: ``sizer(weights_bytes, activation_bytes or None, block_bytes, max_blocks) -> KVSizing``.
-KVPoolSizer = Callable[[int, "int | None", int, int], "KVSizing"]
+#: ``sizer(weights_bytes, activation_bytes or None, block_bytes, max_blocks, graph_bytes or None,
+#: extra_blocks) -> KVSizing``: ``graph_bytes`` is the measured decode CUDA graph memory (None: no
+#: graphs), ``extra_blocks`` the blocks allocated past the pool (1 with graphs: the null block).
+KVPoolSizer = Callable[[int, "int | None", int, int, "int | None", int], "KVSizing"]
 
 #: KV pool size on CPU when neither ``num_kv_blocks`` nor ``kv_cache_memory_bytes`` is given.
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
@@ -29,8 +31,9 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one step (prefill chunks + one per decode).
         block_size: tokens per KV-cache block.
         num_kv_blocks: KV pool size in blocks; overrides ``kv_cache_memory_bytes``.
-        kv_pool_sizer: sizes the pool from the loaded weights and the activation peak of a
-            profiling step (measured on CUDA, None on CPU; :mod:`.kv_sizing`); the registry
+        kv_pool_sizer: sizes the pool from the loaded weights, the activation peak of a
+            profiling step (measured on CUDA, None on CPU; :mod:`.kv_sizing`) and the decode CUDA
+            graphs' measured memory and null block (when graphs are on); the registry
             passes one that applies the pod's memory budget. Used when ``num_kv_blocks`` is None;
             overrides ``kv_cache_memory_bytes``.
         kv_cache_memory_bytes: KV pool size in bytes. Default: on CPU

@@ -127,6 +127,12 @@ def graphs_enabled(device: torch.device, enforce_eager: bool) -> bool:
     return use_triton(device) and use_fused(device)
 
 
+def decode_graph_sizes(device: torch.device, enforce_eager: bool, max_num_seqs: int) -> list[int] | None:
+    """The buckets an engine on ``device`` captures (:func:`capture_sizes`), or None when graphs are off
+    (:func:`graphs_enabled`)."""
+    return capture_sizes(max_num_seqs) if graphs_enabled(device, enforce_eager) else None
+
+
 class DecodeGraphs:
     """Captured decode forwards, one per bucket, over shared static inputs and one memory pool.
 
@@ -164,6 +170,7 @@ class DecodeGraphs:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         #: steps replayed so far (for tests and statistics).
         self.num_replays = 0
+        self._pool = None  # the graphs' private memory pool id, set by capture()
 
     def _views(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         o = layout(bucket, self.width)
@@ -207,7 +214,7 @@ class DecodeGraphs:
         Each bucket runs twice eagerly first (Triton compiles its kernels, the allocator warms
         up), then once under capture. All rows are padding, so only the null block is written.
         """
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool = torch.cuda.graph_pool_handle()
         empty = np.zeros(0, np.int64)
         for bucket in reversed(self.sizes):
             for _ in range(2):
@@ -219,6 +226,19 @@ class DecodeGraphs:
                 out = self.model(ids, pos, self.kv_caches, meta)
             self._graphs[bucket] = (graph, out)
         torch.cuda.synchronize(self.device)
+
+    def memory_bytes(self) -> int:
+        """Device bytes the captured graphs hold: the segments of their private memory pool
+        (``torch.cuda.memory_snapshot`` filtered by the pool's id, as torch's own cudagraph trees
+        do) plus the static input buffer; only the static buffer before :meth:`capture` or off CUDA.
+        """
+        static = self.static.numel() * self.static.element_size()
+        if self.device.type != "cuda" or self._pool is None:
+            return static
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pool = tuple(self._pool)
+        return static + sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                            if seg.get("device") == index and tuple(seg.get("segment_pool_id", ())) == pool)
 
     def bucket_for(self, num_rows: int) -> int | None:
         """The bucket a pure-decode step of ``num_rows`` rows replays, or None (run it eagerly)."""

@@ -5,6 +5,7 @@ worker (``determine_available_memory`` after ``profile_run``): of the pod's memo
 is left for this model's KV pool is
 
     available = budget - other models' reservations - this model's weights - its activation peak
+                - its decode CUDA graphs' memory - its null block
 
 and the pool takes
 
@@ -16,6 +17,22 @@ and the pool takes
 
 rounded down to whole blocks and capped at ``max_blocks`` (what ``maxNumSeqs`` sequences of
 ``maxModelLen`` tokens can ever use). Fewer than one block is an error naming every number.
+
+**CUDA graphs.** With decode graphs on (:mod:`.cuda_graphs`) the model holds two more things
+for its lifetime, and both are subtracted before the pool is sized (``graph_bytes`` and
+``extra_blocks`` below): the **null block**, one pool block past the sized pool that padded graph
+rows write into (``extra_blocks=1``: counted in whole blocks, so a CPU test proves pool + null
+block fit the budget), and the **graph memory pool** plus the graphs' static inputs. The graph
+memory is measured, not estimated (:func:`profile_graph_memory`): before sizing, every bucket is
+captured once into a throwaway runner with a one-block pool, and the bytes of the segments of the
+graphs' private memory pool (``torch.cuda.memory_snapshot``, filtered by pool id, so concurrent
+loads of other models do not pollute it) plus the static input buffer are counted; the
+throwaway graphs are then dropped and the engine captures its own after allocating the pool.
+vLLM (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS``) instead captures two graphs per mode and
+extrapolates linearly, which overestimates when graphs share one pool as ours do; capturing all
+buckets costs a second capture at load time (the Triton kernels are compiled by then). Memory
+the CUDA driver keeps for instantiated graphs outside torch's allocator is not counted (small
+against the pool; the budget's headroom, ``gpuMemoryUtilization`` < 1, covers it).
 
 The activation peak (:func:`profile_activation_peak`) is measured on CUDA only: one forward pass
 and sampling step over ``max_num_batched_tokens`` dummy tokens split over up to
@@ -46,6 +63,15 @@ def _fmt(n: int) -> str:
     return f"{n / MiB:.2f} MiB ({n} B)"
 
 
+def _graph_terms(graph_bytes: int | None, extra_blocks: int, block_bytes: int) -> str:
+    """`` - CUDA graphs X - null block Y`` for messages ("" without graphs or extra blocks)."""
+    out = f" - CUDA graphs {_fmt(graph_bytes)}" if graph_bytes is not None else ""
+    if extra_blocks:
+        what = "null block" if extra_blocks == 1 else f"{extra_blocks} blocks past the pool"
+        out += f" - {what} {_fmt(extra_blocks * block_bytes)}"
+    return out
+
+
 @dataclass(frozen=True)
 class KVSizing:
     """The outcome of :func:`size_kv_pool`, with every input, for logs and ``/v1/models`` messages.
@@ -60,6 +86,10 @@ class KVSizing:
         available_bytes: budget - others - weights - activation (may be negative).
         share: the divisor of an auto pool.
         capped: the pool was cut to ``max_blocks``.
+        graph_bytes: the measured memory of the model's decode CUDA graphs (pool + static
+            inputs), or None when there are none (CPU, ``enforceEager``).
+        extra_blocks: blocks allocated past the pool (1: the graphs' null block), counted in
+            ``available_bytes`` and ``reserved_bytes``.
     """
 
     num_blocks: int
@@ -73,21 +103,27 @@ class KVSizing:
     block_bytes: int
     share: int = 1
     capped: bool = False
+    graph_bytes: int | None = None
+    extra_blocks: int = 0
 
     @property
     def reserved_bytes(self) -> int:
-        """What the model holds against the budget: weights + activation peak + KV pool."""
-        return self.weights_bytes + (self.activation_bytes or 0) + self.kv_bytes
+        """What the model holds against the budget: weights + activation peak + CUDA graphs + KV pool
+        + the blocks past it (the null block)."""
+        return (self.weights_bytes + (self.activation_bytes or 0) + (self.graph_bytes or 0) + self.kv_bytes
+                + self.extra_blocks * self.block_bytes)
 
     def describe(self, name: str) -> str:
         """One log line: the pool and the arithmetic that led to it."""
         act = _fmt(self.activation_bytes) if self.activation_bytes is not None else "not measured (cpu, counted as 0)"
         how = {"kvCacheBytes": "asked by kvCacheBytes", "kvCacheFraction": "asked by kvCacheFraction",
                "auto": f"1/{self.share} of what is left", "auto-cpu": "the cpu default, capped by what is left"}
+        graphs = _graph_terms(self.graph_bytes, self.extra_blocks, self.block_bytes)
         return (f"KV pool of {name}: {self.num_blocks} blocks x {self.block_bytes} B = {_fmt(self.kv_bytes)} "
                 f"({how[self.rule]}{', capped at maxNumSeqs x maxModelLen' if self.capped else ''}); "
                 f"budget {_fmt(self.budget_bytes)} - other models {_fmt(self.others_bytes)} - weights "
-                f"{_fmt(self.weights_bytes)} - activation peak {act} = {_fmt(self.available_bytes)} available")
+                f"{_fmt(self.weights_bytes)} - activation peak {act}{graphs} = "
+                f"{_fmt(self.available_bytes)} available")
 
 
 def size_kv_pool(
@@ -103,6 +139,8 @@ def size_kv_pool(
     share: int = 1,
     fallback_bytes: int | None = None,
     name: str = "model",
+    graph_bytes: int | None = None,
+    extra_blocks: int = 0,
 ) -> KVSizing:
     """Size one model's KV pool (the rule is in the module docstring).
 
@@ -119,13 +157,15 @@ def size_kv_pool(
         share: an auto pool takes ``available // share``.
         fallback_bytes: an auto pool's size when ``activation_bytes`` is None (CPU).
         name: the model, for messages.
+        graph_bytes: the model's measured decode CUDA graph memory, bytes; None: no graphs (0).
+        extra_blocks: blocks the runner allocates past the pool (1 with graphs: the null block).
 
     Returns:
         :class:`KVSizing`.
 
     Raises:
         ValueError: both ``requested_bytes`` and ``fraction``, a fraction outside (0, 1],
-            ``block_bytes``/``max_blocks``/``share`` < 1.
+            ``block_bytes``/``max_blocks``/``share`` < 1, negative ``graph_bytes``/``extra_blocks``.
         KVPoolSizeError: an asked-for pool larger than what is available, or less than one
             block available for an auto pool; the message names budget, weights, activation
             peak, other models and the pool.
@@ -136,11 +176,16 @@ def size_kv_pool(
         raise ValueError(f"kvCacheFraction must be in (0, 1], got {fraction}")
     if block_bytes < 1 or max_blocks < 1 or share < 1:
         raise ValueError("block_bytes, max_blocks and share must be >= 1")
-    available = budget_bytes - others_bytes - weights_bytes - (activation_bytes or 0)
+    if (graph_bytes or 0) < 0 or extra_blocks < 0:
+        raise ValueError("graph_bytes and extra_blocks must be >= 0")
+    overhead = (graph_bytes or 0) + extra_blocks * block_bytes
+    available = budget_bytes - others_bytes - weights_bytes - (activation_bytes or 0) - overhead
+    held = (f"weights {_fmt(weights_bytes)} - activation peak {_fmt(activation_bytes or 0)}"
+            + _graph_terms(graph_bytes, extra_blocks, block_bytes))
 
     def sizing(blocks: int, rule: str, capped: bool) -> KVSizing:
         return KVSizing(blocks, blocks * block_bytes, rule, budget_bytes, weights_bytes, activation_bytes,
-                        others_bytes, available, block_bytes, share, capped)
+                        others_bytes, available, block_bytes, share, capped, graph_bytes, extra_blocks)
 
     if requested_bytes is not None or fraction is not None:
         rule = "kvCacheBytes" if requested_bytes is not None else "kvCacheFraction"
@@ -151,8 +196,8 @@ def size_kv_pool(
         if blocks * block_bytes > available:
             raise KVPoolSizeError(
                 f"the KV pool of {name} ({rule} {wanted} B: {blocks} blocks, {_fmt(blocks * block_bytes)}) does "
-                f"not fit: budget {_fmt(budget_bytes)} - other models {_fmt(others_bytes)} - weights "
-                f"{_fmt(weights_bytes)} - activation peak {_fmt(activation_bytes or 0)} leaves {_fmt(available)}")
+                f"not fit: budget {_fmt(budget_bytes)} - other models {_fmt(others_bytes)} - {held} leaves "
+                f"{_fmt(available)}")
         return sizing(blocks, rule, capped)
     rule = "auto" if activation_bytes is not None or fallback_bytes is None else "auto-cpu"
     wanted = max(available, 0) // share
@@ -162,8 +207,7 @@ def size_kv_pool(
     if blocks < 1:
         raise KVPoolSizeError(
             f"no memory left for the KV pool of {name}: budget {_fmt(budget_bytes)} - other models "
-            f"{_fmt(others_bytes)} - weights {_fmt(weights_bytes)} - activation peak "
-            f"{_fmt(activation_bytes or 0)} leaves {_fmt(available)}"
+            f"{_fmt(others_bytes)} - {held} leaves {_fmt(available)}"
             + (f", shared by {share} models" if share > 1 else "")
             + f"; one KV block needs {block_bytes} B")
     capped = blocks > max_blocks
@@ -216,3 +260,40 @@ def profile_activation_peak(model: torch.nn.Module, *, max_num_batched_tokens: i
     gc.collect()
     torch.cuda.empty_cache()
     return max(0, int(peak))
+
+
+def profile_graph_memory(model: torch.nn.Module, *, sizes: list[int], max_model_len: int, block_size: int,
+                         device: torch.device) -> int | None:
+    """Bytes the decode CUDA graphs of ``sizes`` hold for the engine's lifetime.
+
+    Captures every bucket once (:class:`~kubeinfer_serving.engine.cuda_graphs.DecodeGraphs`,
+    the engine's own capture path) in a throwaway
+    :class:`~kubeinfer_serving.engine.model_runner.ModelRunner` whose pool is one block plus the
+    null block, reads :meth:`~kubeinfer_serving.engine.cuda_graphs.DecodeGraphs.memory_bytes`
+    (the graphs' private memory pool + static inputs; independent of the pool size, and of the
+    block-table width only through ``max_model_len``, which can only shrink afterwards), then
+    drops the graphs and empties the cache. Off CUDA nothing is captured (graphs run there only
+    when tests force them, as the padded eager forward), and the bytes are the static inputs'.
+
+    Returns:
+        bytes, or None when ``sizes`` is empty or the capture fails (it logs a warning; the
+        engine then runs eagerly with no null block).
+    """
+    if not sizes:
+        return None
+    from .model_runner import ModelRunner
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+    runner = ModelRunner(model, 1, block_size, device, cuda_graph_sizes=sizes, max_model_len=max_model_len)
+    nbytes = runner.graphs.memory_bytes() if runner.graphs is not None else None
+    runner.release()
+    del runner
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return nbytes

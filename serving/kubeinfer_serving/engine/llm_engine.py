@@ -20,10 +20,10 @@ from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
-from .cuda_graphs import capture_sizes, graphs_enabled
+from .cuda_graphs import decode_graph_sizes
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
-from .kv_sizing import KVSizing, profile_activation_peak
+from .kv_sizing import KVSizing, profile_activation_peak, profile_graph_memory
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams
@@ -85,9 +85,13 @@ class LLMEngine:
         num_kv_blocks: KV pool size in blocks.
         weights_bytes, kv_cache_bytes: memory held, bytes.
         kv_sizing: the :class:`~.kv_sizing.KVSizing` when a ``kv_pool_sizer`` sized the pool, else None.
+        cuda_graph_bytes: device bytes the decode CUDA graphs hold (0 without graphs).
         stat_loggers: called with a :class:`~kubeinfer_serving.engine.stats.StepStats` after
             every step and queue change (see :meth:`add_stat_logger`).
         last_step_stats: the statistics of the latest step.
+
+    ``cuda_graph_sizes`` (constructor): the decode graph buckets to capture, None for none, or
+    ``"auto"`` (:func:`~.cuda_graphs.decode_graph_sizes` of the device and config).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class LLMEngine:
         model_name: str = "model",
         max_model_len: int,
         num_kv_blocks: int,
+        cuda_graph_sizes: list[int] | None | str = "auto",
     ) -> None:
         self.config = config or EngineConfig()
         self.model = model
@@ -115,10 +120,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
-        graph_sizes = (capture_sizes(self.config.max_num_seqs)
-                       if graphs_enabled(self.device, self.config.enforce_eager) else None)
+        graph_sizes = (decode_graph_sizes(self.device, self.config.enforce_eager, self.config.max_num_seqs)
+                       if cuda_graph_sizes == "auto" else cuda_graph_sizes)
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device,
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
+        #: device bytes the decode CUDA graphs hold (pool + static inputs; 0 without graphs).
+        self.cuda_graph_bytes = self.runner.graphs.memory_bytes() if self.runner.graphs is not None else 0
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         #: how the pool was sized when a ``kv_pool_sizer`` decided it (set by :meth:`from_weights`), else None.
@@ -143,8 +150,10 @@ class LLMEngine:
 
         KV pool size: ``config.num_kv_blocks``, else what ``config.kv_pool_sizer`` decides from
         the weights and the activation peak of a profiling step (:mod:`.kv_sizing`; the peak is
-        measured on CUDA only), else ``config.kv_cache_memory_bytes`` divided by the block size in
-        bytes, else the defaults described in :class:`EngineConfig`. When the
+        measured on CUDA only) and the measured memory of the decode CUDA graphs plus their null
+        block (:func:`~.kv_sizing.profile_graph_memory`; a failed capture there leaves the engine
+        eager), else ``config.kv_cache_memory_bytes`` (pool + null block) divided by the block size
+        in bytes, else the defaults described in :class:`EngineConfig`. When the
         pool holds fewer tokens than ``max_model_len``, ``max_model_len`` shrinks to fit, so
         any accepted request can always run (alone if need be).
 
@@ -165,6 +174,7 @@ class LLMEngine:
         model.eval()
         check_finite_weights(model)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
+        graph_sizes = decode_graph_sizes(device, config.enforce_eager, config.max_num_seqs)
         sizing = None
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -174,11 +184,17 @@ class LLMEngine:
                 activation = profile_activation_peak(
                     model, max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                     max_model_len=max_len, block_size=config.block_size, device=device)
+                graph_bytes = profile_graph_memory(model, sizes=graph_sizes, max_model_len=max_len,
+                                                   block_size=config.block_size, device=device) if graph_sizes else None
+                if graph_bytes is None:
+                    graph_sizes = None  # the capture failed (warned): serve eagerly, with no null block
                 weights = sum(p.numel() * p.element_size() for p in model.parameters())
-                sizing = config.kv_pool_sizer(weights, activation, per_block, full)
+                sizing = config.kv_pool_sizer(weights, activation, per_block, full, graph_bytes,
+                                              1 if graph_sizes else 0)
                 num_blocks = sizing.num_blocks
             elif config.kv_cache_memory_bytes is not None:
-                num_blocks = config.kv_cache_memory_bytes // per_block
+                # The asked bytes hold the pool and the graphs' null block.
+                num_blocks = config.kv_cache_memory_bytes // per_block - (1 if graph_sizes else 0)
             elif device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 num_blocks = min(full, int(free * CUDA_DEFAULT_KV_FRACTION) // per_block)
@@ -186,7 +202,7 @@ class LLMEngine:
                 num_blocks = min(full, CPU_DEFAULT_KV_BYTES // per_block)
             num_blocks = max(1, num_blocks)
         engine = cls(model, hf_config=hf_config, tokenizer=tokenizer, config=config, model_name=model_name,
-                     max_model_len=max_len, num_kv_blocks=num_blocks)
+                     max_model_len=max_len, num_kv_blocks=num_blocks, cuda_graph_sizes=graph_sizes)
         engine.kv_sizing = sizing
         return engine
 

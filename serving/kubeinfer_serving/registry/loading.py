@@ -72,6 +72,8 @@ class LoadPlan:
             only as far as weights + activation peak + one block need).
         num_kv_blocks: KV pool size in blocks (generate models), else None.
         activation_bytes: activation peak counted before the load (the last measured one, else 0).
+        graph_bytes: decode CUDA graph memory + null block counted before the load (the last
+            load's, else 0).
         size_kv: set by the registry just before :meth:`ModelLoader.load`: the
             :data:`~kubeinfer_serving.engine.config.KVPoolSizer` that decides the pool once the
             weights are loaded and the activation peak is measured (None: ``num_kv_blocks``).
@@ -87,6 +89,7 @@ class LoadPlan:
     kv_cache_bytes: int = 0
     num_kv_blocks: int | None = None
     activation_bytes: int = 0
+    graph_bytes: int = 0
     size_kv: KVPoolSizer | None = field(default=None, repr=False)
     revision: str | None = None
     disk: str = ""
@@ -95,8 +98,8 @@ class LoadPlan:
 
     @property
     def total_bytes(self) -> int:
-        """Weights + activation peak + KV pool, bytes: what the registry reserves in its budget."""
-        return self.weights_bytes + self.activation_bytes + self.kv_cache_bytes
+        """Weights + activation peak + CUDA graphs + KV pool, bytes: what the registry reserves in its budget."""
+        return self.weights_bytes + self.activation_bytes + self.graph_bytes + self.kv_cache_bytes
 
 
 @dataclass(eq=False)
@@ -105,7 +108,8 @@ class LoadedModel:
 
     Attributes:
         name, kind, tokenizer, max_model_len, engine, embedder: as in ``ServedModel``.
-        memory_bytes: device bytes held (weights + activation peak + KV pool).
+        memory_bytes: device bytes held (weights + activation peak + decode CUDA graphs + KV pool
+            with its null block).
         close: coroutine function that stops the model and drops its device memory.
         offload: coroutine function returning a :class:`HostSnapshot` of the weights for the
             warm tier (called just before ``close``), or None when the model cannot offload.
@@ -260,7 +264,8 @@ class DefaultModelLoader:
         blocks = max(1, min(full_blocks, wanted // per_block))
         last = self._plans.get(entry.name)
         return LoadPlan(path, weights, blocks * per_block, blocks, **remote,
-                        activation_bytes=last.activation_bytes if last is not None else 0)
+                        activation_bytes=last.activation_bytes if last is not None else 0,
+                        graph_bytes=last.graph_bytes if last is not None else 0)
 
     def load(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
         """See :meth:`ModelLoader.load`. The model's disk-tier snapshot stays pinned until it closes."""
@@ -323,6 +328,8 @@ class DefaultModelLoader:
         last = self._plans.get(entry.name)
         if last is not None:  # the next plan of this model (e.g. from the warm tier) counts the measured peak
             last.activation_bytes = activation
+            null_block = llm.kv_cache_bytes // (llm.num_kv_blocks + 1) if llm.runner.graphs is not None else 0
+            last.graph_bytes = llm.cuda_graph_bytes + null_block  # the pool holds num_kv_blocks + the null block
         pin = self.device.type == "cuda"
 
         async def offload() -> HostSnapshot:

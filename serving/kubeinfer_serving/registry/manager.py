@@ -454,24 +454,29 @@ class ModelRegistry:
         """The KV pool sizer of ``entry``'s load: called from the loading thread, it runs
         :meth:`size_kv` on the event loop, so it sees (and updates) every reservation at once."""
 
-        def size(weights_bytes: int, activation_bytes: int | None, block_bytes: int, max_blocks: int) -> KVSizing:
+        def size(weights_bytes: int, activation_bytes: int | None, block_bytes: int, max_blocks: int,
+                 graph_bytes: int | None = None, extra_blocks: int = 0) -> KVSizing:
             async def on_loop() -> KVSizing:
-                return self.size_kv(entry.name, weights_bytes, activation_bytes, block_bytes, max_blocks)
+                return self.size_kv(entry.name, weights_bytes, activation_bytes, block_bytes, max_blocks,
+                                    graph_bytes=graph_bytes, extra_blocks=extra_blocks)
 
             return asyncio.run_coroutine_threadsafe(on_loop(), loop).result()
 
         return size
 
     def size_kv(self, name: str, weights_bytes: int, activation_bytes: int | None, block_bytes: int,
-                max_blocks: int) -> KVSizing:
+                max_blocks: int, *, graph_bytes: int | None = None, extra_blocks: int = 0) -> KVSizing:
         """Size the KV pool of loading model ``name`` against the budget and reserve what it holds.
 
         :func:`~kubeinfer_serving.engine.kv_sizing.size_kv_pool` with the other models'
         reservations (loaded, loading, being evicted) as ``others_bytes``; the entry's (else the
         pod's) ``kvCacheBytes`` / ``kvCacheFraction``; for an auto pool ``share`` = 1 + the
         auto-sized generate models that hold no memory yet (at most the free ``maxLoadedModels``
-        slots) and, on CPU, :data:`~.catalogue.DEFAULT_KV_CACHE_BYTES` as the fallback. On success
-        the model's reservation becomes weights + activation peak + pool, and the sizing is logged.
+        slots) and, on CPU, :data:`~.catalogue.DEFAULT_KV_CACHE_BYTES` as the fallback;
+        ``graph_bytes`` / ``extra_blocks``: the model's measured decode CUDA graph memory and its
+        null block (:func:`~kubeinfer_serving.engine.kv_sizing.size_kv_pool`). On success the
+        model's reservation becomes weights + activation peak + graphs + pool + null block, and
+        the sizing is logged.
         Runs on the event loop.
 
         Raises:
@@ -491,7 +496,7 @@ class ModelRegistry:
             budget_bytes=self.budget_bytes, weights_bytes=weights_bytes, activation_bytes=activation_bytes,
             others_bytes=sum(e.reserved for e in others), block_bytes=block_bytes, max_blocks=max_blocks,
             requested_bytes=asked, fraction=fraction, share=share, fallback_bytes=DEFAULT_KV_CACHE_BYTES,
-            name=repr(name),
+            name=repr(name), graph_bytes=graph_bytes, extra_blocks=extra_blocks,
         )
         entry.reserved = sizing.reserved_bytes
         log.info("%s", sizing.describe(repr(name)))
