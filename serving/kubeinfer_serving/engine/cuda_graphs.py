@@ -43,6 +43,8 @@ import torch
 from kubeinfer_serving.layers.activation_norm import use_fused
 from kubeinfer_serving.layers.attention import AttentionMetadata, use_triton
 
+from .staging import HostToDevice
+
 #: Largest batch a decode graph is captured for (vLLM's default ``max_cudagraph_capture_size``).
 MAX_CAPTURE_SIZE = 512
 #: Environment switch: "0" turns decode graphs off pod-wide.
@@ -161,12 +163,9 @@ class DecodeGraphs:
         self.null_block = kv_caches[0][0].shape[0] - 1
         n = layout(self.sizes[-1], width)[-1]
         self.static = torch.zeros(n, dtype=torch.int64, device=device)
-        pin = device.type == "cuda"
-        self._host = [torch.empty(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        # Recorded after each buffer's upload: packing waits on it before overwriting the buffer
-        # (a step that samples nothing never synchronises the host).
-        self._uploaded = [torch.cuda.Event() if pin else None for _ in range(2)]
-        self._host_i = 0
+        # Pinned double-buffered staging; packing waits until the buffer's previous upload has
+        # been read (a step that samples nothing never synchronises the host).
+        self._inputs_to_device = HostToDevice(device, initial=n)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         #: steps replayed so far (for tests and statistics).
         self.num_replays = 0
@@ -185,16 +184,11 @@ class DecodeGraphs:
         return s[o[0]:o[1]], s[o[1]:o[2]], meta
 
     def _upload(self, bucket: int, ids, positions, slots, seq_lens, tables) -> None:
-        self._host_i ^= 1
-        host, uploaded = self._host[self._host_i], self._uploaded[self._host_i]
         end = layout(bucket, self.width)[-1]
-        if uploaded is not None:
-            uploaded.synchronize()  # this buffer's previous upload has left it (returns at once if never recorded)
+        host = self._inputs_to_device.host_buffer(end)
         pack_decode_inputs(host.numpy()[:end], bucket, self.width, ids, positions, slots, seq_lens, tables,
                            self.null_block, self.block_size)
-        self.static[:end].copy_(host[:end], non_blocking=True)
-        if uploaded is not None:
-            uploaded.record()
+        self._inputs_to_device.upload(host[:end], out=self.static[:end])
 
     @torch.inference_mode()
     def run_padded(self, bucket: int, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,

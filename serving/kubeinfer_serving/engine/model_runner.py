@@ -23,7 +23,7 @@ from .outputs import TokenLogprob
 from .sampler import _h2d, sample
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
-from .staging import DeviceToHost
+from .staging import DeviceToHost, HostToDevice
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,9 @@ class ModelRunner:
                 except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
                     log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
                     self.graphs = None
-        self._stage: list[torch.Tensor | None] = [None, None]
-        self._stage_i = 0
+        # A step's inputs go up through pinned double-buffered staging, each buffer's reuse
+        # guarded by an event recorded after its upload.
+        self._inputs_to_device = HostToDevice(device)
         # Results come back through pinned double-buffered staging: sampled ids (int64) and,
         # when log-probabilities are asked for, everything packed as float64.
         self._ids_to_host = DeviceToHost(device, torch.int64)
@@ -188,29 +189,16 @@ class ModelRunner:
         #: host seconds the latest :meth:`prepare` took (for step statistics).
         self.last_prepare_s = 0.0
 
-    def _staging(self, n: int) -> torch.Tensor:
-        """A host int64 buffer of >= n elements to pack one step's inputs into.
-
-        On CUDA two pinned buffers alternate (double buffering), so packing the next step
-        never overwrites a buffer whose asynchronous host-to-device copy may be in flight.
-        """
-        self._stage_i ^= 1
-        buf = self._stage[self._stage_i]
-        if buf is None or buf.numel() < n:
-            pin = self.device.type == "cuda"
-            buf = torch.empty(max(n, 4096) * 2, dtype=torch.int64, pin_memory=pin)
-            self._stage[self._stage_i] = buf
-        return buf
-
     def prepare(self, scheduled: list[ScheduledSeq], to_device: bool = True) -> StepInputs:
         """Build the step's inputs, vectorized over sequences (NumPy), with one host-to-device copy.
 
         Per sequence only Python list reads happen (its chunk's token ids and its block
         table); positions, slots, the padded block table, query offsets and logits indexes
         are NumPy array arithmetic over the whole batch. All integer inputs are packed into
-        one int64 buffer and copied to the device at once (a no-op on CPU); ``to_device=False``
-        skips that copy (a graph replay uploads its own padded inputs; the tensors then stay
-        on the host).
+        one int64 buffer and copied to the device at once (a no-op on CPU) through
+        :class:`~.staging.HostToDevice` (pinned, double-buffered; packing waits until the
+        buffer's previous upload has been read); ``to_device=False`` skips that copy (a graph
+        replay uploads its own padded inputs; the tensors then stay on the host).
 
         Returns:
             :class:`StepInputs`.
@@ -238,7 +226,7 @@ class ModelRunner:
         # One buffer: ids | positions | slots | logits_idx | query_start_loc | seq_lens | block tables.
         sizes = (num_tokens, num_tokens, num_tokens, num_samples, num_seqs + 1, num_seqs, num_seqs * max_nb)
         offs = np.cumsum((0,) + sizes)
-        staging = self._staging(int(offs[-1]))
+        staging = self._inputs_to_device.host_buffer(int(offs[-1]))
         host = staging.numpy()
         part = [host[offs[i]:offs[i + 1]] for i in range(len(sizes))]
         part[0][:] = ids
@@ -257,8 +245,8 @@ class ModelRunner:
         np.subtract(qsl[1:][sample_rows], 1, out=part[3])
 
         dev = staging[:offs[-1]]
-        if self.device.type != "cpu" and to_device:
-            dev = dev.to(self.device, non_blocking=True)  # pinned source: asynchronous
+        if to_device:
+            dev = self._inputs_to_device.upload(dev)  # pinned source: asynchronous, fenced (CPU: the view)
         d = [dev[offs[i]:offs[i + 1]] for i in range(len(sizes))]
         meta = AttentionMetadata(
             slot_mapping=d[2], query_start_loc=d[4], seq_lens=d[5], block_tables=d[6].view(num_seqs, max_nb),

@@ -1,4 +1,13 @@
-"""Device-to-host copies of a step's results through pinned, double-buffered staging.
+"""A step's host<->device copies through pinned, double-buffered staging.
+
+Host to device (:class:`HostToDevice`): a step's integer inputs are packed into one of two
+pinned host buffers and uploaded with one asynchronous copy. A CUDA event recorded after each
+upload guards its buffer: before the buffer is packed again (two steps later) the host waits on
+that event, so packing never overwrites bytes an upload has not read yet. Without the guard a
+run of steps that sample nothing (prefill chunks: no device-to-host copy, so the host never
+waits on the device) could let the host run two steps ahead of a queued upload.
+
+Device to host (:class:`DeviceToHost`):
 
 ``tensor.tolist()`` on a CUDA tensor copies into pageable memory, which the driver stages
 through its own pinned bounce buffer, synchronously. Here the copy goes straight into one of
@@ -10,7 +19,101 @@ buffer the previous step's results may still be read from. On CPU the tensor is 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Fence(Protocol):
+    """Marks a point in a device stream's work (``torch.cuda.Event`` after ``record()``)."""
+
+    def synchronize(self) -> None:
+        """Block the host until the work queued before the fence has finished."""
+
+
+class AsyncCopies(Protocol):
+    """Issues host-to-device copies that may run after they are issued, and fences them."""
+
+    def copy(self, src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """Queue a copy of host ``src`` into ``out`` (or a new device tensor) and return the destination."""
+
+    def fence(self) -> Fence:
+        """A fence after every copy queued so far."""
+
+
+class CudaCopies:
+    """:class:`AsyncCopies` on a CUDA device: ``non_blocking`` copies on the current stream, fenced
+    by ``torch.cuda.Event``s (a pinned source makes the copy asynchronous to the host)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def copy(self, src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return src.to(self.device, non_blocking=True)
+        return out.copy_(src, non_blocking=True)
+
+    def fence(self) -> Fence:
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+
+class HostToDevice:
+    """Pinned double-buffered host staging whose uploads are guarded by a fence per buffer.
+
+    Use: ``buf = stage.host_buffer(n)``, pack into ``buf``, then ``stage.upload(buf[:n])``
+    (or ``upload(view, out=static)`` into a fixed device buffer). :meth:`host_buffer` alternates
+    between two buffers and, before handing one out, waits on the fence of the upload that last
+    read it (returns at once when that upload has finished, which is almost always).
+
+    Args:
+        device: where uploads go. On CPU there is no copy: :meth:`upload` returns the host view
+            (or copies into ``out``) and nothing is fenced.
+        dtype: element type of the buffers.
+        initial: smallest buffer, in elements (a buffer grows to twice what a step needs).
+        copies: the copy engine (default :class:`CudaCopies` on CUDA, None on CPU; tests pass a
+            CPU engine whose copies run late, as a CUDA stream's may).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int64, initial: int = 4096,
+                 copies: AsyncCopies | None = None) -> None:
+        self.device = device
+        self.dtype = dtype
+        self._initial = initial
+        self._pin = device.type == "cuda"
+        self._copies = copies if copies is not None else (CudaCopies(device) if device.type == "cuda" else None)
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._fences: list[Fence | None] = [None, None]
+        self._i = 0
+
+    def host_buffer(self, n: int) -> torch.Tensor:
+        """The next host buffer of at least ``n`` elements, once its previous upload has read it."""
+        self._i ^= 1
+        fence = self._fences[self._i]
+        if fence is not None:
+            fence.synchronize()
+            self._fences[self._i] = None
+        buf = self._bufs[self._i]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, self._initial) * 2, dtype=self.dtype, pin_memory=self._pin)
+            self._bufs[self._i] = buf
+        return buf
+
+    def upload(self, view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy ``view`` (part of the latest :meth:`host_buffer`) to the device, asynchronously, and
+        fence the copy against the buffer's reuse.
+
+        Returns:
+            the device tensor (``out`` when given); on CPU ``view`` itself (or ``out`` after a copy).
+        """
+        if self._copies is None:  # CPU (another device: a synchronous copy, nothing left in flight)
+            if out is not None:
+                return out.copy_(view)
+            return view if self.device.type == "cpu" else view.to(self.device)
+        dst = self._copies.copy(view, out)
+        self._fences[self._i] = self._copies.fence()
+        return dst
 
 
 class DeviceToHost:
