@@ -38,11 +38,12 @@ camelCase keys::
         enforceEager: true          # this model's decode CUDA graphs off (overrides the pod's enforceEager)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
 
-The budget covers the weights, the activation peak and the KV pool of every loaded model
-(DESIGN.md section 5). KV pool of a generate model (:mod:`kubeinfer_serving.engine.kv_sizing`):
+The budget covers the weights, the activation peak, the decode CUDA graphs (with their null
+block) and the KV pool of every loaded model (DESIGN.md section 5). KV pool of a generate model (:mod:`kubeinfer_serving.engine.kv_sizing`):
 the entry's ``kvCacheBytes`` or ``kvCacheFraction`` x budget, else the pod's ``kvCacheBytes``;
 with none of them, on CUDA an equal share of what the budget has left after the other models,
-the weights and the activation peak of a profiling step at ``maxNumBatchedTokens`` (the share is
+the weights, the activation peak of a profiling step at ``maxNumBatchedTokens`` and the measured
+decode CUDA graphs with their null block (the share is
 divided among the auto-sized generate models not loaded yet), and on CPU 256 MiB
 (:data:`DEFAULT_KV_CACHE_BYTES`) capped by what is left. Always capped at what ``maxNumSeqs``
 sequences of ``maxModelLen`` tokens can use. A model whose pool does not fit fails to load with
