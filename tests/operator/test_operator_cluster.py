@@ -204,6 +204,8 @@ MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
          "set kvCacheBytes or kvCacheFraction, not both"),
         ("kv-embed", {"models": [{**MODEL, "kind": "embed", "kvCacheFraction": 0.5}]},
          "kvCacheBytes and kvCacheFraction apply to kind generate only"),
+        ("eager-embed", {"models": [{**MODEL, "kind": "embed", "enforceEager": True}]},
+         "enforceEager applies to kind generate only"),
     ],
 )
 def test_schema_rejects_invalid_specs_with_a_readable_message(cluster, operator, k, name, spec, message):
