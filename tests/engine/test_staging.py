@@ -35,12 +35,17 @@ class LateCopies:
             dst.copy_(src)
             self.done += 1
 
-    def fence(self):
-        upto, copies = len(self.queued), self
+    def new_fence(self):
+        copies = self
 
         class _Fence:
+            upto = 0
+
+            def record(self) -> None:
+                self.upto = len(copies.queued)
+
             def synchronize(self) -> None:
-                copies._run_to(upto)
+                copies._run_to(self.upto)
 
         return _Fence()
 

@@ -25,10 +25,13 @@ import torch
 
 
 class Fence(Protocol):
-    """Marks a point in a device stream's work (``torch.cuda.Event`` after ``record()``)."""
+    """Marks a point in a device stream's work (a ``torch.cuda.Event``)."""
+
+    def record(self) -> None:
+        """Mark the point after the work queued so far."""
 
     def synchronize(self) -> None:
-        """Block the host until the work queued before the fence has finished."""
+        """Block the host until the work queued before the latest :meth:`record` has finished."""
 
 
 class AsyncCopies(Protocol):
@@ -37,8 +40,8 @@ class AsyncCopies(Protocol):
     def copy(self, src: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """Queue a copy of host ``src`` into ``out`` (or a new device tensor) and return the destination."""
 
-    def fence(self) -> Fence:
-        """A fence after every copy queued so far."""
+    def new_fence(self) -> Fence:
+        """A fence to record after copies (one per staging buffer, reused)."""
 
 
 class CudaCopies:
@@ -53,10 +56,8 @@ class CudaCopies:
             return src.to(self.device, non_blocking=True)
         return out.copy_(src, non_blocking=True)
 
-    def fence(self) -> Fence:
-        event = torch.cuda.Event()
-        event.record()
-        return event
+    def new_fence(self) -> Fence:
+        return torch.cuda.Event()
 
 
 class HostToDevice:
@@ -85,15 +86,15 @@ class HostToDevice:
         self._copies = copies if copies is not None else (CudaCopies(device) if device.type == "cuda" else None)
         self._bufs: list[torch.Tensor | None] = [None, None]
         self._fences: list[Fence | None] = [None, None]
+        self._in_flight = [False, False]  # an upload from the buffer was fenced and not waited on yet
         self._i = 0
 
     def host_buffer(self, n: int) -> torch.Tensor:
         """The next host buffer of at least ``n`` elements, once its previous upload has read it."""
         self._i ^= 1
-        fence = self._fences[self._i]
-        if fence is not None:
-            fence.synchronize()
-            self._fences[self._i] = None
+        if self._in_flight[self._i]:
+            self._fences[self._i].synchronize()  # type: ignore[union-attr]
+            self._in_flight[self._i] = False
         buf = self._bufs[self._i]
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, self._initial) * 2, dtype=self.dtype, pin_memory=self._pin)
@@ -112,7 +113,11 @@ class HostToDevice:
                 return out.copy_(view)
             return view if self.device.type == "cpu" else view.to(self.device)
         dst = self._copies.copy(view, out)
-        self._fences[self._i] = self._copies.fence()
+        fence = self._fences[self._i]
+        if fence is None:
+            fence = self._fences[self._i] = self._copies.new_fence()
+        fence.record()
+        self._in_flight[self._i] = True
         return dst
 
 
