@@ -158,6 +158,8 @@ def leftovers(state_dir: Path) -> list[str]:
     found += [f"route {r}" for r in routes.splitlines() if "kubeinfer0" in r]
     nat = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
     found += [f"iptables {r}" for r in nat.splitlines() if "KUBE-" in r][:5]
+    forward = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+    found += [f"iptables {r}" for r in forward.splitlines() if "kubeinfer-node" in r]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/kubeinfer-node")]
     if state_dir.exists():
         found.append(f"directory {state_dir}")

@@ -13,6 +13,7 @@ The measured times and the ``kubectl get hpa -w`` transcript go to tests/.artifa
 
 from __future__ import annotations
 
+import calendar
 import json
 import shutil
 import subprocess
@@ -192,6 +193,8 @@ def test_keda_scales_serving_pods_with_the_queue(e2e_cluster: E2ECluster, stack:
         wait_until("scale-down to minReplicas 1", lambda: (
             e2e.get("deployment", "scaled", "-n", NS)["spec"].get("replicas") == 1), timeout=400, interval=2)
         times["load end -> back to 1 replica (s)"] = time.monotonic() - stop
+        wait_until("the HPA reporting 1 replica (for the transcript)", lambda: (
+            e2e.get("hpa", "keda-hpa-scaled", "-n", NS)["status"].get("currentReplicas") == 1), timeout=60, interval=2)
     finally:
         watch.stop()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -247,7 +250,7 @@ def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     lines.append(f"conditions at zero: {json.dumps(list(conditions(e2e, 'idle').values()))}")
 
     ip = e2e.get("service", "idle", "-n", NS)["spec"]["clusterIP"]
-    first = time.monotonic()
+    first, first_wall = time.monotonic(), time.time()
     r = httpx.post(f"http://{ip}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 4}, timeout=30)
     assert r.status_code == 503, r.text
     assert r.headers["Retry-After"] == str(RETRY_AFTER)
@@ -258,6 +261,17 @@ def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     served = time.monotonic() - first
     assert answer.usage.completion_tokens == 4
     lines.append(f"first request at zero -> answered by a woken pod (s): {served:.1f}")
+    (pod,) = [p for p in e2e.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=serving,"
+                                 "serving.kubeinfer.io/inferenceservice=idle")["items"]
+              if not p["metadata"].get("deletionTimestamp")]
+
+    def since_first(stamp: str) -> float:
+        return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - first_wall
+
+    ready_at = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    lines.append(f"first request -> KEDA's scale-up created the pod (s, 1 s resolution): "
+                 f"{since_first(pod['metadata']['creationTimestamp']):.0f}")
+    lines.append(f"first request -> the woken pod Ready (s, 1 s resolution): {since_first(ready_at):.0f}")
     deployment = e2e.get("deployment", "idle", "-n", NS)
     assert deployment["spec"]["replicas"] >= 1 and deployment["status"].get("readyReplicas", 0) >= 1
     wait_until("the activator removed once a serving pod is Ready", lambda: (
