@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kubeinfer_serving.layers.linear import pack_linear_layers
 from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -153,6 +154,7 @@ class LLMEngine:
         model.load_weights(weights)
         model.eval()
         check_finite_weights(model)
+        pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
