@@ -13,9 +13,10 @@ Two backends compute the same thing:
 * ``triton`` (CUDA): :func:`kubeinfer_serving.layers.paged_attention_triton.paged_attention_triton`,
   one launch for all decode rows and prefill chunks, reading K/V in place through the block table.
 * ``reference`` (CPU, and the test oracle): gathers each sequence's blocks and runs
-  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences together,
-  padded to the longest context with a key mask; prefill chunks one by one, causal, with the
-  chunk's queries at the end of its context.
+  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences in groups of
+  similar context length (:func:`group_by_length`), each group padded to its longest context
+  with a key mask; prefill chunks one by one, causal, with the chunk's queries at the end of
+  its context.
 
 The backend is chosen per call: Triton for CUDA tensors, the reference otherwise.
 ``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference on CUDA too;
