@@ -251,21 +251,26 @@ class ModelRunner:
         t0 = time.perf_counter()
         inputs = self.prepare(scheduled)
         self.last_prepare_s = time.perf_counter() - t0
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         rows = inputs.sample_rows
         result: list[int | None] = [None] * len(scheduled)
         prompt_jobs: list[tuple[Sequence, list[int], list[int]]] = []
         if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
             last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
             prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
+        # Only the sampling rows' final hidden states are needed unless prompt positions are scored:
+        # then the last layer skips the rest of a prefill chunk after writing its K/V.
+        keep = None
+        if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
+            keep = inputs.logits_idx
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep)
         if not rows and not prompt_jobs:
             return result
         to_host: list[torch.Tensor] = []
         seqs = [scheduled[i].seq for i in rows]
         lp_rows: list[int] = []
         if rows:
-            logits = apply_logits_processors(self.model.compute_logits(hidden.index_select(0, inputs.logits_idx)),
-                                             seqs)
+            last_hidden = hidden if keep is not None else hidden.index_select(0, inputs.logits_idx)
+            logits = apply_logits_processors(self.model.compute_logits(last_hidden), seqs)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             if not prompt_jobs and all(s.params.logprobs is None for s in seqs):
                 # The step's one device-to-host copy: the sampled ids.
