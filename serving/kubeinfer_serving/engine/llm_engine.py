@@ -23,6 +23,7 @@ from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
+from .host_allocator import keep_freed_host_memory
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams
@@ -146,6 +147,8 @@ class LLMEngine:
         config = config or EngineConfig()
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
+        if device.type == "cpu":
+            keep_freed_host_memory()  # CPU activations: no page faults on every operator's output
         max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True):

@@ -60,12 +60,12 @@ class DecodeGroup:
     """Decode rows of similar context length, attended together (padded to the group's longest).
 
     Attributes:
-        idx: [n] int64 batch positions of the rows' queries.
+        size: n, rows in the group.
         kv_blocks: [n * nb] int64 the rows' block tables (nb blocks each, padded with block 0), flattened.
         mask: [n, 1, 1, nb * block_size] bool key mask (True = a real context position).
     """
 
-    idx: torch.Tensor
+    size: int
     kv_blocks: torch.Tensor
     mask: torch.Tensor
 
@@ -76,11 +76,14 @@ class ReferencePlan:
 
     Attributes:
         prefills: multi-token chunks (and first-token rows without context).
-        decode_groups: single-token queries after context, grouped by context length
-            (see :func:`group_by_length`).
+        decode_idx: [Bd] int64 batch positions of the single-token queries after context,
+            group after group (or None when there are none).
+        decode_groups: those rows grouped by context length (see :func:`group_by_length`);
+            group g owns the next ``size`` entries of ``decode_idx``.
     """
 
     prefills: list[PrefillChunk]
+    decode_idx: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
 
 
@@ -203,15 +206,16 @@ def build_reference_plan(meta: AttentionMetadata, num_kv_heads: int = 1, head_di
     if rows.size:
         ctx_all = seq_lens[rows]
         split_cost = GROUP_SPLIT_ELEMENTS / (bs * num_kv_heads * head_dim)
-        for group in group_by_length(-(-ctx_all // bs), split_cost):
+        groups = group_by_length(-(-ctx_all // bs), split_cost)
+        plan.decode_idx = torch.from_numpy(qsl[rows[np.concatenate(groups)]]).to(dev, non_blocking=True)
+        for group in groups:
             sel, ctx = rows[group], ctx_all[group]
             nb = int(-(-ctx.max() // bs))
             width = nb * bs
             tables = np.ascontiguousarray(meta.block_tables_cpu[sel, :nb], dtype=np.int64).reshape(-1)
             mask = torch.from_numpy(np.arange(width)[None, :] < ctx[:, None]).view(sel.size, 1, 1, width)
             plan.decode_groups.append(DecodeGroup(
-                idx=torch.from_numpy(qsl[sel]).to(dev, non_blocking=True),
-                kv_blocks=torch.from_numpy(tables).to(dev, non_blocking=True),
+                size=int(sel.size), kv_blocks=torch.from_numpy(tables).to(dev, non_blocking=True),
                 mask=mask.to(dev, non_blocking=True)))
     return plan
 
@@ -257,13 +261,20 @@ def reference_attention(
             qs, ks, vs, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True
         )
         out[s:s + n] = o[0].transpose(0, 1)
-    for group in plan.decode_groups:
-        n = group.idx.shape[0]
-        qd = q.index_select(0, group.idx).unsqueeze(2)
-        kd = k_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        vd = v_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale, enable_gqa=True)
-        out.index_copy_(0, group.idx, o[:, :, 0])
+    if plan.decode_groups:
+        # One gather of the decode queries in group order, one scatter of the results.
+        q_all = q.index_select(0, plan.decode_idx).unsqueeze(2)
+        outs = []
+        a = 0
+        for group in plan.decode_groups:
+            n = group.size
+            kd = k_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+            vd = v_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+            outs.append(F.scaled_dot_product_attention(q_all[a:a + n], kd, vd, attn_mask=group.mask, scale=scale,
+                                                       enable_gqa=True))
+            a += n
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out.index_copy_(0, plan.decode_idx, o[:, :, 0])
     return out
 
 
