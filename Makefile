@@ -62,10 +62,10 @@ lint: install
 	$(VENV)/bin/ruff check serving operator tests bench images
 
 bench: install
-	$(PY) -m bench.kubeinfer_bench $(BENCH_ARGS)
+	$(PY) -m kubeinfer_serving.bench.kubeinfer_bench $(BENCH_ARGS)
 
 bench-smoke: install
-	$(PY) -m bench.kubeinfer_bench --smoke --out-dir bench/results/smoke
+	$(PY) -m kubeinfer_serving.bench.kubeinfer_bench --smoke --out-dir bench/results/smoke
 
 bench-serve: install
 	$(PY) -m bench.serve_bench $(BENCH_ARGS)

@@ -202,7 +202,8 @@ def prometheus_config(kubeconfig: Path, allowed_pod_ips: str, interval: str = "2
 
 
 def start_metrics_stack(
-    cluster: Any, state_dir: Path, allowed_pod_ips: str | None = None, with_keda: bool = True
+    cluster: Any, state_dir: Path, allowed_pod_ips: str | None = None, with_keda: bool = True,
+    address: str | None = None,
 ) -> MetricsStack:
     """Build if needed, then start Prometheus and KEDA against ``cluster`` (a
     ``tests.cluster_fixture.Cluster``) and wait until the external metrics API is Available.
@@ -211,12 +212,15 @@ def start_metrics_stack(
         allowed_pod_ips: regex of pod IPs Prometheus may scrape (default: this machine's address
             and the real node's pod range 10.244.0.0/16).
         with_keda: False starts Prometheus only.
+        address: the address KEDA's adapter listens on for the API server (its APIService
+            endpoint); default :func:`host_ip`. With the real node: the bridge's gateway, where
+            the API server itself is advertised.
 
     Raises:
         MetricsStackError: a build or start-up failure (logs in ``state_dir/logs``).
     """
     bin_dir = build_metrics_bin()
-    ip = host_ip()
+    ip = address or host_ip()
     allowed = allowed_pod_ips or rf"{ip.replace('.', '[.]')}|10[.]244[.][0-9]+[.][0-9]+"
     for sub in ("logs", "certs", "serving-cert", "tsdb"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,10 @@ DEFAULT_SERVING_IMAGE = "ghcr.io/kubeinfer/kubeinfer-serving:0.1.0"
 #: creates that user (ARG KUBEINFER_UID, same default; tests/operator/test_render.py keeps them equal),
 #: so libraries that look the user up (getpass, torch's cache dirs) find it.
 SERVING_UID = 1000
+#: uid and gid of the operator image's user (operator/Dockerfile ARG OPERATOR_UID, same default);
+#: the activator pods run the operator's image as that user.
+OPERATOR_UID = 65532
+DEFAULT_OPERATOR_IMAGE = "ghcr.io/kubeinfer/kubeinfer-operator:0.1.0"
 
 #: Prometheus that KEDA ScaledObjects query by default: kube-prometheus-stack's Service in
 #: namespace ``monitoring``.
@@ -50,6 +54,10 @@ class OperatorConfig:
         model_poll_concurrency: pods polled at once (env ``KUBEINFER_MODEL_POLL_CONCURRENCY``).
         model_poll_networks: CIDRs the operator may poll pods in, empty for any (env
             ``KUBEINFER_MODEL_POLL_NETWORKS``, comma-separated).
+        activator_image: image of the activator pods of isvcs scaled to zero, the operator's own
+            image (env ``KUBEINFER_ACTIVATOR_IMAGE``; the chart sets it).
+        activator_retry_after_seconds: ``Retry-After`` of the activator's 503, in seconds (env
+            ``KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS``).
     """
 
     serving_image: str = DEFAULT_SERVING_IMAGE
@@ -62,6 +70,8 @@ class OperatorConfig:
     model_poll_timeout_seconds: float = 2.0
     model_poll_concurrency: int = 8
     model_poll_networks: tuple[str, ...] = ()
+    activator_image: str = DEFAULT_OPERATOR_IMAGE
+    activator_retry_after_seconds: int = 5
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
@@ -93,4 +103,6 @@ class OperatorConfig:
             model_poll_concurrency=positive("KUBEINFER_MODEL_POLL_CONCURRENCY", 8),
             model_poll_networks=tuple(n.strip() for n in (env.get("KUBEINFER_MODEL_POLL_NETWORKS") or "").split(",")
                                       if n.strip()),
+            activator_image=env.get("KUBEINFER_ACTIVATOR_IMAGE") or DEFAULT_OPERATOR_IMAGE,
+            activator_retry_after_seconds=positive("KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS", 5),
         )

@@ -37,6 +37,8 @@ RESYNC_SECONDS = 60.0
 RETRY_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+#: Serving pods (not the activator pods, which carry the isvc label too).
+SERVING_POD_SELECTOR = {**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT, "app.kubernetes.io/component": "serving"}
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ def children_hpas(body: kopf.Body, **_: Any) -> dict | None:
     return _child("HorizontalPodAutoscaler", body)
 
 
-@kopf.index("", "v1", "pods", labels={**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT})
+@kopf.index("", "v1", "pods", labels=SERVING_POD_SELECTOR)
 def serving_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict | None:
     """Serving pods by (namespace, isvc), for the /v1/models poll."""
     return {(namespace, labels[ISVC_LABEL]): _plain(body)}
@@ -317,7 +319,7 @@ def pod_signature(body: Mapping[str, Any]) -> tuple[str, bool, str]:
     return str(status.get("phase", "")), ready, str(status.get("podIP", ""))
 
 
-@kopf.on.event("", "v1", "pods", labels={**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels=SERVING_POD_SELECTOR)
 def on_pod_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A serving pod started, became (un)ready, got its IP or went away: re-read its models
     (status.models, ModelsReady). Other pod updates (e.g. container restarts counted, probes

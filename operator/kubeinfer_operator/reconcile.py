@@ -24,11 +24,14 @@ from kubeinfer_operator.models_poll import ModelPoller, summarise
 from kubeinfer_operator.render import (
     SCALED_OBJECT_API_VERSION,
     Owner,
+    activator_name,
     keda_hpa_name,
+    render_activator,
     render_children,
     selector_labels,
+    wants_activator,
 )
-from kubeinfer_operator.spec import InvalidSpecError, parse_spec
+from kubeinfer_operator.spec import InferenceServiceSpec, InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
 ISVC_API_VERSION = f"{GROUP}/{VERSION}"
@@ -296,6 +299,35 @@ class Reconciler:
             self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
         return after
 
+    def _reconcile_activator(
+        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None,
+        keda_installed: bool, observed: Observed | None, outcome: Outcome,
+    ) -> None:
+        """Run the activator Deployment while :func:`wants_activator` says so (KEDA, minReplicas 0,
+        no ready serving pod), else delete it if this isvc controls one."""
+        meta = isvc["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        child = activator_name(name)
+        if keda_installed and wants_activator(spec, deployment):
+            self._apply_child(isvc, render_activator(Owner(name, namespace, meta["uid"]), spec, self.config),
+                              observed, outcome)
+            return
+        if observed is not None:
+            current = observed.children.get(("Deployment", child))
+            if current is None and (namespace, "Deployment", child) not in self._applied:
+                return
+        else:
+            current = self.kube.get("apps/v1", "Deployment", namespace, child)
+            if current is None:
+                return
+        owners = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
+        if current is not None and not any(r.get("uid") == meta["uid"] and r.get("controller") for r in owners):
+            return
+        if self.kube.delete("apps/v1", "Deployment", namespace, child):
+            outcome.deleted.append(f"Deployment/{child}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted Deployment {child}: a serving pod is ready")
+        self.forget(namespace, "Deployment", child)
+
     def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
         meta = isvc["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -341,6 +373,8 @@ class Reconciler:
         else:
             deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
             hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
+        if spec is not None and outcome.invalid is None:
+            self._reconcile_activator(isvc, spec, deployment, keda_installed, observed, outcome)
         scaled_object = None
         if keda and keda_installed:  # not watched (KEDA may be installed after the operator started)
             scaled_object = stored.get("ScaledObject") or self.kube.get(

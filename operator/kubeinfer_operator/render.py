@@ -18,7 +18,15 @@ from typing import Any
 
 import yaml
 
-from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, SERVING_UID, VERSION, OperatorConfig
+from kubeinfer_operator.config import (
+    FIELD_MANAGER,
+    GROUP,
+    KIND,
+    OPERATOR_UID,
+    SERVING_UID,
+    VERSION,
+    OperatorConfig,
+)
 from kubeinfer_operator.spec import DISK_CACHE_FILL, MODEL_STORE_ROOT, InferenceServiceSpec
 
 SERVING_PORT = 8000
@@ -39,6 +47,13 @@ ISVC_LABEL = f"{GROUP}/inferenceservice"
 PRESTOP_SECONDS = 10
 #: The queue-length series the serving pod exports (serving/kubeinfer_serving/metrics.py).
 QUEUE_METRIC = "kubeinfer_queue_length"
+#: Requests running in a serving pod (serving/kubeinfer_serving/metrics.py).
+RUNNING_METRIC = "kubeinfer_num_requests_running"
+#: Requests pending at an activator (kubeinfer_operator/activator.py).
+ACTIVATOR_METRIC = "kubeinfer_activator_pending_requests"
+#: Seconds a refused request counts as pending at the activator (a few Prometheus scrape and
+#: KEDA polling intervals).
+ACTIVATOR_WINDOW_SECONDS = 60
 SCALED_OBJECT_API_VERSION = "keda.sh/v1alpha1"
 
 
@@ -62,8 +77,19 @@ def service_url(name: str, namespace: str) -> str:
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    """Pod selector of the Deployment and Service (immutable once the Deployment exists)."""
+    """Pod selector of the serving Deployment (immutable once the Deployment exists)."""
     return {ISVC_LABEL: name, "app.kubernetes.io/component": "serving"}
+
+
+def service_selector(name: str) -> dict[str, str]:
+    """Pod selector of the Service: the isvc's serving pods and, while it has none ready, its
+    activator pod (:func:`render_activator`)."""
+    return {ISVC_LABEL: name}
+
+
+def activator_name(name: str) -> str:
+    """Name of the activator Deployment of isvc ``name`` (its pods: ``NAME-activator-<hash>-<suffix>``)."""
+    return f"{name}-activator"
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -100,7 +126,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
 
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, models: [{name, source,
-    kind, preload, dtype, maxModelLen?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
+    credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -122,6 +149,10 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["idleTimeoutSeconds"] = m.idle_timeout_seconds
         if m.result_cache:
             entry["resultCache"] = True
+        if m.kv_cache_bytes is not None:
+            entry["kvCacheBytes"] = m.kv_cache_bytes
+        if m.kv_cache_fraction is not None:
+            entry["kvCacheFraction"] = m.kv_cache_fraction
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)
@@ -329,14 +360,15 @@ def render_deployment(
 
 
 def render_service(owner: Owner) -> dict[str, Any]:
-    """ClusterIP Service ``NAME``: port 80 named ``http`` -> the pods' port 8000."""
+    """ClusterIP Service ``NAME``: port 80 named ``http`` -> the pods' port 8000 (serving pods,
+    or the activator pod while an isvc scaled to zero has no ready serving pod)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(owner.name),
+            "selector": service_selector(owner.name),
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -398,30 +430,89 @@ def keda_hpa_name(name: str) -> str:
     return f"keda-hpa-{name}"
 
 
-def queue_query(owner: Owner) -> str:
-    """PromQL for the isvc's total queue: ``kubeinfer_queue_length`` summed over its serving pods.
+def _serving_pods(owner: Owner) -> str:
+    """PromQL label matchers of the isvc's serving pods.
 
     Pods are matched by the ``namespace`` and ``pod`` target labels (what Prometheus's
     kubernetes-pods example job and kube-prometheus-stack PodMonitors attach) and the
     Deployment's pod-name shape ``NAME-<template hash>-<suffix>``, which never matches another
-    isvc's pods (``NAME-other`` pods have one dash-separated part more).
+    isvc's pods (``NAME-other`` pods have one dash-separated part more) nor the activator's.
     """
-    return f'sum(kubeinfer_queue_length{{namespace="{owner.namespace}",pod=~"{owner.name}-[a-z0-9]+-[a-z0-9]+"}})'
+    return f'namespace="{owner.namespace}",pod=~"{owner.name}-[a-z0-9]+-[a-z0-9]+"'
+
+
+def _activator_pods(owner: Owner) -> str:
+    """PromQL label matchers of the isvc's activator pod (``NAME-activator-<hash>-<suffix>``)."""
+    return f'namespace="{owner.namespace}",pod=~"{activator_name(owner.name)}-[a-z0-9]+-[a-z0-9]+"'
+
+
+def queue_query(owner: Owner, spec: InferenceServiceSpec | None = None) -> str:
+    """PromQL for the isvc's total queue: ``kubeinfer_queue_length`` summed over its serving pods.
+
+    With ``minReplicas`` 0 the requests pending at the activator
+    (``kubeinfer_activator_pending_requests``) are added, each sum defaulting to 0 (``or
+    vector(0)``), so requests sent while the isvc is at zero count as queue and activate it.
+    """
+    serving = f"sum({QUEUE_METRIC}{{{_serving_pods(owner)}}})"
+    if spec is None or spec.scaling.min_replicas > 0:
+        return serving
+    return f"({serving} or vector(0)) + (sum({ACTIVATOR_METRIC}{{{_activator_pods(owner)}}}) or vector(0))"
+
+
+def in_flight_query(owner: Owner) -> str:
+    """PromQL that is 1 while any request waits or runs in the isvc's serving pods, else 0:
+    ``clamp_max(sum(waiting) + sum(running), 1)``."""
+    pods = _serving_pods(owner)
+    return (f"clamp_max((sum({QUEUE_METRIC}{{{pods}}}) or vector(0)) + "
+            f"(sum({RUNNING_METRIC}{{{pods}}}) or vector(0)), 1)")
 
 
 def render_scaled_object(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> dict[str, Any]:
     """KEDA ScaledObject ``NAME`` (keda.sh/v1alpha1) for ``scaling.autoscaler: keda``.
 
-    One Prometheus trigger on :func:`queue_query` with ``metricType: AverageValue`` and
+    Trigger ``queue-length``: Prometheus, :func:`queue_query`, ``metricType: AverageValue``,
     ``threshold`` = ``targetQueueLength``: KEDA serves the summed queue as an external metric
     and the HPA it creates computes desired = ceil(sum / target), the same replica count as the
     Pods-metric HPA's ceil(current * average / target). ``activationThreshold`` =
-    ``activationQueueLength`` decides 0 <-> 1 (KEDA scales to zero after ``cooldownPeriod`` =
-    ``scaleDownStabilizationSeconds`` without activity); an empty query result counts as 0
-    (``ignoreNullValues``), so a scaled-to-zero isvc stays there. The HPA behaviour fields are
-    the ones :func:`render_hpa` sets. KEDA docs: "Scaling Deployments", "Prometheus scaler".
+    ``activationQueueLength`` decides 0 -> 1; an empty query result counts as 0
+    (``ignoreNullValues``). The HPA behaviour fields are the ones :func:`render_hpa` sets.
+
+    With ``minReplicas`` 0 a second trigger, ``in-flight`` (:func:`in_flight_query`, threshold
+    1, activation 0), keeps one replica while any request waits or runs: KEDA scales to zero
+    only when no trigger has been active for ``cooldownPeriod`` = ``scaleDownStabilizationSeconds``,
+    so a long generation is never cut off by the queue alone reading 0. (KEDA applies
+    ``cooldownPeriod`` only to the step to zero; with ``minReplicas`` >= 1 scale-down is the HPA's
+    ``behavior`` alone.) KEDA docs: "Scaling Deployments", "Prometheus scaler".
     """
     scaling = spec.scaling
+    server = scaling.prometheus_address or config.prometheus_url
+    triggers: list[dict[str, Any]] = [
+        {
+            "type": "prometheus",
+            "name": "queue-length",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": server,
+                "query": queue_query(owner, spec),
+                "threshold": str(scaling.target_queue_length),
+                "activationThreshold": str(scaling.activation_queue_length),
+                "ignoreNullValues": "true",
+            },
+        }
+    ]
+    if scaling.min_replicas == 0:
+        triggers.append({
+            "type": "prometheus",
+            "name": "in-flight",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": server,
+                "query": in_flight_query(owner),
+                "threshold": "1",
+                "activationThreshold": "0",
+                "ignoreNullValues": "true",
+            },
+        })
     return {
         "apiVersion": SCALED_OBJECT_API_VERSION,
         "kind": "ScaledObject",
@@ -438,22 +529,84 @@ def render_scaled_object(owner: Owner, spec: InferenceServiceSpec, config: Opera
                     "behavior": _behavior(spec),
                 },
             },
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "name": "queue-length",
-                    "metricType": "AverageValue",
-                    "metadata": {
-                        "serverAddress": scaling.prometheus_address or config.prometheus_url,
-                        "query": queue_query(owner),
-                        "threshold": str(scaling.target_queue_length),
-                        "activationThreshold": str(scaling.activation_queue_length),
-                        "ignoreNullValues": "true",
-                    },
-                }
-            ],
+            "triggers": triggers,
         },
     }
+
+
+def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> dict[str, Any]:
+    """Deployment ``NAME-activator``: one pod of the operator's image running
+    ``kubeinfer_operator.activator`` (503 + ``Retry-After`` for every API request, pending demand
+    on ``/metrics``), selected by the isvc's Service while the isvc has no ready serving pod.
+
+    Its pods carry the isvc label and ``app.kubernetes.io/component: activator`` (so the serving
+    Deployment's selector never matches them), Prometheus' scrape annotations, no service-account
+    token, and the serving pods' node selector and tolerations are not copied (the activator
+    needs no accelerator).
+    """
+    labels = {**common_labels(owner.name), "app.kubernetes.io/component": "activator"}
+    selector = {ISVC_LABEL: owner.name, "app.kubernetes.io/component": "activator"}
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
+    container = {
+        "name": "activator",
+        "image": config.activator_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["kubeinfer-activator"],
+        "args": [f"--isvc={owner.name}", f"--port={SERVING_PORT}",
+                 f"--retry-after={config.activator_retry_after_seconds}", f"--window={ACTIVATOR_WINDOW_SECONDS}"],
+        "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "readinessProbe": {**probe, "httpGet": {"path": "/ready", "port": "http"}},
+        "livenessProbe": {**probe, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**_metadata(owner, activator_name(owner.name)), "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "revisionHistoryLimit": 2,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(SERVING_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "containers": [container],
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 5,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": OPERATOR_UID,
+                        "runAsGroup": OPERATOR_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def wants_activator(spec: InferenceServiceSpec | None, deployment: dict[str, Any] | None) -> bool:
+    """Whether isvc's activator should run: ``autoscaler: keda`` with ``minReplicas`` 0 and the
+    serving Deployment asked to run no pod (KEDA scaled it to zero) or with no ready pod."""
+    if spec is None or spec.scaling.autoscaler != "keda" or spec.scaling.min_replicas > 0 or deployment is None:
+        return False
+    wanted = (deployment.get("spec") or {}).get("replicas")
+    ready = (deployment.get("status") or {}).get("readyReplicas") or 0
+    return wanted == 0 or ready == 0
 
 
 @dataclass(frozen=True)

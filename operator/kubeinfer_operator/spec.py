@@ -54,6 +54,16 @@ class ModelSpec(_Camel):
     kind: Literal["generate", "embed"] = "generate"
     idle_timeout_seconds: int | None = Field(default=None, alias="idleTimeoutSeconds", ge=0, le=31536000)
     result_cache: bool = Field(default=False, alias="resultCache")
+    kv_cache_bytes: int | None = Field(default=None, alias="kvCacheBytes", ge=1, le=1 << 44)
+    kv_cache_fraction: float | None = Field(default=None, alias="kvCacheFraction", gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_kv_size(self) -> ModelSpec:
+        if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
+            raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
+        if (self.kv_cache_bytes is not None or self.kv_cache_fraction is not None) and self.kind != "generate":
+            raise ValueError("kvCacheBytes and kvCacheFraction apply to kind generate only")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -103,7 +113,8 @@ class ScalingSpec(_Camel):
     metric ``kubeinfer_queue_length``, served by prometheus-adapter) or ``keda`` (a KEDA
     ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero).
     ``minReplicas`` 0 needs ``keda``; the Deployment then leaves zero when the isvc's queue
-    exceeds ``activationQueueLength`` (KEDA's ``activationThreshold``).
+    (requests pending at its activator included) exceeds ``activationQueueLength`` (KEDA's
+    ``activationThreshold``).
     """
 
     autoscaler: Literal["hpa", "keda"] = "hpa"

@@ -104,8 +104,9 @@ def _keda_verdict(
         return Verdict(
             "True",
             "ScaledToZero",
-            f"scaled to zero: the queue is at or below activationQueueLength "
-            f"({spec.scaling.activation_queue_length}); KEDA scales up when it is exceeded",
+            f"scaled to zero: the activator answers requests with 503 and Retry-After; KEDA scales up "
+            f"when the queue (requests pending at the activator included) exceeds activationQueueLength "
+            f"({spec.scaling.activation_queue_length})",
         )
     return None
 

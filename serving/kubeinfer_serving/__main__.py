@@ -2,7 +2,8 @@
 
 Which models it serves:
 
-* ``--model-dir DIR [--served-model-name NAME]``: that one directory (single-model mode);
+* ``--model-dir DIR [--served-model-name NAME]``: that one directory (single-model mode), as a
+  one-entry catalogue (the model preloaded) served by the same registry;
 * ``--models-config FILE`` or ``$KUBEINFER_MODELS_CONFIG``: the catalogue in FILE (the
   operator's ConfigMap), served by the multi-model registry (load on demand, LRU eviction);
 * neither: the default catalogue, ``tiny-llama`` (the built-in model, built once into the cache
@@ -23,21 +24,9 @@ import uvicorn
 
 from kubeinfer_serving.api.limits import guarded_h11_protocol
 from kubeinfer_serving.config import ServerSettings, build_parser, parse_settings
-from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger("kubeinfer_serving")
-
-
-def engine_config(settings: ServerSettings) -> EngineConfig:
-    """Engine settings for single-model mode: the flags given, the engine's defaults otherwise."""
-    given = {
-        k: getattr(settings, k)
-        for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "max_model_len", "device", "dtype",
-                  "scheduling_policy")
-        if getattr(settings, k) is not None
-    }
-    return EngineConfig(**given)
 
 
 #: Flags that only single-model mode honours; with a catalogue they live in the catalogue file.
@@ -46,36 +35,44 @@ _SINGLE_MODEL_ONLY = {
     "dtype": "set dtype per model in the catalogue",
     "served_model_name": "it names the --model-dir model",
 }
+#: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
+_POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
+              "idle_timeout_seconds")
 
 
 def build_provider(settings: ServerSettings) -> ModelProvider:
-    """The model provider the settings ask for (see the module docstring).
+    """The model provider the settings ask for (see the module docstring): always the registry.
+
+    ``--model-dir`` becomes a one-entry catalogue
+    (:func:`~kubeinfer_serving.registry.catalogue.single_model_catalogue`): the model preloaded,
+    never evicted, its KV pool sized from the memory budget as in catalogue mode.
 
     Raises:
         ValueError: a single-model-only flag was given together with a catalogue, or a
-            catalogue-only flag (``--models-config``, ``--memory-budget-bytes``) with ``--model-dir``.
-        kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or invalid.
+            catalogue-only flag (``--models-config``, ``--idle-timeout-seconds``) with ``--model-dir``.
+        kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or
+            invalid, or a single-model flag has a bad value.
     """
-    if settings.model_dir is not None:
-        for k in ("models_config", "memory_budget_bytes", "idle_timeout_seconds"):
-            if getattr(settings, k) is not None:
-                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
-        from kubeinfer_serving.api.single_model import SingleModelProvider
-
-        name = settings.served_model_name or settings.model_dir.resolve().name
-        return SingleModelProvider(settings.model_dir, name, engine_config(settings))
-    from kubeinfer_serving.registry.catalogue import default_catalogue, load_catalogue
+    from kubeinfer_serving.registry.catalogue import default_catalogue, load_catalogue, single_model_catalogue
     from kubeinfer_serving.registry.manager import ModelRegistry
 
+    overrides = {k: getattr(settings, k) for k in _POD_FLAGS if getattr(settings, k) is not None}
+    if settings.model_dir is not None:
+        for k in ("models_config", "idle_timeout_seconds"):
+            if getattr(settings, k) is not None:
+                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
+        name = settings.served_model_name or settings.model_dir.resolve().name
+        catalogue = single_model_catalogue(settings.model_dir, name, dtype=settings.dtype,
+                                           max_model_len=settings.max_model_len,
+                                           result_cache=bool(settings.result_cache), **overrides)
+        return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
+                             show_sources=False)
     misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]
     if misplaced:
         raise ValueError("; ".join(
             f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
-    overrides = {k: getattr(settings, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests",
-                                                   "scheduling_policy", "idle_timeout_seconds")
-                 if getattr(settings, k) is not None}
     if overrides:
         catalogue = catalogue.model_copy(update=overrides)
     return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device)

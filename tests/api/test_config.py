@@ -43,12 +43,25 @@ def test_no_model_flags_serve_the_default_catalogue_through_the_registry() -> No
 
 
 def test_model_dir_is_single_model_mode_named_after_the_directory(tmp_path: Path) -> None:
-    from kubeinfer_serving.api.single_model import SingleModelProvider
+    """--model-dir is a one-entry catalogue served by the registry: the model preloaded, the flags applied."""
+    from kubeinfer_serving.registry.manager import ModelRegistry
 
-    provider = build_provider(parse_settings(["--model-dir", str(tmp_path / "llama-1b")], env={}))
-    assert isinstance(provider, SingleModelProvider)
+    argv = ["--model-dir", str(tmp_path / "llama-1b"), "--max-num-seqs", "4", "--dtype", "bf16",
+            "--max-model-len", "512", "--memory-budget-bytes", str(1 << 30)]
+    provider = build_provider(parse_settings(argv, env={}))
+    assert isinstance(provider, ModelRegistry)
     assert [m.name for m in provider.list_models()] == ["llama-1b"]
-    assert provider.list_models()[0].state.value == "unloaded"
+    assert provider.list_models()[0].state.value == "unloaded" and provider.list_models()[0].preload
+    [entry] = provider.catalogue.models
+    assert (entry.dtype, entry.max_model_len, provider.catalogue.max_num_seqs) == ("bfloat16", 512, 4)
+    assert entry.source == str(tmp_path / "llama-1b") and provider.budget_bytes == 1 << 30
+
+
+def test_single_model_mode_keeps_vllm_style_names_and_refuses_a_bad_dtype(tmp_path: Path) -> None:
+    argv = ["--model-dir", str(tmp_path), "--served-model-name", "meta-llama/Llama-3.2-1B"]
+    assert [m.name for m in build_provider(parse_settings(argv, env={})).list_models()] == ["meta-llama/Llama-3.2-1B"]
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        build_provider(parse_settings(["--model-dir", str(tmp_path), "--dtype", "int3"], env={}))
 
 
 @pytest.mark.parametrize(
@@ -56,7 +69,7 @@ def test_model_dir_is_single_model_mode_named_after_the_directory(tmp_path: Path
     [
         ["--max-model-len", "512"],
         ["--model-dir", "/m", "--models-config", "/c.yaml"],
-        ["--model-dir", "/m", "--memory-budget-bytes", "1000"],
+        ["--model-dir", "/m", "--idle-timeout-seconds", "10"],
     ],
 )
 def test_flags_of_the_other_mode_are_refused(argv: list[str]) -> None:

@@ -12,11 +12,10 @@ import jsonschema
 import openai
 import pytest
 from kubeinfer_serving import __version__
+from kubeinfer_serving.__main__ import build_provider
 from kubeinfer_serving.api.app import create_app
-from kubeinfer_serving.api.single_model import SingleModelProvider
 from kubeinfer_serving.api.tools import HERMES, LLAMA3_JSON, ToolCallStream, ToolPlan, parse_tool_calls
 from kubeinfer_serving.config import ServerSettings
-from kubeinfer_serving.engine.config import EngineConfig
 
 from tests.api.conftest import MAX_MODEL_LEN, ServerThread
 
@@ -71,7 +70,8 @@ def hermes_server(model_dir: Path, tmp_path_factory) -> Iterator[ServerThread]:
     d = tmp_path_factory.mktemp("hermes") / "model"
     shutil.copytree(model_dir, d)
     (d / "chat_template.jinja").write_text(HERMES_TEMPLATE)
-    provider = SingleModelProvider(d, NAME, EngineConfig(device="cpu", max_num_seqs=4, max_model_len=MAX_MODEL_LEN))
+    provider = build_provider(ServerSettings(model_dir=d, served_model_name=NAME, device="cpu", max_num_seqs=4,
+                                             max_model_len=MAX_MODEL_LEN))
     srv = ServerThread(create_app(provider, settings=ServerSettings(host="127.0.0.1", port=0)))
     srv.start()
     yield srv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench import kubeinfer_bench
+from kubeinfer_serving.bench import kubeinfer_bench
 
 
 def test_smoke_run_writes_json_and_plot(tmp_path):
@@ -16,3 +16,19 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
             assert row["output_tok_s"] > 0 and row["ttft_p99_s"] >= row["ttft_median_s"] > 0
     assert report["mismatching_requests_vs_sequential"]["engine"] == 0
     assert (tmp_path / "kubeinfer_bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_random_weight_shapes_and_a_subset_of_methods(tmp_path, monkeypatch):
+    """``--shapes`` (the GPU workload's path: HF random init, the engine loads the same weights) and ``--methods``."""
+    from kubeinfer_serving.bench import roofline
+
+    small = dict(roofline.LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    monkeypatch.setitem(roofline.SHAPES, "small-test", small)
+    report = kubeinfer_bench.main(["--smoke", "--shapes", "small-test", "--methods", "static", "engine",
+                                   "--out-dir", str(tmp_path)])
+    assert set(report["methods"]) == {"engine", "static"} and report["model"] == "random weights, small-test shapes"
+    assert report["mismatch_reference"] == "static"
+    assert report["mismatching_requests_vs_sequential"]["engine"] == 0  # same random weights in both
+    assert set(report["engine_ratio_per_rep_median"]["4"]) == {"vs_static"}
+    assert report["decode_roofline"] == {}  # CUDA only

@@ -98,6 +98,7 @@ fi
 # Bridge and route.
 if [[ -f "$STATE/network" ]]; then
   read -r BRIDGE SERVICE_CIDR < "$STATE/network"
+  while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment kubeinfer-node -j ACCEPT 2>/dev/null; do :; done
   ip route del "$SERVICE_CIDR" dev "$BRIDGE" 2>/dev/null || true
   ip link del "$BRIDGE" 2>/dev/null || true
 fi

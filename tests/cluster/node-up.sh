@@ -112,6 +112,11 @@ ip addr replace "$GATEWAY/${POD_SUBNET#*/}" dev "$BRIDGE"
 ip link set "$BRIDGE" up
 ip route replace "$SERVICE_CIDR" dev "$BRIDGE"
 echo "$BRIDGE $SERVICE_CIDR" > "$STATE/network"
+# dockerd sets the FORWARD policy to DROP, which drops pod-to-pod traffic on the bridge (the
+# operator polling a serving pod, a pod calling a Service): accept forwarding within our bridge
+# only (pods still cannot leave it), as a CNI firewall/portmap setup would. node-down.sh removes it.
+FORWARD_RULE=(FORWARD -i "$BRIDGE" -o "$BRIDGE" -m comment --comment kubeinfer-node -j ACCEPT)
+iptables -C "${FORWARD_RULE[@]}" 2>/dev/null || iptables -I "${FORWARD_RULE[@]}"
 fill "$HERE/node/10-bridge.conflist" "$STATE/cni/net.d/10-kubeinfer.conflist"
 
 # --- cgroups: everything the kubelet creates lives under /kubeinfer-node (cgroupRoot) ---

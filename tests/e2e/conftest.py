@@ -64,6 +64,13 @@ class E2ECluster:
         """``helm`` against the cluster (see :meth:`Cluster.helm`)."""
         return self.cluster.helm(*args, **kw)
 
+    @property
+    def gateway(self) -> str:
+        """The real node's bridge address (where the API server is advertised): what processes on
+        this machine that the API server or pods must reach listen on."""
+        env = (self.cluster.state_dir / "node.env").read_text()
+        return next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("GATEWAY="))
+
     def get(self, *args: str) -> dict:
         """``kubectl get ARGS -o json`` parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
@@ -151,6 +158,8 @@ def leftovers(state_dir: Path) -> list[str]:
     found += [f"route {r}" for r in routes.splitlines() if "kubeinfer0" in r]
     nat = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
     found += [f"iptables {r}" for r in nat.splitlines() if "KUBE-" in r][:5]
+    forward = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True).stdout
+    found += [f"iptables {r}" for r in forward.splitlines() if "kubeinfer-node" in r]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/kubeinfer-node")]
     if state_dir.exists():
         found.append(f"directory {state_dir}")

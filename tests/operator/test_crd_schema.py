@@ -63,7 +63,7 @@ def test_printer_columns(version):
 def test_cel_rules_cover_the_contract(version):
     text = yaml.safe_dump(version["schema"])
     for fragment in ("self.minReplicas <= self.maxReplicas", "exists_one", "pvc://", "file:///", "hf://",
-                     "size(self.models) >= 1"):
+                     "size(self.models) >= 1", "!has(self.kvCacheBytes) || !has(self.kvCacheFraction)"):
         assert fragment in text
 
 
@@ -99,6 +99,10 @@ def test_examples_validate_against_the_crd_schema(path, validator):
         (lambda s: s.setdefault("runtime", {}).update(gpuMemoryUtilization=1.5), "1.5"),
         (lambda s: s.setdefault("resources", {}).update(limits={"memory": "lots"}), "lots"),
         (lambda s: s.setdefault("scaling", {}).update(maxReplica=3), "maxReplica"),
+        (lambda s: s["models"][0].update(kvCacheFraction=0), "0"),
+        (lambda s: s["models"][0].update(kvCacheFraction=1.2), "1.2"),
+        (lambda s: s["models"][0].update(kvCacheBytes=0), "0"),
+        (lambda s: s["models"][0].update(kvCacheBytes="1Gi"), "1Gi"),
     ],
 )
 def test_schema_rejects_out_of_bounds_values(examples, validator, mutate, fragment):
@@ -149,8 +153,8 @@ def test_plain_rbac_is_least_privilege():
     verbs = {v for rule in rules for v in rule["verbs"]}
     assert verbs <= {"get", "list", "watch", "patch", "create", "delete"}
     for rule in rules:
-        if "delete" in rule["verbs"]:  # only the autoscaler of the mode an isvc left
-            assert set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects"}
+        if "delete" in rule["verbs"]:  # the autoscaler of the mode an isvc left; an activator Deployment
+            assert set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects", "deployments"}
         if "pods" in rule["resources"]:  # read-only: pod IPs for the model-state poll
             assert rule["verbs"] == ["list", "watch"]
     assert "*" not in yaml.safe_dump(rules)

@@ -200,6 +200,10 @@ MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
          "source must be pvc://CLAIM/PATH, file:///ABSOLUTE/PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/PREFIX"),
         ("no-models", {"models": []}, "spec.models must list at least one model"),
         ("bad-model-name", {"models": [{**MODEL, "name": "Llama_3"}]}, "model name must be a DNS-1123 label"),
+        ("kv-both", {"models": [{**MODEL, "kvCacheBytes": 1 << 30, "kvCacheFraction": 0.5}]},
+         "set kvCacheBytes or kvCacheFraction, not both"),
+        ("kv-embed", {"models": [{**MODEL, "kind": "embed", "kvCacheFraction": 0.5}]},
+         "kvCacheBytes and kvCacheFraction apply to kind generate only"),
     ],
 )
 def test_schema_rejects_invalid_specs_with_a_readable_message(cluster, operator, k, name, spec, message):

@@ -174,9 +174,35 @@ def test_keda_mode_with_keda_applies_a_scaled_object():
     kube, rec, events = make(KEDA)
     kube.keda = True
     out = rec.reconcile("ns", "svc")
-    assert out.created[-1] == "ScaledObject/svc"
+    assert "ScaledObject/svc" in out.created
     assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
     assert _autoscaler_condition(kube)["reason"] == "AutoscalerPending"  # KEDA has not reported yet
+
+
+def test_activator_runs_while_no_serving_pod_is_ready_and_goes_when_one_is():
+    kube, rec, events = make(KEDA)
+    kube.keda = True
+    out = rec.reconcile("ns", "svc")  # the serving Deployment has no ready pod yet
+    assert out.created[-1] == "Deployment/svc-activator"
+    assert kube.objects[("Deployment", "ns", "svc-activator")]["spec"]["replicas"] == 1
+    kube.objects[("Deployment", "ns", "svc")]["status"] = {"readyReplicas": 1, "replicas": 1}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["Deployment/svc-activator"]
+    assert ("Deployment", "ns", "svc-activator") not in kube.objects
+    assert ("Normal", "Deleted", "deleted Deployment svc-activator: a serving pod is ready") in events
+    assert rec.reconcile("ns", "svc").deleted == []  # nothing left to delete
+    kube.objects[("Deployment", "ns", "svc")]["spec"]["replicas"] = 0  # KEDA scaled it to zero
+    out = rec.reconcile("ns", "svc")
+    assert out.created == ["Deployment/svc-activator"]
+
+
+def test_no_activator_for_min_replicas_above_zero_or_without_keda():
+    for spec, keda in (({**GOOD, "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}}, True),
+                       (KEDA, False), (GOOD, True)):
+        kube, rec, _ = make(spec)
+        kube.keda = keda
+        rec.reconcile("ns", "svc")
+        assert ("Deployment", "ns", "svc-activator") not in kube.objects
 
 
 def test_switching_modes_removes_the_other_autoscaler():

@@ -9,12 +9,14 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from kubeinfer_operator.config import SERVING_UID, OperatorConfig
+from kubeinfer_operator.config import OPERATOR_UID, SERVING_UID, OperatorConfig
 from kubeinfer_operator.render import (
     CONFIG_HASH_ANNOTATION,
     Owner,
+    render_activator,
     render_children,
     selector_labels,
+    wants_activator,
 )
 from kubeinfer_operator.spec import parse_spec
 
@@ -177,10 +179,56 @@ def test_service_port_80_to_http_and_selects_the_pods():
     svc = kids.service["spec"]
     assert svc["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     pod_labels = kids.deployment["spec"]["template"]["metadata"]["labels"]
-    assert svc["selector"] == selector_labels("chat")
+    assert svc["selector"] == {"serving.kubeinfer.io/inferenceservice": "chat"}
     assert svc["selector"].items() <= pod_labels.items()
-    assert kids.deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert kids.deployment["spec"]["selector"]["matchLabels"] == selector_labels("chat")
+    assert selector_labels("chat").items() <= pod_labels.items()
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container(kids)["ports"]
+
+
+def test_activator_is_selected_by_the_service_but_never_by_the_serving_deployment():
+    keda = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "chat")
+    config = OperatorConfig.from_env({"KUBEINFER_ACTIVATOR_IMAGE": "reg/op:9", "KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS": "3"})
+    act = render_activator(OWNER, keda, config)
+    kids = render_children(OWNER, keda, config)
+    pod = act["spec"]["template"]
+    assert (act["kind"], act["metadata"]["name"], act["spec"]["replicas"]) == ("Deployment", "chat-activator", 1)
+    assert act["metadata"]["ownerReferences"] == kids.service["metadata"]["ownerReferences"]
+    assert kids.service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not kids.deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert not act["spec"]["selector"]["matchLabels"].items() <= (
+        kids.deployment["spec"]["template"]["metadata"]["labels"].items())
+    assert act["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    assert (c["image"], c["command"]) == ("reg/op:9", ["kubeinfer-activator"])
+    assert "--retry-after=3" in c["args"] and "--isvc=chat" in c["args"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]  # the Service's targetPort
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["securityContext"]["runAsUser"] == OPERATOR_UID
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert "nodeSelector" not in pod["spec"] and "tolerations" not in pod["spec"]
+
+
+def test_operator_uid_matches_the_operator_image():
+    dockerfile = (REPO / "operator" / "Dockerfile").read_text()
+    assert f"ARG OPERATOR_UID={OPERATOR_UID}" in dockerfile
+
+
+def test_activator_runs_only_for_keda_min_zero_without_a_ready_serving_pod():
+    zero = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "chat")
+    one = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 1}}, "chat")
+    hpa = parse_spec(SPEC, "chat")
+
+    def dep(replicas, ready):
+        return {"spec": {"replicas": replicas}, "status": {"readyReplicas": ready} if ready is not None else {}}
+
+    assert wants_activator(zero, dep(0, None))  # KEDA scaled it to zero
+    assert wants_activator(zero, dep(1, 0))  # activated, the pod is still loading
+    assert wants_activator(zero, dep(0, 1))  # scaling to zero: the last pod is terminating
+    assert not wants_activator(zero, dep(1, 1))
+    assert not wants_activator(zero, None)
+    assert not wants_activator(one, dep(1, 0)) and not wants_activator(hpa, dep(0, None))
+    assert not wants_activator(None, dep(0, None))
 
 
 def test_hpa_scales_on_queue_length():
@@ -200,11 +248,22 @@ def test_keda_mode_renders_a_scaled_object_instead_of_an_hpa():
     assert (so["apiVersion"], so["kind"], so["metadata"]["name"]) == ("keda.sh/v1alpha1", "ScaledObject", "chat")
     assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"], so["spec"]["cooldownPeriod"]) == (0, 5, 120)
-    (trigger,) = so["spec"]["triggers"]
+    trigger, in_flight = so["spec"]["triggers"]
     assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
     meta = trigger["metadata"]
-    assert meta["query"] == 'sum(kubeinfer_queue_length{namespace="team-a",pod=~"chat-[a-z0-9]+-[a-z0-9]+"})'
+    assert meta["query"] == (
+        '(sum(kubeinfer_queue_length{namespace="team-a",pod=~"chat-[a-z0-9]+-[a-z0-9]+"}) or vector(0)) + '
+        '(sum(kubeinfer_activator_pending_requests{namespace="team-a",pod=~"chat-activator-[a-z0-9]+-[a-z0-9]+"})'
+        ' or vector(0))')
     assert (meta["threshold"], meta["activationThreshold"]) == ("6", "1")
+    assert (in_flight["name"], in_flight["metricType"]) == ("in-flight", "AverageValue")
+    assert (in_flight["metadata"]["threshold"], in_flight["metadata"]["activationThreshold"]) == ("1", "0")
+    assert in_flight["metadata"]["query"].startswith("clamp_max(")
+    assert "kubeinfer_num_requests_running" in in_flight["metadata"]["query"]
+    one = children({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 1}}).scaled_object["spec"]["triggers"]
+    assert [t["name"] for t in one] == ["queue-length"]
+    assert one[0]["metadata"]["query"] == (
+        'sum(kubeinfer_queue_length{namespace="team-a",pod=~"chat-[a-z0-9]+-[a-z0-9]+"})')
     assert meta["serverAddress"] == CONFIG.prometheus_url
     hpa_config = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
     assert hpa_config["name"] == "keda-hpa-chat"
@@ -279,6 +338,11 @@ def test_children_validate_strictly(which):
     kubernetes_validate.validate(obj, "1.34.0", strict=True)
 
 
+def test_activator_validates_strictly():
+    keda = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "chat")
+    kubernetes_validate.validate(render_activator(OWNER, keda, CONFIG), "1.34.0", strict=True)
+
+
 def test_strict_validation_would_catch_a_bad_field():
     obj = copy.deepcopy(children().deployment)
     obj["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/health"
@@ -334,3 +398,20 @@ def test_idle_timeout_and_scheduling_policy_reach_the_catalogue(tmp_path):
     assert loaded.idle_timeout_seconds == 1800 and loaded.scheduling_policy == "priority"
     assert loaded.models[1].idle_timeout_seconds == 60
     assert loaded.models[1].result_cache and not loaded.models[0].result_cache
+
+
+def test_kv_cache_sizes_reach_the_catalogue_and_the_serving_parser(tmp_path):
+    spec = copy.deepcopy(SPEC)
+    spec["models"][0] = {**spec["models"][0], "kvCacheFraction": 0.25}
+    spec["models"][1] = {**spec["models"][1], "kvCacheBytes": 1 << 30}
+    text = children(spec).configmap["data"]["models.yaml"]
+    cat = yaml.safe_load(text)
+    assert cat["models"][0]["kvCacheFraction"] == 0.25 and cat["models"][1]["kvCacheBytes"] == 1 << 30
+    assert not {"kvCacheBytes", "kvCacheFraction"} & (set(cat["models"][2]) | set(cat["models"][3]))
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    loaded = catalogue.load_catalogue(path)
+    assert loaded.kv_request(loaded.models[0]) == (None, 0.25)
+    assert loaded.kv_request(loaded.models[1]) == (1 << 30, None)
+    assert loaded.kv_request(loaded.models[3]) == (None, None)

@@ -51,6 +51,11 @@ def test_source_parsing(uri, scheme, claim, local):
         ({"models": [{**MODEL, "preload": True}, {**MODEL, "name": "b", "preload": True}],
           "runtime": {"maxLoadedModels": 1}}, "svc", "maxLoadedModels is 1"),
         ({"models": [MODEL]}, "9lives", "DNS-1035"),
+        ({"models": [{**MODEL, "kvCacheBytes": 1 << 30, "kvCacheFraction": 0.5}]}, "svc",
+         "kvCacheBytes or kvCacheFraction, not both"),
+        ({"models": [{**MODEL, "kvCacheFraction": 1.5}]}, "svc", "kvCacheFraction"),
+        ({"models": [{**MODEL, "kvCacheFraction": 0}]}, "svc", "kvCacheFraction"),
+        ({"models": [{**MODEL, "kind": "embed", "kvCacheBytes": 1 << 20}]}, "svc", "kind generate only"),
     ],
 )
 def test_invalid_specs_name_the_problem(spec, name, fragment):

@@ -63,14 +63,14 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def _result_cache(provider: ModelProvider, settings: ServerSettings) -> ResultCache:
-    """The result cache: the catalogue's opted-in models and sizes, or ``--result-cache`` for the single model."""
+def _result_cache(provider: ModelProvider) -> ResultCache:
+    """The result cache: the catalogue's opted-in models and sizes (``--result-cache`` opts the
+    single model in); a provider without a catalogue caches nothing."""
     catalogue = getattr(provider, "catalogue", None)
-    if catalogue is not None:
-        models = {m.name for m in catalogue.models if m.result_cache}
-        return ResultCache(catalogue.result_cache_bytes, catalogue.result_cache_ttl_seconds, models)
-    name = getattr(provider, "name", None)
-    return ResultCache(64 * 1024 * 1024, 600.0, {name} if settings.result_cache and name else set())
+    if catalogue is None:
+        return ResultCache(0, 600.0, set())
+    models = {m.name for m in catalogue.models if m.result_cache}
+    return ResultCache(catalogue.result_cache_bytes, catalogue.result_cache_ttl_seconds, models)
 
 
 def create_app(
@@ -124,7 +124,7 @@ def create_app(
     app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
     fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
     app.state.admission = FairAdmission(enabled=fair)
-    app.state.result_cache = _result_cache(provider, settings)
+    app.state.result_cache = _result_cache(provider)
     install_error_handlers(app)
     for module in (completions, chat, embeddings, models, health, tokenization, websocket):
         app.include_router(module.router)

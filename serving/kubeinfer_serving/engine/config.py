@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .kv_sizing import KVSizing
+
+#: ``sizer(weights_bytes, activation_bytes or None, block_bytes, max_blocks) -> KVSizing``.
+KVPoolSizer = Callable[[int, "int | None", int, int], "KVSizing"]
 
 #: KV pool size on CPU when neither ``num_kv_blocks`` nor ``kv_cache_memory_bytes`` is given.
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
@@ -21,6 +29,10 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one step (prefill chunks + one per decode).
         block_size: tokens per KV-cache block.
         num_kv_blocks: KV pool size in blocks; overrides ``kv_cache_memory_bytes``.
+        kv_pool_sizer: sizes the pool from the loaded weights and the activation peak of a
+            profiling step (measured on CUDA, None on CPU; :mod:`.kv_sizing`); the registry
+            passes one that applies the pod's memory budget. Used when ``num_kv_blocks`` is None;
+            overrides ``kv_cache_memory_bytes``.
         kv_cache_memory_bytes: KV pool size in bytes. Default: on CPU
             min(256 MiB, what max_num_seqs full-length sequences need); on CUDA half of the
             free device memory after the weights load, bounded the same way.
@@ -32,6 +44,8 @@ class EngineConfig:
         dtype: weights/KV dtype or None (bfloat16 on CUDA, float32 on CPU).
         scheduling_policy: ``fcfs`` (arrival order) or ``priority`` (requests' ``priority``,
             lower first; preemption takes the lowest priority first), vLLM's two policies.
+        enforce_eager: never run decode steps as CUDA graphs (vLLM's ``enforce_eager``); see
+            :mod:`kubeinfer_serving.engine.cuda_graphs` for when graphs run otherwise.
     """
 
     max_num_seqs: int = 256
@@ -45,6 +59,8 @@ class EngineConfig:
     device: str | None = None
     dtype: torch.dtype | str | None = None
     scheduling_policy: str = "fcfs"
+    kv_pool_sizer: KVPoolSizer | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):

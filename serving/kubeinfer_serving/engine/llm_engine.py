@@ -21,9 +21,11 @@ from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
+from .cuda_graphs import capture_sizes, graphs_enabled
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
 from .host_allocator import keep_freed_host_memory
+from .kv_sizing import KVSizing, profile_activation_peak
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import RequestOutput, RequestTimings
 from .sampling import SamplingParams
@@ -84,6 +86,7 @@ class LLMEngine:
         device, dtype: where and in what the model and KV pool live.
         num_kv_blocks: KV pool size in blocks.
         weights_bytes, kv_cache_bytes: memory held, bytes.
+        kv_sizing: the :class:`~.kv_sizing.KVSizing` when a ``kv_pool_sizer`` sized the pool, else None.
         stat_loggers: called with a :class:`~kubeinfer_serving.engine.stats.StepStats` after
             every step and queue change (see :meth:`add_stat_logger`).
         last_step_stats: the statistics of the latest step.
@@ -114,9 +117,14 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
-        self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device)
+        graph_sizes = (capture_sizes(self.config.max_num_seqs)
+                       if graphs_enabled(self.device, self.config.enforce_eager) else None)
+        self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device,
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache_bytes = self.runner.kv_cache_bytes
+        #: how the pool was sized when a ``kv_pool_sizer`` decided it (set by :meth:`from_weights`), else None.
+        self.kv_sizing: KVSizing | None = None
         self._requests: dict[str, _Tracked] = {}
         self.num_steps = 0
         self.stat_loggers: list[StatLogger] = []
@@ -135,14 +143,17 @@ class LLMEngine:
     ) -> LLMEngine:
         """Build the model from a Hugging Face config and (name, tensor) pairs, size the KV pool.
 
-        KV pool size: ``config.num_kv_blocks``, else ``config.kv_cache_memory_bytes`` divided by
-        the block size in bytes, else the defaults described in :class:`EngineConfig`. When the
+        KV pool size: ``config.num_kv_blocks``, else what ``config.kv_pool_sizer`` decides from
+        the weights and the activation peak of a profiling step (:mod:`.kv_sizing`; the peak is
+        measured on CUDA only), else ``config.kv_cache_memory_bytes`` divided by the block size in
+        bytes, else the defaults described in :class:`EngineConfig`. When the
         pool holds fewer tokens than ``max_model_len``, ``max_model_len`` shrinks to fit, so
         any accepted request can always run (alone if need be).
 
         Raises:
             kubeinfer_serving.models.llama.WeightLoadError: the weights do not fit the config.
             ValueError: a bad dtype or device name.
+            kubeinfer_serving.engine.kv_sizing.KVPoolSizeError: from ``config.kv_pool_sizer``.
         """
         config = config or EngineConfig()
         device = config.resolve_device()
@@ -159,11 +170,19 @@ class LLMEngine:
         check_finite_weights(model)
         pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
+        sizing = None
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
             full = -(-max_len // config.block_size) * config.max_num_seqs
-            if config.kv_cache_memory_bytes is not None:
+            if config.kv_pool_sizer is not None:
+                activation = profile_activation_peak(
+                    model, max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                    max_model_len=max_len, block_size=config.block_size, device=device)
+                weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                sizing = config.kv_pool_sizer(weights, activation, per_block, full)
+                num_blocks = sizing.num_blocks
+            elif config.kv_cache_memory_bytes is not None:
                 num_blocks = config.kv_cache_memory_bytes // per_block
             elif device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
@@ -171,8 +190,10 @@ class LLMEngine:
             else:
                 num_blocks = min(full, CPU_DEFAULT_KV_BYTES // per_block)
             num_blocks = max(1, num_blocks)
-        return cls(model, hf_config=hf_config, tokenizer=tokenizer, config=config, model_name=model_name,
-                   max_model_len=max_len, num_kv_blocks=num_blocks)
+        engine = cls(model, hf_config=hf_config, tokenizer=tokenizer, config=config, model_name=model_name,
+                     max_model_len=max_len, num_kv_blocks=num_blocks)
+        engine.kv_sizing = sizing
+        return engine
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, model_name: str, config: EngineConfig | None = None) -> LLMEngine:

@@ -7,6 +7,7 @@ slots then see finite values that the mask removes).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -16,11 +17,15 @@ import torch
 
 from kubeinfer_serving.layers.attention import AttentionMetadata
 
+from .cuda_graphs import DecodeGraphs
 from .logits_processors import apply_logits_processors
 from .outputs import TokenLogprob
 from .sampler import _h2d, sample
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
+from .staging import DeviceToHost
+
+log = logging.getLogger(__name__)
 
 #: Prompt positions whose logits are materialised at once when scoring a prompt ([rows, vocab] fp32).
 _PROMPT_ROWS = 512
@@ -81,15 +86,16 @@ def _prompt_logprob_jobs(scheduled: list[ScheduledSeq], last_idx: list[int]
     return jobs
 
 
-def _copy_to_host(tensors: list[torch.Tensor]) -> list[list]:
+def _copy_to_host(tensors: list[torch.Tensor], staging: DeviceToHost) -> list[list]:
     """Bring several device tensors to the host in one copy (one synchronisation).
 
     Every tensor is cast to float64 (exact for token ids below 2**53) and flattened into one
-    buffer; the result gives each back as nested lists of its original shape.
+    buffer, fetched through ``staging`` (float64); the result gives each back as nested lists
+    of its original shape.
     """
     if not tensors:
         return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    flat = staging.fetch(torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]))
     out: list[list] = []
     pos = 0
     for t in tensors:
@@ -119,6 +125,8 @@ class StepInputs:
         meta: attention metadata.
         logits_idx: [R] int64 batch index of the last token of each sequence that samples (device).
         sample_rows: the R indexes into the scheduled list of those sequences (host).
+        host: host (NumPy) views of the packed input ids, positions and slot mapping, [T] int64
+            each (valid until the next-but-one :meth:`ModelRunner.prepare`).
     """
 
     input_ids: torch.Tensor
@@ -126,6 +134,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_idx: torch.Tensor
     sample_rows: list[int]
+    host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 class ModelRunner:
@@ -136,22 +145,46 @@ class ModelRunner:
         num_blocks: KV pool size in blocks.
         block_size: tokens per block.
         device: where the model and the pool live.
+        cuda_graph_sizes: batch-size buckets to capture decode CUDA graphs for (see
+            :mod:`kubeinfer_serving.engine.cuda_graphs`), or None for eager steps only. With
+            graphs the pool gets one more block, the null block of padded rows.
+        max_model_len: context length in tokens; sets the graphs' block-table width (needed
+            with ``cuda_graph_sizes``).
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, *,
+                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
-        shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        pool_blocks = num_blocks + (1 if cuda_graph_sizes else 0)
+        shape = (pool_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=model.dtype, device=device), torch.zeros(shape, dtype=model.dtype, device=device))
             for _ in range(model.num_layers)
         ]
         self.kv_cache_bytes = kv_bytes_per_block(
             model.num_layers, block_size, model.num_kv_heads, model.head_dim, model.dtype
-        ) * num_blocks
+        ) * pool_blocks
+        #: decode graphs (None: every step runs eagerly).
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graph_sizes:
+            if max_model_len is None:
+                raise ValueError("cuda_graph_sizes needs max_model_len")
+            self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
+                                       block_size, device)
+            if device.type == "cuda":
+                try:
+                    self.graphs.capture()
+                except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
+                    log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
+                    self.graphs = None
         self._stage: list[torch.Tensor | None] = [None, None]
         self._stage_i = 0
+        # Results come back through pinned double-buffered staging: sampled ids (int64) and,
+        # when log-probabilities are asked for, everything packed as float64.
+        self._ids_to_host = DeviceToHost(device, torch.int64)
+        self._values_to_host = DeviceToHost(device, torch.float64)
         #: host seconds the latest :meth:`prepare` took (for step statistics).
         self.last_prepare_s = 0.0
 
@@ -169,13 +202,15 @@ class ModelRunner:
             self._stage[self._stage_i] = buf
         return buf
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+    def prepare(self, scheduled: list[ScheduledSeq], to_device: bool = True) -> StepInputs:
         """Build the step's inputs, vectorized over sequences (NumPy), with one host-to-device copy.
 
         Per sequence only Python list reads happen (its chunk's token ids and its block
         table); positions, slots, the padded block table, query offsets and logits indexes
         are NumPy array arithmetic over the whole batch. All integer inputs are packed into
-        one int64 buffer and copied to the device at once (a no-op on CPU).
+        one int64 buffer and copied to the device at once (a no-op on CPU); ``to_device=False``
+        skips that copy (a graph replay uploads its own padded inputs; the tensors then stay
+        on the host).
 
         Returns:
             :class:`StepInputs`.
@@ -222,7 +257,7 @@ class ModelRunner:
         np.subtract(qsl[1:][sample_rows], 1, out=part[3])
 
         dev = staging[:offs[-1]]
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" and to_device:
             dev = dev.to(self.device, non_blocking=True)  # pinned source: asynchronous
         d = [dev[offs[i]:offs[i + 1]] for i in range(len(sizes))]
         meta = AttentionMetadata(
@@ -230,7 +265,7 @@ class ModelRunner:
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.copy(), seq_lens_cpu=seq_lens, block_tables_cpu=table.copy(), block_size=bs,
         )
-        return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist())
+        return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist(), host=(part[0], part[1], part[2]))
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -249,7 +284,8 @@ class ModelRunner:
             chunk that stops short of the sequence's end (nothing to sample yet).
         """
         t0 = time.perf_counter()
-        inputs = self.prepare(scheduled)
+        bucket = self._decode_bucket(scheduled)
+        inputs = self.prepare(scheduled, to_device=bucket is None)
         self.last_prepare_s = time.perf_counter() - t0
         rows = inputs.sample_rows
         result: list[int | None] = [None] * len(scheduled)
@@ -257,24 +293,34 @@ class ModelRunner:
         if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
             last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
             prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
-        # Only the sampling rows' final hidden states are needed unless prompt positions are scored:
-        # then the last layer skips the rest of a prefill chunk after writing its K/V.
-        keep = None
-        if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
-            keep = inputs.logits_idx
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep)
+        if bucket is None:
+            # Only the sampling rows' final hidden states are needed unless prompt positions are
+            # scored: then the last layer skips the rest of a prefill chunk after writing its K/V.
+            keep = None
+            if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
+                keep = inputs.logits_idx
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep)
+            logits_idx = None if keep is not None else inputs.logits_idx
+        else:
+            # One token per row: batch row i is scheduled item i; rows that do not sample are
+            # one-token prefill chunks short of their prompt's end.
+            # (Off CUDA, where nothing is captured, the same padded static inputs run eagerly: tests.)
+            run = self.graphs.replay if self.device.type == "cuda" else self.graphs.run_padded
+            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
+            logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
+                inputs.sample_rows, torch.int64, self.device)
         if not rows and not prompt_jobs:
             return result
         to_host: list[torch.Tensor] = []
         seqs = [scheduled[i].seq for i in rows]
         lp_rows: list[int] = []
         if rows:
-            last_hidden = hidden if keep is not None else hidden.index_select(0, inputs.logits_idx)
-            logits = apply_logits_processors(self.model.compute_logits(last_hidden), seqs)
+            last = hidden if logits_idx is None else hidden.index_select(0, logits_idx)
+            logits = apply_logits_processors(self.model.compute_logits(last), seqs)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             if not prompt_jobs and all(s.params.logprobs is None for s in seqs):
                 # The step's one device-to-host copy: the sampled ids.
-                for i, tok in zip(rows, tokens.tolist(), strict=True):
+                for i, tok in zip(rows, self._ids_to_host.fetch(tokens), strict=True):
                     result[i] = tok
                 return result
             to_host.append(tokens)
@@ -284,7 +330,7 @@ class ModelRunner:
                 sel = _h2d(lp_rows, torch.int64, self.device)
                 to_host.extend(_token_logprobs(logits[sel], tokens[sel], k))
         prompt_parts = self._prompt_logprobs(hidden, prompt_jobs)
-        host = _copy_to_host(to_host + prompt_parts)  # the step's one device-to-host copy
+        host = _copy_to_host(to_host + prompt_parts, self._values_to_host)  # the step's one device-to-host copy
         if rows:
             toks = [int(t) for t in host.pop(0)]
             for i, tok in zip(rows, toks, strict=True):
@@ -304,6 +350,14 @@ class ModelRunner:
                     TokenLogprob(tok, own[n], list(zip((int(t) for t in top_i[n][:k]), top_v[n][:k], strict=True))))
         return result
 
+    def _decode_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
+        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket; else None."""
+        if self.graphs is None:
+            return None
+        if any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        return self.graphs.bucket_for(len(scheduled))
+
     def _prompt_logprobs(self, hidden: torch.Tensor, jobs: list[tuple[Sequence, list[int], list[int]]]
                          ) -> list[torch.Tensor]:
         """Device tensors (own, top values, top ids) per job, rows in slices of ``_PROMPT_ROWS``."""
@@ -322,5 +376,6 @@ class ModelRunner:
         return parts
 
     def release(self) -> None:
-        """Drop the KV pool tensors (frees their memory once no other reference remains)."""
+        """Drop the KV pool tensors and any decode graphs (frees their memory once no other reference remains)."""
         self.kv_caches = []
+        self.graphs = None

@@ -4,6 +4,16 @@ Sampling uses the exponential-race form of the categorical draw (argmax of p / E
 E ~ Exp(1), the Gumbel-max trick in another guise), which needs no CPU-side loop and no
 host sync for unseeded rows. Rows with a seed draw their noise from their own
 ``torch.Generator``, so a seeded request's tokens do not depend on what else is in the batch.
+
+Everything runs on the logits' device: the parameters go up through pinned non-blocking
+copies, and the only device-to-host transfer of a step is the sampled ids, which the model
+runner fetches once through pinned double-buffered staging (:mod:`.staging`).
+
+Seeded requests and CUDA graphs: a per-request generator's state cannot live inside a captured
+graph (replay would repeat the same draws), so sampling is never captured. With CUDA graphs
+(:mod:`.cuda_graphs`) only the model forward is replayed; this sampler then runs eagerly on its
+output, seeded rows drawing their noise from their own generators (one small kernel per seeded
+row) and all other rows from the device's default generator.
 """
 
 from __future__ import annotations

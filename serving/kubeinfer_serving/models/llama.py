@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from kubeinfer_serving.layers.activation_norm import add_rms_norm, silu_and_mul
-from kubeinfer_serving.layers.attention import AttentionMetadata, paged_attention
+from kubeinfer_serving.layers.attention import AttentionMetadata
+from kubeinfer_serving.layers.rotary import RotaryInputs, rope_paged_attention, rotary_inputs
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -71,11 +72,6 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     return inv_freq, 1.0
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over the paged KV cache."""
 
@@ -98,25 +94,18 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RotaryInputs,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, hidden], cos/sin [T, 1, head_dim] -> [T, hidden]; writes K/V into ``kv_cache``.
+        """x [T, hidden] -> [T, hidden]; rotates q/k by ``rope`` and writes K/V into ``kv_cache``.
 
         ``keep`` ([R] int64 row indexes): project only those rows' attention output -> [R, hidden]
         (all T rows still write their K/V).
         """
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        o = rope_paged_attention(self.qkv_proj(x), rope, kv_cache, meta, self.num_heads, self.num_kv_heads,
+                                 self.head_dim, self.scale)
         if keep is not None:
             o = o.index_select(0, keep)
         return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
@@ -147,7 +136,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, kv_cache, meta, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, kv_cache, meta, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) [T, hidden] -> (mlp output, residual before it); residual None for layer 0.
 
         The residual add of each sublayer is fused into the norm that follows it:
@@ -155,7 +144,7 @@ class DecoderLayer(nn.Module):
         attention (which writes every row's K/V) only those rows go on -> [R, hidden] outputs.
         """
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, kv_cache, meta, keep)
+        h = self.self_attn(h, rope, kv_cache, meta, keep)
         if keep is not None:
             residual = residual.index_select(0, keep)
         h, residual = self.post_attention_layernorm(h, residual)
@@ -298,12 +287,11 @@ class LlamaForCausalLM(nn.Module):
             [T, hidden] final hidden states (dtype of the weights), or [R, hidden] for ``keep``.
         """
         x = self.model.embed_tokens(input_ids)
-        cos = self.cos_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
-        sin = self.sin_cache.index_select(0, positions).to(x.dtype).unsqueeze(1)
+        rope = rotary_inputs(positions, self.cos_cache, self.sin_cache, x.dtype)
         residual = None
         last = len(self.model.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
-            x, residual = layer(x, residual, cos, sin, kv, meta, keep if i == last else None)
+            x, residual = layer(x, residual, rope, kv, meta, keep if i == last else None)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

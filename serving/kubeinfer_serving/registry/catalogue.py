@@ -6,7 +6,8 @@ camelCase keys::
     maxLoadedModels: 2              # optional cap on models resident at once (all kinds)
     gpuMemoryUtilization: 0.9       # budget = this fraction of device memory ...
     # memoryBudgetBytes: 8589934592 # ... or an absolute budget in bytes (not both)
-    kvCacheBytes: 268435456         # default KV pool per generate model (bytes)
+    # kvCacheBytes: 268435456       # KV pool per generate model (bytes); default: sized from the
+                                    # budget (see "KV pool" below)
     warmCacheBytes: 0               # host-memory tier for evicted weights (bytes, 0 = off)
     acquireTimeoutSeconds: 30       # how long a request waits for memory to free up
     loadTimeoutSeconds: 600         # how long a request waits for a load to finish
@@ -30,11 +31,20 @@ camelCase keys::
         preload: true               # loaded at start-up, never evicted
         dtype: bfloat16             # auto | float32 | bfloat16 | float16
         maxModelLen: 4096           # tokens
-        kvCacheBytes: 536870912     # this model's KV pool (overrides the pod default)
+        kvCacheBytes: 536870912     # this model's KV pool in bytes (overrides the pod's kvCacheBytes)
+        # kvCacheFraction: 0.4      # ... or this fraction of the pod's budget (not both)
         idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
 
-The budget covers weights plus each generate model's KV pool (DESIGN.md section 5).
+The budget covers the weights, the activation peak and the KV pool of every loaded model
+(DESIGN.md section 5). KV pool of a generate model (:mod:`kubeinfer_serving.engine.kv_sizing`):
+the entry's ``kvCacheBytes`` or ``kvCacheFraction`` x budget, else the pod's ``kvCacheBytes``;
+with none of them, on CUDA an equal share of what the budget has left after the other models,
+the weights and the activation peak of a profiling step at ``maxNumBatchedTokens`` (the share is
+divided among the auto-sized generate models not loaded yet), and on CPU 256 MiB
+(:data:`DEFAULT_KV_CACHE_BYTES`) capped by what is left. Always capped at what ``maxNumSeqs``
+sequences of ``maxModelLen`` tokens can use. A model whose pool does not fit fails to load with
+the numbers in its message; the other models keep serving.
 ``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
 project (:mod:`kubeinfer_serving.models.builtin`); they resolve when loaded, not when parsed.
 ``hf://`` and ``s3://`` models are fetched into the disk tier when loaded (:mod:`.disk`, :mod:`.fetch`).
@@ -57,7 +67,8 @@ from kubeinfer_serving.sources import ModelSource, SourceError, parse_source
 
 #: Environment variable naming the catalogue file (same as ``kubeinfer-serve --models-config``).
 MODELS_CONFIG_ENV = "KUBEINFER_MODELS_CONFIG"
-#: Default KV pool of one generate model when the catalogue names none: 256 MiB (the engine's CPU default).
+#: KV pool of an auto-sized generate model on CPU, where activation memory is not measured: 256 MiB
+#: (capped by what the budget has left; the engine's CPU default).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 BUILTIN_SCHEME = "builtin://"
 #: Default byte budget of the disk tier: 20 GiB.
@@ -76,7 +87,8 @@ class ModelEntry(_CamelModel):
     """One model of the catalogue (see the module docstring for the file format).
 
     Attributes:
-        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-`` (1-128 chars).
+        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-``, ``/`` (1-128 chars,
+            starting and ending with a letter or digit; ``org/name`` as vLLM users name models).
         source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[@REVISION]``,
             ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
         kind: generate (completions, chat) or embed (``/v1/embeddings``).
@@ -84,22 +96,32 @@ class ModelEntry(_CamelModel):
         dtype: weights/KV dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU.
         max_model_len: context length in tokens; default the model's own.
         kv_cache_bytes: this generate model's KV pool in bytes; default the pod's ``kvCacheBytes``.
+        kv_cache_fraction: this generate model's KV pool as a fraction (0, 1] of the pod's memory
+            budget; exclusive with ``kv_cache_bytes``. Neither (nor a pod ``kvCacheBytes``): sized
+            from what is left (see the module docstring).
         idle_timeout_seconds: unload this model after that long without requests (not when
             preloaded); None: the pod's ``idleTimeoutSeconds``; 0: never.
         credentials_env_prefix: environment prefix of this model's own credentials Secret
             (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
+    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
     source: str = Field(min_length=1)
     kind: ModelKind = ModelKind.GENERATE
     preload: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=2)
     kv_cache_bytes: int | None = Field(default=None, ge=1)
+    kv_cache_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
     result_cache: bool = False
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_kv_size(self) -> ModelEntry:
+        if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
+            raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
+        return self
 
     @field_validator("source")
     @classmethod
@@ -125,7 +147,8 @@ class Catalogue(_CamelModel):
         memory_budget_bytes: budget for weights + KV pools in bytes (exclusive with the fraction).
         gpu_memory_utilization: budget as a fraction of device memory (physical/cgroup memory on CPU);
             used when ``memory_budget_bytes`` is not set; default 0.9.
-        kv_cache_bytes: default KV pool per generate model, bytes.
+        kv_cache_bytes: KV pool of every generate model without its own ``kvCacheBytes`` /
+            ``kvCacheFraction``, bytes; None: sized from the budget (see the module docstring).
         warm_cache_bytes: host-memory bytes for weights of evicted models (0 disables the warm tier).
         acquire_timeout_seconds: longest wait for memory to be freed before HTTP 503.
         load_timeout_seconds: longest wait of a request for a load in progress before HTTP 503.
@@ -142,7 +165,7 @@ class Catalogue(_CamelModel):
     max_loaded_models: int | None = Field(default=None, ge=1)
     memory_budget_bytes: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
-    kv_cache_bytes: int = Field(default=DEFAULT_KV_CACHE_BYTES, ge=1)
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
     warm_cache_bytes: int = Field(default=0, ge=0)
     acquire_timeout_seconds: float = Field(default=30.0, gt=0)
     load_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -173,6 +196,13 @@ class Catalogue(_CamelModel):
             return Path(self.disk_cache_dir).expanduser()
         base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
         return Path(base).expanduser() / "kubeinfer" / "remote-models"
+
+    def kv_request(self, entry: ModelEntry) -> tuple[int | None, float | None]:
+        """``(bytes, fraction)`` the KV pool of ``entry`` asks for: its own, else the pod's
+        ``kvCacheBytes``; ``(None, None)``: sized from what the budget has left."""
+        if entry.kv_cache_fraction is not None:
+            return None, entry.kv_cache_fraction
+        return entry.kv_cache_bytes or self.kv_cache_bytes, None
 
     def entry(self, name: str) -> ModelEntry | None:
         """The entry called ``name``, or None."""
@@ -223,6 +253,39 @@ def default_catalogue() -> Catalogue:
                        kind=ModelKind.EMBED, preload=True),
         ]
     )
+
+
+#: ``--dtype`` spellings of single-model mode (vLLM's short names too) -> the catalogue's ``dtype``.
+_DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | None = None,
+                           max_model_len: int | None = None, result_cache: bool = False,
+                           **pod: object) -> Catalogue:
+    """The one-entry catalogue of single-model mode (``kubeinfer-serve --model-dir DIR``).
+
+    Args:
+        model_dir: the Hugging Face model directory (made absolute).
+        name: the OpenAI ``model`` name (``--served-model-name``).
+        dtype: ``--dtype`` (``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float32``/``fp32``,
+            ``auto``); None: auto.
+        max_model_len: ``--max-model-len``; None: the model's own.
+        result_cache: ``--result-cache``.
+        pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
+
+    Returns:
+        a catalogue whose only model is preloaded (never evicted, gates ``/ready``).
+
+    Raises:
+        CatalogueError: an unknown dtype, a bad name or value (the message names the field).
+    """
+    if dtype is not None and dtype.lower() not in _DTYPE_NAMES:
+        raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    model = {"name": name, "source": str(Path(model_dir).expanduser().resolve()), "kind": ModelKind.GENERATE,
+             "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
+             "max_model_len": max_model_len, "result_cache": result_cache}
+    return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 
 def catalogue_from_config(path: str | Path | None = None) -> Catalogue:

@@ -21,7 +21,7 @@ import torch
 from kubeinfer_serving import metrics
 from kubeinfer_serving.embeddings import Embedder
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
-from kubeinfer_serving.engine.config import EngineConfig
+from kubeinfer_serving.engine.config import EngineConfig, KVPoolSizer
 from kubeinfer_serving.engine.llm_engine import LLMEngine
 from kubeinfer_serving.models import loader as hf
 from kubeinfer_serving.models.builtin import (
@@ -33,6 +33,7 @@ from kubeinfer_serving.models.builtin import (
 from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, Catalogue, ModelEntry
 from kubeinfer_serving.registry.disk import DiskTier
 from kubeinfer_serving.registry.fetch import make_fetcher
+from kubeinfer_serving.registry.memory import resolve_budget
 from kubeinfer_serving.registry.protocol import ModelKind
 from kubeinfer_serving.registry.warm import HostSnapshot
 
@@ -66,8 +67,14 @@ class LoadPlan:
     Attributes:
         model_dir: the resolved local directory.
         weights_bytes: device bytes of the weights in the load dtype.
-        kv_cache_bytes: device bytes of the KV pool (0 for embed models).
+        kv_cache_bytes: device bytes of the KV pool as planned (0 for embed models). A pool sized
+            from what the budget has left plans one block here (the registry evicts idle models
+            only as far as weights + activation peak + one block need).
         num_kv_blocks: KV pool size in blocks (generate models), else None.
+        activation_bytes: activation peak counted before the load (the last measured one, else 0).
+        size_kv: set by the registry just before :meth:`ModelLoader.load`: the
+            :data:`~kubeinfer_serving.engine.config.KVPoolSizer` that decides the pool once the
+            weights are loaded and the activation peak is measured (None: ``num_kv_blocks``).
         revision: pinned revision of a remote source (hub commit, S3 listing digest), else None.
         disk: for remote sources "hit" (found in the disk tier) or "miss" (fetched); "" for local ones.
         fetch_seconds: wall time of the fetch on a miss, else 0.0.
@@ -79,6 +86,8 @@ class LoadPlan:
     weights_bytes: int
     kv_cache_bytes: int = 0
     num_kv_blocks: int | None = None
+    activation_bytes: int = 0
+    size_kv: KVPoolSizer | None = field(default=None, repr=False)
     revision: str | None = None
     disk: str = ""
     fetch_seconds: float = 0.0
@@ -86,8 +95,8 @@ class LoadPlan:
 
     @property
     def total_bytes(self) -> int:
-        """Weights + KV pool, bytes: what the registry reserves in its budget."""
-        return self.weights_bytes + self.kv_cache_bytes
+        """Weights + activation peak + KV pool, bytes: what the registry reserves in its budget."""
+        return self.weights_bytes + self.activation_bytes + self.kv_cache_bytes
 
 
 @dataclass(eq=False)
@@ -96,7 +105,7 @@ class LoadedModel:
 
     Attributes:
         name, kind, tokenizer, max_model_len, engine, embedder: as in ``ServedModel``.
-        memory_bytes: device bytes held (weights + KV pool).
+        memory_bytes: device bytes held (weights + activation peak + KV pool).
         close: coroutine function that stops the model and drops its device memory.
         offload: coroutine function returning a :class:`HostSnapshot` of the weights for the
             warm tier (called just before ``close``), or None when the model cannot offload.
@@ -148,13 +157,18 @@ class DefaultModelLoader:
     Args:
         catalogue: for the pod-level engine knobs, KV defaults and ``pvcRoot``.
         device: where models run; default CUDA when available, else CPU.
+        budget_bytes: the registry's memory budget (``kvCacheFraction`` is a fraction of it);
+            default from the catalogue, as the registry resolves it.
     """
 
-    def __init__(self, catalogue: Catalogue, device: torch.device | str | None = None) -> None:
+    def __init__(self, catalogue: Catalogue, device: torch.device | str | None = None,
+                 budget_bytes: int | None = None) -> None:
         self.catalogue = catalogue
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
+        self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
+            catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device)
         self._disk: DiskTier | None = None
         self._plans: dict[str, LoadPlan] = {}  # last plan per model name, for loads from the warm tier
         self._disk_lock = threading.Lock()
@@ -193,10 +207,12 @@ class DefaultModelLoader:
         return torch.bfloat16
 
     def plan(self, entry: ModelEntry) -> LoadPlan:
-        """See :meth:`ModelLoader.plan`. KV pool: ``kvCacheBytes`` of the entry (else the pod's),
-        capped at what ``maxNumSeqs`` sequences of ``maxModelLen`` tokens need, rounded down to
-        whole blocks of 16 tokens (at least one block). A remote source is first found in, or
-        fetched into, the disk tier (:class:`~.disk.DiskTier`; ``FetchError`` when that fails)."""
+        """See :meth:`ModelLoader.plan`. KV pool: ``kvCacheBytes`` of the entry (else the pod's)
+        or ``kvCacheFraction`` x budget, capped at what ``maxNumSeqs`` sequences of ``maxModelLen``
+        tokens need, rounded down to whole blocks of 16 tokens (at least one block); a pool sized
+        from the budget plans its smallest size (see :class:`LoadPlan`) and is decided at load
+        time. A remote source is first found in, or fetched into, the disk tier
+        (:class:`~.disk.DiskTier`; ``FetchError`` when that fails)."""
         path, remote = self._local_dir(entry)
         try:
             plan = self._plan(entry, path, remote)
@@ -237,9 +253,14 @@ class DefaultModelLoader:
         per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
         max_len = entry.max_model_len or int(getattr(cfg, "max_position_embeddings", 2048))
         full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
-        wanted = entry.kv_cache_bytes or self.catalogue.kv_cache_bytes
+        asked, fraction = self.catalogue.kv_request(entry)
+        if fraction is not None:
+            asked = int(fraction * self.budget_bytes)
+        wanted = asked if asked is not None else per_block  # an auto pool takes what is left at load time
         blocks = max(1, min(full_blocks, wanted // per_block))
-        return LoadPlan(path, weights, blocks * per_block, blocks, **remote)
+        last = self._plans.get(entry.name)
+        return LoadPlan(path, weights, blocks * per_block, blocks, **remote,
+                        activation_bytes=last.activation_bytes if last is not None else 0)
 
     def load(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
         """See :meth:`ModelLoader.load`. The model's disk-tier snapshot stays pinned until it closes."""
@@ -283,7 +304,8 @@ class DefaultModelLoader:
             max_waiting_requests=self.catalogue.max_waiting_requests,
             scheduling_policy=self.catalogue.scheduling_policy,
             block_size=KV_BLOCK_SIZE,
-            num_kv_blocks=plan.num_kv_blocks,
+            num_kv_blocks=plan.num_kv_blocks if plan.size_kv is None else None,
+            kv_pool_sizer=plan.size_kv,
             max_model_len=entry.max_model_len,
             device=str(self.device),
             dtype=self._dtype(entry),
@@ -296,6 +318,10 @@ class DefaultModelLoader:
             llm = LLMEngine.from_model_dir(plan.model_dir, model_name=entry.name, config=config)
         llm.add_stat_logger(metrics.EngineMetrics(entry.name))
         eng = AsyncLLMEngine(llm)
+        activation = (llm.kv_sizing.activation_bytes or 0) if llm.kv_sizing is not None else 0
+        last = self._plans.get(entry.name)
+        if last is not None:  # the next plan of this model (e.g. from the warm tier) counts the measured peak
+            last.activation_bytes = activation
         pin = self.device.type == "cuda"
 
         async def offload() -> HostSnapshot:
@@ -311,5 +337,6 @@ class DefaultModelLoader:
             snap = await asyncio.to_thread(copy)
             return HostSnapshot(snap, sum(t.numel() * t.element_size() for t in snap.weights.values()))
 
-        return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len, eng.memory_bytes,
-                           close=eng.shutdown, engine=eng, offload=offload, warm=warm is not None)
+        return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len,
+                           eng.memory_bytes + activation, close=eng.shutdown, engine=eng, offload=offload,
+                           warm=warm is not None)

@@ -5,8 +5,9 @@ Rules (DESIGN.md section 5 "Registry"):
 * **Single flight.** The first request for an unloaded model starts its load (an asyncio task
   with a future); every later request for it awaits the same future, bounded by
   ``loadTimeoutSeconds``.
-* **Budget.** Each resident model costs its weights plus its KV pool (bytes, as planned by
-  the loader before loading and as reported by the engine after). A load first reserves its
+* **Budget.** Each resident model costs its weights, its activation peak and its KV pool
+  (bytes, as planned by the loader before loading, as sized once its weights are loaded by
+  :meth:`ModelRegistry.size_kv`, and as reported by the engine after). A load first reserves its
   planned bytes; while the reservation does not fit ``budget_bytes`` (or the model count would
   exceed ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
   not preloaded, with no request holding it and none waiting for it. Models being evicted
@@ -42,11 +43,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kubeinfer_serving import metrics
-from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
+from kubeinfer_serving.engine.config import KVPoolSizer
+from kubeinfer_serving.engine.kv_sizing import KVSizing, size_kv_pool
+from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, Catalogue, ModelEntry
 from kubeinfer_serving.registry.loading import DefaultModelLoader, LoadedModel, ModelLoader
 from kubeinfer_serving.registry.memory import resolve_budget
 from kubeinfer_serving.registry.protocol import (
     ModelInfo,
+    ModelKind,
     ModelNotFoundError,
     ModelState,
     ModelUnavailableError,
@@ -119,6 +123,8 @@ class ModelRegistry:
         budget_bytes: override of the byte budget; default from the catalogue
             (``memoryBudgetBytes``, else ``gpuMemoryUtilization`` x device memory).
         device: where models run (default CUDA when available, else CPU).
+        show_sources: report each model's catalogue ``source`` in :meth:`list_models`; single-model
+            mode turns it off (its source is a local path given on the command line).
 
     Attributes:
         budget_bytes: bytes of weights + KV pools allowed on the device at once.
@@ -133,15 +139,17 @@ class ModelRegistry:
         loader: ModelLoader | None = None,
         budget_bytes: int | None = None,
         device: torch.device | str | None = None,
+        show_sources: bool = True,
     ) -> None:
         self.catalogue = catalogue
+        self.show_sources = show_sources
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
-        self.loader: ModelLoader = loader or DefaultModelLoader(catalogue, self.device)
         self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
             catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device
         )
+        self.loader: ModelLoader = loader or DefaultModelLoader(catalogue, self.device, self.budget_bytes)
         self.max_loaded_models = catalogue.max_loaded_models
         self.warm = WarmTier(catalogue.warm_cache_bytes)
         self.events: list[LoadEvent] = []
@@ -316,7 +324,8 @@ class ModelRegistry:
     def _get(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFoundError(f"The model '{name}' does not exist")
+            only = f"; this server serves '{next(iter(self._entries))}'" if len(self._entries) == 1 else ""
+            raise ModelNotFoundError(f"The model '{name}' does not exist{only}")
         return entry
 
     def _info(self, e: _Entry) -> ModelInfo:
@@ -325,7 +334,7 @@ class ModelRegistry:
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
-            source=e.spec.source, revision=e.revision,
+            source=e.spec.source if self.show_sources else "", revision=e.revision,
         )
 
     def _notify(self) -> None:
@@ -409,6 +418,8 @@ class ModelRegistry:
                 if warm is not None:
                     self.warm.put(name, warm)
                 raise
+            if entry.spec.kind is ModelKind.GENERATE:
+                plan.size_kv = self._kv_sizer(entry, asyncio.get_running_loop())
             t0 = time.perf_counter()
             handle = await asyncio.to_thread(self.loader.load, entry.spec, plan, warm)
             seconds = time.perf_counter() - t0
@@ -438,6 +449,54 @@ class ModelRegistry:
             fut.set_result(None)
         finally:
             self._notify()
+
+    def _kv_sizer(self, entry: _Entry, loop: asyncio.AbstractEventLoop) -> KVPoolSizer:
+        """The KV pool sizer of ``entry``'s load: called from the loading thread, it runs
+        :meth:`size_kv` on the event loop, so it sees (and updates) every reservation at once."""
+
+        def size(weights_bytes: int, activation_bytes: int | None, block_bytes: int, max_blocks: int) -> KVSizing:
+            async def on_loop() -> KVSizing:
+                return self.size_kv(entry.name, weights_bytes, activation_bytes, block_bytes, max_blocks)
+
+            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result()
+
+        return size
+
+    def size_kv(self, name: str, weights_bytes: int, activation_bytes: int | None, block_bytes: int,
+                max_blocks: int) -> KVSizing:
+        """Size the KV pool of loading model ``name`` against the budget and reserve what it holds.
+
+        :func:`~kubeinfer_serving.engine.kv_sizing.size_kv_pool` with the other models'
+        reservations (loaded, loading, being evicted) as ``others_bytes``; the entry's (else the
+        pod's) ``kvCacheBytes`` / ``kvCacheFraction``; for an auto pool ``share`` = 1 + the
+        auto-sized generate models that hold no memory yet (at most the free ``maxLoadedModels``
+        slots) and, on CPU, :data:`~.catalogue.DEFAULT_KV_CACHE_BYTES` as the fallback. On success
+        the model's reservation becomes weights + activation peak + pool, and the sizing is logged.
+        Runs on the event loop.
+
+        Raises:
+            KVPoolSizeError: the pool does not fit (the load fails; the message has the numbers).
+        """
+        entry = self._get(name)
+        others = [e for e in self._entries.values() if e is not entry]
+        asked, fraction = self.catalogue.kv_request(entry.spec)
+        share = 1
+        if asked is None and fraction is None:
+            share += sum(1 for e in others if e.spec.kind is ModelKind.GENERATE and not e.holds_slot
+                         and self.catalogue.kv_request(e.spec) == (None, None))
+            if self.max_loaded_models is not None:
+                free_slots = self.max_loaded_models - sum(1 for e in others if e.holds_slot)
+                share = max(1, min(share, free_slots))
+        sizing = size_kv_pool(
+            budget_bytes=self.budget_bytes, weights_bytes=weights_bytes, activation_bytes=activation_bytes,
+            others_bytes=sum(e.reserved for e in others), block_bytes=block_bytes, max_blocks=max_blocks,
+            requested_bytes=asked, fraction=fraction, share=share, fallback_bytes=DEFAULT_KV_CACHE_BYTES,
+            name=repr(name),
+        )
+        entry.reserved = sizing.reserved_bytes
+        log.info("%s", sizing.describe(repr(name)))
+        self._notify()
+        return sizing
 
     def _fits(self, need: int, used: int, slots: int) -> bool:
         if used + need > self.budget_bytes:

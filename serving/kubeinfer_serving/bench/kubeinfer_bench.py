@@ -19,7 +19,17 @@ reported with the ratios of the engine to each baseline. Outputs are checked aga
 tokens/s and P99 TTFT against concurrency, one line per method). The HTTP serving benchmark
 is ``bench/serve_bench.py``.
 
-    python -m bench.kubeinfer_bench [--model DIR] [--concurrency 8 32 64] [--reps 3] [--smoke]
+On CUDA it also prints, per concurrency, the engine's decode tokens/s next to the HBM roofline
+(weights + KV bytes per pure-decode step over a measured device-to-device copy bandwidth) and
+the fraction reached (:mod:`kubeinfer_serving.bench.roofline`), also in the JSON.
+``--shapes llama-3.2-1b`` (or ``llama-3.1-8b``) runs every method on random weights of that
+model's shapes (config values in :mod:`~kubeinfer_serving.bench.roofline`; no hub access).
+
+    kubeinfer-bench [--model DIR | --shapes NAME] [--device cuda] [--concurrency 8 32 64] [--reps 3] [--smoke]
+    python -m kubeinfer_serving.bench.kubeinfer_bench ...   (the same)
+
+The GPU workload of issue 10: ``kubeinfer-bench --shapes llama-3.2-1b --num-requests 256
+--prompt-len 512 512 --output-len 256 256 --concurrency 64 256 --methods engine transformers_cb static``.
 """
 
 from __future__ import annotations
@@ -32,6 +42,19 @@ import time
 from pathlib import Path
 
 import torch
+
+from kubeinfer_serving.bench.roofline import (
+    SHAPES,
+    DecodeStep,
+    format_roofline,
+    kv_bytes_per_token,
+    measure_copy_bandwidth,
+    shapes_config,
+    summarize_decode,
+)
+
+#: The methods, in the order each repetition runs them.
+METHODS = ("sequential", "static", "engine", "transformers_cb")
 
 
 def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
@@ -52,8 +75,15 @@ def _summary(seconds: float, ttfts: list[float], out_tokens: int) -> dict[str, f
             "ttft_median_s": statistics.median(ttfts), "ttft_p99_s": _pct(ttfts, 99)}
 
 
-def run_engine(engine, reqs) -> tuple[float, list[float], dict[str, list[int]]]:
-    """Seconds, TTFTs and tokens of ``reqs`` through the engine, all arriving at t0."""
+def run_engine(engine, reqs, decode_steps: list[DecodeStep] | None = None
+               ) -> tuple[float, list[float], dict[str, list[int]]]:
+    """Seconds, TTFTs and tokens of ``reqs`` through the engine, all arriving at t0.
+
+    Args:
+        decode_steps: when given, every pure-decode step (each running sequence one token, no
+            preemption) is appended with its wall time, rows and context tokens (the K/V
+            positions its attention reads, the new token's included).
+    """
     from kubeinfer_serving.engine.sampling import SamplingParams
 
     out: dict[str, list[int]] = {rid: [] for rid, _, _ in reqs}
@@ -63,7 +93,14 @@ def run_engine(engine, reqs) -> tuple[float, list[float], dict[str, list[int]]]:
         engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
                            arrival_time=t0)
     while engine.has_unfinished_requests():
+        running = engine.scheduler.running
+        rows, context = len(running), sum(len(s) for s in running)
+        s0 = time.perf_counter()
         outputs, stats = engine.step_with_stats()
+        took = time.perf_counter() - s0
+        if (decode_steps is not None and rows and stats.num_scheduled_seqs == rows == stats.num_batched_tokens
+                and not stats.num_preemptions):
+            decode_steps.append(DecodeStep(took, rows, context))
         ttfts.extend(stats.ttfts)
         for o in outputs:
             out[o.request_id].extend(o.new_token_ids)
@@ -129,7 +166,7 @@ def run_static(model, reqs, batch: int, pad_id: int):
                 ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
             streamer = _FirstToken()
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, _, n in group),
+            gen = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max(n for _, _, n in group),
                                  do_sample=False, pad_token_id=pad_id, streamer=streamer)
             for r, (rid, _, n) in enumerate(group):
                 out[rid] = gen[r, width:width + n].tolist()
@@ -144,7 +181,7 @@ def run_sequential(model, reqs):
     t0 = time.perf_counter()
     with torch.inference_mode():
         for rid, prompt, n in reqs:
-            ids = torch.tensor([prompt])
+            ids = torch.tensor([prompt], device=model.device)
             streamer = _FirstToken()
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                  streamer=streamer)
@@ -153,8 +190,13 @@ def run_sequential(model, reqs):
     return time.perf_counter() - t0, ttfts, out
 
 
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+def _plot(report: dict, path: Path) -> bool:
+    """Write the PNG; False (and a message) when matplotlib is not installed (``pip install 'kubeinfer[bench]'``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install 'kubeinfer[bench]'): no PNG written")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -178,12 +220,19 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point; returns the report written to JSON."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kubeinfer-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="Hugging Face model dir (default: the built-in tiny Llama)")
+    ap.add_argument("--shapes", choices=sorted(SHAPES),
+                    help="random weights of this model's shapes instead of --model (GPU workloads)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
+    ap.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="methods to run (the engine always runs)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 128), metavar=("MIN", "MAX"))
@@ -199,42 +248,76 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_requests, args.prompt_len, args.output_len = 8, (4, 32), (2, 8)
         args.concurrency, args.reps = [4], 1
 
+    from transformers import AutoModelForCausalLM
+
     from kubeinfer_serving.engine.config import EngineConfig
     from kubeinfer_serving.engine.llm_engine import LLMEngine
     from kubeinfer_serving.models.builtin import ensure_builtin_model
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    path = args.model or str(ensure_builtin_model())
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    methods = ["engine"] + [m for m in METHODS if m != "engine" and m in args.methods]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = EngineConfig(dtype=args.dtype).resolve_dtype(device)
+    if args.shapes:
+        # Hugging Face's own random initialisation (std = initializer_range), created on the device.
+        path = f"random weights, {args.shapes} shapes"
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(shapes_config(args.shapes), dtype=dtype).eval()
+    else:
+        path = args.model or str(ensure_builtin_model())
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     reqs = make_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
                          int(hf.config.vocab_size), args.seed)
     total_out = sum(n for _, _, n in reqs)
-    engines = {c: LLMEngine.from_model_dir(path, model_name="bench", config=EngineConfig(
-        max_num_seqs=c, max_num_batched_tokens=2048, dtype="float32", device="cpu",
-        enable_prefix_caching=False)) for c in args.concurrency}
+    longest = max(len(p) + n for _, p, n in reqs)
+
+    def engine_for(c: int) -> LLMEngine:
+        # The pool holds c requests of the longest length (never preempts), sized explicitly so
+        # that engines for several concurrencies fit one device side by side.
+        cfg = EngineConfig(max_num_seqs=c, max_num_batched_tokens=2048, dtype=dtype, device=str(device),
+                           enable_prefix_caching=False, max_model_len=longest,
+                           num_kv_blocks=c * -(-longest // 16) + 1)
+        return LLMEngine.from_weights(hf.config, hf.state_dict().items(), config=cfg, model_name="bench")
+
+    engines = {c: engine_for(c) for c in args.concurrency}
     pad_id = 0
     warm = reqs[:2]  # warm-up every path once
     for c, eng in engines.items():
         run_engine(eng, warm)
-        run_transformers_cb(hf, warm, c)
-    run_static(hf, warm, args.static_batch, pad_id)
-    run_sequential(hf, warm)
+        if "transformers_cb" in methods:
+            run_transformers_cb(hf, warm, c)
+    if "static" in methods:
+        run_static(hf, warm, args.static_batch, pad_id)
+    if "sequential" in methods:
+        run_sequential(hf, warm)
 
-    runs: dict[str, list[list[dict]]] = {"engine": [], "transformers_cb": [], "static": [], "sequential": []}
+    runs: dict[str, list[list[dict]]] = {m: [] for m in methods}
     mismatches: dict[str, int] = {}
+    decode: dict[int, list[list[DecodeStep]]] = {c: [] for c in args.concurrency}
     for rep in range(args.reps):
-        t, ttft, ref = run_sequential(hf, reqs)
-        runs["sequential"].append([_summary(t, ttft, total_out)])
-        t, ttft, out = run_static(hf, reqs, args.static_batch, pad_id)
-        runs["static"].append([_summary(t, ttft, total_out)])
-        mismatches["static"] = sum(out[r] != ref[r] for r, _, _ in reqs)
-        for name, fn in (("engine", lambda c: run_engine(engines[c], reqs)),
-                         ("transformers_cb", lambda c: run_transformers_cb(hf, reqs, c))):
+        ref = None
+        if "sequential" in methods:
+            t, ttft, ref = run_sequential(hf, reqs)
+            runs["sequential"].append([_summary(t, ttft, total_out)])
+        if "static" in methods:
+            t, ttft, out = run_static(hf, reqs, args.static_batch, pad_id)
+            runs["static"].append([_summary(t, ttft, total_out)])
+            ref = ref or out
+            mismatches["static"] = sum(out[r] != ref[r] for r, _, _ in reqs)
+
+        def engine_run(c):
+            decode[c].append([])
+            return run_engine(engines[c], reqs, decode[c][-1])
+
+        for name, fn in (("engine", engine_run), ("transformers_cb", lambda c: run_transformers_cb(hf, reqs, c))):
+            if name not in methods:
+                continue
             rows = []
             for c in args.concurrency:
                 t, ttft, out = fn(c)
+                ref = ref or out
                 rows.append(_summary(t, ttft, total_out) | {"concurrency": c})
                 mismatches[name] = max(mismatches.get(name, 0), sum(out[r] != ref[r] for r, _, _ in reqs))
             runs[name].append(rows)
@@ -244,29 +327,40 @@ def main(argv: list[str] | None = None) -> dict:
     def median_rows(reps: list[list[dict]]) -> list[dict]:
         return [{k: statistics.median(rep[i][k] for rep in reps) for k in reps[0][i]} for i in range(len(reps[0]))]
 
-    methods = {m: median_rows(v) for m, v in runs.items()}
+    summaries = {m: median_rows(v) for m, v in runs.items()}
     ratios = {}
     for i, c in enumerate(args.concurrency):
         eng = [rep[i]["output_tok_s"] for rep in runs["engine"]]
-        ratios[str(c)] = {
-            "vs_transformers_cb": statistics.median(e / rep[i]["output_tok_s"]
-                                                    for e, rep in zip(eng, runs["transformers_cb"], strict=True)),
-            "vs_static": statistics.median(e / rep[0]["output_tok_s"] for e, rep in zip(eng, runs["static"], strict=True)),
-            "vs_sequential": statistics.median(e / rep[0]["output_tok_s"]
-                                               for e, rep in zip(eng, runs["sequential"], strict=True)),
-        }
+        ratios[str(c)] = {}
+        for m in methods[1:]:
+            col = i if m == "transformers_cb" else 0
+            ratios[str(c)][f"vs_{m}"] = statistics.median(
+                e / rep[col]["output_tok_s"] for e, rep in zip(eng, runs[m], strict=True))
+    roofline = {}
+    if device.type == "cuda":
+        # The engine's pure-decode steps against the HBM roofline (median rep by decode tokens/s).
+        bandwidth = measure_copy_bandwidth(device)
+        weights = engines[args.concurrency[0]].weights_bytes
+        kv = kv_bytes_per_token(hf.config, dtype)
+        for c in args.concurrency:
+            per_rep = [summarize_decode(steps, weights, kv, bandwidth) for steps in decode[c] if steps]
+            if per_rep:
+                roofline[str(c)] = sorted(per_rep, key=lambda r: r["decode_tok_s"])[len(per_rep) // 2]
+                print(format_roofline(c, roofline[str(c)]))
     report = {
-        "device": "cpu", "threads": args.threads, "model": path, "num_requests": len(reqs),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
+        "threads": args.threads, "model": path, "num_requests": len(reqs),
         "prompt_len": list(args.prompt_len), "output_len": list(args.output_len), "output_tokens": total_out,
         "concurrency": args.concurrency, "static_batch": args.static_batch, "reps": args.reps, "seed": args.seed,
-        "methods": methods, "engine_ratio_per_rep_median": ratios, "mismatching_requests_vs_sequential": mismatches,
-        "raw": runs,
+        "methods": summaries, "engine_ratio_per_rep_median": ratios,
+        "mismatching_requests_vs_sequential": mismatches, "mismatch_reference": next(m for m in METHODS if m in methods), "decode_roofline": roofline, "raw": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "kubeinfer_bench.json").write_text(json.dumps(report, indent=2))
-    _plot(report, args.out_dir / "kubeinfer_bench.png")
+    plotted = _plot(report, args.out_dir / "kubeinfer_bench.png")
     print(json.dumps({"ratios": ratios, "mismatching_requests_vs_sequential": mismatches}, indent=2))
-    print(f"wrote {args.out_dir / 'kubeinfer_bench.json'} and {args.out_dir / 'kubeinfer_bench.png'}")
+    print(f"wrote {args.out_dir / 'kubeinfer_bench.json'}" + (f" and {args.out_dir / 'kubeinfer_bench.png'}"
+                                                                  if plotted else ""))
     return report
 
 

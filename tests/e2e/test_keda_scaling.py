@@ -1,0 +1,281 @@
+"""Autoscaling on queue length on the real node, KEDA mode: load through the Service -> queue ->
+Prometheus -> KEDA -> HPA -> more serving pods that take traffic -> load ends -> back to
+minReplicas; and an isvc with minReplicas 0 that KEDA takes to zero when idle, whose first request
+meets the activator (503 + Retry-After) and is then served by the pod that request woke.
+
+The operator runs as a pod from the chart (image from ``make images``); Prometheus and KEDA run on
+this machine from tests/metrics-stack (tests/metrics_stack_fixture.py), wired in as in a real
+cluster: Prometheus discovers the serving pods through the API (kubernetes_sd_configs, the
+operator's scrape annotations) and scrapes their pod IPs on the node's bridge; KEDA's adapter
+listens on the bridge's gateway and serves external.metrics.k8s.io through the aggregation layer.
+The measured times and the ``kubectl get hpa -w`` transcript go to tests/.artifacts/keda-e2e-*.txt.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from tests.cluster_fixture import REPO
+from tests.e2e.conftest import OPERATOR_IMAGE, SERVING_IMAGE, E2ECluster, wait_until
+from tests.metrics_stack_fixture import MetricsStack, save_logs, start_metrics_stack
+
+pytestmark = [pytest.mark.metrics, pytest.mark.timeout(1500)]
+
+NS = "keda-e2e"
+RELEASE = "kubeinfer-keda"
+RELEASE_NS = "kubeinfer-keda-system"
+ARTIFACTS = REPO / "tests" / ".artifacts"
+MODEL = "tiny-llama"
+RETRY_AFTER = 2
+
+
+@pytest.fixture(scope="module")
+def stack(e2e_cluster: E2ECluster) -> Iterator[MetricsStack]:
+    state_dir = Path(tempfile.mkdtemp(prefix="kubeinfer-e2e-metrics-"))
+    running = start_metrics_stack(e2e_cluster.cluster, state_dir, address=e2e_cluster.gateway)
+    try:
+        yield running
+    finally:
+        save_logs(running, ARTIFACTS / "keda-e2e-metrics-logs")
+        running.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def operator(e2e_cluster: E2ECluster, stack: MetricsStack) -> Iterator[None]:
+    e2e = e2e_cluster
+    e2e.kubectl("create", "namespace", NS, check=False)
+    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
+    e2e.helm("install", RELEASE, str(REPO / "deploy" / "helm" / "kubeinfer"), "--namespace", RELEASE_NS,
+             "--create-namespace", "--wait", "--timeout", "300s",
+             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+             "--set", f"servingImage={SERVING_IMAGE}", "--set", f"watchNamespaces={{{NS}}}",
+             "--set", f"prometheusUrl={stack.prometheus_url}", "--set", "kedaPollingSeconds=2",
+             "--set", f"activator.retryAfterSeconds={RETRY_AFTER}", timeout=400)
+    try:
+        yield
+    finally:
+        e2e.kubectl("-n", NS, "delete", "isvc", "--all", "--wait=true", timeout=300, check=False)
+        e2e.helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", timeout=300, check=False)
+        e2e.kubectl("delete", "namespace", NS, "--wait=true", timeout=300, check=False)
+
+
+def isvc(name: str, min_r: int, max_r: int) -> dict:
+    return {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"models": [{"name": MODEL, "source": "file:///opt/kubeinfer/models/tiny-llama", "preload": True,
+                                 "maxModelLen": 1024}],
+                     "runtime": {"maxNumSeqs": 4, "maxWaitingRequests": 256},
+                     "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}},
+                     "scaling": {"autoscaler": "keda", "minReplicas": min_r, "maxReplicas": max_r,
+                                 "targetQueueLength": 4, "scaleDownStabilizationSeconds": 15}}}
+
+
+def conditions(e2e: E2ECluster, name: str) -> dict[str, dict]:
+    return {c["type"]: c for c in e2e.get("isvc", name, "-n", NS).get("status", {}).get("conditions", [])}
+
+
+class HpaWatch:
+    """``kubectl get hpa NAME -w`` into a transcript file, each line prefixed with the time."""
+
+    def __init__(self, e2e: E2ECluster, name: str, path: Path) -> None:
+        cluster = e2e.cluster
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w")
+        self.proc = subprocess.Popen([str(cluster.bin_dir / "kubectl"), "--kubeconfig", str(cluster.kubeconfig),
+                                      "-n", NS, "get", "hpa", name, "-w"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.file.write(f"{time.strftime('%H:%M:%S')}  {line}")
+            self.file.flush()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.thread.join(timeout=10)
+        self.file.close()
+
+
+class Load:
+    """``concurrency`` long streamed completions (``ignore_eos``) in flight through the Service
+    until stopped or ``max_seconds`` passed."""
+
+    def __init__(self, base_url: str, concurrency: int, max_seconds: float) -> None:
+        self.client = OpenAI(base_url=base_url, api_key="unused", timeout=300, max_retries=0)
+        self.stop_flag = threading.Event()
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
+        self.completed = 0
+        self.errors: list[str] = []
+
+    def _worker(self) -> None:
+        while not self.stop_flag.is_set() and time.monotonic() < self.deadline:
+            try:
+                stream = self.client.completions.create(model=MODEL, prompt="count slowly", max_tokens=256,
+                                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
+                for _ in stream:
+                    if self.stop_flag.is_set():
+                        stream.close()
+                        break
+                self.completed += 1
+            except Exception as exc:  # recorded; the test asserts on them
+                self.errors.append(repr(exc))
+                time.sleep(1)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def _quantity(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def test_keda_scales_serving_pods_with_the_queue(e2e_cluster: E2ECluster, stack: MetricsStack, operator):
+    e2e = e2e_cluster
+    times: dict[str, float] = {}
+    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc("scaled", 1, 3)))
+    wait_until("the isvc Ready with AutoscalerReady True (the metric flows)", lambda: (
+        conditions(e2e, "scaled").get("Ready", {}).get("status") == "True"
+        and conditions(e2e, "scaled").get("AutoscalerReady", {}).get("status") == "True"), timeout=600, interval=2)
+    assert e2e.kubectl("-n", NS, "get", "deployment", "scaled-activator", check=False).returncode != 0
+    watch = HpaWatch(e2e, "keda-hpa-scaled", ARTIFACTS / "keda-e2e-hpa-watch.txt")
+    ip = e2e.get("service", "scaled", "-n", NS)["spec"]["clusterIP"]
+    start = time.monotonic()
+    try:
+        with Load(f"http://{ip}/v1", concurrency=64, max_seconds=480) as load:
+            def metric_seen():
+                hpa = e2e.get("hpa", "keda-hpa-scaled", "-n", NS)
+                current = (hpa.get("status", {}).get("currentMetrics") or [{}])[0].get("external", {}).get("current", {})
+                return _quantity(current.get("averageValue") or current.get("value") or "0") > 0 and hpa
+
+            metric_seen_hpa = wait_until("the queue in the HPA's metric", metric_seen, timeout=180)
+            times["load start -> queue visible in the HPA status (s)"] = time.monotonic() - start
+            wait_until("the HPA's scale-up decision", lambda: (
+                e2e.get("deployment", "scaled", "-n", NS)["spec"].get("replicas", 1) > 1), timeout=180)
+            times["load start -> scale-up decision (s)"] = time.monotonic() - start
+            wait_until("3 Ready serving pods", lambda: (
+                e2e.get("deployment", "scaled", "-n", NS)["status"].get("readyReplicas", 0) == 3), timeout=600)
+            times["load start -> 3 pods Ready (s)"] = time.monotonic() - start
+
+            def all_pods_generate():
+                rows = stack.query(f'sum by (pod) (kubeinfer_generation_tokens_total{{namespace="{NS}",'
+                                   f'pod=~"scaled-[a-z0-9]+-[a-z0-9]+"}})')
+                return len([r for r in rows if float(r["value"][1]) > 0]) == 3
+
+            wait_until("each of the 3 pods to generate tokens", all_pods_generate, timeout=300, interval=3)
+            times["load start -> every pod serving (s)"] = time.monotonic() - start
+        stop = time.monotonic()
+        wait_until("scale-down to minReplicas 1", lambda: (
+            e2e.get("deployment", "scaled", "-n", NS)["spec"].get("replicas") == 1), timeout=400, interval=2)
+        times["load end -> back to 1 replica (s)"] = time.monotonic() - stop
+        wait_until("the HPA reporting 1 replica (for the transcript)", lambda: (
+            e2e.get("hpa", "keda-hpa-scaled", "-n", NS)["status"].get("currentReplicas") == 1), timeout=60, interval=2)
+    finally:
+        watch.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "keda-e2e-times.txt").write_text("".join(f"{k}: {v:.1f}\n" for k, v in times.items()))
+    # 429 (queue full) is allowed under this load; anything else is a lost request
+    assert not [e for e in load.errors if "429" not in e], load.errors[:5]
+    assert load.completed > 0
+    assert metric_seen_hpa["spec"]["metrics"][0]["type"] == "External"
+    assert conditions(e2e, "scaled")["AutoscalerReady"]["status"] == "True"
+    seen: list[object] = []
+
+    def one_pod_in_status():
+        status = e2e.get("isvc", "scaled", "-n", NS)["status"]
+        seen[:] = [status.get("modelSummary"), status.get("models"), status.get("readyReplicas")]
+        return status.get("modelSummary") == f"{MODEL} 1/1"
+
+    try:
+        wait_until("status.models back to one pod", one_pod_in_status, timeout=120, interval=2)
+    except AssertionError as err:
+        pods = e2e.get("pods", "-n", NS, "-l", "serving.kubeinfer.io/inferenceservice=scaled")["items"]
+        probes = []
+        for pod in pods:
+            t0 = time.monotonic()
+            try:
+                code = httpx.get(f"http://{pod['status']['podIP']}:8000/v1/models", timeout=10).status_code
+            except httpx.HTTPError as exc:
+                code = repr(exc)
+            probes.append(f"{pod['metadata']['name']}: /v1/models from this machine -> {code} in "
+                          f"{time.monotonic() - t0:.2f}s; log tail:\n"
+                          + "".join(e2e.container_log(NS, pod["metadata"]["name"], "serving").splitlines(True)[-30:]))
+        operator_pods = e2e.get("pods", "-n", RELEASE_NS)["items"]
+        op_log = "".join(e2e.container_log(RELEASE_NS, operator_pods[0]["metadata"]["name"], "operator")
+                         .splitlines(True)[-40:]) if operator_pods else ""
+        raise AssertionError(f"{err}; status (modelSummary, models, readyReplicas): {seen}\n" + "\n".join(probes)
+                             + f"\noperator log tail:\n{op_log}") from None
+
+
+def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
+    e2e_cluster: E2ECluster, stack: MetricsStack, operator
+):
+    e2e = e2e_cluster
+    lines: list[str] = []
+    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc("idle", 0, 2)))
+    start = time.monotonic()
+    wait_until("KEDA taking the idle isvc to zero with the activator Ready", lambda: (
+        e2e.get("deployment", "idle", "-n", NS)["spec"].get("replicas") == 0
+        and e2e.get("deployment", "idle-activator", "-n", NS)["status"].get("readyReplicas") == 1
+        and not e2e.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=serving,"
+                        "serving.kubeinfer.io/inferenceservice=idle")["items"]), timeout=400, interval=2)
+    lines.append(f"idle isvc created -> at zero, activator Ready (s): {time.monotonic() - start:.1f}")
+    wait_until("AutoscalerReady=True/ScaledToZero", lambda: (
+        conditions(e2e, "idle")["AutoscalerReady"]["reason"] == "ScaledToZero"), timeout=60)
+    lines.append(f"conditions at zero: {json.dumps(list(conditions(e2e, 'idle').values()))}")
+
+    ip = e2e.get("service", "idle", "-n", NS)["spec"]["clusterIP"]
+    first, first_wall = time.monotonic(), time.time()
+    r = httpx.post(f"http://{ip}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == str(RETRY_AFTER)
+    assert r.json()["error"]["code"] == "scaled_to_zero"
+    # what a client sees: the official client retries the 503 after Retry-After until a pod answers
+    client = OpenAI(base_url=f"http://{ip}/v1", api_key="unused", timeout=60, max_retries=100)
+    answer = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    served = time.monotonic() - first
+    assert answer.usage.completion_tokens == 4
+    lines.append(f"first request at zero -> answered by a woken pod (s): {served:.1f}")
+    (pod,) = [p for p in e2e.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=serving,"
+                                 "serving.kubeinfer.io/inferenceservice=idle")["items"]
+              if not p["metadata"].get("deletionTimestamp")]
+
+    def since_first(stamp: str) -> float:
+        return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - first_wall
+
+    ready_at = next(c["lastTransitionTime"] for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    lines.append(f"first request -> KEDA's scale-up created the pod (s, 1 s resolution): "
+                 f"{since_first(pod['metadata']['creationTimestamp']):.0f}")
+    lines.append(f"first request -> the woken pod Ready (s, 1 s resolution): {since_first(ready_at):.0f}")
+    deployment = e2e.get("deployment", "idle", "-n", NS)
+    assert deployment["spec"]["replicas"] >= 1 and deployment["status"].get("readyReplicas", 0) >= 1
+    wait_until("the activator removed once a serving pod is Ready", lambda: (
+        e2e.kubectl("-n", NS, "get", "deployment", "idle-activator", check=False).returncode != 0), timeout=60)
+    lines.append(f"first request -> activator removed (s): {time.monotonic() - first:.1f}")
+    with (ARTIFACTS / "keda-e2e-times.txt").open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
