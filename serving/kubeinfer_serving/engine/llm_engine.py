@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kubeinfer_serving.layers.linear import pack_linear_layers
 from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -23,6 +24,7 @@ from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig
 from .cuda_graphs import decode_graph_sizes
 from .detokenizer import IncrementalDetokenizer
 from .errors import PromptTooLongError, QueueFullError
+from .host_allocator import keep_freed_host_memory
 from .kv_sizing import KVSizing, profile_activation_peak, profile_graph_memory
 from .model_runner import ModelRunner, kv_bytes_per_block
 from .outputs import RequestOutput, RequestTimings
@@ -165,6 +167,8 @@ class LLMEngine:
         config = config or EngineConfig()
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
+        if device.type == "cpu":
+            keep_freed_host_memory()  # CPU activations: no page faults on every operator's output
         max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True):
@@ -173,6 +177,7 @@ class LLMEngine:
         model.load_weights(weights)
         model.eval()
         check_finite_weights(model)
+        pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
         graph_sizes = decode_graph_sizes(device, config.enforce_eager, config.max_num_seqs)
         sizing = None

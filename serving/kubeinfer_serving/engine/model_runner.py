@@ -275,9 +275,20 @@ class ModelRunner:
         bucket = self._decode_bucket(scheduled)
         inputs = self.prepare(scheduled, to_device=bucket is None)
         self.last_prepare_s = time.perf_counter() - t0
+        rows = inputs.sample_rows
+        result: list[int | None] = [None] * len(scheduled)
+        prompt_jobs: list[tuple[Sequence, list[int], list[int]]] = []
+        if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
+            last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
+            prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
         if bucket is None:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-            logits_idx = inputs.logits_idx
+            # Only the sampling rows' final hidden states are needed unless prompt positions are
+            # scored: then the last layer skips the rest of a prefill chunk after writing its K/V.
+            keep = None
+            if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
+                keep = inputs.logits_idx
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep)
+            logits_idx = None if keep is not None else inputs.logits_idx
         else:
             # One token per row: batch row i is scheduled item i; rows that do not sample are
             # one-token prefill chunks short of their prompt's end.
@@ -286,12 +297,6 @@ class ModelRunner:
             hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
             logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
                 inputs.sample_rows, torch.int64, self.device)
-        rows = inputs.sample_rows
-        result: list[int | None] = [None] * len(scheduled)
-        prompt_jobs: list[tuple[Sequence, list[int], list[int]]] = []
-        if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
-            last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
-            prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
         if not rows and not prompt_jobs:
             return result
         to_host: list[torch.Tensor] = []

@@ -27,7 +27,15 @@ def use_fused(device: torch.device) -> bool:
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's RMSNorm: normalise in float32, cast back, scale. [T, hidden] -> [T, hidden]."""
+    """Hugging Face's RMSNorm: normalise in float32, cast back, scale. [T, hidden] -> [T, hidden].
+
+    For float32 input and weight this is ``F.rms_norm`` (one operator instead of six), whose
+    float32 result equals Hugging Face's ``weight * (x * rsqrt(mean(x^2) + eps))`` bit for bit
+    (checked for hidden sizes 64-5120); other dtypes take Hugging Face's steps, which round to
+    the input dtype before the weight multiply.
+    """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)

@@ -13,9 +13,10 @@ Two backends compute the same thing:
 * ``triton`` (CUDA): :func:`kubeinfer_serving.layers.paged_attention_triton.paged_attention_triton`,
   one launch for all decode rows and prefill chunks, reading K/V in place through the block table.
 * ``reference`` (CPU, and the test oracle): gathers each sequence's blocks and runs
-  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences together,
-  padded to the longest context with a key mask; prefill chunks one by one, causal, with the
-  chunk's queries at the end of its context.
+  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences in groups of
+  similar context length (:func:`group_by_length`), each group padded to its longest context
+  with a key mask; prefill chunks one by one, causal, with the chunk's queries at the end of
+  its context.
 
 The backend is chosen per call: Triton for CUDA tensors, the reference otherwise.
 ``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference on CUDA too;
@@ -55,20 +56,35 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows of similar context length, attended together (padded to the group's longest).
+
+    Attributes:
+        size: n, rows in the group.
+        kv_blocks: [n * nb] int64 the rows' block tables (nb blocks each, padded with block 0), flattened.
+        mask: [n, 1, 1, nb * block_size] bool key mask (True = a real context position).
+    """
+
+    size: int
+    kv_blocks: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
 class ReferencePlan:
     """How the reference backend splits a step (built once per step, shared by all layers).
 
     Attributes:
         prefills: multi-token chunks (and first-token rows without context).
-        decode_idx: [Bd] int64 batch positions of single-token queries after context, or None.
-        decode_block_tables: [Bd, nb] int64 block tables of those sequences.
-        decode_mask: [Bd, 1, 1, nb * block_size] bool key mask (True = a real context position).
+        decode_idx: [Bd] int64 batch positions of the single-token queries after context,
+            group after group (or None when there are none).
+        decode_groups: those rows grouped by context length (see :func:`group_by_length`);
+            group g owns the next ``size`` entries of ``decode_idx``.
     """
 
     prefills: list[PrefillChunk]
     decode_idx: torch.Tensor | None = None
-    decode_block_tables: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
 
 
 @dataclass
@@ -99,17 +115,74 @@ class AttentionMetadata:
     block_size: int
     _reference: ReferencePlan | None = field(default=None, repr=False)
 
-    def reference_plan(self) -> ReferencePlan:
-        """The reference backend's split of this step (computed on first use, then cached)."""
+    def reference_plan(self, num_kv_heads: int = 1, head_dim: int = 1) -> ReferencePlan:
+        """The reference backend's split of this step (computed on first use, then cached;
+        the head shape, the same for every layer, only tunes the decode grouping)."""
         if self._reference is None:
-            self._reference = build_reference_plan(self)
+            self._reference = build_reference_plan(self, num_kv_heads, head_dim)
         return self._reference
 
 
-def build_reference_plan(meta: AttentionMetadata) -> ReferencePlan:
-    """Split a step into decode rows (batched) and prefill chunks (one by one) for SDPA.
+#: What one more decode group costs on CPU, in padded key elements (rows x positions x KV heads
+#: x head dim) attended: a group is one SDPA call plus its gathers, about 50 us of fixed cost
+#: for the tiny model on one AVX-512 core, where attending one padded key element (gather
+#: included) costs about 1 ns.
+GROUP_SPLIT_ELEMENTS = 48 * 1024
+#: Most candidate group ends :func:`group_by_length` considers.
+_MAX_CUT_POINTS = 32
 
-    Vectorized over decode rows; loops only over prefill chunks (few per step).
+
+def group_by_length(num_blocks: np.ndarray, split_cost: float) -> list[np.ndarray]:
+    """Split rows into groups that each get padded to their longest row, at the least modelled cost.
+
+    A group costs ``split_cost`` plus (its rows x its largest block count); the partition of
+    the rows sorted by block count into consecutive groups that minimises the total is found
+    by dynamic programming over the distinct block counts (O(m^2) for m distinct counts).
+    Beyond ``_MAX_CUT_POINTS`` distinct counts only that many evenly spaced ones are candidate
+    group ends, which bounds the host time per step.
+
+    Args:
+        num_blocks: [n] int64 KV blocks each row attends (n >= 1).
+        split_cost: the fixed cost of one group, in padded blocks.
+
+    Returns:
+        the groups as arrays of row indexes into ``num_blocks``, longest group first.
+    """
+    order = np.argsort(num_blocks, kind="stable")
+    srt = num_blocks[order]
+    vals = np.unique(srt)
+    if vals.size > _MAX_CUT_POINTS:
+        vals = vals[np.unique(np.linspace(0, vals.size - 1, _MAX_CUT_POINTS).round().astype(np.int64))]
+    m = vals.size
+    # rows_before[k]: rows whose count is at most vals[k-1], i.e. rows in groups ending before k.
+    rows_before = [0] + np.searchsorted(srt, vals, side="right").tolist()
+    widths = vals.tolist()
+    best = [0.0] * (m + 1)
+    start = [0] * (m + 1)
+    for b in range(1, m + 1):  # a group spanning distinct counts a..b-1 pads to widths[b-1]
+        w, rb = widths[b - 1], rows_before[b]
+        a_best, c_best = 0, best[0] + rb * w
+        for a in range(1, b):
+            c = best[a] + (rb - rows_before[a]) * w
+            if c < c_best:
+                a_best, c_best = a, c
+        best[b] = c_best + split_cost
+        start[b] = a_best
+    groups = []
+    b = m
+    while b > 0:
+        a = start[b]
+        groups.append(order[rows_before[a]:rows_before[b]])
+        b = a
+    return groups
+
+
+def build_reference_plan(meta: AttentionMetadata, num_kv_heads: int = 1, head_dim: int = 1) -> ReferencePlan:
+    """Split a step into decode rows (batched, grouped by length) and prefill chunks (one by one) for SDPA.
+
+    Decode rows are grouped with :func:`group_by_length` so that padding to each group's longest
+    context stays small, one group costing as much as ``GROUP_SPLIT_ELEMENTS`` padded key elements.
+    Vectorized over decode rows; loops only over prefill chunks (few per step) and groups.
     """
     dev = meta.slot_mapping.device
     bs = meta.block_size
@@ -131,14 +204,19 @@ def build_reference_plan(meta: AttentionMetadata) -> ReferencePlan:
         plan.prefills.append(PrefillChunk(s, n, kv_blocks, mask))
     rows = np.flatnonzero(is_decode)
     if rows.size:
-        ctx = seq_lens[rows]
-        nb = int(-(-ctx.max() // bs))
-        width = nb * bs
-        tables = torch.from_numpy(meta.block_tables_cpu[rows, :nb].astype(np.int64))
-        mask = torch.from_numpy(np.arange(width)[None, :] < ctx[:, None]).view(rows.size, 1, 1, width)
-        plan.decode_idx = torch.from_numpy(qsl[rows]).to(dev, non_blocking=True)
-        plan.decode_block_tables = tables.to(dev, non_blocking=True)
-        plan.decode_mask = mask.to(dev, non_blocking=True)
+        ctx_all = seq_lens[rows]
+        split_cost = GROUP_SPLIT_ELEMENTS / (bs * num_kv_heads * head_dim)
+        groups = group_by_length(-(-ctx_all // bs), split_cost)
+        plan.decode_idx = torch.from_numpy(qsl[rows[np.concatenate(groups)]]).to(dev, non_blocking=True)
+        for group in groups:
+            sel, ctx = rows[group], ctx_all[group]
+            nb = int(-(-ctx.max() // bs))
+            width = nb * bs
+            tables = np.ascontiguousarray(meta.block_tables_cpu[sel, :nb], dtype=np.int64).reshape(-1)
+            mask = torch.from_numpy(np.arange(width)[None, :] < ctx[:, None]).view(sel.size, 1, 1, width)
+            plan.decode_groups.append(DecodeGroup(
+                size=int(sel.size), kv_blocks=torch.from_numpy(tables).to(dev, non_blocking=True),
+                mask=mask.to(dev, non_blocking=True)))
     return plan
 
 
@@ -164,7 +242,7 @@ def reference_attention(
     Args/returns: as :func:`paged_attention`.
     """
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    plan = meta.reference_plan()
+    plan = meta.reference_plan(num_kv_heads, head_dim)
     # Whole-block gathers with index_select over [num_blocks, block elements] views: on CPU
     # about 7x faster than advanced indexing (k_cache[table]) for the same copy.
     k_blocks = k_cache.view(k_cache.shape[0], -1)
@@ -183,13 +261,19 @@ def reference_attention(
             qs, ks, vs, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True
         )
         out[s:s + n] = o[0].transpose(0, 1)
-    if plan.decode_idx is not None:
-        qd = q.index_select(0, plan.decode_idx).unsqueeze(2)
-        bd = plan.decode_block_tables.shape[0]
-        flat = plan.decode_block_tables.view(-1)
-        kd = k_blocks.index_select(0, flat).view(bd, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        vd = v_blocks.index_select(0, flat).view(bd, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
+    if plan.decode_groups:
+        # One gather of the decode queries in group order, one scatter of the results.
+        q_all = q.index_select(0, plan.decode_idx).unsqueeze(2)
+        outs = []
+        a = 0
+        for group in plan.decode_groups:
+            n = group.size
+            kd = k_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+            vd = v_blocks.index_select(0, group.kv_blocks).view(n, -1, num_kv_heads, head_dim).permute(0, 2, 1, 3)
+            outs.append(F.scaled_dot_product_attention(q_all[a:a + n], kd, vd, attn_mask=group.mask, scale=scale,
+                                                       enable_gqa=True))
+            a += n
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
         out.index_copy_(0, plan.decode_idx, o[:, :, 0])
     return out
 

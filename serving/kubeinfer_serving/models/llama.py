@@ -97,11 +97,18 @@ class Attention(nn.Module):
         rope: RotaryInputs,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; rotates q/k by ``rope`` and writes K/V into ``kv_cache``."""
+        """x [T, hidden] -> [T, hidden]; rotates q/k by ``rope`` and writes K/V into ``kv_cache``.
+
+        ``keep`` ([R] int64 row indexes): project only those rows' attention output -> [R, hidden]
+        (all T rows still write their K/V).
+        """
         o = rope_paged_attention(self.qkv_proj(x), rope, kv_cache, meta, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.scale)
-        return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
+        if keep is not None:
+            o = o.index_select(0, keep)
+        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -129,14 +136,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, kv_cache, meta, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) [T, hidden] -> (mlp output, residual before it); residual None for layer 0.
 
         The residual add of each sublayer is fused into the norm that follows it:
-        ``h, residual = norm(x, residual)``, as in vLLM's Llama.
+        ``h, residual = norm(x, residual)``, as in vLLM's Llama. ``keep`` ([R] int64): after
+        attention (which writes every row's K/V) only those rows go on -> [R, hidden] outputs.
         """
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, kv_cache, meta)
+        h = self.self_attn(h, rope, kv_cache, meta, keep)
+        if keep is not None:
+            residual = residual.index_select(0, keep)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -259,6 +269,7 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run one step.
 
@@ -267,15 +278,20 @@ class LlamaForCausalLM(nn.Module):
             positions: [T] int64 position of each token in its sequence.
             kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, KVH, head_dim].
             meta: slot mapping and per-sequence attention layout.
+            keep: [R] int64 rows whose final hidden state is wanted (e.g. the last token of each
+                sequence that samples), or None for all. The last layer then runs its output
+                projection, MLP and norms for those rows only: a prefill chunk's other tokens
+                need only their K/V, which every layer still writes.
 
         Returns:
-            [T, hidden] final hidden states (dtype of the weights).
+            [T, hidden] final hidden states (dtype of the weights), or [R, hidden] for ``keep``.
         """
         x = self.model.embed_tokens(input_ids)
         rope = rotary_inputs(positions, self.cos_cache, self.sin_cache, x.dtype)
         residual = None
-        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv, meta)
+        last = len(self.model.layers) - 1
+        for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+            x, residual = layer(x, residual, rope, kv, meta, keep if i == last else None)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""The CPU reference attention (SDPA over gathered blocks, decode rows grouped by length) against
+a plain per-sequence softmax attention written out by hand."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from kubeinfer_serving.layers import attention as attn
+from kubeinfer_serving.layers.attention import (
+    AttentionMetadata,
+    group_by_length,
+    reference_attention,
+    write_kv,
+)
+
+
+def _naive(q, k_seq, v_seq, first_pos, scale):
+    """q [n, H, D] at positions first_pos.., k/v [ctx, KVH, D] -> [n, H, D], causal, GQA by repetition."""
+    heads, kv_heads = q.shape[1], k_seq.shape[1]
+    k = k_seq.repeat_interleave(heads // kv_heads, dim=1).double()
+    v = v_seq.repeat_interleave(heads // kv_heads, dim=1).double()
+    scores = torch.einsum("nhd,khd->hnk", q.double(), k) * scale
+    pos = torch.arange(k.shape[0])
+    allowed = pos[None, :] <= (first_pos + torch.arange(q.shape[0]))[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).float()
+
+
+def _case(chunks, *, heads=4, kv_heads=2, head_dim=16, block_size=4, seed=0):
+    """Pool with garbage (large finite values) outside the sequences; returns reference and naive outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-(s + n) // block_size) for s, n in chunks]
+    num_blocks = sum(need) + 5
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for nb in need:
+        tables.append(perm[used:used + nb])
+        used += nb
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, 1e4)
+    v_cache = torch.full(shape, -1e4)
+    q_lens = np.array([n for _, n in chunks], dtype=np.int64)
+    seq_lens = np.array([s + n for s, n in chunks], dtype=np.int64)
+    qsl = np.concatenate(([0], np.cumsum(q_lens)))
+    width = max(len(t) for t in tables)
+    bt = np.zeros((len(chunks), width), dtype=np.int64)
+    for i, t in enumerate(tables):
+        bt[i, :len(t)] = t
+    slot = [tables[i][p // block_size] * block_size + p % block_size for i, (s, n) in enumerate(chunks)
+            for p in range(s + n)]
+    # Every sequence's context (earlier positions and this step's) gets real values.
+    k_all = torch.randn((len(slot), kv_heads, head_dim), generator=gen)
+    v_all = torch.randn((len(slot), kv_heads, head_dim), generator=gen)
+    k_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = k_all
+    v_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = v_all
+    step_slots = [tables[i][p // block_size] * block_size + p % block_size for i, (s, n) in enumerate(chunks)
+                  for p in range(s, s + n)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(step_slots), query_start_loc=torch.from_numpy(qsl),
+        seq_lens=torch.from_numpy(seq_lens), block_tables=torch.from_numpy(bt), max_query_len=int(q_lens.max()),
+        max_seq_len=int(seq_lens.max()), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, block_tables_cpu=bt,
+        block_size=block_size,
+    )
+    flat = k_cache.view(-1, kv_heads, head_dim)
+    k_step = flat[torch.tensor(step_slots)].clone()
+    v_step = v_cache.view(-1, kv_heads, head_dim)[torch.tensor(step_slots)].clone()
+    q = torch.randn((int(q_lens.sum()), heads, head_dim), generator=gen)
+    write_kv(k_step, v_step, k_cache, v_cache, meta.slot_mapping)
+    scale = head_dim ** -0.5
+    out = reference_attention(q, k_step, v_step, k_cache, v_cache, meta, scale)
+    expected = torch.empty_like(out)
+    for i, (s, n) in enumerate(chunks):
+        ctx_slots = torch.tensor([tables[i][p // block_size] * block_size + p % block_size for p in range(s + n)])
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        expected[a:b] = _naive(q[a:b], k_cache.view(-1, kv_heads, head_dim)[ctx_slots],
+                               v_cache.view(-1, kv_heads, head_dim)[ctx_slots], s, scale)
+    return out, expected, meta
+
+
+def test_decode_rows_of_very_different_lengths_are_split_into_groups_and_stay_exact(monkeypatch):
+    # Small split cost: the 2..300-token contexts fall into several groups.
+    monkeypatch.setattr(attn, "GROUP_SPLIT_ELEMENTS", 64)
+    chunks = [(c - 1, 1) for c in (300, 2, 17, 299, 64, 65, 5, 128, 4, 250)]
+    out, expected, meta = _case(chunks)
+    groups = meta.reference_plan(2, 16).decode_groups
+    assert len(groups) >= 3
+    assert sum(g.size for g in groups) == len(chunks)
+    assert sorted(meta.reference_plan(2, 16).decode_idx.tolist()) == list(range(len(chunks)))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_step_prefill_chunks_with_and_without_context_and_grouped_decode_rows():
+    chunks = [(0, 7), (40, 1), (9, 12), (3, 1), (0, 1), (100, 1), (33, 5)]
+    out, expected, _ = _case(chunks, heads=6, kv_heads=2, head_dim=8, block_size=8, seed=3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_group_when_splitting_costs_more_than_the_padding(monkeypatch):
+    monkeypatch.setattr(attn, "GROUP_SPLIT_ELEMENTS", 10 ** 12)
+    out, expected, meta = _case([(c - 1, 1) for c in (300, 2, 17, 64)])
+    assert len(meta.reference_plan(2, 16).decode_groups) == 1
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _cost(groups, blocks, split_cost):
+    return sum(split_cost + len(g) * int(blocks[g].max()) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouping_is_the_cheapest_partition_of_the_sorted_rows(seed):
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(1, 30, size=int(rng.integers(1, 9)))
+    split_cost = float(rng.choice([0.5, 3.0, 20.0]))
+    groups = group_by_length(blocks, split_cost)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(blocks.size))
+    assert [int(blocks[g].max()) for g in groups] == sorted((int(blocks[g].max()) for g in groups), reverse=True)
+    # Brute force over every way to cut the distinct sorted counts into consecutive groups.
+    vals = np.unique(blocks)
+    best = None
+    for cuts in itertools.product([False, True], repeat=max(0, vals.size - 1)):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [vals.size]
+        cand = [np.flatnonzero((blocks >= vals[a]) & (blocks <= vals[b - 1]))
+                for a, b in zip(bounds, bounds[1:], strict=False)]
+        cost = _cost(cand, blocks, split_cost)
+        best = cost if best is None else min(best, cost)
+    assert _cost(groups, blocks, split_cost) == pytest.approx(best)
+
+
+def test_grouping_extremes():
+    same = np.array([5, 5, 5])
+    assert [g.tolist() for g in group_by_length(same, 0.0)] == [[0, 1, 2]]
+    varied = np.array([1, 9, 4, 9])
+    assert len(group_by_length(varied, 0.0)) == 3  # one group per distinct length
+    assert len(group_by_length(varied, 1e9)) == 1
+    many = np.arange(1, 500)  # more distinct lengths than candidate cut points: still a partition
+    groups = group_by_length(many, 1.0)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(many.size))
