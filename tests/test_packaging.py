@@ -30,6 +30,9 @@ def test_wheel_has_every_module_and_the_tokenizer_corpus(tmp_path):
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "kubeinfer-bench = kubeinfer_serving.bench.kubeinfer_bench:main" in scripts
+    # the pods' command: the entry point that exits on a SIGTERM during start-up (tests/api/test_entrypoint.py)
+    assert "kubeinfer-serve = kubeinfer_serving.entrypoint:main" in scripts
+    assert "kubeinfer-activator = kubeinfer_operator.activator:main" in scripts
     for package in ("serving/kubeinfer_serving", "operator/kubeinfer_operator"):
         for module in (REPO / package).rglob("*.py"):
             assert str(module.relative_to(REPO / package.split("/")[0])) in names, module
