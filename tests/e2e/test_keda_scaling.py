@@ -232,6 +232,45 @@ def test_keda_scales_serving_pods_with_the_queue(e2e_cluster: E2ECluster, stack:
                              + f"\noperator log tail:\n{op_log}") from None
 
 
+class WakeTimeline:
+    """Once a second until stopped: the Deployment's replicas and readiness, the activator's, and
+    the values of the ScaledObject's trigger queries in Prometheus, into ``path``."""
+
+    def __init__(self, e2e: E2ECluster, stack: MetricsStack, name: str, path: Path) -> None:
+        self.e2e, self.stack, self.name, self.path = e2e, stack, name, path
+        self.queries = {t["name"]: t["metadata"]["query"]
+                        for t in e2e.get("scaledobject", name, "-n", NS)["spec"]["triggers"]}
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> str:
+        dep = self.e2e.get("deployment", self.name, "-n", NS)
+        act = self.e2e.kubectl("-n", NS, "get", "deployment", f"{self.name}-activator", "-o",
+                               "jsonpath={.status.readyReplicas}", check=False)
+        values = {}
+        for trigger, query in self.queries.items():
+            rows = self.stack.query(query)
+            values[trigger] = rows[0]["value"][1] if rows else "none"
+        return (f"replicas={dep['spec'].get('replicas')} ready={dep['status'].get('readyReplicas', 0)} "
+                f"activator={'absent' if act.returncode else 'ready=' + (act.stdout or '0')} triggers={values}")
+
+    def _run(self) -> None:
+        with self.path.open("w") as out:
+            while not self.stop_flag.is_set():
+                try:
+                    line = self._sample()
+                except Exception as exc:  # a diagnostic: never fail the test from here
+                    line = f"sample failed: {exc!r}"
+                out.write(f"{time.strftime('%H:%M:%S')}  {line}\n")
+                out.flush()
+                self.stop_flag.wait(1.0)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.thread.join(timeout=30)
+
+
 def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     e2e_cluster: E2ECluster, stack: MetricsStack, operator
 ):
@@ -250,6 +289,7 @@ def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     lines.append(f"conditions at zero: {json.dumps(list(conditions(e2e, 'idle').values()))}")
 
     ip = e2e.get("service", "idle", "-n", NS)["spec"]["clusterIP"]
+    timeline = WakeTimeline(e2e, stack, "idle", ARTIFACTS / "keda-e2e-wake-timeline.txt")
     first, first_wall = time.monotonic(), time.time()
     r = httpx.post(f"http://{ip}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 4}, timeout=30)
     assert r.status_code == 503, r.text
@@ -257,7 +297,10 @@ def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     assert r.json()["error"]["code"] == "scaled_to_zero"
     # what a client sees: the official client retries the 503 after Retry-After until a pod answers
     client = OpenAI(base_url=f"http://{ip}/v1", api_key="unused", timeout=60, max_retries=100)
-    answer = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    try:
+        answer = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    finally:
+        timeline.stop()
     served = time.monotonic() - first
     assert answer.usage.completion_tokens == 4
     lines.append(f"first request at zero -> answered by a woken pod (s): {served:.1f}")
