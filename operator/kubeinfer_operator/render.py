@@ -104,6 +104,24 @@ def common_labels(name: str) -> dict[str, str]:
     }
 
 
+def scrape_annotations() -> dict[str, str]:
+    """Prometheus' ``prometheus.io/*`` pod annotations for ``/metrics`` on port 8000: what the
+    shipped kubernetes-pods scrape job (deploy/prometheus/) discovers serving and activator pods by."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVING_PORT), "prometheus.io/path": "/metrics"}
+
+
+def container_security_context() -> dict[str, Any]:
+    """The restricted container securityContext of every pod the operator renders (Pod Security
+    Standards "restricted": no privilege escalation, non-root, all capabilities dropped) plus a
+    read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def _metadata(owner: Owner, name: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -308,12 +326,7 @@ def render_deployment(
         },
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
     }
     resources = spec.resources.as_dict()
     if resources:
@@ -350,12 +363,7 @@ def render_deployment(
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(SERVING_PORT),
-                        "prometheus.io/path": "/metrics",
-                        CONFIG_HASH_ANNOTATION: catalogue_hash,
-                    },
+                    "annotations": {**scrape_annotations(), CONFIG_HASH_ANNOTATION: catalogue_hash},
                 },
                 "spec": pod_spec,
             },
@@ -562,12 +570,7 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
         "readinessProbe": {**probe, "httpGet": {"path": "/ready", "port": "http"}},
         "livenessProbe": {**probe, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
     }
     return {
         "apiVersion": "apps/v1",
@@ -580,11 +583,7 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(SERVING_PORT),
-                        "prometheus.io/path": "/metrics",
-                    },
+                    "annotations": scrape_annotations(),
                 },
                 "spec": {
                     "containers": [container],
