@@ -12,33 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from kubeinfer_serving.layers.attention import AttentionMetadata, reference_attention, write_kv
+from kubeinfer_serving.layers.attention import reference_attention, write_kv
+
+from tests.layers.attention_cases import step_metadata
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _metadata(chunks, tables, block_size, device) -> tuple[AttentionMetadata, int]:
-    """Metadata of a step: ``chunks`` = [(num_computed_before, num_new_tokens)] per sequence."""
-    q_lens = np.array([n for _, n in chunks], dtype=np.int64)
-    seq_lens = np.array([s + n for s, n in chunks], dtype=np.int64)
-    qsl = np.concatenate(([0], np.cumsum(q_lens)))
-    width = max(len(t) for t in tables)
-    bt = np.zeros((len(chunks), width), dtype=np.int64)
-    for i, t in enumerate(tables):
-        bt[i, :len(t)] = t
-    slots = [tables[i][p // block_size] * block_size + p % block_size
-             for i, (s, n) in enumerate(chunks) for p in range(s, s + n)]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.from_numpy(qsl).to(device), seq_lens=torch.from_numpy(seq_lens).to(device),
-        block_tables=torch.from_numpy(bt).to(device), max_query_len=int(q_lens.max()),
-        max_seq_len=int(seq_lens.max()), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, block_tables_cpu=bt,
-        block_size=block_size,
-    )
-    return meta, int(q_lens.sum())
 
 
 def _run_case(mod, device, chunks, *, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
@@ -61,7 +41,7 @@ def _run_case(mod, device, chunks, *, heads=4, kv_heads=2, head_dim=32, block_si
     for t in tables:
         k_cache[t] = torch.randn((len(t), block_size, kv_heads, head_dim), generator=gen).to(dtype)
         v_cache[t] = torch.randn((len(t), block_size, kv_heads, head_dim), generator=gen).to(dtype)
-    meta, num_tokens = _metadata(chunks, tables, block_size, "cpu")
+    meta, num_tokens = step_metadata(chunks, tables, block_size, "cpu")
     q = torch.randn((num_tokens, heads, head_dim), generator=gen).to(dtype)
     k = torch.randn((num_tokens, kv_heads, head_dim), generator=gen).to(dtype)
     v = torch.randn((num_tokens, kv_heads, head_dim), generator=gen).to(dtype)
@@ -71,7 +51,7 @@ def _run_case(mod, device, chunks, *, heads=4, kv_heads=2, head_dim=32, block_si
     write_kv(k, v, k_ref, v_ref, meta.slot_mapping)
     ref = reference_attention(q.float(), k.float(), v.float(), k_ref.float(), v_ref.float(), meta, head_dim ** -0.5)
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    dmeta, _ = _metadata(chunks, tables, block_size, device)
+    dmeta, _ = step_metadata(chunks, tables, block_size, device)
     out = mod.paged_attention_triton(q.to(device), k_cache.to(device), v_cache.to(device), dmeta, head_dim ** -0.5)
     return out.float().cpu(), ref
 
@@ -143,7 +123,7 @@ def test_head_dim_not_a_power_of_two(kernel):
 def test_rejects_a_block_size_the_kernel_cannot_tile():
     from kubeinfer_serving.layers.paged_attention_triton import paged_attention_triton
 
-    meta, _ = _metadata([(0, 3)], [[0]], 8, "cpu")
+    meta, _ = step_metadata([(0, 3)], [[0]], 8, "cpu")
     with pytest.raises(ValueError, match="block size"):
         paged_attention_triton(torch.zeros(3, 2, 16), torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16), meta, 1.0)
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from kubeinfer_serving.layers import attention as attn
 from kubeinfer_serving.layers.attention import (
-    AttentionMetadata,
     group_by_length,
     reference_attention,
     write_kv,
 )
+
+from tests.layers.attention_cases import step_metadata
 
 
 def _naive(q, k_seq, v_seq, first_pos, scale):
@@ -42,13 +43,6 @@ def _case(chunks, *, heads=4, kv_heads=2, head_dim=16, block_size=4, seed=0):
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.full(shape, 1e4)
     v_cache = torch.full(shape, -1e4)
-    q_lens = np.array([n for _, n in chunks], dtype=np.int64)
-    seq_lens = np.array([s + n for s, n in chunks], dtype=np.int64)
-    qsl = np.concatenate(([0], np.cumsum(q_lens)))
-    width = max(len(t) for t in tables)
-    bt = np.zeros((len(chunks), width), dtype=np.int64)
-    for i, t in enumerate(tables):
-        bt[i, :len(t)] = t
     slot = [tables[i][p // block_size] * block_size + p % block_size for i, (s, n) in enumerate(chunks)
             for p in range(s + n)]
     # Every sequence's context (earlier positions and this step's) gets real values.
@@ -56,18 +50,12 @@ def _case(chunks, *, heads=4, kv_heads=2, head_dim=16, block_size=4, seed=0):
     v_all = torch.randn((len(slot), kv_heads, head_dim), generator=gen)
     k_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = k_all
     v_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = v_all
-    step_slots = [tables[i][p // block_size] * block_size + p % block_size for i, (s, n) in enumerate(chunks)
-                  for p in range(s, s + n)]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(step_slots), query_start_loc=torch.from_numpy(qsl),
-        seq_lens=torch.from_numpy(seq_lens), block_tables=torch.from_numpy(bt), max_query_len=int(q_lens.max()),
-        max_seq_len=int(seq_lens.max()), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, block_tables_cpu=bt,
-        block_size=block_size,
-    )
-    flat = k_cache.view(-1, kv_heads, head_dim)
-    k_step = flat[torch.tensor(step_slots)].clone()
-    v_step = v_cache.view(-1, kv_heads, head_dim)[torch.tensor(step_slots)].clone()
-    q = torch.randn((int(q_lens.sum()), heads, head_dim), generator=gen)
+    meta, num_tokens = step_metadata(chunks, tables, block_size, "cpu")
+    qsl = meta.query_start_loc_cpu
+    step_slots = meta.slot_mapping
+    k_step = k_cache.view(-1, kv_heads, head_dim)[step_slots].clone()
+    v_step = v_cache.view(-1, kv_heads, head_dim)[step_slots].clone()
+    q = torch.randn((num_tokens, heads, head_dim), generator=gen)
     write_kv(k_step, v_step, k_cache, v_cache, meta.slot_mapping)
     scale = head_dim ** -0.5
     out = reference_attention(q, k_step, v_step, k_cache, v_cache, meta, scale)
