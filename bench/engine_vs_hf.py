@@ -62,34 +62,13 @@ def run_hf(model, reqs, device) -> tuple[float, dict[str, list[int]]]:
 
 
 def run_hf_cb(model, reqs, max_batch: int, block_size: int = 16) -> tuple[float, dict[str, list[int]]]:
-    """Seconds for transformers' own continuous batching (``ContinuousBatchingManager``) over all
-    requests submitted at once, and their tokens.
+    """Seconds for transformers' own continuous batching over all requests submitted at once, and
+    their tokens: :func:`kubeinfer_serving.bench.kubeinfer_bench.run_transformers_cb` (per-request
+    ``max_new_tokens``, EOS disabled, cache sized explicitly), without its TTFTs."""
+    from kubeinfer_serving.bench.kubeinfer_bench import run_transformers_cb
 
-    Per-request ``max_new_tokens`` through the manager; EOS disabled; cache sized explicitly
-    (``num_blocks``, ``max_batch_tokens``) so no auto-sizing (which needs psutil on CPU) runs.
-    """
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    longest = max(len(p) + n for _, p, n in reqs)
-    num_blocks = max_batch * (-(-longest // block_size)) + 8
-    gen_cfg = GenerationConfig(do_sample=False, eos_token_id=None, max_new_tokens=max(n for _, _, n in reqs))
-    cb_cfg = ContinuousBatchingConfig(block_size=block_size, num_blocks=num_blocks, max_batch_tokens=2048,
-                                      max_requests_per_batch=max_batch)
-    out: dict[str, list[int]] = {}
-    t0 = time.perf_counter()
-    with model.continuous_batching_context_manager(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
-                                                   block=True, timeout=60, warmup=False) as mgr:
-        for rid, prompt, n in reqs:
-            mgr.add_request(list(prompt), request_id=rid, max_new_tokens=n)
-        while len(out) < len(reqs):
-            res = mgr.get_result(timeout=120)
-            if res is None:
-                raise RuntimeError("transformers continuous batching returned no result within 120 s")
-            if res.is_finished():
-                if res.error:
-                    raise RuntimeError(f"transformers continuous batching failed {res.request_id}: {res.error}")
-                out[res.request_id] = list(res.generated_tokens)
-    return time.perf_counter() - t0, out
+    seconds, _, out = run_transformers_cb(model, reqs, max_batch, block_size)
+    return seconds, out
 
 
 def main(argv: list[str] | None = None) -> int:
