@@ -31,6 +31,7 @@ from openai import OpenAI
 from tests.cluster_fixture import REPO
 from tests.e2e.conftest import OPERATOR_IMAGE, SERVING_IMAGE, E2ECluster, wait_until
 from tests.metrics_stack_fixture import MetricsStack, save_logs, start_metrics_stack
+from tests.stream_load import StreamLoad
 
 pytestmark = [pytest.mark.metrics, pytest.mark.timeout(1500)]
 
@@ -114,43 +115,6 @@ class HpaWatch:
         self.file.close()
 
 
-class Load:
-    """``concurrency`` long streamed completions (``ignore_eos``) in flight through the Service
-    until stopped or ``max_seconds`` passed."""
-
-    def __init__(self, base_url: str, concurrency: int, max_seconds: float) -> None:
-        self.client = OpenAI(base_url=base_url, api_key="unused", timeout=300, max_retries=0)
-        self.stop_flag = threading.Event()
-        self.deadline = time.monotonic() + max_seconds
-        self.threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
-        self.completed = 0
-        self.errors: list[str] = []
-
-    def _worker(self) -> None:
-        while not self.stop_flag.is_set() and time.monotonic() < self.deadline:
-            try:
-                stream = self.client.completions.create(model=MODEL, prompt="count slowly", max_tokens=256,
-                                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
-                for _ in stream:
-                    if self.stop_flag.is_set():
-                        stream.close()
-                        break
-                self.completed += 1
-            except Exception as exc:  # recorded; the test asserts on them
-                self.errors.append(repr(exc))
-                time.sleep(1)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(timeout=120)
-
-
 def _quantity(value: str) -> float:
     return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
 
@@ -167,7 +131,8 @@ def test_keda_scales_serving_pods_with_the_queue(e2e_cluster: E2ECluster, stack:
     ip = e2e.get("service", "scaled", "-n", NS)["spec"]["clusterIP"]
     start = time.monotonic()
     try:
-        with Load(f"http://{ip}/v1", concurrency=64, max_seconds=480) as load:
+        with StreamLoad(f"http://{ip}/v1", MODEL, concurrency=64, prompt="count slowly", max_tokens=256,
+                        max_seconds=480) as load:
             def metric_seen():
                 hpa = e2e.get("hpa", "keda-hpa-scaled", "-n", NS)
                 current = (hpa.get("status", {}).get("currentMetrics") or [{}])[0].get("external", {}).get("current", {})

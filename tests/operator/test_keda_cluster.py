@@ -17,13 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
 from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
@@ -32,6 +30,7 @@ from tests.api.conftest import wait_ready
 from tests.metrics_stack_fixture import free_port
 from tests.operator import test_operator_cluster as toc
 from tests.operator.conftest import CRD_PATH, REPO
+from tests.stream_load import StreamLoad
 
 pytestmark = [pytest.mark.cluster, pytest.mark.metrics]
 
@@ -163,37 +162,6 @@ def external_metric(k, scaled_object: str) -> tuple[str, float] | None:
     return metric, value
 
 
-class Load:
-    """Keeps ``concurrency`` long streaming completions in flight against the real server until stopped."""
-
-    def __init__(self, base_url: str, concurrency: int) -> None:
-        self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-        self.stop_flag = threading.Event()
-        self.threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(concurrency)]
-        self.done = 0
-
-    def _worker(self) -> None:
-        while not self.stop_flag.is_set():
-            stream = self.client.completions.create(model=BUILTIN_MODEL_NAME, prompt="tell me a long story",
-                                                    max_tokens=200, temperature=0, stream=True,
-                                                    extra_body={"ignore_eos": True})
-            for _ in stream:
-                if self.stop_flag.is_set():
-                    stream.close()
-                    break
-            self.done += 1
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-
 def hpa_line(k, name: str) -> str:
     return k.run("-n", NS, "get", "hpa", name, "--no-headers").stdout.strip()
 
@@ -227,7 +195,8 @@ def test_keda_scales_up_on_queue_length_and_back_down(cluster, metrics_stack, op
     assert obj["status"]["models"][0]["state"] == "Loaded" and obj["status"]["modelSummary"] == f"{BUILTIN_MODEL_NAME} 1/1"
 
     t_load = time.monotonic()
-    with Load(serving, concurrency=12):
+    with StreamLoad(f"{serving}/v1", BUILTIN_MODEL_NAME, concurrency=12, prompt="tell me a long story",
+                    max_tokens=200):
         def metric_up():
             got = external_metric(k, "qchat")
             return got and got[1] >= 4 and got
@@ -268,7 +237,8 @@ def test_scale_to_zero_and_activation_from_the_queue(metrics_stack, operator, se
     log(f"qzero at zero: {toc.condition(obj, 'AutoscalerReady')['message']}")
     target_pod(k, "qzero", serving)  # its queue is what KEDA's activation looks at
     t0 = time.monotonic()
-    with Load(serving, concurrency=6):
+    with StreamLoad(f"{serving}/v1", BUILTIN_MODEL_NAME, concurrency=6, prompt="tell me a long story",
+                    max_tokens=200):
         toc.wait_for("activation 0 -> 1", lambda: (d := k.json("deployment", "qzero"))
                      and (d["spec"].get("replicas") or 0) >= 1, timeout=90)
     log(f"qzero activated 0 -> 1 after {time.monotonic() - t0:.1f}s of queue above activationQueueLength")
