@@ -12,67 +12,16 @@ from kubeinfer_serving.layers import attention as attn
 from kubeinfer_serving.layers.attention import (
     group_by_length,
     reference_attention,
-    write_kv,
 )
 
-from tests.layers.attention_cases import step_metadata
-
-
-def _naive(q, k_seq, v_seq, first_pos, scale):
-    """q [n, H, D] at positions first_pos.., k/v [ctx, KVH, D] -> [n, H, D], causal, GQA by repetition."""
-    heads, kv_heads = q.shape[1], k_seq.shape[1]
-    k = k_seq.repeat_interleave(heads // kv_heads, dim=1).double()
-    v = v_seq.repeat_interleave(heads // kv_heads, dim=1).double()
-    scores = torch.einsum("nhd,khd->hnk", q.double(), k) * scale
-    pos = torch.arange(k.shape[0])
-    allowed = pos[None, :] <= (first_pos + torch.arange(q.shape[0]))[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).float()
-
-
-def _case(chunks, *, heads=4, kv_heads=2, head_dim=16, block_size=4, seed=0):
-    """Pool with garbage (large finite values) outside the sequences; returns reference and naive outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    need = [-(-(s + n) // block_size) for s, n in chunks]
-    num_blocks = sum(need) + 5
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, used = [], 0
-    for nb in need:
-        tables.append(perm[used:used + nb])
-        used += nb
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.full(shape, 1e4)
-    v_cache = torch.full(shape, -1e4)
-    slot = [tables[i][p // block_size] * block_size + p % block_size for i, (s, n) in enumerate(chunks)
-            for p in range(s + n)]
-    # Every sequence's context (earlier positions and this step's) gets real values.
-    k_all = torch.randn((len(slot), kv_heads, head_dim), generator=gen)
-    v_all = torch.randn((len(slot), kv_heads, head_dim), generator=gen)
-    k_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = k_all
-    v_cache.view(-1, kv_heads, head_dim)[torch.tensor(slot)] = v_all
-    meta, num_tokens = step_metadata(chunks, tables, block_size, "cpu")
-    qsl = meta.query_start_loc_cpu
-    step_slots = meta.slot_mapping
-    k_step = k_cache.view(-1, kv_heads, head_dim)[step_slots].clone()
-    v_step = v_cache.view(-1, kv_heads, head_dim)[step_slots].clone()
-    q = torch.randn((num_tokens, heads, head_dim), generator=gen)
-    write_kv(k_step, v_step, k_cache, v_cache, meta.slot_mapping)
-    scale = head_dim ** -0.5
-    out = reference_attention(q, k_step, v_step, k_cache, v_cache, meta, scale)
-    expected = torch.empty_like(out)
-    for i, (s, n) in enumerate(chunks):
-        ctx_slots = torch.tensor([tables[i][p // block_size] * block_size + p % block_size for p in range(s + n)])
-        a, b = int(qsl[i]), int(qsl[i + 1])
-        expected[a:b] = _naive(q[a:b], k_cache.view(-1, kv_heads, head_dim)[ctx_slots],
-                               v_cache.view(-1, kv_heads, head_dim)[ctx_slots], s, scale)
-    return out, expected, meta
+from tests.layers.attention_cases import pool_case
 
 
 def test_decode_rows_of_very_different_lengths_are_split_into_groups_and_stay_exact(monkeypatch):
     # Small split cost: the 2..300-token contexts fall into several groups.
     monkeypatch.setattr(attn, "GROUP_SPLIT_ELEMENTS", 64)
     chunks = [(c - 1, 1) for c in (300, 2, 17, 299, 64, 65, 5, 128, 4, 250)]
-    out, expected, meta = _case(chunks)
+    out, expected, meta = pool_case(reference_attention, chunks)
     groups = meta.reference_plan(2, 16).decode_groups
     assert len(groups) >= 3
     assert sum(g.size for g in groups) == len(chunks)
@@ -82,13 +31,13 @@ def test_decode_rows_of_very_different_lengths_are_split_into_groups_and_stay_ex
 
 def test_mixed_step_prefill_chunks_with_and_without_context_and_grouped_decode_rows():
     chunks = [(0, 7), (40, 1), (9, 12), (3, 1), (0, 1), (100, 1), (33, 5)]
-    out, expected, _ = _case(chunks, heads=6, kv_heads=2, head_dim=8, block_size=8, seed=3)
+    out, expected, _ = pool_case(reference_attention, chunks, heads=6, kv_heads=2, head_dim=8, block_size=8, seed=3)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_group_when_splitting_costs_more_than_the_padding(monkeypatch):
     monkeypatch.setattr(attn, "GROUP_SPLIT_ELEMENTS", 10 ** 12)
-    out, expected, meta = _case([(c - 1, 1) for c in (300, 2, 17, 64)])
+    out, expected, meta = pool_case(reference_attention, [(c - 1, 1) for c in (300, 2, 17, 64)])
     assert len(meta.reference_plan(2, 16).decode_groups) == 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

@@ -15,7 +15,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from kubeinfer_serving.layers.attention import AttentionMetadata
+from kubeinfer_serving.layers.attention import AttentionMetadata, attention_backend
 
 from .cuda_graphs import DecodeGraphs
 from .logits_processors import apply_logits_processors
@@ -179,6 +179,10 @@ class ModelRunner:
                 except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
                     log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
                     self.graphs = None
+        if attention_backend(device, model.dtype) == "cpu":
+            from kubeinfer_serving.layers.paged_attention_cpu import warm_up
+
+            warm_up()  # compile (or load) the decode kernel now, not in the first request's step
         # A step's inputs go up through pinned double-buffered staging, each buffer's reuse
         # guarded by an event recorded after its upload.
         self._inputs_to_device = HostToDevice(device)

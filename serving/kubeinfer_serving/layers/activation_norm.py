@@ -67,4 +67,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return fused(x.contiguous())
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)

@@ -8,24 +8,30 @@ query_start_loc[i+1]``, which are its positions ``seq_lens[i] - q_len .. seq_len
 (a decode row has one query; a prefill chunk has many, after any cached or earlier-chunk
 context).
 
-Two backends compute the same thing:
+Three backends compute the same thing:
 
 * ``triton`` (CUDA): :func:`kubeinfer_serving.layers.paged_attention_triton.paged_attention_triton`,
   one launch for all decode rows and prefill chunks, reading K/V in place through the block table.
-* ``reference`` (CPU, and the test oracle): gathers each sequence's blocks and runs
+* ``cpu`` (CPU, float32): decode rows through
+  :func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`, a Numba kernel that
+  reads K/V in place through the block table; prefill chunks as in the reference.
+* ``reference`` (CPU for other dtypes, and the test oracle): gathers each sequence's blocks and runs
   ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences in groups of
   similar context length (:func:`group_by_length`), each group padded to its longest context
   with a key mask; prefill chunks one by one, causal, with the chunk's queries at the end of
   its context.
 
-The backend is chosen per call: Triton for CUDA tensors, the reference otherwise.
-``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference on CUDA too;
+The backend is chosen per call by :func:`attention_backend`: Triton for CUDA tensors, ``cpu``
+for float32 CPU tensors (when Numba imports), the reference otherwise.
+``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference everywhere;
 ``KUBEINFER_ATTENTION_BACKEND=triton`` forces Triton everywhere (on CPU only useful under
 ``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -33,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Environment variable that picks the attention backend on CUDA ("triton" or "reference").
+#: Environment variable that forces an attention backend ("triton" or "reference").
 BACKEND_ENV = "KUBEINFER_ATTENTION_BACKEND"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +79,21 @@ class DecodeGroup:
 
 
 @dataclass
+class DecodeRows:
+    """Decode rows as the ``cpu`` backend's kernel reads them (host arrays, in batch order).
+
+    Attributes:
+        q_rows: [Bd] int64 batch positions of the single-token queries after context.
+        block_tables: [Bd, nb] int64 their block tables (C-contiguous; nb = the step's widest).
+        seq_lens: [Bd] int64 their context lengths, the new token included.
+    """
+
+    q_rows: np.ndarray
+    block_tables: np.ndarray
+    seq_lens: np.ndarray
+
+
+@dataclass
 class ReferencePlan:
     """How the reference backend splits a step (built once per step, shared by all layers).
 
@@ -80,11 +103,14 @@ class ReferencePlan:
             group after group (or None when there are none).
         decode_groups: those rows grouped by context length (see :func:`group_by_length`);
             group g owns the next ``size`` entries of ``decode_idx``.
+        decode_rows: the same rows ungrouped, for the ``cpu`` backend's kernel (then
+            ``decode_idx`` is None and ``decode_groups`` empty).
     """
 
     prefills: list[PrefillChunk]
     decode_idx: torch.Tensor | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    decode_rows: DecodeRows | None = None
 
 
 @dataclass
@@ -114,6 +140,7 @@ class AttentionMetadata:
     block_tables_cpu: np.ndarray
     block_size: int
     _reference: ReferencePlan | None = field(default=None, repr=False)
+    _cpu: ReferencePlan | None = field(default=None, repr=False)
 
     def reference_plan(self, num_kv_heads: int = 1, head_dim: int = 1) -> ReferencePlan:
         """The reference backend's split of this step (computed on first use, then cached;
@@ -121,6 +148,12 @@ class AttentionMetadata:
         if self._reference is None:
             self._reference = build_reference_plan(self, num_kv_heads, head_dim)
         return self._reference
+
+    def cpu_plan(self) -> ReferencePlan:
+        """The ``cpu`` backend's split of this step: prefill chunks and ungrouped decode rows (cached)."""
+        if self._cpu is None:
+            self._cpu = build_reference_plan(self, group_decodes=False)
+        return self._cpu
 
 
 #: What one more decode group costs on CPU, in padded key elements (rows x positions x KV heads
@@ -177,11 +210,14 @@ def group_by_length(num_blocks: np.ndarray, split_cost: float) -> list[np.ndarra
     return groups
 
 
-def build_reference_plan(meta: AttentionMetadata, num_kv_heads: int = 1, head_dim: int = 1) -> ReferencePlan:
+def build_reference_plan(meta: AttentionMetadata, num_kv_heads: int = 1, head_dim: int = 1,
+                         group_decodes: bool = True) -> ReferencePlan:
     """Split a step into decode rows (batched, grouped by length) and prefill chunks (one by one) for SDPA.
 
     Decode rows are grouped with :func:`group_by_length` so that padding to each group's longest
     context stays small, one group costing as much as ``GROUP_SPLIT_ELEMENTS`` padded key elements.
+    With ``group_decodes=False`` they are left ungrouped in :attr:`ReferencePlan.decode_rows`
+    for the ``cpu`` backend's kernel instead.
     Vectorized over decode rows; loops only over prefill chunks (few per step) and groups.
     """
     dev = meta.slot_mapping.device
@@ -203,7 +239,11 @@ def build_reference_plan(meta: AttentionMetadata, num_kv_heads: int = 1, head_di
         mask = (torch.arange(nb * bs).unsqueeze(0) <= rows).to(dev, non_blocking=True)
         plan.prefills.append(PrefillChunk(s, n, kv_blocks, mask))
     rows = np.flatnonzero(is_decode)
-    if rows.size:
+    if rows.size and not group_decodes:
+        width = int(-(-seq_lens[rows].max() // bs))
+        plan.decode_rows = DecodeRows(qsl[rows], np.ascontiguousarray(meta.block_tables_cpu[rows, :width], np.int64),
+                                      seq_lens[rows])
+    elif rows.size:
         ctx_all = seq_lens[rows]
         split_cost = GROUP_SPLIT_ELEMENTS / (bs * num_kv_heads * head_dim)
         groups = group_by_length(-(-ctx_all // bs), split_cost)
@@ -228,6 +268,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
+def _attend_prefills(q, k, v, k_blocks, v_blocks, prefills: list[PrefillChunk], out, scale: float) -> None:
+    """SDPA over each prefill chunk (causal; after its gathered context when it has one), into ``out``."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    for chunk in prefills:
+        s, n = chunk.q_start, chunk.q_len
+        qs = q[s:s + n].transpose(0, 1).unsqueeze(0)
+        if chunk.mask is None:
+            ks = k[s:s + n].transpose(0, 1).unsqueeze(0)
+            vs = v[s:s + n].transpose(0, 1).unsqueeze(0)
+        else:
+            ks = k_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+            vs = v_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True
+        )
+        out[s:s + n] = o[0].transpose(0, 1)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,19 +306,7 @@ def reference_attention(
     k_blocks = k_cache.view(k_cache.shape[0], -1)
     v_blocks = v_cache.view(v_cache.shape[0], -1)
     out = torch.empty_like(q)
-    for chunk in plan.prefills:
-        s, n = chunk.q_start, chunk.q_len
-        qs = q[s:s + n].transpose(0, 1).unsqueeze(0)
-        if chunk.mask is None:
-            ks = k[s:s + n].transpose(0, 1).unsqueeze(0)
-            vs = v[s:s + n].transpose(0, 1).unsqueeze(0)
-        else:
-            ks = k_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
-            vs = v_blocks.index_select(0, chunk.kv_blocks).view(-1, num_kv_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True
-        )
-        out[s:s + n] = o[0].transpose(0, 1)
+    _attend_prefills(q, k, v, k_blocks, v_blocks, plan.prefills, out, scale)
     if plan.decode_groups:
         # One gather of the decode queries in group order, one scatter of the results.
         q_all = q.index_select(0, plan.decode_idx).unsqueeze(2)
@@ -276,6 +322,58 @@ def reference_attention(
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         out.index_copy_(0, plan.decode_idx, o[:, :, 0])
     return out
+
+
+def cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The ``cpu`` backend: prefill chunks as the reference, decode rows through the Numba kernel
+    (:func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`), which reads the
+    cache in place. float32 CPU tensors; the cache already holds this step's K/V.
+
+    Args/returns: as :func:`paged_attention`.
+    """
+    from .paged_attention_cpu import decode_attention_cpu
+
+    plan = meta.cpu_plan()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _attend_prefills(q, k, v, k_cache.view(k_cache.shape[0], -1), v_cache.view(v_cache.shape[0], -1),
+                     plan.prefills, out, scale)
+    if plan.decode_rows is not None:
+        d = plan.decode_rows
+        decode_attention_cpu(q, k_cache, v_cache, d.q_rows, d.block_tables, d.seq_lens, out, scale)
+    return out
+
+
+@functools.cache
+def cpu_kernel_available() -> bool:
+    """True when the ``cpu`` backend's Numba kernel imports (Numba is a dependency; when it is
+    missing, or its on-disk cache has no writable place, that is logged once and the reference
+    serves instead)."""
+    try:
+        from . import paged_attention_cpu  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or Numba's RuntimeError for an unusable cache
+        log.warning("the CPU decode attention kernel is unavailable (%s): the reference path serves", exc)
+        return False
+    return True
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend :func:`paged_attention` runs for tensors on ``device`` of ``dtype``:
+    ``"triton"``, ``"cpu"`` or ``"reference"`` (see the module docstring)."""
+    if use_triton(device):
+        return "triton"
+    if (device.type == "cpu" and os.environ.get(BACKEND_ENV, "") != "reference" and dtype == torch.float32
+            and cpu_kernel_available()):
+        return "cpu"
+    return "reference"
 
 
 def use_triton(device: torch.device) -> bool:
@@ -308,8 +406,11 @@ def paged_attention(
         [T, H, D] attention output, dtype of ``q``.
     """
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    if use_triton(q.device):
+    backend = attention_backend(q.device, q.dtype)
+    if backend == "triton":
         from .paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    if backend == "cpu":
+        return cpu_attention(q, k, v, k_cache, v_cache, meta, scale)
     return reference_attention(q, k, v, k_cache, v_cache, meta, scale)

@@ -101,7 +101,8 @@ def rope_paged_attention(
                           kv_cache[1], meta.slot_mapping, num_heads, num_kv_heads, head_dim)
         return paged_attention_triton(q, kv_cache[0], kv_cache[1], meta, scale)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = apply_rope(q.view(t, num_heads, head_dim), rope.cos, rope.sin)
-    k = apply_rope(k.view(t, num_kv_heads, head_dim), rope.cos, rope.sin)
+    qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+    # q and k heads rotate together (one set of elementwise ops instead of two; same values).
+    q, k = apply_rope(qk.view(t, num_heads + num_kv_heads, head_dim), rope.cos, rope.sin).split(
+        [num_heads, num_kv_heads], dim=1)
     return paged_attention(q, k, v.view(t, num_kv_heads, head_dim), kv_cache[0], kv_cache[1], meta, scale)
