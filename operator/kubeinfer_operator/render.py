@@ -494,7 +494,10 @@ def render_scaled_object(owner: Owner, spec: InferenceServiceSpec, config: Opera
     only when no trigger has been active for ``cooldownPeriod`` = ``scaleDownStabilizationSeconds``,
     so a long generation is never cut off by the queue alone reading 0. (KEDA applies
     ``cooldownPeriod`` only to the step to zero; with ``minReplicas`` >= 1 scale-down is the HPA's
-    ``behavior`` alone.) KEDA docs: "Scaling Deployments", "Prometheus scaler".
+    ``behavior`` alone.) ``initialCooldownPeriod`` is the same number of seconds: KEDA's default 0
+    would take a new ``minReplicas: 0`` isvc to zero at once, while its first pod still loads
+    (kedacore/keda#5008). KEDA docs: "Scaling Deployments", "Prometheus scaler", "ScaledObject
+    specification".
     """
     scaling = spec.scaling
     server = scaling.prometheus_address or config.prometheus_url
@@ -535,6 +538,7 @@ def render_scaled_object(owner: Owner, spec: InferenceServiceSpec, config: Opera
             "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": config.keda_polling_seconds,
             "cooldownPeriod": scaling.scale_down_stabilization_seconds,
+            "initialCooldownPeriod": scaling.scale_down_stabilization_seconds,
             "advanced": {
                 "horizontalPodAutoscalerConfig": {
                     "name": keda_hpa_name(owner.name),

@@ -248,6 +248,8 @@ def test_keda_mode_renders_a_scaled_object_instead_of_an_hpa():
     assert (so["apiVersion"], so["kind"], so["metadata"]["name"]) == ("keda.sh/v1alpha1", "ScaledObject", "chat")
     assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat"}
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"], so["spec"]["cooldownPeriod"]) == (0, 5, 120)
+    # A new min-0 isvc is not taken to zero before its first pod has had the cooldown to come up.
+    assert so["spec"]["initialCooldownPeriod"] == 120
     trigger, in_flight = so["spec"]["triggers"]
     assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
     meta = trigger["metadata"]
