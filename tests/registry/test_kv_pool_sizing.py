@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from kubeinfer_serving.engine.kv_sizing import KVPoolSizeError
 from kubeinfer_serving.engine.sampling import SamplingParams
+from kubeinfer_serving.layers.linear import PACKED_LINEAR_ENV
 from kubeinfer_serving.registry import Catalogue, ModelEntry, ModelRegistry
 from kubeinfer_serving.registry.catalogue import CatalogueError, parse_catalogue
 from kubeinfer_serving.registry.protocol import ModelState, ModelUnavailableError
@@ -15,6 +16,16 @@ from kubeinfer_serving.registry.protocol import ModelState, ModelUnavailableErro
 MiB = 1 << 20
 BLOCK = 64 * 1024  # tiny Llama: 2 (K, V) x 4 layers x 16 tokens x 2 KV heads x 64 dims x 4 B (fp32)
 WEIGHTS = 28_582_912  # its fp32 weights
+# Its linear weights (lm_head 8192 x 256; per layer qkv 384 x 256, o 256 x 256, gate_up 1408 x 256,
+# down 256 x 704), whose oneDNN-packed copies the CPU path holds as well.
+LINEAR_WEIGHTS = 4 * (8192 * 256 + 4 * (384 * 256 + 256 * 256 + 1408 * 256 + 256 * 704))
+
+
+@pytest.fixture(autouse=True)
+def _unpacked(monkeypatch):
+    """The arithmetic of these tests counts the checkpoint's weights: no packed copies (those are
+    counted in test_the_cpu_packed_weight_copies_count_against_the_budget)."""
+    monkeypatch.setenv(PACKED_LINEAR_ENV, "0")
 
 
 async def generate(reg: ModelRegistry, name: str) -> list[int]:
@@ -44,6 +55,23 @@ async def test_an_auto_pool_on_cpu_takes_what_the_budget_leaves_and_logs_the_ari
         assert len(await generate(reg, "a")) == 4
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV pool of 'a'"))
         assert "160 blocks x 65536 B = 10.00 MiB" in line and "the cpu default, capped by what is left" in line
+    finally:
+        await reg.shutdown()
+
+
+async def test_the_cpu_packed_weight_copies_count_against_the_budget(model_dirs, monkeypatch) -> None:
+    """With packed linear weights (the CPU float32 default) the pool gets what weights + their
+    packed copies leave, and a reload plans with the measured weights."""
+    monkeypatch.setenv(PACKED_LINEAR_ENV, "1")
+    reg = ModelRegistry(Catalogue(models=[entry("a", model_dirs["tiny-0"])]), budget_bytes=WEIGHTS + 30 * MiB,
+                        device="cpu")
+    try:
+        async with reg.acquire("a") as served:
+            engine = served.engine.engine
+            packed = engine.weights_bytes - WEIGHTS
+            assert packed >= LINEAR_WEIGHTS  # every linear weight has a packed copy, at least as large
+            assert engine.num_kv_blocks == (30 * MiB - packed) // BLOCK
+        assert reg.loader.plan(reg.catalogue.entry("a")).weights_bytes == WEIGHTS + packed
     finally:
         await reg.shutdown()
 

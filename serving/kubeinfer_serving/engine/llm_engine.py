@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kubeinfer_serving.layers.linear import pack_linear_layers
+from kubeinfer_serving.layers.linear import pack_linear_layers, packed_weight_bytes
 from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -74,6 +74,12 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                               f"first: {bad[0]}")
 
 
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights hold: its parameters (shared ones once) plus, on CPU, the
+    oneDNN-packed copies of its linear weights (:mod:`kubeinfer_serving.layers.linear`)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + packed_weight_bytes(model)
+
 class LLMEngine:
     """Continuous-batching text generation over one model.
 
@@ -128,7 +134,7 @@ class LLMEngine:
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
         #: device bytes the decode CUDA graphs hold (pool + static inputs; 0 without graphs).
         self.cuda_graph_bytes = self.runner.graphs.memory_bytes() if self.runner.graphs is not None else 0
-        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weights_bytes = weight_bytes(model)
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         #: how the pool was sized when a ``kv_pool_sizer`` decided it (set by :meth:`from_weights`), else None.
         self.kv_sizing: KVSizing | None = None
@@ -193,7 +199,7 @@ class LLMEngine:
                                                    block_size=config.block_size, device=device) if graph_sizes else None
                 if graph_bytes is None:
                     graph_sizes = None  # the capture failed (warned): serve eagerly, with no null block
-                weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                weights = weight_bytes(model)
                 sizing = config.kv_pool_sizer(weights, activation, per_block, full, graph_bytes,
                                               1 if graph_sizes else 0)
                 num_blocks = sizing.num_blocks

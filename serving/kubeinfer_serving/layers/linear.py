@@ -89,6 +89,13 @@ class PackedLinear(nn.Linear):
         return out.view(*lead, self.out_features)
 
 
+def packed_weight_bytes(model: nn.Module) -> int:
+    """Host bytes of the packed weight copies :func:`pack_linear_layers` made in ``model``
+    (oneDNN's own size of each blocked tensor; 0 when nothing was packed)."""
+    return sum(torch.ops.mkldnn._nbytes(m._packed) for m in model.modules()
+               if isinstance(m, PackedLinear) and m._packed is not None)
+
+
 def pack_linear_layers(model: nn.Module) -> int:
     """Replace each ``nn.Linear`` of ``model`` whose weight qualifies (:func:`use_packed_linear`)
     by a :class:`PackedLinear` sharing its parameters; pack the weights now.

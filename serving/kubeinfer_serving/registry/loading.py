@@ -66,7 +66,9 @@ class LoadPlan:
 
     Attributes:
         model_dir: the resolved local directory.
-        weights_bytes: device bytes of the weights in the load dtype.
+        weights_bytes: device bytes of the weights in the load dtype (from the checkpoint's
+            headers; once the model has loaded, what it measured, which on CPU float32 includes
+            the oneDNN-packed copies of its linear weights).
         kv_cache_bytes: device bytes of the KV pool as planned (0 for embed models). A pool sized
             from what the budget has left plans one block here (the registry evicts idle models
             only as far as weights + activation peak + one block need).
@@ -263,6 +265,8 @@ class DefaultModelLoader:
         wanted = asked if asked is not None else per_block  # an auto pool takes what is left at load time
         blocks = max(1, min(full_blocks, wanted // per_block))
         last = self._plans.get(entry.name)
+        if last is not None:  # measured at its last load: on CPU float32 it includes the packed copies
+            weights = max(weights, last.weights_bytes)
         return LoadPlan(path, weights, blocks * per_block, blocks, **remote,
                         activation_bytes=last.activation_bytes if last is not None else 0,
                         graph_bytes=last.graph_bytes if last is not None else 0)
@@ -326,7 +330,8 @@ class DefaultModelLoader:
         eng = AsyncLLMEngine(llm)
         activation = (llm.kv_sizing.activation_bytes or 0) if llm.kv_sizing is not None else 0
         last = self._plans.get(entry.name)
-        if last is not None:  # the next plan of this model (e.g. from the warm tier) counts the measured peak
+        if last is not None:  # the next plan of this model (e.g. from the warm tier) counts what was measured
+            last.weights_bytes = llm.weights_bytes
             last.activation_bytes = activation
             null_block = llm.kv_cache_bytes // (llm.num_kv_blocks + 1) if llm.runner.graphs is not None else 0
             last.graph_bytes = llm.cuda_graph_bytes + null_block  # the pool holds num_kv_blocks + the null block
