@@ -72,6 +72,25 @@ def test_seeded_rows_equal_the_row_by_row_reference():
         assert got == want
 
 
+def test_top_k_without_top_p_equals_the_reference_with_disabled_and_greedy_rows():
+    # No row asks for top_p: the partial-selection path (apply_top_k), not the sort.
+    vocab = 500
+    logits = (2 * torch.randn(5, vocab, generator=torch.Generator().manual_seed(2))).to(DEVICE)
+    params = [
+        SamplingParams(temperature=1.0, top_k=1, seed=21),
+        SamplingParams(temperature=1.2, top_k=7, seed=22),
+        SamplingParams(temperature=0.9, seed=23),  # top_k disabled beside rows that use it
+        SamplingParams(temperature=0.0, seed=24),
+        SamplingParams(temperature=1.0, top_k=vocab + 5, seed=25),  # k beyond the vocabulary: disabled
+    ]
+    for trial in range(8):
+        got = sample(logits, params, [_gen(p.seed + 100 * trial) for p in params]).tolist()
+        host = logits.float().cpu().numpy()
+        want = [_reference_row(host[i], p, _gen(p.seed + 100 * trial)) for i, p in enumerate(params)]
+        assert got == want
+    assert got[0] == int(logits[0].argmax())
+
+
 @pytest.mark.parametrize(("kwargs", "allowed"), [
     ({"top_k": 3}, {0, 1, 2}),
     ({"top_p": 0.75}, {0, 1, 2}),  # 0.4 + 0.25 < 0.75 <= 0.4 + 0.25 + 0.15

@@ -35,6 +35,28 @@ def _h2d(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return host.to(device, non_blocking=True)
 
 
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Mask logits below each row's k-th largest, without sorting the vocabulary.
+
+    ``torch.topk`` selects the ``k_max`` largest of each row (a partial selection, not a
+    full sort of V entries); row r keeps the logits >= the ``top_k[r]``-th of them. Tokens tied
+    with the k-th value are all kept (vLLM's top-k-only path does the same).
+
+    Args:
+        logits: [B, V] float32, already divided by temperature.
+        top_k: [B] int64, k per row; values >= V disable it.
+        k_max: the largest k below V over the rows (host int, >= 1).
+
+    Returns:
+        [B, V] float32 logits with excluded tokens set to -inf.
+    """
+    vocab = logits.shape[-1]
+    top = logits.topk(k_max, dim=-1).values
+    kth = top.gather(1, (top_k.clamp(1, k_max) - 1).unsqueeze(1))
+    kth = kth.masked_fill((top_k >= vocab).unsqueeze(1), float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p (nucleus, Holtzman et al. 2020) sets.
 
@@ -100,10 +122,13 @@ def sample(
     if any(p.min_p > 0.0 and not p.greedy for p in params):
         min_p = _h2d([p.min_p for p in params], torch.float32, device)
         scaled = apply_min_p(scaled, min_p)
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+    if any(p.top_p < 1.0 for p in params):
         top_k = _h2d([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.int64, device)
         top_p = _h2d([p.top_p for p in params], torch.float32, device)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    elif any(0 < p.top_k < vocab for p in params):  # top-k alone: a partial selection, no sort
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        scaled = apply_top_k(scaled, _h2d(ks, torch.int64, device), max(k for k in ks if k < vocab))
     probs = scaled.softmax(dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for row, gen in enumerate(generators):
