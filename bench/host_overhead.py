@@ -4,8 +4,9 @@ Builds the engine's real scheduler, block manager and model runner (over a one-l
 Llama, so the KV pool is small), puts N sequences of ``--context`` tokens into the running
 batch, and then times ``--steps`` decode steps without the forward pass: ``Scheduler.schedule``,
 ``ModelRunner.prepare`` and the post-step update (``Scheduler.update_from_output`` with one
-sampled token per sequence). ``prepare`` is what every device needs; the reference (CPU)
-attention backend also builds a per-step plan of SDPA calls, timed separately as
+sampled token per sequence). ``prepare`` is what every device needs; the CPU attention
+backends also build a per-step plan (the ``cpu`` backend: prefill chunks and the decode rows'
+arrays; older checkouts: the reference's grouped SDPA calls), timed separately as
 ``cpu_attention_plan`` (older checkouts built it inside ``prepare``). Prints a table and
 writes JSON.
 
@@ -68,7 +69,11 @@ def measure(num_seqs: int, context: int, steps: int, block_size: int = 16) -> di
         inputs = runner.prepare(plan.scheduled)
         t2 = time.perf_counter()
         if hasattr(inputs, "meta"):  # the CPU attention path's per-step plan (built lazily by the first layer)
-            inputs.meta.reference_plan()
+            meta = inputs.meta
+            if hasattr(meta, "cpu_plan"):  # the cpu backend's plan (float32)
+                meta.cpu_plan()
+            else:  # older checkouts: the reference's
+                meta.reference_plan()
             phases["cpu_attention_plan"].append(time.perf_counter() - t2)
             t2 = time.perf_counter()
         _post_update(sched, plan, [1] * len(plan.scheduled))
