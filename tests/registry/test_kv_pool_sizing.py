@@ -13,12 +13,9 @@ from kubeinfer_serving.registry import Catalogue, ModelEntry, ModelRegistry
 from kubeinfer_serving.registry.catalogue import CatalogueError, parse_catalogue
 from kubeinfer_serving.registry.protocol import ModelState, ModelUnavailableError
 
+from tests.tiny_model import BLOCK, LINEAR_WEIGHTS, WEIGHTS
+
 MiB = 1 << 20
-BLOCK = 64 * 1024  # tiny Llama: 2 (K, V) x 4 layers x 16 tokens x 2 KV heads x 64 dims x 4 B (fp32)
-WEIGHTS = 28_582_912  # its fp32 weights
-# Its linear weights (lm_head 8192 x 256; per layer qkv 384 x 256, o 256 x 256, gate_up 1408 x 256,
-# down 256 x 704), whose oneDNN-packed copies the CPU path holds as well.
-LINEAR_WEIGHTS = 4 * (8192 * 256 + 4 * (384 * 256 + 256 * 256 + 1408 * 256 + 256 * 704))
 
 
 @pytest.fixture(autouse=True)
