@@ -12,9 +12,9 @@ Three backends compute the same thing:
 
 * ``triton`` (CUDA): :func:`kubeinfer_serving.layers.paged_attention_triton.paged_attention_triton`,
   one launch for all decode rows and prefill chunks, reading K/V in place through the block table.
-* ``cpu`` (CPU, float32): decode rows through
-  :func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`, a Numba kernel that
-  reads K/V in place through the block table; prefill chunks as in the reference.
+* ``cpu`` (CPU, float32, one torch thread): decode rows through
+  :func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`, a single-threaded
+  Numba kernel that reads K/V in place through the block table; prefill chunks as in the reference.
 * ``reference`` (CPU for other dtypes, and the test oracle): gathers each sequence's blocks and runs
   ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences in groups of
   similar context length (:func:`group_by_length`), each group padded to its longest context
@@ -22,7 +22,8 @@ Three backends compute the same thing:
   its context.
 
 The backend is chosen per call by :func:`attention_backend`: Triton for CUDA tensors, ``cpu``
-for float32 CPU tensors (when Numba imports), the reference otherwise.
+for float32 CPU tensors when torch runs one intra-op thread (and Numba imports), the reference
+otherwise (with more threads the reference's gather + SDPA run multi-threaded and were faster).
 ``KUBEINFER_ATTENTION_BACKEND=reference`` forces the reference everywhere;
 ``KUBEINFER_ATTENTION_BACKEND=triton`` forces Triton everywhere (on CPU only useful under
 ``TRITON_INTERPRET=1``, for tests).
@@ -334,8 +335,8 @@ def cpu_attention(
     scale: float,
 ) -> torch.Tensor:
     """The ``cpu`` backend: prefill chunks as the reference, decode rows through the Numba kernel
-    (:func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`), which reads the
-    cache in place. float32 CPU tensors; the cache already holds this step's K/V.
+    (:func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`, one thread), which
+    reads the cache in place. float32 CPU tensors; the cache already holds this step's K/V.
 
     Args/returns: as :func:`paged_attention`.
     """
@@ -371,7 +372,7 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     if use_triton(device):
         return "triton"
     if (device.type == "cpu" and os.environ.get(BACKEND_ENV, "") != "reference" and dtype == torch.float32
-            and cpu_kernel_available()):
+            and torch.get_num_threads() == 1 and cpu_kernel_available()):
         return "cpu"
     return "reference"
 

@@ -19,38 +19,34 @@ engine, at concurrency 32 on the bench workload, the pure-decode steps' attentio
 
 It is compiled by Numba (LLVM, no C compiler needed at run time) on first use (about 1 s; the
 engine calls :func:`warm_up` when it starts) and cached on disk (``NUMBA_CACHE_DIR``, else next
-to this file or in the user cache), for float32 only: other dtypes take the reference path. The
-kernel releases the GIL, so with more than one torch thread the rows are split into that many
-runs of similar total context, attended in parallel. Prefill chunks are not handled here:
-SDPA's blocked kernel is faster for many queries.
+to this file or in the user cache), for float32 only. It runs on one thread:
+:func:`kubeinfer_serving.layers.attention.attention_backend` uses it only when torch runs one
+intra-op thread. With two threads on the bench machine the reference's multi-threaded gather +
+SDPA was faster (decode attention 0.64 s per run against 0.72 s for this kernel, and 1.1-1.4 s
+when this kernel's rows were split over a second thread, by a thread pool or by Numba's
+``prange``: torch's OpenMP workers keep spinning on the cores between operators). Prefill chunks
+are not handled here: SDPA's blocked kernel is faster for many queries.
 """
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import torch
 
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
-
-@numba.njit(fastmath=True, nogil=True, cache=True, boundscheck=False)
-def _decode_rows(q, k_cache, v_cache, q_rows, block_tables, seq_lens, out, scale, first, last):  # pragma: no cover - compiled
-    """Rows ``first .. last - 1`` of :func:`decode_attention_cpu` (arguments as NumPy arrays)."""
+@numba.njit(fastmath=True, cache=True, boundscheck=False)
+def _decode_rows(q, k_cache, v_cache, q_rows, block_tables, seq_lens, out, scale):  # pragma: no cover - compiled
+    """:func:`decode_attention_cpu` over NumPy arrays."""
     _, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     longest = 1
-    for b in range(first, last):
+    for b in range(q_rows.size):
         longest = max(longest, seq_lens[b])
     scores = np.empty((group, longest), np.float32)
     acc = np.empty((group, head_dim), np.float32)
-    for b in range(first, last):
+    for b in range(q_rows.size):
         row, ctx = q_rows[b], seq_lens[b]
         num_blocks = (ctx + block_size - 1) // block_size
         for kh in range(num_kv_heads):
@@ -98,13 +94,6 @@ def warm_up() -> None:
     decode_attention_cpu(q, kv, kv, np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.ones(1, np.int64), q, 1.0)
 
 
-def _split(seq_lens: np.ndarray, parts: int) -> list[int]:
-    """Boundaries that cut rows [0, n) into ``parts`` runs of about equal total context."""
-    cum = np.cumsum(seq_lens)
-    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="left")
-    return [0, *sorted(set(int(c) + 1 for c in cuts if c + 1 < seq_lens.size)), int(seq_lens.size)]
-
-
 def decode_attention_cpu(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -130,20 +119,5 @@ def decode_attention_cpu(
     Raises:
         numba.core.errors.TypingError: arrays of another dtype or rank (compiled for these only).
     """
-    kernel = _decode_rows
-    args = (q.numpy(), k_cache.numpy(), v_cache.numpy(), q_rows, block_tables, seq_lens, out.numpy(),
-            np.float32(scale))
-    threads = torch.get_num_threads()
-    if threads <= 1 or q_rows.size < 2:
-        kernel(*args, 0, q_rows.size)
-        return
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="kv-attn"), threads
-        pool = _pool
-    bounds = _split(seq_lens, threads)
-    for f in [pool.submit(kernel, *args, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]:
-        f.result()
+    _decode_rows(q.numpy(), k_cache.numpy(), v_cache.numpy(), q_rows, block_tables, seq_lens, out.numpy(),
+                 np.float32(scale))
