@@ -74,11 +74,11 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                               f"first: {bad[0]}")
 
 
-
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights hold: its parameters (shared ones once) plus, on CPU, the
     oneDNN-packed copies of its linear weights (:mod:`kubeinfer_serving.layers.linear`)."""
     return sum(p.numel() * p.element_size() for p in model.parameters()) + packed_weight_bytes(model)
+
 
 class LLMEngine:
     """Continuous-batching text generation over one model.
