@@ -15,11 +15,11 @@ Three backends compute the same thing:
 * ``cpu`` (CPU, float32, one torch thread): decode rows through
   :func:`kubeinfer_serving.layers.paged_attention_cpu.decode_attention_cpu`, a single-threaded
   Numba kernel that reads K/V in place through the block table; prefill chunks as in the reference.
-* ``reference`` (CPU for other dtypes, and the test oracle): gathers each sequence's blocks and runs
-  ``torch.nn.functional.scaled_dot_product_attention`` -- decoding sequences in groups of
-  similar context length (:func:`group_by_length`), each group padded to its longest context
-  with a key mask; prefill chunks one by one, causal, with the chunk's queries at the end of
-  its context.
+* ``reference`` (CPU with other dtypes or more torch threads, and the test oracle): gathers each
+  sequence's blocks and runs ``torch.nn.functional.scaled_dot_product_attention`` -- decoding
+  sequences in groups of similar context length (:func:`group_by_length`), each group padded
+  to its longest context with a key mask; prefill chunks one by one, causal, with the chunk's
+  queries at the end of its context.
 
 The backend is chosen per call by :func:`attention_backend`: Triton for CUDA tensors, ``cpu``
 for float32 CPU tensors when torch runs one intra-op thread (and Numba imports), the reference
