@@ -43,11 +43,12 @@ class Tier(str, enum.Enum):
 _TIER_RANK = {Tier.DEVICE: 0, Tier.HOST: 1, Tier.DISK: 2, Tier.ABSENT: 3}
 
 
-@dataclass
+@dataclass(eq=False)
 class EndpointState:
     """What the router knows about one serving endpoint (one pod's HTTP port).
 
-    Units: seconds for times (monotonic clock), bytes for memory, counts for requests.
+    Units: seconds for times (monotonic clock), bytes for memory, counts for requests. Compared and
+    hashed by identity: it is the one mutable record of its endpoint, owned by the table.
     """
 
     url: str  # base URL, "http://10.1.2.3:8000" (no trailing slash)
