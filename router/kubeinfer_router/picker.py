@@ -33,7 +33,8 @@ steps, in order; each decision carries the reason of the step that made it (:dat
    (the least loaded has ``inflight < mean``), so no endpoint is ever pushed above the bound.
 6. **Cold.** No endpoint holds the model. Endpoints this picker sent the same model to within
    ``cold_claim_seconds`` are taken as its holders (a load they are doing is not reported yet), so a
-   burst of requests for a cold model loads it once, not on every replica. Otherwise the candidates
+   burst of requests for a cold model loads it once, not on every replica. Only models some
+   endpoint's catalogue lists are claimed (a misspelt model id, answered 404, claims nothing). Otherwise the candidates
    are, first non-empty of: endpoints that can load it without evicting anything (nothing on the
    device, or free budget >= the model's reported bytes), endpoints with enough idle evictable
    bytes, all. Skipped: endpoints claimed for another model. Steps 3-5 then run over them with the
@@ -155,7 +156,7 @@ class Picker:
             candidates, narrowed = _cold_candidates(usable, key.model, busy)
             reason = "cold_memory" if narrowed else "cold_hash"
         decision = self._choose(usable, candidates, ring_key, priority, reason, reason)
-        if self.cold_claim_seconds > 0:
+        if self.cold_claim_seconds > 0 and any(key.model in ep.models for ep in usable):
             self._claims.setdefault(claim_key, {})[decision.endpoint.url] = now + self.cold_claim_seconds
         return decision
 

@@ -246,13 +246,13 @@ def test_a_cold_model_settles_on_one_endpoint_whatever_the_prompts_while_load_is
 
 def test_a_burst_for_a_cold_model_loads_it_on_one_endpoint():
     clock = Clock()
-    table = fleet(4)
+    table = fleet(4, {"m": Tier.ABSENT})  # in every pod's catalogue, loaded nowhere
     picker = Picker(clock=clock)
     burst = [send(picker, table, key(affinity=f"prompt {i}")) for i in range(12)]  # all in flight
     assert len({d.endpoint.url for d in burst}) == 1
     assert {d.reason for d in burst} == {"cold_hash"}
     # without claims the bound scatters the same burst over several replicas (several loads)
-    scattered = fleet(4)
+    scattered = fleet(4, {"m": Tier.ABSENT})
     no_claims = Picker(cold_claim_seconds=0)
     assert len({send(no_claims, scattered, key(affinity=f"prompt {i}")).endpoint.url
                 for i in range(12)}) > 1
@@ -260,15 +260,27 @@ def test_a_burst_for_a_cold_model_loads_it_on_one_endpoint():
 
 def test_a_claim_lapses_after_cold_claim_seconds():
     clock = Clock()
-    table = fleet(4)
+    table = fleet(4, {"x": Tier.ABSENT})
     picker = Picker(clock=clock, cold_claim_seconds=5.0)
     claimed = send(picker, table, key(model="x")).endpoint
+    table.end(claimed.url, 0.5)
     claimed.models = {"x": Tier.DEVICE}  # loaded (its report says so): no longer cold
     assert picker.pick(table.all(), key(model="y")).endpoint is not claimed
-    claimed.models = {}
+    claimed.models = {"x": Tier.ABSENT}  # evicted again while the claim still runs
+    while_claimed = {picker.pick(table.all(), key(model=f"z{i}")).endpoint.url for i in range(30)}
+    assert claimed.url not in while_claimed  # kept free for x
     clock.now += 5.0
-    others = {picker.pick(table.all(), key(model=f"z{i}")).endpoint.url for i in range(30)}
-    assert claimed.url in others  # the claim on x no longer keeps other models away
+    after = {picker.pick(table.all(), key(model=f"z{i}")).endpoint.url for i in range(30)}
+    assert claimed.url in after  # the claim on x no longer keeps other models away
+
+
+def test_a_model_no_catalogue_lists_claims_nothing():
+    table = fleet(4, {"known": Tier.ABSENT})
+    picker = Picker(clock=Clock())
+    typo = send(picker, table, key(model="gtp-4")).endpoint
+    assert len({send(picker, table, key(model="gtp-4")).endpoint.url for _ in range(12)}) > 1
+    typo_free = [picker.pick(table.all(), key(model="known", affinity=str(i))) for i in range(3)]
+    assert typo in table.all() and all(d.reason == "cold_hash" for d in typo_free)
 
 
 def test_different_cold_models_go_to_empty_replicas_first():
