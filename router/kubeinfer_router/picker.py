@@ -140,23 +140,22 @@ class Picker:
         if holders:
             ring_key = "\x00".join((key.model, key.adapter or "", key.affinity))
             return self._choose(usable, holders, ring_key, priority, "hash", "hash_spill")
-        return self._pick_cold(usable, key, priority, now)
+        return self._pick_cold(usable, key.model, key.adapter, priority, now)
 
-    def _pick_cold(self, usable: list[EndpointState], key: RoutingKey, priority: int,
+    def _pick_cold(self, usable: list[EndpointState], model: str, adapter: str | None, priority: int,
                    now: float) -> Decision:
-        assert key.model is not None
-        claim_key = (key.model, key.adapter)
+        claim_key = (model, adapter)
         self._prune_claims(now)
         claimed = self._claims.get(claim_key, {})
-        ring_key = "\x00".join((key.model, key.adapter or ""))
+        ring_key = "\x00".join((model, adapter or ""))
         candidates = [ep for ep in usable if ep.url in claimed]
         reason = "cold_hash"
         if not candidates:
             busy = {url for other, urls in self._claims.items() if other != claim_key for url in urls}
-            candidates, narrowed = _cold_candidates(usable, key.model, busy)
+            candidates, narrowed = _cold_candidates(usable, model, busy)
             reason = "cold_memory" if narrowed else "cold_hash"
         decision = self._choose(usable, candidates, ring_key, priority, reason, reason)
-        if self.cold_claim_seconds > 0 and any(key.model in ep.models for ep in usable):
+        if self.cold_claim_seconds > 0 and any(model in ep.models for ep in usable):
             self._claims.setdefault(claim_key, {})[decision.endpoint.url] = now + self.cold_claim_seconds
         return decision
 
