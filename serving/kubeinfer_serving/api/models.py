@@ -17,7 +17,7 @@ router = APIRouter()
 
 def model_card(info: ModelInfo) -> ModelCard:
     """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``,
-    ``source`` and the pinned ``revision`` of a remote source."""
+    ``source``, the pinned ``revision`` of a remote source and, for a LoRA adapter, its base as ``parent``."""
     return ModelCard(
         id=info.name,
         created=info.created,
@@ -30,6 +30,7 @@ def model_card(info: ModelInfo) -> ModelCard:
         idle_timeout_seconds=info.idle_timeout_seconds,
         source=info.source,
         revision=info.revision,
+        parent=info.parent,
     )
 
 

@@ -45,6 +45,7 @@ class ModelInfo:
         idle_timeout_seconds: unloaded after this long without requests (None: never).
         source: the catalogue ``source`` URI (never carries credentials).
         revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
+        parent: for a LoRA adapter, the name of its base model (vLLM's ``parent``); None for a model.
     """
 
     name: str
@@ -58,6 +59,7 @@ class ModelInfo:
     idle_timeout_seconds: float | None = None
     source: str = ""
     revision: str | None = None
+    parent: str | None = None
 
 
 class ModelError(Exception):
@@ -84,6 +86,14 @@ class ModelUnavailableError(ModelError):
 
     status = 503
     code = "model_unavailable"
+
+
+class AdapterRequestError(ModelError):
+    """A LoRA adapter cannot be added or removed as asked (HTTP 400): name taken, bad source or
+    base, or an adapter that does not fit its base (the message says why)."""
+
+    status = 400
+    code = "invalid_lora_adapter"
 
 
 class WrongModelKindError(ModelError):
