@@ -10,6 +10,7 @@ from kubeinfer_serving.lora.peft_format import load_peft_adapter
 
 from tests.engine.conftest import tiny, tiny_dir  # noqa: F401 - fixtures
 from tests.lora.peft_adapters import SPECS, make_adapter, merged_model
+from tests.triton_fixture import triton_device  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,7 @@ class LLMEngine:
         self._requests: dict[str, _Tracked] = {}
         self.num_steps = 0
         self.stat_loggers: list[StatLogger] = []
+        self._lora_reported = (0, 0)  # LoRA slot loads and evictions already reported in StepStats
         self.last_step_stats = StepStats()
 
     # ------------------------------------------------------------------ construction
@@ -578,6 +579,17 @@ class LLMEngine:
         stats.num_waiting = len(self.scheduler.waiting)
         stats.num_running = len(self.scheduler.running)
         stats.kv_cache_usage = self.block_manager.usage
+        if self.lora is not None:
+            lora = self.lora
+            stats.lora_running = lora.running_counts()
+            waiting: dict[str, int] = {}
+            for seq in self.scheduler.waiting:
+                if seq.lora is not None:
+                    waiting[seq.lora.name] = waiting.get(seq.lora.name, 0) + 1
+            stats.lora_waiting = waiting
+            stats.lora_slot_loads = lora.num_loads - self._lora_reported[0]
+            stats.lora_slot_evictions = lora.num_evictions - self._lora_reported[1]
+            self._lora_reported = (lora.num_loads, lora.num_evictions)
         self.last_step_stats = stats
         for logger in self.stat_loggers:
             logger(stats)

@@ -13,7 +13,8 @@ Rows a slice or module does not adapt stay zero (they add nothing), as do the ra
 A step's rows are mapped to slots by :class:`LoRAStep` (slot -1: the base model alone). On CPU
 the update is applied with plain torch ops per slot present in the step: gather the slot's rows,
 ``(x A^T)`` then ``B^T`` per slice, add back, the segmented form of punica's SGMV (Chen et al.
-2023, "Punica: Multi-Tenant LoRA Serving") with segments found by slot.
+2023, "Punica: Multi-Tenant LoRA Serving") with segments found by slot. On CUDA it is two
+Triton launches over all rows (:mod:`.triton_ops`), whatever the mix of slots.
 """
 
 from __future__ import annotations
@@ -84,17 +85,24 @@ class LoRAStep:
         slots: the pool.
         row_slots: [T] int slot per row (-1: no adapter), on the host.
         device: where the step runs.
+        use_triton: apply with the Triton kernels (:mod:`.triton_ops`); default: on CUDA.
 
     Attributes:
         groups: (slot, row indexes [n] int64 on ``device`` or None for all rows) per slot present.
         kept: the same for the rows the last layer keeps (set by the model runner), or None.
     """
 
-    def __init__(self, slots: LoRASlots, row_slots: np.ndarray, device: torch.device) -> None:
+    def __init__(self, slots: LoRASlots, row_slots: np.ndarray, device: torch.device,
+                 use_triton: bool | None = None) -> None:
         self.slots = slots
         self.row_slots = row_slots
         self.device = device
+        self.use_triton = device.type == "cuda" if use_triton is None else use_triton
         self.groups: list[tuple[int, torch.Tensor | None]] = []
+        if self.use_triton:
+            self.row_slots_device = torch.from_numpy(row_slots.astype(np.int32)).to(device)
+            self.kept = None
+            return
         present = np.unique(row_slots)
         for slot in present.tolist():
             if slot < 0:
@@ -108,7 +116,7 @@ class LoRAStep:
 
     def select(self, rows: np.ndarray) -> LoRAStep:
         """The mapping of a subset of the rows (host indexes [R] into this step's rows)."""
-        return LoRAStep(self.slots, self.row_slots[rows], self.device)
+        return LoRAStep(self.slots, self.row_slots[rows], self.device, self.use_triton)
 
     def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each row's adapter update to ``y`` in place and return it.
@@ -121,6 +129,11 @@ class LoRAStep:
         b_all = self.slots.b[layer][module]
         shape = self.slots.shapes.modules[module]
         r_max = self.slots.max_rank
+        if self.use_triton:
+            from .triton_ops import lora_expand, lora_shrink
+
+            shrunk = lora_shrink(x, a_all, self.row_slots_device)
+            return lora_expand(shrunk, b_all, y, self.row_slots_device, shape.slice_sizes, r_max)
         for slot, rows in self.groups:
             xs = x if rows is None else x.index_select(0, rows)
             shrunk = xs @ a_all[slot].t()  # [n, slices * R]
