@@ -46,13 +46,35 @@ def _reference(adapter: LoRAAdapter | None, layer, module, x):
     return out
 
 
+ADAPTERS = [_adapter("a", 1, 8, TARGETS), _adapter("b", 2, 3, ("q_proj", "v_proj", "down_proj")),
+            _adapter("c", 3, 5, ("k_proj", "o_proj", "up_proj"))]
+#: Row -> slot patterns: decode-like (similar segments: the CPU path pads them into one batch) and a
+#: long prefill-like run beside single rows (segment by segment).
+ROWS = {"even": [0, -1, 2, 1, 1, 0, -1, 2, 2, 0, 1], "long": [1] * 12 + [0, -1, 2]}
+
+
+@pytest.mark.parametrize("pattern", sorted(ROWS))
+@pytest.mark.parametrize("module", ["qkv", "o", "gate_up", "down"])
+def test_torch_path_matches_per_row_reference(module, pattern):
+    slots = _slots(torch.device("cpu"), torch.float32)
+    rows = np.array(ROWS[pattern], dtype=np.int64)
+    step = LoRAStep(slots, rows, torch.device("cpu"))
+    assert step.batched == (pattern == "even")
+    shape = SHAPES.modules[module]
+    x = torch.randn(len(rows), shape.in_features, generator=torch.Generator().manual_seed(3))
+    base = torch.randn(len(rows), shape.out_features, generator=torch.Generator().manual_seed(4))
+    y = step.apply(0, module, x, base.clone())
+    want = base.double() + torch.cat([_reference(ADAPTERS[s] if s >= 0 else None, 0, module, x[i:i + 1])
+                                      for i, s in enumerate(rows.tolist())])
+    assert torch.allclose(y.double(), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("module", ["qkv", "o", "gate_up", "down"])
 def test_kernels_match_per_row_reference_with_mixed_slots(triton_device, module):
     device = triton_device
-    adapters = [_adapter("a", 1, 8, TARGETS), _adapter("b", 2, 3, ("q_proj", "v_proj", "down_proj")),
-                _adapter("c", 3, 5, ("k_proj", "o_proj", "up_proj"))]
+    adapters = ADAPTERS
     slots = _slots(device, torch.float32)
-    rows = np.array([0, -1, 2, 1, 1, 0, -1, 2, 2, 0, 1], dtype=np.int64)
+    rows = np.array(ROWS["even"], dtype=np.int64)
     shape = SHAPES.modules[module]
     x = torch.randn(len(rows), shape.in_features, generator=torch.Generator().manual_seed(7))
     base = torch.randn(len(rows), shape.out_features, generator=torch.Generator().manual_seed(8))

@@ -11,10 +11,13 @@ layer and stacked module (``qkv``, ``o``, ``gate_up``, ``down``; see :mod:`.adap
 Rows a slice or module does not adapt stay zero (they add nothing), as do the rank padding.
 
 A step's rows are mapped to slots by :class:`LoRAStep` (slot -1: the base model alone). On CPU
-the update is applied with plain torch ops per slot present in the step: gather the slot's rows,
-``(x A^T)`` then ``B^T`` per slice, add back, the segmented form of punica's SGMV (Chen et al.
-2023, "Punica: Multi-Tenant LoRA Serving") with segments found by slot. On CUDA it is two
-Triton launches over all rows (:mod:`.triton_ops`), whatever the mix of slots.
+the update is applied with plain torch ops, the segmented form of punica's SGMV (Chen et al.
+2023, "Punica: Multi-Tenant LoRA Serving") with segments found by slot: the rows of each slot
+present are gathered, shrunk by ``A^T``, expanded by ``B^T`` per slice and added back. When the
+segments are of similar length (decode steps) they are padded to one [G, n, in] batch and run
+as one ``bmm`` per half (a handful of operators whatever the number of adapters, which is what
+costs on CPU at small shapes); otherwise (a long prefill chunk beside short rows) segment by
+segment. On CUDA it is two Triton launches over all rows (:mod:`.triton_ops`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class LoRASlots:
         self.shapes = shapes
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.dtype = dtype
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
         for _ in range(shapes.num_layers):
@@ -90,6 +94,7 @@ class LoRAStep:
     Attributes:
         groups: (slot, row indexes [n] int64 on ``device`` or None for all rows) per slot present.
         kept: the same for the rows the last layer keeps (set by the model runner), or None.
+        batched: whether the CPU path runs the segments as one padded batch (see the module docstring).
     """
 
     def __init__(self, slots: LoRASlots, row_slots: np.ndarray, device: torch.device,
@@ -104,6 +109,7 @@ class LoRAStep:
             self.kept = None
             return
         present = np.unique(row_slots)
+        host_rows = []
         for slot in present.tolist():
             if slot < 0:
                 continue
@@ -111,8 +117,31 @@ class LoRAStep:
                 self.groups.append((slot, None))
             else:
                 rows = np.flatnonzero(row_slots == slot)
+                host_rows.append(rows)
                 self.groups.append((slot, torch.from_numpy(rows).to(device)))
         self.kept: LoRAStep | None = None
+        self.batched = False
+        if len(host_rows) > 1:
+            longest = max(len(r) for r in host_rows)
+            if len(host_rows) * longest <= 2 * sum(len(r) for r in host_rows):
+                self._batch(host_rows, longest)
+
+    def _batch(self, host_rows: list[np.ndarray], longest: int) -> None:
+        """Lay the segments out as [G, longest] (padding repeats a segment's first row, masked to 0)."""
+        self.batched = True
+        count = len(host_rows)
+        index = np.empty((count, longest), np.int64)
+        mask = np.zeros((count, longest, 1), np.float32)
+        for g, rows in enumerate(host_rows):
+            index[g, :len(rows)] = rows
+            index[g, len(rows):] = rows[0]
+            mask[g, :len(rows)] = 1.0
+        self._index = torch.from_numpy(index.reshape(-1)).to(self.device)
+        self._mask = None if bool(mask.all()) else torch.from_numpy(mask).to(self.device, self.slots.dtype)
+        slots = np.array([slot for slot, _ in self.groups])
+        self._count, self._longest = count, longest
+        self._slot_index = (None if np.array_equal(slots, np.arange(self.slots.num_slots))
+                            else torch.from_numpy(slots).to(self.device))
 
     def select(self, rows: np.ndarray) -> LoRAStep:
         """The mapping of a subset of the rows (host indexes [R] into this step's rows)."""
@@ -134,6 +163,8 @@ class LoRAStep:
 
             shrunk = lora_shrink(x, a_all, self.row_slots_device)
             return lora_expand(shrunk, b_all, y, self.row_slots_device, shape.slice_sizes, r_max)
+        if self.batched:
+            return self._apply_batched(a_all, b_all, shape.slice_sizes, x, y)
         for slot, rows in self.groups:
             xs = x if rows is None else x.index_select(0, rows)
             shrunk = xs @ a_all[slot].t()  # [n, slices * R]
@@ -147,6 +178,23 @@ class LoRAStep:
                 y += delta
             else:
                 y.index_add_(0, rows, delta)
+        return y
+
+    def _apply_batched(self, a_all: torch.Tensor, b_all: torch.Tensor, slice_sizes: tuple[int, ...],
+                       x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r_max = self.slots.max_rank
+        a = a_all if self._slot_index is None else a_all.index_select(0, self._slot_index)
+        b = b_all if self._slot_index is None else b_all.index_select(0, self._slot_index)
+        xg = x.index_select(0, self._index).view(self._count, self._longest, x.shape[1])
+        shrunk = torch.bmm(xg, a.transpose(1, 2))  # [G, n, slices * R]
+        if self._mask is not None:
+            shrunk.mul_(self._mask)
+        if len(slice_sizes) == 1:
+            delta = torch.bmm(shrunk, b.transpose(1, 2))
+        else:
+            delta = torch.cat([torch.bmm(shrunk[:, :, i * r_max:(i + 1) * r_max], b[:, off:off + size].transpose(1, 2))
+                               for i, (off, size) in enumerate(_offsets(slice_sizes))], dim=2)
+        y.index_add_(0, self._index, delta.view(-1, y.shape[1]))
         return y
 
 
