@@ -134,3 +134,20 @@ def test_unknown_adapter_is_refused(lora_engine):
     with pytest.raises(ValueError, match="not loaded"):
         engine.add_request("x", [5, 6, 7], SamplingParams(max_tokens=2), lora="nope")
     assert not engine.has_unfinished_requests()
+
+
+def test_preemption_and_abort_release_adapter_slots(lora_engine, peft_models):
+    # 10 blocks of 16 tokens for 8 requests of ~45 tokens: sequences are preempted and recomputed.
+    engine = lora_engine(num_kv_blocks=10, max_loras=2, max_num_seqs=8)
+    prompt = _prompt(600, 30)
+    reqs = [(f"p{i}", prompt, [None, *NAMES][i % 5], 15, 0) for i in range(8)]
+    outs = _run(engine, reqs)
+    assert engine.scheduler.num_preemptions > 0
+    for rid, _, name, n, _ in reqs:
+        assert _tokens(outs[rid]) == greedy(peft_models(name), prompt, n), rid
+    assert engine.lora.running_counts() == {}
+    engine.add_request("gone", prompt, SamplingParams(max_tokens=20, ignore_eos=True), lora=NAMES[0])
+    engine.step()
+    assert engine.lora.running_counts() == {NAMES[0]: 1}
+    engine.abort_request("gone")
+    assert engine.lora.running_counts() == {} and not engine.has_unfinished_requests()

@@ -20,7 +20,7 @@ from kubeinfer_serving.registry.catalogue import parse_catalogue
 from kubeinfer_serving.registry.manager import ModelRegistry
 from safetensors.torch import load_file, save_file
 
-from tests.api.conftest import ServerThread
+from tests.api.conftest import ServerThread, metric_value
 from tests.lora.peft_adapters import AdapterSpec, greedy, make_adapter
 
 BASE = "tiny-base"
@@ -110,6 +110,7 @@ def test_more_adapters_than_slots_under_concurrency(oai, expected_text, lora_ser
         got = list(pool.map(lambda n: _complete(oai, n), names))
     for name, text in zip(names, got, strict=True):
         assert text == expected_text[None if name == BASE else name], name
+    assert metric_value(lora_server.base_url, "kubeinfer_lora_slot_evictions_total", model_name=BASE) > 0
 
 
 def test_broken_adapters_fail_alone_with_their_reason(oai, expected_text):
