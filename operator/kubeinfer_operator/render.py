@@ -145,7 +145,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, credentialsEnvPrefix?, adapters?: [{name, source}]}], maxLoras?, maxLoraRank?, diskCacheDir?,
+    enforceEager?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?, maxLoraRank?, diskCacheDir?,
     diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
@@ -193,6 +193,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         out["schedulingPolicy"] = spec.runtime.scheduling_policy
     if spec.runtime.enforce_eager is not None:
         out["enforceEager"] = spec.runtime.enforce_eager
+    if spec.runtime.enable_lora is not None:
+        out["enableLora"] = spec.runtime.enable_lora
     if spec.runtime.max_loras is not None:
         out["maxLoras"] = spec.runtime.max_loras
     if spec.runtime.max_lora_rank is not None:

@@ -141,6 +141,8 @@ class RuntimeSpec(_Camel):
     #: decode CUDA graphs off for every generate model; None: the serving pod's default (graphs on
     #: where the engine can capture them).
     enforce_eager: bool | None = Field(default=None, alias="enforceEager")
+    #: LoRA slots for every generate model (adapters can be added at run time); None: off.
+    enable_lora: bool | None = Field(default=None, alias="enableLora")
     #: LoRA slots of each model with adapters and their highest rank; None: the serving pod's defaults.
     max_loras: int | None = Field(default=None, alias="maxLoras", ge=1, le=64)
     max_lora_rank: int | None = Field(default=None, alias="maxLoraRank", ge=1, le=512)

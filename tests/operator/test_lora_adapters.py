@@ -20,7 +20,7 @@ SPEC = {
             {"name": "llama-chat", "source": "s3://adapters/chat"}]},
         {"name": "minilm", "source": "pvc://model-store/minilm", "kind": "embed"},
     ],
-    "runtime": {"maxLoras": 2, "maxLoraRank": 32},
+    "runtime": {"maxLoras": 2, "maxLoraRank": 32, "enableLora": True},
 }
 
 
@@ -30,9 +30,9 @@ def test_adapters_are_rendered_into_a_catalogue_the_serving_pod_accepts():
     assert out["models"][0]["adapters"] == [{"name": "llama-sql", "source": "pvc://adapter-store/sql"},
                                             {"name": "llama-chat", "source": "s3://adapters/chat"}]
     assert "adapters" not in out["models"][1]
-    assert (out["maxLoras"], out["maxLoraRank"]) == (2, 32)
+    assert (out["maxLoras"], out["maxLoraRank"], out["enableLora"]) == (2, 32, True)
     cat = parse_catalogue(yaml.safe_load(yaml.safe_dump(out)))
-    assert cat.adapter("llama-chat")[0].name == "llama" and cat.max_loras == 2
+    assert cat.adapter("llama-chat")[0].name == "llama" and cat.max_loras == 2 and cat.enable_lora
     # An adapter's pvc:// claim is mounted and its s3:// source gets the disk tier, as a model's would.
     assert spec.claims() == ["model-store", "adapter-store"] and spec.remote_models
 

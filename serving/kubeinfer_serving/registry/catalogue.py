@@ -338,7 +338,7 @@ _DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float"
 
 def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | None = None,
                            max_model_len: int | None = None, result_cache: bool = False,
-                           **pod: object) -> Catalogue:
+                           adapters: list[dict[str, str]] | None = None, **pod: object) -> Catalogue:
     """The one-entry catalogue of single-model mode (``kubeinfer-serve --model-dir DIR``).
 
     Args:
@@ -348,6 +348,7 @@ def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | Non
             ``auto``); None: auto.
         max_model_len: ``--max-model-len``; None: the model's own.
         result_cache: ``--result-cache``.
+        adapters: ``--lora-modules`` as ``[{name, source}]`` (a plain path is a local directory).
         pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
 
     Returns:
@@ -360,7 +361,7 @@ def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | Non
         raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
     model = {"name": name, "source": str(Path(model_dir).expanduser().resolve()), "kind": ModelKind.GENERATE,
              "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
-             "max_model_len": max_model_len, "result_cache": result_cache}
+             "max_model_len": max_model_len, "result_cache": result_cache, "adapters": adapters or []}
     return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 
