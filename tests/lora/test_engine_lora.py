@@ -151,3 +151,31 @@ def test_preemption_and_abort_release_adapter_slots(lora_engine, peft_models):
     assert engine.lora.running_counts() == {NAMES[0]: 1}
     engine.abort_request("gone")
     assert engine.lora.running_counts() == {} and not engine.has_unfinished_requests()
+
+
+def test_a_request_waits_for_a_slot_and_the_gauges_say_so(lora_engine):
+    from kubeinfer_serving import metrics
+
+    engine = lora_engine(max_loras=1)
+    engine.add_stat_logger(metrics.EngineMetrics("tiny-lora-gauges"))
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request("a", _prompt(700, 5), params, lora=NAMES[0])
+    engine.add_request("b", _prompt(701, 5), params, lora=NAMES[1])
+    engine.add_request("base", _prompt(702, 5), params)
+    engine.step()
+    # One slot: b waits behind a's adapter while the base request, queued after it, runs.
+    assert {s.request_id for s in engine.scheduler.running} == {"a", "base"}
+    stats = engine.last_step_stats
+    assert (stats.lora_running, stats.lora_waiting) == ({NAMES[0]: 1}, {NAMES[1]: 1})
+
+    def gauge(name, lora):
+        return metrics.REGISTRY.get_sample_value(name, {"model_name": "tiny-lora-gauges", "lora_name": lora})
+
+    assert gauge("kubeinfer_lora_requests_running", NAMES[0]) == 1
+    assert gauge("kubeinfer_lora_requests_waiting", NAMES[1]) == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert gauge("kubeinfer_lora_requests_running", NAMES[1]) == 0
+    assert gauge("kubeinfer_lora_requests_waiting", NAMES[1]) == 0
+    assert metrics.REGISTRY.get_sample_value("kubeinfer_lora_slot_evictions_total",
+                                             {"model_name": "tiny-lora-gauges"}) == 1
