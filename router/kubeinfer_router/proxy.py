@@ -615,11 +615,15 @@ class Router:
                 self.table.end(ep.url, None)
 
 
+#: Where the app keeps its :class:`Router`.
+ROUTER = web.AppKey("router", Router)
+
+
 def create_app(settings: RouterSettings, discovery: StaticDiscovery | KubernetesDiscovery | None = None,
                clock: Callable[[], float] = time.monotonic) -> web.Application:
     """The router's aiohttp application (start it with ``web.run_app`` or an ``AppRunner``).
 
-    The :class:`Router` is ``app["router"]``; its session, poller and discovery start with the
+    The :class:`Router` is ``app[ROUTER]``; its session, poller and discovery start with the
     app and stop with it. Run the app with ``handler_cancellation=True`` so a client that leaves
     ends its request here and upstream.
 
@@ -630,7 +634,7 @@ def create_app(settings: RouterSettings, discovery: StaticDiscovery | Kubernetes
     """
     router = Router(settings, discovery, clock)
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app["router"] = router
+    app[ROUTER] = router
     app.on_startup.append(router.start)
     app.on_cleanup.append(router.stop)
     app.router.add_get("/health", router.health)
