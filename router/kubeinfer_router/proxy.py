@@ -59,8 +59,8 @@ log = logging.getLogger("kubeinfer.router")
 #: Hop-by-hop headers (RFC 9110 7.6.1, plus ``Keep-Alive``/``Proxy-Connection``): never forwarded.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
-#: Request headers the upstream request sets itself.
-_REQUEST_OWN = frozenset({"host", "content-length"})
+#: Request headers the upstream request sets itself (the router has read the body: no ``Expect``).
+_REQUEST_OWN = frozenset({"host", "content-length", "expect"})
 #: WebSocket handshake headers (the upstream handshake makes its own).
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                            "sec-websocket-protocol", "sec-websocket-accept"})

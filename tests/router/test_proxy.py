@@ -12,10 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -28,6 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.metrics_stack_fixture import free_port
 
 pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
 
 CHUNKS = ["Once", " upon", " a", " time"]
 
@@ -272,7 +280,7 @@ async def test_headers_pass_both_ways_minus_hop_by_hop_plus_the_route_headers():
         sent = {"Authorization": "Bearer secret", "X-Request-Id": "req-42",
                 "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 "Connection": "keep-alive, X-Private", "X-Private": "hop", "Proxy-Authorization": "Basic x",
-                "TE": "trailers", "x-session-id": "s1"}
+                "TE": "trailers", "x-session-id": "s1", "Expect": "100-continue"}
         async with http.post(f"{url}/v1/completions?x=1%202", json=completion(), headers=sent) as r:
             assert r.status == 200
             echoed = json.loads(r.headers["x-echo-headers"])
@@ -282,7 +290,7 @@ async def test_headers_pass_both_ways_minus_hop_by_hop_plus_the_route_headers():
             assert (await r.json())["choices"][0]["text"] == "".join(CHUNKS)
         for name in ("authorization", "x-request-id", "traceparent", "x-session-id"):
             assert echoed[name] == sent[{k.lower(): k for k in sent}[name]]
-        for name in ("x-private", "proxy-authorization", "te"):
+        for name in ("x-private", "proxy-authorization", "te", "expect"):
             assert name not in echoed
         assert echoed["x-forwarded-for"] == "127.0.0.1"
         assert pod.seen[-1][1] == "/v1/completions?x=1%202"
@@ -499,3 +507,67 @@ async def test_metrics_name_model_endpoint_reason_and_code_and_fold_unknown_mode
         assert metric(values, "kubeinfer_router_endpoints", state="ready") == 1
         for name in ("kubeinfer_router_held_requests", "kubeinfer_router_hold_timeouts_total"):
             assert (name, ()) in values
+
+
+def _start(cmd: list[str], base_url: str, what: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("serving", "operator", "router"))}
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what} did not start: {proc.communicate()[1].decode()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(300)
+async def test_a_real_serving_pod_streams_token_identical_through_the_router_over_sse_and_websocket():
+    from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
+
+    serve_port, router_port = free_port(), free_port()
+    pod, via = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{router_port}"
+    serve = _start(["kubeinfer_serving", "--host", "127.0.0.1", "--port", str(serve_port), "--model-dir",
+                    str(ensure_builtin_model()), "--served-model-name", BUILTIN_MODEL_NAME, "--device", "cpu",
+                    "--max-model-len", "512", "--log-level", "warning"], pod, "kubeinfer-serve")
+    try:
+        proxy = _start(["kubeinfer_router", "--host", "127.0.0.1", "--port", str(router_port), "--endpoints", pod,
+                        "--log-level", "warning"], via, "kubeinfer-router")
+        try:
+            request = {"model": BUILTIN_MODEL_NAME, "max_tokens": 24, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Tell me about the river."}]}
+            sse, ws_frames = [], []
+            for base in (pod, via):
+                client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=60)
+                stream = await client.chat.completions.create(**request, stream=True)
+                sse.append([c.choices[0].delta.content for c in [c async for c in stream] if c.choices])
+                await client.close()
+                async with aiohttp.ClientSession() as http, http.ws_connect(f"{base}/v1/ws/chat/completions") as ws:
+                    await ws.send_str(json.dumps(request))
+                    frames = []
+                    while (msg := await asyncio.wait_for(ws.receive(), 60)).data != "[DONE]":
+                        frames.append([c["delta"].get("content") for c in json.loads(msg.data)["choices"]])
+                    ws_frames.append(frames)
+            assert len([t for t in sse[0] if t]) > 1 and sse[0] == sse[1]
+            assert ws_frames[0] == ws_frames[1] and len(ws_frames[0]) > 1
+            async with aiohttp.ClientSession() as http, http.post(f"{via}/v1/chat/completions", json=request) as r:
+                assert r.headers["x-kubeinfer-endpoint"] == pod and r.headers["x-kubeinfer-route"] == "only"
+                assert (await r.json())["choices"][0]["message"]["content"] == "".join(t for t in sse[0] if t)
+        finally:
+            _stop(proxy)
+    finally:
+        _stop(serve)
