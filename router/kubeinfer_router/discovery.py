@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("kubeinfer.router.discovery")
 
@@ -34,6 +34,16 @@ PORT_NAME = "http"
 WATCH_SECONDS = 240
 #: Seconds to wait before listing again after an API error other than 410.
 ERROR_BACKOFF_SECONDS = (1.0, 30.0)
+
+
+class EndpointSource(Protocol):
+    """What the router needs of an endpoint source (:class:`StaticDiscovery`, :class:`KubernetesDiscovery`)."""
+
+    async def start(self, on_change: Callable[[EndpointMap], None]) -> None:
+        """Begin reporting: ``on_change`` gets the whole endpoint set on the running loop, first and on each change."""
+
+    async def stop(self) -> None:
+        """Stop reporting."""
 
 
 def endpoints_from_slices(slices: Iterable[Mapping[str, Any]], port_name: str = PORT_NAME) -> EndpointMap:

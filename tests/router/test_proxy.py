@@ -464,6 +464,17 @@ async def test_websocket_routes_pass_through_frame_by_frame():
             await wait_for(lambda: app[ROUTER].table.get(holder.url).inflight == 0)
 
 
+async def test_a_websocket_at_zero_is_held_then_told_no_endpoint_in_a_frame_and_closed_try_again_later():
+    async with router(ManualDiscovery([]), hold_timeout_seconds=0.2) as (url, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/ws/completions") as ws:
+            await ws.send_str(json.dumps(completion()))
+            error = json.loads((await asyncio.wait_for(ws.receive(), 5)).data)["error"]
+            assert error["code"] == "no_ready_endpoints"
+            assert (await ws.receive()).data == "[DONE]"
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+
+
 async def test_models_is_the_union_of_the_endpoints_with_where_each_model_is_and_the_pods_key_check():
     async with pods(2) as (a, b), aiohttp.ClientSession() as http:
         a.models = {"llama": "device", "qwen": "disk"}
