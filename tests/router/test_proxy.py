@@ -157,8 +157,12 @@ class FakePod:
         async for msg in ws:
             self.seen.append(("WS", request.path, dict(request.headers), msg.data.encode()))
             payload = json.loads(msg.data)
-            for text in CHUNKS:
+            for i, text in enumerate(CHUNKS):
                 await ws.send_str(json.dumps({"model": payload["model"], "choices": [{"index": 0, "text": text}]}))
+                if i == 1 and self.mode == "cut":
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return ws
             await ws.send_str("[DONE]")
         return ws
 
@@ -462,6 +466,19 @@ async def test_websocket_routes_pass_through_frame_by_frame():
             assert len(holder.seen) == 4 and other.seen == []  # routed by the first frame's model
             assert holder.seen[-1][2]["Authorization"] == "Bearer k"
             await wait_for(lambda: app[ROUTER].table.get(holder.url).inflight == 0)
+
+
+async def test_a_websocket_stream_cut_by_its_pod_ends_with_an_error_frame_not_a_hang():
+    async with pods(1) as (pod,), router(StaticDiscovery([pod.url])) as (url, app), aiohttp.ClientSession() as http:
+        pod.mode = "cut"
+        async with http.ws_connect(f"{url}/v1/ws/completions") as ws:
+            await ws.send_str(json.dumps(completion()))
+            frames = []
+            while (msg := await asyncio.wait_for(ws.receive(), 5)).type == aiohttp.WSMsgType.TEXT:
+                frames.append(msg.data)
+        assert [json.loads(f)["choices"][0]["text"] for f in frames[:2]] == CHUNKS[:2]
+        assert json.loads(frames[2])["error"]["code"] == "endpoint_disconnected" and frames[3:] == ["[DONE]"]
+        await wait_for(lambda: app[ROUTER].table.get(pod.url).inflight == 0)
 
 
 async def test_a_websocket_at_zero_is_held_then_told_no_endpoint_in_a_frame_and_closed_try_again_later():
