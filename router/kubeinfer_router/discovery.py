@@ -16,6 +16,7 @@ becomes endpoints is the pure function :func:`endpoints_from_slices`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -154,7 +155,7 @@ class KubernetesDiscovery:
         api = client.DiscoveryV1Api(self._api_client)
 
         def report(endpoints: EndpointMap) -> None:
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed: the router is gone
                 loop.call_soon_threadsafe(on_change, endpoints)
 
         self._thread = threading.Thread(target=self._run, args=(api, report), daemon=True,

@@ -197,6 +197,8 @@ class Router:
 
     async def start(self, _app: web.Application | None = None) -> None:
         """Open the pooled client session, start discovery and the load poller."""
+        # No connection cap: every concurrent stream holds one upstream connection (256+ streams, 256+
+        # connections); idle ones are reused (keep-alive) and closed before the pod would close them.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=self._connect_timeout,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
