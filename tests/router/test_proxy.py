@@ -595,6 +595,14 @@ async def test_a_real_serving_pod_streams_token_identical_through_the_router_ove
             async with aiohttp.ClientSession() as http, http.post(f"{via}/v1/chat/completions", json=request) as r:
                 assert r.headers["x-kubeinfer-endpoint"] == pod and r.headers["x-kubeinfer-route"] == "only"
                 assert (await r.json())["choices"][0]["message"]["content"] == "".join(t for t in sse[0] if t)
+            # the pod's /kubeinfer/load report reaches the router's /v1/models within a poll interval
+            deadline = time.monotonic() + 20
+            while True:
+                cards = {c["id"]: c for c in httpx.get(f"{via}/v1/models", timeout=10).json()["data"]}
+                if cards[BUILTIN_MODEL_NAME]["endpoints"] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert cards[BUILTIN_MODEL_NAME]["endpoints"] == [{"name": pod, "url": pod, "tier": "device"}]
         finally:
             _stop(proxy)
     finally:
