@@ -59,6 +59,7 @@ class FakePod:
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.require_key: str | None = None
         self.cancelled = 0  # requests whose client left (handler cancelled)
+        self.peers: set = set()  # (host, port) of the connections API requests came on
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -118,6 +119,7 @@ class FakePod:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append((request.method, request.path_qs, dict(request.headers), body))
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         if self.mode == "500":
             return web.json_response({"error": {"message": "boom", "type": "server_error", "param": None,
                                                 "code": None}}, status=500)
@@ -266,6 +268,17 @@ async def test_a_client_that_leaves_mid_stream_ends_the_upstream_request():
             r.close()  # the client goes away
         await wait_for(lambda: pod.cancelled == 1)
         await wait_for(lambda: app[ROUTER].table.get(pod.url).inflight == 0)
+
+
+async def test_upstream_connections_are_kept_alive_and_reused():
+    async with pods(1) as (pod,), router(StaticDiscovery([pod.url]), poll_interval_seconds=30) as (url, _), \
+            aiohttp.ClientSession() as http:
+        for i in range(10):
+            async with http.post(f"{url}/v1/completions", json=completion(stream=i % 2 == 0)) as r:
+                assert r.status == 200
+                await r.read()
+        assert len(pod.seen) == 10
+        assert len(pod.peers) <= 2  # one connection (two if a load poll held the first one at that moment)
 
 
 async def test_openai_client_stream_through_the_router_equals_direct():
