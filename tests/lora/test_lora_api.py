@@ -12,6 +12,7 @@ import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from kubeinfer_serving.api.app import create_app
@@ -94,6 +95,18 @@ def test_models_lists_adapters_with_parent_and_state(oai):
     assert "corrupt adapter_model.safetensors" in reasons["bad-corrupt"]
     assert "['q_proj'] are listed" in reasons["bad-missing-target"]
     assert "do not fit the base model" in reasons["bad-shape"]
+
+
+def test_router_reports_show_adapters_with_their_base(lora_server, oai):
+    """The fleet router's sources (``/kubeinfer/load``, ``x-kubeinfer-resident``) list serving adapters."""
+    report = httpx.get(f"{lora_server.base_url}/kubeinfer/load", timeout=30).json()
+    by_id = {m["id"]: m for m in report["models"]}
+    assert by_id[GOOD[0]]["parent"] == BASE and by_id[GOOD[0]]["tier"] == "device"
+    assert by_id["bad-rank32"]["state"] == "failed" and by_id["bad-rank32"]["tier"] == "disk"
+    assert by_id[BASE]["parent"] is None
+    resident = httpx.get(f"{lora_server.base_url}/v1/models", timeout=30).headers["x-kubeinfer-resident"]
+    assert resident.split(", ") == [BASE, *GOOD]
+    assert {m.id: m.model_dump()["tier"] for m in oai.models.list().data}[GOOD[1]] == "device"
 
 
 def test_a_request_naming_an_adapter_runs_the_base_with_it(oai, expected_text):

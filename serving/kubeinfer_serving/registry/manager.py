@@ -51,7 +51,7 @@ import torch
 from kubeinfer_serving import metrics
 from kubeinfer_serving.engine.config import KVPoolSizer
 from kubeinfer_serving.engine.kv_sizing import KVSizing, size_kv_pool
-from kubeinfer_serving.registry.adapters import AdapterBoundEngine
+from kubeinfer_serving.registry.adapters import AdapterBoundEngine, AdapterStatus
 from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, AdapterEntry, Catalogue, ModelEntry
 from kubeinfer_serving.registry.loading import DefaultModelLoader, LoadedModel, ModelLoader
 from kubeinfer_serving.registry.memory import resolve_budget
@@ -61,7 +61,10 @@ from kubeinfer_serving.registry.protocol import (
     ModelKind,
     ModelNotFoundError,
     ModelState,
+    ModelTier,
     ModelUnavailableError,
+    ModelUsage,
+    PodUsage,
 )
 from kubeinfer_serving.registry.warm import WarmTier
 
@@ -277,10 +280,25 @@ class ModelRegistry:
         extra = [a.spec for a in self._adapters.values() if a.runtime and a.base == entry.name]
         return entry.spec.model_copy(update={"adapters": [*entry.spec.adapters, *extra]}) if extra else entry.spec
 
+    def _adapter_status(self, a: _Adapter) -> AdapterStatus | None:
+        """The outcome of reading adapter ``a`` into its loaded base, or None while the base is not loaded."""
+        base = self._entries[a.base]
+        if base.handle is None or base.state is not ModelState.LOADED:
+            return None
+        return base.handle.adapters.get(a.spec.name)
+
+    def _adapter_tier(self, a: _Adapter, status: AdapterStatus | None) -> ModelTier:
+        """DEVICE while it serves with its loaded base, else where its files are (DISK or ABSENT)."""
+        if status is not None and not status.error:
+            return ModelTier.DEVICE
+        if not a.spec.parsed_source.remote:
+            return ModelTier.DISK
+        on_disk = getattr(self.loader, "on_disk", None)
+        return ModelTier.DISK if on_disk is not None and on_disk(a.spec) else ModelTier.ABSENT
+
     def _adapter_info(self, a: _Adapter) -> ModelInfo:
         base = self._entries[a.base]
-        handle = base.handle
-        status = handle.adapters.get(a.spec.name) if handle is not None and base.state is ModelState.LOADED else None
+        status = self._adapter_status(a)
         if status is None:
             state, message, nbytes = ModelState.UNLOADED, "", 0
         elif status.error:
@@ -292,6 +310,7 @@ class ModelRegistry:
             preload=base.spec.preload, max_model_len=base.max_model_len, created=a.created,
             idle_timeout_seconds=self.idle_timeout(base), source=a.spec.source if self.show_sources else "",
             revision=status.revision if status is not None else None, parent=a.base,
+            tier=self._adapter_tier(a, status),
         )
 
     @asynccontextmanager
@@ -321,6 +340,74 @@ class ModelRegistry:
             entry.active -= 1
             entry.last_used = time.monotonic()
             self._notify()
+
+    def resident_models(self) -> list[str]:
+        """Names of the loaded models (tier DEVICE), in catalogue order, each followed by its
+        adapters that serve with it (so a router prefers the pods holding an adapter)."""
+        out = []
+        for e in self._entries.values():
+            if e.state is ModelState.LOADED and e.handle is not None:
+                out.append(e.name)
+                out.extend(n for n, st in e.handle.adapters.items() if not st.error and n in self._adapters)
+        return out
+
+    def usage(self) -> PodUsage:
+        """The pod's load and memory now (see :class:`~.protocol.PodUsage`): per model the engine's
+        :meth:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine.stats` (queue lengths only,
+        no lock) plus the requests waiting for its load."""
+        models = []
+        for e in self._entries.values():
+            use = ModelUsage(e.name, queue_length=e.waiting)
+            engine = e.handle.engine if e.handle is not None else None
+            if engine is not None:
+                stats = engine.stats()
+                use.queue_length += stats.num_waiting
+                use.running, use.kv_cache_usage = stats.num_running, stats.kv_cache_usage
+            elif e.handle is not None:
+                use.running = e.active
+            models.append(use)
+            models.extend(self._adapter_usage(e, use))
+        evictable = sum(e.reserved for e in self._entries.values() if e.state is ModelState.LOADED
+                        and e.idle and not e.spec.preload and e.evicting is None)
+        return PodUsage(budget_bytes=self.budget_bytes, used_bytes=self.used_bytes(), evictable_bytes=evictable,
+                        warm_tier=self.warm.capacity_bytes > 0, models=models,
+                        max_loaded_models=self.max_loaded_models,
+                        loaded_models=sum(1 for e in self._entries.values() if e.holds_slot))
+
+    def _adapter_usage(self, base: _Entry, base_use: ModelUsage) -> list[ModelUsage]:
+        """Usage of ``base``'s adapters: their running and queued requests in its engine (from the
+        engine's latest step statistics) plus the base's requests waiting for its load."""
+        adapters = [a for a in self._adapters.values() if a.base == base.name]
+        if not adapters:
+            return []
+        engine = base.handle.engine if base.handle is not None else None
+        llm = getattr(engine, "engine", None)
+        stats = getattr(llm, "last_step_stats", None)
+        running = (stats.lora_running if stats is not None else None) or {}
+        waiting = (stats.lora_waiting if stats is not None else None) or {}
+        return [ModelUsage(a.spec.name, queue_length=base.waiting + waiting.get(a.spec.name, 0),
+                           running=running.get(a.spec.name, 0), kv_cache_usage=base_use.kv_cache_usage)
+                for a in adapters]
+
+    def tier(self, name: str) -> ModelTier:
+        """Where model ``name``'s weights are now: DEVICE (loaded), HOST (warm tier), DISK (a local
+        source, or a remote one in the disk tier) or ABSENT (a remote one a load must fetch).
+
+        Raises:
+            ModelNotFoundError: unknown name.
+        """
+        if name in self._adapters:
+            a = self._adapters[name]
+            return self._adapter_tier(a, self._adapter_status(a))
+        e = self._get(name)
+        if e.state is ModelState.LOADED:
+            return ModelTier.DEVICE
+        if name in self.warm:
+            return ModelTier.HOST
+        if not e.spec.parsed_source.remote:
+            return ModelTier.DISK
+        on_disk = getattr(self.loader, "on_disk", None)
+        return ModelTier.DISK if on_disk is not None and on_disk(e.spec) else ModelTier.ABSENT
 
     def is_ready(self) -> bool:
         """True once every preloaded model has settled, loaded or Failed with its reason, and at
@@ -471,7 +558,7 @@ class ModelRegistry:
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
-            source=e.spec.source if self.show_sources else "", revision=e.revision,
+            source=e.spec.source if self.show_sources else "", revision=e.revision, tier=self.tier(e.name),
         )
 
     def _notify(self) -> None:
