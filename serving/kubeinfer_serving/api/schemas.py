@@ -60,8 +60,29 @@ def no_lone_surrogates(text: str) -> str:
     return text
 
 
+def no_lone_surrogates_in(value: Any) -> Any:
+    """:func:`no_lone_surrogates` over a free-form JSON value: every string in it, keys included.
+
+    Raises:
+        ValueError: some string in ``value`` holds a lone UTF-16 surrogate.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            no_lone_surrogates(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 #: A string that is valid Unicode (no lone surrogates).
 Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+#: A free-form JSON object (a schema, template variables, a tool) whose strings are valid Unicode.
+JSONObject = Annotated[dict[str, Any], AfterValidator(no_lone_surrogates_in)]
 #: A short name (``model``, ``user``, message ``name``).
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
 #: A token id field (``allowed_token_ids``, ``/detokenize`` tokens): an int in [0, 2**31); the
@@ -146,7 +167,7 @@ class _SamplingFields(_Request):
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    logit_bias: Annotated[dict[Text, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Name | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32,
@@ -171,12 +192,12 @@ class _SamplingFields(_Request):
     spaces_between_special_tokens: bool = True
     return_tokens_as_token_ids: bool | None = None
     # Structured outputs (vLLM's guided decoding fields and their newer ``structured_outputs`` form).
-    response_format: dict[str, Any] | None = None
-    guided_json: Text | dict[str, Any] | None = None
+    response_format: JSONObject | None = None
+    guided_json: Text | JSONObject | None = None
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = None
     guided_grammar: Text | None = None
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: JSONObject | None = None
     guided_decoding_backend: Name | None = None
     guided_whitespace_pattern: Text | None = None
 
@@ -218,13 +239,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[JSONObject] | None = None
+    tool_choice: Text | JSONObject | None = None
     parallel_tool_calls: bool | None = None
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JSONObject | None = None
 
 
 class TokenizeRequest(_Request):
@@ -236,8 +257,8 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: JSONObject | None = None
+    tools: list[JSONObject] | None = None
     return_token_strs: bool = False
 
 

