@@ -130,3 +130,28 @@ def test_e7_a_lone_surrogate_in_any_json_field_is_400_naming_it(server, route: s
     assert err["param"] == field, err
 
 
+# --------------------------------------------------------------------------- E9 and its class
+@pytest.mark.parametrize("calls", [[5], [{"function": "x"}], [{"function": {"arguments": 5}}],
+                                   [{"function": {"name": "f", "arguments": 5}}],
+                                   [{"type": "retrieval", "function": {"name": "f", "arguments": "{}"}}],
+                                   [{"function": {"name": ["f"], "arguments": "{}"}}], {"function": {}}])
+def test_e9_malformed_assistant_tool_calls_are_400(server, calls) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "user", "content": "and?"}]
+    err = assert_openai_error(post(server, "/v1/chat/completions", {**CHAT, "messages": messages}), 400)
+    assert err["param"] == "messages", err
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("messages", [5]), ("messages", [{"role": "user", "content": [5]}]),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+    ("tools", [5]), ("tools", [{"type": "function", "function": "f"}]), ("stop", [5]), ("bad_words", [None]),
+    ("stop_token_ids", ["1"]), ("allowed_token_ids", [-1]), ("guided_choice", [1]),
+])
+def test_malformed_list_entries_are_400_naming_the_field(server, field: str, value) -> None:
+    body = {**CHAT, field: value} if field != "messages" else {**CHAT, "messages": value}
+    err = assert_openai_error(post(server, "/v1/chat/completions", body), 400)
+    assert err["param"] == field, err
+
+

@@ -208,14 +208,14 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     if m.tool_calls:
         calls = []
         for call in m.tool_calls:
-            fn = dict(call.get("function") or {})
-            args = fn.get("arguments")
+            fn = call.function.model_dump()
+            args = fn["arguments"]
             if isinstance(args, str):  # OpenAI sends a JSON string; templates (Llama 3's) render an object
                 try:
                     fn["arguments"] = json.loads(args)
                 except json.JSONDecodeError:
                     pass
-            calls.append({**call, "function": fn})
+            calls.append({**call.model_dump(exclude_none=True), "function": fn})
         msg["tool_calls"] = calls
     return msg
 
@@ -234,7 +234,7 @@ def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessa
     parts: list[tuple[str, Any]] = [("tools", tools), ("chat_template_kwargs", chat_template_kwargs)]
     for i, m in enumerate(messages):
         parts += [(f"messages[{i}].name", m.name), (f"messages[{i}].tool_call_id", m.tool_call_id),
-                  (f"messages[{i}].tool_calls", m.tool_calls)]
+                  (f"messages[{i}].tool_calls", [c.model_dump() for c in m.tool_calls or []] or None)]
     for param, value in parts:
         if value is None:
             continue

@@ -221,13 +221,34 @@ class ContentPart(_Request):
     text: Text | None = None
 
 
+class AssistantFunctionCall(BaseModel):
+    """The function of an assistant message's tool call: its name and its arguments (OpenAI: a JSON
+    string; an object is accepted too). Unknown keys are dropped."""
+
+    model_config = ConfigDict(strict=True)
+
+    name: Name
+    arguments: Text | JSONObject
+
+
+class AssistantToolCall(BaseModel):
+    """One entry of an assistant message's ``tool_calls`` (OpenAI's shape; ``id`` may be left out).
+    Unknown keys are dropped."""
+
+    model_config = ConfigDict(strict=True)
+
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: AssistantFunctionCall
+
+
 class ChatMessage(_Request):
     """One chat message; ``content`` is a string or a list of text parts (joined with no separator)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Name | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: Name | None = None
 
 
