@@ -155,3 +155,10 @@ def test_malformed_list_entries_are_400_naming_the_field(server, field: str, val
     assert err["param"] == field, err
 
 
+# --------------------------------------------------------------------------- E15
+def test_e15_gbnf_grammars_work(server) -> None:
+    r = post(server, "/v1/completions", {**COMPLETION, "max_tokens": 8, "guided_grammar": 'root ::= "yes" | "no"'})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
+
+

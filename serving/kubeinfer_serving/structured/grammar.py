@@ -14,6 +14,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 #: JSON is generated compactly, as OpenAI's structured outputs are: fixed separators, no free
 #: whitespace (a model with free whitespace can pad forever; vLLM exposes the same choice).
@@ -65,7 +66,7 @@ class GrammarSpec:
             text = self.source
             if "::=" in text:  # GBNF (llama.cpp's format, which vLLM's examples use)
                 try:
-                    text = llguidance.gbnf_to_lark(text)
+                    text = gbnf_to_lark(text)
                 except Exception as exc:  # noqa: BLE001 - the converter's errors are plain exceptions
                     raise GrammarError(f"the grammar is not valid GBNF: {exc}") from exc
             return m.grammar_from_lark(text)
