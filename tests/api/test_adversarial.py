@@ -162,3 +162,21 @@ def test_e15_gbnf_grammars_work(server) -> None:
     assert r.json()["choices"][0]["text"] in ("yes", "no")
 
 
+# --------------------------------------------------------------------------- E20
+@pytest.mark.parametrize(("field", "grammar"), [
+    ("guided_regex", "a{1000000}"),
+    ("guided_grammar", "start: start"),
+    ("guided_grammar", 'start: "a" start'),
+    ("guided_grammar", "start: r0\n" + "".join(f"r{i}: r{i + 1} r{i + 1}\n" for i in range(16)) + 'r16: "a"\n'),
+])
+def test_e20_a_grammar_that_cannot_complete_is_never_a_stop(server, field: str, grammar: str) -> None:
+    r = post(server, "/v1/completions", {**COMPLETION, "max_tokens": 16, field: grammar})
+    if r.status_code == 200:  # accepted: then its output must be what the grammar allows, or "length"
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length", choice
+    else:
+        err = assert_openai_error(r, 400 if r.status_code == 400 else 500)
+        assert err["param"] == field or err["code"] == "request_failed", err
+    assert_healthy(server)
+
+

@@ -73,6 +73,35 @@ class GrammarSpec:
         raise GrammarError(f"unknown grammar kind {self.kind!r}")
 
 
+def _first_line(error: str) -> str:
+    return error.strip().splitlines()[0] if error.strip() else "the grammar failed"
+
+
+def _probe(template: llguidance.LLMatcher, eos_token: int) -> None:
+    """Run a copy of a freshly compiled grammar for one token, so a grammar that cannot produce
+    anything (an empty language such as ``start: start``) or that trips llguidance's limits at
+    once (``a{1000000}``, deep recursion: "too many items") is a compile error, not a request
+    that ends at once with text that does not match.
+
+    Raises:
+        GrammarError: the grammar failed on its first mask or first token (llguidance's reason).
+    """
+    probe = template.deep_copy()
+    mask = probe.compute_bitmask()
+    if probe.is_error():
+        raise GrammarError(f"the grammar cannot produce any output: {_first_line(probe.get_error())}")
+    words = memoryview(mask).cast("I")
+    first = next((w * 32 + b for w, word in enumerate(words) if word for b in range(32)
+                  if word >> b & 1 and w * 32 + b != eos_token), None)
+    if first is None:
+        return  # only the end is allowed: the empty output matches
+    probe.consume_token(first)
+    if not probe.is_error():
+        probe.compute_bitmask()
+    if probe.is_error():
+        raise GrammarError(f"the grammar is beyond llguidance's limits: {_first_line(probe.get_error())}")
+
+
 class CompiledGrammar:
     """A compiled grammar; :meth:`matcher` hands each request its own matcher.
 
@@ -126,6 +155,7 @@ class GrammarCompiler:
         template = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if template.is_error():
             raise GrammarError(template.get_error())
+        _probe(template, self._tokenizer.eos_token)
         compiled = CompiledGrammar(template)
         with self._lock:
             self.compilations += 1
