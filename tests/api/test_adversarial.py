@@ -205,3 +205,15 @@ def test_e20_a_grammar_that_cannot_complete_is_a_400_not_a_stop(server, field: s
     assert_healthy(server)
 
 
+# --------------------------------------------------------------------------- E8
+def test_e8_an_auto_tool_reply_shaped_like_a_bad_call_is_never_500(server) -> None:
+    tool = {"type": "function", "function": {"name": "fn_0", "parameters": {"type": "object", "properties": {}}}}
+    body = {**CHAT, "max_tokens": 32, "tools": [tool], "tool_choice": "auto", "guided_choice": ['{"name": ["fn_0"]}']}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == '{"name": ["fn_0"]}'
+    payloads = stream(server, "/v1/chat/completions", body)
+    assert payloads[-1] == "[DONE]"
+    assert not any("error" in json.loads(p) for p in payloads[:-1]), payloads
+
+
