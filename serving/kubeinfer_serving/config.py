@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "KUBEINFER_"
 
@@ -64,6 +64,9 @@ class ServerSettings(BaseModel):
             (a model's own ``enforceEager`` still wins). None: the catalogue's.
         fair_admission: weighted fair admission across tenants ahead of each engine
             (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
+        allowed_origins: web origins (``scheme://host[:port]``) whose pages may open this server's
+            WebSockets; a handshake from any other site is refused (comma-separated in the flag
+            and the environment). Default: none (same-site pages and non-browser clients only).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -97,6 +100,15 @@ class ServerSettings(BaseModel):
     idle_timeout_seconds: float | None = Field(None, ge=0)
     result_cache: bool = False
     enforce_eager: bool | None = None
+    allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``"https://a.example,https://b.example"`` (flag or environment) -> a tuple of origins."""
+        if isinstance(value, str):
+            return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        return value
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -177,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "else graphs on where the engine can capture them)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
+    p.add_argument("--allowed-origins",
+                   help="comma-separated web origins (https://app.example) whose pages may open WebSockets "
+                   "to this server (default: none; other sites' handshakes are refused)")
     return p
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from kubeinfer_serving.api.app import create_app
 from kubeinfer_serving.api.tenancy import KeyStore
-from kubeinfer_serving.config import ServerSettings
+from kubeinfer_serving.config import ServerSettings, parse_settings
 from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
 from kubeinfer_serving.registry.manager import ModelRegistry
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -215,5 +215,35 @@ def test_e8_an_auto_tool_reply_shaped_like_a_bad_call_is_never_500(server) -> No
     payloads = stream(server, "/v1/chat/completions", body)
     assert payloads[-1] == "[DONE]"
     assert not any("error" in json.loads(p) for p in payloads[:-1]), payloads
+
+
+# --------------------------------------------------------------------------- E13
+@pytest.mark.parametrize("route", [r for r, _ in WS_ROUTES])
+def test_e13_a_foreign_origin_cannot_open_a_websocket(server, route: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(server, route), origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus):
+        connect(ws_url(server, route), additional_headers={"Sec-Fetch-Site": "cross-site"})
+    same_site = server.base_url
+    with connect(ws_url(server, route), origin=same_site) as ws:  # the server's own pages may
+        ws.send(json.dumps(dict(WS_ROUTES)[route]))
+        assert json.loads(ws.recv(timeout=60))["choices"]
+
+
+def test_e13_allowed_origins_come_from_the_flag_or_the_environment() -> None:
+    flag = parse_settings(["--allowed-origins", "https://a.example, https://b.example/"], env={})
+    assert flag.allowed_origins == ("https://a.example", "https://b.example")
+    assert parse_settings([], env={"KUBEINFER_ALLOWED_ORIGINS": "https://c.example"}).allowed_origins == (
+        "https://c.example",)
+    assert parse_settings([], env={}).allowed_origins == ()
+
+
+def test_e13_allowed_origins_may_open_websockets(keyed) -> None:
+    with connect(ws_url(keyed, "/v1/ws/completions"), origin=TRUSTED_ORIGIN, additional_headers=auth("a")) as ws:
+        ws.send(json.dumps(COMPLETION))
+        assert json.loads(ws.recv(timeout=60))["choices"]
+    with pytest.raises(InvalidStatus):
+        connect(ws_url(keyed, "/v1/ws/completions"), origin="http://evil.example", additional_headers=auth("a"))
 
 
