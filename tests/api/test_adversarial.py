@@ -247,3 +247,14 @@ def test_e13_allowed_origins_may_open_websockets(keyed) -> None:
         connect(ws_url(keyed, "/v1/ws/completions"), origin="http://evil.example", additional_headers=auth("a"))
 
 
+# --------------------------------------------------------------------------- E19
+def test_e19_a_tenant_cannot_go_below_its_priority_floor(keyed) -> None:
+    low = {**COMPLETION, "max_tokens": 1}
+    err = assert_openai_error(kpost(keyed, "/v1/completions", {**low, "priority": -2147483648}, tenant="b"), 400)
+    assert err["param"] == "priority"
+    assert kpost(keyed, "/v1/completions", {**low, "priority": -5}, tenant="b").status_code == 200
+    err = assert_openai_error(kpost(keyed, "/v1/completions", {**low, "priority": -1}, tenant="a"), 400)
+    assert err["param"] == "priority"
+    assert kpost(keyed, "/v1/completions", {**low, "priority": 3}, tenant="a").status_code == 200
+
+

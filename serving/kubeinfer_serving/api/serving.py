@@ -151,10 +151,13 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
     """The request's scheduling priority: its ``priority`` field, else its tenant's default.
 
     Under the ``fcfs`` policy every request has priority 0 (as in vLLM, a non-zero ``priority``
-    is then an error).
+    is then an error). With API keys on, a tenant may not ask for a priority below its floor
+    (``minPriority`` in the keys file, default its own ``priority``), so no tenant can jump the
+    others' queues; without keys (one anonymous tenant) any value is allowed.
 
     Raises:
-        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model.
+        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model;
+            400 ``invalid_value`` for a priority below the tenant's floor.
     """
     config = engine_config(served)
     policy = getattr(config, "scheduling_policy", "fcfs")
@@ -162,6 +165,11 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
         if body.priority != 0 and policy != "priority":
             raise APIError(400, f"priority needs the priority scheduling policy; model {served.name!r} schedules "
                            "first come, first served", param="priority", code="unsupported_parameter")
+        tenant = identity_of(request.scope).tenant
+        if policy == "priority" and request.app.state.keys.enabled and body.priority < tenant.priority_floor:
+            raise APIError(400, f"priority must be at least {tenant.priority_floor} for tenant {tenant.name!r} "
+                           "(lower values run first; the tenant's minPriority)", param="priority",
+                           code="invalid_value")
         return body.priority
     return identity_of(request.scope).tenant.priority if policy == "priority" else 0
 
