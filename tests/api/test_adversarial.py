@@ -162,6 +162,20 @@ def test_e15_gbnf_grammars_work(server) -> None:
     assert r.json()["choices"][0]["text"] in ("yes", "no")
 
 
+# --------------------------------------------------------------------------- E18
+def test_e18_admin_routes_address_names_with_a_slash(keyed) -> None:
+    quoted = SLASHED.replace("/", "%2F")
+    for name in (SLASHED, quoted):
+        r = httpx.post(f"{keyed.base_url}/admin/models/{name}/load", headers=auth("admin"), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["name"] == SLASHED and r.json()["state"] == "loaded"
+        r = httpx.post(f"{keyed.base_url}/admin/models/{name}/unload", headers=auth("admin"), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] == "unloaded"
+    r = httpx.post(f"{keyed.base_url}/admin/models/org/no-such/load", headers=auth("admin"), timeout=30)
+    assert assert_openai_error(r, 404)["code"] == "model_not_found"
+
+
 # --------------------------------------------------------------------------- E3 and the other label sources
 def _label_values(text: str, label: str) -> set[str]:
     return {m for line in text.splitlines() if not line.startswith("#")
