@@ -272,3 +272,42 @@ def test_e19_a_tenant_cannot_go_below_its_priority_floor(keyed) -> None:
     assert kpost(keyed, "/v1/completions", {**low, "priority": 3}, tenant="a").status_code == 200
 
 
+# --------------------------------------------------------------------------- E16, E17
+def _replayed(keyed, path: str, body: dict) -> tuple[dict, list[dict]]:
+    first = kpost(keyed, path, body)
+    assert first.status_code == 200, first.text
+    with httpx.stream("POST", f"{keyed.base_url}{path}", json={**body, "stream": True}, headers=auth("a"),
+                      timeout=120) as r:
+        assert r.headers.get("x-kubeinfer-result-cache") == "hit"
+        payloads = sse_payloads(r)
+    assert payloads[-1] == "[DONE]"
+    return first.json(), [json.loads(p) for p in payloads[:-1]]
+
+
+def test_e16_a_replayed_stream_carries_the_logprobs(keyed) -> None:
+    body = {"model": CACHED, "prompt": "Once", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    full, chunks = _replayed(keyed, "/v1/completions", body)
+    tokens = [t for c in chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["tokens"]]
+    assert tokens == full["choices"][0]["logprobs"]["tokens"] and len(tokens) == 6
+    chat = {"model": CACHED, "messages": [{"role": "user", "content": "Once"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    full, chunks = _replayed(keyed, "/v1/chat/completions", chat)
+    entries = [e for c in chunks for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"]["content"]]
+    assert entries == full["choices"][0]["logprobs"]["content"] and len(entries) == 6
+
+
+def test_e17_a_replayed_tool_call_streams_the_call_and_done(keyed) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"metric": {"type": "boolean"}}, "required": ["metric"],
+        "additionalProperties": False}}}
+    body = {"model": CACHED, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 40,
+            "temperature": 0, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    full, chunks = _replayed(keyed, "/v1/chat/completions", body)
+    assert full["choices"][0]["finish_reason"] == "tool_calls", full
+    call = full["choices"][0]["message"]["tool_calls"][0]
+    deltas = [d for c in chunks for ch in c["choices"] for d in (ch["delta"].get("tool_calls") or [])]
+    assert deltas[0]["id"] == call["id"] and deltas[0]["function"]["name"] == "get_weather"
+    assert "".join(d["function"].get("arguments") or "" for d in deltas) == call["function"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
