@@ -311,3 +311,56 @@ def test_e17_a_replayed_tool_call_streams_the_call_and_done(keyed) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+# --------------------------------------------------------------------------- E2 and other HTTP/1.1 framing cases
+def _raw(server: ServerThread, data: bytes, wait: float = 3.0) -> bytes:
+    """Send ``data`` on one connection; return everything the server sends until it closes (or ``wait`` s)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                return out + b"<closed>"
+            out += chunk
+        return out
+
+
+SMUGGLED = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+    b"Content-Length: 4\r\nTransfer-Encoding: gzip, chunked\r\n",
+])
+def test_e2_content_length_with_transfer_encoding_is_400_and_closes(server, headers: bytes) -> None:
+    request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers + b"\r\n"
+    out = _raw(server, request + b"0\r\n\r\n" + SMUGGLED)
+    assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert out.count(b"HTTP/1.1 ") == 1, out  # nothing behind it is answered
+    assert out.endswith(b"<closed>")
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n folded: x\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+])
+def test_ambiguous_framing_is_refused_and_nothing_behind_it_is_answered(server, head: bytes) -> None:
+    out = _raw(server, head + b"{}\r\n" + SMUGGLED)
+    assert re.match(rb"HTTP/1\.1 (400|501)", out), out[:200]
+    assert out.count(b"HTTP/1.1 ") == 1, out
+    assert_healthy(server)
+
+
+def test_pipelined_well_formed_requests_are_still_answered(server) -> None:
+    out = _raw(server, SMUGGLED + SMUGGLED.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+    assert out.count(b"HTTP/1.1 200") == 2, out[:300]
+
+

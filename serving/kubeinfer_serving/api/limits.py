@@ -3,7 +3,10 @@
 * :class:`BodyLimitMiddleware` (ASGI): a body larger than ``max_bytes`` gets 413 in OpenAI's
   error body, at once when ``Content-Length`` says so, else as soon as the bytes received pass
   the limit (chunked uploads); a body that does not arrive within ``body_timeout`` seconds gets
-  408. Nothing is parsed or tokenized before the body is known to be within the limit.
+  408. Nothing is parsed or tokenized before the body is known to be within the limit. A request
+  with both ``Content-Length`` and ``Transfer-Encoding`` gets 400 and the connection is closed
+  (RFC 9112 section 6.3: its framing is ambiguous, the classic request-smuggling vector, so
+  nothing sent behind it on the connection may be read as a request).
 * :class:`GuardedH11Protocol` (uvicorn's h11 protocol): closes a connection whose request
   headers have not arrived completely within ``header_timeout`` seconds of their first byte
   (slowloris), which uvicorn alone never does. Idle keep-alive connections are closed by
@@ -40,6 +43,14 @@ class BodyLimitMiddleware:
         """Check ``Content-Length`` up front and count the bytes of the body as they arrive."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in scope.get("headers", ())}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            response = error_response(APIError(
+                400, "A request must not have both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)",
+                code="invalid_request"))
+            response.headers["Connection"] = "close"  # the server closes the connection after it
+            await response(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
