@@ -44,6 +44,9 @@ MAX_NAME_CHARS = 256
 MAX_LOGIT_BIAS = 4096
 #: Most ``bad_words`` per request.
 MAX_BAD_WORDS = 1024
+#: Most ``allowed_token_ids`` per request: the largest vocabularies in use (Gemma's, 256k); the
+#: model's own vocabulary bound is checked by the engine.
+MAX_ALLOWED_TOKEN_IDS = 262_144
 
 
 def no_lone_surrogates(text: str) -> str:
@@ -184,7 +187,9 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    allowed_token_ids: list[TokenId] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(max_length=MAX_ALLOWED_TOKEN_IDS),
+                                 AfterValidator(lambda ids: sorted(set(ids)))] | None = Field(
+        None, description="Only these tokens may be sampled (de-duplicated; at most 262,144).")
     bad_words: Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]],
                          Field(max_length=MAX_BAD_WORDS)] | None = None
     include_stop_str_in_output: bool = False
