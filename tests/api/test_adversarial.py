@@ -10,8 +10,12 @@ every request-controlled metric label.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +31,7 @@ from kubeinfer_serving.registry.manager import ModelRegistry
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.api.conftest import MAX_MODEL_LEN, MODEL, ServerThread, metric_value
+from tests.api.conftest import MAX_MODEL_LEN, MODEL, ServerThread, _free_port, metric_value, wait_ready
 from tests.api.test_errors import assert_openai_error
 from tests.api.test_hardening import assert_healthy, post
 
@@ -231,6 +235,54 @@ def test_e8_an_auto_tool_reply_shaped_like_a_bad_call_is_never_500(server) -> No
     assert not any("error" in json.loads(p) for p in payloads[:-1]), payloads
 
 
+# --------------------------------------------------------------------------- E11, E12: both WebSocket routes
+WS_ROUTES = [("/v1/ws/completions", COMPLETION), ("/v1/ws/chat/completions", CHAT)]
+
+
+@pytest.mark.parametrize(("route", "body"), WS_ROUTES)
+def test_e11_a_binary_frame_closes_the_socket_with_1003(server, route: str, body: dict) -> None:
+    t0 = time.monotonic()
+    with connect(ws_url(server, route)) as ws:
+        ws.send(json.dumps(body).encode())
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1003
+    assert time.monotonic() - t0 < 2
+
+
+def test_e11_binary_frames_leave_no_task_behind(server) -> None:
+    def ws_tasks() -> int:  # uvicorn's tasks running the app, one per connection's request or socket
+        return len(server.server.server_state.tasks)
+
+    before = ws_tasks()
+    for _ in range(20):
+        with connect(ws_url(server, "/v1/ws/completions")) as ws:
+            ws.send(b'{"model": "tiny-llama"}')
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+    deadline = time.monotonic() + 5
+    while ws_tasks() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ws_tasks() <= before
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize(("route", "body"), WS_ROUTES)
+def test_e12_a_socket_cannot_queue_unbounded_requests(server, route: str, body: dict) -> None:
+    long = {**body, "max_tokens": 600, "ignore_eos": True}
+    filler = json.dumps({**body, "pad": "x" * 1_000_000})
+    with connect(ws_url(server, route), max_size=None) as ws:
+        ws.send(json.dumps(long))
+        ws.recv(timeout=60)  # the long request runs
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(150):
+                ws.send(filler)
+            while True:
+                ws.recv(timeout=60)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code in (1008, 1009)
+    assert_healthy(server)
+
+
 # --------------------------------------------------------------------------- E13
 @pytest.mark.parametrize("route", [r for r, _ in WS_ROUTES])
 def test_e13_a_foreign_origin_cannot_open_a_websocket(server, route: str) -> None:
@@ -384,3 +436,38 @@ def test_e4_allowed_token_ids_are_bounded_and_cheap(server) -> None:
     worker.join(120)
     assert result["r"].status_code == 200, result["r"].text
     assert beside < 10 * alone + 1.0, f"{beside:.2f} s beside the big request vs {alone:.2f} s alone"
+
+
+# --------------------------------------------------------------------------- E21
+def test_e21_websocket_streams_drain_like_sse_streams(model_dir: Path) -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "kubeinfer_serving", "--host", "127.0.0.1", "--port", str(port),
+           "--model-dir", str(model_dir), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+           "--device", "cpu", "--log-level", "warning", "--timeout-graceful-shutdown", "30"]
+    root = Path(__file__).resolve().parents[2]
+    pythonpath = os.pathsep.join(str(root / d) for d in ("serving", "operator", "router"))
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath))
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    try:
+        wait_ready(url, proc=proc)
+        with connect(f"ws://127.0.0.1:{port}/v1/ws/completions") as ws:
+            ws.send(json.dumps(body))
+            frames = [ws.recv(timeout=60)]
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    frames.append(ws.recv(timeout=60))
+        took = time.monotonic() - t0
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert frames[-1] == "[DONE]", frames[-3:]
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 300, "the stream was cut"
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012  # then the socket closes
+    assert took > 0.5 and rc == 0
