@@ -471,3 +471,61 @@ def test_e21_websocket_streams_drain_like_sse_streams(model_dir: Path) -> None:
     assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 300, "the stream was cut"
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012  # then the socket closes
     assert took > 0.5 and rc == 0
+
+
+# --------------------------------------------------------------------------- E22
+def test_e22_each_choice_streams_as_soon_as_it_has_tokens(server) -> None:
+    """n above the batch size (8): the first choices stream while the others wait for batch slots."""
+    body = {**COMPLETION, "n": 16, "max_tokens": 120, "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    seen: set[int] = set()
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                first = first if first is not None else time.perf_counter() - t0
+                seen |= {c["index"] for c in json.loads(line[6:])["choices"]}
+    total = time.perf_counter() - t0
+    assert seen == set(range(16))
+    assert first < 0.25 * total, f"first byte after {first:.2f} s of {total:.2f} s"
+
+
+# --------------------------------------------------------------------------- E1
+def _median_latency(server: ServerThread, tenant: str, n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = kpost(server, "/v1/completions", {**COMPLETION, "max_tokens": 4, "temperature": 0}, tenant=tenant,
+                  timeout=15)
+        assert r.status_code == 200, r.text
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2]
+
+
+def test_e1_an_unread_stream_holds_no_capacity_once_generated(keyed, capsys) -> None:
+    alone = _median_latency(keyed, "b")
+    # ~7 MB of events (the prompt's top-20 logprobs echoed per choice): more than the kernel buffers
+    # (4 MB send buffer at most, tcp_wmem) and asyncio's can absorb, so the server's send blocks.
+    body = json.dumps({**COMPLETION, "prompt": "the river runs to the sea " * 140, "n": 3 * KEYED_SEQS,
+                       "max_tokens": 2, "echo": True, "logprobs": 20, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['a']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that never reads
+    reader.connect(("127.0.0.1", keyed.port))
+    try:
+        reader.sendall(head + body)
+        deadline = time.monotonic() + 60
+        while metric_value(keyed.base_url, "kubeinfer_num_requests_running", model_name=MODEL) == 0:
+            assert time.monotonic() < deadline, "tenant a's stream never started"
+            time.sleep(0.05)
+        while metric_value(keyed.base_url, "kubeinfer_num_requests_running", model_name=MODEL) > 0:
+            assert time.monotonic() < deadline, "the engine never finished tenant a's tokens"
+            time.sleep(0.05)
+        beside = _median_latency(keyed, "b")
+    finally:
+        reader.close()
+    with capsys.disabled():
+        print(f"\n[E1] tenant b median latency alone {alone * 1000:.1f} ms, beside tenant a's unread stream "
+              f"{beside * 1000:.1f} ms ({beside / alone:.2f}x)")
+    assert beside <= 2 * alone + 0.02, f"{beside:.3f} s beside an unread stream vs {alone:.3f} s alone"

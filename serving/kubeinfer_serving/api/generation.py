@@ -215,17 +215,19 @@ class GenerationRun:
         return index, out
 
     async def wait_first(self) -> None:
-        """Wait until every job has produced its first output (its prompt was admitted and prefilled).
+        """Wait until some job has produced its first output (its prompt was admitted and prefilled).
+
+        Not every job: with more choices than batch slots the others wait in the engine's queue,
+        and a stream must not hold back the choices that already have tokens. The engine refuses
+        a job (queue full, prompt too long) when it is submitted, before any step produces output,
+        so such errors still come here rather than in the middle of a stream.
 
         Raises:
-            QueueFullError, PromptTooLongError, EngineDeadError: the first job's admission error;
-                the other jobs are aborted.
+            QueueFullError, PromptTooLongError, EngineDeadError: a job's admission error; the
+                other jobs are aborted.
         """
-        seen = {i for i, _ in self._buffer}
-        while len(seen) < len(self._jobs):
-            index, out = await self._next()
-            self._buffer.append((index, out))
-            seen.add(index)
+        if not self._buffer:
+            self._buffer.append(await self._next())
 
     async def outputs(self) -> AsyncIterator[tuple[Job, RequestOutput]]:
         """Every output of every job in arrival order, until all jobs finished.

@@ -237,7 +237,8 @@ async def respond(
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
     Errors raised by the engine before the first output (queue full, prompt too long) become
-    HTTP errors; the stream starts only once every job produced its first output. If the client
+    HTTP errors; the stream starts as soon as one job produced its first output (each choice
+    streams as soon as it has tokens). If the client
     disconnects, the jobs are aborted (freeing their KV blocks) and nothing is sent.
 
     Args:
