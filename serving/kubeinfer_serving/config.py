@@ -47,6 +47,8 @@ class ServerSettings(BaseModel):
         timeout_request_headers: seconds a client may take to send a request's headers (and
             ``timeout_request_body`` its body) before the connection is closed (408 for a body).
         timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        timeout_stalled_response: seconds a streamed response may wait for a client that reads
+            nothing; then the stream ends and the connection is closed.
         limit_concurrency: most connections + requests at once; beyond it 503 (None: no cap).
         max_jobs_per_request: most engine requests one HTTP request may become (prompts x ``n``).
         max_embedding_inputs / max_embedding_tokens: caps per embeddings request (OpenAI's: 2048
@@ -89,6 +91,7 @@ class ServerSettings(BaseModel):
     timeout_request_headers: float = Field(30.0, gt=0)
     timeout_request_body: float = Field(60.0, gt=0)
     timeout_keep_alive: int = Field(5, ge=1)
+    timeout_stalled_response: float = Field(60.0, gt=0)
     limit_concurrency: int | None = Field(None, ge=1)
     max_jobs_per_request: int = Field(128, ge=1)
     max_embedding_inputs: int = Field(2048, ge=1)
@@ -169,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-request-body", type=float,
                    help="seconds to receive a request's body before answering 408 (default 60)")
     p.add_argument("--timeout-keep-alive", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--timeout-stalled-response", type=float,
+                   help="seconds a stream may wait for a client that reads nothing, then it is closed (default 60)")
     p.add_argument("--limit-concurrency", type=int, help="most connections + requests at once; beyond it 503")
     p.add_argument("--max-jobs-per-request", type=int,
                    help="most engine requests per HTTP request, prompts x n (default 128)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -177,6 +177,16 @@ class GenerationRun:
         self._tasks: list[asyncio.Task[None]] = []
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._finished: set[int] = set()
+        self._output_tokens: dict[int, int] = {}
+        self._ended = 0
+        #: Called once per job when the engine is done with it (finished, failed or aborted), with
+        #: True for the last one; the consumer may still be reading the job's outputs.
+        self.on_job_end: Callable[[bool], None] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Output tokens the engine produced so far, over all jobs (whether the consumer read them or not)."""
+        return sum(self._output_tokens.values())
 
     def start(self) -> None:
         """Submit every job to the engine (one task each)."""
@@ -188,6 +198,7 @@ class GenerationRun:
             it = await it
         try:
             async for out in it:
+                self._output_tokens[job.index] = out.num_output_tokens
                 if out.finished:
                     metrics.record_finished_request(getattr(self._engine, "model_name", "unknown"), out)
                 self._queue.put_nowait((job.index, out, None))
@@ -203,6 +214,9 @@ class GenerationRun:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 await aclose()
+            self._ended += 1
+            if self.on_job_end is not None:
+                self.on_job_end(self._ended == len(self._jobs))
 
     async def _next(self) -> tuple[int, RequestOutput]:
         index, out, exc = await self._queue.get()

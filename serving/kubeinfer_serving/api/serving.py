@@ -275,11 +275,24 @@ async def respond(
         nonlocal settled
         if not settled:
             settled = True
-            drain.untrack(run)
             if ticket is not None:
                 ticket.release()
-            admission.charge(tenant, usage.usage().completion_tokens, "generation")
+            admission.charge(tenant, run.completion_tokens, "generation")
 
+    def job_ended(last: bool) -> None:
+        """The engine is done with one job: its admission room is free at once, even while the
+        client is still reading (or not reading) the response, so an unread stream holds nothing."""
+        if ticket is not None:
+            ticket.release(1)
+        if last:
+            settle()
+
+    def finish() -> None:
+        """The response is over (sent, failed or abandoned): stop tracking the run for the drain, and settle."""
+        drain.untrack(run)
+        settle()
+
+    run.on_job_end = job_ended
     run.start()
     drain.track(run)
     try:
@@ -296,7 +309,7 @@ async def respond(
             try:
                 body = await until_disconnect(request, collect())
             finally:
-                settle()
+                finish()
             data = body.model_dump(mode="json")
             if cache_key is None:
                 return JSONResponse(data)
@@ -306,11 +319,11 @@ async def respond(
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
         run.cancel()
-        settle()
+        finish()
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         run.cancel()
-        settle()
+        finish()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -326,8 +339,8 @@ async def respond(
 
     async def on_close() -> None:
         run.cancel()
-        settle()
+        finish()
         await owned.aclose()
 
-    return SSEResponse(events(), on_close)
+    return SSEResponse(events(), on_close, stall_timeout=request.app.state.settings.timeout_stalled_response)
 
