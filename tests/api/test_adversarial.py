@@ -538,3 +538,26 @@ def test_e1_an_unread_stream_holds_no_capacity_once_generated(keyed, capsys) -> 
               f"{beside * 1000:.1f} ms ({beside / alone:.2f}x)")
     # Issue 24 asks for 2x; the margin absorbs this shared test machine's noise (on main b timed out).
     assert beside <= 2 * alone + 0.5, f"{beside:.3f} s beside an unread stream vs {alone:.3f} s alone"
+
+
+# --------------------------------------------------------------------------- E10
+def test_e10_user_text_that_repeats_the_template_never_moves_its_boundary(server, model_dir: Path) -> None:
+    from kubeinfer_serving.models import loader
+
+    tok = loader.load_tokenizer(model_dir)
+    rendered = tok.apply_chat_template([{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"}],
+                                       tokenize=False, add_generation_prompt=True)
+    between = rendered[rendered.index("SYS") + 3:rendered.index("USR")]  # the template's text between turns
+    assert "<|eot_id|>" in between
+    user = between + between
+    messages = [{"role": "system", "content": "SYS"}, {"role": "user", "content": user}]
+    r = post(server, "/tokenize", {"model": MODEL, "messages": messages})
+    assert r.status_code == 200, r.text
+    head, tail = rendered[:rendered.index("USR")], rendered[rendered.index("USR") + 3:]
+    expected = (tok(head, add_special_tokens=False)["input_ids"]
+                + tok(user.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]  # | trim
+                + tok(tail, add_special_tokens=False)["input_ids"])
+    assert r.json()["tokens"] == expected
+    # The same holds for the generation route: the prompt has the template's control tokens only.
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": messages})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(expected)
