@@ -561,3 +561,28 @@ def test_e10_user_text_that_repeats_the_template_never_moves_its_boundary(server
     # The same holds for the generation route: the prompt has the template's control tokens only.
     r = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 1, "messages": messages})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+# --------------------------------------------------------------------------- E14
+def test_e14_huge_grammars_are_refused_and_never_delay_a_small_one(server) -> None:
+    def huge(i: int) -> None:
+        body = {**COMPLETION, "guided_choice": [f"c{i}-{k}" for k in range(100_000)]}
+        try:
+            r = post(server, "/v1/completions", body, timeout=3)
+            err = assert_openai_error(r, 400)
+            assert err["param"] == "guided_choice"
+        except httpx.TimeoutException:  # the client gives up (main compiled on regardless)
+            pass
+
+    clients = [threading.Thread(target=huge, args=(i,)) for i in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(10)
+    t0 = time.perf_counter()
+    r = post(server, "/v1/completions", {**COMPLETION, "guided_choice": ["yes", "no"], "seed": 14})
+    took = time.perf_counter() - t0
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("yes", "no"), r.text
+    assert took < 2.0, f"a two-choice request waited {took:.1f} s behind abandoned compilations"
+    big = {**COMPLETION, "structured_outputs": {"regex": "a" * 100_001}}
+    assert assert_openai_error(post(server, "/v1/completions", big), 400)["param"] == "structured_outputs.regex"

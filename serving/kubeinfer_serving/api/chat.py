@@ -115,7 +115,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         priority = resolve_priority(request, body, served)
         salt = cache_salt(request, body)
         tok = served.tokenizer
-        guide = await compile_guide(served.engine, tok, structured[1], structured[0]) if structured else None
+        guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
         ids = await asyncio.to_thread(
             chat_prompt, tok, body.messages, served.max_model_len,
             parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,

@@ -102,7 +102,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         served = await acquire(request, stack, model, ModelKind.GENERATE)
         priority = resolve_priority(request, body, served)
         salt = cache_salt(request, body)
-        guide = await compile_guide(served.engine, served.tokenizer, structured[1], structured[0]) if structured else None
+        guide = (await compile_guide(request, served.engine, served.tokenizer, structured[1], structured[0])
+                 if structured else None)
         prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
         bad = await asyncio.to_thread(bad_words_token_ids, served.tokenizer, body.bad_words) if body.bad_words else None
         if isinstance(body.prompt, str):

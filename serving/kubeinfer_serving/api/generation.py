@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from kubeinfer_serving import metrics
-from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.errors import APIError, ClientDisconnected
 from kubeinfer_serving.api.prompts import tokenizer_lock
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.engine.errors import PromptTooLongError
@@ -29,10 +29,6 @@ from kubeinfer_serving.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client closed the connection before the response was ready."""
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:

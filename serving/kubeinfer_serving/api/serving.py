@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
-from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
+from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
 from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
 from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
 from kubeinfer_serving.api.result_cache import ResultCache, replay
@@ -29,10 +29,6 @@ from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
 from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
 from kubeinfer_serving.engine.outputs import RequestOutput, TokenLogprob
 from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
-
-#: Status logged (never sent) when the client left before the response: nginx's "client closed request".
-CLIENT_CLOSED = 499
-
 
 #: ``system_fingerprint`` of every response: the server build (OpenAI: the backend configuration).
 SYSTEM_FINGERPRINT = f"kubeinfer-{__version__}"

@@ -22,6 +22,9 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 #: Compiled grammars kept per tokenizer (least recently used dropped first).
 CACHE_SIZE = 256
+#: Grammar sources up to this many characters compile on their own worker, so a small grammar
+#: never waits behind a large one.
+SMALL_GRAMMAR_CHARS = 4096
 
 
 class GrammarError(ValueError):
@@ -135,7 +138,15 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._small_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile-small")
         self.compilations = 0
+
+    def _cached(self, spec: GrammarSpec) -> CompiledGrammar | None:
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+            return hit
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar of ``spec``, from the cache when it was compiled before.
@@ -143,11 +154,9 @@ class GrammarCompiler:
         Raises:
             GrammarError: the grammar does not compile (message from llguidance).
         """
-        with self._lock:
-            hit = self._cache.get(spec)
-            if hit is not None:
-                self._cache.move_to_end(spec)
-                return hit
+        hit = self._cached(spec)
+        if hit is not None:
+            return hit
         text = spec.to_llguidance()
         error = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
         if error:
@@ -165,8 +174,14 @@ class GrammarCompiler:
         return compiled
 
     async def compile_async(self, spec: GrammarSpec) -> CompiledGrammar:
-        """:meth:`compile` on the compiler's worker thread (never on the event loop or the engine thread)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile, spec)
+        """:meth:`compile` on a worker thread (never on the event loop or the engine thread): a cache
+        hit at once, sources up to :data:`SMALL_GRAMMAR_CHARS` on the small grammars' worker, the
+        rest on the other. Cancelling the awaiting task drops a compilation that has not started."""
+        hit = self._cached(spec)
+        if hit is not None:
+            return hit
+        pool = self._small_pool if len(spec.source) <= SMALL_GRAMMAR_CHARS else self._pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self.compile, spec)
 
 
 _compilers: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
