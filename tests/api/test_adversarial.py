@@ -33,7 +33,7 @@ from websockets.sync.client import connect
 
 from tests.api.conftest import MAX_MODEL_LEN, MODEL, ServerThread, _free_port, metric_value, wait_ready
 from tests.api.test_errors import assert_openai_error
-from tests.api.test_hardening import assert_healthy, post
+from tests.api.test_hardening import _probe_health_while, assert_healthy, post
 
 #: Models of the keyed server besides MODEL: a catalogue name with a slash, one with the result cache.
 SLASHED = "org/tiny-llama"
@@ -586,3 +586,33 @@ def test_e14_huge_grammars_are_refused_and_never_delay_a_small_one(server) -> No
     assert took < 2.0, f"a two-choice request waited {took:.1f} s behind abandoned compilations"
     big = {**COMPLETION, "structured_outputs": {"regex": "a" * 100_001}}
     assert assert_openai_error(post(server, "/v1/completions", big), 400)["param"] == "structured_outputs.regex"
+
+
+# --------------------------------------------------------------------------- E5, E6
+@pytest.mark.parametrize(("path", "body"), [
+    ("/tokenize", {"model": MODEL, "prompt": "the quick brown fox jumps " * 480_000}),  # 12 MB
+    ("/tokenize", {"model": MODEL, "prompt": "the quick brown fox jumps " * 120_000, "return_token_strs": True}),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "the quick brown fox " * 150_000}]}),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": ""}] * 300_000}),  # 9 MB
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": ""}] * 300_000}),
+])
+def test_e5_e6_oversized_inputs_are_refused_quickly_and_health_stays_fast(server, path: str, body: dict) -> None:
+    result: dict = {}
+    content = json.dumps(body).encode()  # serialized first: the server shares this process's GIL
+
+    def work() -> None:
+        result["r"] = post(server, path, content=content)
+
+    took, health = _probe_health_while(server, work)
+    err = assert_openai_error(result["r"], 400)
+    assert err["param"] in ("prompt", "messages"), err
+    assert took < 3.0, f"refusing took {took:.1f} s"
+    assert max(health) < 1.0, f"/health stalled {max(health):.2f} s"
+    assert_healthy(server)
+
+
+def test_e6_tools_and_messages_are_capped(server) -> None:
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    assert assert_openai_error(post(server, "/v1/chat/completions", {**CHAT, "tools": tools}), 400)["param"] == "tools"
+    many = [{"role": "user", "content": "hi"}] * 2049
+    assert assert_openai_error(post(server, "/tokenize", {"model": MODEL, "messages": many}), 400)["param"] == "messages"

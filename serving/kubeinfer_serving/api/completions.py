@@ -25,6 +25,7 @@ from kubeinfer_serving.api.generation import (
     check_fanout,
     sampling_params,
 )
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.logprobs import TokenText, completion_logprobs, merge, prompt_completion_logprobs
 from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
@@ -52,7 +53,7 @@ from kubeinfer_serving.api.structured import compile_guide, grammar_spec
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
 def check_request(body: CompletionRequest) -> None:

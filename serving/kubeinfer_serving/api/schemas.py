@@ -44,6 +44,11 @@ MAX_NAME_CHARS = 256
 MAX_LOGIT_BIAS = 4096
 #: Most ``bad_words`` per request.
 MAX_BAD_WORDS = 1024
+#: Most chat ``messages`` per request (OpenAI's limit): rendering the template costs time per message,
+#: even per empty one, before any context check can count tokens.
+MAX_MESSAGES = 2048
+#: Most ``tools`` per request (OpenAI's limit).
+MAX_TOOLS = 128
 #: Most ``allowed_token_ids`` per request: the largest vocabularies in use (Gemma's, 256k); the
 #: model's own vocabulary bound is checked by the engine.
 MAX_ALLOWED_TOKEN_IDS = 262_144
@@ -84,6 +89,19 @@ def no_lone_surrogates_in(value: Any) -> Any:
 
 #: A string that is valid Unicode (no lone surrogates).
 Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+def at_most(n: int) -> BeforeValidator:
+    """A before-validator refusing a list longer than ``n`` before its items are validated
+    (``Field(max_length=n)`` checks the length only after validating every item: 300,000
+    messages cost a second of event loop first)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > n:
+            raise ValueError(f"at most {n} items are allowed, got {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
 #: A free-form JSON object (a schema, template variables, a tool) whose strings are valid Unicode.
 JSONObject = Annotated[dict[str, Any], AfterValidator(no_lone_surrogates_in)]
 #: A short name (``model``, ``user``, message ``name``).
@@ -187,7 +205,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    allowed_token_ids: Annotated[list[TokenId], Field(max_length=MAX_ALLOWED_TOKEN_IDS),
+    allowed_token_ids: Annotated[list[TokenId], at_most(MAX_ALLOWED_TOKEN_IDS),
                                  AfterValidator(lambda ids: sorted(set(ids)))] | None = Field(
         None, description="Only these tokens may be sampled (de-duplicated; at most 262,144).")
     bad_words: Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]],
@@ -260,12 +278,12 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``. Without ``max_tokens``/``max_completion_tokens`` the output may fill the context."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], at_most(MAX_MESSAGES)] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
-    tools: list[JSONObject] | None = None
+    tools: Annotated[list[JSONObject], at_most(MAX_TOOLS)] | None = None
     tool_choice: Text | JSONObject | None = None
     parallel_tool_calls: bool | None = None
     echo: bool = False
@@ -279,12 +297,12 @@ class TokenizeRequest(_Request):
 
     model: Name | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], at_most(MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: JSONObject | None = None
-    tools: list[JSONObject] | None = None
+    tools: Annotated[list[JSONObject], at_most(MAX_TOOLS)] | None = None
     return_token_strs: bool = False
 
 
