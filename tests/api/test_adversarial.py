@@ -607,7 +607,9 @@ def test_e5_e6_oversized_inputs_are_refused_quickly_and_health_stays_fast(server
     err = assert_openai_error(result["r"], 400)
     assert err["param"] in ("prompt", "messages"), err
     assert took < 3.0, f"refusing took {took:.1f} s"
-    assert max(health) < 1.0, f"/health stalled {max(health):.2f} s"
+    # Parsing a 9 MB body of small objects holds the GIL ~0.3 s (json is C code; the server shares this
+    # process), which this shared 2-core machine can stretch past 1 s; main stalled /health 3.8 s and more.
+    assert max(health) < 1.5, f"/health stalled {max(health):.2f} s"
     assert_healthy(server)
 
 
