@@ -48,6 +48,8 @@ class ServerSettings(BaseModel):
         timeout_request_headers: seconds a client may take to send a request's headers (and
             ``timeout_request_body`` its body) before the connection is closed (408 for a body).
         timeout_keep_alive: seconds an idle keep-alive connection stays open.
+        timeout_stalled_response: seconds a streamed response may wait for a client that reads
+            nothing; then the stream ends and the connection is closed.
         limit_concurrency: most connections + requests at once; beyond it 503 (None: no cap).
         max_jobs_per_request: most engine requests one HTTP request may become (prompts x ``n``).
         max_embedding_inputs / max_embedding_tokens: caps per embeddings request (OpenAI's: 2048
@@ -70,6 +72,9 @@ class ServerSettings(BaseModel):
             override the catalogue's ``enableLora`` / ``maxLoras`` / ``maxLoraRank`` (None: the catalogue's).
         lora_modules: single-model mode: LoRA adapters of the model as ``NAME=SOURCE`` (vLLM's
             ``--lora-modules``; the environment variable takes them comma-separated).
+        allowed_origins: web origins (``scheme://host[:port]``) whose pages may open this server's
+            WebSockets; a handshake from any other site is refused (comma-separated in the flag
+            and the environment). Default: none (same-site pages and non-browser clients only).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,6 +97,7 @@ class ServerSettings(BaseModel):
     timeout_request_headers: float = Field(30.0, gt=0)
     timeout_request_body: float = Field(60.0, gt=0)
     timeout_keep_alive: int = Field(5, ge=1)
+    timeout_stalled_response: float = Field(60.0, gt=0)
     limit_concurrency: int | None = Field(None, ge=1)
     max_jobs_per_request: int = Field(128, ge=1)
     max_embedding_inputs: int = Field(2048, ge=1)
@@ -126,6 +132,15 @@ class ServerSettings(BaseModel):
             name, source = item.split("=", 1)
             out.append({"name": name, "source": source if "://" in source else str(Path(source).expanduser().resolve())})
         return out
+    allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``"https://a.example,https://b.example"`` (flag or environment) -> a tuple of origins."""
+        if isinstance(value, str):
+            return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        return value
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -186,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-request-body", type=float,
                    help="seconds to receive a request's body before answering 408 (default 60)")
     p.add_argument("--timeout-keep-alive", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--timeout-stalled-response", type=float,
+                   help="seconds a stream may wait for a client that reads nothing, then it is closed (default 60)")
     p.add_argument("--limit-concurrency", type=int, help="most connections + requests at once; beyond it 503")
     p.add_argument("--max-jobs-per-request", type=int,
                    help="most engine requests per HTTP request, prompts x n (default 128)")
@@ -212,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapters of the --model-dir model (PEFT directories or any source)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
+    p.add_argument("--allowed-origins",
+                   help="comma-separated web origins (https://app.example) whose pages may open WebSockets "
+                   "to this server (default: none; other sites' handshakes are refused)")
     return p
 
 

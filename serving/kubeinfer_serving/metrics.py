@@ -195,11 +195,25 @@ class ModelStateCollector(Collector):
         yield family
 
 
+#: The HTTP methods that get their own ``method`` label value (RFC 9110's, plus PATCH).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def http_method_label(method: str) -> str:
+    """The ``method`` label of a request: the method itself when standard, else ``other``.
+
+    A client picks any token as a method (``M0001``); folding the rest into one value keeps the
+    label set bounded.
+    """
+    return method if method in HTTP_METHODS else "other"
+
+
 class HTTPMetricsMiddleware:
     """Pure ASGI middleware counting HTTP requests by route template (``/v1/models/{name:path}``,
     never the raw path, so label cardinality stays bounded), method and status code, and timing
     them to the end of the response body (streams included). Unmatched paths count as route
-    ``unmatched``; ``/metrics`` itself is not counted.
+    ``unmatched`` and non-standard methods as method ``other`` (:func:`http_method_label`), so no
+    client can grow the label set; ``/metrics`` itself is not counted.
     """
 
     def __init__(self, app: Any) -> None:
@@ -223,7 +237,7 @@ class HTTPMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "GET")
+            method = http_method_label(scope.get("method", "GET"))
             HTTP_REQUESTS.labels(route=template, method=method, status=str(status)).inc()
             HTTP_REQUEST_DURATION.labels(route=template, method=method).observe(time.perf_counter() - start)
 

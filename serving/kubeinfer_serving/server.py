@@ -4,6 +4,8 @@
   passes, :meth:`Drain.expire` ends the requests still running with a clean 503 / SSE error
   event. uvicorn's own cancellation deadline is set a little later, so it only fires when a
   request ignores the drain.
+* WebSocket streams drain like SSE streams: the listeners close first, then the shutdown waits
+  for the WebSocket requests in flight before uvicorn closes the sockets (with 1012).
 * After a shutdown that drained cleanly the process exits with status 0; uvicorn re-raises the
   signal, which makes the exit status 143 (128 + SIGTERM) although nothing went wrong.
 """
@@ -51,8 +53,19 @@ class DrainingServer(uvicorn.Server):
         if not self._armed and self._loop is not None:
             self._armed = True
             loop, seconds = self._loop, self.drain_seconds
-            loop.call_soon_threadsafe(self.drain.begin)
+            loop.call_soon_threadsafe(self.drain.begin_shutdown)
             loop.call_soon_threadsafe(lambda: loop.call_later(seconds, self.drain.expire))
+
+    async def shutdown(self, sockets=None) -> None:  # noqa: ANN001 - uvicorn's signature
+        """Stop accepting, let WebSocket requests in flight finish (at most until the drain deadline
+        plus :data:`CANCEL_MARGIN`), then uvicorn's shutdown (which closes WebSockets at once)."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.drain.websockets_idle(), self.drain_seconds + CANCEL_MARGIN)
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

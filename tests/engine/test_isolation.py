@@ -243,10 +243,17 @@ class _FaultyMatcher:
     def consume_token(self, token: int) -> bool:
         if self.fault == "consume_token":
             raise RuntimeError("matcher bug while advancing")
-        return True
+        self.consumed = getattr(self, "consumed", 0) + 1
+        return not self.is_error()
 
     def is_stopped(self) -> bool:
-        return False
+        return self.is_error()  # as llguidance's: a failed matcher is also stopped
+
+    def is_error(self) -> bool:
+        return self.fault == "limit" and getattr(self, "consumed", 0) >= 3
+
+    def get_error(self) -> str:
+        return "parser error: Too many items (limit 50000)\n<state>..." if self.is_error() else ""
 
 
 class _FaultyGuide:
@@ -273,4 +280,18 @@ def test_a_faulty_grammar_fails_only_that_request(make_engine, fault):
     assert sum(o.finished for o in bad) == 1
     good_out = [o for o in outs if o.request_id == "good"]
     assert good_out[-1].finish_reason == "length" and good_out[-1].num_output_tokens == 6
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_a_grammar_that_fails_mid_generation_ends_with_an_error_not_stop(make_engine):
+    """Issue 24 E20: llguidance's limits can trip after a few tokens; the request must fail, not claim "stop"."""
+    engine = make_engine(num_kv_blocks=64)
+    engine.add_request("g", [7, 8, 9], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                      guide=_FaultyGuide(engine.vocab_size, "limit")))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].finish_reason == "error"
+    assert "Too many items" in outs[-1].error and "<state>" not in outs[-1].error
+    assert outs[-1].num_output_tokens == 3
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks

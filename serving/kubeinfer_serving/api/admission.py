@@ -80,21 +80,25 @@ class _Waiter:
 
 
 class Ticket:
-    """Room for ``jobs`` engine requests of ``tenant`` in one model's gate; :meth:`release` it when done."""
+    """Room for ``jobs`` engine requests of ``tenant`` in one model's gate; :meth:`release` it as they end."""
 
-    __slots__ = ("_gate", "tenant", "jobs", "_released")
+    __slots__ = ("_gate", "tenant", "jobs", "_held")
 
     def __init__(self, gate: _Gate, tenant: str, jobs: int) -> None:
         self._gate = gate
         self.tenant = tenant
         self.jobs = jobs
-        self._released = False
+        self._held = jobs
 
-    def release(self) -> None:
-        """Give the room back (idempotent) and admit whoever is next."""
-        if not self._released:
-            self._released = True
-            self._gate.release(self.tenant, self.jobs)
+    def release(self, jobs: int | None = None) -> None:
+        """Give back the room of ``jobs`` engine requests (None: all still held) and admit whoever is next.
+
+        Releasing more than is held gives back what is held (so releasing twice is harmless).
+        """
+        n = self._held if jobs is None else min(jobs, self._held)
+        if n > 0:
+            self._held -= n
+            self._gate.release(self.tenant, n)
 
 
 class _Gate:

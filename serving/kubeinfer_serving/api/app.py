@@ -143,7 +143,8 @@ def create_app(
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        body_timeout=settings.timeout_request_body)
-    app.add_middleware(AuthMiddleware, keys=app.state.keys)  # refuse before reading a body
+    app.add_middleware(AuthMiddleware, keys=app.state.keys,  # refuse before reading a body
+                       allowed_origins=settings.allowed_origins)
     app.add_middleware(load.ResidentHeaderMiddleware, resident=provider.resident_models)
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

@@ -14,10 +14,15 @@ Rules (:class:`AuthMiddleware`, pure ASGI so it costs one dict lookup per reques
   a cross-site ``Origin`` or ``Sec-Fetch-Site``, or a form/text ``Content-Type``. The last two
   rules hold even with no keys configured, so a web page cannot drive the admin API of an open
   development server.
+* WebSocket handshakes are not covered by CORS at all (a browser opens a socket to any site), so
+  the same cross-site rule refuses them (close 1008, an HTTP 403 to the handshake): a foreign
+  ``Origin`` or ``Sec-Fetch-Site``, unless the origin is in ``allowed_origins``
+  (``--allowed-origins``). Clients that are not browsers send no ``Origin`` and are unaffected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,9 +48,15 @@ def identity_of(scope: Scope, keys: KeyStore | None = None) -> Identity:
     return identity
 
 
-def cross_site_reason(scope: Scope) -> str | None:
-    """Why a request looks like a browser's cross-site simple request, or None when it does not."""
+def cross_site_reason(scope: Scope, allowed_origins: Collection[str] = ()) -> str | None:
+    """Why a request looks like a browser's cross-site request, or None when it does not.
+
+    Args:
+        allowed_origins: origins trusted whatever the other headers say.
+    """
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+    if headers.get("origin", "").rstrip("/") in allowed_origins:
+        return None
     fetch_site = headers.get("sec-fetch-site")
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
         return f"Sec-Fetch-Site is {fetch_site!r}"
@@ -55,7 +66,7 @@ def cross_site_reason(scope: Scope) -> str | None:
         if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
             return "the Origin is another site"
     ctype = headers.get("content-type")
-    if ctype is not None and ctype.split(";", 1)[0].strip().lower() in SIMPLE_CONTENT_TYPES:
+    if ctype is not None and scope["type"] == "http" and ctype.split(";", 1)[0].strip().lower() in SIMPLE_CONTENT_TYPES:
         return f"Content-Type {ctype.split(';', 1)[0].strip()!r} is not accepted here (use application/json or none)"
     return None
 
@@ -76,11 +87,13 @@ class AuthMiddleware:
     Args:
         app: the wrapped ASGI app.
         keys: the configured keys; with none, every request is the anonymous ``default`` tenant.
+        allowed_origins: web origins whose pages may open WebSockets (``--allowed-origins``).
     """
 
-    def __init__(self, app: ASGIApp, *, keys: KeyStore) -> None:
+    def __init__(self, app: ASGIApp, *, keys: KeyStore, allowed_origins: Collection[str] = ()) -> None:
         self.app = app
         self.keys = keys
+        self.allowed_origins = frozenset(allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Attach the identity and pass the request on, or answer 401/403."""
@@ -89,11 +102,11 @@ class AuthMiddleware:
             return
         admin_route = scope["path"].startswith("/admin/") or scope["path"] in ADMIN_PATHS
         err: APIError | None = None
-        if admin_route:
-            reason = cross_site_reason(scope)
+        if admin_route or scope["type"] == "websocket":
+            reason = cross_site_reason(scope, self.allowed_origins if scope["type"] == "websocket" else ())
             if reason is not None:
-                err = APIError(403, f"Cross-site requests to the admin API are refused: {reason}",
-                               code="cross_site_request")
+                what = "the admin API" if admin_route else "WebSockets"
+                err = APIError(403, f"Cross-site requests to {what} are refused: {reason}", code="cross_site_request")
         identity = self.keys.anonymous
         if err is None and self.keys.enabled:
             token = _bearer(scope)

@@ -28,6 +28,7 @@ from kubeinfer_serving.api.generation import (
     check_fanout,
     sampling_params,
 )
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.logprobs import TokenText, chat_logprobs
 from kubeinfer_serving.api.prompts import _message_text, chat_prompt, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
@@ -62,7 +63,7 @@ from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls, parser
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
 def check_request(body: ChatCompletionRequest) -> None:
@@ -115,7 +116,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         priority = resolve_priority(request, body, served)
         salt = cache_salt(request, body)
         tok = served.tokenizer
-        guide = await compile_guide(served.engine, tok, structured[1], structured[0]) if structured else None
+        guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
         ids = await asyncio.to_thread(
             chat_prompt, tok, body.messages, served.max_model_len,
             parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,

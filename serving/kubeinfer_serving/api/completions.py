@@ -25,6 +25,7 @@ from kubeinfer_serving.api.generation import (
     check_fanout,
     sampling_params,
 )
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.logprobs import TokenText, completion_logprobs, merge, prompt_completion_logprobs
 from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
 from kubeinfer_serving.api.schemas import (
@@ -52,7 +53,7 @@ from kubeinfer_serving.api.structured import compile_guide, grammar_spec
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
 def check_request(body: CompletionRequest) -> None:
@@ -102,7 +103,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         served = await acquire(request, stack, model, ModelKind.GENERATE)
         priority = resolve_priority(request, body, served)
         salt = cache_salt(request, body)
-        guide = await compile_guide(served.engine, served.tokenizer, structured[1], structured[0]) if structured else None
+        guide = (await compile_guide(request, served.engine, served.tokenizer, structured[1], structured[0])
+                 if structured else None)
         prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
         bad = await asyncio.to_thread(bad_words_token_ids, served.tokenizer, body.bad_words) if body.bad_words else None
         if isinstance(body.prompt, str):

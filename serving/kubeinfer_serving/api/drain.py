@@ -7,11 +7,19 @@ ends them first, at the deadline: each tracked :class:`~kubeinfer_serving.api.ge
 is interrupted with a 503 ``server_shutting_down`` error, so a non-streaming request gets OpenAI's
 503 body (with ``Retry-After``) and a stream gets an error event and ``data: [DONE]``; the
 engine requests are aborted and their KV blocks freed.
+
+WebSocket streams drain the same way: uvicorn closes every WebSocket (1012) as soon as the
+shutdown starts, so :class:`~kubeinfer_serving.server.DrainingServer` first waits for the
+WebSocket requests in flight (:meth:`Drain.websockets_idle`), which finish or end at the
+deadline like SSE streams; a socket takes no new request once :attr:`Drain.closing` is set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
@@ -31,16 +39,36 @@ class Drain:
     def __init__(self) -> None:
         self._runs: set[Any] = set()
         self.expired = False
-        self.signalled = False
+        #: True from the shutdown signal on: WebSockets take no new request and close (1012) after the current one.
+        self.closing = False
+        self._ws_requests = 0
+        self._ws_idle = asyncio.Event()
+        self._ws_idle.set()
+
+    def begin_shutdown(self) -> None:
+        """The shutdown signal came (call on the event loop)."""
+        self.closing = True
+
+    @contextlib.contextmanager
+    def websocket_request(self) -> Iterator[None]:
+        """Count a WebSocket request in flight for :meth:`websockets_idle` (uvicorn would cut its socket)."""
+        self._ws_requests += 1
+        self._ws_idle.clear()
+        try:
+            yield
+        finally:
+            self._ws_requests -= 1
+            if self._ws_requests == 0:
+                self._ws_idle.set()
+
+    async def websockets_idle(self) -> None:
+        """Return once no WebSocket request is in flight (at the deadline :meth:`expire` ends them)."""
+        await self._ws_idle.wait()
 
     @property
     def draining(self) -> bool:
         """True from the shutdown signal on (``/kubeinfer/load`` tells routers to send no more)."""
-        return self.signalled or self.expired
-
-    def begin(self) -> None:
-        """The shutdown signal arrived (call on the event loop); the deadline is armed separately."""
-        self.signalled = True
+        return self.closing or self.expired
 
     def track(self, run: Any) -> None:
         """Watch ``run`` (anything with ``interrupt(exc)``) until :meth:`untrack`; interrupt it now if past the deadline."""

@@ -18,12 +18,13 @@ from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
 from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.prompts import split_inputs
 from kubeinfer_serving.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 from kubeinfer_serving.api.serving import CLIENT_CLOSED, acquire
 from kubeinfer_serving.registry.protocol import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
 def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:

@@ -44,6 +44,14 @@ _TYPES = {
 }
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client closed the connection before the response was ready."""
+
+
+#: Status logged (never sent) when the client left before the response: nginx's "client closed request".
+CLIENT_CLOSED = 499
+
+
 class APIError(Exception):
     """An error answered with OpenAI's error body.
 
@@ -104,12 +112,15 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 def to_api_error(exc: BaseException) -> APIError:
     """Translate an engine or registry exception into the :class:`APIError` the client sees.
 
-    ``ModelError`` keeps its own status/code/retry_after; ``QueueFullError`` becomes 429 with
+    ``ModelError`` keeps its own status/code/retry_after; ``ClientDisconnected`` becomes 499 (never
+    sent: the client is gone); ``QueueFullError`` becomes 429 with
     ``Retry-After``; ``PromptTooLongError`` 400 ``context_length_exceeded``; ``EngineDeadError`` 503;
     anything else 500 (logged with its traceback).
     """
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientDisconnected):  # nobody reads the answer; nothing to log
+        return APIError(CLIENT_CLOSED, "The client closed the request", code="client_closed")
     if isinstance(exc, ModelError):
         return APIError(exc.status, exc.message, param="model", code=exc.code, retry_after=exc.retry_after)
     if isinstance(exc, QueueFullError):
@@ -198,7 +209,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    for cls in (ModelError, QueueFullError, PromptTooLongError, EngineDeadError, RequestFailedError, Exception):
+    for cls in (ModelError, QueueFullError, PromptTooLongError, EngineDeadError, RequestFailedError,
+                ClientDisconnected, Exception):
 
         @app.exception_handler(cls)
         async def _other(_: Request, exc: Exception) -> JSONResponse:

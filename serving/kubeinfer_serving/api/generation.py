@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from kubeinfer_serving import metrics
-from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.errors import APIError, ClientDisconnected
 from kubeinfer_serving.api.prompts import tokenizer_lock
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.engine.errors import PromptTooLongError
@@ -29,10 +29,6 @@ from kubeinfer_serving.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client closed the connection before the response was ready."""
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
@@ -177,6 +173,16 @@ class GenerationRun:
         self._tasks: list[asyncio.Task[None]] = []
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._finished: set[int] = set()
+        self._output_tokens: dict[int, int] = {}
+        self._ended = 0
+        #: Called once per job when the engine is done with it (finished, failed or aborted), with
+        #: True for the last one; the consumer may still be reading the job's outputs.
+        self.on_job_end: Callable[[bool], None] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Output tokens the engine produced so far, over all jobs (whether the consumer read them or not)."""
+        return sum(self._output_tokens.values())
 
     def start(self) -> None:
         """Submit every job to the engine (one task each)."""
@@ -188,6 +194,7 @@ class GenerationRun:
             it = await it
         try:
             async for out in it:
+                self._output_tokens[job.index] = out.num_output_tokens
                 if out.finished:
                     metrics.record_finished_request(getattr(self._engine, "model_name", "unknown"), out)
                 self._queue.put_nowait((job.index, out, None))
@@ -203,6 +210,9 @@ class GenerationRun:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 await aclose()
+            self._ended += 1
+            if self.on_job_end is not None:
+                self.on_job_end(self._ended == len(self._jobs))
 
     async def _next(self) -> tuple[int, RequestOutput]:
         index, out, exc = await self._queue.get()
@@ -215,17 +225,19 @@ class GenerationRun:
         return index, out
 
     async def wait_first(self) -> None:
-        """Wait until every job has produced its first output (its prompt was admitted and prefilled).
+        """Wait until some job has produced its first output (its prompt was admitted and prefilled).
+
+        Not every job: with more choices than batch slots the others wait in the engine's queue,
+        and a stream must not hold back the choices that already have tokens. The engine refuses
+        a job (queue full, prompt too long) when it is submitted, before any step produces output,
+        so such errors still come here rather than in the middle of a stream.
 
         Raises:
-            QueueFullError, PromptTooLongError, EngineDeadError: the first job's admission error;
-                the other jobs are aborted.
+            QueueFullError, PromptTooLongError, EngineDeadError: a job's admission error; the
+                other jobs are aborted.
         """
-        seen = {i for i, _ in self._buffer}
-        while len(seen) < len(self._jobs):
-            index, out = await self._next()
-            self._buffer.append((index, out))
-            seen.add(index)
+        if not self._buffer:
+            self._buffer.append(await self._next())
 
     async def outputs(self) -> AsyncIterator[tuple[Job, RequestOutput]]:
         """Every output of every job in arrival order, until all jobs finished.

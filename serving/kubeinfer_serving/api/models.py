@@ -58,7 +58,7 @@ async def retrieve_model(name: str, request: Request) -> ModelCard:
     raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
 
-@router.post("/admin/models/{name}/load")
+@router.post("/admin/models/{name:path}/load")
 async def load_model(name: str, request: Request) -> dict[str, Any]:
     """Load ``name`` now (evicting idle models if the memory budget needs it); returns its ModelInfo.
 
@@ -67,7 +67,7 @@ async def load_model(name: str, request: Request) -> dict[str, Any]:
     return info_json(await request.app.state.provider.load(name))
 
 
-@router.post("/admin/models/{name}/unload")
+@router.post("/admin/models/{name:path}/unload")
 async def unload_model(name: str, request: Request) -> dict[str, Any]:
     """Unload ``name`` (frees its weights and KV pool); returns its ModelInfo.
 

@@ -9,7 +9,9 @@ Completions take a string, a list of strings, a token-id list or a list of token
 from __future__ import annotations
 
 import json
+import re
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -169,32 +171,45 @@ def special_token_strings(tokenizer: Any) -> tuple[str, ...]:
     return cached
 
 
-def _encode_rendered(tokenizer: Any, rendered: str, contents: list[str]) -> list[int]:
+def _encode_rendered(tokenizer: Any, masked: str, rendered: str, contents: dict[str, str]) -> list[int]:
     """Tokenize a rendered conversation so that only the template's text can produce special tokens.
 
-    The message contents are found in ``rendered`` in order; the template's text around them is
-    tokenized as usual, the contents with ``split_special_tokens=True`` (their control-token text
-    becomes ordinary text tokens), as Hugging Face's guidance on untrusted chat input recommends.
+    The conversation was rendered twice: as is (``rendered``) and with each message content
+    replaced by a unique random placeholder (``masked``; ``contents`` maps placeholder ->
+    content). The placeholders mark exactly where the template's own text ends and a client's
+    text begins, whatever the contents hold (a content that repeats the template's text cannot
+    move the boundary, as searching for the contents in ``rendered`` could). The template's
+    text is tokenized as usual, the contents with ``split_special_tokens=True`` (their
+    control-token text becomes ordinary text tokens), as Hugging Face's guidance on untrusted
+    chat input recommends. The pieces must put ``rendered`` back together, with the contents
+    as given or stripped (templates that ``trim`` them).
 
     Raises:
-        APIError: 400 when the template changed a content that holds control-token text so that
-            it cannot be located (the request is refused rather than parsed into control tokens).
+        APIError: 400 when the template renders the contents otherwise (drops, repeats or
+            rewrites one that holds control-token text): refused rather than parsed into control tokens.
     """
-    ids: list[int] = []
+    refused = APIError(400, "A message contains the model's control-token text, which is not allowed",
+                       param="messages", code="invalid_value")
+    pieces: list[tuple[str, bool]] = []
     pos = 0
-    for content in contents:
-        if not content:
-            continue
-        at = rendered.find(content, pos)
-        if at < 0:
-            raise APIError(400, "A message contains the model's control-token text, which is not allowed",
-                           param="messages", code="invalid_value")
-        if at > pos:
-            ids += tokenizer(rendered[pos:at], add_special_tokens=False)["input_ids"]
-        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        pos = at + len(content)
-    if pos < len(rendered):
-        ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
+    seen: list[str] = []
+    for m in re.finditer("|".join(map(re.escape, contents)), masked):
+        pieces += [(masked[pos:m.start()], False), (contents[m.group()], True)]
+        seen.append(m.group())
+        pos = m.end()
+    pieces.append((masked[pos:], False))
+    if sorted(seen) != sorted(contents):
+        raise refused
+    for transform in (str, str.strip):
+        candidate = [(transform(text) if is_content else text, is_content) for text, is_content in pieces]
+        if "".join(text for text, _ in candidate) == rendered:
+            break
+    else:
+        raise refused
+    ids: list[int] = []
+    for text, is_content in candidate:
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
     return ids
 
 
@@ -208,14 +223,14 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     if m.tool_calls:
         calls = []
         for call in m.tool_calls:
-            fn = dict(call.get("function") or {})
-            args = fn.get("arguments")
+            fn = call.function.model_dump()
+            args = fn["arguments"]
             if isinstance(args, str):  # OpenAI sends a JSON string; templates (Llama 3's) render an object
                 try:
                     fn["arguments"] = json.loads(args)
                 except json.JSONDecodeError:
                     pass
-            calls.append({**call, "function": fn})
+            calls.append({**call.model_dump(exclude_none=True), "function": fn})
         msg["tool_calls"] = calls
     return msg
 
@@ -234,7 +249,7 @@ def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessa
     parts: list[tuple[str, Any]] = [("tools", tools), ("chat_template_kwargs", chat_template_kwargs)]
     for i, m in enumerate(messages):
         parts += [(f"messages[{i}].name", m.name), (f"messages[{i}].tool_call_id", m.tool_call_id),
-                  (f"messages[{i}].tool_calls", m.tool_calls)]
+                  (f"messages[{i}].tool_calls", [c.model_dump() for c in m.tool_calls or []] or None)]
     for param, value in parts:
         if value is None:
             continue
@@ -294,14 +309,22 @@ def chat_prompt(
         _refuse_control_text(specials, messages, tools, chat_template_kwargs)
     injected = any(s in m["content"] for m in conv for s in specials)
     with tokenizer_lock(tokenizer):
-        try:
-            rendered = tokenizer.apply_chat_template(
-                conv, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=not injected, **kwargs)
-        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
-            raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+
+        def render(messages: list[dict[str, Any]], tokenize: bool) -> Any:
+            try:
+                return tokenizer.apply_chat_template(
+                    messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, tokenize=tokenize, **kwargs)
+            except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+                raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from exc
+
+        rendered = render(conv, not injected)
         if injected:
-            return [int(t) for t in _encode_rendered(tokenizer, rendered, [m["content"] for m in conv])]
+            nonce = uuid.uuid4().hex
+            mark = [f"kubeinfer{nonce}content{i}" if m["content"] else "" for i, m in enumerate(conv)]
+            masked = render([{**m, "content": mark[i]} for i, m in enumerate(conv)], False)
+            marks = {mark[i]: m["content"] for i, m in enumerate(conv) if m["content"]}
+            return [int(t) for t in _encode_rendered(tokenizer, masked, rendered, marks)]
     # transformers 5 returns a BatchEncoding (a Mapping) here; 4.x returned the id list itself.
     if isinstance(rendered, Mapping):
         rendered = rendered["input_ids"]

@@ -11,8 +11,9 @@ output (``stream``, ``stream_options``, ``user``), serialized with sorted keys.
 Entries are LRU-evicted to stay within ``max_bytes`` (their JSON size) and expire after
 ``ttl_seconds``. A hit answers without touching the engine: the stored body gets a new ``id``
 and ``created``, ``usage.result_cache_hit: true`` and the header ``X-Kubeinfer-Result-Cache:
-hit``; a stream replays the stored texts as chunks (``REPLAY_CHARS`` characters each), then the
-usage chunk when asked, then ``[DONE]``. Responses are stored from non-streaming requests.
+hit``; a stream replays everything the stored answer holds (:func:`replay`: texts in chunks of
+``REPLAY_CHARS`` characters, log-probabilities, tool calls, finish reasons), then the usage
+chunk when asked, then ``[DONE]``. Responses are stored from non-streaming requests.
 ``kubeinfer_result_cache_requests_total{model_name,outcome}`` counts hits and misses.
 """
 
@@ -105,27 +106,55 @@ class ResultCache:
         metrics.RESULT_CACHE_BYTES.set(self.bytes)
 
 
+def _tool_call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stream deltas of stored tool calls, as the live stream sends them: per call one delta
+    with its id, type and name, then one with its arguments."""
+    out: list[dict[str, Any]] = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") or {}
+        out.append({"index": i, "id": call.get("id"), "type": "function",
+                    "function": {"name": fn.get("name"), "arguments": ""}})
+        out.append({"index": i, "function": {"arguments": fn.get("arguments", "")}})
+    return out
+
+
 def replay(body: dict[str, Any], include_usage: bool) -> Iterator[str]:
-    """SSE events replaying a stored completion or chat body in chunks, ending with ``[DONE]``."""
+    """SSE events replaying a stored completion or chat body, ending with ``[DONE]``.
+
+    Each choice's text comes in :data:`REPLAY_CHARS`-character pieces; the first piece carries
+    the choice's whole ``logprobs``; a chat choice's tool calls follow as the live stream sends
+    them, then its ``finish_reason``.
+    """
     chat = body.get("object") == "chat.completion"
     base = {"id": body["id"], "created": body["created"], "model": body["model"],
             "system_fingerprint": body.get("system_fingerprint")}
     obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choice: dict[str, Any]) -> str:
+        return sse_event({**base, "object": obj, "choices": [choice]})
+
     if chat:
         yield sse_event({**base, "object": obj, "choices": [
             {"index": c["index"], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None} for c in body["choices"]]})
     for choice in body["choices"]:
-        text = choice["message"]["content"] if chat else choice["text"]
-        pieces = [text[i:i + REPLAY_CHARS] for i in range(0, len(text), REPLAY_CHARS)] or [""]
+        index, reason, logprobs = choice["index"], choice.get("finish_reason"), choice.get("logprobs")
+        text = (choice["message"].get("content") if chat else choice["text"]) or ""
+        pieces = [text[i:i + REPLAY_CHARS] for i in range(0, len(text), REPLAY_CHARS)]
+        if not chat:
+            for n, piece in enumerate(pieces or [""]):
+                last = n == max(len(pieces) - 1, 0)
+                yield event({"index": index, "text": piece, "logprobs": logprobs if n == 0 else None,
+                             "finish_reason": reason if last else None})
+            continue
         for n, piece in enumerate(pieces):
-            reason = choice.get("finish_reason") if n == len(pieces) - 1 else None
-            if chat:
-                part = {"index": choice["index"], "delta": {"content": piece or None}, "logprobs": None,
-                        "finish_reason": reason}
-            else:
-                part = {"index": choice["index"], "text": piece, "logprobs": None, "finish_reason": reason}
-            yield sse_event({**base, "object": obj, "choices": [part]})
+            yield event({"index": index, "delta": {"content": piece}, "logprobs": logprobs if n == 0 else None,
+                         "finish_reason": None})
+        if not pieces and logprobs is not None:
+            yield event({"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": None})
+        for delta in _tool_call_deltas(choice["message"].get("tool_calls") or []):
+            yield event({"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None})
+        yield event({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
     if include_usage:
         yield sse_event({**base, "object": obj, "choices": [], "usage": body.get("usage")})
     yield DONE

@@ -44,6 +44,14 @@ MAX_NAME_CHARS = 256
 MAX_LOGIT_BIAS = 4096
 #: Most ``bad_words`` per request.
 MAX_BAD_WORDS = 1024
+#: Most chat ``messages`` per request (OpenAI's limit): rendering the template costs time per message,
+#: even per empty one, before any context check can count tokens.
+MAX_MESSAGES = 2048
+#: Most ``tools`` per request (OpenAI's limit).
+MAX_TOOLS = 128
+#: Most ``allowed_token_ids`` per request: the largest vocabularies in use (Gemma's, 256k); the
+#: model's own vocabulary bound is checked by the engine.
+MAX_ALLOWED_TOKEN_IDS = 262_144
 
 
 def no_lone_surrogates(text: str) -> str:
@@ -60,8 +68,42 @@ def no_lone_surrogates(text: str) -> str:
     return text
 
 
+def no_lone_surrogates_in(value: Any) -> Any:
+    """:func:`no_lone_surrogates` over a free-form JSON value: every string in it, keys included.
+
+    Raises:
+        ValueError: some string in ``value`` holds a lone UTF-16 surrogate.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            no_lone_surrogates(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 #: A string that is valid Unicode (no lone surrogates).
 Text = Annotated[str, AfterValidator(no_lone_surrogates)]
+def at_most(n: int) -> BeforeValidator:
+    """A before-validator refusing a list longer than ``n`` before its items are validated
+    (``Field(max_length=n)`` checks the length only after validating every item: 300,000
+    messages cost a second of event loop first)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > n:
+            raise ValueError(f"at most {n} items are allowed, got {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+#: A free-form JSON object (a schema, template variables, a tool) whose strings are valid Unicode.
+JSONObject = Annotated[dict[str, Any], AfterValidator(no_lone_surrogates_in)]
 #: A short name (``model``, ``user``, message ``name``).
 Name = Annotated[Text, Field(max_length=MAX_NAME_CHARS)]
 #: A token id field (``allowed_token_ids``, ``/detokenize`` tokens): an int in [0, 2**31); the
@@ -146,7 +188,7 @@ class _SamplingFields(_Request):
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    logit_bias: Annotated[dict[Text, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Name | None = None
     # Extensions (vLLM's names).
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32,
@@ -163,7 +205,9 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    allowed_token_ids: list[TokenId] | None = None
+    allowed_token_ids: Annotated[list[TokenId], at_most(MAX_ALLOWED_TOKEN_IDS),
+                                 AfterValidator(lambda ids: sorted(set(ids)))] | None = Field(
+        None, description="Only these tokens may be sampled (de-duplicated; at most 262,144).")
     bad_words: Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]],
                          Field(max_length=MAX_BAD_WORDS)] | None = None
     include_stop_str_in_output: bool = False
@@ -171,12 +215,12 @@ class _SamplingFields(_Request):
     spaces_between_special_tokens: bool = True
     return_tokens_as_token_ids: bool | None = None
     # Structured outputs (vLLM's guided decoding fields and their newer ``structured_outputs`` form).
-    response_format: dict[str, Any] | None = None
-    guided_json: Text | dict[str, Any] | None = None
+    response_format: JSONObject | None = None
+    guided_json: Text | JSONObject | None = None
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = None
     guided_grammar: Text | None = None
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: JSONObject | None = None
     guided_decoding_backend: Name | None = None
     guided_whitespace_pattern: Text | None = None
 
@@ -200,31 +244,52 @@ class ContentPart(_Request):
     text: Text | None = None
 
 
+class AssistantFunctionCall(BaseModel):
+    """The function of an assistant message's tool call: its name and its arguments (OpenAI: a JSON
+    string; an object is accepted too). Unknown keys are dropped."""
+
+    model_config = ConfigDict(strict=True)
+
+    name: Name
+    arguments: Text | JSONObject
+
+
+class AssistantToolCall(BaseModel):
+    """One entry of an assistant message's ``tool_calls`` (OpenAI's shape; ``id`` may be left out).
+    Unknown keys are dropped."""
+
+    model_config = ConfigDict(strict=True)
+
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: AssistantFunctionCall
+
+
 class ChatMessage(_Request):
     """One chat message; ``content`` is a string or a list of text parts (joined with no separator)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Name | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: Name | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``. Without ``max_tokens``/``max_completion_tokens`` the output may fill the context."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], at_most(MAX_MESSAGES)] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[JSONObject], at_most(MAX_TOOLS)] | None = None
+    tool_choice: Text | JSONObject | None = None
     parallel_tool_calls: bool | None = None
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JSONObject | None = None
 
 
 class TokenizeRequest(_Request):
@@ -232,12 +297,12 @@ class TokenizeRequest(_Request):
 
     model: Name | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], at_most(MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: JSONObject | None = None
+    tools: Annotated[list[JSONObject], at_most(MAX_TOOLS)] | None = None
     return_token_strs: bool = False
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
-from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
+from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
 from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
 from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
 from kubeinfer_serving.api.result_cache import ResultCache, replay
@@ -29,10 +29,6 @@ from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
 from kubeinfer_serving.api.sse import DONE, SSEResponse, sse_event
 from kubeinfer_serving.engine.outputs import RequestOutput, TokenLogprob
 from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
-
-#: Status logged (never sent) when the client left before the response: nginx's "client closed request".
-CLIENT_CLOSED = 499
-
 
 #: ``system_fingerprint`` of every response: the server build (OpenAI: the backend configuration).
 SYSTEM_FINGERPRINT = f"kubeinfer-{__version__}"
@@ -151,10 +147,13 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
     """The request's scheduling priority: its ``priority`` field, else its tenant's default.
 
     Under the ``fcfs`` policy every request has priority 0 (as in vLLM, a non-zero ``priority``
-    is then an error).
+    is then an error). With API keys on, a tenant may not ask for a priority below its floor
+    (``minPriority`` in the keys file, default its own ``priority``), so no tenant can jump the
+    others' queues; without keys (one anonymous tenant) any value is allowed.
 
     Raises:
-        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model.
+        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model;
+            400 ``invalid_value`` for a priority below the tenant's floor.
     """
     config = engine_config(served)
     policy = getattr(config, "scheduling_policy", "fcfs")
@@ -162,6 +161,11 @@ def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
         if body.priority != 0 and policy != "priority":
             raise APIError(400, f"priority needs the priority scheduling policy; model {served.name!r} schedules "
                            "first come, first served", param="priority", code="unsupported_parameter")
+        tenant = identity_of(request.scope).tenant
+        if policy == "priority" and request.app.state.keys.enabled and body.priority < tenant.priority_floor:
+            raise APIError(400, f"priority must be at least {tenant.priority_floor} for tenant {tenant.name!r} "
+                           "(lower values run first; the tenant's minPriority)", param="priority",
+                           code="invalid_value")
         return body.priority
     return identity_of(request.scope).tenant.priority if policy == "priority" else 0
 
@@ -229,7 +233,8 @@ async def respond(
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
     Errors raised by the engine before the first output (queue full, prompt too long) become
-    HTTP errors; the stream starts only once every job produced its first output. If the client
+    HTTP errors; the stream starts as soon as one job produced its first output (each choice
+    streams as soon as it has tokens). If the client
     disconnects, the jobs are aborted (freeing their KV blocks) and nothing is sent.
 
     Args:
@@ -266,11 +271,24 @@ async def respond(
         nonlocal settled
         if not settled:
             settled = True
-            drain.untrack(run)
             if ticket is not None:
                 ticket.release()
-            admission.charge(tenant, usage.usage().completion_tokens, "generation")
+            admission.charge(tenant, run.completion_tokens, "generation")
 
+    def job_ended(last: bool) -> None:
+        """The engine is done with one job: its admission room is free at once, even while the
+        client is still reading (or not reading) the response, so an unread stream holds nothing."""
+        if ticket is not None:
+            ticket.release(1)
+        if last:
+            settle()
+
+    def finish() -> None:
+        """The response is over (sent, failed or abandoned): stop tracking the run for the drain, and settle."""
+        drain.untrack(run)
+        settle()
+
+    run.on_job_end = job_ended
     run.start()
     drain.track(run)
     try:
@@ -287,7 +305,7 @@ async def respond(
             try:
                 body = await until_disconnect(request, collect())
             finally:
-                settle()
+                finish()
             data = body.model_dump(mode="json")
             if cache_key is None:
                 return JSONResponse(data)
@@ -297,11 +315,11 @@ async def respond(
         await until_disconnect(request, run.wait_first())
     except ClientDisconnected:
         run.cancel()
-        settle()
+        finish()
         return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         run.cancel()
-        settle()
+        finish()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -317,8 +335,8 @@ async def respond(
 
     async def on_close() -> None:
         run.cancel()
-        settle()
+        finish()
         await owned.aclose()
 
-    return SSEResponse(events(), on_close)
+    return SSEResponse(events(), on_close, stall_timeout=request.app.state.settings.timeout_stalled_response)
 

@@ -13,12 +13,20 @@ import asyncio
 import json
 from typing import Any
 
+from starlette.requests import Request
+
 from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.generation import until_disconnect
 from kubeinfer_serving.api.schemas import _SamplingFields
 from kubeinfer_serving.structured.grammar import CompiledGrammar, GrammarError, GrammarSpec, compiler_for
 
 #: ``guided_decoding_backend`` / ``structured_outputs.backend`` values that name this server's library.
 BACKENDS = {None, "auto", "guidance", "llguidance"}
+#: Most choices of a ``guided_choice`` / ``structured_outputs.choice`` (OpenAI allows 500 enum values).
+MAX_CHOICES = 1024
+#: Longest grammar source (schema, pattern, choices, grammar or a forced tool call's schema), characters:
+#: a compilation's time grows with it, and compilations share one worker per size class.
+MAX_GRAMMAR_CHARS = 100_000
 
 
 def _schema_text(value: Any, param: str) -> str:
@@ -35,6 +43,9 @@ def _schema_text(value: Any, param: str) -> str:
 def _choice(value: Any, param: str) -> GrammarSpec:
     if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
         raise APIError(400, f"{param} must be a non-empty list of non-empty strings", param=param,
+                       code="invalid_value")
+    if len(value) > MAX_CHOICES:
+        raise APIError(400, f"{param} has {len(value)} choices; at most {MAX_CHOICES} are allowed", param=param,
                        code="invalid_value")
     return GrammarSpec("choice", json.dumps(value))
 
@@ -115,20 +126,30 @@ def grammar_spec(body: _SamplingFields) -> tuple[str, GrammarSpec] | None:
     return specs[0] if specs else None
 
 
-async def compile_guide(engine: Any, tokenizer: Any, spec: GrammarSpec, param: str) -> CompiledGrammar:
-    """Compile ``spec`` for the model of ``engine`` on the grammar worker thread (cached per tokenizer).
+async def compile_guide(request: Request, engine: Any, tokenizer: Any, spec: GrammarSpec,
+                        param: str) -> CompiledGrammar:
+    """Compile ``spec`` for the model of ``engine`` on a grammar worker thread (cached per tokenizer).
+
+    A compilation whose client leaves while it waits for a worker is dropped (a running one
+    finishes: llguidance cannot be interrupted, which :data:`MAX_GRAMMAR_CHARS` bounds).
 
     Args:
+        request: the HTTP request (its disconnect abandons the compilation).
         engine: the served model's :class:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine`.
         tokenizer: its Hugging Face tokenizer.
         param: the request field named in errors.
 
     Raises:
-        APIError: 400 naming ``param`` when the grammar, schema or regex does not compile.
+        APIError: 400 naming ``param`` when the source is longer than :data:`MAX_GRAMMAR_CHARS` or
+            the grammar, schema or regex does not compile.
+        ClientDisconnected: the client left first.
     """
+    if len(spec.source) > MAX_GRAMMAR_CHARS:
+        raise APIError(400, f"{param} is {len(spec.source)} characters long as a grammar; at most "
+                       f"{MAX_GRAMMAR_CHARS} are allowed", param=param, code="invalid_value")
     inner = engine.engine
     compiler = await asyncio.to_thread(compiler_for, tokenizer, inner.vocab_size, sorted(inner.eos_token_ids))
     try:
-        return await compiler.compile_async(spec)
+        return await until_disconnect(request, compiler.compile_async(spec))
     except GrammarError as exc:
         raise APIError(400, f"{param} could not be compiled: {exc}", param=param, code="invalid_value") from exc

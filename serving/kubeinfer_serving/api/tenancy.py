@@ -12,6 +12,8 @@ The file, camelCase keys::
         tokensPerSecond: 5000     # prompt + completion tokens per second; beyond it 429 + Retry-After
         burstTokens: 20000        # token bucket size (default 10 s of tokensPerSecond)
         priority: 0               # default request priority (vLLM: lower runs first)
+        minPriority: 0            # the lowest (most urgent) priority its requests may ask for
+                                  # (default: its priority, so a tenant cannot jump other tenants' queues)
     keys:
       - key: sk-team-a-1          # the key itself ...
         tenant: team-a
@@ -62,6 +64,13 @@ class TenantSpec(_Camel):
     tokens_per_second: float | None = Field(None, gt=0)
     burst_tokens: float | None = Field(None, gt=0)
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    min_priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _floor(self) -> TenantSpec:
+        if self.min_priority is not None and self.min_priority > self.priority:
+            raise ValueError("minPriority must not be above priority (the tenant's default must be allowed)")
+        return self
 
 
 class KeySpec(_Camel):
@@ -107,6 +116,12 @@ class Tenant:
     burst_tokens: float | None = None
     priority: int = 0
     admin: bool = False
+    min_priority: int | None = None
+
+    @property
+    def priority_floor(self) -> int:
+        """The lowest ``priority`` value this tenant's requests may ask for (``minPriority``, else ``priority``)."""
+        return self.priority if self.min_priority is None else self.min_priority
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,7 @@ class KeyStore:
         for item in filter(None, (x.strip() for x in env.get(ADMIN_API_KEYS_ENV, "").split(","))):
             keys.append(_env_key(item, ADMIN_TENANT, admin=True))
         tenants = {t.name: Tenant(t.name, t.weight, t.max_waiting_requests, t.tokens_per_second,
-                                  t.burst_tokens, t.priority) for t in spec.tenants}
+                                  t.burst_tokens, t.priority, min_priority=t.min_priority) for t in spec.tenants}
         by_digest: dict[str, Identity] = {}
         for k in keys:
             tenant = tenants.setdefault(k.tenant, Tenant(k.tenant))

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import refuse_unknown_fields
-from kubeinfer_serving.api.prompts import chat_prompt, tokenizer_lock
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
+from kubeinfer_serving.api.prompts import chat_prompt, check_text_fits, tokenizer_lock
 from kubeinfer_serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -21,13 +22,25 @@ from kubeinfer_serving.api.schemas import (
 from kubeinfer_serving.api.serving import acquire, resolve_model_name
 from kubeinfer_serving.registry.protocol import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """Token ids of ``text`` under the tokenizer's lock (blocking: called in a worker thread)."""
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int) -> list[int]:
+    """Token ids of ``text`` under the tokenizer's lock (blocking: called in a worker thread).
+
+    Raises:
+        APIError: 400 ``context_length_exceeded`` for a text no context of ``max_model_len`` can
+            hold (checked before tokenizing, as for generation).
+    """
+    check_text_fits(tokenizer, len(text), max_model_len, param="prompt")
     with tokenizer_lock(tokenizer):
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The vocabulary strings of ``ids`` (blocking: called in a worker thread)."""
+    with tokenizer_lock(tokenizer):
+        return list(tokenizer.convert_ids_to_tokens(ids))
 
 
 @router.post("/tokenize")
@@ -35,7 +48,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """Token ids of ``prompt`` (with special tokens unless ``add_special_tokens`` is false), or of
     ``messages`` as the chat route renders them (same template, tools and flags).
 
-    Errors: 400 when neither or both of ``prompt`` and ``messages`` are given; 404 unknown model.
+    Errors: 400 when neither or both of ``prompt`` and ``messages`` are given; 400
+    ``context_length_exceeded`` for a text longer than the model's context can hold (the
+    generation routes' check, made before tokenizing); 404 unknown model.
     """
     refuse_unknown_fields(body)
     if (body.prompt is None) == (body.messages is None):
@@ -49,13 +64,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
                 raise APIError(400, "continue_final_message needs add_generation_prompt: false",
                                param="continue_final_message", code="invalid_value")
             ids = await asyncio.to_thread(
-                chat_prompt, tok, body.messages,
+                chat_prompt, tok, body.messages, served.max_model_len,
                 parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=body.tools,
                 add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
                 chat_template_kwargs=body.chat_template_kwargs)
         else:
-            ids = await asyncio.to_thread(_encode, tok, body.prompt, body.add_special_tokens)
-        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+            ids = await asyncio.to_thread(_encode, tok, body.prompt, body.add_special_tokens, served.max_model_len)
+        strs = await asyncio.to_thread(_token_strs, tok, ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids, token_strs=strs)
 
 

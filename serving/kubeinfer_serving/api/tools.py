@@ -174,6 +174,8 @@ def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None
             items = json.loads(text)
         except json.JSONDecodeError:
             return text, []
+        if not isinstance(items, list):
+            return text, []
         calls = [_call(it.get("name"), it.get("parameters")) for it in items if isinstance(it, dict)]
         return None, [c for c in calls if c is not None]
     if plan.mode != "auto":
@@ -200,7 +202,8 @@ def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None
     if not body.startswith("{"):
         return text, []
     objs = _json_objects(body)
-    if not objs or not all(isinstance(o, dict) and o.get("name") in names for o in objs):
+    if not objs or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in names
+                           for o in objs):
         return text, []
     calls = [_call(o["name"], o.get("parameters", o.get("arguments"))) for o in objs]
     return None, [c for c in calls if c is not None]

@@ -6,6 +6,12 @@ same chunks as the SSE stream, one text frame per chunk (the JSON that follows `
 a ``[DONE]`` frame; an error is OpenAI's error body in one frame, then ``[DONE]``. Several
 requests may follow one another on one connection (each after the previous ``[DONE]``).
 
+What a socket may hold is bounded: a binary frame closes it with 1003, a frame larger than
+``--max-request-body-bytes`` with 1009, and more than :data:`MAX_PENDING_FRAMES` requests (or
+that many bytes) queued behind the running one with 1008. On shutdown the running request
+finishes (or ends at the drain deadline, as an SSE stream does), then the socket closes with
+1012; a request sent meanwhile gets the 503 ``server_shutting_down`` error.
+
 Each request runs through the app exactly as an HTTP request does (the authentication with the
 handshake's ``Authorization`` header, body limit, validation, tenants' admission, drain), as an
 in-process ASGI sub-request, so there is one code path for both transports. When the socket
@@ -23,11 +29,19 @@ from fastapi import APIRouter, WebSocket
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 
+from kubeinfer_serving.api.drain import Drain, shutting_down_error
 from kubeinfer_serving.api.errors import error_body
 
 router = APIRouter()
 #: Handshake headers passed on to each sub-request.
 _FORWARDED = (b"authorization", b"host", b"user-agent")
+#: Requests a socket may queue behind the one that runs; one more closes the socket (1008).
+MAX_PENDING_FRAMES = 8
+#: Close codes (RFC 6455 section 7.4.1; 1012 from IANA's registry).
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
 
 
 @router.websocket("/v1/ws/chat/completions")
@@ -42,18 +56,47 @@ async def ws_completions(ws: WebSocket) -> None:
     await _serve(ws, "/v1/completions")
 
 
+async def _close(ws: WebSocket, gone: asyncio.Event, code: int, reason: str) -> None:
+    """Close the socket with ``code`` (the running request, if any, sees the disconnect and is aborted)."""
+    gone.set()
+    with contextlib.suppress(Exception):  # already closed by the client or the server
+        await ws.close(code, reason)
+
+
 async def _serve(ws: WebSocket, path: str) -> None:
     await ws.accept()
+    app_state = ws.scope["app"].state
+    drain: Drain = app_state.drain
+    max_bytes: int = app_state.settings.max_request_body_bytes
     inbox: asyncio.Queue[str | None] = asyncio.Queue()
     gone = asyncio.Event()
+    pending = {"bytes": 0}
 
     async def read() -> None:
         try:
             while True:
-                await inbox.put(await ws.receive_text())
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is None:
+                    await _close(ws, gone, CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted: send each "
+                                 "request as one JSON text frame")
+                    return
+                if len(text) > max_bytes:
+                    await _close(ws, gone, CLOSE_TOO_BIG, f"a request frame is larger than {max_bytes} bytes")
+                    return
+                if inbox.qsize() >= MAX_PENDING_FRAMES or pending["bytes"] + len(text) > max_bytes:
+                    await _close(ws, gone, CLOSE_POLICY_VIOLATION, "too many requests queued on this socket: "
+                                 "send the next one after [DONE]")
+                    return
+                pending["bytes"] += len(text)
+                inbox.put_nowait(text)
         except (WebSocketDisconnect, RuntimeError):
+            return
+        finally:
             gone.set()
-            await inbox.put(None)
+            inbox.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
     try:
@@ -61,8 +104,18 @@ async def _serve(ws: WebSocket, path: str) -> None:
             text = await inbox.get()
             if text is None:
                 return
-            await _one_request(ws, path, text, gone)
+            pending["bytes"] -= len(text)
+            if drain.closing:
+                err = shutting_down_error()
+                await _send(ws, gone, json.dumps(error_body(err.status, err.message, code=err.code)))
+                await _send(ws, gone, "[DONE]")
+            else:
+                with drain.websocket_request():
+                    await _one_request(ws, path, text, gone)
             if gone.is_set():
+                return
+            if drain.closing:
+                await _close(ws, gone, CLOSE_SERVICE_RESTART, "the server is shutting down")
                 return
     finally:
         reader.cancel()

@@ -473,7 +473,14 @@ class LLMEngine:
             if seq.matcher is not None:
                 try:
                     seq.matcher.consume_token(upd.token)
-                    grammar_done = seq.matcher.is_stopped()  # complete (or failed): nothing may follow
+                    if seq.matcher.is_error():  # llguidance's limits or a dead end: not a completed grammar
+                        reason = (seq.matcher.get_error().strip().splitlines() or ["unknown error"])[0]
+                        log.warning("engine %s: request %s: the grammar failed: %s", self.model_name,
+                                    seq.request_id, reason)
+                        outputs.append(self._fail_after_update(
+                            seq, finished, now, stats, f"The output grammar failed while generating: {reason}"))
+                        continue
+                    grammar_done = seq.matcher.is_stopped()  # complete: nothing may follow
                 except Exception:  # noqa: BLE001 - a faulty grammar matcher fails its request alone
                     log.exception("engine %s: request %s failed", self.model_name, seq.request_id)
                     outputs.append(self._fail_after_update(seq, finished, now, stats))
@@ -524,16 +531,19 @@ class LLMEngine:
                 failed.add(item.seq.request_id)
         return tokens, failed
 
-    def _fail(self, seq: Sequence, now: float, stats: StepStats) -> RequestOutput:
-        """Abort ``seq`` after the engine failed it: free its blocks, report finish_reason "error"."""
+    def _fail(self, seq: Sequence, now: float, stats: StepStats,
+              message: str = REQUEST_FAILED_MESSAGE) -> RequestOutput:
+        """Abort ``seq`` after the engine failed it: free its blocks, report finish_reason "error"
+        with ``message``."""
         tracked = self._requests.pop(seq.request_id)
         self.scheduler.finish(seq, "error")
         self._on_finished(seq, now, stats)
         out = self._output(tracked, finished=True)
-        out.error = REQUEST_FAILED_MESSAGE
+        out.error = message
         return out
 
-    def _fail_after_update(self, seq: Sequence, finished: bool, now: float, stats: StepStats) -> RequestOutput:
+    def _fail_after_update(self, seq: Sequence, finished: bool, now: float, stats: StepStats,
+                           message: str = REQUEST_FAILED_MESSAGE) -> RequestOutput:
         """As :meth:`_fail`, for a sequence the step already advanced (``finished``: the scheduler
         already finished it, e.g. on its last allowed token)."""
         if finished:
@@ -541,9 +551,9 @@ class LLMEngine:
             tracked = self._requests.pop(seq.request_id)
             self._on_finished(seq, now, stats)
             out = self._output(tracked, finished=True)
-            out.error = REQUEST_FAILED_MESSAGE
+            out.error = message
             return out
-        return self._fail(seq, now, stats)
+        return self._fail(seq, now, stats, message)
 
     def _output(self, tracked: _Tracked, *, finished: bool) -> RequestOutput:
         seq = tracked.seq

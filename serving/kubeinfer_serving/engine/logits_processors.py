@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import SamplingParams
 from .sequence import Sequence
 
 
@@ -62,6 +63,16 @@ def _banned_and_bias(seqs: list[Sequence]) -> tuple[list[int], list[int], list[i
             bias_t.append(tok)
             bias_v.append(value)
     return ban_r, ban_t, bias_r, bias_t, bias_v
+
+
+def _allowed_ids(params: SamplingParams) -> torch.Tensor:
+    """``params.allowed_token_ids`` as an int64 CPU tensor, built once per request (cached on ``params``):
+    a list of 200k ids costs tens of milliseconds to convert, which must not recur at every step."""
+    cached = params.__dict__.get("_allowed_ids_tensor")
+    if cached is None:
+        cached = torch.tensor(params.allowed_token_ids, dtype=torch.int64)
+        params.__dict__["_allowed_ids_tensor"] = cached
+    return cached
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], masks: list[bytes]) -> None:
@@ -111,13 +122,12 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch
     if guided:
         apply_token_bitmask(logits, guided, [seqs[r].matcher.compute_bitmask() for r in guided])
 
-    allowed = [(row, s.params.allowed_token_ids) for row, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
+    allowed = [(row, _allowed_ids(s.params)) for row, s in enumerate(seqs) if s.params.allowed_token_ids is not None]
     if allowed:
         rows = [r for r, _ in allowed]
         keep = torch.zeros((len(allowed), vocab), dtype=torch.bool, device=device)
-        idx_r = torch.tensor([i for i, (_, ids) in enumerate(allowed) for _ in ids], dtype=torch.int64)
-        idx_t = torch.tensor([t for _, ids in allowed for t in ids], dtype=torch.int64)
-        keep[dev(idx_r), dev(idx_t)] = True
+        for i, (_, ids) in enumerate(allowed):
+            keep[i, dev(ids)] = True
         row_idx = dev(torch.tensor(rows, dtype=torch.int64))
         logits[row_idx] = logits[row_idx].masked_fill(~keep, float("-inf"))
 

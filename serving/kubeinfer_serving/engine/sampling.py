@@ -45,7 +45,8 @@ class SamplingParams:
         guide: a compiled grammar the output must match (structured outputs), or None. Any
             object whose ``matcher()`` returns a fresh matcher with ``compute_bitmask() -> bytes``
             (one bit per token id, little-endian int32 words, as llguidance and xgrammar give),
-            ``consume_token(id) -> bool`` and ``is_stopped() -> bool``; see
+            ``consume_token(id) -> bool``, ``is_stopped() -> bool`` and ``is_error() -> bool`` /
+            ``get_error() -> str`` (a failed matcher fails the request, never ends it as "stop"); see
             :class:`kubeinfer_serving.structured.CompiledGrammar`.
         logprobs: return the log-probability of each sampled token and of the ``logprobs`` most
             likely tokens at that step (0: the sampled token only); None returns none.

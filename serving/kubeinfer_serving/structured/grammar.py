@@ -14,6 +14,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 #: JSON is generated compactly, as OpenAI's structured outputs are: fixed separators, no free
 #: whitespace (a model with free whitespace can pad forever; vLLM exposes the same choice).
@@ -21,6 +22,9 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 #: Compiled grammars kept per tokenizer (least recently used dropped first).
 CACHE_SIZE = 256
+#: Grammar sources up to this many characters compile on their own worker, so a small grammar
+#: never waits behind a large one.
+SMALL_GRAMMAR_CHARS = 4096
 
 
 class GrammarError(ValueError):
@@ -65,11 +69,40 @@ class GrammarSpec:
             text = self.source
             if "::=" in text:  # GBNF (llama.cpp's format, which vLLM's examples use)
                 try:
-                    text = llguidance.gbnf_to_lark(text)
+                    text = gbnf_to_lark(text)
                 except Exception as exc:  # noqa: BLE001 - the converter's errors are plain exceptions
                     raise GrammarError(f"the grammar is not valid GBNF: {exc}") from exc
             return m.grammar_from_lark(text)
         raise GrammarError(f"unknown grammar kind {self.kind!r}")
+
+
+def _first_line(error: str) -> str:
+    return error.strip().splitlines()[0] if error.strip() else "the grammar failed"
+
+
+def _probe(template: llguidance.LLMatcher, eos_token: int) -> None:
+    """Run a copy of a freshly compiled grammar for one token, so a grammar that cannot produce
+    anything (an empty language such as ``start: start``) or that trips llguidance's limits at
+    once (``a{1000000}``, deep recursion: "too many items") is a compile error, not a request
+    that ends at once with text that does not match.
+
+    Raises:
+        GrammarError: the grammar failed on its first mask or first token (llguidance's reason).
+    """
+    probe = template.deep_copy()
+    mask = probe.compute_bitmask()
+    if probe.is_error():
+        raise GrammarError(f"the grammar cannot produce any output: {_first_line(probe.get_error())}")
+    words = memoryview(mask).cast("I")
+    first = next((w * 32 + b for w, word in enumerate(words) if word for b in range(32)
+                  if word >> b & 1 and w * 32 + b != eos_token), None)
+    if first is None:
+        return  # only the end is allowed: the empty output matches
+    probe.consume_token(first)
+    if not probe.is_error():
+        probe.compute_bitmask()
+    if probe.is_error():
+        raise GrammarError(f"the grammar is beyond llguidance's limits: {_first_line(probe.get_error())}")
 
 
 class CompiledGrammar:
@@ -105,7 +138,15 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._small_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile-small")
         self.compilations = 0
+
+    def _cached(self, spec: GrammarSpec) -> CompiledGrammar | None:
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+            return hit
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar of ``spec``, from the cache when it was compiled before.
@@ -113,11 +154,9 @@ class GrammarCompiler:
         Raises:
             GrammarError: the grammar does not compile (message from llguidance).
         """
-        with self._lock:
-            hit = self._cache.get(spec)
-            if hit is not None:
-                self._cache.move_to_end(spec)
-                return hit
+        hit = self._cached(spec)
+        if hit is not None:
+            return hit
         text = spec.to_llguidance()
         error = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
         if error:
@@ -125,6 +164,7 @@ class GrammarCompiler:
         template = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if template.is_error():
             raise GrammarError(template.get_error())
+        _probe(template, self._tokenizer.eos_token)
         compiled = CompiledGrammar(template)
         with self._lock:
             self.compilations += 1
@@ -134,8 +174,14 @@ class GrammarCompiler:
         return compiled
 
     async def compile_async(self, spec: GrammarSpec) -> CompiledGrammar:
-        """:meth:`compile` on the compiler's worker thread (never on the event loop or the engine thread)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile, spec)
+        """:meth:`compile` on a worker thread (never on the event loop or the engine thread): a cache
+        hit at once, sources up to :data:`SMALL_GRAMMAR_CHARS` on the small grammars' worker, the
+        rest on the other. Cancelling the awaiting task drops a compilation that has not started."""
+        hit = self._cached(spec)
+        if hit is not None:
+            return hit
+        pool = self._small_pool if len(spec.source) <= SMALL_GRAMMAR_CHARS else self._pool
+        return await asyncio.get_running_loop().run_in_executor(pool, self.compile, spec)
 
 
 _compilers: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
