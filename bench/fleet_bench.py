@@ -348,7 +348,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.fleet_requests, args.prefix_groups, args.prefix_requests, args.prefix_tokens = 9, 2, 3, 200
         args.unique_requests, args.unique_words, args.streams, args.overhead_reps = 6, 30, 8, 1
-        args.max_tokens, args.overhead_tokens = 4, 8
+        args.max_tokens, args.overhead_tokens, args.concurrency = 4, 8, 3
     return args
 
 

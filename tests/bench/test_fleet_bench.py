@@ -18,6 +18,6 @@ def test_smoke_run_measures_every_workload(tmp_path) -> None:
     assert all(0 <= row["prefix_hit_rate"] <= 1 for row in report["prefix"].values())
     assert report["prefix"]["router"]["prefix_hit_tokens"] > 0  # a group's later requests reuse its prefix
     peaks = report["unique"]["router"]["max_inflight_per_endpoint"]
-    assert sum(1 for _ in peaks) >= 1 and max(peaks.values()) >= 1
+    assert peaks and max(peaks.values()) >= 1
     assert report["overhead"]["tok_s_ratio_router_vs_direct"] > 0
     assert set(report["targets"]) >= {"fleet_loads_le_1.2x_models", "overhead_added_ttft_lt_3ms"}
