@@ -90,6 +90,23 @@ def test_streams_and_websockets_through_the_router_are_token_identical_to_direct
     assert _ws_frames(router, "/v1/ws/completions", body) == _ws_frames(fleet.urls[0], "/v1/ws/completions", body)
 
 
+def test_shared_prefix_groups_stay_on_one_endpoint_and_hit_its_prefix_cache(fleet: Fleet, router: str) -> None:
+    for url in fleet.urls:  # the model on every pod: any of them may serve a group
+        httpx.post(f"{url}/admin/models/{MODELS[0]}/load", timeout=120).raise_for_status()
+    time.sleep(SETTLE)
+    rng = random.Random(1)
+    groups = [f"Group {g} system prompt: " + " ".join(rng.choice(["river", "stone", "light", "paper"])
+                                                     for _ in range(200)) for g in range(4)]
+    hits0 = fleet.total("kubeinfer_prefix_cache_hits_total")
+    c = client(router)
+    served: dict[int, set[str]] = {}
+    for i in range(12):  # one at a time: no endpoint is ever over the bound, so the ring alone decides
+        raw = c.completions.with_raw_response.create(model=MODELS[0], prompt=f"{groups[i % 4]}\nQ{i}?", max_tokens=2)
+        served.setdefault(i % 4, set()).add(raw.headers["x-kubeinfer-endpoint"])
+    assert all(len(endpoints) == 1 for endpoints in served.values()), served
+    assert fleet.total("kubeinfer_prefix_cache_hits_total") - hits0 >= 8 * 200  # 8 repeats reuse ~200+ tokens
+
+
 def _long_stream(c: openai.OpenAI, prompt: str, started: threading.Event, outcome: dict) -> None:
     """Run one long stream; record its endpoint, whether it finished and the error that cut it."""
     try:
