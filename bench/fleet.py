@@ -176,13 +176,6 @@ class Fleet:
             raise
         return self
 
-    def add_pod(self) -> Pod:
-        """Start one more pod with the same catalogue and wait until it is ready (routers already
-        started do not know it: pass its URL to a new :meth:`router`)."""
-        pod = self._spawn_pod()
-        wait_ready(f"{pod.url}/ready", pod.proc)
-        return pod
-
     def _spawn_pod(self) -> Pod:
         assert self.log_dir is not None
         port = free_port()
@@ -224,8 +217,12 @@ class Fleet:
                 pod.unload_all()
 
     def close(self) -> None:
-        """Stop the routers and the pods (SIGTERM, then SIGKILL) and close their logs."""
-        for proc in self.routers + [p.proc for p in self.members]:
+        """Stop the routers and the pods (SIGTERM to all, then wait; SIGKILL what is left) and close their logs."""
+        procs = [p for p in self.routers + [m.proc for m in self.members] if p.poll() is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in procs:
             with contextlib.suppress(Exception):
                 stop(proc)
         for f in self._logs:

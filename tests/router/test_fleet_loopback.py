@@ -1,8 +1,9 @@
 """The router in front of real ``kubeinfer-serve`` processes on loopback, driven by the official ``openai`` client.
 
-One fleet for the module (:mod:`bench.fleet`): three pods with the same catalogue of three copies of
-the tiny model and ``maxLoadedModels: 1``, and ``kubeinfer-router --endpoints`` over them. The
-killed-endpoint test starts its own extra pod and router, so the shared fleet stays whole.
+One fleet for the module (:mod:`bench.fleet`), started in parallel: four pods with the same catalogue
+of three copies of the tiny model and ``maxLoadedModels: 1``, and ``kubeinfer-router --endpoints``
+over the first three. The killed-endpoint test kills the fourth behind a router of its own, so
+the shared fleet stays whole.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ CLIENT_TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    with Fleet(pods=3, models=3) as f:
+    with Fleet(pods=4, models=3) as f:
         yield f
 
 
 @pytest.fixture(scope="module")
 def router(fleet: Fleet) -> str:
-    return fleet.router()
+    return fleet.router(fleet.urls[:3])
 
 
 def client(base_url: str) -> openai.OpenAI:
@@ -91,7 +92,7 @@ def test_streams_and_websockets_through_the_router_are_token_identical_to_direct
 
 
 def test_shared_prefix_groups_stay_on_one_endpoint_and_hit_its_prefix_cache(fleet: Fleet, router: str) -> None:
-    for url in fleet.urls:  # the model on every pod: any of them may serve a group
+    for url in fleet.urls[:3]:  # the model on every pod of the router: any of them may serve a group
         httpx.post(f"{url}/admin/models/{MODELS[0]}/load", timeout=120).raise_for_status()
     time.sleep(SETTLE)
     rng = random.Random(1)
@@ -129,7 +130,7 @@ def _long_stream(c: openai.OpenAI, prompt: str, started: threading.Event, outcom
 
 
 def test_killed_endpoint_retries_waiting_requests_and_reports_cut_streams(fleet: Fleet) -> None:
-    victim = fleet.add_pod()
+    victim = fleet.members[3]
     survivor = fleet.urls[0]
     for url in (survivor, victim.url):
         httpx.post(f"{url}/admin/models/{MODELS[0]}/load", timeout=120).raise_for_status()
