@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -553,7 +555,8 @@ async def test_metrics_name_model_endpoint_reason_and_code_and_fold_unknown_mode
 def _start(cmd: list[str], base_url: str, what: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("serving", "operator", "router"))}
-    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty process never blocks on a full one
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -563,7 +566,9 @@ def _start(cmd: list[str], base_url: str, what: str) -> subprocess.Popen:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"{what} did not start: {proc.communicate()[1].decode()[-3000:]}")
+            proc.wait()
+            log.seek(0)
+            raise AssertionError(f"{what} did not start: {log.read().decode()[-3000:]}")
         time.sleep(0.2)
 
 
@@ -574,6 +579,29 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_then_the_router_exits_0():
+    async with pods(1) as (pod,), aiohttp.ClientSession() as http:
+        port = free_port()
+        via = f"http://127.0.0.1:{port}"
+        proc = await asyncio.to_thread(_start, ["kubeinfer_router", "--host", "127.0.0.1", "--port", str(port),
+                                                "--endpoints", pod.url], via, "kubeinfer-router")
+        try:
+            pod.gate = asyncio.Event()
+            async with http.post(f"{via}/v1/completions", json=completion(stream=True)) as r:
+                await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                with pytest.raises(aiohttp.ClientConnectionError):  # no new connection is accepted
+                    async with aiohttp.ClientSession() as fresh, fresh.get(f"{via}/health"):
+                        pass
+                pod.gate.set()
+                rest = (await asyncio.wait_for(r.content.read(), 10)).decode()
+            assert rest.endswith("data: [DONE]\n\n") and rest.count("data: ") == len(CHUNKS)
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+        finally:
+            _stop(proc)
 
 
 @pytest.mark.timeout(300)
