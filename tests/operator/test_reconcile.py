@@ -64,7 +64,7 @@ class MemoryKube:
 
 def isvc(spec):
     return {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": "svc", "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": spec}
+            "metadata": {"name": "svc", "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": copy.deepcopy(spec)}
 
 
 GOOD = {"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}]}

@@ -79,7 +79,7 @@ def test_missing_children_are_reported_not_ready():
 
 
 def test_autoscaler_pending_before_the_controller_reports():
-    st = compute_status(ISVC, spec(), None, deployment(), {"status": {}}, T0)
+    st = compute_status(ISVC, spec(), None, deployment(), {"status": {}}, T0, router=router())
     assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("Unknown", "AutoscalerPending")
 
 
@@ -89,7 +89,7 @@ def test_missing_metric_blocks_ready_only_when_scaling_is_possible():
     assert cond(fixed, "AutoscalerReady")["status"] == "True"
     assert cond(fixed, "AutoscalerReady")["reason"] == "FixedReplicas"
     assert cond(fixed, "Ready")["status"] == "True"
-    elastic = compute_status(ISVC, spec(1, 4), None, deployment(), no_metric, T0)
+    elastic = compute_status(ISVC, spec(1, 4), None, deployment(), no_metric, T0, router=router())
     assert (cond(elastic, "Ready")["status"], cond(elastic, "Ready")["reason"]) == ("False", "FailedGetPodsMetric")
     assert "kubeinfer_queue_length" in cond(elastic, "Ready")["message"]
 
@@ -154,7 +154,7 @@ def scaled_object(ready="True", reason="ScaledObjectReady", message="ScaledObjec
 
 
 def test_keda_mode_without_keda_is_not_ready_and_says_install_keda():
-    st = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0, keda_installed=False)
+    st = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0, keda_installed=False, router=router())
     assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("False", "KedaNotInstalled")
     assert cond(st, "Ready")["reason"] == "KedaNotInstalled"
 
