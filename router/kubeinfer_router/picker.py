@@ -1,0 +1,264 @@
+"""Which endpoint serves a request: filter -> residency -> urgent -> imbalance gate -> CHWBL -> cold.
+
+The shape is the Gateway API Inference Extension's endpoint picker (filters drop endpoints, then
+the survivors are ranked and one is picked; ``pkg/epp/scheduling`` in
+kubernetes-sigs/gateway-api-inference-extension, where llm-d found that a prefix signal without a
+load term collapses under skew), with the ranking done by consistent hashing with bounded loads as in
+KubeAI's ``PrefixHash`` balancer (``internal/loadbalancer/balance_chwbl.go``) and SGLang's
+cache-aware router's imbalance gate in front of it (``sgl-router/src/policies/cache_aware.rs``). The
+steps, in order; each decision carries the reason of the step that made it (:data:`REASONS`):
+
+1. **Filter.** Drop endpoints that are unready (discovery), draining, ejected (passive health) or in
+   ``exclude`` (already tried by this request). None left: :meth:`Picker.pick` returns None (the
+   proxy holds the request or answers 503). One left: ``only``. No model in the body: the least
+   loaded one, ``any``.
+2. **Residency.** The candidates are the endpoints holding the model in the best tier any of them
+   has (DEVICE > HOST > DISK). When none holds it the request is *cold* (step 6).
+3. **Urgent.** ``priority < 0``: the candidate with the lowest time-to-first-byte EMA (unknown EMAs
+   last, then the least loaded), ``urgent``.
+4. **Imbalance gate** (SGLang's, thresholds ``imbalance_min_requests`` = 64 and ``imbalance_ratio``
+   = 1.5): when every candidate is busy and some other endpoint is idle by comparison
+   (``min(candidates) > min_requests`` and ``> ratio * min(others)``), the least loaded other
+   endpoint, so a hot model spreads to another replica instead of queueing on its holders; else when
+   the candidates are imbalanced among themselves (``max > min_requests`` and ``max > ratio * min``),
+   the least loaded candidate. Both ``imbalance``. SGLang's own gate tests ``max - min`` against the
+   absolute threshold; this one, as the router's contract states, tests ``max``.
+   The gate's load is ``max(inflight, queue_length + running)``: the pod's own count also covers the
+   other router replicas' requests, which this router's ``inflight`` does not see.
+5. **CHWBL.** A ring (:class:`~kubeinfer_router.ring.HashRing`) over the candidates, keyed by
+   ``(model, adapter, affinity)``; walk clockwise and take the first endpoint with
+   ``inflight + 1 <= ceil(mean * load_factor)``, ``mean = (sum of candidates' inflight + 1) / n``
+   (the KubeAI / Vimeo formulation of Mirrokni et al.'s bound). ``hash`` when that is the ring's first
+   choice, ``hash_spill`` when the first choice was over the bound. Some endpoint always passes
+   (the least loaded has ``inflight < mean``), so no endpoint is ever pushed above the bound.
+6. **Cold.** No endpoint holds the model. Endpoints this picker sent the same model to within
+   ``cold_claim_seconds`` are taken as its holders (a load they are doing is not reported yet), so a
+   burst of requests for a cold model loads it once, not on every replica. Only models some
+   endpoint's catalogue lists are claimed (a misspelt model id, answered 404, claims nothing). Otherwise the candidates
+   are, first non-empty of: endpoints that can load it without evicting anything (nothing on the
+   device, or free budget >= the model's reported bytes), endpoints with enough idle evictable
+   bytes, all. Skipped: endpoints claimed for another model. Steps 3-5 then run over them with the
+   ring keyed by ``(model, adapter)`` only, so each model settles on the same few replicas whatever
+   the prompts while load is low. ``cold_memory`` when the memory preference narrowed the
+   candidates, else ``cold_hash``.
+
+Pure logic: the clock is injectable, there is no I/O; one instance per router (it caches rings and
+remembers cold claims), used from one asyncio loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kubeinfer_router.health import is_ejected
+from kubeinfer_router.keys import RoutingKey
+from kubeinfer_router.ring import DEFAULT_VIRTUAL_NODES, HashRing
+from kubeinfer_router.state import EndpointState, Tier
+
+__all__ = ["REASONS", "Decision", "Picker", "RoutingKey"]
+
+#: Every value of :attr:`Decision.reason` (the ``reason`` label of the router's request metric).
+REASONS = ("hash", "hash_spill", "imbalance", "urgent", "cold_hash", "cold_memory", "only", "any")
+
+_RESIDENT_TIERS = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+_RING_CACHE_SIZE = 64
+# Guards ceil() against float error when mean * load_factor is an integer (e.g. 2.0000000000000004).
+_CEIL_EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The endpoint picked for one attempt and why (one of :data:`REASONS`)."""
+
+    endpoint: EndpointState
+    reason: str
+
+
+class Picker:
+    """Picks an endpoint per request; see the module docstring for the steps.
+
+    Args:
+        load_factor: CHWBL bound factor (>= 1): no endpoint gets more than
+            ``ceil(mean_inflight * load_factor)`` in-flight requests through this router.
+        virtual_nodes: ring points per endpoint (>= 1).
+        imbalance_min_requests: the gate's absolute threshold (requests, >= 0).
+        imbalance_ratio: the gate's relative threshold (>= 1).
+        clock: monotonic seconds (for ejections and cold claims).
+        cold_claim_seconds: how long a cold pick counts as "this endpoint is loading the model"
+            (seconds, >= 0; 0 disables claims).
+
+    Raises:
+        ValueError: a parameter is out of its range.
+    """
+
+    def __init__(self, load_factor: float = 1.25, virtual_nodes: int = DEFAULT_VIRTUAL_NODES,
+                 imbalance_min_requests: int = 64, imbalance_ratio: float = 1.5,
+                 clock: Callable[[], float] = time.monotonic, cold_claim_seconds: float = 30.0) -> None:
+        if load_factor < 1.0:
+            raise ValueError(f"load_factor must be >= 1, got {load_factor}")
+        if virtual_nodes < 1:
+            raise ValueError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
+        if imbalance_min_requests < 0 or imbalance_ratio < 1.0:
+            raise ValueError(f"need imbalance_min_requests >= 0 and imbalance_ratio >= 1, got "
+                             f"{imbalance_min_requests}, {imbalance_ratio}")
+        if cold_claim_seconds < 0:
+            raise ValueError(f"cold_claim_seconds must be >= 0, got {cold_claim_seconds}")
+        self.load_factor = load_factor
+        self.virtual_nodes = virtual_nodes
+        self.imbalance_min_requests = imbalance_min_requests
+        self.imbalance_ratio = imbalance_ratio
+        self.clock = clock
+        self.cold_claim_seconds = cold_claim_seconds
+        self._rings: OrderedDict[frozenset[str], HashRing] = OrderedDict()
+        # (model, adapter) -> endpoint URL -> monotonic time the claim ends
+        self._claims: dict[tuple[str, str | None], dict[str, float]] = {}
+
+    def pick(self, endpoints: list[EndpointState], key: RoutingKey, priority: int = 0,
+             exclude: frozenset[str] = frozenset()) -> Decision | None:
+        """The endpoint for one attempt of a request, or None when no endpoint is usable.
+
+        Args:
+            endpoints: every known endpoint (``EndpointTable.all()``).
+            key: the request's routing key.
+            priority: the request's ``priority``; below 0 is urgent.
+            exclude: URLs this request already failed on (retries go elsewhere).
+        """
+        now = self.clock()
+        usable = [ep for ep in endpoints
+                  if ep.ready and not ep.draining and not is_ejected(ep, now) and ep.url not in exclude]
+        if not usable:
+            return None
+        if len(usable) == 1:
+            return Decision(usable[0], "only")
+        if key.model is None:
+            return Decision(min(usable, key=self._least_loaded_order), "any")
+        holders = _best_holders(usable, key.model)
+        if holders:
+            ring_key = "\x00".join((key.model, key.adapter or "", key.affinity))
+            return self._choose(usable, holders, ring_key, priority, "hash", "hash_spill")
+        return self._pick_cold(usable, key.model, key.adapter, priority, now)
+
+    def _pick_cold(self, usable: list[EndpointState], model: str, adapter: str | None, priority: int,
+                   now: float) -> Decision:
+        claim_key = (model, adapter)
+        self._prune_claims(now)
+        claimed = self._claims.get(claim_key, {})
+        ring_key = "\x00".join((model, adapter or ""))
+        candidates = [ep for ep in usable if ep.url in claimed]
+        reason = "cold_hash"
+        if not candidates:
+            busy = {url for other, urls in self._claims.items() if other != claim_key for url in urls}
+            candidates, narrowed = _cold_candidates(usable, model, busy)
+            reason = "cold_memory" if narrowed else "cold_hash"
+        decision = self._choose(usable, candidates, ring_key, priority, reason, reason)
+        if self.cold_claim_seconds > 0 and any(model in ep.models for ep in usable):
+            self._claims.setdefault(claim_key, {})[decision.endpoint.url] = now + self.cold_claim_seconds
+        return decision
+
+    def _choose(self, usable: list[EndpointState], candidates: list[EndpointState], ring_key: str,
+                priority: int, first_reason: str, spill_reason: str) -> Decision:
+        """Steps 3-5 over ``candidates`` (a non-empty subset of ``usable``)."""
+        if priority < 0:
+            return Decision(min(candidates, key=_fastest_order), "urgent")
+        least = min(candidates, key=self._least_loaded_order)
+        if len(candidates) < len(usable):
+            inside = {ep.url for ep in candidates}
+            other = min((ep for ep in usable if ep.url not in inside), key=self._least_loaded_order)
+            if self._imbalanced(gate_load(least), gate_load(other)):
+                return Decision(other, "imbalance")
+        busiest = max(gate_load(ep) for ep in candidates)
+        if self._imbalanced(busiest, gate_load(least)):
+            return Decision(least, "imbalance")
+        endpoint, first = self._bounded_walk(candidates, ring_key)
+        return Decision(endpoint, first_reason if first else spill_reason)
+
+    def _imbalanced(self, high: int, low: int) -> bool:
+        return high > self.imbalance_min_requests and high > self.imbalance_ratio * low
+
+    def _bounded_walk(self, candidates: list[EndpointState], ring_key: str) -> tuple[EndpointState, bool]:
+        """CHWBL: the first endpoint clockwise from ``ring_key`` under the bound, and whether it was
+        the ring's first choice."""
+        by_url = {ep.url: ep for ep in candidates}
+        mean = (sum(ep.inflight for ep in candidates) + 1) / len(candidates)
+        cap = math.ceil(mean * self.load_factor - _CEIL_EPSILON)
+        for index, url in enumerate(self._ring(by_url).walk(ring_key)):
+            endpoint = by_url[url]
+            if endpoint.inflight + 1 <= cap:
+                return endpoint, index == 0
+        return min(candidates, key=self._least_loaded_order), False  # unreachable with load_factor >= 1
+
+    def _ring(self, urls: Iterable[str]) -> HashRing:
+        nodes = frozenset(urls)
+        ring = self._rings.get(nodes)
+        if ring is None:
+            ring = HashRing(nodes, self.virtual_nodes)
+            self._rings[nodes] = ring
+            if len(self._rings) > _RING_CACHE_SIZE:
+                self._rings.popitem(last=False)
+        else:
+            self._rings.move_to_end(nodes)
+        return ring
+
+    def _prune_claims(self, now: float) -> None:
+        for claim_key in list(self._claims):
+            live = {url: until for url, until in self._claims[claim_key].items() if until > now}
+            if live:
+                self._claims[claim_key] = live
+            else:
+                del self._claims[claim_key]
+
+    @staticmethod
+    def _least_loaded_order(ep: EndpointState) -> tuple[int, int, str]:
+        return gate_load(ep), ep.inflight, ep.url
+
+
+def gate_load(ep: EndpointState) -> int:
+    """The imbalance gate's load of ``ep``: ``max(inflight, queue_length + running)`` (requests)."""
+    return max(ep.inflight, ep.queue_length + ep.running)
+
+
+def _fastest_order(ep: EndpointState) -> tuple[bool, float, int, str]:
+    return ep.ttfb_ema is None, ep.ttfb_ema or 0.0, gate_load(ep), ep.url
+
+
+def _best_holders(usable: list[EndpointState], model: str) -> list[EndpointState]:
+    """The endpoints holding ``model`` in the best tier any of them has; [] when none holds it."""
+    for tier in _RESIDENT_TIERS:
+        holders = [ep for ep in usable if ep.models.get(model) is tier]
+        if holders:
+            return holders
+    return []
+
+
+def _cold_candidates(usable: list[EndpointState], model: str,
+                     busy: set[str]) -> tuple[list[EndpointState], bool]:
+    """Where a cold model should load: the first non-empty of (no eviction needed, idle evictable
+    bytes suffice, everyone), leaving out endpoints in ``busy`` (claimed for another model) from the
+    first two; and whether that narrowed ``usable``."""
+    sizes = [ep.model_bytes[model] for ep in usable if model in ep.model_bytes]
+    need = max(sizes) if sizes else None
+    free = [ep for ep in usable if ep.url not in busy and _loads_without_eviction(ep, need)]
+    if free:
+        return free, len(free) < len(usable)
+    evictable = [ep for ep in usable if ep.url not in busy and _loads_by_evicting_idle(ep, need)]
+    if evictable:
+        return evictable, len(evictable) < len(usable)
+    return usable, False
+
+
+def _loads_without_eviction(ep: EndpointState, need: int | None) -> bool:
+    if not any(tier is Tier.DEVICE for tier in ep.models.values()):
+        return True
+    return need is not None and ep.free_bytes is not None and ep.free_bytes >= need
+
+
+def _loads_by_evicting_idle(ep: EndpointState, need: int | None) -> bool:
+    if ep.evictable_bytes is None:
+        return False
+    if need is None:
+        return ep.evictable_bytes > 0
+    return (ep.free_bytes or 0) + ep.evictable_bytes >= need

@@ -1,0 +1,330 @@
+"""The picker's steps, each on its own: filter, residency, urgent, imbalance gate, CHWBL, cold.
+
+Load is simulated the way the proxy produces it: ``pick`` then ``EndpointTable.begin`` for each
+request, ``EndpointTable.end`` when it finishes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from kubeinfer_router.keys import RoutingKey
+from kubeinfer_router.picker import REASONS, Decision, Picker
+from kubeinfer_router.state import EndpointTable, Tier
+
+NO_GATE = 10**9  # imbalance_min_requests that never fires, to look at CHWBL alone
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fleet(n: int, models: dict[str, Tier] | None = None) -> EndpointTable:
+    table = EndpointTable(clock=Clock())
+    table.sync({f"http://10.0.0.{i}:8000": (f"pod-{i}", True) for i in range(n)})
+    for ep in table.all():
+        ep.models = dict(models or {})
+    return table
+
+
+def key(model: str | None = "m", affinity: str = "") -> RoutingKey:
+    return RoutingKey(model=model, adapter=None, affinity=affinity)
+
+
+def send(picker: Picker, table: EndpointTable, k: RoutingKey, priority: int = 0) -> Decision:
+    decision = picker.pick(table.all(), k, priority)
+    assert decision is not None and decision.reason in REASONS
+    table.begin(decision.endpoint.url)
+    return decision
+
+
+def bound(table: EndpointTable, load_factor: float) -> int:
+    loads = [ep.inflight for ep in table.all()]
+    return math.ceil(sum(loads) / len(loads) * load_factor)
+
+
+# --- 1. filter ------------------------------------------------------------------------------------
+
+def test_unready_draining_ejected_and_excluded_endpoints_are_never_picked():
+    table = fleet(5, {"m": Tier.DEVICE})
+    eps = table.all()
+    eps[0].ready = False
+    eps[1].draining = True
+    eps[2].ejected_until = 100.5  # the clock says 100.0
+    picker = Picker(clock=Clock())
+    seen = {picker.pick(eps, key(affinity=f"p{i}"), exclude=frozenset({eps[3].url})).endpoint.url
+            for i in range(50)}
+    assert seen == {eps[4].url}
+    assert picker.pick(eps, key(), exclude=frozenset({eps[3].url, eps[4].url})) is None
+    assert picker.pick([], key()) is None
+
+
+def test_one_usable_endpoint_is_only_and_no_model_is_any_least_loaded():
+    table = fleet(3)
+    picker = Picker()
+    a, b, c = table.all()
+    a.inflight, b.inflight, c.inflight = 4, 1, 3
+    assert picker.pick(table.all(), key(model=None)) == Decision(b, "any")
+    assert picker.pick([c], key()) == Decision(c, "only")
+
+
+# --- 2. residency ---------------------------------------------------------------------------------
+
+def test_tier_preference_device_then_host_then_disk_then_cold():
+    table = fleet(4)
+    by_tier = dict(zip((Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.ABSENT), table.all(), strict=True))
+    for tier, ep in by_tier.items():
+        ep.models = {"m": tier}
+    picker = Picker(cold_claim_seconds=0)
+    for tier in (Tier.DEVICE, Tier.HOST, Tier.DISK):
+        picks = {picker.pick(table.all(), key(affinity=f"prompt {i}")).endpoint for i in range(40)}
+        assert picks == {by_tier[tier]}
+        by_tier[tier].ready = False
+    decision = picker.pick(table.all(), key())
+    assert decision.endpoint is by_tier[Tier.ABSENT] and decision.reason == "only"
+    by_tier[Tier.DEVICE].ready = True
+    by_tier[Tier.DEVICE].models = {"other": Tier.DEVICE}
+    assert picker.pick(table.all(), key()).reason in ("cold_hash", "cold_memory")
+
+
+def test_the_device_holder_keeps_a_model_under_moderate_load():
+    """Spilling a model to a replica that must load it costs a load; below the gate it waits."""
+    table = fleet(3)
+    holder, other, third = table.all()
+    holder.models = {"m": Tier.DEVICE}
+    other.models = {"m": Tier.HOST}
+    picker = Picker()
+    decisions = [send(picker, table, key(affinity=f"p{i}")) for i in range(60)]
+    assert {d.endpoint for d in decisions} == {holder}
+    assert {d.reason for d in decisions} == {"hash"}
+
+
+# --- 3. urgent ------------------------------------------------------------------------------------
+
+def test_urgent_requests_go_to_the_lowest_ttfb_ema_among_holders():
+    table = fleet(4, {"m": Tier.DEVICE})
+    a, b, c, d = table.all()
+    a.ttfb_ema, b.ttfb_ema, c.ttfb_ema = 0.5, 0.08, None
+    d.models, d.ttfb_ema = {}, 0.01  # fastest, but does not hold the model
+    picker = Picker()
+    for i in range(20):
+        assert picker.pick(table.all(), key(affinity=f"p{i}"), priority=-1) == Decision(b, "urgent")
+    assert picker.pick(table.all(), key(), priority=0).reason in ("hash", "hash_spill")
+
+
+def test_urgent_with_unknown_latencies_goes_to_the_least_loaded():
+    table = fleet(3, {"m": Tier.DEVICE})
+    a, b, c = table.all()
+    a.inflight, b.inflight, c.inflight = 5, 2, 7
+    assert Picker().pick(table.all(), key(), priority=-5) == Decision(b, "urgent")
+
+
+# --- 4. imbalance gate ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loads, gated", [
+    ((100, 50, 10), True),  # busiest > 64 and > 1.5 x least
+    ((60, 0, 0), False),  # busiest not above the absolute threshold
+    ((100, 90, 80), False),  # above 64 but within 1.5 x
+    ((65, 43, 43), True),
+])
+def test_the_gate_sends_to_the_least_loaded_holder_only_when_both_thresholds_hold(loads, gated):
+    table = fleet(3, {"m": Tier.DEVICE})
+    for ep, load in zip(table.all(), loads, strict=True):
+        ep.inflight = load
+    least = min(table.all(), key=lambda ep: ep.inflight)
+    picker = Picker(load_factor=100.0)  # CHWBL alone would take the ring's first choice
+    decisions = [picker.pick(table.all(), key(affinity=f"p{i}")) for i in range(30)]
+    if gated:
+        assert all(d == Decision(least, "imbalance") for d in decisions)
+    else:
+        assert all(d.reason in ("hash", "hash_spill") for d in decisions)
+        assert len({d.endpoint.url for d in decisions}) > 1
+
+
+def test_the_gate_counts_load_the_pods_report_from_other_routers():
+    table = fleet(2, {"m": Tier.DEVICE})
+    busy, idle = table.all()
+    busy.queue_length, busy.running = 80, 20  # requests from another router replica
+    picker = Picker(load_factor=100.0)
+    assert all(picker.pick(table.all(), key(affinity=f"p{i}")) == Decision(idle, "imbalance")
+               for i in range(20))
+
+
+def test_a_hot_model_spreads_past_its_busy_holder_only_beyond_the_gate():
+    table = fleet(3)
+    holder, idle, busier = table.all()
+    holder.models = {"m": Tier.DEVICE}
+    busier.inflight = 30
+    picker = Picker()
+    holder.inflight = 64
+    assert picker.pick(table.all(), key()) == Decision(holder, "hash")
+    holder.inflight = 65
+    assert picker.pick(table.all(), key()) == Decision(idle, "imbalance")
+
+
+# --- 5. CHWBL -------------------------------------------------------------------------------------
+
+def test_same_affinity_sticks_and_different_affinities_spread():
+    table = fleet(4, {"m": Tier.DEVICE})
+    picker = Picker()
+    for i in range(20):
+        first = picker.pick(table.all(), key(affinity=f"session-{i}"))
+        assert all(picker.pick(table.all(), key(affinity=f"session-{i}")) == first for _ in range(5))
+        assert first.reason == "hash"
+    spread = {picker.pick(table.all(), key(affinity=f"session-{i}")).endpoint.url for i in range(40)}
+    assert len(spread) == 4
+
+
+def test_a_first_choice_over_the_bound_spills_to_the_next_on_the_ring():
+    table = fleet(3, {"m": Tier.DEVICE})
+    picker = Picker()
+    first = picker.pick(table.all(), key(affinity="hot"))
+    assert first.reason == "hash"
+    first.endpoint.inflight = 3  # mean = 4/3, bound ceil(1.67) = 2: 3 + 1 is over it
+    spilled = picker.pick(table.all(), key(affinity="hot"))
+    assert spilled.reason == "hash_spill" and spilled.endpoint is not first.endpoint
+    first.endpoint.inflight = 0
+    assert picker.pick(table.all(), key(affinity="hot")) == first
+
+
+def skewed_stream(rng: random.Random, n: int) -> list[RoutingKey]:
+    """80% of requests share one prompt prefix (a hot tenant), the rest are unique."""
+    return [key(affinity="hot system prompt" if rng.random() < 0.8 else f"cold {i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("load_factor", [1.25, 1.5])
+def test_no_endpoint_exceeds_the_bound_under_a_skewed_stream(load_factor):
+    table = fleet(8, {"m": Tier.DEVICE})
+    picker = Picker(load_factor=load_factor, imbalance_min_requests=NO_GATE)
+    rng = random.Random(3)
+    for k in skewed_stream(rng, 400):  # all stay in flight
+        send(picker, table, k)
+        assert max(ep.inflight for ep in table.all()) <= bound(table, load_factor)
+    for k in skewed_stream(rng, 2000):  # requests finish at random
+        loads_before = {ep.url: ep.inflight for ep in table.all()}
+        total = sum(loads_before.values())
+        decision = send(picker, table, k)
+        assert decision.endpoint.inflight <= math.ceil((total + 1) / 8 * load_factor)
+        busy = [ep for ep in table.all() if ep.inflight]
+        for ep in rng.sample(busy, k=min(len(busy), rng.choice((0, 1, 2)))):
+            table.end(ep.url, None)
+
+
+def test_without_a_bound_the_same_stream_piles_onto_one_endpoint():
+    """The control for the test above: the skew is real, the bound is what holds it."""
+    table = fleet(8, {"m": Tier.DEVICE})
+    picker = Picker(load_factor=1000.0, imbalance_min_requests=NO_GATE)
+    for k in skewed_stream(random.Random(3), 400):
+        send(picker, table, k)
+    assert max(ep.inflight for ep in table.all()) > 2 * bound(table, 1.25)
+
+
+# --- 6. cold --------------------------------------------------------------------------------------
+
+def test_a_cold_model_settles_on_one_endpoint_whatever_the_prompts_while_load_is_low():
+    table = fleet(4)
+    picker = Picker(cold_claim_seconds=0)  # the ring alone, no claims
+    urls = set()
+    for i in range(40):
+        decision = send(picker, table, key(affinity=f"a different prompt {i}"))
+        assert decision.reason == "cold_hash"
+        urls.add(decision.endpoint.url)
+        table.end(decision.endpoint.url, 0.1)
+    assert len(urls) == 1
+    # control: once resident everywhere, the same prompts spread over the replicas
+    for ep in table.all():
+        ep.models = {"m": Tier.DEVICE}
+    assert len({picker.pick(table.all(), key(affinity=f"a different prompt {i}")).endpoint.url
+                for i in range(40)}) >= 3
+
+
+def test_a_burst_for_a_cold_model_loads_it_on_one_endpoint():
+    clock = Clock()
+    table = fleet(4, {"m": Tier.ABSENT})  # in every pod's catalogue, loaded nowhere
+    picker = Picker(clock=clock)
+    burst = [send(picker, table, key(affinity=f"prompt {i}")) for i in range(12)]  # all in flight
+    assert len({d.endpoint.url for d in burst}) == 1
+    assert {d.reason for d in burst} == {"cold_hash"}
+    # without claims the bound scatters the same burst over several replicas (several loads)
+    scattered = fleet(4, {"m": Tier.ABSENT})
+    no_claims = Picker(cold_claim_seconds=0)
+    assert len({send(no_claims, scattered, key(affinity=f"prompt {i}")).endpoint.url
+                for i in range(12)}) > 1
+
+
+def test_a_claim_lapses_after_cold_claim_seconds():
+    clock = Clock()
+    table = fleet(4, {"x": Tier.ABSENT})
+    picker = Picker(clock=clock, cold_claim_seconds=5.0)
+    claimed = send(picker, table, key(model="x")).endpoint
+    table.end(claimed.url, 0.5)
+    claimed.models = {"x": Tier.DEVICE}  # loaded (its report says so): no longer cold
+    assert picker.pick(table.all(), key(model="y")).endpoint is not claimed
+    claimed.models = {"x": Tier.ABSENT}  # evicted again while the claim still runs
+    while_claimed = {picker.pick(table.all(), key(model=f"z{i}")).endpoint.url for i in range(30)}
+    assert claimed.url not in while_claimed  # kept free for x
+    clock.now += 5.0
+    after = {picker.pick(table.all(), key(model=f"z{i}")).endpoint.url for i in range(30)}
+    assert claimed.url in after  # the claim on x no longer keeps other models away
+
+
+def test_a_model_no_catalogue_lists_claims_nothing():
+    table = fleet(4, {"known": Tier.ABSENT})
+    picker = Picker(clock=Clock())
+    typo = send(picker, table, key(model="gtp-4")).endpoint
+    assert len({send(picker, table, key(model="gtp-4")).endpoint.url for _ in range(12)}) > 1
+    typo_free = [picker.pick(table.all(), key(model="known", affinity=str(i))) for i in range(3)]
+    assert typo in table.all() and all(d.reason == "cold_hash" for d in typo_free)
+
+
+def test_different_cold_models_go_to_empty_replicas_first():
+    table = fleet(3)
+    picker = Picker(cold_claim_seconds=0)
+    placed = {}
+    for model in ("alpha", "beta", "gamma"):
+        decision = send(picker, table, key(model=model))
+        table.apply_resident_header(decision.endpoint.url, model, model)
+        table.end(decision.endpoint.url, 0.2)
+        placed[model] = decision
+    assert len({d.endpoint.url for d in placed.values()}) == 3
+    assert placed["alpha"].reason == "cold_hash"
+    assert placed["beta"].reason == placed["gamma"].reason == "cold_memory"
+    for model, decision in placed.items():  # afterwards every model goes to its own replica
+        assert picker.pick(table.all(), key(model=model, affinity="anything")) == Decision(decision.endpoint, "hash")
+
+
+def test_cold_picks_prefer_free_memory_then_idle_evictable_bytes():
+    table = fleet(3)
+    full, roomy, evictable = table.all()
+    for ep in table.all():
+        ep.models = {"resident": Tier.DEVICE}
+        ep.free_bytes, ep.evictable_bytes = 0, 0
+    roomy.free_bytes = 500
+    evictable.evictable_bytes = 900
+    full.model_bytes = {"new": 400}  # one pod's catalogue says how big the model is
+    picker = Picker(cold_claim_seconds=0)
+    assert picker.pick(table.all(), key(model="new")) == Decision(roomy, "cold_memory")
+    roomy.free_bytes = 100
+    assert picker.pick(table.all(), key(model="new")) == Decision(evictable, "cold_memory")
+    evictable.evictable_bytes = 0
+    assert picker.pick(table.all(), key(model="new")).reason == "cold_hash"
+
+
+def test_urgent_cold_requests_still_go_to_the_fastest():
+    table = fleet(3)
+    a, b, c = table.all()
+    a.ttfb_ema, b.ttfb_ema, c.ttfb_ema = 0.3, 0.2, 0.1
+    assert Picker().pick(table.all(), key(), priority=-1) == Decision(c, "urgent")
+
+
+@pytest.mark.parametrize("kwargs", [{"load_factor": 0.9}, {"virtual_nodes": 0}, {"imbalance_ratio": 0.5},
+                                    {"imbalance_min_requests": -1}, {"cold_claim_seconds": -1}])
+def test_bad_picker_parameters_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        Picker(**kwargs)
