@@ -37,8 +37,9 @@ from kubeinfer_operator.spec import InferenceServiceSpec
 #: (no model, no batching); memory covers held request bodies (``maxHeldRequests`` x body size)
 #: in the usual case, not the worst one.
 ROUTER_RESOURCES: dict[str, Any] = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
-#: Seconds a terminating router pod gets after the preStop pause to finish the requests in flight
-#: through it (streams included) before SIGKILL.
+#: Seconds a terminating router pod gives the requests in flight through it (streams included) after
+#: the preStop pause (``kubeinfer-router --timeout-graceful-shutdown``); the kubelet's SIGKILL
+#: comes 5 s after that.
 ROUTER_DRAIN_SECONDS = 60
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 
@@ -77,6 +78,7 @@ def router_args(owner: Owner, spec: InferenceServiceSpec) -> list[str]:
         "--imbalance-ratio", str(r.imbalance_ratio),
         "--hold-timeout-seconds", str(r.hold_timeout_seconds),
         "--max-held-requests", str(r.max_held_requests),
+        "--timeout-graceful-shutdown", str(ROUTER_DRAIN_SECONDS),
     ]
 
 
@@ -186,7 +188,7 @@ def render_router_deployment(owner: Owner, spec: InferenceServiceSpec, config: O
                     "enableServiceLinks": False,
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
-                    "terminationGracePeriodSeconds": PRESTOP_SECONDS + ROUTER_DRAIN_SECONDS,
+                    "terminationGracePeriodSeconds": PRESTOP_SECONDS + ROUTER_DRAIN_SECONDS + 5,
                     "topologySpreadConstraints": [{
                         "maxSkew": 1,
                         "topologyKey": "kubernetes.io/hostname",

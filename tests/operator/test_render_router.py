@@ -124,7 +124,7 @@ def test_router_deployment_runs_kubeinfer_router_with_the_routing_knobs():
         "--host": "0.0.0.0", "--port": "8000", "--kube-service": "chat-pods", "--kube-namespace": "$(POD_NAMESPACE)",
         "--isvc": "chat", "--load-factor": "1.5", "--virtual-nodes": "64", "--prefix-chars": "200",
         "--imbalance-min-requests": "8", "--imbalance-ratio": "2.5", "--hold-timeout-seconds": "120",
-        "--max-held-requests": "50"}
+        "--max-held-requests": "50", "--timeout-graceful-shutdown": "60"}
     env = {e["name"]: e for e in c["env"]}  # the kubelet expands $(POD_NAMESPACE) only when it is defined
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
@@ -208,6 +208,10 @@ def test_router_args_are_accepted_by_kubeinfer_router():
     settings = config.parse_settings(args, env={})
     assert (settings.kube_service, settings.kube_namespace, settings.isvc) == ("chat-pods", "team-a", "chat")
     assert (settings.load_factor, settings.hold_timeout_seconds, settings.port) == (1.5, 90, 8000)
+    # the pod's grace period covers the preStop pause and the router's own drain
+    pod = by_kind(kids())[("Deployment", "chat-router")]["spec"]["template"]["spec"]
+    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pause + settings.timeout_graceful_shutdown
 
 
 def test_router_mode_changes_nothing_in_the_serving_deployment():
