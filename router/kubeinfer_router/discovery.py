@@ -16,11 +16,12 @@ becomes endpoints is the pure function :func:`endpoints_from_slices`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("kubeinfer.router.discovery")
 
@@ -34,6 +35,16 @@ PORT_NAME = "http"
 WATCH_SECONDS = 240
 #: Seconds to wait before listing again after an API error other than 410.
 ERROR_BACKOFF_SECONDS = (1.0, 30.0)
+
+
+class EndpointSource(Protocol):
+    """What the router needs of an endpoint source (:class:`StaticDiscovery`, :class:`KubernetesDiscovery`)."""
+
+    async def start(self, on_change: Callable[[EndpointMap], None]) -> None:
+        """Begin reporting: ``on_change`` gets the whole endpoint set on the running loop, first and on each change."""
+
+    async def stop(self) -> None:
+        """Stop reporting."""
 
 
 def endpoints_from_slices(slices: Iterable[Mapping[str, Any]], port_name: str = PORT_NAME) -> EndpointMap:
@@ -144,7 +155,7 @@ class KubernetesDiscovery:
         api = client.DiscoveryV1Api(self._api_client)
 
         def report(endpoints: EndpointMap) -> None:
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed: the router is gone
                 loop.call_soon_threadsafe(on_change, endpoints)
 
         self._thread = threading.Thread(target=self._run, args=(api, report), daemon=True,

@@ -1,14 +1,18 @@
 """What a request is routed by: its model, adapter and an affinity string (session or prompt prefix).
 
 The affinity follows KubeAI's ``PrefixHash`` balancer (``internal/apiutils/request.go`` in
-substratusai/kubeai): the first ``prefix_chars`` characters (100 by default) of the prompt, where a
-chat's prompt is its first user message, so every turn of one conversation carries the same key and
-lands where the earlier turns left their KV cache. A session key replaces the prompt when the client
-names one: the ``x-session-id`` header, else the body's ``user`` field (OpenAI's end-user id).
+substratusai/kubeai): the first ``prefix_chars`` characters (100 by default) of the prompt. KubeAI
+takes a chat's first user message; we take the messages' texts in order (system and developer
+messages included, each followed by a newline) up to ``prefix_chars``, because that is the start of
+the rendered prompt and so of the token prefix the pods' prefix caches share: requests with one long
+system prompt land together, and every later turn of a conversation still carries its first turn's
+key (earlier messages never change). A session key replaces the prompt when the client names one: the
+``x-session-id`` header, else the body's ``user`` field (OpenAI's end-user id).
 
 Prompt by API: ``prompt`` (completions; string, list of strings, token ids or lists of token ids: the
-first one), ``messages`` (chat: the first ``user`` message's text), ``input`` (responses: a string
-or a list of input items, the first user message's text; embeddings: as completions' ``prompt``).
+first one), ``messages`` (chat: the messages' texts in order), ``input`` (responses: a string, or a
+list of input items read like chat messages after ``instructions``; embeddings: as completions'
+``prompt``).
 Token ids are written as decimal numbers joined by ``,`` before taking the first characters.
 Characters are Unicode code points, not bytes.
 """
@@ -86,12 +90,15 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
 def _prompt_text(body: dict, limit: int) -> str:
     """The prompt's text; at least its first ``limit`` characters when it has that many."""
     if "messages" in body:
-        return _first_user_text(body["messages"])
+        return _messages_text(body["messages"], limit)
     if "prompt" in body:
         return _prompt_form_text(body["prompt"], limit)
     value = body.get("input")
     if isinstance(value, list) and value and isinstance(value[0], dict):
-        return _first_user_text(value)  # responses API: a list of input items
+        # responses API: instructions (the system message), then the input items like chat messages
+        instructions = body.get("instructions")
+        head = instructions + "\n" if isinstance(instructions, str) and instructions else ""
+        return head + _messages_text(value, limit - len(head))
     return _prompt_form_text(value, limit)
 
 
@@ -114,13 +121,20 @@ def _token_text(ids: list, limit: int) -> str:
     return ",".join(str(i) for i in ids[:limit] if isinstance(i, int) and not isinstance(i, bool))
 
 
-def _first_user_text(messages: Any) -> str:
+def _messages_text(messages: Any, limit: int) -> str:
+    """The messages' texts in order, each followed by a newline, until at least ``limit`` characters."""
     if not isinstance(messages, list):
         return ""
+    parts: list[str] = []
+    size = 0
     for message in messages:
-        if isinstance(message, dict) and message.get("role") == "user":
-            return _content_text(message.get("content"))
-    return ""
+        if size >= limit:
+            break
+        if isinstance(message, dict):
+            text = _content_text(message.get("content")) + "\n"
+            parts.append(text)
+            size += len(text)
+    return "".join(parts)
 
 
 def _content_text(content: Any) -> str:

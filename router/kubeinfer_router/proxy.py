@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from kubeinfer_router.config import RouterSettings
-from kubeinfer_router.discovery import EndpointMap, KubernetesDiscovery, StaticDiscovery
+from kubeinfer_router.discovery import EndpointMap, EndpointSource, KubernetesDiscovery, StaticDiscovery
 from kubeinfer_router.health import EjectionPolicy, is_retryable
 from kubeinfer_router.keys import RoutingKey, request_priority, routing_key
 from kubeinfer_router.metrics import NONE, RouterMetrics, endpoint_state
@@ -59,8 +59,8 @@ log = logging.getLogger("kubeinfer.router")
 #: Hop-by-hop headers (RFC 9110 7.6.1, plus ``Keep-Alive``/``Proxy-Connection``): never forwarded.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
-#: Request headers the upstream request sets itself.
-_REQUEST_OWN = frozenset({"host", "content-length"})
+#: Request headers the upstream request sets itself (the router has read the body: no ``Expect``).
+_REQUEST_OWN = frozenset({"host", "content-length", "expect"})
 #: WebSocket handshake headers (the upstream handshake makes its own).
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                            "sec-websocket-protocol", "sec-websocket-accept"})
@@ -85,14 +85,14 @@ MODELS_PATH = "/v1/models"
 WS_PREFIX = "/v1/ws/"
 
 
-def openai_error(status: int, message: str, code: str, type_: str) -> dict:
+def openai_error(message: str, code: str, type_: str) -> dict:
     """OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
 def _error_response(status: int, message: str, code: str, type_: str,
                     headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(openai_error(status, message, code, type_)),
+    return web.Response(status=status, text=json.dumps(openai_error(message, code, type_)),
                         content_type="application/json", headers=headers)
 
 
@@ -170,7 +170,7 @@ class Router:
         synced: True once discovery reported at least once (``/ready``).
     """
 
-    def __init__(self, settings: RouterSettings, discovery: StaticDiscovery | KubernetesDiscovery | None = None,
+    def __init__(self, settings: RouterSettings, discovery: EndpointSource | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
@@ -197,8 +197,10 @@ class Router:
 
     async def start(self, _app: web.Application | None = None) -> None:
         """Open the pooled client session, start discovery and the load poller."""
+        # No connection cap: every concurrent stream holds one upstream connection (256+ streams, 256+
+        # connections); idle ones are reused (keep-alive) and closed before the pod would close them.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=self._connect_timeout,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
         self.poller = LoadPoller(self.table, self.session, self.settings.poll_interval_seconds)
         self.poller.start()
@@ -286,34 +288,53 @@ class Router:
         return _error_response(413, f"The request body is larger than the limit of {self.settings.max_body_bytes} bytes",
                                "request_too_large", "invalid_request_error", headers={"Connection": "close"})
 
-    def _no_endpoint(self, outcome: _Outcome, why: str) -> web.Response:
+    def _no_endpoint(self, outcome: _Outcome) -> web.Response:
+        """503 ``no_ready_endpoints`` at a hold's end (timed out, or the hold was full)."""
         outcome.code = 503
         self.metrics.hold_timeouts.inc()
         name = self.settings.service_name()
+        why = "hold timeout" if outcome.reason == "hold_timeout" else "too many requests held"
         return _error_response(
             503, f"No serving endpoint of {name} became ready ({why}); retry after the Retry-After header's seconds",
             "no_ready_endpoints", "service_unavailable",
             headers={"Retry-After": str(HOLD_RETRY_AFTER_SECONDS), "x-should-retry": "true"})
 
-    async def _pick(self, key: RoutingKey, priority: int, exclude: set[str], deadline: list[float | None],
-                    outcome: _Outcome) -> Decision | None:
-        """A decision, holding while no endpoint is usable; None at the hold's end (``outcome`` says why)."""
+    @staticmethod
+    def _unreachable(outcome: _Outcome, message: str) -> web.Response:
+        """502 ``endpoint_unreachable``: the attempt failed before an answer and no retry is left."""
+        outcome.code = 502
+        return _error_response(502, message, "endpoint_unreachable", "server_error")
+
+    @staticmethod
+    async def _refuse_ws(client: web.WebSocketResponse, answer: web.Response) -> web.WebSocketResponse:
+        """An HTTP error answer as WebSocket frames (its body, then ``[DONE]``), then close 1013 (try again later)."""
+        assert answer.text is not None
+        await client.send_str(answer.text)
+        await client.send_str("[DONE]")
+        await client.close(code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
+        return client
+
+    async def _pick(self, key: RoutingKey, priority: int, exclude: set[str], outcome: _Outcome) -> Decision | None:
+        """A decision, holding while no endpoint is usable; None at the hold's end (``outcome`` says why).
+
+        A retry (``exclude`` not empty) never holds: every usable endpoint was tried, and the client
+        gets the last failure at once.
+        """
         decision = self.picker.pick(self.table.all(), key, priority, frozenset(exclude))
         if decision is not None:
             return decision
-        if exclude:  # every usable endpoint was tried: answer at once with the last failure
+        if exclude:
             outcome.reason = "retries_exhausted"
             return None
         if self._held >= self.settings.max_held_requests:
             outcome.reason = "held_full"
             return None
-        if deadline[0] is None:
-            deadline[0] = self.clock() + self.settings.hold_timeout_seconds
+        deadline = self.clock() + self.settings.hold_timeout_seconds
         self._held += 1
         self.metrics.held.inc()
         try:
             while True:
-                remaining = deadline[0] - self.clock()
+                remaining = deadline - self.clock()
                 if remaining <= 0:
                     outcome.reason = "hold_timeout"
                     return None
@@ -329,9 +350,8 @@ class Router:
     def _failed(self, ep: EndpointState) -> None:
         if self.table.record_failure(ep.url):
             self.metrics.ejections.labels(ep.name).inc()
-            log.warning("endpoint %s ejected for %.1f s after %d consecutive failures", ep.name,
-                        max(0.0, ep.ejected_until - self.clock()), self.settings.eject_after_failures)
-            self.wake()
+            log.warning("endpoint %s ejected for %.1f s (ejection %d in a row)", ep.name,
+                        max(0.0, ep.ejected_until - self.clock()), ep.ejection_count)
 
     async def _forward(self, request: web.Request, body: bytes, key: RoutingKey, priority: int, received: float,
                        outcome: _Outcome,
@@ -344,21 +364,17 @@ class Router:
         if request.host:
             headers.setdefault("X-Forwarded-Host", request.host)
         exclude: set[str] = set()
-        deadline: list[float | None] = [None]
         last_answer: tuple[int, CIMultiDict[str], bytes] | None = None
         attempts = 0
         while True:
-            decision = await self._pick(key, priority, exclude, deadline, outcome)
+            decision = await self._pick(key, priority, exclude, outcome)
             if decision is None:
                 if last_answer is not None:  # the draining pod's own 503, as the client would have seen it
                     outcome.code = last_answer[0]
                     return web.Response(status=last_answer[0], body=last_answer[2], headers=last_answer[1])
                 if outcome.reason == "retries_exhausted":
-                    outcome.code = 502
-                    return _error_response(502, "Every endpoint tried for this request failed to answer",
-                                           "endpoint_unreachable", "server_error")
-                return self._no_endpoint(outcome, "hold timeout" if outcome.reason == "hold_timeout"
-                                         else "too many requests held")
+                    return self._unreachable(outcome, "Every endpoint tried for this request failed to answer")
+                return self._no_endpoint(outcome)
             ep = decision.endpoint
             outcome.endpoint, outcome.reason = ep.name, decision.reason
             try:
@@ -393,9 +409,8 @@ class Router:
                 log.warning("%s %s to %s failed before an answer: %r", request.method, request.path, ep.name, exc)
                 if may_retry and is_retryable(_never_sent(exc), None, None, 0):
                     raise _Retry("connection_error") from exc
-                outcome.code = 502
-                return _error_response(502, f"The endpoint {ep.name} failed before answering: {type(exc).__name__}",
-                                       "endpoint_unreachable", "server_error")
+                return self._unreachable(outcome,
+                                         f"The endpoint {ep.name} failed before answering: {type(exc).__name__}")
             headers_at = time.perf_counter()
             ttfb = headers_at - sent
             self.metrics.ttfb.labels(ep.name).observe(ttfb)
@@ -413,7 +428,6 @@ class Router:
                 data = await resp.content.read(MAX_RETRY_PROBE_BYTES + 1)
                 if len(data) <= MAX_RETRY_PROBE_BYTES and is_retryable(None, 503, data, 0):
                     self.table.mark_draining(ep.url)
-                    self.wake()
                     if may_retry:
                         out_headers.popall("Content-Length", None)
                         raise _Retry("draining", (status, out_headers, data))
@@ -509,19 +523,13 @@ class Router:
             key, priority, model = parse_request(first.data.encode(), request.headers, self.settings.prefix_chars)
             headers = forward_headers(request.headers, _REQUEST_OWN | _WS_HANDSHAKE)
             exclude: set[str] = set()
-            deadline: list[float | None] = [None]
             attempts = 0
             while True:
-                decision = await self._pick(key, priority, exclude, deadline, outcome)
+                decision = await self._pick(key, priority, exclude, outcome)
                 if decision is None:
-                    outcome.code = 503
-                    self.metrics.hold_timeouts.inc()
-                    body = openai_error(503, f"No serving endpoint of {self.settings.service_name()} became ready",
-                                        "no_ready_endpoints", "service_unavailable")
-                    await client.send_str(json.dumps(body))
-                    await client.send_str("[DONE]")
-                    await client.close(code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
-                    return client
+                    answer = (self._unreachable(outcome, "Every endpoint tried for this request failed to answer")
+                              if outcome.reason == "retries_exhausted" else self._no_endpoint(outcome))
+                    return await self._refuse_ws(client, answer)
                 ep = decision.endpoint
                 outcome.endpoint, outcome.reason = ep.name, decision.reason
                 try:
@@ -531,19 +539,15 @@ class Router:
                         autoclose=False)
                 except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError, asyncio.TimeoutError,
                         OSError) as exc:
-                    self._failed(ep)
+                    if not (isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status < 500):
+                        self._failed(ep)
                     if attempts < self.settings.max_retries and is_retryable(_never_sent(exc), None, None, 0):
                         attempts += 1
                         exclude.add(ep.url)
                         self.metrics.retries.labels("connection_error").inc()
                         continue
-                    outcome.code = 502
-                    body = openai_error(502, f"The endpoint {ep.name} failed before answering",
-                                        "endpoint_unreachable", "server_error")
-                    await client.send_str(json.dumps(body))
-                    await client.send_str("[DONE]")
-                    await client.close(code=aiohttp.WSCloseCode.TRY_AGAIN_LATER)
-                    return client
+                    return await self._refuse_ws(client, self._unreachable(
+                        outcome, f"The endpoint {ep.name} refused the WebSocket: {type(exc).__name__}"))
                 break
             self.table.record_success(ep.url)
             outcome.code = 101
@@ -601,7 +605,7 @@ class Router:
             upstream_gone = tasks[1] in done
             if upstream_gone and outstanding and not client.closed:
                 self._failed(ep)
-                body = openai_error(502, f"The endpoint {ep.name} closed the connection mid-answer",
+                body = openai_error(f"The endpoint {ep.name} closed the connection mid-answer",
                                     "endpoint_disconnected", "server_error")
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await client.send_str(json.dumps(body))
@@ -619,7 +623,7 @@ class Router:
 ROUTER = web.AppKey("router", Router)
 
 
-def create_app(settings: RouterSettings, discovery: StaticDiscovery | KubernetesDiscovery | None = None,
+def create_app(settings: RouterSettings, discovery: EndpointSource | None = None,
                clock: Callable[[], float] = time.monotonic) -> web.Application:
     """The router's aiohttp application (start it with ``web.run_app`` or an ``AppRunner``).
 

@@ -51,6 +51,7 @@ class DrainingServer(uvicorn.Server):
         if not self._armed and self._loop is not None:
             self._armed = True
             loop, seconds = self._loop, self.drain_seconds
+            loop.call_soon_threadsafe(self.drain.begin)
             loop.call_soon_threadsafe(lambda: loop.call_later(seconds, self.drain.expire))
 
     @contextlib.contextmanager

@@ -3,9 +3,17 @@ server returns them (``kubectl get endpointslices -l kubernetes.io/service-name=
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import uuid
 
-from kubeinfer_router.discovery import StaticDiscovery, endpoints_from_slices
+import pytest
+from kubeinfer_router.discovery import (
+    EndpointMap,
+    KubernetesDiscovery,
+    StaticDiscovery,
+    endpoints_from_slices,
+)
 
 
 def _endpoint(ip: str, pod: str, ready: bool | None = True, terminating: bool | None = False,
@@ -111,3 +119,49 @@ async def test_static_discovery_reports_its_list_once_each_named_by_its_url():
     await source.stop()
     assert got == [{"http://10.0.0.1:8000": ("http://10.0.0.1:8000", True),
                     "http://10.0.0.2:8000": ("http://10.0.0.2:8000", True)}]
+
+
+@pytest.mark.cluster
+async def test_the_watch_follows_a_services_endpointslices_on_the_real_api_server(cluster):
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    core, discovery = client.CoreV1Api(api_client), client.DiscoveryV1Api(api_client)
+    namespace = f"router-discovery-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+
+    def body(name: str, service: str, endpoints: list[dict]) -> dict:
+        sl = _slice(name, endpoints)
+        sl["metadata"] = {"name": name, "namespace": namespace,
+                          "labels": {"kubernetes.io/service-name": service,
+                                     "endpointslice.kubernetes.io/managed-by": "kubeinfer-tests"}}
+        for ep in endpoints:
+            ep["targetRef"]["namespace"] = namespace
+        return sl
+
+    reports: asyncio.Queue[EndpointMap] = asyncio.Queue()
+
+    async def until(expected: EndpointMap) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (got := await asyncio.wait_for(reports.get(), deadline - asyncio.get_running_loop().time())) != expected:
+            pass
+        assert got == expected
+
+    discovery.create_namespaced_endpoint_slice(namespace, body("chat-pods-a", "chat-pods", [_endpoint("10.0.0.1", "p1")]))
+    discovery.create_namespaced_endpoint_slice(namespace, body("other-a", "other", [_endpoint("10.0.0.9", "x")]))
+    source = KubernetesDiscovery("chat-pods", namespace, api_client=api_client)
+    try:
+        await source.start(reports.put_nowait)
+        await until({"http://10.0.0.1:8000": ("p1", True)})  # the list
+        discovery.create_namespaced_endpoint_slice(
+            namespace, body("chat-pods-b", "chat-pods", [_endpoint("10.0.0.2", "p2", ready=False)]))
+        await until({"http://10.0.0.1:8000": ("p1", True), "http://10.0.0.2:8000": ("p2", False)})  # watched
+        discovery.patch_namespaced_endpoint_slice(
+            "chat-pods-b", namespace, {"endpoints": [_endpoint("10.0.0.2", "p2", ready=True)]})
+        await until({"http://10.0.0.1:8000": ("p1", True), "http://10.0.0.2:8000": ("p2", True)})
+        discovery.delete_namespaced_endpoint_slice("chat-pods-a", namespace)
+        await until({"http://10.0.0.2:8000": ("p2", True)})
+        assert source.resyncs == 1  # one list, then only the watch
+    finally:
+        await source.stop()
+        core.delete_namespace(namespace)

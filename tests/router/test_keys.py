@@ -29,24 +29,34 @@ def test_a_long_token_id_prompt_is_cut_to_prefix_chars():
     assert key.affinity == "0,1,2,3,4,"
 
 
-def test_chat_uses_the_first_user_message_so_later_turns_keep_the_key():
+def test_chat_keys_on_the_rendered_start_so_later_turns_keep_the_key():
     turn1 = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": "Plan a trip to Oslo"}]}
     turn2 = {"model": "m", "messages": turn1["messages"] + [
         {"role": "assistant", "content": "Sure: day 1 ..."}, {"role": "user", "content": "And day 2?"}]}
-    assert routing_key(turn1).affinity == "Plan a trip to Oslo"
-    assert routing_key(turn2) == routing_key(turn1)
+    assert routing_key(turn1).affinity == "Be brief.\nPlan a trip to Oslo\n"
+    assert routing_key(turn2, prefix_chars=20).affinity == "Be brief.\nPlan a tri"
+    assert routing_key(turn2, prefix_chars=20) == routing_key(turn1, prefix_chars=20)
+
+
+def test_chat_requests_sharing_a_long_system_prompt_share_the_key():
+    system = {"role": "system", "content": "You are the support agent of ACME. " * 10}
+    a = {"model": "m", "messages": [system, {"role": "user", "content": "My order is late"}]}
+    b = {"model": "m", "messages": [system, {"role": "user", "content": "Reset my password"}]}
+    assert routing_key(a) == routing_key(b)
+    assert len(routing_key(a).affinity) == 100
 
 
 def test_chat_content_parts_are_joined():
     body = {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {"url": "x"}},
         {"type": "text", "text": "world"}]}]}
-    assert routing_key(body).affinity == "Hello world"
+    assert routing_key(body).affinity == "Hello world\n"
 
 
-def test_chat_without_a_user_message_has_no_prompt_affinity():
-    assert routing_key({"model": "m", "messages": [{"role": "system", "content": "x"}]}).affinity == ""
+def test_chat_without_messages_has_no_prompt_affinity():
+    assert routing_key({"model": "m", "messages": []}).affinity == ""
+    assert routing_key({"model": "m", "messages": "not a list"}).affinity == ""
 
 
 def test_responses_input_string_and_items():
@@ -54,7 +64,7 @@ def test_responses_input_string_and_items():
     items = {"model": "m", "instructions": "Be terse", "input": [
         {"type": "message", "role": "developer", "content": "rules"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Question one"}]}]}
-    assert routing_key(items).affinity == "Question one"
+    assert routing_key(items).affinity == "Be terse\nrules\nQuestion one\n"
 
 
 def test_embeddings_input_forms():

@@ -12,10 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -28,6 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.metrics_stack_fixture import free_port
 
 pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
 
 CHUNKS = ["Once", " upon", " a", " time"]
 
@@ -51,6 +61,7 @@ class FakePod:
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.require_key: str | None = None
         self.cancelled = 0  # requests whose client left (handler cancelled)
+        self.peers: set = set()  # (host, port) of the connections API requests came on
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -110,6 +121,7 @@ class FakePod:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append((request.method, request.path_qs, dict(request.headers), body))
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         if self.mode == "500":
             return web.json_response({"error": {"message": "boom", "type": "server_error", "param": None,
                                                 "code": None}}, status=500)
@@ -149,8 +161,12 @@ class FakePod:
         async for msg in ws:
             self.seen.append(("WS", request.path, dict(request.headers), msg.data.encode()))
             payload = json.loads(msg.data)
-            for text in CHUNKS:
+            for i, text in enumerate(CHUNKS):
                 await ws.send_str(json.dumps({"model": payload["model"], "choices": [{"index": 0, "text": text}]}))
+                if i == 1 and self.mode == "cut":
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return ws
             await ws.send_str("[DONE]")
         return ws
 
@@ -256,6 +272,17 @@ async def test_a_client_that_leaves_mid_stream_ends_the_upstream_request():
         await wait_for(lambda: app[ROUTER].table.get(pod.url).inflight == 0)
 
 
+async def test_upstream_connections_are_kept_alive_and_reused():
+    async with pods(1) as (pod,), router(StaticDiscovery([pod.url]), poll_interval_seconds=30) as (url, _), \
+            aiohttp.ClientSession() as http:
+        for i in range(10):
+            async with http.post(f"{url}/v1/completions", json=completion(stream=i % 2 == 0)) as r:
+                assert r.status == 200
+                await r.read()
+        assert len(pod.seen) == 10
+        assert len(pod.peers) <= 2  # one connection (two if a load poll held the first one at that moment)
+
+
 async def test_openai_client_stream_through_the_router_equals_direct():
     async with pods(1) as (pod,), router(StaticDiscovery([pod.url])) as (url, _):
         texts = []
@@ -272,7 +299,7 @@ async def test_headers_pass_both_ways_minus_hop_by_hop_plus_the_route_headers():
         sent = {"Authorization": "Bearer secret", "X-Request-Id": "req-42",
                 "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 "Connection": "keep-alive, X-Private", "X-Private": "hop", "Proxy-Authorization": "Basic x",
-                "TE": "trailers", "x-session-id": "s1"}
+                "TE": "trailers", "x-session-id": "s1", "Expect": "100-continue"}
         async with http.post(f"{url}/v1/completions?x=1%202", json=completion(), headers=sent) as r:
             assert r.status == 200
             echoed = json.loads(r.headers["x-echo-headers"])
@@ -282,7 +309,7 @@ async def test_headers_pass_both_ways_minus_hop_by_hop_plus_the_route_headers():
             assert (await r.json())["choices"][0]["text"] == "".join(CHUNKS)
         for name in ("authorization", "x-request-id", "traceparent", "x-session-id"):
             assert echoed[name] == sent[{k.lower(): k for k in sent}[name]]
-        for name in ("x-private", "proxy-authorization", "te"):
+        for name in ("x-private", "proxy-authorization", "te", "expect"):
             assert name not in echoed
         assert echoed["x-forwarded-for"] == "127.0.0.1"
         assert pod.seen[-1][1] == "/v1/completions?x=1%202"
@@ -456,6 +483,30 @@ async def test_websocket_routes_pass_through_frame_by_frame():
             await wait_for(lambda: app[ROUTER].table.get(holder.url).inflight == 0)
 
 
+async def test_a_websocket_stream_cut_by_its_pod_ends_with_an_error_frame_not_a_hang():
+    async with pods(1) as (pod,), router(StaticDiscovery([pod.url])) as (url, app), aiohttp.ClientSession() as http:
+        pod.mode = "cut"
+        async with http.ws_connect(f"{url}/v1/ws/completions") as ws:
+            await ws.send_str(json.dumps(completion()))
+            frames = []
+            while (msg := await asyncio.wait_for(ws.receive(), 5)).type == aiohttp.WSMsgType.TEXT:
+                frames.append(msg.data)
+        assert [json.loads(f)["choices"][0]["text"] for f in frames[:2]] == CHUNKS[:2]
+        assert json.loads(frames[2])["error"]["code"] == "endpoint_disconnected" and frames[3:] == ["[DONE]"]
+        await wait_for(lambda: app[ROUTER].table.get(pod.url).inflight == 0)
+
+
+async def test_a_websocket_at_zero_is_held_then_told_no_endpoint_in_a_frame_and_closed_try_again_later():
+    async with router(ManualDiscovery([]), hold_timeout_seconds=0.2) as (url, _), aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/v1/ws/completions") as ws:
+            await ws.send_str(json.dumps(completion()))
+            error = json.loads((await asyncio.wait_for(ws.receive(), 5)).data)["error"]
+            assert error["code"] == "no_ready_endpoints"
+            assert (await ws.receive()).data == "[DONE]"
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+
+
 async def test_models_is_the_union_of_the_endpoints_with_where_each_model_is_and_the_pods_key_check():
     async with pods(2) as (a, b), aiohttp.ClientSession() as http:
         a.models = {"llama": "device", "qwen": "disk"}
@@ -499,3 +550,101 @@ async def test_metrics_name_model_endpoint_reason_and_code_and_fold_unknown_mode
         assert metric(values, "kubeinfer_router_endpoints", state="ready") == 1
         for name in ("kubeinfer_router_held_requests", "kubeinfer_router_hold_timeouts_total"):
             assert (name, ()) in values
+
+
+def _start(cmd: list[str], base_url: str, what: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("serving", "operator", "router"))}
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty process never blocks on a full one
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            log.seek(0)
+            raise AssertionError(f"{what} did not start: {log.read().decode()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_then_the_router_exits_0():
+    async with pods(1) as (pod,), aiohttp.ClientSession() as http:
+        port = free_port()
+        via = f"http://127.0.0.1:{port}"
+        proc = await asyncio.to_thread(_start, ["kubeinfer_router", "--host", "127.0.0.1", "--port", str(port),
+                                                "--endpoints", pod.url], via, "kubeinfer-router")
+        try:
+            pod.gate = asyncio.Event()
+            async with http.post(f"{via}/v1/completions", json=completion(stream=True)) as r:
+                await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                with pytest.raises(aiohttp.ClientConnectionError):  # no new connection is accepted
+                    async with aiohttp.ClientSession() as fresh, fresh.get(f"{via}/health"):
+                        pass
+                pod.gate.set()
+                rest = (await asyncio.wait_for(r.content.read(), 10)).decode()
+            assert rest.endswith("data: [DONE]\n\n") and rest.count("data: ") == len(CHUNKS)
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+        finally:
+            _stop(proc)
+
+
+@pytest.mark.timeout(300)
+async def test_a_real_serving_pod_streams_token_identical_through_the_router_over_sse_and_websocket():
+    from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
+
+    serve_port, router_port = free_port(), free_port()
+    pod, via = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{router_port}"
+    serve = _start(["kubeinfer_serving", "--host", "127.0.0.1", "--port", str(serve_port), "--model-dir",
+                    str(ensure_builtin_model()), "--served-model-name", BUILTIN_MODEL_NAME, "--device", "cpu",
+                    "--max-model-len", "512", "--log-level", "warning"], pod, "kubeinfer-serve")
+    try:
+        proxy = _start(["kubeinfer_router", "--host", "127.0.0.1", "--port", str(router_port), "--endpoints", pod,
+                        "--log-level", "warning"], via, "kubeinfer-router")
+        try:
+            request = {"model": BUILTIN_MODEL_NAME, "max_tokens": 24, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Tell me about the river."}]}
+            sse, ws_frames = [], []
+            for base in (pod, via):
+                client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=60)
+                stream = await client.chat.completions.create(**request, stream=True)
+                sse.append([c.choices[0].delta.content for c in [c async for c in stream] if c.choices])
+                await client.close()
+                async with aiohttp.ClientSession() as http, http.ws_connect(f"{base}/v1/ws/chat/completions") as ws:
+                    await ws.send_str(json.dumps(request))
+                    frames = []
+                    while (msg := await asyncio.wait_for(ws.receive(), 60)).data != "[DONE]":
+                        frames.append([c["delta"].get("content") for c in json.loads(msg.data)["choices"]])
+                    ws_frames.append(frames)
+            assert len([t for t in sse[0] if t]) > 1 and sse[0] == sse[1]
+            assert ws_frames[0] == ws_frames[1] and len(ws_frames[0]) > 1
+            async with aiohttp.ClientSession() as http, http.post(f"{via}/v1/chat/completions", json=request) as r:
+                assert r.headers["x-kubeinfer-endpoint"] == pod and r.headers["x-kubeinfer-route"] == "only"
+                assert (await r.json())["choices"][0]["message"]["content"] == "".join(t for t in sse[0] if t)
+            # the pod's /kubeinfer/load report reaches the router's /v1/models within a poll interval
+            deadline = time.monotonic() + 20
+            while True:
+                cards = {c["id"]: c for c in httpx.get(f"{via}/v1/models", timeout=10).json()["data"]}
+                if cards[BUILTIN_MODEL_NAME]["endpoints"] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert cards[BUILTIN_MODEL_NAME]["endpoints"] == [{"name": pod, "url": pod, "tier": "device"}]
+        finally:
+            _stop(proxy)
+    finally:
+        _stop(serve)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, models, tokenization, websocket
+from kubeinfer_serving.api import chat, completions, embeddings, health, load, models, tokenization, websocket
 from kubeinfer_serving.api.admission import FairAdmission
 from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
@@ -80,9 +80,10 @@ def create_app(
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
-    ``GET /health``, ``GET /ready``, ``GET /metrics``, and vLLM's ``POST /tokenize``,
-    ``POST /detokenize``, ``GET /version``. Every error has OpenAI's error body; every
-    response carries ``X-Request-Id``.
+    ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /kubeinfer/load`` (the router's
+    load report), and vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /version``. Every
+    error has OpenAI's error body; every response carries ``X-Request-Id`` and
+    ``x-kubeinfer-resident`` (:mod:`.load`).
 
     Args:
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
@@ -126,11 +127,12 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, tokenization, websocket):
+    for module in (completions, chat, embeddings, models, health, load, tokenization, websocket):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
                        body_timeout=settings.timeout_request_body)
     app.add_middleware(AuthMiddleware, keys=app.state.keys)  # refuse before reading a body
+    app.add_middleware(load.ResidentHeaderMiddleware, resident=provider.resident_models)
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

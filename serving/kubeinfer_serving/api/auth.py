@@ -2,8 +2,9 @@
 
 Rules (:class:`AuthMiddleware`, pure ASGI so it costs one dict lookup per request):
 
-* ``/health``, ``/ready`` and ``/metrics`` stay open: the kubelet and Prometheus call them
-  without credentials (put ``/metrics`` behind a NetworkPolicy if its numbers are sensitive).
+* ``/health``, ``/ready``, ``/metrics`` and ``/kubeinfer/load`` stay open: the kubelet,
+  Prometheus and the fleet router call them without credentials (put ``/metrics`` and
+  ``/kubeinfer/load`` behind a NetworkPolicy if their numbers are sensitive).
 * With keys configured (:mod:`.tenancy`), every other route, ``/docs`` and ``/openapi.json``
   included, needs a configured key: none or an unknown one gets 401 in OpenAI's body
   (``code: invalid_api_key``) with ``WWW-Authenticate: Bearer``. The request's
@@ -23,10 +24,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubeinfer_serving import metrics
 from kubeinfer_serving.api.errors import APIError, error_response
+from kubeinfer_serving.api.load import LOAD_PATH
 from kubeinfer_serving.api.tenancy import Identity, KeyStore
 
 #: Paths served without credentials.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", LOAD_PATH})
 #: Content types a browser may POST cross-site without a preflight (the CORS "simple" ones).
 SIMPLE_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 

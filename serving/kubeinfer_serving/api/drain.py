@@ -31,6 +31,16 @@ class Drain:
     def __init__(self) -> None:
         self._runs: set[Any] = set()
         self.expired = False
+        self.signalled = False
+
+    @property
+    def draining(self) -> bool:
+        """True from the shutdown signal on (``/kubeinfer/load`` tells routers to send no more)."""
+        return self.signalled or self.expired
+
+    def begin(self) -> None:
+        """The shutdown signal arrived (call on the event loop); the deadline is armed separately."""
+        self.signalled = True
 
     def track(self, run: Any) -> None:
         """Watch ``run`` (anything with ``interrupt(exc)``) until :meth:`untrack`; interrupt it now if past the deadline."""

@@ -17,7 +17,8 @@ router = APIRouter()
 
 def model_card(info: ModelInfo) -> ModelCard:
     """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``,
-    ``source`` and the pinned ``revision`` of a remote source."""
+    ``source``, the pinned ``revision`` of a remote source and the ``tier`` its weights are in
+    (device, host, disk or absent)."""
     return ModelCard(
         id=info.name,
         created=info.created,
@@ -30,6 +31,7 @@ def model_card(info: ModelInfo) -> ModelCard:
         idle_timeout_seconds=info.idle_timeout_seconds,
         source=info.source,
         revision=info.revision,
+        tier=info.tier.value,
     )
 
 

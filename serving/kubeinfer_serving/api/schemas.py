@@ -461,6 +461,7 @@ class ModelCard(BaseModel):
     idle_timeout_seconds: float | None = None
     source: str = ""
     revision: str | None = None
+    tier: str = "absent"
 
 
 class ModelList(BaseModel):

@@ -118,6 +118,11 @@ class DiskTier:
         with self._lock:
             self._pins[key] += 1
 
+    def has(self, key: str) -> bool:
+        """Whether the complete snapshot ``key`` is on disk now (no fetch, not a hit)."""
+        with self._lock:
+            return key in self._snapshots
+
     def pin_if_present(self, key: str) -> bool:
         """Pin ``key`` if its snapshot is on disk (no fetch, not a hit); returns whether it pinned."""
         with self._lock:

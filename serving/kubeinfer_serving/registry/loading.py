@@ -187,6 +187,11 @@ class DefaultModelLoader:
                 self._disk = DiskTier(self.catalogue.resolved_disk_cache_dir(), self.catalogue.disk_cache_bytes)
             return self._disk
 
+    def on_disk(self, entry: ModelEntry) -> bool:
+        """Whether a remote entry's snapshot is in the disk tier now (no fetch; opens the tier on first use)."""
+        src = entry.parsed_source
+        return src.remote and self.disk.has(src.cache_key())
+
     def _local_dir(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]]:
         """The model directory, fetching a remote source into the disk tier (pinned until released)."""
         src = entry.parsed_source

@@ -53,7 +53,10 @@ from kubeinfer_serving.registry.protocol import (
     ModelKind,
     ModelNotFoundError,
     ModelState,
+    ModelTier,
     ModelUnavailableError,
+    ModelUsage,
+    PodUsage,
 )
 from kubeinfer_serving.registry.warm import WarmTier
 
@@ -192,6 +195,49 @@ class ModelRegistry:
             entry.active -= 1
             entry.last_used = time.monotonic()
             self._notify()
+
+    def resident_models(self) -> list[str]:
+        """Names of the loaded models (tier DEVICE), in catalogue order."""
+        return [e.name for e in self._entries.values() if e.state is ModelState.LOADED]
+
+    def usage(self) -> PodUsage:
+        """The pod's load and memory now (see :class:`~.protocol.PodUsage`): per model the engine's
+        :meth:`~kubeinfer_serving.engine.async_engine.AsyncLLMEngine.stats` (queue lengths only,
+        no lock) plus the requests waiting for its load."""
+        models = []
+        for e in self._entries.values():
+            use = ModelUsage(e.name, queue_length=e.waiting)
+            engine = e.handle.engine if e.handle is not None else None
+            if engine is not None:
+                stats = engine.stats()
+                use.queue_length += stats.num_waiting
+                use.running, use.kv_cache_usage = stats.num_running, stats.kv_cache_usage
+            elif e.handle is not None:
+                use.running = e.active
+            models.append(use)
+        evictable = sum(e.reserved for e in self._entries.values() if e.state is ModelState.LOADED
+                        and e.idle and not e.spec.preload and e.evicting is None)
+        return PodUsage(budget_bytes=self.budget_bytes, used_bytes=self.used_bytes(), evictable_bytes=evictable,
+                        warm_tier=self.warm.capacity_bytes > 0, models=models,
+                        max_loaded_models=self.max_loaded_models,
+                        loaded_models=sum(1 for e in self._entries.values() if e.holds_slot))
+
+    def tier(self, name: str) -> ModelTier:
+        """Where model ``name``'s weights are now: DEVICE (loaded), HOST (warm tier), DISK (a local
+        source, or a remote one in the disk tier) or ABSENT (a remote one a load must fetch).
+
+        Raises:
+            ModelNotFoundError: unknown name.
+        """
+        e = self._get(name)
+        if e.state is ModelState.LOADED:
+            return ModelTier.DEVICE
+        if name in self.warm:
+            return ModelTier.HOST
+        if not e.spec.parsed_source.remote:
+            return ModelTier.DISK
+        on_disk = getattr(self.loader, "on_disk", None)
+        return ModelTier.DISK if on_disk is not None and on_disk(e.spec) else ModelTier.ABSENT
 
     def is_ready(self) -> bool:
         """True once every preloaded model has settled, loaded or Failed with its reason, and at
@@ -334,7 +380,7 @@ class ModelRegistry:
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
             message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
-            source=e.spec.source if self.show_sources else "", revision=e.revision,
+            source=e.spec.source if self.show_sources else "", revision=e.revision, tier=self.tier(e.name),
         )
 
     def _notify(self) -> None:

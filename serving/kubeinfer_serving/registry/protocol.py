@@ -22,6 +22,21 @@ class ModelState(str, enum.Enum):
     FAILED = "failed"
 
 
+class ModelTier(str, enum.Enum):
+    """Where a model's weights are on this pod, best first (what a router prefers).
+
+    DEVICE: loaded in the engine (GPU memory, or the CPU device of a CPU pod); HOST: evicted
+    weights kept in the warm tier (host RAM, :mod:`.warm`); DISK: files on the pod's disk (a
+    local source, or a remote one in the disk tier, :mod:`.disk`); ABSENT: a remote source not
+    on the pod (a load fetches it).
+    """
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+    ABSENT = "absent"
+
+
 class ModelKind(str, enum.Enum):
     """What a model serves: text generation (completions, chat) or embeddings."""
 
@@ -45,6 +60,7 @@ class ModelInfo:
         idle_timeout_seconds: unloaded after this long without requests (None: never).
         source: the catalogue ``source`` URI (never carries credentials).
         revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
+        tier: where the weights are now (:class:`ModelTier`).
     """
 
     name: str
@@ -58,6 +74,49 @@ class ModelInfo:
     idle_timeout_seconds: float | None = None
     source: str = ""
     revision: str | None = None
+    tier: ModelTier = ModelTier.ABSENT
+
+
+@dataclass
+class ModelUsage:
+    """One catalogue model's load now (zeros while it is not loaded).
+
+    Attributes:
+        name: the OpenAI ``model`` name.
+        queue_length: requests waiting: for the model to load, plus those queued in its engine
+            (the engine's ``num_waiting``, the number ``kubeinfer_queue_length`` reports).
+        running: requests in the engine's running batch (an embedding model: requests holding it).
+        kv_cache_usage: fraction of the engine's KV blocks in use, 0..1 (0 for embedding models).
+    """
+
+    name: str
+    queue_length: int = 0
+    running: int = 0
+    kv_cache_usage: float = 0.0
+
+
+@dataclass
+class PodUsage:
+    """The pod's load and memory now, as ``GET /kubeinfer/load`` reports it to a router.
+
+    Attributes:
+        budget_bytes: the device memory budget of the models, bytes.
+        used_bytes: bytes of the budget reserved now (loaded, loading and still-evicting models).
+        evictable_bytes: bytes held by loaded models an eviction could free now (idle, not
+            preloaded, not already being evicted).
+        warm_tier: whether evicted weights are kept in host RAM (``warmCacheBytes > 0``).
+        models: every catalogue model, in catalogue order.
+        max_loaded_models: the catalogue's ``maxLoadedModels`` (None: no count limit).
+        loaded_models: models holding a slot of that limit now (loaded, loading or being evicted).
+    """
+
+    budget_bytes: int
+    used_bytes: int
+    evictable_bytes: int
+    warm_tier: bool
+    models: list[ModelUsage]
+    max_loaded_models: int | None = None
+    loaded_models: int = 0
 
 
 class ModelError(Exception):
@@ -126,6 +185,12 @@ class ModelProvider(Protocol):
             ModelNotFoundError: ``name`` is not in the catalogue.
             ModelUnavailableError: the load failed, or memory could not be freed before the timeout.
         """
+
+    def resident_models(self) -> list[str]:
+        """Names of the models loaded now (tier DEVICE), in catalogue order; cheap (every response asks)."""
+
+    def usage(self) -> PodUsage:
+        """The pod's load and memory now (``GET /kubeinfer/load``); cheap, no blocking I/O after the first call."""
 
     def is_ready(self) -> bool:
         """True once the preloaded models finished loading and some model can serve (the ``/ready`` probe)."""
