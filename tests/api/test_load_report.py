@@ -85,6 +85,7 @@ def test_tiers_follow_loads_evictions_and_unloads(pod: ServerThread, client: ope
             admin(pod, name, "unload")
     r = httpx.get(f"{pod.base_url}/kubeinfer/load", timeout=10)
     assert r.headers["x-kubeinfer-resident"] == ""
+    assert all(m["tier"] in ("absent", "host") for m in r.json()["models"])  # local sources: never "disk"
     body = r.json()
     assert body["warm_tier"] is True and body["draining"] is False
     assert body["memory"]["budget_bytes"] == 4 * 1024**3

@@ -188,7 +188,8 @@ class DefaultModelLoader:
             return self._disk
 
     def on_disk(self, entry: ModelEntry) -> bool:
-        """Whether a remote entry's snapshot is in the disk tier now (no fetch; opens the tier on first use)."""
+        """Whether the entry is a remote source whose snapshot is in the disk tier now (no fetch;
+        opens the tier on first use); False for local sources."""
         src = entry.parsed_source
         return src.remote and self.disk.has(src.cache_key())
 

@@ -223,8 +223,9 @@ class ModelRegistry:
                         loaded_models=sum(1 for e in self._entries.values() if e.holds_slot))
 
     def tier(self, name: str) -> ModelTier:
-        """Where model ``name``'s weights are now: DEVICE (loaded), HOST (warm tier), DISK (a local
-        source, or a remote one in the disk tier) or ABSENT (a remote one a load must fetch).
+        """Where model ``name``'s weights are now: DEVICE (loaded), HOST (warm tier), DISK (a remote
+        source in the disk tier) or ABSENT (a load reads it from its source: fetches a remote one,
+        reads a local path, PVC or built-in model, which every pod reaches at the same cost).
 
         Raises:
             ModelNotFoundError: unknown name.
@@ -234,8 +235,6 @@ class ModelRegistry:
             return ModelTier.DEVICE
         if name in self.warm:
             return ModelTier.HOST
-        if not e.spec.parsed_source.remote:
-            return ModelTier.DISK
         on_disk = getattr(self.loader, "on_disk", None)
         return ModelTier.DISK if on_disk is not None and on_disk(e.spec) else ModelTier.ABSENT
 

@@ -26,9 +26,10 @@ class ModelTier(str, enum.Enum):
     """Where a model's weights are on this pod, best first (what a router prefers).
 
     DEVICE: loaded in the engine (GPU memory, or the CPU device of a CPU pod); HOST: evicted
-    weights kept in the warm tier (host RAM, :mod:`.warm`); DISK: files on the pod's disk (a
-    local source, or a remote one in the disk tier, :mod:`.disk`); ABSENT: a remote source not
-    on the pod (a load fetches it).
+    weights kept in the warm tier (host RAM, :mod:`.warm`); DISK: a remote source (``hf://``,
+    ``s3://``) in the pod's disk tier (:mod:`.disk`); ABSENT: none of these, a load reads the
+    model from its source (fetches a remote one; reads a local path, PVC or built-in model, which
+    gives this pod no head start over its peers, so a router treats it as not held).
     """
 
     DEVICE = "device"
