@@ -91,7 +91,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    enforceEager?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?, maxLoraRank?, diskCacheDir?,
+    diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -121,6 +122,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["enforceEager"] = m.enforce_eager
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
+        if m.adapters:
+            entry["adapters"] = [{"name": a.name, "source": a.source} for a in m.adapters]
         models.append(entry)
     out: dict[str, Any] = {
         "maxLoadedModels": spec.max_loaded_models,
@@ -136,6 +139,12 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         out["schedulingPolicy"] = spec.runtime.scheduling_policy
     if spec.runtime.enforce_eager is not None:
         out["enforceEager"] = spec.runtime.enforce_eager
+    if spec.runtime.enable_lora is not None:
+        out["enableLora"] = spec.runtime.enable_lora
+    if spec.runtime.max_loras is not None:
+        out["maxLoras"] = spec.runtime.max_loras
+    if spec.runtime.max_lora_rank is not None:
+        out["maxLoraRank"] = spec.runtime.max_lora_rank
     if spec.remote_models:
         out["diskCacheDir"] = MODEL_CACHE_DIR
         out["diskCacheBytes"] = int(spec.model_cache.size_bytes * DISK_CACHE_FILL)
@@ -231,7 +240,7 @@ def render_deployment(
     if spec.api_keys_secret:  # API keys and tenants (serving reads KUBEINFER_API_KEYS_FILE)
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.api_keys_secret, "defaultMode": 0o440}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
-    needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.models)
+    needs_hub = any(m.parsed_source.scheme == "hf" for m in spec.sources())
     if spec.remote_models:
         volumes.append(model_cache_volume(spec))
         mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})

@@ -43,6 +43,32 @@ class _Camel(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
 
+class AdapterSpec(_Camel):
+    """One LoRA adapter of a model (``spec.models[].adapters``): an OpenAI model name and where
+    its PEFT files (``adapter_config.json`` + ``adapter_model.safetensors``) come from."""
+
+    name: str = Field(max_length=63)
+    source: str = Field(max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not DNS1123_LABEL.match(value):
+            raise ValueError(f"adapter name {value!r} must be a DNS-1123 label")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        parse_model_source(value)
+        return value
+
+    @property
+    def parsed_source(self) -> ModelSource:
+        """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
+        return parse_model_source(self.source)
+
+
 class ModelSpec(_Camel):
     """One entry of ``spec.models``: an OpenAI model name and where its weights come from."""
 
@@ -58,9 +84,13 @@ class ModelSpec(_Camel):
     kv_cache_fraction: float | None = Field(default=None, alias="kvCacheFraction", gt=0, le=1)
     #: decode CUDA graphs off for this model; None: ``runtime.enforceEager``.
     enforce_eager: bool | None = Field(default=None, alias="enforceEager")
+    #: LoRA adapters served on this model, each under its own model name.
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelSpec:
+        if self.adapters and self.kind != "generate":
+            raise ValueError("adapters apply to kind generate only")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
             raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
         if (self.kv_cache_bytes is not None or self.kv_cache_fraction is not None) and self.kind != "generate":
@@ -111,6 +141,11 @@ class RuntimeSpec(_Camel):
     #: decode CUDA graphs off for every generate model; None: the serving pod's default (graphs on
     #: where the engine can capture them).
     enforce_eager: bool | None = Field(default=None, alias="enforceEager")
+    #: LoRA slots for every generate model (adapters can be added at run time); None: off.
+    enable_lora: bool | None = Field(default=None, alias="enableLora")
+    #: LoRA slots of each model with adapters and their highest rank; None: the serving pod's defaults.
+    max_loras: int | None = Field(default=None, alias="maxLoras", ge=1, le=64)
+    max_lora_rank: int | None = Field(default=None, alias="maxLoraRank", ge=1, le=512)
 
 
 class ScalingSpec(_Camel):
@@ -290,6 +325,12 @@ class InferenceServiceSpec(_Camel):
             if model.name in seen:
                 raise ValueError(f"model name {model.name!r} appears more than once")
             seen.add(model.name)
+        for model in self.models:
+            for adapter in model.adapters:
+                if adapter.name in seen:
+                    raise ValueError(f"adapter name {adapter.name!r} of model {model.name!r} is already a model "
+                                     "or adapter name (adapters are model names too)")
+                seen.add(adapter.name)
         preloaded = sum(1 for m in self.models if m.preload)
         if self.runtime.max_loaded_models is not None and preloaded > self.runtime.max_loaded_models:
             raise ValueError(
@@ -310,7 +351,11 @@ class InferenceServiceSpec(_Camel):
     @property
     def remote_models(self) -> bool:
         """Whether any model is fetched over the network (``hf://``, ``s3://``) into the disk tier."""
-        return any(m.parsed_source.remote for m in self.models)
+        return any(s.parsed_source.remote for s in self.sources())
+
+    def sources(self) -> list[ModelSpec | AdapterSpec]:
+        """Every model and adapter, in order (each model followed by its adapters)."""
+        return [s for m in self.models for s in (m, *m.adapters)]
 
     def model_secrets(self) -> list[str]:
         """Distinct per-model ``credentialsSecret`` names, in first-use order (index = env prefix number)."""
@@ -321,9 +366,9 @@ class InferenceServiceSpec(_Camel):
         return out
 
     def claims(self) -> list[str]:
-        """Distinct PersistentVolumeClaim names used by pvc:// sources, in first-use order."""
+        """Distinct PersistentVolumeClaim names used by pvc:// sources (models' and adapters'), in first-use order."""
         out: list[str] = []
-        for model in self.models:
+        for model in self.sources():
             claim = model.parsed_source.claim
             if claim and claim not in out:
                 out.append(claim)

@@ -34,10 +34,11 @@ _SINGLE_MODEL_ONLY = {
     "max_model_len": "set maxModelLen per model in the catalogue",
     "dtype": "set dtype per model in the catalogue",
     "served_model_name": "it names the --model-dir model",
+    "lora_modules": "list adapters per model in the catalogue",
 }
 #: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
 _POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
-              "idle_timeout_seconds", "enforce_eager")
+              "idle_timeout_seconds", "enforce_eager", "enable_lora", "max_loras", "max_lora_rank")
 
 
 def build_provider(settings: ServerSettings) -> ModelProvider:
@@ -64,7 +65,8 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
         name = settings.served_model_name or settings.model_dir.resolve().name
         catalogue = single_model_catalogue(settings.model_dir, name, dtype=settings.dtype,
                                            max_model_len=settings.max_model_len,
-                                           result_cache=bool(settings.result_cache), **overrides)
+                                           result_cache=bool(settings.result_cache),
+                                           adapters=settings.lora_adapters(), **overrides)
         return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
                              show_sources=False)
     misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "KUBEINFER_"
 
@@ -64,6 +65,11 @@ class ServerSettings(BaseModel):
             (a model's own ``enforceEager`` still wins). None: the catalogue's.
         fair_admission: weighted fair admission across tenants ahead of each engine
             (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
+        enable_lora, max_loras, max_lora_rank: vLLM's LoRA flags: LoRA slots for every generate
+            model (adapters can then be added at run time), slots per model, their highest rank;
+            override the catalogue's ``enableLora`` / ``maxLoras`` / ``maxLoraRank`` (None: the catalogue's).
+        lora_modules: single-model mode: LoRA adapters of the model as ``NAME=SOURCE`` (vLLM's
+            ``--lora-modules``; the environment variable takes them comma-separated).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -97,6 +103,29 @@ class ServerSettings(BaseModel):
     idle_timeout_seconds: float | None = Field(None, ge=0)
     result_cache: bool = False
     enforce_eager: bool | None = None
+    enable_lora: bool | None = None
+    max_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int | None = Field(None, ge=1)
+    lora_modules: list[str] | None = None
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _split_lora_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value) if v]
+        for item in value or []:
+            name, sep, source = str(item).partition("=")
+            if not sep or not name or not source:
+                raise ValueError(f"{item!r} is not NAME=SOURCE")
+        return value
+
+    def lora_adapters(self) -> list[dict[str, str]]:
+        """``lora_modules`` as catalogue adapter entries ``{name, source}`` (plain paths made absolute)."""
+        out = []
+        for item in self.lora_modules or []:
+            name, source = item.split("=", 1)
+            out.append({"name": name, "source": source if "://" in source else str(Path(source).expanduser().resolve())})
+        return out
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -175,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="never run decode steps as CUDA graphs (vLLM's flag; default: the catalogue's enforceEager, "
                    "else graphs on where the engine can capture them)")
+    p.add_argument("--enable-lora", action="store_true", default=None,
+                   help="LoRA slots for every generate model, so adapters can be added at run time (vLLM's flag)")
+    p.add_argument("--max-loras", type=int, help="LoRA adapters one step can mix per model (default 4)")
+    p.add_argument("--max-lora-rank", type=int, help="highest LoRA adapter rank (default 16)")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=SOURCE",
+                   help="LoRA adapters of the --model-dir model (PEFT directories or any source)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
     return p

@@ -91,6 +91,23 @@ MODEL_LOADED_BYTES = Gauge(
     ["model_name"], registry=REGISTRY,
 )
 
+LORA_REQUESTS_RUNNING = Gauge(
+    "kubeinfer_lora_requests_running", "Requests running with each LoRA adapter (vLLM's lora_requests_info).",
+    ["model_name", "lora_name"], registry=REGISTRY,
+)
+LORA_REQUESTS_WAITING = Gauge(
+    "kubeinfer_lora_requests_waiting", "Requests waiting with each LoRA adapter (vLLM's lora_requests_info).",
+    ["model_name", "lora_name"], registry=REGISTRY,
+)
+LORA_SLOT_LOADS = Counter(
+    "kubeinfer_lora_slot_loads", "LoRA adapters written into a device slot of a model.", ["model_name"],
+    registry=REGISTRY,
+)
+LORA_SLOT_EVICTIONS = Counter(
+    "kubeinfer_lora_slot_evictions", "LoRA adapters displaced from a device slot (LRU among idle adapters).",
+    ["model_name"], registry=REGISTRY,
+)
+
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 REQUEST_PROMPT_TOKENS = Histogram(
@@ -291,6 +308,7 @@ class EngineMetrics:
         self._preempt = NUM_PREEMPTIONS.labels(model_name=m)
         self._pq = PREFIX_CACHE_QUERIES.labels(model_name=m)
         self._ph = PREFIX_CACHE_HITS.labels(model_name=m)
+        self._lora_seen: set[str] = set()  # adapters whose running/waiting gauges were set
 
     def __call__(self, stats) -> None:
         """Record one step's statistics (a ``StepStats``)."""
@@ -315,3 +333,17 @@ class EngineMetrics:
         for t, reason in zip(stats.e2e_latencies, stats.finish_reasons, strict=True):
             self._e2e.observe(t)
             REQUESTS_FINISHED.labels(model_name=self.model_name, finish_reason=reason).inc()
+        if stats.lora_running is not None:
+            self._record_lora(stats)
+
+    def _record_lora(self, stats) -> None:
+        m = self.model_name
+        if stats.lora_slot_loads:
+            LORA_SLOT_LOADS.labels(model_name=m).inc(stats.lora_slot_loads)
+        if stats.lora_slot_evictions:
+            LORA_SLOT_EVICTIONS.labels(model_name=m).inc(stats.lora_slot_evictions)
+        names = set(stats.lora_running) | set(stats.lora_waiting or {})
+        for name in names | self._lora_seen:
+            LORA_REQUESTS_RUNNING.labels(model_name=m, lora_name=name).set(stats.lora_running.get(name, 0))
+            LORA_REQUESTS_WAITING.labels(model_name=m, lora_name=name).set((stats.lora_waiting or {}).get(name, 0))
+        self._lora_seen = names

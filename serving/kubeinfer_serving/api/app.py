@@ -19,7 +19,17 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import chat, completions, embeddings, health, load, models, tokenization, websocket
+from kubeinfer_serving.api import (
+    chat,
+    completions,
+    embeddings,
+    health,
+    load,
+    lora,
+    models,
+    tokenization,
+    websocket,
+)
 from kubeinfer_serving.api.admission import FairAdmission
 from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
@@ -80,6 +90,7 @@ def create_app(
 
     Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
+    vLLM's ``POST /v1/load_lora_adapter|unload_lora_adapter``,
     ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /kubeinfer/load`` (the router's
     load report), and vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /version``. Every
     error has OpenAI's error body; every response carries ``X-Request-Id`` and
@@ -127,7 +138,7 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, load, tokenization, websocket):
+    for module in (completions, chat, embeddings, models, health, load, tokenization, websocket, lora):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,

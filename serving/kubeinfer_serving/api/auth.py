@@ -9,7 +9,7 @@ Rules (:class:`AuthMiddleware`, pure ASGI so it costs one dict lookup per reques
   included, needs a configured key: none or an unknown one gets 401 in OpenAI's body
   (``code: invalid_api_key``) with ``WWW-Authenticate: Bearer``. The request's
   :class:`~kubeinfer_serving.api.tenancy.Identity` is put in ``scope["state"]["identity"]``.
-* ``/admin/*`` needs an admin key (403 ``admin_key_required`` for another valid key) and refuses
+* ``/admin/*`` and vLLM's ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (:data:`ADMIN_PATHS`) need an admin key (403 ``admin_key_required`` for another valid key) and refuses
   what a browser can send cross-site without a CORS preflight (403 ``cross_site_request``):
   a cross-site ``Origin`` or ``Sec-Fetch-Site``, or a form/text ``Content-Type``. The last two
   rules hold even with no keys configured, so a web page cannot drive the admin API of an open
@@ -29,6 +29,8 @@ from kubeinfer_serving.api.tenancy import Identity, KeyStore
 
 #: Paths served without credentials.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", LOAD_PATH})
+#: Admin routes outside ``/admin/`` (vLLM's paths for them).
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 #: Content types a browser may POST cross-site without a preflight (the CORS "simple" ones).
 SIMPLE_CONTENT_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 
@@ -85,7 +87,7 @@ class AuthMiddleware:
         if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        admin_route = scope["path"].startswith("/admin/")
+        admin_route = scope["path"].startswith("/admin/") or scope["path"] in ADMIN_PATHS
         err: APIError | None = None
         if admin_route:
             reason = cross_site_reason(scope)

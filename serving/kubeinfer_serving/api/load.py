@@ -20,6 +20,8 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 
+from kubeinfer_serving.registry.protocol import ModelUsage
+
 #: The response header listing the device-tier models (ids percent-encoded, joined by ", ").
 RESIDENT_HEADER = b"x-kubeinfer-resident"
 #: The load report's path (served without an API key, see :mod:`.auth`).
@@ -75,9 +77,9 @@ async def load_report(request: Request) -> dict[str, Any]:
     per_model = {u.name: u for u in usage.models}
     models = []
     for info in provider.list_models():
-        use = per_model[info.name]
+        use = per_model.get(info.name) or ModelUsage(info.name)
         models.append({"id": info.name, "kind": info.kind.value, "state": info.state.value, "tier": info.tier.value,
-                       "parent": None, "queue_length": use.queue_length, "running": use.running,
+                       "parent": info.parent, "queue_length": use.queue_length, "running": use.running,
                        "kv_cache_usage": use.kv_cache_usage})
     drain = request.app.state.drain
     return {

@@ -17,8 +17,8 @@ router = APIRouter()
 
 def model_card(info: ModelInfo) -> ModelCard:
     """OpenAI's ``model`` object for one catalogue entry, plus ``kind``, ``state``, ``bytes``, ``max_model_len``,
-    ``source``, the pinned ``revision`` of a remote source and the ``tier`` its weights are in
-    (device, host, disk or absent)."""
+    ``source``, the pinned ``revision`` of a remote source, the ``tier`` its weights are in
+    (device, host, disk or absent) and, for a LoRA adapter, its base as ``parent``."""
     return ModelCard(
         id=info.name,
         created=info.created,
@@ -31,6 +31,7 @@ def model_card(info: ModelInfo) -> ModelCard:
         idle_timeout_seconds=info.idle_timeout_seconds,
         source=info.source,
         revision=info.revision,
+        parent=info.parent,
         tier=info.tier.value,
     )
 

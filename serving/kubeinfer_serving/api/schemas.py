@@ -462,6 +462,7 @@ class ModelCard(BaseModel):
     source: str = ""
     revision: str | None = None
     tier: str = "absent"
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

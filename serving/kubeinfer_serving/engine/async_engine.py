@@ -10,12 +10,13 @@ at the next step; outputs travel back through ``loop.call_soon_threadsafe`` into
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,11 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ public API
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as steps produce them; the last one has ``finished``.
+
+        ``lora``: the name of a LoRA adapter of this engine to run with (None: the base model).
 
         Errors are raised at the first iteration, before any output:
 
@@ -111,7 +114,7 @@ class AsyncLLMEngine:
             PromptTooLongError: prompt + max_tokens > max_model_len.
             QueueFullError: ``max_waiting_requests`` waiting already (``retry_after`` seconds).
             EngineDeadError: the engine was shut down or its loop crashed.
-            ValueError: an empty prompt, unknown token ids, or a request id in use.
+            ValueError: an empty prompt, unknown token ids, a request id in use, or an unknown adapter.
 
         If the consumer stops early (``aclose()``, task cancellation on client disconnect),
         the request is aborted and its KV blocks are freed at the next step.
@@ -131,7 +134,7 @@ class AsyncLLMEngine:
                 )
             self._streams[request_id] = stream
             self._num_pending_adds += 1
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic(), lora))
         self._wakeup.set()
         finished = False
         try:
@@ -150,6 +153,22 @@ class AsyncLLMEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the loop thread between steps (the engine is not thread-safe),
+        e.g. to add or remove a LoRA adapter while requests run.
+
+        Returns:
+            a ``concurrent.futures.Future`` of its result or exception (wrap it with
+            ``asyncio.wrap_future`` to await it); EngineDeadError when the loop does not run.
+        """
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._dead is not None or self._stopping:
+            fut.set_exception(EngineDeadError(f"engine for {self.model_name!r} is not running"))
+            return fut
+        self._inbox.put(("call", fn, fut))
+        self._wakeup.set()
+        return fut
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when unknown or finished); its blocks are freed at the next step."""
@@ -211,7 +230,7 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params, arrival = msg
+                _, rid, prompt, params, arrival, lora = msg
                 with self._lock:
                     self._num_pending_adds -= 1
                     stream = self._streams.get(rid)
@@ -219,9 +238,15 @@ class AsyncLLMEngine:
                     self.engine.count_abort_before_admission(arrival)
                     continue
                 try:
-                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival, lora=lora)
                 except Exception as exc:  # noqa: BLE001 - validation errors go back to the caller
                     stream.put(exc)
+            elif msg[0] == "call":
+                _, fn, fut = msg
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    fut.set_exception(exc)
             else:
                 out = self.engine.abort_request(msg[1])
                 if out is not None:
@@ -247,3 +272,10 @@ class AsyncLLMEngine:
             leftover = [(rid, s) for rid, s in self._streams.items() if not s.done]
         for rid, stream in leftover:
             stream.put(RequestOutput(rid, [], "", True, "abort", stream.prompt_len, 0, 0))
+        while True:  # calls queued behind the shutdown never run
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "call":
+                msg[2].set_exception(EngineDeadError(f"engine for {self.model_name!r} stopped"))

@@ -30,6 +30,16 @@ def salt_root(cache_salt: str | None) -> bytes | None:
     return hashlib.sha256(b"kubeinfer-cache-salt\x00" + cache_salt.encode("utf-8", "surrogatepass")).digest()
 
 
+def seq_root(seq: Sequence) -> bytes | None:
+    """The parent hash of ``seq``'s first block: its cache salt (:func:`salt_root`) and its LoRA
+    adapter's digest, so blocks computed under an adapter never serve the base model or
+    another adapter (their K/V differ). None for an unsalted base-model sequence."""
+    root = salt_root(seq.params.cache_salt)
+    if seq.lora is None:
+        return root
+    return hashlib.sha256(b"kubeinfer-lora\x00" + (root or b"") + seq.lora.digest).digest()
+
+
 def hash_block(parent: bytes | None, token_ids: Seq[int]) -> bytes:
     """Chained hash of one full block: SHA-256 over the parent's hash and the block's token ids.
 
@@ -97,7 +107,7 @@ class BlockManager:
         max_blocks = (len(seq) - 1) // self.block_size
         blocks: list[int] = []
         hashes: list[bytes] = []
-        parent = salt_root(seq.params.cache_salt)
+        parent = seq_root(seq)
         bs = self.block_size
         for i in range(max_blocks):
             h = hash_block(parent, seq.tokens_slice(i * bs, (i + 1) * bs))
@@ -154,7 +164,7 @@ class BlockManager:
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else salt_root(seq.params.cache_salt)
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq_root(seq)
             h = hash_block(parent, seq.tokens_slice(i * bs, (i + 1) * bs))
             seq.block_hashes.append(h)
             block = seq.block_table[i]

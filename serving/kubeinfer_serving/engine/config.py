@@ -49,6 +49,9 @@ class EngineConfig:
             lower first; preemption takes the lowest priority first), vLLM's two policies.
         enforce_eager: never run decode steps as CUDA graphs (vLLM's ``enforce_eager``); see
             :mod:`kubeinfer_serving.engine.cuda_graphs` for when graphs run otherwise.
+        max_loras: LoRA adapter slots on the device (vLLM's ``max_loras``): adapters one step
+            can mix; 0 turns LoRA off.
+        max_lora_rank: the highest adapter rank the slots hold (vLLM's ``max_lora_rank``).
     """
 
     max_num_seqs: int = 256
@@ -64,6 +67,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     kv_pool_sizer: KVPoolSizer | None = None
     enforce_eager: bool = False
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -75,6 +80,9 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

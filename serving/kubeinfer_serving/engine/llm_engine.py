@@ -17,6 +17,9 @@ from typing import Any
 import torch
 
 from kubeinfer_serving.layers.linear import pack_linear_layers, packed_weight_bytes
+from kubeinfer_serving.lora.adapter import LoRAAdapter, LoRAShapes
+from kubeinfer_serving.lora.manager import LoRAManager
+from kubeinfer_serving.lora.slots import LoRASlots
 from kubeinfer_serving.models.llama import LlamaForCausalLM
 
 from .block_manager import BlockManager
@@ -74,6 +77,13 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                               f"first: {bad[0]}")
 
 
+def lora_slots_bytes(hf_config: Any, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Device bytes of the LoRA slot pool ``config`` asks for (0 when ``max_loras`` is 0)."""
+    if not config.max_loras:
+        return 0
+    return LoRASlots.bytes_for(LoRAShapes.from_hf_config(hf_config), config.max_loras, config.max_lora_rank, dtype)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights hold: its parameters (shared ones once) plus, on CPU, the
     oneDNN-packed copies of its linear weights (:mod:`kubeinfer_serving.layers.linear`)."""
@@ -125,22 +135,31 @@ class LLMEngine:
         self.num_kv_blocks = num_kv_blocks
         self.max_model_len = min(max_model_len, num_kv_blocks * self.config.block_size)
         self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
+        #: LoRA adapters and their device slots (None when ``config.max_loras`` is 0).
+        self.lora: LoRAManager | None = None
+        if self.config.max_loras:
+            self.lora = LoRAManager(LoRASlots(LoRAShapes.from_hf_config(hf_config), self.config.max_loras,
+                                              self.config.max_lora_rank, self.dtype, self.device))
         self.block_manager = BlockManager(num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len, policy=self.config.scheduling_policy)
+                                   max_model_len=self.max_model_len, policy=self.config.scheduling_policy,
+                                   slot_gate=self.lora)
         graph_sizes = (decode_graph_sizes(self.device, self.config.enforce_eager, self.config.max_num_seqs)
                        if cuda_graph_sizes == "auto" else cuda_graph_sizes)
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device,
-                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len, lora=self.lora)
         #: device bytes the decode CUDA graphs hold (pool + static inputs; 0 without graphs).
         self.cuda_graph_bytes = self.runner.graphs.memory_bytes() if self.runner.graphs is not None else 0
-        self.weights_bytes = weight_bytes(model)
+        #: device bytes of the LoRA slot pool (0 with LoRA off), counted in ``weights_bytes``.
+        self.lora_slots_bytes = self.lora.slots.nbytes if self.lora is not None else 0
+        self.weights_bytes = weight_bytes(model) + self.lora_slots_bytes
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         #: how the pool was sized when a ``kv_pool_sizer`` decided it (set by :meth:`from_weights`), else None.
         self.kv_sizing: KVSizing | None = None
         self._requests: dict[str, _Tracked] = {}
         self.num_steps = 0
         self.stat_loggers: list[StatLogger] = []
+        self._lora_reported = (0, 0)  # LoRA slot loads and evictions already reported in StepStats
         self.last_step_stats = StepStats()
 
     # ------------------------------------------------------------------ construction
@@ -199,7 +218,7 @@ class LLMEngine:
                                                    block_size=config.block_size, device=device) if graph_sizes else None
                 if graph_bytes is None:
                     graph_sizes = None  # the capture failed (warned): serve eagerly, with no null block
-                weights = weight_bytes(model)
+                weights = weight_bytes(model) + lora_slots_bytes(hf_config, config, dtype)
                 sizing = config.kv_pool_sizer(weights, activation, per_block, full, graph_bytes,
                                               1 if graph_sizes else 0)
                 num_blocks = sizing.num_blocks
@@ -256,25 +275,52 @@ class LLMEngine:
         if params.priority != 0 and self.config.scheduling_policy != "priority":
             raise ValueError("priority needs the priority scheduling policy (this engine schedules fcfs)")
 
+    def add_lora(self, adapter: LoRAAdapter) -> None:
+        """Serve ``adapter`` to requests that name it (engine thread only).
+
+        Raises:
+            ValueError: LoRA is off (``max_loras`` 0) or the name is taken.
+            kubeinfer_serving.lora.adapter.AdapterLoadError: its rank exceeds ``max_lora_rank``.
+        """
+        if self.lora is None:
+            raise ValueError("LoRA is off for this engine (max_loras is 0)")
+        self.lora.add(adapter)
+
+    def remove_lora(self, name: str) -> bool:
+        """Stop serving adapter ``name`` to new requests (those queued or running finish with it).
+
+        Returns:
+            False when no adapter of that name is loaded.
+        """
+        return self.lora is not None and self.lora.remove(name) is not None
+
     def add_request(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        lora: str | None = None,
     ) -> None:
         """Queue a request; it joins the running batch at a coming step.
 
         Args:
             arrival_time: ``time.monotonic()`` seconds when it arrived (default now), for
                 TTFT, queue time and end-to-end latency.
+            lora: the name of a LoRA adapter added with :meth:`add_lora` to run with, or None
+                for the base model.
 
         Raises:
             PromptTooLongError, ValueError: see :meth:`validate`; ValueError also for a
-                request id already in the engine.
+                request id already in the engine and for an unknown adapter.
             QueueFullError: ``max_waiting_requests`` are waiting already.
         """
         self.validate(prompt_token_ids, params)
+        adapter = None
+        if lora is not None:
+            if self.lora is None or lora not in self.lora.adapters:
+                raise ValueError(f"LoRA adapter {lora!r} is not loaded in this engine")
+            adapter = self.lora.get(lora)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         waiting = self.num_waiting_beyond_batch()
@@ -282,6 +328,7 @@ class LLMEngine:
             raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests)", retry_after=1.0)
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        seq.lora = adapter
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -532,6 +579,17 @@ class LLMEngine:
         stats.num_waiting = len(self.scheduler.waiting)
         stats.num_running = len(self.scheduler.running)
         stats.kv_cache_usage = self.block_manager.usage
+        if self.lora is not None:
+            lora = self.lora
+            stats.lora_running = lora.running_counts()
+            waiting: dict[str, int] = {}
+            for seq in self.scheduler.waiting:
+                if seq.lora is not None:
+                    waiting[seq.lora.name] = waiting.get(seq.lora.name, 0) + 1
+            stats.lora_waiting = waiting
+            stats.lora_slot_loads = lora.num_loads - self._lora_reported[0]
+            stats.lora_slot_evictions = lora.num_evictions - self._lora_reported[1]
+            self._lora_reported = (lora.num_loads, lora.num_evictions)
         self.last_step_stats = stats
         for logger in self.stat_loggers:
             logger(stats)

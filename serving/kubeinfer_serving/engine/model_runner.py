@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from kubeinfer_serving.layers.attention import AttentionMetadata, attention_backend
+from kubeinfer_serving.lora.manager import LoRAManager
+from kubeinfer_serving.lora.slots import LoRAStep
 
 from .cuda_graphs import DecodeGraphs
 from .logits_processors import apply_logits_processors
@@ -127,6 +129,8 @@ class StepInputs:
         sample_rows: the R indexes into the scheduled list of those sequences (host).
         host: host (NumPy) views of the packed input ids, positions and slot mapping, [T] int64
             each (valid until the next-but-one :meth:`ModelRunner.prepare`).
+        lora: each row's LoRA adapter slot (its ``kept`` for the ``logits_idx`` rows) when some
+            scheduled sequence has an adapter, else None.
     """
 
     input_ids: torch.Tensor
@@ -135,6 +139,7 @@ class StepInputs:
     logits_idx: torch.Tensor
     sample_rows: list[int]
     host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    lora: LoRAStep | None = None
 
 
 class ModelRunner:
@@ -150,11 +155,15 @@ class ModelRunner:
             graphs the pool gets one more block, the null block of padded rows.
         max_model_len: context length in tokens; sets the graphs' block-table width (needed
             with ``cuda_graph_sizes``).
+        lora: the engine's LoRA adapters and slots, or None (LoRA off). A step with adapters
+            runs eagerly (no decode graph).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, *,
-                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None) -> None:
+                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.block_size = block_size
         self.device = device
         pool_blocks = num_blocks + (1 if cuda_graph_sizes else 0)
@@ -257,7 +266,13 @@ class ModelRunner:
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.copy(), seq_lens_cpu=seq_lens, block_tables_cpu=table.copy(), block_size=bs,
         )
-        return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist(), host=(part[0], part[1], part[2]))
+        lora_step = None
+        if self.lora is not None and any(s.seq.lora is not None for s in scheduled):
+            seq_slots = np.fromiter([self.lora.slot_of(s.seq.lora) for s in scheduled], np.int64, num_seqs)
+            lora_step = LoRAStep(self.lora.slots, seq_slots[row_of], self.device)
+            lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
+        return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist(), host=(part[0], part[1], part[2]),
+                          lora=lora_step)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -291,7 +306,7 @@ class ModelRunner:
             keep = None
             if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
                 keep = inputs.logits_idx
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep, inputs.lora)
             logits_idx = None if keep is not None else inputs.logits_idx
         else:
             # One token per row: batch row i is scheduled item i; rows that do not sample are
@@ -346,7 +361,7 @@ class ModelRunner:
         """The graph bucket this step replays: pure decode (one token per row) that fits a bucket; else None."""
         if self.graphs is None:
             return None
-        if any(s.num_new_tokens != 1 for s in scheduled):
+        if any(s.num_new_tokens != 1 or s.seq.lora is not None for s in scheduled):
             return None
         return self.graphs.bucket_for(len(scheduled))
 

@@ -16,6 +16,11 @@ sampled tokens, and the token-level stop checks (stop token ids, max_tokens, max
 With the ``priority`` policy (vLLM's ``--scheduling-policy priority``) the waiting queue is kept
 in (priority, arrival) order, lower values first, and the victim of a preemption is the running
 sequence with the highest (priority, arrival): the least important, newest one.
+
+With LoRA adapters a ``slot_gate`` (:class:`~kubeinfer_serving.lora.manager.LoRAManager`) must
+pin a sequence's adapter in a device slot before it is admitted; a sequence whose adapter finds
+no slot stays in the queue, in its place, and the next waiting one is considered (as vLLM does at
+``max_loras``). The gate is released when a sequence leaves the running batch.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -95,6 +101,16 @@ class SeqUpdate:
     finish_reason: str | None
 
 
+class SlotGate(Protocol):
+    """Admission condition beyond KV blocks: e.g. a LoRA adapter slot (see the module docstring)."""
+
+    def acquire(self, seq: Sequence) -> bool:
+        """Reserve what ``seq`` needs to run; False (nothing reserved) when it must wait."""
+
+    def release(self, seq: Sequence) -> None:
+        """Give back what :meth:`acquire` reserved for ``seq``."""
+
+
 class Scheduler:
     """Holds the waiting queue and the running batch; plans steps.
 
@@ -104,10 +120,11 @@ class Scheduler:
         max_num_batched_tokens: per-step token budget.
         max_model_len: a sequence reaching this many tokens finishes ("length"); None: no cap.
         policy: ``fcfs`` (arrival order, newest preempted first) or ``priority`` (see the module docstring).
+        slot_gate: what a sequence must also acquire to be admitted (LoRA slots), or None.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None, policy: str = "fcfs") -> None:
+                 max_model_len: int | None = None, policy: str = "fcfs", slot_gate: SlotGate | None = None) -> None:
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"unknown scheduling policy {policy!r}; use fcfs or priority")
         self.policy = policy
@@ -118,6 +135,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.slot_gate = slot_gate
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence at the back."""
@@ -173,14 +191,21 @@ class Scheduler:
         if out.preempted:
             return out
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        gate = self.slot_gate
+        w = 0  # index into the queue: sequences before it wait for a slot of the gate
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[w]
+            if gate is not None and not gate.acquire(seq):
+                w += 1
+                continue
             blocks, hashes = bm.match_prefix(seq)
             num_cached = len(blocks) * bm.block_size
             n = min(len(seq) - num_cached, budget)
             if not bm.allocate_slots(seq, n, blocks, hashes):
+                if gate is not None:
+                    gate.release(seq)
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -231,6 +256,8 @@ class Scheduler:
         """Remove ``seq`` from the engine (running or waiting) and free its blocks at once."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            if self.slot_gate is not None:
+                self.slot_gate.release(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -239,6 +266,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        if self.slot_gate is not None:
+            self.slot_gate.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -46,6 +46,8 @@ class Sequence:
             (EOS and ``stop_token_ids``; set by the engine).
         matcher: the grammar matcher when ``params.guide`` is set (advanced by the engine with
             each output token).
+        lora: the LoRA adapter it runs with (:class:`~kubeinfer_serving.lora.adapter.LoRAAdapter`),
+            None for the base model.
         status, finish_reason: lifecycle.
         first_scheduled_time / first_token_time / last_token_time: monotonic seconds, for metrics.
     """
@@ -71,6 +73,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     min_tokens_stop_ids: tuple[int, ...] = ()
     matcher: Any = None
+    lora: Any = None
 
     @property
     def token_ids(self) -> list[int]:

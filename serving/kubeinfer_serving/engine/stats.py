@@ -22,6 +22,11 @@ class StepStats:
         prefix_queries / prefix_hits: prompt tokens looked up / found in the prefix cache.
         prompt_tokens: prompt tokens of requests scheduled for the first time.
         generation_tokens: output tokens produced.
+        lora_slot_loads / lora_slot_evictions: LoRA adapters written into / displaced from a device slot.
+
+    LoRA gauges (None when the engine has LoRA off):
+        lora_running / lora_waiting: adapter name -> its requests running / waiting (vLLM's
+        ``lora_requests_info``), only adapters with some.
 
     Per-request observations (seconds):
         queue_times: arrival to first schedule, of requests scheduled for the first time.
@@ -54,6 +59,10 @@ class StepStats:
     prepare_s: float = 0.0
     model_s: float = 0.0
     update_s: float = 0.0
+    lora_slot_loads: int = 0
+    lora_slot_evictions: int = 0
+    lora_running: dict[str, int] | None = None
+    lora_waiting: dict[str, int] | None = None
 
 
 #: A consumer of step statistics (e.g. :class:`kubeinfer_serving.metrics.EngineMetrics`).

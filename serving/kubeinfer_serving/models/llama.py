@@ -14,6 +14,7 @@ operation for operation so that float32 greedy decoding agrees token for token.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from kubeinfer_serving.layers.activation_norm import add_rms_norm, silu_and_mul
 from kubeinfer_serving.layers.attention import AttentionMetadata
 from kubeinfer_serving.layers.rotary import RotaryInputs, rope_paged_attention, rotary_inputs
+
+if TYPE_CHECKING:
+    from kubeinfer_serving.lora.slots import LoRAStep
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -75,8 +79,9 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over the paged KV cache."""
 
-    def __init__(self, config, head_dim: int) -> None:
+    def __init__(self, config, head_dim: int, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim
@@ -98,57 +103,74 @@ class Attention(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         keep: torch.Tensor | None = None,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; rotates q/k by ``rope`` and writes K/V into ``kv_cache``.
 
         ``keep`` ([R] int64 row indexes): project only those rows' attention output -> [R, hidden]
-        (all T rows still write their K/V).
+        (all T rows still write their K/V). ``lora``: the step's per-row adapters (its ``kept``
+        mapping applies to the kept rows), or None.
         """
-        o = rope_paged_attention(self.qkv_proj(x), rope, kv_cache, meta, self.num_heads, self.num_kv_heads,
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.apply(self.layer_idx, "qkv", x, qkv)
+        o = rope_paged_attention(qkv, rope, kv_cache, meta, self.num_heads, self.num_kv_heads,
                                  self.head_dim, self.scale)
         if keep is not None:
             o = o.index_select(0, keep)
-        return self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
+            lora = lora.kept if lora is not None else None
+        o = o.reshape(o.shape[0], self.num_heads * self.head_dim)
+        out = self.o_proj(o)
+        if lora is not None:
+            lora.apply(self.layer_idx, "o", o, out)
+        return out
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         bias = bool(getattr(config, "mlp_bias", False))
         # gate_proj and up_proj of the checkpoint stacked by rows: one matmul instead of two.
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, hidden] -> [T, hidden]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None = None) -> torch.Tensor:
+        """[T, hidden] -> [T, hidden]; ``lora``: the rows' adapters, or None."""
+        if lora is None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = lora.apply(self.layer_idx, "gate_up", x, self.gate_up_proj(x))
+        act = silu_and_mul(gate_up)
+        return lora.apply(self.layer_idx, "down", act, self.down_proj(act))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config, head_dim: int) -> None:
+    def __init__(self, config, head_dim: int, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(config, head_dim)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, head_dim, layer_idx)
+        self.mlp = MLP(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, rope, kv_cache, meta, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, kv_cache, meta, keep=None, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) [T, hidden] -> (mlp output, residual before it); residual None for layer 0.
 
         The residual add of each sublayer is fused into the norm that follows it:
         ``h, residual = norm(x, residual)``, as in vLLM's Llama. ``keep`` ([R] int64): after
         attention (which writes every row's K/V) only those rows go on -> [R, hidden] outputs.
+        ``lora`` (:class:`~kubeinfer_serving.lora.slots.LoRAStep`): the rows' adapters, or None.
         """
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, kv_cache, meta, keep)
+        h = self.self_attn(h, rope, kv_cache, meta, keep, lora)
         if keep is not None:
             residual = residual.index_select(0, keep)
+            lora = lora.kept if lora is not None else None
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -157,7 +179,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, head_dim) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, head_dim, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -270,6 +292,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
         keep: torch.Tensor | None = None,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         """Run one step.
 
@@ -282,6 +305,8 @@ class LlamaForCausalLM(nn.Module):
                 sequence that samples), or None for all. The last layer then runs its output
                 projection, MLP and norms for those rows only: a prefill chunk's other tokens
                 need only their K/V, which every layer still writes.
+            lora: which LoRA adapter slot each row uses (with ``kept`` set for ``keep``), or None:
+                the base model for every row.
 
         Returns:
             [T, hidden] final hidden states (dtype of the weights), or [R, hidden] for ``keep``.
@@ -291,7 +316,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         last = len(self.model.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
-            x, residual = layer(x, residual, rope, kv, meta, keep if i == last else None)
+            x, residual = layer(x, residual, rope, kv, meta, keep if i == last else None, lora)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,12 @@ camelCase keys::
         idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
         enforceEager: true          # this model's decode CUDA graphs off (overrides the pod's enforceEager)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
+        adapters:                   # LoRA adapters of this (generate) model, PEFT format
+          - name: llama-1b-sql      # an OpenAI `model` name: requests for it run on llama-1b with it
+            source: s3://adapters/sql   # any source scheme models take (not builtin://)
+    enableLora: false               # LoRA slots for every generate model (for /v1/load_lora_adapter)
+    maxLoras: 4                     # LoRA slots per model with adapters (adapters one step can mix)
+    maxLoraRank: 16                 # highest adapter rank those slots hold
 
 The budget covers the weights, the activation peak, the decode CUDA graphs (with their null
 block) and the KV pool of every loaded model (DESIGN.md section 5). KV pool of a generate model (:mod:`kubeinfer_serving.engine.kv_sizing`):
@@ -52,6 +58,12 @@ the numbers in its message; the other models keep serving.
 project (:mod:`kubeinfer_serving.models.builtin`); they resolve when loaded, not when parsed.
 ``hf://`` and ``s3://`` models are fetched into the disk tier when loaded (:mod:`.disk`, :mod:`.fetch`).
 Source URIs are parsed by :func:`kubeinfer_serving.sources.parse_source` (shared with the operator).
+
+Adapters are listed per model, not as a flat list with a ``base`` field: an adapter is only
+meaningful with the base it was trained on, and nesting makes a dangling ``base`` impossible.
+Their names share one namespace with the models (both are OpenAI ``model`` ids). A model with
+adapters gets ``maxLoras`` slots of rank ``maxLoraRank`` (:mod:`kubeinfer_serving.lora`); its
+adapters are read into host memory when the model loads, and count in its bytes.
 """
 
 from __future__ import annotations
@@ -87,6 +99,39 @@ class _CamelModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
+
+
+class AdapterEntry(_CamelModel):
+    """One LoRA adapter of a model (PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Attributes:
+        name: its OpenAI ``model`` name (same rules as a model's; unique among models and adapters).
+        source: where the adapter directory is, any scheme a model's ``source`` takes but ``builtin://``.
+        credentials_env_prefix: environment prefix of its own credentials (as a model's).
+    """
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    source: str = Field(min_length=1)
+    credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v.startswith(BUILTIN_SCHEME):
+            raise ValueError("an adapter's source cannot be builtin://")
+        try:
+            parse_source(v)
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @property
+    def parsed_source(self) -> ModelSource:
+        """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
+        return parse_source(self.source)
+
+
 class ModelEntry(_CamelModel):
     """One model of the catalogue (see the module docstring for the file format).
 
@@ -109,9 +154,10 @@ class ModelEntry(_CamelModel):
             (:func:`kubeinfer_serving.registry.fetch.credential_env`); None: the pod-level variables only.
         enforce_eager: run this generate model's decode steps eagerly, never as CUDA graphs
             (vLLM's ``enforce_eager``); None: the pod's ``enforceEager``.
+        adapters: its LoRA adapters (generate models only).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
+    name: str = Field(pattern=_NAME_PATTERN)
     source: str = Field(min_length=1)
     kind: ModelKind = ModelKind.GENERATE
     preload: bool = False
@@ -123,11 +169,14 @@ class ModelEntry(_CamelModel):
     result_cache: bool = False
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     enforce_eager: bool | None = None
+    adapters: list[AdapterEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelEntry:
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
             raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
+        if self.adapters and self.kind is not ModelKind.GENERATE:
+            raise ValueError("only generate models take LoRA adapters")
         return self
 
     @field_validator("source")
@@ -166,6 +215,10 @@ class Catalogue(_CamelModel):
         idle_timeout_seconds: idle TTL of non-preloaded models, seconds (None or 0: never unloaded for idleness).
         disk_cache_dir: directory of the disk tier for ``hf://``/``s3://`` models (None: the user cache).
         disk_cache_bytes: byte budget of the disk tier.
+        enable_lora: give every generate model LoRA slots, so adapters can be added at run time
+            (``/v1/load_lora_adapter``) to models without catalogue adapters (vLLM's ``enable_lora``).
+        max_loras: LoRA slots of each model with adapters (vLLM's ``max_loras``).
+        max_lora_rank: the highest adapter rank the slots hold (vLLM's ``max_lora_rank``).
         enforce_eager: run every generate model's decode steps eagerly, never as CUDA graphs
             (vLLM's ``enforce_eager``; a model's own ``enforceEager`` overrides it). The default
             is the engine's (:attr:`kubeinfer_serving.engine.config.EngineConfig.enforce_eager`):
@@ -191,13 +244,16 @@ class Catalogue(_CamelModel):
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = Field(default=DEFAULT_DISK_CACHE_BYTES, ge=1)
     enforce_eager: bool = EngineConfig.enforce_eager
+    enable_lora: bool = False
+    max_loras: int = Field(default=4, ge=1)
+    max_lora_rank: int = Field(default=EngineConfig.max_lora_rank, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Catalogue:
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.models] + [a.name for m in self.models for a in m.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError(f"model and adapter names must be unique; repeated: {', '.join(dupes)}")
         if self.memory_budget_bytes is not None and self.gpu_memory_utilization is not None:
             raise ValueError("set memoryBudgetBytes or gpuMemoryUtilization, not both")
         return self
@@ -223,6 +279,10 @@ class Catalogue(_CamelModel):
     def entry(self, name: str) -> ModelEntry | None:
         """The entry called ``name``, or None."""
         return next((m for m in self.models if m.name == name), None)
+
+    def adapter(self, name: str) -> tuple[ModelEntry, AdapterEntry] | None:
+        """(base model entry, adapter entry) of the adapter called ``name``, or None."""
+        return next(((m, a) for m in self.models for a in m.adapters if a.name == name), None)
 
 
 def parse_catalogue(data: object, *, origin: str = "catalogue") -> Catalogue:
@@ -278,7 +338,7 @@ _DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float"
 
 def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | None = None,
                            max_model_len: int | None = None, result_cache: bool = False,
-                           **pod: object) -> Catalogue:
+                           adapters: list[dict[str, str]] | None = None, **pod: object) -> Catalogue:
     """The one-entry catalogue of single-model mode (``kubeinfer-serve --model-dir DIR``).
 
     Args:
@@ -288,6 +348,7 @@ def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | Non
             ``auto``); None: auto.
         max_model_len: ``--max-model-len``; None: the model's own.
         result_cache: ``--result-cache``.
+        adapters: ``--lora-modules`` as ``[{name, source}]`` (a plain path is a local directory).
         pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
 
     Returns:
@@ -300,7 +361,7 @@ def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | Non
         raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
     model = {"name": name, "source": str(Path(model_dir).expanduser().resolve()), "kind": ModelKind.GENERATE,
              "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
-             "max_model_len": max_model_len, "result_cache": result_cache}
+             "max_model_len": max_model_len, "result_cache": result_cache, "adapters": adapters or []}
     return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 

@@ -23,6 +23,8 @@ from kubeinfer_serving.embeddings import Embedder
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
 from kubeinfer_serving.engine.config import EngineConfig, KVPoolSizer
 from kubeinfer_serving.engine.llm_engine import LLMEngine
+from kubeinfer_serving.lora.adapter import LoRAShapes
+from kubeinfer_serving.lora.slots import LoRASlots
 from kubeinfer_serving.models import loader as hf
 from kubeinfer_serving.models.builtin import (
     BUILTIN_EMBEDDING_MODEL_NAME,
@@ -30,7 +32,8 @@ from kubeinfer_serving.models.builtin import (
     builtin_embedding_model_dir,
     ensure_builtin_model,
 )
-from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, Catalogue, ModelEntry
+from kubeinfer_serving.registry.adapters import AdapterStatus, load_adapter_into, read_adapter
+from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, AdapterEntry, Catalogue, ModelEntry
 from kubeinfer_serving.registry.disk import DiskTier
 from kubeinfer_serving.registry.fetch import make_fetcher
 from kubeinfer_serving.registry.memory import resolve_budget
@@ -40,6 +43,8 @@ from kubeinfer_serving.registry.warm import HostSnapshot
 _DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Tokens per KV block used for generate models (vLLM's default, DESIGN.md section 5).
 KV_BLOCK_SIZE = 16
+#: Longest wait for a running engine's loop to take an adapter in or out, seconds.
+ENGINE_CALL_TIMEOUT_S = 60.0
 
 
 def resolve_model_dir(source: str, *, pvc_root: str | Path = "/mnt/models") -> Path:
@@ -116,6 +121,7 @@ class LoadedModel:
         offload: coroutine function returning a :class:`HostSnapshot` of the weights for the
             warm tier (called just before ``close``), or None when the model cannot offload.
         warm: whether this load came from the warm tier.
+        adapters: the outcome of reading each catalogue adapter of the model, by name.
     """
 
     name: str
@@ -128,6 +134,7 @@ class LoadedModel:
     embedder: Any = None
     offload: Callable[[], Awaitable[HostSnapshot]] | None = field(default=None, repr=False)
     warm: bool = False
+    adapters: dict[str, AdapterStatus] = field(default_factory=dict)
 
 
 class ModelLoader(Protocol):
@@ -193,8 +200,8 @@ class DefaultModelLoader:
         src = entry.parsed_source
         return src.remote and self.disk.has(src.cache_key())
 
-    def _local_dir(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]]:
-        """The model directory, fetching a remote source into the disk tier (pinned until released)."""
+    def _local_dir(self, entry: ModelEntry | AdapterEntry) -> tuple[Path, dict[str, Any]]:
+        """The model (or adapter) directory, fetching a remote source into the disk tier (pinned until released)."""
         src = entry.parsed_source
         if not src.remote:
             return resolve_model_dir(entry.source, pvc_root=self.catalogue.pvc_root), {}
@@ -265,6 +272,9 @@ class DefaultModelLoader:
         per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
         max_len = entry.max_model_len or int(getattr(cfg, "max_position_embeddings", 2048))
         full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
+        if entry.adapters or self.catalogue.enable_lora:  # the LoRA slot pool is allocated with the weights
+            weights += LoRASlots.bytes_for(LoRAShapes.from_hf_config(cfg), self.catalogue.max_loras,
+                                           self.catalogue.max_lora_rank, self._dtype(entry))
         asked, fraction = self.catalogue.kv_request(entry)
         if fraction is not None:
             asked = int(fraction * self.budget_bytes)
@@ -298,6 +308,29 @@ class DefaultModelLoader:
         loaded.close = close_and_release
         return loaded
 
+    def add_adapter(self, handle: LoadedModel, adapter: AdapterEntry) -> AdapterStatus:
+        """Read ``adapter`` and add it to the running engine of ``handle`` (a loaded generate model);
+        records the outcome in ``handle.adapters``. Blocking (run it in a thread); never raises."""
+        llm = handle.engine.engine
+        lora, status = read_adapter(adapter, llm.hf_config, llm.config.max_lora_rank, self._local_dir)
+        if lora is not None:
+            try:
+                handle.engine.call(lambda engine: engine.add_lora(lora)).result(timeout=ENGINE_CALL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - e.g. LoRA off for this model, engine stopped
+                status = AdapterStatus(adapter.name, error=str(exc) or type(exc).__name__)
+        if not status.error and self.device.type == "cpu":
+            handle.memory_bytes += status.bytes
+        handle.adapters[adapter.name] = status
+        return status
+
+    def remove_adapter(self, handle: LoadedModel, name: str) -> None:
+        """Stop serving adapter ``name`` of ``handle``'s engine to new requests (running ones finish).
+        Blocking (run it in a thread)."""
+        status = handle.adapters.pop(name, None)
+        handle.engine.call(lambda engine: engine.remove_lora(name)).result(timeout=ENGINE_CALL_TIMEOUT_S)
+        if status is not None and not status.error and self.device.type == "cpu":
+            handle.memory_bytes -= status.bytes
+
     def _load_embedder(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
         emb = Embedder.from_model_dir(
             plan.model_dir, device=self.device, dtype=self._dtype(entry), name=entry.name,
@@ -325,6 +358,8 @@ class DefaultModelLoader:
             max_model_len=entry.max_model_len,
             device=str(self.device),
             dtype=self._dtype(entry),
+            max_loras=self.catalogue.max_loras if entry.adapters or self.catalogue.enable_lora else 0,
+            max_lora_rank=self.catalogue.max_lora_rank,
         )
         if warm is not None:
             w: _WarmWeights = warm.payload
@@ -333,6 +368,9 @@ class DefaultModelLoader:
         else:
             llm = LLMEngine.from_model_dir(plan.model_dir, model_name=entry.name, config=config)
         llm.add_stat_logger(metrics.EngineMetrics(entry.name))
+        adapters = {a.name: load_adapter_into(llm, a, self._local_dir) for a in entry.adapters}
+        # On CPU the adapters' host copies share the budget's memory with the model.
+        adapter_bytes = sum(a.bytes for a in adapters.values()) if self.device.type == "cpu" else 0
         eng = AsyncLLMEngine(llm)
         activation = (llm.kv_sizing.activation_bytes or 0) if llm.kv_sizing is not None else 0
         last = self._plans.get(entry.name)
@@ -357,5 +395,5 @@ class DefaultModelLoader:
             return HostSnapshot(snap, sum(t.numel() * t.element_size() for t in snap.weights.values()))
 
         return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len,
-                           eng.memory_bytes + activation, close=eng.shutdown, engine=eng, offload=offload,
-                           warm=warm is not None)
+                           eng.memory_bytes + activation + adapter_bytes, close=eng.shutdown, engine=eng,
+                           offload=offload, warm=warm is not None, adapters=adapters)

@@ -25,6 +25,11 @@ Rules (DESIGN.md section 5 "Registry"):
   and ``kubeinfer_model_idle_unloads`` counts it. Its next request loads it again.
 * **Warm tier.** With ``warmCacheBytes > 0`` an evicted model's weights stay in host memory
   (:mod:`.warm`) and its next load skips the disk.
+* **LoRA adapters.** A catalogue adapter is a model id of its own: a request for it acquires its
+  base model (loading it by the rules above) and runs with the adapter
+  (:class:`~.adapters.AdapterBoundEngine`). Adapters are read when their base loads and counted
+  in its bytes; one that fails is Failed with its reason while the base and the others serve.
+  Device slots among a model's adapters are the engine's (:mod:`kubeinfer_serving.lora.manager`).
 
 Everything runs on one asyncio event loop; state changes between awaits are atomic. Blocking
 work (planning, loading) runs in worker threads.
@@ -33,6 +38,7 @@ work (planning, loading) runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import time
@@ -45,10 +51,12 @@ import torch
 from kubeinfer_serving import metrics
 from kubeinfer_serving.engine.config import KVPoolSizer
 from kubeinfer_serving.engine.kv_sizing import KVSizing, size_kv_pool
-from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, Catalogue, ModelEntry
+from kubeinfer_serving.registry.adapters import AdapterBoundEngine, AdapterStatus
+from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, AdapterEntry, Catalogue, ModelEntry
 from kubeinfer_serving.registry.loading import DefaultModelLoader, LoadedModel, ModelLoader
 from kubeinfer_serving.registry.memory import resolve_budget
 from kubeinfer_serving.registry.protocol import (
+    AdapterRequestError,
     ModelInfo,
     ModelKind,
     ModelNotFoundError,
@@ -117,6 +125,14 @@ class _Entry:
         return self.active == 0 and self.waiting == 0
 
 
+@dataclass(eq=False)
+class _Adapter:
+    spec: AdapterEntry
+    base: str
+    created: int
+    runtime: bool = False        # added by load_adapter (not in the catalogue)
+
+
 class ModelRegistry:
     """Implements :class:`~kubeinfer_serving.registry.protocol.ModelProvider` over a :class:`Catalogue`.
 
@@ -158,6 +174,7 @@ class ModelRegistry:
         self.events: list[LoadEvent] = []
         now = int(time.time())
         self._entries = {m.name: _Entry(m, now, max_model_len=m.max_model_len) for m in catalogue.models}
+        self._adapters = {a.name: _Adapter(a, m.name, now) for m in catalogue.models for a in m.adapters}
         self._changed: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -165,11 +182,139 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ ModelProvider
     def list_models(self) -> list[ModelInfo]:
-        """Every catalogue entry in catalogue order; ``bytes`` is the device bytes held while loaded."""
-        return [self._info(e) for e in self._entries.values()]
+        """Every catalogue entry in catalogue order, each model followed by its adapters; ``bytes``
+        is the device bytes held while loaded (an adapter's: its weights' host bytes)."""
+        out = []
+        for e in self._entries.values():
+            out.append(self._info(e))
+            out.extend(self._adapter_info(a) for a in self._adapters.values() if a.base == e.name)
+        return out
 
     @asynccontextmanager
     async def acquire(self, name: str) -> AsyncIterator[LoadedModel]:
+        """Hold model ``name`` as :meth:`_acquire_model` does; for an adapter's name, hold its base
+        model and yield it bound to the adapter (its ``engine`` generates with the adapter).
+
+        Raises:
+            ModelUnavailableError: also when the adapter failed to load (the message says why).
+        """
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            async with self._acquire_model(name) as handle:
+                yield handle
+            return
+        async with self._acquire_model(adapter.base) as handle:
+            status = handle.adapters.get(name)
+            if status is None or status.error:
+                reason = status.error if status is not None else "not read with its base model"
+                raise ModelUnavailableError(f"adapter {name!r} failed to load: {reason}")
+            yield dataclasses.replace(handle, name=name, engine=AdapterBoundEngine(handle.engine, name))
+
+    async def load_adapter(self, name: str, source: str, base: str | None = None) -> ModelInfo:
+        """Add LoRA adapter ``name`` from ``source`` at run time (vLLM's ``/v1/load_lora_adapter``).
+
+        Its base model is loaded if it is not; the adapter is read into it and from then on is
+        part of the model: when the model is evicted and loaded again the adapter is read again.
+
+        Args:
+            base: the base model's name; None when the catalogue has one generate model.
+
+        Raises:
+            AdapterRequestError: the name is taken, the source or base is invalid, or the adapter
+                cannot be used with the base (the reason: rank, shapes, files, LoRA off).
+            ModelNotFoundError: ``base`` is not a model of the catalogue.
+            ModelUnavailableError: the base model cannot be loaded now.
+        """
+        if name in self._entries or name in self._adapters:
+            raise AdapterRequestError(f"The lora adapter '{name}' has already been loaded.")
+        generate = [e.name for e in self._entries.values() if e.spec.kind is ModelKind.GENERATE]
+        if base is None:
+            if len(generate) != 1:
+                raise AdapterRequestError(f"base_model_name is required: this server has {len(generate)} "
+                                          f"generate models ({', '.join(generate)})")
+            base = generate[0]
+        if self._get(base).spec.kind is not ModelKind.GENERATE:
+            raise AdapterRequestError(f"{base!r} is not a generate model; only those take LoRA adapters")
+        try:
+            spec = AdapterEntry(name=name, source=source)
+        except ValueError as exc:
+            raise AdapterRequestError(f"invalid adapter: {exc}") from None
+        adapter = _Adapter(spec, base, int(time.time()), runtime=True)
+        self._adapters[name] = adapter
+        try:
+            async with self._acquire_model(base) as handle:
+                status = handle.adapters.get(name)
+                if status is None:  # the base was loaded before: add it to the running engine
+                    status = await asyncio.to_thread(self.loader.add_adapter, handle, spec)
+                    self._entries[base].reserved = handle.memory_bytes
+                if status.error:
+                    handle.adapters.pop(name, None)
+                    raise AdapterRequestError(f"adapter {name!r} failed to load: {status.error}")
+        except BaseException:
+            self._adapters.pop(name, None)
+            raise
+        return self._adapter_info(adapter)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Remove an adapter added by :meth:`load_adapter` (vLLM's ``/v1/unload_lora_adapter``);
+        requests already queued or running with it finish.
+
+        Raises:
+            ModelNotFoundError: no adapter of that name.
+            AdapterRequestError: it is a catalogue adapter (those follow the catalogue).
+        """
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise ModelNotFoundError(f"The lora adapter '{name}' cannot be found.")
+        if not adapter.runtime:
+            raise AdapterRequestError(f"adapter {name!r} is in the catalogue; it is removed by editing the "
+                                      "catalogue (the InferenceService), not at run time")
+        del self._adapters[name]
+        base = self._entries[adapter.base]
+        if base.handle is not None and name in base.handle.adapters:
+            await asyncio.to_thread(self.loader.remove_adapter, base.handle, name)
+            base.reserved = base.handle.memory_bytes
+
+    def _spec_with_adapters(self, entry: _Entry) -> ModelEntry:
+        """``entry``'s catalogue spec plus the adapters added to it at run time (read when it loads)."""
+        extra = [a.spec for a in self._adapters.values() if a.runtime and a.base == entry.name]
+        return entry.spec.model_copy(update={"adapters": [*entry.spec.adapters, *extra]}) if extra else entry.spec
+
+    def _adapter_status(self, a: _Adapter) -> AdapterStatus | None:
+        """The outcome of reading adapter ``a`` into its loaded base, or None while the base is not loaded."""
+        base = self._entries[a.base]
+        if base.handle is None or base.state is not ModelState.LOADED:
+            return None
+        return base.handle.adapters.get(a.spec.name)
+
+    def _adapter_tier(self, a: _Adapter, status: AdapterStatus | None) -> ModelTier:
+        """DEVICE while it serves with its loaded base, else where its files are (DISK or ABSENT)."""
+        if status is not None and not status.error:
+            return ModelTier.DEVICE
+        if not a.spec.parsed_source.remote:
+            return ModelTier.DISK
+        on_disk = getattr(self.loader, "on_disk", None)
+        return ModelTier.DISK if on_disk is not None and on_disk(a.spec) else ModelTier.ABSENT
+
+    def _adapter_info(self, a: _Adapter) -> ModelInfo:
+        base = self._entries[a.base]
+        status = self._adapter_status(a)
+        if status is None:
+            state, message, nbytes = ModelState.UNLOADED, "", 0
+        elif status.error:
+            state, message, nbytes = ModelState.FAILED, status.error, 0
+        else:
+            state, message, nbytes = ModelState.LOADED, "", status.bytes
+        return ModelInfo(
+            name=a.spec.name, kind=ModelKind.GENERATE, state=state, bytes=nbytes, message=message,
+            preload=base.spec.preload, max_model_len=base.max_model_len, created=a.created,
+            idle_timeout_seconds=self.idle_timeout(base), source=a.spec.source if self.show_sources else "",
+            revision=status.revision if status is not None else None, parent=a.base,
+            tier=self._adapter_tier(a, status),
+        )
+
+    @asynccontextmanager
+    async def _acquire_model(self, name: str) -> AsyncIterator[LoadedModel]:
         """Load ``name`` if needed and hold it (never evicted) until the context exits.
 
         Yields:
@@ -197,8 +342,14 @@ class ModelRegistry:
             self._notify()
 
     def resident_models(self) -> list[str]:
-        """Names of the loaded models (tier DEVICE), in catalogue order."""
-        return [e.name for e in self._entries.values() if e.state is ModelState.LOADED]
+        """Names of the loaded models (tier DEVICE), in catalogue order, each followed by its
+        adapters that serve with it (so a router prefers the pods holding an adapter)."""
+        out = []
+        for e in self._entries.values():
+            if e.state is ModelState.LOADED and e.handle is not None:
+                out.append(e.name)
+                out.extend(n for n, st in e.handle.adapters.items() if not st.error and n in self._adapters)
+        return out
 
     def usage(self) -> PodUsage:
         """The pod's load and memory now (see :class:`~.protocol.PodUsage`): per model the engine's
@@ -215,12 +366,28 @@ class ModelRegistry:
             elif e.handle is not None:
                 use.running = e.active
             models.append(use)
+            models.extend(self._adapter_usage(e, use))
         evictable = sum(e.reserved for e in self._entries.values() if e.state is ModelState.LOADED
                         and e.idle and not e.spec.preload and e.evicting is None)
         return PodUsage(budget_bytes=self.budget_bytes, used_bytes=self.used_bytes(), evictable_bytes=evictable,
                         warm_tier=self.warm.capacity_bytes > 0, models=models,
                         max_loaded_models=self.max_loaded_models,
                         loaded_models=sum(1 for e in self._entries.values() if e.holds_slot))
+
+    def _adapter_usage(self, base: _Entry, base_use: ModelUsage) -> list[ModelUsage]:
+        """Usage of ``base``'s adapters: their running and queued requests in its engine (from the
+        engine's latest step statistics) plus the base's requests waiting for its load."""
+        adapters = [a for a in self._adapters.values() if a.base == base.name]
+        if not adapters:
+            return []
+        engine = base.handle.engine if base.handle is not None else None
+        llm = getattr(engine, "engine", None)
+        stats = getattr(llm, "last_step_stats", None)
+        running = (stats.lora_running if stats is not None else None) or {}
+        waiting = (stats.lora_waiting if stats is not None else None) or {}
+        return [ModelUsage(a.spec.name, queue_length=base.waiting + waiting.get(a.spec.name, 0),
+                           running=running.get(a.spec.name, 0), kv_cache_usage=base_use.kv_cache_usage)
+                for a in adapters]
 
     def tier(self, name: str) -> ModelTier:
         """Where model ``name``'s weights are now: DEVICE (loaded), HOST (warm tier), DISK (a remote
@@ -230,6 +397,9 @@ class ModelRegistry:
         Raises:
             ModelNotFoundError: unknown name.
         """
+        if name in self._adapters:
+            a = self._adapters[name]
+            return self._adapter_tier(a, self._adapter_status(a))
         e = self._get(name)
         if e.state is ModelState.LOADED:
             return ModelTier.DEVICE
@@ -319,7 +489,11 @@ class ModelRegistry:
         self._free_device_memory()
 
     async def load(self, name: str) -> ModelInfo:
-        """Load ``name`` now (admin API), retrying it if it had Failed; same errors as :meth:`acquire`."""
+        """Load ``name`` now (admin API), retrying it if it had Failed; same errors as :meth:`acquire`.
+        For an adapter's name its base model is loaded (the adapter with it)."""
+        if name in self._adapters:
+            await self.load(self._adapters[name].base)
+            return self._adapter_info(self._adapters[name])
         entry = self._get(name)
         entry.waiting += 1
         try:
@@ -335,8 +509,12 @@ class ModelRegistry:
 
         Raises:
             ModelNotFoundError: unknown name.
-            ModelUnavailableError: the model is preloaded, loading, or busy (requests hold or await it).
+            ModelUnavailableError: the model is preloaded, loading, or busy (requests hold or await it),
+                or the name is a catalogue adapter's (it stays while its base model is loaded).
         """
+        if name in self._adapters:
+            raise ModelUnavailableError(f"{name!r} is a LoRA adapter of {self._adapters[name].base!r}; "
+                                        "catalogue adapters are unloaded with their base model")
         entry = self._get(name)
         if entry.spec.preload:
             raise ModelUnavailableError(f"model {name!r} is preloaded and is never unloaded")
@@ -446,7 +624,8 @@ class ModelRegistry:
             # A model whose weights sit in the warm tier is not looked up in (or fetched into) the disk tier.
             plan_warm = getattr(self.loader, "plan_warm", None)
             planner = plan_warm if plan_warm is not None and name in self.warm else self.loader.plan
-            plan = await asyncio.to_thread(planner, entry.spec)
+            spec = self._spec_with_adapters(entry)
+            plan = await asyncio.to_thread(planner, spec)
             entry.revision = getattr(plan, "revision", None)
             release = getattr(plan, "release", lambda: None)
             if plan.total_bytes > self.budget_bytes:
@@ -466,7 +645,7 @@ class ModelRegistry:
             if entry.spec.kind is ModelKind.GENERATE:
                 plan.size_kv = self._kv_sizer(entry, asyncio.get_running_loop())
             t0 = time.perf_counter()
-            handle = await asyncio.to_thread(self.loader.load, entry.spec, plan, warm)
+            handle = await asyncio.to_thread(self.loader.load, spec, plan, warm)
             seconds = time.perf_counter() - t0
             del warm
         except ModelUnavailableError as exc:  # no memory in time, or shutting down: not the model's fault

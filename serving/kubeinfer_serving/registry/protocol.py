@@ -62,6 +62,7 @@ class ModelInfo:
         source: the catalogue ``source`` URI (never carries credentials).
         revision: pinned revision of a remote source (hub commit sha, S3 listing digest) once fetched, else None.
         tier: where the weights are now (:class:`ModelTier`).
+        parent: for a LoRA adapter, the name of its base model (vLLM's ``parent``); None for a model.
     """
 
     name: str
@@ -76,6 +77,7 @@ class ModelInfo:
     source: str = ""
     revision: str | None = None
     tier: ModelTier = ModelTier.ABSENT
+    parent: str | None = None
 
 
 @dataclass
@@ -144,6 +146,14 @@ class ModelUnavailableError(ModelError):
 
     status = 503
     code = "model_unavailable"
+
+
+class AdapterRequestError(ModelError):
+    """A LoRA adapter cannot be added or removed as asked (HTTP 400): name taken, bad source or
+    base, or an adapter that does not fit its base (the message says why)."""
+
+    status = 400
+    code = "invalid_lora_adapter"
 
 
 class WrongModelKindError(ModelError):
