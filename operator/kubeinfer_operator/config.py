@@ -58,6 +58,9 @@ class OperatorConfig:
             image (env ``KUBEINFER_ACTIVATOR_IMAGE``; the chart sets it).
         activator_retry_after_seconds: ``Retry-After`` of the activator's 503, in seconds (env
             ``KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS``).
+        router_image: image of the fleet router pods (``routing.mode: router``), the operator's own
+            image, which carries ``kubeinfer-router`` (env ``KUBEINFER_ROUTER_IMAGE``, else the
+            activator image; the chart sets both).
     """
 
     serving_image: str = DEFAULT_SERVING_IMAGE
@@ -72,6 +75,7 @@ class OperatorConfig:
     model_poll_networks: tuple[str, ...] = ()
     activator_image: str = DEFAULT_OPERATOR_IMAGE
     activator_retry_after_seconds: int = 5
+    router_image: str = DEFAULT_OPERATOR_IMAGE
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
@@ -105,4 +109,6 @@ class OperatorConfig:
                                       if n.strip()),
             activator_image=env.get("KUBEINFER_ACTIVATOR_IMAGE") or DEFAULT_OPERATOR_IMAGE,
             activator_retry_after_seconds=positive("KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS", 5),
+            router_image=(env.get("KUBEINFER_ROUTER_IMAGE") or env.get("KUBEINFER_ACTIVATOR_IMAGE")
+                          or DEFAULT_OPERATOR_IMAGE),
         )

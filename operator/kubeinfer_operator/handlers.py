@@ -2,10 +2,11 @@
 
 * InferenceService create / update (spec, labels or annotations changed) / resume (operator
   start): reconcile that object.
-* Any change or deletion of a child (Deployment, Service, ConfigMap, HPA carrying the label
+* Any change or deletion of a child (Deployment, Service, ConfigMap, HPA, and the router's
+  ServiceAccount, Role and RoleBinding, carrying the label
   ``app.kubernetes.io/managed-by=kubeinfer-operator``): reconcile its controlling owner, so
-  drift is reverted, a deleted child is recreated and the status follows the Deployment's
-  and HPA's status.
+  drift is reverted, a deleted child is recreated and the status follows the Deployments'
+  (serving and router) and HPA's status.
 * A serving pod starting, changing readiness or IP, or going away: reconcile its isvc, which
   re-polls the pods' ``/v1/models`` for ``status.models``.
 * A resync loop (every ``RESYNC_SECONDS``) that lists the watched InferenceServices and
@@ -30,15 +31,15 @@ import kopf
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError, load_api_client
 from kubeinfer_operator.reconcile import Observed, Outcome, Reconciler
-from kubeinfer_operator.render import ISVC_LABEL
+from kubeinfer_operator.render_base import COMPONENT_LABEL, ISVC_LABEL, SERVING
 
 RESYNC_SECONDS = 60.0
 #: Retry delay after a transient API failure: RETRY_SECONDS * 2**attempt, at most RETRY_MAX_SECONDS.
 RETRY_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
 CHILD_SELECTOR = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
-#: Serving pods (not the activator pods, which carry the isvc label too).
-SERVING_POD_SELECTOR = {**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT, "app.kubernetes.io/component": "serving"}
+#: Serving pods (not the activator or router pods, which carry the isvc label too).
+SERVING_POD_SELECTOR = {**CHILD_SELECTOR, ISVC_LABEL: kopf.PRESENT, COMPONENT_LABEL: SERVING}
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +240,34 @@ def children_hpas(body: kopf.Body, **_: Any) -> dict | None:
     return _child("HorizontalPodAutoscaler", body)
 
 
+@kopf.index("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
+def children_serviceaccounts(body: kopf.Body, **_: Any) -> dict | None:
+    """Router ServiceAccounts by (namespace, isvc)."""
+    return _child("ServiceAccount", body)
+
+
+@kopf.index("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
+def children_roles(body: kopf.Body, **_: Any) -> dict | None:
+    """Router Roles by (namespace, isvc)."""
+    return _child("Role", body)
+
+
+@kopf.index("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
+def children_rolebindings(body: kopf.Body, **_: Any) -> dict | None:
+    """Router RoleBindings by (namespace, isvc)."""
+    return _child("RoleBinding", body)
+
+
 @kopf.index("", "v1", "pods", labels=SERVING_POD_SELECTOR)
 def serving_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict | None:
     """Serving pods by (namespace, isvc), for the /v1/models poll."""
     return {(namespace, labels[ISVC_LABEL]): _plain(body)}
 
 
-INDEXES = ("isvc_index", "children_configmaps", "children_services", "children_deployments", "children_hpas",
-           "serving_pods")
+#: The child indexes :func:`observed` reads (each maps (namespace, isvc) -> child objects).
+CHILD_INDEXES = ("children_configmaps", "children_services", "children_deployments", "children_hpas",
+                 "children_serviceaccounts", "children_roles", "children_rolebindings")
+INDEXES = ("isvc_index", *CHILD_INDEXES, "serving_pods")
 
 
 def _values(index: Mapping[Any, Any], key: Any) -> list[Any]:
@@ -265,7 +286,7 @@ def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Ob
     if indices is None:
         return None
     children: dict[tuple[str, str], dict[str, Any]] = {}
-    for key in INDEXES[1:-1]:
+    for key in CHILD_INDEXES:
         for obj in _values(indices[key], (namespace, name)):
             children[(obj["kind"], obj["metadata"]["name"])] = obj
     return Observed(children=children, pods=_values(indices["serving_pods"], (namespace, name)))
@@ -309,6 +330,24 @@ def on_service_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: An
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_SELECTOR)
 def on_configmap_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A catalogue ConfigMap changed or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_SELECTOR)
+def on_serviceaccount_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A router ServiceAccount changed or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_SELECTOR)
+def on_role_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A router Role changed or was deleted."""
+    _on_child_event(type, body, memo)
+
+
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_SELECTOR)
+def on_rolebinding_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A router RoleBinding changed or was deleted."""
     _on_child_event(type, body, memo)
 
 

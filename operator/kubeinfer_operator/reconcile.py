@@ -29,8 +29,10 @@ from kubeinfer_operator.render import (
     render_activator,
     render_children,
     selector_labels,
+    stale_router_objects,
     wants_activator,
 )
+from kubeinfer_operator.render_router import router_name
 from kubeinfer_operator.spec import InferenceServiceSpec, InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
@@ -103,7 +105,8 @@ class Outcome:
         found: the isvc exists and is not being deleted.
         invalid: the InvalidSpec message, or None.
         created / updated: ``Kind/name`` of children the apply created or changed.
-        deleted: ``Kind/name`` of the other mode's autoscaler removed after a mode switch.
+        deleted: ``Kind/name`` of children removed: the other mode's autoscaler or router objects
+            after a mode switch, an activator no longer needed.
         status_written: the status subresource was patched.
         status_changes: the top-level status fields that patch changed.
         ready: the Ready condition's status after this reconcile ("True", "False", "Unknown").
@@ -299,34 +302,56 @@ class Reconciler:
             self.emit(isvc, "Normal", "Updated", f"updated {kind} {child}")
         return after
 
-    def _reconcile_activator(
-        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None,
-        keda_installed: bool, observed: Observed | None, outcome: Outcome,
+    def _delete_owned(
+        self, isvc: Mapping[str, Any], api_version: str, kind: str, child: str, observed: Observed | None,
+        outcome: Outcome, why: str,
     ) -> None:
-        """Run the activator Deployment while :func:`wants_activator` says so (KEDA, minReplicas 0,
-        no ready serving pod), else delete it if this isvc controls one."""
+        """Delete child ``kind/child`` if it exists and this isvc controls it; post a Deleted
+        Event saying ``why``. With ``observed`` the watches say whether it exists (no API read
+        unless this process applied it and the watch has not shown it yet)."""
         meta = isvc["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        child = activator_name(name)
-        if keda_installed and wants_activator(spec, deployment):
-            self._apply_child(isvc, render_activator(Owner(name, namespace, meta["uid"]), spec, self.config),
-                              observed, outcome)
-            return
+        namespace = meta["namespace"]
         if observed is not None:
-            current = observed.children.get(("Deployment", child))
-            if current is None and (namespace, "Deployment", child) not in self._applied:
+            current = observed.children.get((kind, child))
+            if current is None and (namespace, kind, child) not in self._applied:
                 return
         else:
-            current = self.kube.get("apps/v1", "Deployment", namespace, child)
+            current = self.kube.get(api_version, kind, namespace, child)
             if current is None:
                 return
         owners = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
         if current is not None and not any(r.get("uid") == meta["uid"] and r.get("controller") for r in owners):
             return
-        if self.kube.delete("apps/v1", "Deployment", namespace, child):
-            outcome.deleted.append(f"Deployment/{child}")
-            self.emit(isvc, "Normal", "Deleted", f"deleted Deployment {child}: a serving pod is ready")
-        self.forget(namespace, "Deployment", child)
+        if self.kube.delete(api_version, kind, namespace, child):
+            outcome.deleted.append(f"{kind}/{child}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {kind} {child}: {why}")
+        self.forget(namespace, kind, child)
+
+    def _reconcile_activator(
+        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None,
+        keda_installed: bool, observed: Observed | None, outcome: Outcome,
+    ) -> None:
+        """Run the activator Deployment while :func:`wants_activator` says so (service mode, KEDA,
+        minReplicas 0, no ready serving pod), else delete it if this isvc controls one."""
+        meta = isvc["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        if keda_installed and wants_activator(spec, deployment):
+            self._apply_child(isvc, render_activator(Owner(name, namespace, meta["uid"]), spec, self.config),
+                              observed, outcome)
+            return
+        why = "routing.mode is router (the router holds requests at zero)" if spec.router_mode else (
+            "a serving pod is ready")
+        self._delete_owned(isvc, "apps/v1", "Deployment", activator_name(name), observed, outcome, why)
+
+    def _remove_router(
+        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, observed: Observed | None, outcome: Outcome
+    ) -> None:
+        """In service mode, delete the router-mode objects this isvc controls (after a switch from
+        router mode); the Service ``NAME`` already selects the serving pods again."""
+        meta = isvc["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        for api_version, kind, child in stale_router_objects(owner, spec):
+            self._delete_owned(isvc, api_version, kind, child, observed, outcome, "routing.mode is service")
 
     def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
         meta = isvc["metadata"]
@@ -343,7 +368,7 @@ class Reconciler:
             outcome.invalid = str(err)
         keda = spec is not None and spec.scaling.autoscaler == "keda"
         keda_installed = self.keda_installed() if keda else True
-        stored: dict[str, dict[str, Any]] = {}  # kind -> object as the apply returned it
+        stored: dict[tuple[str, str], dict[str, Any]] = {}  # (kind, name) -> object as the apply returned it
         if spec is not None:
             children = render_children(Owner(name, namespace, meta["uid"]), spec, self.config)
             objects = children.in_order()
@@ -359,25 +384,34 @@ class Reconciler:
                     outcome.invalid = f"the API server rejected {obj['kind']} {obj['metadata']['name']}: {err.message}"
                     break
                 if after is not None:
-                    stored[obj["kind"]] = after
+                    stored[(obj["kind"], obj["metadata"]["name"])] = after
             if outcome.invalid is None:
                 self._remove_other_autoscaler(isvc, keda, keda_installed, outcome, observed)
+                self._remove_router(isvc, spec, observed, outcome)
         self._last_failure.pop((namespace, name), None)
         hpa_name = keda_hpa_name(name) if keda else name
+        router_mode = spec is not None and spec.router_mode
+        router = None
         if observed is not None:
-            deployment = self._latest(namespace, "Deployment", name, stored.get("Deployment"),
+            deployment = self._latest(namespace, "Deployment", name, stored.get(("Deployment", name)),
                                       observed.children.get(("Deployment", name)))
             hpa = self._latest(namespace, "HorizontalPodAutoscaler", hpa_name,
-                               None if keda else stored.get("HorizontalPodAutoscaler"),
+                               None if keda else stored.get(("HorizontalPodAutoscaler", hpa_name)),
                                observed.children.get(("HorizontalPodAutoscaler", hpa_name)))
+            if router_mode:
+                router = self._latest(namespace, "Deployment", router_name(name),
+                                      stored.get(("Deployment", router_name(name))),
+                                      observed.children.get(("Deployment", router_name(name))))
         else:
             deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
             hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
+            if router_mode:
+                router = self.kube.get("apps/v1", "Deployment", namespace, router_name(name))
         if spec is not None and outcome.invalid is None:
             self._reconcile_activator(isvc, spec, deployment, keda_installed, observed, outcome)
         scaled_object = None
         if keda and keda_installed:  # not watched (KEDA may be installed after the operator started)
-            scaled_object = stored.get("ScaledObject") or self.kube.get(
+            scaled_object = stored.get(("ScaledObject", name)) or self.kube.get(
                 SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name)
         models = None
         if spec is not None and self.poller is not None and deployment is not None:
@@ -387,7 +421,7 @@ class Reconciler:
                 models = summarise(spec, answers)
         new_status = compute_status(
             isvc, spec, outcome.invalid, deployment, hpa, self.clock(),
-            scaled_object=scaled_object, keda_installed=keda_installed, models=models,
+            scaled_object=scaled_object, keda_installed=keda_installed, models=models, router=router,
         )
         previous_ready = _ready_condition(isvc.get("status"))
         if outcome.invalid is not None and (

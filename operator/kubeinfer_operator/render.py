@@ -4,9 +4,10 @@ No I/O here; the reconciler applies what these return with server-side apply, so
 set below is owned by the operator's field manager and anything not set (the Deployment's
 ``replicas``, which the HPA owns; server defaults) is left to others.
 Children (DESIGN.md section 4): ConfigMap ``NAME-models`` (the catalogue), Deployment ``NAME``,
-Service ``NAME`` (port 80 -> 8000) and the autoscaler: HorizontalPodAutoscaler ``NAME``
-(autoscaling/v2, ``scaling.autoscaler: hpa``) or KEDA ScaledObject ``NAME`` (``keda``; KEDA
-then creates and owns HorizontalPodAutoscaler ``keda-hpa-NAME``).
+Service ``NAME`` (port 80 -> 8000), in ``routing.mode: router`` (the default) the fleet router's
+objects (:mod:`kubeinfer_operator.render_router`), and the autoscaler: HorizontalPodAutoscaler
+``NAME`` (autoscaling/v2, ``scaling.autoscaler: hpa``) or KEDA ScaledObject ``NAME`` (``keda``;
+KEDA then creates and owns HorizontalPodAutoscaler ``keda-hpa-NAME``).
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ from typing import Any
 
 import yaml
 
-from kubeinfer_operator.config import (
-    FIELD_MANAGER,
-    GROUP,
-    KIND,
-    OPERATOR_UID,
-    SERVING_UID,
-    VERSION,
-    OperatorConfig,
+from kubeinfer_operator.config import GROUP, OPERATOR_UID, SERVING_UID, OperatorConfig
+from kubeinfer_operator.render_base import (
+    ACTIVATOR,
+    ISVC_LABEL,
+    PRESTOP_SECONDS,
+    SERVICE_PORT,
+    SERVING_PORT,
+    Owner,
+    common_labels,
+    container_security_context,
+    pod_selector,
+    scrape_annotations,
+    selector_labels,
 )
+from kubeinfer_operator.render_base import child_metadata as _metadata
+from kubeinfer_operator.render_router import ROUTER_KINDS, render_router_objects, router_name, router_selector
 from kubeinfer_operator.spec import DISK_CACHE_FILL, MODEL_STORE_ROOT, InferenceServiceSpec
 
-SERVING_PORT = 8000
-SERVICE_PORT = 80
 CATALOGUE_DIR = "/etc/kubeinfer"
 CATALOGUE_FILE = "models.yaml"
 CACHE_DIR = "/var/cache/kubeinfer"
@@ -41,29 +47,18 @@ API_KEYS_FILE = "keys.yaml"
 MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
 MODEL_CACHE_VOLUME = "model-cache"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
-ISVC_LABEL = f"{GROUP}/inferenceservice"
-#: Seconds a terminating pod keeps serving before SIGTERM, so endpoint removal reaches every
-#: kube-proxy / load balancer first (the usual preStop pause, Kubernetes "Pod Lifecycle" docs).
-PRESTOP_SECONDS = 10
 #: The queue-length series the serving pod exports (serving/kubeinfer_serving/metrics.py).
 QUEUE_METRIC = "kubeinfer_queue_length"
 #: Requests running in a serving pod (serving/kubeinfer_serving/metrics.py).
 RUNNING_METRIC = "kubeinfer_num_requests_running"
+#: Requests held by a router while no serving pod is ready (router/kubeinfer_router/metrics.py).
+ROUTER_HELD_METRIC = "kubeinfer_router_held_requests"
 #: Requests pending at an activator (kubeinfer_operator/activator.py).
 ACTIVATOR_METRIC = "kubeinfer_activator_pending_requests"
 #: Seconds a refused request counts as pending at the activator (a few Prometheus scrape and
 #: KEDA polling intervals).
 ACTIVATOR_WINDOW_SECONDS = 60
 SCALED_OBJECT_API_VERSION = "keda.sh/v1alpha1"
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The InferenceService the children belong to (``metadata.name``, ``namespace``, ``uid``)."""
-
-    name: str
-    namespace: str
-    uid: str
 
 
 def configmap_name(name: str) -> str:
@@ -76,67 +71,18 @@ def service_url(name: str, namespace: str) -> str:
     return f"http://{name}.{namespace}.svc.cluster.local"
 
 
-def selector_labels(name: str) -> dict[str, str]:
-    """Pod selector of the serving Deployment (immutable once the Deployment exists)."""
-    return {ISVC_LABEL: name, "app.kubernetes.io/component": "serving"}
-
-
-def service_selector(name: str) -> dict[str, str]:
-    """Pod selector of the Service: the isvc's serving pods and, while it has none ready, its
-    activator pod (:func:`render_activator`)."""
+def service_selector(name: str, spec: InferenceServiceSpec | None = None) -> dict[str, str]:
+    """Pod selector of the Service ``NAME``: in router mode (the default) the router pods; in
+    service mode the isvc's serving pods and, while it has none ready, its activator pod
+    (:func:`render_activator`)."""
+    if spec is None or spec.router_mode:
+        return router_selector(name)
     return {ISVC_LABEL: name}
 
 
 def activator_name(name: str) -> str:
     """Name of the activator Deployment of isvc ``name`` (its pods: ``NAME-activator-<hash>-<suffix>``)."""
     return f"{name}-activator"
-
-
-def common_labels(name: str) -> dict[str, str]:
-    """Labels every child carries (Kubernetes recommended labels plus the owning isvc's name)."""
-    return {
-        "app.kubernetes.io/name": "kubeinfer-serving",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/component": "serving",
-        "app.kubernetes.io/part-of": "kubeinfer",
-        "app.kubernetes.io/managed-by": FIELD_MANAGER,
-        ISVC_LABEL: name,
-    }
-
-
-def scrape_annotations() -> dict[str, str]:
-    """Prometheus' ``prometheus.io/*`` pod annotations for ``/metrics`` on port 8000: what the
-    shipped kubernetes-pods scrape job (deploy/prometheus/) discovers serving and activator pods by."""
-    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVING_PORT), "prometheus.io/path": "/metrics"}
-
-
-def container_security_context() -> dict[str, Any]:
-    """The restricted container securityContext of every pod the operator renders (Pod Security
-    Standards "restricted": no privilege escalation, non-root, all capabilities dropped) plus a
-    read-only root filesystem."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-
-
-def _metadata(owner: Owner, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": common_labels(owner.name),
-        "ownerReferences": [
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": KIND,
-                "name": owner.name,
-                "uid": owner.uid,
-                "controller": True,
-            }
-        ],
-    }
 
 
 def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
@@ -380,16 +326,17 @@ def render_deployment(
     }
 
 
-def render_service(owner: Owner) -> dict[str, Any]:
-    """ClusterIP Service ``NAME``: port 80 named ``http`` -> the pods' port 8000 (serving pods,
-    or the activator pod while an isvc scaled to zero has no ready serving pod)."""
+def render_service(owner: Owner, spec: InferenceServiceSpec) -> dict[str, Any]:
+    """ClusterIP Service ``NAME``: port 80 named ``http`` -> the pods' port 8000 of
+    :func:`service_selector` (router pods; in service mode serving pods, or the activator pod
+    while an isvc scaled to zero has no ready serving pod)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name),
         "spec": {
             "type": "ClusterIP",
-            "selector": service_selector(owner.name),
+            "selector": service_selector(owner.name, spec),
             "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -462,6 +409,11 @@ def _serving_pods(owner: Owner) -> str:
     return f'namespace="{owner.namespace}",pod=~"{owner.name}-[a-z0-9]+-[a-z0-9]+"'
 
 
+def _router_pods(owner: Owner) -> str:
+    """PromQL label matchers of the isvc's router pods (``NAME-router-<hash>-<suffix>``)."""
+    return f'namespace="{owner.namespace}",pod=~"{router_name(owner.name)}-[a-z0-9]+-[a-z0-9]+"'
+
+
 def _activator_pods(owner: Owner) -> str:
     """PromQL label matchers of the isvc's activator pod (``NAME-activator-<hash>-<suffix>``)."""
     return f'namespace="{owner.namespace}",pod=~"{activator_name(owner.name)}-[a-z0-9]+-[a-z0-9]+"'
@@ -470,14 +422,19 @@ def _activator_pods(owner: Owner) -> str:
 def queue_query(owner: Owner, spec: InferenceServiceSpec | None = None) -> str:
     """PromQL for the isvc's total queue: ``kubeinfer_queue_length`` summed over its serving pods.
 
-    With ``minReplicas`` 0 the requests pending at the activator
-    (``kubeinfer_activator_pending_requests``) are added, each sum defaulting to 0 (``or
-    vector(0)``), so requests sent while the isvc is at zero count as queue and activate it.
+    With ``minReplicas`` 0 the requests waiting at the isvc's front are added: in router mode
+    those its router pods hold (``kubeinfer_router_held_requests``), in service mode those
+    pending at the activator (``kubeinfer_activator_pending_requests``); each sum defaults to 0
+    (``or vector(0)``), so requests sent while the isvc is at zero count as queue and activate it.
     """
     serving = f"sum({QUEUE_METRIC}{{{_serving_pods(owner)}}})"
     if spec is None or spec.scaling.min_replicas > 0:
         return serving
-    return f"({serving} or vector(0)) + (sum({ACTIVATOR_METRIC}{{{_activator_pods(owner)}}}) or vector(0))"
+    if spec.router_mode:
+        front = f"sum({ROUTER_HELD_METRIC}{{{_router_pods(owner)}}})"
+    else:
+        front = f"sum({ACTIVATOR_METRIC}{{{_activator_pods(owner)}}})"
+    return f"({serving} or vector(0)) + ({front} or vector(0))"
 
 
 def in_flight_query(owner: Owner) -> str:
@@ -569,8 +526,8 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
     token, and the serving pods' node selector and tolerations are not copied (the activator
     needs no accelerator).
     """
-    labels = {**common_labels(owner.name), "app.kubernetes.io/component": "activator"}
-    selector = {ISVC_LABEL: owner.name, "app.kubernetes.io/component": "activator"}
+    labels = common_labels(owner.name, ACTIVATOR)
+    selector = pod_selector(owner.name, ACTIVATOR)
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5, "timeoutSeconds": 3}
     container = {
         "name": "activator",
@@ -588,7 +545,7 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {**_metadata(owner, activator_name(owner.name)), "labels": labels},
+        "metadata": _metadata(owner, activator_name(owner.name), ACTIVATOR),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": selector},
@@ -616,9 +573,12 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
 
 
 def wants_activator(spec: InferenceServiceSpec | None, deployment: dict[str, Any] | None) -> bool:
-    """Whether isvc's activator should run: ``autoscaler: keda`` with ``minReplicas`` 0 and the
-    serving Deployment asked to run no pod (KEDA scaled it to zero) or with no ready pod."""
-    if spec is None or spec.scaling.autoscaler != "keda" or spec.scaling.min_replicas > 0 or deployment is None:
+    """Whether isvc's activator should run: ``routing.mode: service``, ``autoscaler: keda`` with
+    ``minReplicas`` 0 and the serving Deployment asked to run no pod (KEDA scaled it to zero) or
+    with no ready pod. In router mode the router holds requests at zero instead."""
+    if spec is None or spec.router_mode or spec.scaling.autoscaler != "keda" or spec.scaling.min_replicas > 0:
+        return False
+    if deployment is None:
         return False
     wanted = (deployment.get("spec") or {}).get("replicas")
     ready = (deployment.get("status") or {}).get("readyReplicas") or 0
@@ -629,7 +589,9 @@ def wants_activator(spec: InferenceServiceSpec | None, deployment: dict[str, Any
 class Children:
     """All rendered children, in apply order (catalogue before the pods that mount it).
 
-    Exactly one of ``hpa`` (``scaling.autoscaler: hpa``) and ``scaled_object`` (``keda``) is set.
+    Exactly one of ``hpa`` (``scaling.autoscaler: hpa``) and ``scaled_object`` (``keda``) is set;
+    ``router`` holds the router-mode objects (:func:`~kubeinfer_operator.render_router.render_router_objects`),
+    empty in service mode.
     """
 
     configmap: dict[str, Any]
@@ -637,6 +599,11 @@ class Children:
     deployment: dict[str, Any]
     hpa: dict[str, Any] | None = None
     scaled_object: dict[str, Any] | None = None
+    router: tuple[dict[str, Any], ...] = ()
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        """The rendered child of ``kind`` called ``name``, or None."""
+        return next((o for o in self.in_order() if o["kind"] == kind and o["metadata"]["name"] == name), None)
 
     @property
     def autoscaler(self) -> dict[str, Any]:
@@ -644,8 +611,9 @@ class Children:
         return self.hpa if self.hpa is not None else self.scaled_object  # type: ignore[return-value]
 
     def in_order(self) -> list[dict[str, Any]]:
-        """ConfigMap, Service, Deployment, then the HPA or the ScaledObject."""
-        return [self.configmap, self.service, self.deployment, self.autoscaler]
+        """ConfigMap, Service, Deployment, the router objects (router mode), then the HPA or the
+        ScaledObject."""
+        return [self.configmap, self.service, self.deployment, *self.router, self.autoscaler]
 
 
 def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> Children:
@@ -655,8 +623,17 @@ def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorCo
     keda = spec.scaling.autoscaler == "keda"
     return Children(
         configmap=configmap,
-        service=render_service(owner),
+        service=render_service(owner, spec),
         deployment=render_deployment(owner, spec, config, digest),
         hpa=None if keda else render_hpa(owner, spec),
         scaled_object=render_scaled_object(owner, spec, config) if keda else None,
+        router=tuple(render_router_objects(owner, spec, config)) if spec.router_mode else (),
     )
+
+
+def stale_router_objects(owner: Owner, spec: InferenceServiceSpec) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of the router-mode objects an isvc in service mode must not keep
+    (after a switch from router mode); empty in router mode."""
+    if spec.router_mode:
+        return []
+    return [(api_version, kind, name_of(owner.name)) for api_version, kind, name_of in ROUTER_KINDS]

@@ -263,6 +263,31 @@ class ModelCacheSpec(_Camel):
         return int(parse_quantity(self.size))
 
 
+class RoutingSpec(_Camel):
+    """``spec.routing``: how requests reach the serving pods.
+
+    ``mode: router`` (the default) puts the fleet router (``kubeinfer-router``, Deployment
+    ``NAME-router``) behind the isvc's Service: it sends each request to the pod that has its
+    model resident (consistent hashing with bounded loads on model + prompt prefix or session),
+    and holds requests while the isvc has no ready pod (scale from zero without client retries).
+    ``mode: service`` is a plain Kubernetes Service over the serving pods (random spreading per
+    connection; an activator answers 503 + Retry-After at zero).
+    The strategy knobs are the router's flags of the same name (router/kubeinfer_router/config.py);
+    ``resources`` are the router container's (default :data:`~kubeinfer_operator.render_router.ROUTER_RESOURCES`).
+    """
+
+    mode: Literal["router", "service"] = "router"
+    load_factor: float = Field(default=1.25, alias="loadFactor", ge=1, le=100)
+    virtual_nodes: int = Field(default=256, alias="virtualNodes", ge=1, le=4096)
+    prefix_chars: int = Field(default=100, alias="prefixChars", ge=0, le=1000000)
+    imbalance_min_requests: int = Field(default=64, alias="imbalanceMinRequests", ge=0, le=1000000)
+    imbalance_ratio: float = Field(default=1.5, alias="imbalanceRatio", ge=1, le=1000)
+    hold_timeout_seconds: int = Field(default=60, alias="holdTimeoutSeconds", ge=0, le=3600)
+    max_held_requests: int = Field(default=1000, alias="maxHeldRequests", ge=0, le=1000000)
+    replicas: int = Field(default=2, ge=1, le=100)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+
 #: Fraction of ``modelCache.size`` the serving pod fills with model snapshots: the rest is headroom
 #: for download metadata, so the kubelet never evicts the pod for exceeding the emptyDir's sizeLimit.
 DISK_CACHE_FILL = 0.95
@@ -282,6 +307,7 @@ class InferenceServiceSpec(_Camel):
                                         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, alias="modelCache")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec)
 
     @field_validator("credentials_secret")
     @classmethod
@@ -316,6 +342,11 @@ class InferenceServiceSpec(_Camel):
     def max_loaded_models(self) -> int:
         """``runtime.maxLoadedModels``, or the number of models when unset (all may be resident)."""
         return self.runtime.max_loaded_models or len(self.models)
+
+    @property
+    def router_mode(self) -> bool:
+        """Whether the fleet router fronts the serving pods (``routing.mode: router``)."""
+        return self.routing.mode == "router"
 
     @property
     def remote_models(self) -> bool:

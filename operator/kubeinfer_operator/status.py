@@ -14,8 +14,16 @@ human ``message``, ``observedGeneration`` (the isvc generation this was computed
   KEDA scaled to zero is fine (``ScaledToZero``); then the HPA KEDA created, as above.
 * ``ModelsReady``: a serving pod is ready, i.e. every preloaded model is loaded (the
   serving pod's ``/ready`` is true exactly then).
+* ``RouterReady``: in ``routing.mode: router`` the router Deployment ``NAME-router``'s
+  ``Available`` condition (as DeploymentAvailable reads the serving one; False with reason
+  ``RouterMissing`` before it exists); in ``service`` mode always True with reason
+  ``ServiceMode`` (no router is wanted, so nothing is missing), so the condition list has the
+  same types in both modes.
 * ``Ready``: the roll-up: False with reason ``InvalidSpec`` for a spec the operator cannot
-  serve, else the first of DeploymentAvailable, AutoscalerReady that is not True.
+  serve, else the first of DeploymentAvailable, RouterReady, AutoscalerReady that is not True.
+
+``status.routerSummary`` (the ``Router`` column of ``kubectl get isvc``) is the router pods'
+``ready/desired`` in router mode and ``service`` in service mode.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ READY = "Ready"
 DEPLOYMENT_AVAILABLE = "DeploymentAvailable"
 AUTOSCALER_READY = "AutoscalerReady"
 MODELS_READY = "ModelsReady"
+ROUTER_READY = "RouterReady"
 INVALID_SPEC = "InvalidSpec"
-CONDITION_ORDER = (READY, DEPLOYMENT_AVAILABLE, AUTOSCALER_READY, MODELS_READY)
+SERVICE_MODE = "ServiceMode"
+CONDITION_ORDER = (READY, DEPLOYMENT_AVAILABLE, ROUTER_READY, AUTOSCALER_READY, MODELS_READY)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,33 @@ def deployment_verdict(deployment: Mapping[str, Any] | None) -> Verdict:
     )
 
 
+def router_verdict(spec: InferenceServiceSpec | None, router: Mapping[str, Any] | None) -> Verdict:
+    """RouterReady from the router Deployment (None when it does not exist); see the module docstring."""
+    if spec is None:
+        return Verdict("Unknown", INVALID_SPEC, "routing.mode cannot be read from the spec")
+    if not spec.router_mode:
+        return Verdict("True", SERVICE_MODE, "routing.mode is service: the Service selects the serving pods; no router")
+    if router is None:
+        return Verdict("False", "RouterMissing", "the router Deployment does not exist yet")
+    verdict = deployment_verdict(router)
+    if verdict.status != "True":
+        return verdict
+    ready = int(((router.get("status") or {}).get("readyReplicas")) or 0)
+    return Verdict("True", verdict.reason, f"{ready} router pod(s) ready; {verdict.message}".rstrip("; "))
+
+
+def router_summary(spec: InferenceServiceSpec | None, router: Mapping[str, Any] | None) -> str:
+    """``status.routerSummary``: ``ready/desired`` router pods in router mode, ``service`` in
+    service mode, empty for an invalid spec."""
+    if spec is None:
+        return ""
+    if not spec.router_mode:
+        return "service"
+    ready = int((((router or {}).get("status") or {}).get("readyReplicas")) or 0)
+    desired = int((((router or {}).get("spec") or {}).get("replicas")) or spec.routing.replicas)
+    return f"{ready}/{desired}"
+
+
 def _keda_verdict(
     spec: InferenceServiceSpec, scaled_object: Mapping[str, Any] | None, keda_installed: bool, replicas: int
 ) -> Verdict | None:
@@ -101,12 +138,17 @@ def _keda_verdict(
     if ready.get("status") != "True":
         return Verdict("False", ready.get("reason") or "ScaledObjectNotReady", ready.get("message") or "")
     if spec.scaling.min_replicas == 0 and replicas == 0:
+        front = (
+            f"the router holds requests for up to routing.holdTimeoutSeconds ({spec.routing.hold_timeout_seconds} s); "
+            f"KEDA scales up when the queue (requests held by the router included)"
+            if spec.router_mode else
+            "the activator answers requests with 503 and Retry-After; KEDA scales up when the queue "
+            "(requests pending at the activator included)"
+        )
         return Verdict(
             "True",
             "ScaledToZero",
-            f"scaled to zero: the activator answers requests with 503 and Retry-After; KEDA scales up "
-            f"when the queue (requests pending at the activator included) exceeds activationQueueLength "
-            f"({spec.scaling.activation_queue_length})",
+            f"scaled to zero: {front} exceeds activationQueueLength ({spec.scaling.activation_queue_length})",
         )
     return None
 
@@ -203,14 +245,17 @@ def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list
     return out
 
 
-def ready_verdict(invalid: str | None, deployment: Verdict, autoscaler: Verdict) -> Verdict:
+def ready_verdict(
+    invalid: str | None, deployment: Verdict, autoscaler: Verdict, router: Verdict | None = None
+) -> Verdict:
     """The Ready roll-up (see the module docstring)."""
     if invalid is not None:
         return Verdict("False", INVALID_SPEC, invalid)
-    for part in (deployment, autoscaler):
-        if part.status != "True":
+    for part in (deployment, router, autoscaler):
+        if part is not None and part.status != "True":
             return part
-    return Verdict("True", "Available", "serving pods available and autoscaler ready")
+    front = "router" if router is not None and router.reason != SERVICE_MODE else "Service"
+    return Verdict("True", "Available", f"serving pods available, {front} ready, autoscaler ready")
 
 
 def merge_conditions(
@@ -256,6 +301,7 @@ def compute_status(
     scaled_object: Mapping[str, Any] | None = None,
     keda_installed: bool = True,
     models: list[dict[str, Any]] | None = None,
+    router: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole ``status`` of ``isvc`` from its parsed spec and its children.
 
@@ -269,6 +315,8 @@ def compute_status(
         now: the current time (timestamps of changed conditions).
         scaled_object: the KEDA ScaledObject child (keda mode), or None.
         keda_installed: whether the API server serves keda.sh/v1alpha1.
+        models: ``status.models`` from polling the pods (None: not polled; derived from readiness).
+        router: the router Deployment ``NAME-router`` (router mode), or None when absent.
     """
     meta = isvc.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
@@ -281,9 +329,11 @@ def compute_status(
         desired = spec.scaling.min_replicas if spec else 0
     dep_v = deployment_verdict(deployment)
     hpa_v = autoscaler_verdict(hpa, spec, scaled_object, keda_installed, desired)
+    router_v = router_verdict(spec, router)
     verdicts = {
-        READY: ready_verdict(invalid, dep_v, hpa_v),
+        READY: ready_verdict(invalid, dep_v, hpa_v, router_v),
         DEPLOYMENT_AVAILABLE: dep_v,
+        ROUTER_READY: router_v,
         AUTOSCALER_READY: hpa_v,
         MODELS_READY: models_verdict(spec, ready, models),
     }
@@ -299,6 +349,7 @@ def compute_status(
         "replicas": replicas,
         "readyReplicas": ready,
         "replicaSummary": f"{ready}/{desired}",
+        "routerSummary": router_summary(spec, router),
         "modelNames": ",".join(names),
         "models": models_list,
         "modelSummary": model_summary(models_list),

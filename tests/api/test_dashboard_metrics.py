@@ -8,7 +8,11 @@ of a real server (tests/api/conftest.py ``server``) after traffic that creates t
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,10 +20,13 @@ import openai
 import yaml
 
 from tests.api.conftest import MODEL
+from tests.metrics_stack_fixture import free_port
 
 FILES = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "kubeinfer" / "files"
 #: Series Prometheus itself attaches to every target (not on any /metrics page).
 SYNTHETIC = {"up"}
+#: The fleet router's series (router/kubeinfer_router/metrics.py): on a router's /metrics, not a serving pod's.
+ROUTER_PREFIX = "kubeinfer_router_"
 _SUFFIXES = {"_bucket": "histogram", "_sum": "histogram", "_count": "histogram", "_total": "counter"}
 
 
@@ -69,7 +76,42 @@ def test_every_alert_and_dashboard_metric_is_on_live_metrics(server, client: ope
     client.completions.create(model=MODEL, prompt="make the histograms", max_tokens=3, temperature=0)
     httpx.get(f"{server.base_url}/v1/models/no-such-model", timeout=10)
     families = exposed(httpx.get(f"{server.base_url}/metrics", timeout=10).text)
-    used = set().union(*(metric_names(e) for e in alert_exprs() + dashboard_exprs()))
+    used = {n for n in set().union(*(metric_names(e) for e in alert_exprs() + dashboard_exprs()))
+            if not n.startswith(ROUTER_PREFIX)}
     assert {"kubeinfer_queue_length", "kubeinfer_http_requests_total", "kubeinfer_model_state"} <= used
     missing = sorted(n for n in used - SYNTHETIC if not is_exposed(n, families))
     assert not missing, f"queried by the alerts or dashboard but not on /metrics: {missing}"
+
+
+def test_every_router_dashboard_metric_is_on_a_live_routers_metrics(server) -> None:
+    """The dashboard's ``kubeinfer_router_*`` series against ``kubeinfer-router`` (the checkout's
+    code, as a subprocess) in front of the live serving pod, after a completion through it."""
+    used = {n for n in set().union(*(metric_names(e) for e in dashboard_exprs())) if n.startswith(ROUTER_PREFIX)}
+    assert {"kubeinfer_router_requests_total", "kubeinfer_router_held_requests",
+            "kubeinfer_router_proxy_overhead_seconds_bucket"} <= used
+    repo = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(repo / d) for d in ("router", "serving", "operator", "."))}
+    proc = subprocess.Popen([sys.executable, "-m", "kubeinfer_router", "--host", "127.0.0.1", "--port", str(port),
+                             "--endpoints", server.base_url, "--log-level", "warning"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "kubeinfer-router exited"
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "kubeinfer-router not ready after 60 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "route me", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        families = exposed(httpx.get(f"{base}/metrics", timeout=10).text)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    missing = sorted(n for n in used if not is_exposed(n, families))
+    assert not missing, f"queried by the dashboard but not on the router's /metrics: {missing}"

@@ -5,8 +5,10 @@
 2. ``kubectl apply -f deploy/examples/01-tiny-chat.yaml``: the serving pod runs the built serving
    image with the security context the operator renders (non-root, read-only root filesystem)
    and its startup, readiness and liveness probes pass.
-3. The official ``openai`` client reaches the isvc through its Service's ClusterIP: models, a
-   completion, a streamed chat completion; ``kubectl get isvc`` shows READY True, REPLICAS 1/1.
+3. The official ``openai`` client reaches the isvc through its Service's ClusterIP and the fleet
+   router (two pods of the operator image, ``routing.mode: router`` being the default): models, a
+   completion, a streamed chat completion; ``kubectl get isvc`` shows READY True, REPLICAS 1/1,
+   ROUTER 2/2.
 4. Deleting the serving pod while requests stream: they complete (preStop pause, then SIGTERM and
    uvicorn's drain), and the Deployment's new pod serves. SIGTERM to the serving process while
    streams run: they complete (drain), the kubelet restarts the container and it serves again.
@@ -45,7 +47,10 @@ pytestmark = pytest.mark.timeout(900)
 
 ISVC = "tiny-chat"
 RELEASE_NS = "kubeinfer-system"
-SERVING_SELECTOR = f"serving.kubeinfer.io/inferenceservice={ISVC}"
+#: Every object and pod of the isvc (serving and router).
+ISVC_SELECTOR = f"serving.kubeinfer.io/inferenceservice={ISVC}"
+SERVING_SELECTOR = f"{ISVC_SELECTOR},app.kubernetes.io/component=serving"
+ROUTER_SELECTOR = f"{ISVC_SELECTOR},app.kubernetes.io/component=router"
 OPERATOR_SELECTOR = "app.kubernetes.io/instance=kubeinfer,app.kubernetes.io/name=kubeinfer-operator"
 
 
@@ -171,7 +176,12 @@ def test_example_becomes_ready_on_the_real_node(e2e: E2ECluster, state: State):
     columns = dict(zip(header, row, strict=False))
     assert columns["READY"] == "True", table
     assert columns["REPLICAS"] == "1/1", table
+    assert columns["ROUTER"] == "2/2", table
     assert "MODELS" in header, table
+    routers = e2e.get("pods", "-n", "default", "-l", ROUTER_SELECTOR)["items"]
+    assert len(routers) == 2 and all(ready(p) for p in routers), [p["metadata"]["name"] for p in routers]
+    assert {p["spec"]["containers"][0]["image"] for p in routers} == {OPERATOR_IMAGE}
+    assert all(p["spec"]["nodeName"] == e2e.node for p in routers)
     # status.models comes from the operator pod polling the serving pod's /v1/models (pod to pod)
     wait_until("status.models: the model loaded on the one ready pod", lambda: e2e.get(
         "isvc", ISVC, "-n", "default")["status"].get("modelSummary") == "tiny-llama 1/1", timeout=90, interval=2)
@@ -181,8 +191,13 @@ def test_openai_client_through_the_service(e2e: E2ECluster, state: State):
     api = client(e2e)
     assert "tiny-llama" in [m.id for m in api.models.list()]
 
-    done = api.completions.create(model="tiny-llama", prompt="The river ran", max_tokens=8, temperature=0)
+    raw = api.completions.with_raw_response.create(model="tiny-llama", prompt="The river ran", max_tokens=8,
+                                                   temperature=0)
+    done = raw.parse()
     assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+    # the router answered: it names the serving pod and its decision
+    assert raw.headers["x-kubeinfer-endpoint"] == state.serving_pod, dict(raw.headers)
+    assert raw.headers["x-kubeinfer-route"] in ("hash", "only", "cold_hash", "cold_memory")
 
     start = time.monotonic()
     stream = api.chat.completions.create(
@@ -311,10 +326,10 @@ def test_spec_change_rolls_the_pod(e2e: E2ECluster, state: State):
 
 def test_delete_isvc_removes_its_pods(e2e: E2ECluster):
     e2e.kubectl("delete", "isvc", ISVC, "-n", "default", "--wait=true", timeout=300)
-    wait_until("serving pods gone",
-                lambda: not e2e.get("pods", "-n", "default", "-l", SERVING_SELECTOR)["items"], timeout=300)
-    for kind in ("deployment", "service", "configmap", "hpa"):
-        left = e2e.get(kind, "-n", "default", "-l", SERVING_SELECTOR)["items"]
+    wait_until("serving and router pods gone",
+                lambda: not e2e.get("pods", "-n", "default", "-l", ISVC_SELECTOR)["items"], timeout=300)
+    for kind in ("deployment", "service", "configmap", "hpa", "serviceaccount", "role", "rolebinding"):
+        left = e2e.get(kind, "-n", "default", "-l", ISVC_SELECTOR)["items"]
         assert not left, (kind, [o["metadata"]["name"] for o in left])
 
 

@@ -1,7 +1,9 @@
-"""Autoscaling on queue length on the real node, KEDA mode: load through the Service -> queue ->
-Prometheus -> KEDA -> HPA -> more serving pods that take traffic -> load ends -> back to
-minReplicas; and an isvc with minReplicas 0 that KEDA takes to zero when idle, whose first request
-meets the activator (503 + Retry-After) and is then served by the pod that request woke.
+"""Autoscaling on queue length on the real node, KEDA mode: load through the Service and the router
+-> queue -> Prometheus -> KEDA -> HPA -> more serving pods that take traffic -> load ends -> back to
+minReplicas; and isvcs with minReplicas 0 that KEDA takes to zero when idle: in router mode (the
+default) the first request is held by the router and answered by the pod it woke (a client with
+``max_retries=0``); in service mode it meets the activator (503 + Retry-After) and is then served by
+the pod that request woke.
 
 The operator runs as a pod from the chart (image from ``make images``); Prometheus and KEDA run on
 this machine from tests/metrics-stack (tests/metrics_stack_fixture.py), wired in as in a real
@@ -74,13 +76,19 @@ def operator(e2e_cluster: E2ECluster, stack: MetricsStack) -> Iterator[None]:
         e2e.kubectl("delete", "namespace", NS, "--wait=true", timeout=300, check=False)
 
 
-def isvc(name: str, min_r: int, max_r: int) -> dict:
+#: Seconds the router holds a request at zero: above this node's cold start (a Prometheus scrape,
+#: a KEDA poll, pod start, model load).
+HOLD_SECONDS = 300
+
+
+def isvc(name: str, min_r: int, max_r: int, routing: dict | None = None) -> dict:
     return {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
             "metadata": {"name": name, "namespace": NS},
             "spec": {"models": [{"name": MODEL, "source": "file:///opt/kubeinfer/models/tiny-llama", "preload": True,
                                  "maxModelLen": 1024}],
                      "runtime": {"maxNumSeqs": 4, "maxWaitingRequests": 256},
                      "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}},
+                     "routing": routing or {"holdTimeoutSeconds": HOLD_SECONDS},
                      "scaling": {"autoscaler": "keda", "minReplicas": min_r, "maxReplicas": max_r,
                                  "targetQueueLength": 4, "scaleDownStabilizationSeconds": 15}}}
 
@@ -236,12 +244,54 @@ class WakeTimeline:
         self.thread.join(timeout=30)
 
 
+def test_router_holds_the_first_request_at_zero_and_the_woken_pod_answers_it(
+    e2e_cluster: E2ECluster, stack: MetricsStack, operator
+):
+    """Router mode (the default): no activator; the client's single request (``max_retries=0``) is
+    held by the router, its held-requests gauge activates the isvc, and the woken pod answers it."""
+    e2e = e2e_cluster
+    lines: list[str] = []
+    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc("held", 0, 2)))
+    start = time.monotonic()
+    wait_until("KEDA taking the isvc to zero, its router Ready", lambda: (
+        e2e.get("deployment", "held", "-n", NS)["spec"].get("replicas") == 0
+        and e2e.get("deployment", "held-router", "-n", NS)["status"].get("readyReplicas") == 2
+        and not e2e.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=serving,"
+                        "serving.kubeinfer.io/inferenceservice=held")["items"]), timeout=400, interval=2)
+    lines.append(f"router mode: isvc created -> at zero, router Ready (s): {time.monotonic() - start:.1f}")
+    wait_until("AutoscalerReady=True/ScaledToZero and Ready", lambda: (
+        conditions(e2e, "held")["AutoscalerReady"]["reason"] == "ScaledToZero"
+        and conditions(e2e, "held")["Ready"]["status"] == "True"), timeout=60)
+    assert "the router holds requests" in conditions(e2e, "held")["AutoscalerReady"]["message"]
+    assert e2e.kubectl("-n", NS, "get", "deployment", "held-activator", check=False).returncode != 0
+
+    ip = e2e.get("service", "held", "-n", NS)["spec"]["clusterIP"]
+    timeline = WakeTimeline(e2e, stack, "held", ARTIFACTS / "keda-e2e-router-wake-timeline.txt")
+    client = OpenAI(base_url=f"http://{ip}/v1", api_key="unused", timeout=HOLD_SECONDS + 30, max_retries=0)
+    first = time.monotonic()
+    try:
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
+    finally:
+        timeline.stop()
+    served = time.monotonic() - first
+    answer = raw.parse()
+    assert answer.usage.completion_tokens == 4
+    lines.append(f"router mode: first request at zero -> answered by the woken pod, no client retry (s): {served:.1f}")
+    (pod,) = [p for p in e2e.get("pods", "-n", NS, "-l", "app.kubernetes.io/component=serving,"
+                                 "serving.kubeinfer.io/inferenceservice=held")["items"]
+              if not p["metadata"].get("deletionTimestamp")]
+    assert raw.headers["x-kubeinfer-endpoint"] == pod["metadata"]["name"], dict(raw.headers)
+    with (ARTIFACTS / "keda-e2e-times.txt").open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
 def test_min_replicas_zero_goes_to_zero_and_the_first_request_wakes_it(
     e2e_cluster: E2ECluster, stack: MetricsStack, operator
 ):
+    """Service mode: the activator answers at zero (503 + Retry-After) and the client retries."""
     e2e = e2e_cluster
     lines: list[str] = []
-    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc("idle", 0, 2)))
+    e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc("idle", 0, 2, routing={"mode": "service"})))
     start = time.monotonic()
     wait_until("KEDA taking the idle isvc to zero with the activator Ready", lambda: (
         e2e.get("deployment", "idle", "-n", NS)["spec"].get("replicas") == 0

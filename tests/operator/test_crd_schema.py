@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from kubeinfer_operator.spec import ModelSpec, RuntimeSpec, ScalingSpec, parse_spec
+from kubeinfer_operator.spec import ModelSpec, RoutingSpec, RuntimeSpec, ScalingSpec, parse_spec
 
 from tests.operator.conftest import CRD_PATH, EXAMPLES, REPO, load_yaml_docs
 
@@ -55,7 +55,8 @@ def test_crd_identity(crd, version):
 
 def test_printer_columns(version):
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert list(cols) == ["URL", "Ready", "Reason", "Replicas", "Models", "Age"]
+    assert list(cols) == ["URL", "Ready", "Reason", "Replicas", "Router", "Models", "Age"]
+    assert cols["Router"] == ".status.routerSummary"
     assert cols["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
     assert cols["Age"] == ".metadata.creationTimestamp"
 
@@ -106,6 +107,12 @@ def test_examples_validate_against_the_crd_schema(path, validator):
         (lambda s: s["models"][0].update(kvCacheBytes="1Gi"), "1Gi"),
         (lambda s: s["models"][0].update(enforceEager="yes"), "yes"),
         (lambda s: s.setdefault("runtime", {}).update(enforceEager=1), "1"),
+        (lambda s: s.setdefault("routing", {}).update(mode="mesh"), "mesh"),
+        (lambda s: s.setdefault("routing", {}).update(loadFactor=0.5), "0.5"),
+        (lambda s: s.setdefault("routing", {}).update(replicas=0), "0"),
+        (lambda s: s.setdefault("routing", {}).update(holdTimeoutSeconds=-1), "-1"),
+        (lambda s: s.setdefault("routing", {}).update(resources={"limits": {"memory": "lots"}}), "lots"),
+        (lambda s: s.setdefault("routing", {}).update(strategy="random"), "strategy"),
     ],
 )
 def test_schema_rejects_out_of_bounds_values(examples, validator, mutate, fragment):
@@ -125,6 +132,7 @@ def _defaults(node: dict) -> dict[str, Any]:
         (("models", "items"), ModelSpec),
         (("runtime",), RuntimeSpec),
         (("scaling",), ScalingSpec),
+        (("routing",), RoutingSpec),
     ],
 )
 def test_crd_defaults_match_the_operator(version, path, model):
@@ -152,14 +160,20 @@ def test_plain_rbac_is_least_privilege():
     rules = _rules(load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml"))
     resources = {r for rule in rules for r in rule["resources"]}
     assert resources == {"inferenceservices", "inferenceservices/status", "configmaps", "services", "deployments",
-                         "horizontalpodautoscalers", "scaledobjects", "pods", "events"}
+                         "horizontalpodautoscalers", "scaledobjects", "pods", "events", "serviceaccounts", "roles",
+                         "rolebindings", "endpointslices"}
     verbs = {v for rule in rules for v in rule["verbs"]}
     assert verbs <= {"get", "list", "watch", "patch", "create", "delete"}
     for rule in rules:
-        if "delete" in rule["verbs"]:  # the autoscaler of the mode an isvc left; an activator Deployment
-            assert set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects", "deployments"}
+        if "delete" in rule["verbs"]:  # the autoscaler / router objects of the mode an isvc left; an activator
+            assert set(rule["resources"]) <= {"horizontalpodautoscalers", "scaledobjects", "deployments", "services",
+                                              "serviceaccounts", "roles", "rolebindings"}
         if "pods" in rule["resources"]:  # read-only: pod IPs for the model-state poll
             assert rule["verbs"] == ["list", "watch"]
+        if "endpointslices" in rule["resources"]:  # read-only: only so the router's Role may grant it
+            assert rule["verbs"] == ["get", "list", "watch"]
+        if {"roles", "rolebindings"} & set(rule["resources"]):
+            assert "bind" not in rule["verbs"] and "escalate" not in rule["verbs"]
     assert "*" not in yaml.safe_dump(rules)
     for rule in rules:
         if "events" in rule["resources"]:

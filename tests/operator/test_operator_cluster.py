@@ -172,6 +172,17 @@ def children_of(k, name: str) -> dict[str, dict | None]:
     }
 
 
+def router_children_of(k, name: str) -> dict[str, dict | None]:
+    """The router-mode children (routing.mode router, the default)."""
+    return {
+        "router": k.json("deployment", f"{name}-router"),
+        "pods_service": k.json("service", f"{name}-pods"),
+        "serviceaccount": k.json("serviceaccount", f"{name}-router"),
+        "role": k.json("role", f"{name}-router"),
+        "rolebinding": k.json("rolebinding", f"{name}-router"),
+    }
+
+
 def _create_raw(cluster, body: dict) -> tuple[int, str]:
     """POST an InferenceService with the kubernetes client; returns (HTTP status, message)."""
     from kubernetes import client, config
@@ -206,6 +217,9 @@ MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
          "kvCacheBytes and kvCacheFraction apply to kind generate only"),
         ("eager-embed", {"models": [{**MODEL, "kind": "embed", "enforceEager": True}]},
          "enforceEager applies to kind generate only"),
+        ("router-overcommit", {"models": [MODEL], "routing": {"resources": {"requests": {"memory": "1Gi"},
+                                                                          "limits": {"memory": "512Mi"}}}},
+         "routing.resources: every request must be at most its limit"),
     ],
 )
 def test_schema_rejects_invalid_specs_with_a_readable_message(cluster, operator, k, name, spec, message):
@@ -268,10 +282,11 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
     assert obj["status"]["replicaSummary"] == "1/1"
     assert [m["state"] for m in obj["status"]["models"]] == ["Loaded"]  # preloaded + a ready pod
 
+    assert condition(obj, "RouterReady")["status"] == "True"  # router mode is the default
     table = k.run("-n", NS, "get", "isvc").stdout
     header, row = table.splitlines()[0], next(line for line in table.splitlines() if line.startswith(name))
-    assert header.split() == ["NAME", "URL", "READY", "REASON", "REPLICAS", "MODELS", "AGE"]
-    assert row.split()[1:6] == [obj["status"]["url"], "True", "Available", "1/1", "tiny-llama"]
+    assert header.split() == ["NAME", "URL", "READY", "REASON", "REPLICAS", "ROUTER", "MODELS", "AGE"]
+    assert row.split()[1:7] == [obj["status"]["url"], "True", "Available", "1/1", "2/2", "tiny-llama"]
 
     events = k.run("-n", NS, "get", "events", "--field-selector", f"involvedObject.name={name}",
                    "-o", "json").stdout
@@ -279,11 +294,50 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
     assert "Created" in reasons
 
     TRANSCRIPT.parent.mkdir(parents=True, exist_ok=True)
-    children_table = k.run("-n", NS, "get", "deploy,svc,hpa").stdout
+    children_table = k.run("-n", NS, "get", "deploy,svc,hpa,sa,role,rolebinding").stdout
     TRANSCRIPT.write_text(
         f"$ kubectl apply -f deploy/examples/{FIRST.name}\n{applied}"
-        f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa\n{children_table}"
+        f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa,sa,role,rolebinding\n{children_table}"
     )
+
+
+def test_router_children_with_their_rbac_and_selectors(operator, k):
+    name = first_example()["metadata"]["name"]
+    kids = router_children_of(k, name)
+    assert all(kids.values()), {key: bool(v) for key, v in kids.items()}
+    uid = k.json("isvc", name)["metadata"]["uid"]
+    for obj in kids.values():
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["name"], ref["uid"], ref["controller"]) == (name, uid, True)
+    # The operator (least-privilege ServiceAccount) could create this Role: RBAC escalation
+    # prevention lets it grant only what it holds itself.
+    assert kids["role"]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                                      "verbs": ["get", "list", "watch"]}]
+    router_sa = f"system:serviceaccount:{NS}:{name}-router"
+    can = {what: k.run("auth", "can-i", *what.split(), "-n", NS, "--as", router_sa, check=False).stdout.strip()
+           for what in ("watch endpointslices.discovery.k8s.io", "list endpointslices.discovery.k8s.io",
+                        "get pods", "get secrets", "create endpointslices.discovery.k8s.io")}
+    assert can == {"watch endpointslices.discovery.k8s.io": "yes", "list endpointslices.discovery.k8s.io": "yes",
+                   "get pods": "no", "get secrets": "no", "create endpointslices.discovery.k8s.io": "no"}
+    assert k.run("auth", "can-i", "list", "endpointslices.discovery.k8s.io", "-n", "default", "--as", router_sa,
+                 check=False).stdout.strip() == "no"  # its own namespace only
+    # The Service's endpoints are the router pods; the headless Service's are the serving pods.
+    pods = k.json("pods", "-l", f"serving.kubeinfer.io/inferenceservice={name}")["items"]
+    by_component: dict[str, set[str]] = {}
+    for pod in pods:
+        by_component.setdefault(pod["metadata"]["labels"]["app.kubernetes.io/component"], set()).add(
+            pod["status"].get("podIP"))
+
+    def endpoint_ips(service: str) -> set[str]:
+        slices = k.json("endpointslices", "-l", f"kubernetes.io/service-name={service}")["items"]
+        return {a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"]}
+
+    wait_for("EndpointSlices of both Services", lambda: endpoint_ips(name) and endpoint_ips(f"{name}-pods"))
+    assert endpoint_ips(name) == by_component["router"] and len(by_component["router"]) == 2
+    assert endpoint_ips(f"{name}-pods") == by_component["serving"]
+    assert kids["pods_service"]["spec"]["clusterIP"] == "None"
+    (c,) = kids["router"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["kubeinfer-router"] and f"{name}-pods" in c["args"]
 
 
 def test_spec_update_rolls_deployment_and_updates_hpa(operator, k):
@@ -346,6 +400,27 @@ def test_deleted_or_edited_children_are_put_back(operator, k):
              and d["metadata"]["uid"] != old["deployment"]["metadata"]["uid"], timeout=60)
 
 
+def test_switching_routing_mode_swaps_the_router_objects(operator, k):
+    name = first_example()["metadata"]["name"]
+    serving_before = k.json("deployment", name)
+    k.run("-n", NS, "patch", "isvc", name, "--type", "merge", "-p", '{"spec":{"routing":{"mode":"service"}}}')
+    wait_for("the router objects gone", lambda: not any(router_children_of(k, name).values()), timeout=90)
+    svc = wait_for("the Service selecting the serving pods", lambda: (s := k.json("service", name))
+                   and s["spec"]["selector"] == {"serving.kubeinfer.io/inferenceservice": name} and s)
+    assert svc
+    obj = wait_for("RouterReady=True/ServiceMode", lambda: (o := k.json("isvc", name))
+                   and condition(o, "RouterReady").get("reason") == "ServiceMode" and o)
+    assert obj["status"]["routerSummary"] == "service"
+    k.run("-n", NS, "patch", "isvc", name, "--type", "merge", "-p", '{"spec":{"routing":{"mode":"router"}}}')
+    wait_for("the router objects back", lambda: all(router_children_of(k, name).values()), timeout=90)
+    wait_for("RouterReady=True with the router pods", lambda: (o := k.json("isvc", name))
+             and condition(o, "RouterReady").get("status") == "True"
+             and condition(o, "RouterReady").get("reason") != "ServiceMode")
+    after = k.json("deployment", name)
+    # the serving pods never roll for a routing switch
+    assert after["metadata"]["generation"] == serving_before["metadata"]["generation"]
+
+
 def test_invalid_spec_beyond_the_schema_is_reported_once(operator, k):
     bad = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
            "metadata": {"name": "overcommitted"},
@@ -389,6 +464,7 @@ def test_operator_restart_makes_no_duplicates_and_no_rollout(operator, k):
     wait_for("the Deployment rollout to settle", lambda: (d := k.json("deployment", name))
              and d["status"].get("observedGeneration") == d["metadata"]["generation"])
     before = children_of(k, name)
+    before_router = router_children_of(k, name)
     rs_before = k.json("replicasets", "-l", f"serving.kubeinfer.io/inferenceservice={name}")["items"]
     operator.stop()
     operator.start()
@@ -401,8 +477,12 @@ def test_operator_restart_makes_no_duplicates_and_no_rollout(operator, k):
     rs_after = k.json("replicasets", "-l", f"serving.kubeinfer.io/inferenceservice={name}")["items"]
     assert sorted(r["metadata"]["name"] for r in rs_after) == sorted(r["metadata"]["name"] for r in rs_before)
     sel = f"serving.kubeinfer.io/inferenceservice={name}"
-    for kind in ("deployments", "services", "configmaps", "hpa"):
-        assert len(k.json(kind, "-l", sel)["items"]) == 1, kind
+    for kind, count in (("deployments", 2), ("services", 2), ("configmaps", 1), ("hpa", 1), ("serviceaccounts", 1),
+                        ("roles", 1), ("rolebindings", 1)):  # serving + router Deployment, Service NAME + NAME-pods
+        assert len(k.json(kind, "-l", sel)["items"]) == count, kind
+    for key, obj in router_children_of(k, name).items():  # the Deployment's status moves: compare its generation
+        field = "generation" if key == "router" else "resourceVersion"
+        assert obj["metadata"][field] == before_router[key]["metadata"][field], key
 
 
 def test_deleting_the_isvc_garbage_collects_children(operator, k):
@@ -410,7 +490,8 @@ def test_deleting_the_isvc_garbage_collects_children(operator, k):
     k.run("-n", NS, "delete", "isvc", name, "overcommitted", "--wait=true")
     sel = "app.kubernetes.io/managed-by=kubeinfer-operator"
     wait_for("children garbage-collected", lambda: all(
-        not k.json(kind, "-l", sel)["items"] for kind in ("deployments", "services", "configmaps", "hpa")
+        not k.json(kind, "-l", sel)["items"] for kind in ("deployments", "services", "configmaps", "hpa",
+                                                          "serviceaccounts", "roles", "rolebindings")
     ), timeout=90)
 
 

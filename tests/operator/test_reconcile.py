@@ -64,10 +64,13 @@ class MemoryKube:
 
 def isvc(spec):
     return {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": "svc", "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": spec}
+            "metadata": {"name": "svc", "namespace": "ns", "uid": "u-1", "generation": 2}, "spec": copy.deepcopy(spec)}
 
 
 GOOD = {"models": [{"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}]}
+#: The router-mode children (the default routing.mode) between the serving Deployment and the autoscaler.
+ROUTER = ["Service/svc-pods", "ServiceAccount/svc-router", "Role/svc-router", "RoleBinding/svc-router",
+          "Deployment/svc-router"]
 
 
 def make(spec):
@@ -81,8 +84,9 @@ def make(spec):
 def test_first_reconcile_creates_children_and_says_so():
     kube, rec, events = make(GOOD)
     out = rec.reconcile("ns", "svc")
-    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", "HorizontalPodAutoscaler/svc"]
-    assert [(t, r) for t, r, _ in events] == [("Normal", "Created")] * 4
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", *ROUTER,
+                           "HorizontalPodAutoscaler/svc"]
+    assert [(t, r) for t, r, _ in events] == [("Normal", "Created")] * 9
     status = kube.objects[("InferenceService", "ns", "svc")]["status"]
     assert status["observedGeneration"] == 2
     assert status["url"] == "http://svc.ns.svc.cluster.local"
@@ -164,7 +168,7 @@ def _autoscaler_condition(kube):
 def test_keda_mode_without_keda_runs_the_deployment_and_says_why_it_cannot_scale():
     kube, rec, events = make(KEDA)
     out = rec.reconcile("ns", "svc")
-    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc"]
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", *ROUTER]
     cond = _autoscaler_condition(kube)
     assert (cond["status"], cond["reason"]) == ("False", "KedaNotInstalled")
     assert "install KEDA" in cond["message"]
@@ -180,7 +184,7 @@ def test_keda_mode_with_keda_applies_a_scaled_object():
 
 
 def test_activator_runs_while_no_serving_pod_is_ready_and_goes_when_one_is():
-    kube, rec, events = make(KEDA)
+    kube, rec, events = make({**KEDA, "routing": {"mode": "service"}})
     kube.keda = True
     out = rec.reconcile("ns", "svc")  # the serving Deployment has no ready pod yet
     assert out.created[-1] == "Deployment/svc-activator"
@@ -269,7 +273,8 @@ def test_reconcile_from_watched_state_reads_nothing_and_skips_unchanged_children
     rec = Reconciler(kube, OperatorConfig(model_poll=False), lambda o, t, r, m: events.append(r), clock=lambda: NOW)
     body = kube.objects[("InferenceService", "ns", "svc")]
     out = rec.reconcile("ns", "svc", isvc=body, observed=watched(kube))
-    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", "HorizontalPodAutoscaler/svc"]
+    assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", *ROUTER,
+                           "HorizontalPodAutoscaler/svc"]
     assert [c for c in kube.calls if c.startswith("GET")] == []  # no read before or after the applies
     kube.calls.clear()
     out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
@@ -287,3 +292,85 @@ def test_reconcile_from_watched_state_reads_nothing_and_skips_unchanged_children
     out = rec.reconcile("ns", "svc", isvc=kube.objects[("InferenceService", "ns", "svc")], observed=watched(kube))
     assert [c for c in kube.calls if c.startswith("APPLY")] == ["APPLY Deployment"]
     assert out.created == ["Deployment/svc"]
+
+
+def _condition(kube, ctype):
+    conditions = kube.objects[("InferenceService", "ns", "svc")]["status"]["conditions"]
+    return next(c for c in conditions if c["type"] == ctype)
+
+
+def _available(kube, name, ready):
+    kube.objects[("Deployment", "ns", name)]["status"] = {
+        "replicas": ready, "readyReplicas": ready, "updatedReplicas": ready, "observedGeneration": 0,
+        "conditions": [{"type": "Available", "status": "True" if ready else "False",
+                        "reason": "MinimumReplicasAvailable" if ready else "MinimumReplicasUnavailable",
+                        "message": "m"}]}
+
+
+def test_router_ready_follows_the_router_deployment_and_gates_ready():
+    kube, rec, events = make(GOOD)
+    rec.reconcile("ns", "svc")
+    assert (_condition(kube, "RouterReady")["status"], _condition(kube, "RouterReady")["reason"]) == (
+        "Unknown", "DeploymentPending")
+    _available(kube, "svc", 1)
+    _available(kube, "svc-router", 0)
+    kube.objects[("HorizontalPodAutoscaler", "ns", "svc")]["status"] = {"conditions": [
+        {"type": "AbleToScale", "status": "True", "reason": "ReadyForNewScale", "message": "ok"},
+        {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric", "message": "x"}]}
+    rec.reconcile("ns", "svc")
+    ready = _condition(kube, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "MinimumReplicasUnavailable")  # the router's
+    assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "0/2"
+    _available(kube, "svc-router", 2)
+    rec.reconcile("ns", "svc")
+    assert _condition(kube, "RouterReady")["status"] == "True"
+    assert (_condition(kube, "Ready")["status"], _condition(kube, "Ready")["reason"]) == ("True", "Available")
+    assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "2/2"
+
+
+def test_switching_routing_modes_deletes_the_other_modes_objects():
+    kube, rec, events = make({**KEDA, "scaling": {**KEDA["scaling"]}})
+    kube.keda = True
+    rec.reconcile("ns", "svc")
+    assert ("Deployment", "ns", "svc-router") in kube.objects
+    assert ("Deployment", "ns", "svc-activator") not in kube.objects  # the router holds at zero
+    obj = kube.objects[("InferenceService", "ns", "svc")]
+    obj["spec"]["routing"] = {"mode": "service"}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["Deployment/svc-router", "Service/svc-pods", "RoleBinding/svc-router",
+                           "Role/svc-router", "ServiceAccount/svc-router"]
+    assert out.created == ["Deployment/svc-activator"]
+    assert kube.objects[("Service", "ns", "svc")]["spec"]["selector"] == {"serving.kubeinfer.io/inferenceservice": "svc"}
+    router_ready = _condition(kube, "RouterReady")
+    assert (router_ready["status"], router_ready["reason"]) == ("True", "ServiceMode")
+    assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "service"
+    assert rec.reconcile("ns", "svc").deleted == []  # nothing left to delete
+    obj["spec"]["routing"] = {"mode": "router"}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == ["Deployment/svc-activator"]
+    assert ("Normal", "Deleted", "deleted Deployment svc-activator: routing.mode is router (the router holds "
+            "requests at zero)") in events
+    assert set(ROUTER) <= set(out.created)
+    assert kube.objects[("Service", "ns", "svc")]["spec"]["selector"] == {
+        "serving.kubeinfer.io/inferenceservice": "svc", "app.kubernetes.io/component": "router"}
+
+
+def test_router_objects_of_another_owner_are_never_deleted():
+    kube, rec, events = make({**GOOD, "routing": {"mode": "service"}})
+    kube.objects[("Deployment", "ns", "svc-router")] = {
+        "metadata": {"name": "svc-router", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
+    out = rec.reconcile("ns", "svc")
+    assert out.deleted == [] and ("Deployment", "ns", "svc-router") in kube.objects
+
+
+def test_watched_router_objects_left_from_router_mode_are_deleted_after_a_restart():
+    kube = CountingKube(isvc(GOOD))
+    Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW).reconcile("ns", "svc")
+    body = kube.objects[("InferenceService", "ns", "svc")]
+    body["spec"]["routing"] = {"mode": "service"}
+    fresh = Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW)  # a new process
+    kube.calls.clear()
+    out = fresh.reconcile("ns", "svc", isvc=body, observed=watched(kube))
+    assert sorted(out.deleted) == sorted(ROUTER)  # known from the watches (indexes), not from API reads
+    assert not [c for c in kube.calls if c.startswith("GET")]
+    assert not [k for k in kube.objects if k[2] in ("svc-router", "svc-pods")]

@@ -174,8 +174,8 @@ def test_image_default_comes_from_operator_config():
     assert OperatorConfig.from_env({"KUBEINFER_SERVING_IMAGE": "x:2"}).serving_image == "x:2"
 
 
-def test_service_port_80_to_http_and_selects_the_pods():
-    kids = children()
+def test_service_port_80_to_http_and_selects_the_pods_in_service_mode():
+    kids = children({**SPEC, "routing": {"mode": "service"}})
     svc = kids.service["spec"]
     assert svc["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     pod_labels = kids.deployment["spec"]["template"]["metadata"]["labels"]
@@ -187,7 +187,8 @@ def test_service_port_80_to_http_and_selects_the_pods():
 
 
 def test_activator_is_selected_by_the_service_but_never_by_the_serving_deployment():
-    keda = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "chat")
+    keda = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}, "routing": {"mode": "service"}},
+                      "chat")
     config = OperatorConfig.from_env({"KUBEINFER_ACTIVATOR_IMAGE": "reg/op:9", "KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS": "3"})
     act = render_activator(OWNER, keda, config)
     kids = render_children(OWNER, keda, config)
@@ -215,8 +216,9 @@ def test_operator_uid_matches_the_operator_image():
 
 
 def test_activator_runs_only_for_keda_min_zero_without_a_ready_serving_pod():
-    zero = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "chat")
-    one = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 1}}, "chat")
+    service = {"mode": "service"}
+    zero = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 0}, "routing": service}, "chat")
+    one = parse_spec({**SPEC, "scaling": {"autoscaler": "keda", "minReplicas": 1}, "routing": service}, "chat")
     hpa = parse_spec(SPEC, "chat")
 
     def dep(replicas, ready):
@@ -241,7 +243,8 @@ def test_hpa_scales_on_queue_length():
 
 
 def test_keda_mode_renders_a_scaled_object_instead_of_an_hpa():
-    keda = {**SPEC, "scaling": {**SPEC["scaling"], "autoscaler": "keda", "minReplicas": 0, "activationQueueLength": 1}}
+    keda = {**SPEC, "scaling": {**SPEC["scaling"], "autoscaler": "keda", "minReplicas": 0, "activationQueueLength": 1},
+            "routing": {"mode": "service"}}  # router mode's query: test_render_router.py
     kids = children(keda)
     assert kids.hpa is None
     so = kids.scaled_object

@@ -41,12 +41,17 @@ def hpa(active="True", reason="ValidMetricFound", message="the HPA was able to c
     ]}}
 
 
+def router(ready=2, desired=2, available=None):
+    """The router Deployment NAME-router (router mode, the default)."""
+    return deployment(available=available or ("True" if ready else "False"), ready=ready, desired=desired)
+
+
 def cond(status, ctype):
     return next(c for c in status["conditions"] if c["type"] == ctype)
 
 
 def test_ready_when_deployment_available_and_autoscaler_active():
-    st = compute_status(ISVC, spec(1, 3), None, deployment(), hpa(), T0)
+    st = compute_status(ISVC, spec(1, 3), None, deployment(), hpa(), T0, router=router())
     ready = cond(st, "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "Available")
     assert ready["observedGeneration"] == 7
@@ -54,7 +59,9 @@ def test_ready_when_deployment_available_and_autoscaler_active():
     assert st["url"] == "http://svc.ns.svc.cluster.local"
     assert (st["replicas"], st["readyReplicas"], st["replicaSummary"]) == (1, 1, "1/1")
     assert st["modelNames"] == "chat,embed"
-    assert [c["type"] for c in st["conditions"]] == ["Ready", "DeploymentAvailable", "AutoscalerReady", "ModelsReady"]
+    assert [c["type"] for c in st["conditions"]] == ["Ready", "DeploymentAvailable", "RouterReady", "AutoscalerReady",
+                                                     "ModelsReady"]
+    assert st["routerSummary"] == "2/2"
     assert all(c["reason"] for c in st["conditions"])
 
 
@@ -72,17 +79,17 @@ def test_missing_children_are_reported_not_ready():
 
 
 def test_autoscaler_pending_before_the_controller_reports():
-    st = compute_status(ISVC, spec(), None, deployment(), {"status": {}}, T0)
+    st = compute_status(ISVC, spec(), None, deployment(), {"status": {}}, T0, router=router())
     assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("Unknown", "AutoscalerPending")
 
 
 def test_missing_metric_blocks_ready_only_when_scaling_is_possible():
     no_metric = hpa("False", "FailedGetPodsMetric", "unable to get metric kubeinfer_queue_length")
-    fixed = compute_status(ISVC, spec(2, 2), None, deployment(), no_metric, T0)
+    fixed = compute_status(ISVC, spec(2, 2), None, deployment(), no_metric, T0, router=router())
     assert cond(fixed, "AutoscalerReady")["status"] == "True"
     assert cond(fixed, "AutoscalerReady")["reason"] == "FixedReplicas"
     assert cond(fixed, "Ready")["status"] == "True"
-    elastic = compute_status(ISVC, spec(1, 4), None, deployment(), no_metric, T0)
+    elastic = compute_status(ISVC, spec(1, 4), None, deployment(), no_metric, T0, router=router())
     assert (cond(elastic, "Ready")["status"], cond(elastic, "Ready")["reason"]) == ("False", "FailedGetPodsMetric")
     assert "kubeinfer_queue_length" in cond(elastic, "Ready")["message"]
 
@@ -118,13 +125,13 @@ def test_model_states():
 
 
 def test_last_transition_time_changes_only_when_status_flips():
-    first = compute_status(ISVC, spec(), None, deployment(available="False", ready=0), hpa(), T0)
+    first = compute_status(ISVC, spec(), None, deployment(available="False", ready=0), hpa(), T0, router=router())
     isvc = {**ISVC, "status": first}
     # Same status, different message/reason: time kept.
     same = merge_conditions(first["conditions"], {"Ready": Verdict("False", "Other", "changed text")}, 8, T1)
     assert same[0]["lastTransitionTime"] == "2026-01-01T12:00:00Z"
     assert same[0]["observedGeneration"] == 8
-    flipped = compute_status(isvc, spec(), None, deployment(), hpa(), T1)
+    flipped = compute_status(isvc, spec(), None, deployment(), hpa(), T1, router=router())
     assert cond(flipped, "Ready")["lastTransitionTime"] == "2026-01-01T12:05:00Z"
     assert cond(flipped, "AutoscalerReady")["lastTransitionTime"] == "2026-01-01T12:00:00Z"
 
@@ -147,7 +154,7 @@ def scaled_object(ready="True", reason="ScaledObjectReady", message="ScaledObjec
 
 
 def test_keda_mode_without_keda_is_not_ready_and_says_install_keda():
-    st = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0, keda_installed=False)
+    st = compute_status(ISVC, keda_spec(1), None, deployment(), None, T0, keda_installed=False, router=router())
     assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("False", "KedaNotInstalled")
     assert cond(st, "Ready")["reason"] == "KedaNotInstalled"
 
@@ -162,7 +169,8 @@ def test_keda_mode_reads_the_scaled_object_then_kedas_hpa():
     verdict = cond(no_metric, "AutoscalerReady")
     assert (verdict["status"], verdict["reason"]) == ("False", "FailedGetExternalMetric")
     assert "external.metrics.k8s.io" in verdict["message"]
-    good = compute_status(ISVC, keda_spec(1), None, deployment(), hpa(), T0, scaled_object=scaled_object())
+    good = compute_status(ISVC, keda_spec(1), None, deployment(), hpa(), T0, scaled_object=scaled_object(),
+                          router=router())
     assert cond(good, "Ready")["status"] == "True"
 
 
@@ -171,6 +179,7 @@ def test_scaled_to_zero_is_ready_not_an_error():
     st = compute_status(ISVC, keda_spec(0), None, zero, hpa("False", "ScalingDisabled", "scaling is disabled"),
                         T0, scaled_object=scaled_object())
     assert (cond(st, "AutoscalerReady")["status"], cond(st, "AutoscalerReady")["reason"]) == ("True", "ScaledToZero")
+    assert "the router holds requests" in cond(st, "AutoscalerReady")["message"]
     assert st["replicaSummary"] == "0/0"
 
 
@@ -189,3 +198,29 @@ def test_polled_model_state_drives_models_ready_and_the_summary():
 def test_without_polling_the_summary_follows_readiness():
     st = compute_status(ISVC, spec(), None, deployment(ready=1), hpa(), T0)
     assert st["modelSummary"] == "chat 1/1, embed 0/1"
+
+
+def test_router_mode_is_not_ready_without_an_available_router():
+    missing = compute_status(ISVC, spec(), None, deployment(), hpa(), T0)
+    assert (cond(missing, "RouterReady")["status"], cond(missing, "RouterReady")["reason"]) == ("False", "RouterMissing")
+    assert cond(missing, "Ready")["reason"] == "RouterMissing"
+    down = compute_status(ISVC, spec(), None, deployment(), hpa(), T0, router=router(ready=0))
+    assert (cond(down, "Ready")["status"], cond(down, "Ready")["reason"]) == ("False", "MinimumReplicasUnavailable")
+    assert cond(down, "DeploymentAvailable")["status"] == "True"
+    assert down["routerSummary"] == "0/2"
+    up = compute_status(ISVC, spec(), None, deployment(), hpa(), T0, router=router(ready=1, desired=2))
+    assert cond(up, "RouterReady")["status"] == "True" and "1 router pod(s) ready" in cond(up, "RouterReady")["message"]
+    assert cond(up, "Ready")["status"] == "True"
+
+
+def test_service_mode_router_ready_says_service_mode():
+    service = parse_spec({"models": MODELS, "routing": {"mode": "service"}}, "svc")
+    st = compute_status(ISVC, service, None, deployment(), hpa(), T0)
+    assert (cond(st, "RouterReady")["status"], cond(st, "RouterReady")["reason"]) == ("True", "ServiceMode")
+    assert cond(st, "Ready")["status"] == "True"
+    assert st["routerSummary"] == "service"
+    zero = compute_status(ISVC, parse_spec({"models": MODELS, "routing": {"mode": "service"},
+                                            "scaling": {"autoscaler": "keda", "minReplicas": 0}}, "svc"),
+                          None, deployment(ready=0, desired=0), hpa("False", "ScalingDisabled", "x"), T0,
+                          scaled_object=scaled_object())
+    assert "the activator answers requests with 503" in cond(zero, "AutoscalerReady")["message"]
