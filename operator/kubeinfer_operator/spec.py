@@ -48,7 +48,7 @@ class AdapterSpec(_Camel):
     its PEFT files (``adapter_config.json`` + ``adapter_model.safetensors``) come from."""
 
     name: str = Field(max_length=63)
-    source: str = Field(max_length=1024)
+    source: str = Field(max_length=256)
 
     @field_validator("name")
     @classmethod
