@@ -149,12 +149,17 @@ class Fleet:
         models: catalogue size (copies of the built-in tiny model, ``maxLoadedModels: 1``).
         kv_cache_bytes: each model's KV pool in bytes.
         log_dir: where each process's stdout/stderr go (default a temporary directory).
+        pod_cpus, router_cpus: CPU sets (``os.sched_setaffinity``) the pods and the routers run on;
+            None: anywhere. Disjoint sets keep the router's CPU time off the pods' cores, as in a
+            cluster where the router runs in pods of its own.
     """
 
     pods: int = 3
     models: int = 3
     kv_cache_bytes: int = 64 * 1024**2
     log_dir: Path | None = None
+    pod_cpus: frozenset[int] | None = None
+    router_cpus: frozenset[int] | None = None
     members: list[Pod] = field(default_factory=list, init=False)
     routers: list[subprocess.Popen] = field(default_factory=list, init=False)
     _logs: list = field(default_factory=list, init=False, repr=False)
@@ -181,7 +186,7 @@ class Fleet:
         port = free_port()
         cmd = [sys.executable, "-m", "kubeinfer_serving", "--host", "127.0.0.1", "--port", str(port),
                "--models-config", str(self.log_dir / "models.yaml"), "--device", "cpu", "--log-level", "warning"]
-        pod = Pod(f"http://127.0.0.1:{port}", self._spawn(cmd, f"pod-{len(self.members)}"))
+        pod = Pod(f"http://127.0.0.1:{port}", self._spawn(cmd, f"pod-{len(self.members)}", self.pod_cpus))
         self.members.append(pod)
         return pod
 
@@ -195,7 +200,7 @@ class Fleet:
         port = free_port()
         cmd = [sys.executable, "-m", "kubeinfer_router", "--host", "127.0.0.1", "--port", str(port),
                "--endpoints", ",".join(endpoints or self.urls), "--log-level", "warning", *extra]
-        proc = self._spawn(cmd, f"router-{len(self.routers)}")
+        proc = self._spawn(cmd, f"router-{len(self.routers)}", self.router_cpus)
         self.routers.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/ready", proc)
@@ -229,11 +234,13 @@ class Fleet:
             f.close()
         self._logs.clear()
 
-    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], name: str, cpus: frozenset[int] | None) -> subprocess.Popen:
         assert self.log_dir is not None
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
-        return subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        return subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=pin)
 
     def __enter__(self) -> Fleet:
         return self.start()
