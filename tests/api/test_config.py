@@ -36,7 +36,7 @@ def test_no_model_flags_serve_the_default_catalogue_through_the_registry() -> No
     argv = ["--max-num-seqs", "4", "--max-waiting-requests", "3", "--device", "cpu"]
     provider = build_provider(parse_settings(argv, env={}))
     assert isinstance(provider, ModelRegistry)
-    assert [m.name for m in provider.list_models()] == ["tiny-llama", "all-minilm-l6-v2"]
+    assert [m.name for m in provider.list_models()] == ["smollm2-135m-instruct", "tiny-llama", "all-minilm-l6-v2"]
     assert all(m.preload for m in provider.list_models())
     assert provider.catalogue.max_num_seqs == 4
     assert provider.catalogue.max_waiting_requests == 3

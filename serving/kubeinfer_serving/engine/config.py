@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kubeinfer_serving.layers.quant import QUANTIZATION_MODES
+
 if TYPE_CHECKING:
     from .kv_sizing import KVSizing
 
@@ -49,6 +51,8 @@ class EngineConfig:
             lower first; preemption takes the lowest priority first), vLLM's two policies.
         enforce_eager: never run decode steps as CUDA graphs (vLLM's ``enforce_eager``); see
             :mod:`kubeinfer_serving.engine.cuda_graphs` for when graphs run otherwise.
+        quantization: ``none``, ``int8`` (weight-only, per channel) or ``fp8`` (CUDA) for the
+            decoder layers' projections (:mod:`kubeinfer_serving.layers.quant`).
     """
 
     max_num_seqs: int = 256
@@ -64,8 +68,11 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     kv_pool_sizer: KVPoolSizer | None = None
     enforce_eager: bool = False
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
