@@ -126,3 +126,18 @@ def test_single_model_mode_exits_with_the_reason_an_unsupported_gguf_cannot_load
 def test_fp8_is_refused_on_cpu_with_the_reason() -> None:
     status, err = exit_reason("--model", "builtin://tiny-llama", "--quantization", "fp8")
     assert status != 0 and "fp8 quantization needs a CUDA device" in err
+
+
+def test_serve_builtin_model_with_int8_counts_the_quantized_bytes() -> None:
+    """``--model builtin://... --quantization int8``: the name is the built-in's, /v1/models counts int8
+    bytes (float32 SmolLM2 holds 1.08 GB of weights on CPU, int8 0.33 GB; plus a 47 MB pool here)."""
+    with serve("--model", "builtin://smollm2-135m-instruct", "--quantization", "int8", "--max-model-len", "512",
+               "--max-num-seqs", "2") as url:
+        [m] = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert m["id"] == "smollm2-135m-instruct" and m["state"] == "loaded"
+        assert 300_000_000 < m["bytes"] < 500_000_000
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(
+            model=m["id"], messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30, temperature=0)
+        assert "Paris" in out.choices[0].message.content
