@@ -145,7 +145,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
+    enforceEager?, quantization?, credentialsEnvPrefix?}], diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -173,6 +173,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["kvCacheFraction"] = m.kv_cache_fraction
         if m.enforce_eager is not None:
             entry["enforceEager"] = m.enforce_eager
+        if m.quantization != "none":
+            entry["quantization"] = m.quantization
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         models.append(entry)

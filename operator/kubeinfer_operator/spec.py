@@ -58,6 +58,8 @@ class ModelSpec(_Camel):
     kv_cache_fraction: float | None = Field(default=None, alias="kvCacheFraction", gt=0, le=1)
     #: decode CUDA graphs off for this model; None: ``runtime.enforceEager``.
     enforce_eager: bool | None = Field(default=None, alias="enforceEager")
+    #: weight quantization of a generate model (kubeinfer_serving.layers.quant).
+    quantization: Literal["none", "int8", "fp8"] = "none"
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelSpec:
@@ -67,6 +69,8 @@ class ModelSpec(_Camel):
             raise ValueError("kvCacheBytes and kvCacheFraction apply to kind generate only")
         if self.enforce_eager is not None and self.kind != "generate":
             raise ValueError("enforceEager applies to kind generate only")
+        if self.quantization != "none" and self.kind != "generate":
+            raise ValueError("quantization applies to kind generate only")
         return self
 
     @field_validator("name")

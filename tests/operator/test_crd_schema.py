@@ -64,7 +64,7 @@ def test_cel_rules_cover_the_contract(version):
     text = yaml.safe_dump(version["schema"])
     for fragment in ("self.minReplicas <= self.maxReplicas", "exists_one", "pvc://", "file:///", "hf://",
                      "size(self.models) >= 1", "!has(self.kvCacheBytes) || !has(self.kvCacheFraction)",
-                     "!has(self.enforceEager) || !has(self.kind)"):
+                     "!has(self.enforceEager) || !has(self.kind)", "!has(self.quantization)"):
         assert fragment in text
 
 
@@ -106,6 +106,7 @@ def test_examples_validate_against_the_crd_schema(path, validator):
         (lambda s: s["models"][0].update(kvCacheBytes="1Gi"), "1Gi"),
         (lambda s: s["models"][0].update(enforceEager="yes"), "yes"),
         (lambda s: s.setdefault("runtime", {}).update(enforceEager=1), "1"),
+        (lambda s: s["models"][0].update(quantization="int4"), "int4"),
     ],
 )
 def test_schema_rejects_out_of_bounds_values(examples, validator, mutate, fragment):
