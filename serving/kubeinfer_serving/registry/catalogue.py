@@ -100,7 +100,7 @@ class ModelEntry(_CamelModel):
     Attributes:
         name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-``, ``/`` (1-128 chars,
             starting and ending with a letter or digit; ``org/name`` as vLLM users name models).
-        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[@REVISION]``,
+        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[/FILE.gguf][@REVISION]``,
             ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
         kind: generate (completions, chat) or embed (``/v1/embeddings``).
         preload: loaded by ``start()`` and never evicted.

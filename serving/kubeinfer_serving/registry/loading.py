@@ -193,8 +193,9 @@ class DefaultModelLoader:
                 released.set()
                 disk.unpin(key)
 
-        return snap.path, {"revision": snap.revision, "disk": "hit" if snap.hit else "miss",
-                           "fetch_seconds": snap.fetch_seconds, "release": release}
+        path = snap.path / src.remote_file() if src.remote_file() else snap.path  # a GGUF file, else the directory
+        return path, {"revision": snap.revision, "disk": "hit" if snap.hit else "miss",
+                      "fetch_seconds": snap.fetch_seconds, "release": release}
 
     def _dtype(self, entry: ModelEntry) -> torch.dtype:
         if entry.dtype != "auto":
