@@ -31,7 +31,7 @@ import functools
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ class GGUFInfo:
         tensor_types: tensor type name -> how many tensors have it.
         metadata: the scalar and string metadata (``general.*``, ``tokenizer.ggml.*`` without
             the vocabulary arrays).
+        reader: the ``gguf.GGUFReader`` of the file (memory-mapped), reused to read the tensors.
     """
 
     path: Path
@@ -108,6 +109,7 @@ class GGUFInfo:
     file_bytes: int
     tensor_types: dict[str, int]
     metadata: dict[str, Any]
+    reader: Any = field(default=None, repr=False, compare=False)
 
 
 def _reader(path: Path):
@@ -125,12 +127,12 @@ def _reader(path: Path):
 
 def _scalar_metadata(reader) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if len(field.data) != 1 or key.startswith("GGUF."):
+    for key, entry in reader.fields.items():
+        if len(entry.data) != 1 or key.startswith("GGUF."):
             continue
         try:
-            out[key] = field.contents()
-        except Exception:  # noqa: S112 - a field the reader cannot decode is left out
+            out[key] = entry.contents()
+        except Exception:  # noqa: BLE001 - a field the reader cannot decode is left out
             continue
     return out
 
@@ -171,7 +173,7 @@ def _read_gguf(p: Path, size: int, mtime_ns: int) -> GGUFInfo:
                                  f"dequantized; supported: {', '.join(sorted(GGUF_TENSOR_TYPES))}")
         types[name] += 1
         numel += int(t.n_elements)
-    return GGUFInfo(p, arch, _config(p, arch, meta), numel, p.stat().st_size, dict(types), meta)
+    return GGUFInfo(p, arch, _config(p, arch, meta), numel, p.stat().st_size, dict(types), meta, reader)
 
 
 def _config(path: Path, arch: str, meta: dict[str, Any]):
@@ -182,9 +184,9 @@ def _config(path: Path, arch: str, meta: dict[str, Any]):
     except Exception as exc:
         raise ModelLoadError(f"cannot read the config of GGUF file {path}: {exc}") from exc
     config.architectures = [GGUF_ARCHITECTURES.get(config.model_type, GGUF_ARCHITECTURES[arch])]
-    for key, field in _SPECIAL_TOKEN_FIELDS.items():
-        if meta.get(field) is not None:
-            setattr(config, f"{key}_token_id", int(meta[field]))
+    for key, name in _SPECIAL_TOKEN_FIELDS.items():
+        if meta.get(name) is not None:
+            setattr(config, f"{key}_token_id", int(meta[name]))
     return config
 
 
@@ -215,9 +217,9 @@ def gguf_tokenizer(path: str | Path, info: GGUFInfo | None = None):
         # Byte-level BPE: the byte-level decoder alone, no clean-up of spaces (llama.cpp's detokenizer).
         tok.backend_tokenizer.decoder = decoders.ByteLevel()
         tok.clean_up_tokenization_spaces = False
-    for key, field in _SPECIAL_TOKEN_FIELDS.items():
-        if meta.get(field) is not None:
-            setattr(tok, f"{key}_token", tok.convert_ids_to_tokens(int(meta[field])))
+    for key, name in _SPECIAL_TOKEN_FIELDS.items():
+        if meta.get(name) is not None:
+            setattr(tok, f"{key}_token", tok.convert_ids_to_tokens(int(meta[name])))
     template = meta.get("tokenizer.chat_template")
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
@@ -246,7 +248,7 @@ def iter_gguf_weights(path: str | Path, *, dtype: torch.dtype = torch.float32,
 
     p = Path(path)
     info = info or read_gguf(p)
-    reader = _reader(p)
+    reader = info.reader if info.reader is not None else _reader(p)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.hf_config)
     processor = TENSOR_PROCESSORS.get(info.architecture, TensorProcessor)(config=info.hf_config.to_dict())
