@@ -14,7 +14,7 @@ LOCK_HASH := $(shell cat requirements.lock requirements-build.lock pyproject.tom
 STAMP := $(VENV_REAL)/.kubeinfer-$(LOCK_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve clean s3proxy
+.PHONY: help install serve test test-fast lint model bench bench-smoke bench-serve gpu-check clean s3proxy
 
 help:
 	@echo "make serve    start the serving pod on $(HOST):$(PORT) with the built-in model"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench    engine vs sequential/static/transformers CB on one workload (JSON + PNG in bench/results)"
 	@echo "make bench-smoke  the same at CI size (< 3 min)"
 	@echo "make bench-serve  HTTP load generator against a running server (BENCH_ARGS=--base-url ...)"
+	@echo "make gpu-check  on a CUDA machine: cuda tests, GPU bench, SmolLM2 bf16 equality, int8/fp8 quality (one JSON)"
 	@echo "make cluster  start the test control plane (.cluster/kubeconfig); REAL_NODE=1 adds a real node; make cluster-down stops it"
 	@echo "make images   build the serving and operator images (REGISTRY=..., BASE_IMAGE=...); make push pushes them"
 
@@ -69,6 +70,12 @@ bench-smoke: install
 
 bench-serve: install
 	$(PY) -m bench.serve_bench $(BENCH_ARGS)
+
+# Everything a lent GPU machine should measure, in under 8 minutes, into bench/results/gpu-check.json
+# (kubeinfer_serving/bench/gpu_check.py). Without CUDA it says so and exits 0. GPU_PYTHON=python3
+# runs it with any interpreter that has torch, transformers and triton instead of the venv.
+gpu-check: $(if $(GPU_PYTHON),,install)
+	@PYTHONPATH=$(CURDIR)/serving $(or $(GPU_PYTHON),$(PY)) -m kubeinfer_serving.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .models .pytest_cache .ruff_cache build *.egg-info

@@ -91,8 +91,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?, maxLoraRank?, diskCacheDir?,
-    diskCacheBytes?}``.
+    enforceEager?, quantization?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
+    maxLoraRank?, diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -120,6 +120,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["kvCacheFraction"] = m.kv_cache_fraction
         if m.enforce_eager is not None:
             entry["enforceEager"] = m.enforce_eager
+        if m.quantization != "none":
+            entry["quantization"] = m.quantization
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         if m.adapters:

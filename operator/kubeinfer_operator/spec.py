@@ -86,6 +86,8 @@ class ModelSpec(_Camel):
     enforce_eager: bool | None = Field(default=None, alias="enforceEager")
     #: LoRA adapters served on this model, each under its own model name.
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=32)
+    #: weight quantization of a generate model (kubeinfer_serving.layers.quant).
+    quantization: Literal["none", "int8", "fp8"] = "none"
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelSpec:
@@ -97,6 +99,8 @@ class ModelSpec(_Camel):
             raise ValueError("kvCacheBytes and kvCacheFraction apply to kind generate only")
         if self.enforce_eager is not None and self.kind != "generate":
             raise ValueError("enforceEager applies to kind generate only")
+        if self.quantization != "none" and self.kind != "generate":
+            raise ValueError("quantization applies to kind generate only")
         return self
 
     @field_validator("name")

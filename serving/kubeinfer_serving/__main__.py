@@ -2,12 +2,14 @@
 
 Which models it serves:
 
-* ``--model-dir DIR [--served-model-name NAME]``: that one directory (single-model mode), as a
-  one-entry catalogue (the model preloaded) served by the same registry;
+* ``--model SOURCE [--served-model-name NAME]`` (or the older ``--model-dir DIR``): that one model
+  (single-model mode; any catalogue source, a directory or a ``.gguf`` file), as a one-entry
+  catalogue (the model preloaded) served by the same registry. When it cannot load, the server
+  exits with status 1 and the reason on stderr (a pod that would never be ready restarts and
+  shows why);
 * ``--models-config FILE`` or ``$KUBEINFER_MODELS_CONFIG``: the catalogue in FILE (the
   operator's ConfigMap), served by the multi-model registry (load on demand, LRU eviction);
-* neither: the default catalogue, ``tiny-llama`` (the built-in model, built once into the cache
-  if missing) and ``all-minilm-l6-v2`` (embeddings), both preloaded.
+* neither: the default catalogue (:func:`~kubeinfer_serving.registry.catalogue.default_catalogue`).
 
 On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up to
 ``--timeout-graceful-shutdown`` seconds, ends what still runs cleanly (a 503 body or an SSE
@@ -18,6 +20,7 @@ is 0 after such a clean drain.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 
 import uvicorn
@@ -33,46 +36,67 @@ log = logging.getLogger("kubeinfer_serving")
 _SINGLE_MODEL_ONLY = {
     "max_model_len": "set maxModelLen per model in the catalogue",
     "dtype": "set dtype per model in the catalogue",
-    "served_model_name": "it names the --model-dir model",
+    "served_model_name": "it names the --model model",
     "lora_modules": "list adapters per model in the catalogue",
+    "quantization": "set quantization per model in the catalogue",
 }
 #: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
 _POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
               "idle_timeout_seconds", "enforce_eager", "enable_lora", "max_loras", "max_lora_rank")
 
 
+def single_model_source(settings: ServerSettings) -> str | None:
+    """The source of single-model mode (``--model``, else ``--model-dir``), or None (catalogue mode).
+
+    Raises:
+        ValueError: both ``--model`` and ``--model-dir`` are given.
+    """
+    if settings.model is not None and settings.model_dir is not None:
+        raise ValueError("--model and --model-dir name the same thing; give one of them")
+    if settings.model is not None:
+        return settings.model
+    return str(settings.model_dir) if settings.model_dir is not None else None
+
+
 def build_provider(settings: ServerSettings) -> ModelProvider:
     """The model provider the settings ask for (see the module docstring): always the registry.
 
-    ``--model-dir`` becomes a one-entry catalogue
+    ``--model`` (``--model-dir``) becomes a one-entry catalogue
     (:func:`~kubeinfer_serving.registry.catalogue.single_model_catalogue`): the model preloaded,
     never evicted, its KV pool sized from the memory budget as in catalogue mode.
 
     Raises:
         ValueError: a single-model-only flag was given together with a catalogue, or a
-            catalogue-only flag (``--models-config``, ``--idle-timeout-seconds``) with ``--model-dir``.
+            catalogue-only flag (``--models-config``, ``--idle-timeout-seconds``) with ``--model``, or
+            both ``--model`` and ``--model-dir``.
         kubeinfer_serving.registry.catalogue.CatalogueError: the catalogue file is unreadable or
             invalid, or a single-model flag has a bad value.
     """
-    from kubeinfer_serving.registry.catalogue import default_catalogue, load_catalogue, single_model_catalogue
+    from kubeinfer_serving.registry.catalogue import (
+        default_catalogue,
+        default_served_name,
+        load_catalogue,
+        single_model_catalogue,
+    )
     from kubeinfer_serving.registry.manager import ModelRegistry
 
     overrides = {k: getattr(settings, k) for k in _POD_FLAGS if getattr(settings, k) is not None}
-    if settings.model_dir is not None:
+    source = single_model_source(settings)
+    if source is not None:
         for k in ("models_config", "idle_timeout_seconds"):
             if getattr(settings, k) is not None:
-                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model-dir")
-        name = settings.served_model_name or settings.model_dir.resolve().name
-        catalogue = single_model_catalogue(settings.model_dir, name, dtype=settings.dtype,
-                                           max_model_len=settings.max_model_len,
+                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model")
+        name = settings.served_model_name or default_served_name(source)
+        catalogue = single_model_catalogue(source, name, dtype=settings.dtype, max_model_len=settings.max_model_len,
                                            result_cache=bool(settings.result_cache),
+                                           quantization=settings.quantization,
                                            adapters=settings.lora_adapters(), **overrides)
         return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
                              show_sources=False)
     misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]
     if misplaced:
         raise ValueError("; ".join(
-            f"--{k.replace('_', '-')} needs --model-dir ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
+            f"--{k.replace('_', '-')} needs --model ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
     if overrides:
@@ -106,7 +130,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=drain_config_timeout(settings.timeout_graceful_shutdown),
         access_log=settings.log_level in ("debug", "trace"),
     )
-    DrainingServer(config, drain=app.state.drain, drain_seconds=settings.timeout_graceful_shutdown).run()
+    server = DrainingServer(config, drain=app.state.drain, drain_seconds=settings.timeout_graceful_shutdown)
+    failed: list[str] = []
+    if single_model_source(settings) is not None and hasattr(provider, "on_preload_failed"):
+        def stop(name: str, reason: str) -> None:
+            failed.append(f"kubeinfer-serve: model {name!r} cannot load: {reason}")
+            server.should_exit = True
+
+        provider.on_preload_failed = stop
+    server.run()
+    if failed:
+        sys.exit("\n".join(failed))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,14 @@ class ServerSettings(BaseModel):
         host: address to bind (``0.0.0.0`` in a container; ``make serve`` passes 127.0.0.1).
         port: TCP port.
         models_config: catalogue YAML (the ConfigMap the operator mounts); None with no
-            ``model_dir`` serves the default catalogue (tiny-llama + all-minilm-l6-v2).
-        model_dir: serve one Hugging Face model directory instead of a catalogue (vLLM-style
-            single-model mode); its name is ``served_model_name``.
-        served_model_name: the OpenAI ``model`` name of ``model_dir`` (default: the directory's name).
+            ``model`` serves the default catalogue (smollm2-135m-instruct, tiny-llama, all-minilm-l6-v2).
+        model: serve one model instead of a catalogue (vLLM-style single-model mode): any
+            catalogue source (``hf://``, ``s3://``, ``file://``, ``pvc://``, ``builtin://``), a
+            Hugging Face directory or a ``.gguf`` file; its name is ``served_model_name``.
+        model_dir: the older spelling of ``model`` (a local directory); not both.
+        served_model_name: the OpenAI ``model`` name of ``model`` (default:
+            :func:`~kubeinfer_serving.registry.catalogue.default_served_name`).
+        quantization: weight quantization of the single model (``int8``, ``fp8``, ``none``; None: none).
         max_num_seqs: most sequences in a generative engine's running batch (None: the
             catalogue's ``maxNumSeqs``, else the engine default 256).
         max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
@@ -82,8 +86,10 @@ class ServerSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     models_config: Path | None = None
+    model: str | None = None
     model_dir: Path | None = None
     served_model_name: str | None = None
+    quantization: Literal["int8", "fp8", "none"] | None = None
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     max_waiting_requests: int | None = Field(None, ge=1)
@@ -178,13 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kubeinfer-serve",
         description="OpenAI-compatible serving pod. With no model flags it serves the default catalogue "
-        "(tiny-llama + all-minilm-l6-v2). Every flag can also be set as KUBEINFER_<FLAG> (e.g. KUBEINFER_PORT).",
+        "(smollm2-135m-instruct + tiny-llama + all-minilm-l6-v2). Every flag can also be set as KUBEINFER_<FLAG> (e.g. KUBEINFER_PORT).",
     )
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--models-config", type=Path, help="model catalogue YAML (e.g. /etc/kubeinfer/models.yaml)")
-    p.add_argument("--model-dir", type=Path, help="serve this one Hugging Face model directory")
-    p.add_argument("--served-model-name", help="OpenAI model name for --model-dir (default: directory name)")
+    p.add_argument("--model", help="serve this one model: hf://ORG/NAME, s3://BUCKET/PREFIX, file:///DIR, "
+                   "pvc://CLAIM/PATH, builtin://NAME, a Hugging Face directory or a .gguf file")
+    p.add_argument("--model-dir", type=Path, help="serve this one Hugging Face model directory (older spelling of --model)")
+    p.add_argument("--served-model-name", help="OpenAI model name for --model (default: the directory or file name, "
+                   "ORG/NAME for hf://, NAME for builtin://)")
+    p.add_argument("--quantization", choices=["int8", "fp8", "none"],
+                   help="single-model mode: weight-only quantization (int8 per-channel; fp8 needs CUDA; default none)")
     p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
     p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap per engine; beyond it 429 (default: the catalogue's maxWaitingRequests, else 1024)")

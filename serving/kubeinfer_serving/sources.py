@@ -7,9 +7,11 @@ Forms (DESIGN.md section 3):
 * ``pvc://CLAIM/PATH``: a PersistentVolumeClaim mounted read-only at ``{pvc_root}/CLAIM``;
 * ``file:///ABSOLUTE/PATH``: a directory inside the serving image;
 * ``hf://ORG/NAME[@REVISION]``: a Hugging Face hub repository (branch, tag or commit; default ``main``),
-  fetched at load time through ``HF_ENDPOINT``;
+  fetched at load time through ``HF_ENDPOINT``; ``hf://ORG/NAME/FILE.gguf[@REVISION]``: one GGUF
+  file of a repository;
 * ``s3://BUCKET/PREFIX``: every object under ``PREFIX/`` of an S3-compatible bucket, fetched at
-  load time (endpoint, region and credentials from the environment);
+  load time (endpoint, region and credentials from the environment); a ``PREFIX`` ending in
+  ``.gguf`` is that one object, a GGUF file;
 * ``builtin://NAME`` and a plain local path: serving catalogue only (the models shipped with the
   project, and local development).
 """
@@ -30,7 +32,9 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 REMOTE_SCHEMES = ("hf", "s3")
 #: Schemes an InferenceService may use (builtin:// and plain paths are for the serving pod alone).
 CLUSTER_SCHEMES = ("pvc", "file", "hf", "s3")
-SOURCE_FORMS = "pvc://CLAIM/PATH, file:///ABSOLUTE/PATH, hf://ORG/NAME[@REVISION] or s3://BUCKET/PREFIX"
+SOURCE_FORMS = "pvc://CLAIM/PATH, file:///ABSOLUTE/PATH, hf://ORG/NAME[/FILE.gguf][@REVISION] or s3://BUCKET/PREFIX"
+#: The suffix of a GGUF file (a single-file model; kubeinfer_serving.models.gguf).
+GGUF_SUFFIX = ".gguf"
 
 
 class SourceError(ValueError):
@@ -50,6 +54,7 @@ class ModelSource:
             or the built-in's name (``builtin``).
         bucket: the bucket (``s3``), else None.
         revision: branch, tag or commit of an ``hf`` repository (None: ``main``).
+        file: the GGUF file inside an ``hf`` repository (``hf://ORG/NAME/FILE.gguf``), else None.
     """
 
     uri: str
@@ -58,6 +63,7 @@ class ModelSource:
     claim: str | None = None
     bucket: str | None = None
     revision: str | None = None
+    file: str | None = None
 
     @property
     def remote(self) -> bool:
@@ -72,10 +78,19 @@ class ModelSource:
             return self.path
         return None
 
+    def remote_file(self) -> str | None:
+        """The one file a remote source names (``hf://ORG/NAME/FILE.gguf``, ``s3://BUCKET/KEY.gguf``),
+        as it lies in its fetched snapshot; None when the source is a whole directory or local."""
+        if self.scheme == "hf":
+            return self.file
+        if self.scheme == "s3" and self.path.lower().endswith(GGUF_SUFFIX):
+            return self.path.rsplit("/", 1)[-1]
+        return None
+
     def cache_key(self) -> str:
         """A file-name-safe key naming this source's snapshot in the disk tier (same source, same key)."""
         if self.scheme == "hf":
-            raw = f"hf--{self.path}--{self.revision or 'main'}"
+            raw = f"hf--{self.path}--{self.revision or 'main'}" + (f"--{self.file}" if self.file else "")
         elif self.scheme == "s3":
             raw = f"s3--{self.bucket}--{self.path}"
         else:
@@ -111,11 +126,14 @@ def parse_source(uri: str, *, allow_local: bool = True) -> ModelSource:
     if uri.startswith("hf://"):
         repo, at, revision = uri[len("hf://"):].partition("@")
         parts = repo.split("/")
-        if len(parts) != 2 or not all(_HF_PART.match(p) for p in parts):
-            raise SourceError(f"hf source {uri!r} must be hf://ORG/NAME[@REVISION]")
+        file = None
+        if len(parts) > 2 and parts[-1].lower().endswith(GGUF_SUFFIX):
+            file, parts = "/".join(parts[2:]), parts[:2]
+        if len(parts) != 2 or not all(_HF_PART.match(p) for p in parts + (file.split("/") if file else [])):
+            raise SourceError(f"hf source {uri!r} must be hf://ORG/NAME[/FILE.gguf][@REVISION]")
         if at and (not _HF_REVISION.match(revision) or ".." in revision or len(revision) > 200):
             raise SourceError(f"revision {revision!r} in {uri!r} is not a branch, tag or commit name")
-        return ModelSource(uri, "hf", repo, revision=revision or None)
+        return ModelSource(uri, "hf", "/".join(parts), revision=revision or None, file=file)
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not _S3_BUCKET.match(bucket):

@@ -75,10 +75,10 @@ class ServerThread:
         )
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
-    def start(self) -> None:
-        """Start serving and wait until ``/ready`` says 200."""
+    def start(self, timeout: float = 180.0) -> None:
+        """Start serving and wait (up to ``timeout`` seconds) until ``/ready`` says 200."""
         self._thread.start()
-        wait_ready(self.base_url)
+        wait_ready(self.base_url, timeout=timeout)
 
     def stop(self) -> None:
         """Graceful shutdown (the lifespan shuts the provider down)."""

@@ -36,7 +36,7 @@ def test_no_model_flags_serve_the_default_catalogue_through_the_registry() -> No
     argv = ["--max-num-seqs", "4", "--max-waiting-requests", "3", "--device", "cpu"]
     provider = build_provider(parse_settings(argv, env={}))
     assert isinstance(provider, ModelRegistry)
-    assert [m.name for m in provider.list_models()] == ["tiny-llama", "all-minilm-l6-v2"]
+    assert [m.name for m in provider.list_models()] == ["smollm2-135m-instruct", "tiny-llama", "all-minilm-l6-v2"]
     assert all(m.preload for m in provider.list_models())
     assert provider.catalogue.max_num_seqs == 4
     assert provider.catalogue.max_waiting_requests == 3
@@ -92,3 +92,27 @@ def test_enforce_eager_flag_and_variable_reach_the_catalogue(tmp_path: Path) -> 
     config.write_text("enforceEager: true\nmodels:\n  - {name: a, source: /a}\n")
     kept = build_provider(parse_settings(["--models-config", str(config)], env={}))
     assert kept.catalogue.enforce_eager_for(kept.catalogue.models[0])
+
+
+@pytest.mark.parametrize(("source", "name"), [
+    ("builtin://smollm2-135m-instruct", "smollm2-135m-instruct"),
+    ("hf://Qwen/Qwen2.5-0.5B-Instruct@main", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ("s3://models/team/llama-1b", "llama-1b"),
+    ("pvc://store/llama/SmolLM2.Q4_1.gguf", "SmolLM2.Q4_1"),
+    ("file:///opt/models/llama-1b", "llama-1b"),
+])
+def test_model_takes_any_source_named_as_vllm_names_it(source: str, name: str) -> None:
+    provider = build_provider(parse_settings(["--model", source, "--quantization", "int8"], env={}))
+    [entry] = provider.catalogue.models
+    assert (entry.name, entry.source, entry.quantization, entry.preload) == (name, source, "int8", True)
+
+
+def test_model_and_model_dir_together_are_refused_and_a_plain_path_is_made_absolute(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    with pytest.raises(ValueError, match="--model and --model-dir"):
+        build_provider(parse_settings(["--model", "builtin://tiny-llama", "--model-dir", str(tmp_path)], env={}))
+    monkeypatch.chdir(tmp_path)
+    [entry] = build_provider(parse_settings(["--model", "m.gguf"], env={})).catalogue.models
+    assert (entry.name, entry.source) == ("m", str(tmp_path / "m.gguf"))
+    with pytest.raises(ValueError, match="--quantization needs --model"):
+        build_provider(parse_settings(["--quantization", "int8"], env={}))

@@ -65,7 +65,7 @@ def test_cel_rules_cover_the_contract(version):
     text = yaml.safe_dump(version["schema"])
     for fragment in ("self.minReplicas <= self.maxReplicas", "exists_one", "pvc://", "file:///", "hf://",
                      "size(self.models) >= 1", "!has(self.kvCacheBytes) || !has(self.kvCacheFraction)",
-                     "!has(self.enforceEager) || !has(self.kind)"):
+                     "!has(self.enforceEager) || !has(self.kind)", "!has(self.quantization)"):
         assert fragment in text
 
 
@@ -113,6 +113,7 @@ def test_examples_validate_against_the_crd_schema(path, validator):
         (lambda s: s.setdefault("routing", {}).update(holdTimeoutSeconds=-1), "-1"),
         (lambda s: s.setdefault("routing", {}).update(resources={"limits": {"memory": "lots"}}), "lots"),
         (lambda s: s.setdefault("routing", {}).update(strategy="random"), "strategy"),
+        (lambda s: s["models"][0].update(quantization="int4"), "int4"),
     ],
 )
 def test_schema_rejects_out_of_bounds_values(examples, validator, mutate, fragment):

@@ -442,3 +442,19 @@ def test_enforce_eager_reaches_the_catalogue_pod_wide_and_per_model(tmp_path):
     assert loaded.enforce_eager_for(loaded.models[1])
     # A spec changing only enforceEager rolls the pods (the catalogue hash changes).
     assert children(spec).deployment != children().deployment
+
+
+def test_quantization_reaches_the_catalogue_per_model(tmp_path):
+    """A model's spec.quantization is its catalogue entry's quantization; unset ("none") stays out."""
+    catalogue = pytest.importorskip("kubeinfer_serving.registry.catalogue")
+    plain = yaml.safe_load(children().configmap["data"]["models.yaml"])
+    assert all("quantization" not in m for m in plain["models"])
+    spec = copy.deepcopy(SPEC)
+    spec["models"][0] = {**spec["models"][0], "quantization": "int8"}
+    text = children(spec).configmap["data"]["models.yaml"]
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    loaded = catalogue.load_catalogue(path)
+    assert loaded.models[0].quantization == "int8" and loaded.models[1].quantization == "none"
+    with pytest.raises(ValueError, match="quantization applies to kind generate only"):
+        parse_spec({**SPEC, "models": [{**SPEC["models"][0], "kind": "embed", "quantization": "fp8"}]}, "x")

@@ -85,6 +85,7 @@ def test_unreadable_or_unparsable_file(tmp_path: Path) -> None:
 def test_default_catalogue_has_the_builtin_models() -> None:
     cat = default_catalogue()
     assert [(m.name, m.kind, m.preload) for m in cat.models] == [
+        ("smollm2-135m-instruct", ModelKind.GENERATE, True),
         ("tiny-llama", ModelKind.GENERATE, True),
         ("all-minilm-l6-v2", ModelKind.EMBED, True),
     ]

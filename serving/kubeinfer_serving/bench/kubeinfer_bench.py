@@ -226,7 +226,10 @@ def _plot(report: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point; returns the report written to JSON."""
     ap = argparse.ArgumentParser(prog="kubeinfer-bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="Hugging Face model dir (default: the built-in tiny Llama)")
+    ap.add_argument("--model", help="Hugging Face model dir or builtin://NAME, e.g. builtin://smollm2-135m-instruct "
+                    "(default: the built-in tiny Llama)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "fp8"],
+                    help="the engine's weight quantization (the baselines stay unquantized)")
     ap.add_argument("--shapes", choices=sorted(SHAPES),
                     help="random weights of this model's shapes instead of --model (GPU workloads)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from kubeinfer_serving.engine.config import EngineConfig
     from kubeinfer_serving.engine.llm_engine import LLMEngine
-    from kubeinfer_serving.models.builtin import ensure_builtin_model
+    from kubeinfer_serving.models.builtin import builtin_model_dir, ensure_builtin_model
 
     torch.set_num_threads(args.threads)
     methods = ["engine"] + [m for m in METHODS if m != "engine" and m in args.methods]
@@ -266,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
             hf = AutoModelForCausalLM.from_config(shapes_config(args.shapes), dtype=dtype).eval()
     else:
         path = args.model or str(ensure_builtin_model())
+        if path.startswith("builtin://"):
+            path = str(builtin_model_dir(path[len("builtin://"):]))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     reqs = make_workload(args.num_requests, tuple(args.prompt_len), tuple(args.output_len),
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         # that engines for several concurrencies fit one device side by side.
         cfg = EngineConfig(max_num_seqs=c, max_num_batched_tokens=2048, dtype=dtype, device=str(device),
                            enable_prefix_caching=False, max_model_len=longest,
-                           num_kv_blocks=c * -(-longest // 16) + 1)
+                           num_kv_blocks=c * -(-longest // 16) + 1, quantization=args.quantization)
         return LLMEngine.from_weights(hf.config, hf.state_dict().items(), config=cfg, model_name="bench")
 
     engines = {c: engine_for(c) for c in args.concurrency}
@@ -349,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(format_roofline(c, roofline[str(c)]))
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": str(dtype),
-        "threads": args.threads, "model": path, "num_requests": len(reqs),
+        "threads": args.threads, "model": path, "quantization": args.quantization,
+        "engine_weights_bytes": engines[args.concurrency[0]].weights_bytes, "num_requests": len(reqs),
         "prompt_len": list(args.prompt_len), "output_len": list(args.output_len), "output_tokens": total_out,
         "concurrency": args.concurrency, "static_batch": args.static_batch, "reps": args.reps, "seed": args.seed,
         "methods": summaries, "engine_ratio_per_rep_median": ratios,

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kubeinfer_serving.layers.quant import QUANTIZATION_MODES
+
 if TYPE_CHECKING:
     from .kv_sizing import KVSizing
 
@@ -52,6 +54,8 @@ class EngineConfig:
         max_loras: LoRA adapter slots on the device (vLLM's ``max_loras``): adapters one step
             can mix; 0 turns LoRA off.
         max_lora_rank: the highest adapter rank the slots hold (vLLM's ``max_lora_rank``).
+        quantization: ``none``, ``int8`` (weight-only, per channel) or ``fp8`` (CUDA) for the
+            decoder layers' projections (:mod:`kubeinfer_serving.layers.quant`).
     """
 
     max_num_seqs: int = 256
@@ -69,8 +73,11 @@ class EngineConfig:
     enforce_eager: bool = False
     max_loras: int = 0
     max_lora_rank: int = 16
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):

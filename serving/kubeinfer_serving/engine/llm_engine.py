@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kubeinfer_serving.layers.linear import pack_linear_layers, packed_weight_bytes
+from kubeinfer_serving.layers.quant import check_quantization, quantize_linear_layers
 from kubeinfer_serving.lora.adapter import LoRAAdapter, LoRAShapes
 from kubeinfer_serving.lora.manager import LoRAManager
 from kubeinfer_serving.lora.slots import LoRASlots
@@ -187,11 +188,14 @@ class LLMEngine:
         Raises:
             kubeinfer_serving.models.llama.WeightLoadError: the weights do not fit the config.
             ValueError: a bad dtype or device name.
+            kubeinfer_serving.layers.quant.QuantizationError: ``config.quantization`` cannot run on
+                the device (fp8 off CUDA); checked before the weights load.
             kubeinfer_serving.engine.kv_sizing.KVPoolSizeError: from ``config.kv_pool_sizer``.
         """
         config = config or EngineConfig()
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
+        check_quantization(config.quantization, device)
         if device.type == "cpu":
             keep_freed_host_memory()  # CPU activations: no page faults on every operator's output
         max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
@@ -202,7 +206,8 @@ class LLMEngine:
         model.load_weights(weights)
         model.eval()
         check_finite_weights(model)
-        pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere)
+        quantize_linear_layers(model, config.quantization)  # int8 / fp8 projections (none: no-op)
+        pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere and when quantized)
         per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
         graph_sizes = decode_graph_sizes(device, config.enforce_eager, config.max_num_seqs)
         sizing = None
@@ -238,15 +243,23 @@ class LLMEngine:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, *, model_name: str, config: EngineConfig | None = None) -> LLMEngine:
-        """Load config, tokenizer and safetensors weights from a Hugging Face directory.
+        """Load config, tokenizer and weights from a Hugging Face directory (safetensors) or a
+        ``.gguf`` file (dequantized into the engine's dtype, :mod:`kubeinfer_serving.models.gguf`).
 
         Raises:
-            kubeinfer_serving.models.loader.ModelLoadError: missing/corrupt files.
+            kubeinfer_serving.models.loader.ModelLoadError: missing/corrupt files, a GGUF tensor
+                type that cannot be dequantized.
             kubeinfer_serving.models.loader.UnsupportedModelError: architecture not Llama/Mistral/Qwen2.
             kubeinfer_serving.models.llama.WeightLoadError: tensors do not match the config.
         """
-        from kubeinfer_serving.models import loader
+        from kubeinfer_serving.models import gguf, loader
 
+        if gguf.is_gguf(path):
+            info = gguf.read_gguf(path)
+            chosen = config or EngineConfig()
+            dtype = chosen.resolve_dtype(chosen.resolve_device())
+            return cls.from_weights(info.hf_config, gguf.iter_gguf_weights(path, dtype=dtype, info=info),
+                                    tokenizer=gguf.gguf_tokenizer(path, info), config=config, model_name=model_name)
         hf_config = loader.load_hf_config(path)
         tokenizer = loader.load_tokenizer(path)
         return cls.from_weights(hf_config, loader.iter_safetensors(path), tokenizer=tokenizer,

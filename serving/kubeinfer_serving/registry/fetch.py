@@ -142,7 +142,8 @@ class HubFetcher:
     """``hf://ORG/NAME[@REVISION]`` through ``huggingface_hub`` (endpoint ``HF_ENDPOINT``, token ``HF_TOKEN``).
 
     Downloads with :func:`huggingface_hub.snapshot_download` at the pinned commit into the staging
-    directory (``local_dir``), ``allow_patterns`` = :data:`ALLOW_PATTERNS`.
+    directory (``local_dir``), ``allow_patterns`` = :data:`ALLOW_PATTERNS`; for
+    ``hf://ORG/NAME/FILE.gguf`` that one file.
     """
 
     def __init__(self, source: ModelSource, env: Mapping[str, str]) -> None:
@@ -192,13 +193,16 @@ class HubFetcher:
                     git_sha1=f.blob_id if f.lfs is None else None,
                 )
                 for f in api.list_repo_tree(self.source.path, revision=sha, recursive=True)
-                if isinstance(f, RepoFile) and _allowed(f.path)
+                if isinstance(f, RepoFile) and (f.path == self.source.file if self.source.file else _allowed(f.path))
             ]
         except FetchError:
             raise
         except Exception as exc:  # noqa: BLE001 - every hub/network error becomes one readable reason
             raise self._explain(exc) from None
-        if not any(f.path.endswith("config.json") for f in files):
+        if self.source.file:
+            if not files:
+                raise FetchError(f"{self.source.uri}: the repository at {sha} has no file {self.source.file}")
+        elif not any(f.path.endswith("config.json") for f in files):
             raise FetchError(f"{self.source.uri}: the repository at {sha} has no config.json")
         return Listing(str(sha), tuple(sorted(files, key=lambda f: f.path)))
 
@@ -232,7 +236,8 @@ def _s3_endpoint(env: Mapping[str, str]) -> tuple[str, bool]:
 class S3Fetcher:
     """``s3://BUCKET/PREFIX`` through the MinIO Python SDK (any S3-compatible store, signature v4).
 
-    Lists every object under ``PREFIX/``; single-part ETags (an MD5) are checked after download.
+    Lists every object under ``PREFIX/`` (a ``PREFIX`` ending in ``.gguf``: that one object, a GGUF
+    file); single-part ETags (an MD5) are checked after download.
     """
 
     def __init__(self, source: ModelSource, env: Mapping[str, str]) -> None:
@@ -251,6 +256,9 @@ class S3Fetcher:
 
     @property
     def _prefix(self) -> str:
+        """The key prefix the listed files' relative paths are under (a GGUF key's directory)."""
+        if self.source.remote_file():
+            return self.source.path[: -len(self.source.remote_file())]
         return self.source.path + "/" if self.source.path else ""
 
     def _explain(self, exc: Exception) -> FetchError:
@@ -273,14 +281,16 @@ class S3Fetcher:
     def listing(self) -> Listing:
         """See :meth:`Fetcher.listing`; the revision is a digest of the listed names, sizes and ETags."""
         try:
-            objects = list(self.client.list_objects(self.source.bucket, prefix=self._prefix, recursive=True))
+            objects = list(self.client.list_objects(self.source.bucket, prefix=self.source.path if
+                                                    self.source.remote_file() else self._prefix, recursive=True))
         except Exception as exc:  # noqa: BLE001
             raise self._explain(exc) from None
         files = []
         digest = hashlib.sha256()
         for obj in sorted(objects, key=lambda o: o.object_name):
             rel = obj.object_name[len(self._prefix):]
-            if obj.is_dir or not rel or not _allowed(rel):
+            single = self.source.remote_file()
+            if obj.is_dir or not rel or not (rel == single if single else _allowed(rel)):
                 continue
             etag = (obj.etag or "").strip('"')
             md5 = etag.lower() if len(etag) == 32 and "-" not in etag else None
@@ -288,7 +298,7 @@ class S3Fetcher:
             digest.update(f"{rel}\0{obj.size}\0{etag}\n".encode())
         if not files:
             raise FetchError(f"{self.source.uri} at {self.endpoint}: no model files under that prefix")
-        if not any(f.path.endswith("config.json") for f in files):
+        if not self.source.remote_file() and not any(f.path.endswith("config.json") for f in files):
             raise FetchError(f"{self.source.uri} at {self.endpoint}: no config.json under that prefix")
         return Listing(digest.hexdigest()[:16], tuple(files))
 

@@ -23,14 +23,13 @@ from kubeinfer_serving.embeddings import Embedder
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
 from kubeinfer_serving.engine.config import EngineConfig, KVPoolSizer
 from kubeinfer_serving.engine.llm_engine import LLMEngine
+from kubeinfer_serving.layers.quant import check_quantization, quantized_weight_bytes
 from kubeinfer_serving.lora.adapter import LoRAShapes
 from kubeinfer_serving.lora.slots import LoRASlots
+from kubeinfer_serving.models import gguf
 from kubeinfer_serving.models import loader as hf
 from kubeinfer_serving.models.builtin import (
-    BUILTIN_EMBEDDING_MODEL_NAME,
-    BUILTIN_MODEL_NAME,
-    builtin_embedding_model_dir,
-    ensure_builtin_model,
+    builtin_model_dir,
 )
 from kubeinfer_serving.registry.adapters import AdapterStatus, load_adapter_into, read_adapter
 from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, AdapterEntry, Catalogue, ModelEntry
@@ -48,20 +47,14 @@ ENGINE_CALL_TIMEOUT_S = 60.0
 
 
 def resolve_model_dir(source: str, *, pvc_root: str | Path = "/mnt/models") -> Path:
-    """The local directory of a catalogue ``source``; ``builtin://`` models are built/located here.
+    """The local path of a catalogue ``source`` (a model directory or a ``.gguf`` file);
+    ``builtin://`` models are built/located here.
 
     Raises:
         ModelLoadError: an unknown builtin name or a source :func:`~kubeinfer_serving.models.loader.resolve_source` refuses.
     """
     if source.startswith(BUILTIN_SCHEME):
-        name = source[len(BUILTIN_SCHEME):]
-        if name == BUILTIN_MODEL_NAME:
-            return ensure_builtin_model()
-        if name == BUILTIN_EMBEDDING_MODEL_NAME:
-            return builtin_embedding_model_dir()
-        raise hf.ModelLoadError(
-            f"unknown built-in model {source!r}; built-ins: {BUILTIN_MODEL_NAME}, {BUILTIN_EMBEDDING_MODEL_NAME}"
-        )
+        return builtin_model_dir(source[len(BUILTIN_SCHEME):])
     return hf.resolve_source(source, pvc_root=pvc_root)
 
 
@@ -215,8 +208,9 @@ class DefaultModelLoader:
                 released.set()
                 disk.unpin(key)
 
-        return snap.path, {"revision": snap.revision, "disk": "hit" if snap.hit else "miss",
-                           "fetch_seconds": snap.fetch_seconds, "release": release}
+        path = snap.path / src.remote_file() if src.remote_file() else snap.path  # a GGUF file, else the directory
+        return path, {"revision": snap.revision, "disk": "hit" if snap.hit else "miss",
+                      "fetch_seconds": snap.fetch_seconds, "release": release}
 
     def _dtype(self, entry: ModelEntry) -> torch.dtype:
         if entry.dtype != "auto":
@@ -260,13 +254,20 @@ class DefaultModelLoader:
         return dataclasses.replace(last, disk="", fetch_seconds=0.0, release=release)
 
     def _plan(self, entry: ModelEntry, path: Path, remote: dict[str, Any]) -> LoadPlan:
-        if not path.is_dir():
-            raise hf.ModelLoadError(f"model directory {path} (from {entry.source}) does not exist")
         elem = torch.empty((), dtype=self._dtype(entry)).element_size()
-        if entry.kind is ModelKind.EMBED:
-            return LoadPlan(path, hf.weights_numel(path) * elem, **remote)
-        cfg = hf.load_hf_config(path)
-        weights = hf.weights_numel(path) * elem
+        if gguf.is_gguf(path):
+            if entry.kind is ModelKind.EMBED:
+                raise hf.UnsupportedModelError(f"{entry.source}: a GGUF file serves generate models only")
+            info = gguf.read_gguf(path)
+            cfg, numel = info.hf_config, info.numel
+        else:
+            if not path.is_dir():
+                raise hf.ModelLoadError(f"model directory {path} (from {entry.source}) does not exist")
+            if entry.kind is ModelKind.EMBED:
+                return LoadPlan(path, hf.weights_numel(path) * elem, **remote)
+            cfg, numel = hf.load_hf_config(path), hf.weights_numel(path)
+        check_quantization(entry.quantization, self.device)
+        weights = quantized_weight_bytes(cfg, numel, elem, entry.quantization)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
@@ -360,6 +361,7 @@ class DefaultModelLoader:
             dtype=self._dtype(entry),
             max_loras=self.catalogue.max_loras if entry.adapters or self.catalogue.enable_lora else 0,
             max_lora_rank=self.catalogue.max_lora_rank,
+            quantization=entry.quantization,
         )
         if warm is not None:
             w: _WarmWeights = warm.payload
@@ -394,6 +396,8 @@ class DefaultModelLoader:
             snap = await asyncio.to_thread(copy)
             return HostSnapshot(snap, sum(t.numel() * t.element_size() for t in snap.weights.values()))
 
+        # A quantized model's parameters cannot be reloaded as checkpoint weights: it does not offload.
         return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len,
                            eng.memory_bytes + activation + adapter_bytes, close=eng.shutdown, engine=eng,
-                           offload=offload, warm=warm is not None, adapters=adapters)
+                           offload=offload if entry.quantization == "none" else None, warm=warm is not None,
+                           adapters=adapters)

@@ -42,7 +42,7 @@ import dataclasses
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -179,6 +179,9 @@ class ModelRegistry:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._reaper: asyncio.Task | None = None
+        #: called as ``on_preload_failed(name, reason)`` by :meth:`start` for each preloaded model
+        #: that failed to load (single-model mode exits with the reason); None: only logged.
+        self.on_preload_failed: Callable[[str, str], None] | None = None
 
     # ------------------------------------------------------------------ ModelProvider
     def list_models(self) -> list[ModelInfo]:
@@ -465,6 +468,8 @@ class ModelRegistry:
         for e, r in zip(preload, results, strict=True):
             if isinstance(r, BaseException):
                 log.error("preloading %s failed: %s", e.name, r)
+                if self.on_preload_failed is not None:
+                    self.on_preload_failed(e.name, e.message or str(r))
 
     async def shutdown(self) -> None:
         """Stop accepting loads, wait for loads in flight, close every model and drop the warm tier."""
