@@ -38,6 +38,8 @@ MODELS = ["tiny-a", "tiny-b", "tiny-c"]
 REQUESTS = 30
 CONCURRENCY = 3
 ARTIFACTS = REPO / "tests" / ".artifacts"
+#: The README's 3-replica, 3-model example, applied as a user would (in namespace ``NS``).
+EXAMPLE = REPO / "deploy" / "examples" / "04-fleet-three-models.yaml"
 SERVING_SELECTOR = f"serving.kubeinfer.io/inferenceservice={NAME},app.kubernetes.io/component=serving"
 
 
@@ -51,13 +53,9 @@ def fleet(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
              "--create-namespace", "--wait", "--timeout", "300s", "--set", f"image.repository={repo}",
              "--set", f"image.tag={tag}", "--set", f"servingImage={SERVING_IMAGE}",
              "--set", f"watchNamespaces={{{NS}}}", timeout=400)
-    isvc = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": NAME, "namespace": NS},
-            "spec": {"models": [{"name": m, "source": "file:///opt/kubeinfer/models/tiny-llama", "maxModelLen": 1024}
-                                for m in MODELS],
-                     "runtime": {"maxLoadedModels": 1, "maxNumSeqs": 8},
-                     "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}},
-                     "scaling": {"minReplicas": 3, "maxReplicas": 3}}}
+    isvc = yaml.safe_load(EXAMPLE.read_text())
+    isvc["metadata"]["namespace"] = NS
+    assert isvc["metadata"]["name"] == NAME and [m["name"] for m in isvc["spec"]["models"]] == MODELS
     try:
         e2e.kubectl("apply", "-f", "-", input=yaml.safe_dump(isvc))
         e2e.kubectl("wait", "--for=condition=Ready", f"isvc/{NAME}", "-n", NS, "--timeout=600s", timeout=620)
