@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int, help="LoRA adapters one step can mix per model (default 4)")
     p.add_argument("--max-lora-rank", type=int, help="highest LoRA adapter rank (default 16)")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=SOURCE",
-                   help="LoRA adapters of the --model-dir model (PEFT directories or any source)")
+                   help="LoRA adapters of the --model model (PEFT directories or any source)")
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
     p.add_argument("--allowed-origins",

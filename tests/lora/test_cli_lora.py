@@ -60,7 +60,7 @@ def test_lora_flags_parse_and_belong_to_their_mode(tmp_path):
                                         {"name": "b", "source": str(Path("rel/dir").resolve())}]
     cat = build_provider(settings).catalogue
     assert [a.name for a in cat.models[0].adapters] == ["a", "b"] and cat.enable_lora and cat.max_loras == 3
-    with pytest.raises(ValueError, match="--lora-modules needs --model-dir"):
+    with pytest.raises(ValueError, match="--lora-modules needs --model "):
         build_provider(parse_settings(["--lora-modules", "a=/x"], env={}))
     with pytest.raises(SystemExit):
         parse_settings(["--model-dir", str(tmp_path), "--lora-modules", "no-equals-sign"], env={})
