@@ -32,7 +32,12 @@ from openai import OpenAI
 
 from tests.cluster_fixture import REPO
 from tests.e2e.conftest import OPERATOR_IMAGE, SERVING_IMAGE, E2ECluster, wait_until
-from tests.metrics_stack_fixture import MetricsStack, save_logs, start_metrics_stack
+from tests.metrics_stack_fixture import (
+    EXTERNAL_METRICS_APISERVICE,
+    MetricsStack,
+    save_logs,
+    start_metrics_stack,
+)
 from tests.stream_load import StreamLoad
 
 pytestmark = [pytest.mark.metrics, pytest.mark.timeout(1500)]
@@ -53,6 +58,9 @@ def stack(e2e_cluster: E2ECluster) -> Iterator[MetricsStack]:
         yield running
     finally:
         save_logs(running, ARTIFACTS / "keda-e2e-metrics-logs")
+        # The adapter's APIService goes with the adapter: an unavailable aggregated API makes every
+        # later namespace deletion in this cluster fail ("stale GroupVersion discovery").
+        e2e_cluster.kubectl("delete", "apiservice", EXTERNAL_METRICS_APISERVICE, "--ignore-not-found", check=False)
         running.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
 

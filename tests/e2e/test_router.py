@@ -63,7 +63,8 @@ def fleet(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
     finally:
         e2e.kubectl("-n", NS, "delete", "isvc", "--all", "--wait=true", timeout=300, check=False)
         e2e.helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", timeout=300, check=False)
-        e2e.kubectl("delete", "namespace", NS, "--wait=true", timeout=300, check=False)
+        # Not waited for: the namespace's last objects go in the background (the cluster is the session's).
+        e2e.kubectl("delete", "namespace", NS, "--wait=false", timeout=60, check=False)
 
 
 def serving_pods(e2e: E2ECluster) -> list[dict]:
