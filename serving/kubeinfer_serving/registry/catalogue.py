@@ -109,6 +109,19 @@ class _CamelModel(BaseModel):
 _NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
 
 
+def _valid_source(source: str) -> str:
+    """``source`` unchanged when :func:`~kubeinfer_serving.sources.parse_source` accepts it.
+
+    Raises:
+        ValueError: its message (pydantic reports it against the ``source`` field).
+    """
+    try:
+        parse_source(source)
+    except SourceError as exc:
+        raise ValueError(str(exc)) from None
+    return source
+
+
 class AdapterEntry(_CamelModel):
     """One LoRA adapter of a model (PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -127,11 +140,7 @@ class AdapterEntry(_CamelModel):
     def _known_scheme(cls, v: str) -> str:
         if v.startswith(BUILTIN_SCHEME):
             raise ValueError("an adapter's source cannot be builtin://")
-        try:
-            parse_source(v)
-        except SourceError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _valid_source(v)
 
     @property
     def parsed_source(self) -> ModelSource:
@@ -197,11 +206,7 @@ class ModelEntry(_CamelModel):
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        try:
-            parse_source(v)
-        except SourceError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _valid_source(v)
 
     @property
     def parsed_source(self) -> ModelSource:
