@@ -130,7 +130,10 @@ class StepInputs:
         host: host (NumPy) views of the packed input ids, positions and slot mapping, [T] int64
             each (valid until the next-but-one :meth:`ModelRunner.prepare`).
         lora: each row's LoRA adapter slot (its ``kept`` for the ``logits_idx`` rows) when some
-            scheduled sequence has an adapter, else None.
+            scheduled sequence has an adapter, else None; not built for a graph replay
+            (``to_device=False``), which takes ``row_slots`` instead.
+        row_slots: [T] int64 host LoRA slot of each row (-1: none) when some scheduled sequence
+            has an adapter, else None.
     """
 
     input_ids: torch.Tensor
@@ -140,6 +143,7 @@ class StepInputs:
     sample_rows: list[int]
     host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     lora: LoRAStep | None = None
+    row_slots: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -155,8 +159,9 @@ class ModelRunner:
             graphs the pool gets one more block, the null block of padded rows.
         max_model_len: context length in tokens; sets the graphs' block-table width (needed
             with ``cuda_graph_sizes``).
-        lora: the engine's LoRA adapters and slots, or None (LoRA off). A step with adapters
-            runs eagerly (no decode graph).
+        lora: the engine's LoRA adapters and slots, or None (LoRA off). With decode graphs, the
+            graphs apply each row's adapter (slot indexes as graph inputs), so decode steps that
+            mix adapters replay too.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, *,
@@ -181,7 +186,7 @@ class ModelRunner:
             if max_model_len is None:
                 raise ValueError("cuda_graph_sizes needs max_model_len")
             self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
-                                       block_size, device)
+                                       block_size, device, lora_slots=lora.slots if lora is not None else None)
             if device.type == "cuda":
                 try:
                     self.graphs.capture()
@@ -266,13 +271,15 @@ class ModelRunner:
             max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.copy(), seq_lens_cpu=seq_lens, block_tables_cpu=table.copy(), block_size=bs,
         )
-        lora_step = None
+        lora_step = row_slots = None
         if self.lora is not None and any(s.seq.lora is not None for s in scheduled):
             seq_slots = np.fromiter([self.lora.slot_of(s.seq.lora) for s in scheduled], np.int64, num_seqs)
-            lora_step = LoRAStep(self.lora.slots, seq_slots[row_of], self.device)
-            lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
+            row_slots = seq_slots[row_of]
+            if to_device:
+                lora_step = LoRAStep(self.lora.slots, row_slots, self.device)
+                lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
         return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist(), host=(part[0], part[1], part[2]),
-                          lora=lora_step)
+                          lora=lora_step, row_slots=row_slots)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -313,7 +320,8 @@ class ModelRunner:
             # one-token prefill chunks short of their prompt's end.
             # (Off CUDA, where nothing is captured, the same padded static inputs run eagerly: tests.)
             run = self.graphs.replay if self.device.type == "cuda" else self.graphs.run_padded
-            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
+            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu,
+                         inputs.row_slots)
             logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
                 inputs.sample_rows, torch.int64, self.device)
         if not rows and not prompt_jobs:
@@ -358,10 +366,13 @@ class ModelRunner:
         return result
 
     def _decode_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
-        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket; else None."""
+        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket, and
+        no row with an adapter unless the graphs apply adapters; else None."""
         if self.graphs is None:
             return None
-        if any(s.num_new_tokens != 1 or s.seq.lora is not None for s in scheduled):
+        if any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        if not self.graphs.lora and any(s.seq.lora is not None for s in scheduled):
             return None
         return self.graphs.bucket_for(len(scheduled))
 
