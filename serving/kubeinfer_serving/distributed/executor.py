@@ -161,12 +161,14 @@ class TPExecutor:
         return WorkerFailedError(self.failure_reason)
 
     def _watch(self) -> None:
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
-        multiprocessing.connection.wait(list(sentinels))
+        ready = multiprocessing.connection.wait([p.sentinel for p in self.procs])
         if self._closing:
             return
+        for p in self.procs:
+            if p.sentinel in ready:
+                p.join(1.0)  # the sentinel closes a moment before the exit status can be collected
         dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
-        rank, code = dead[0] if dead else (0, None)
+        rank, code = dead[0] if dead else (1, None)
         reason = f"tensor-parallel worker rank {rank} of {self.name!r} {_exit_text(code)}"
         if self.failure_reason is None:
             self.failure_reason = reason
