@@ -34,6 +34,7 @@ class ServerSettings(BaseModel):
         served_model_name: the OpenAI ``model`` name of ``model`` (default:
             :func:`~kubeinfer_serving.registry.catalogue.default_served_name`).
         quantization: weight quantization of the single model (``int8``, ``fp8``, ``none``; None: none).
+        tensor_parallel_size: ranks the single model is split over (vLLM's flag; None: 1).
         max_num_seqs: most sequences in a generative engine's running batch (None: the
             catalogue's ``maxNumSeqs``, else the engine default 256).
         max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
@@ -90,6 +91,7 @@ class ServerSettings(BaseModel):
     model_dir: Path | None = None
     served_model_name: str | None = None
     quantization: Literal["int8", "fp8", "none"] | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     max_waiting_requests: int | None = Field(None, ge=1)
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ORG/NAME for hf://, NAME for builtin://)")
     p.add_argument("--quantization", choices=["int8", "fp8", "none"],
                    help="single-model mode: weight-only quantization (int8 per-channel; fp8 needs CUDA; default none)")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="single-model mode: split the model over this many ranks (GPUs; processes on CPU; default 1)")
     p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
     p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap per engine; beyond it 429 (default: the catalogue's maxWaitingRequests, else 1024)")
