@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.generation import (
     GenerationRun,
     Job,
@@ -66,15 +66,16 @@ from kubeinfer_serving.registry.protocol import ModelKind
 router = APIRouter(route_class=OffLoopJSONRoute)
 
 
-def check_request(body: ChatCompletionRequest) -> None:
+def check_request(request: Request, body: ChatCompletionRequest) -> None:
     """Refuse what this route cannot honour, naming the field (400).
 
     Raises:
-        APIError: unknown or unsupported fields; ``top_logprobs`` without ``logprobs`` or
+        APIError: unimplemented fields that would change the output (others are ignored and
+            reported, :mod:`.fields`); ``top_logprobs`` without ``logprobs`` or
             above 20; ``stream_options`` without ``stream``; both ``add_generation_prompt`` and
             ``continue_final_message``.
     """
-    refuse_unknown_fields(body, defaults={"add_special_tokens": False})
+    check_fields(request, body, defaults={"add_special_tokens": False})
     if body.top_logprobs is not None and body.top_logprobs > 0 and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if body.top_logprobs is not None and body.top_logprobs > MAX_LOGPROBS:
@@ -98,7 +99,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     Returns a ``chat.completion`` object (or an SSE stream of ``chat.completion.chunk`` ending in
     ``data: [DONE]``). Errors as for ``/v1/completions``; ``param`` is ``messages`` for context overflow.
     """
-    check_request(body)
+    check_request(request, body)
     check_fanout(request, 1, body.n)
     plan = plan_tools(body)
     structured = grammar_spec(body)
@@ -159,9 +160,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 out.append(ToolCallDelta(index=i, function=FunctionCallDelta(arguments=c.function.arguments)))
             return out
 
+        continuous = body.stream_options is not None and body.stream_options.continuous
+
         async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
-            yield chunk([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=echo))
-                         for j in jobs])
+            def chunk_of(choices: list[ChatChunkChoice]) -> str:
+                return chunk(choices, usage.usage() if continuous else None)
+
+            yield chunk_of([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=echo))
+                            for j in jobs])
             streams = {j.index: ToolCallStream(plan, parser) for j in jobs}
             async for job, out in run.outputs():
                 usage.update(job, out)
@@ -170,21 +176,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 lp = chat_logprobs(out.new_logprobs or [], text_of, want_lp) if want_lp is not None else None
                 if not out.finished:
                     if content or (lp is not None and lp.content):
-                        yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
-                                                     logprobs=lp)])
+                        yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                        logprobs=lp)])
                     continue
                 rest, calls = ts.finish()
                 content += rest
                 reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
                 if content or (lp is not None and lp.content):
-                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
-                                                 logprobs=lp)])
+                    yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                    logprobs=lp)])
                 for delta in call_deltas(calls):
-                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
-                yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
+                    yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
+                yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield chunk([], usage.usage())
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
                              stream_events=events, cache_key=result_cache_key(request, "chat", body, served),
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                             continuous_usage=continuous)
