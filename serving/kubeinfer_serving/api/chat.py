@@ -58,7 +58,7 @@ from kubeinfer_serving.api.serving import (
     result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
-from kubeinfer_serving.api.structured import compile_guide, grammar_spec
+from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
 from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls, parser_for, plan_tools
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
@@ -101,8 +101,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     """
     check_request(request, body)
     check_fanout(request, 1, body.n)
-    plan = plan_tools(body)
-    structured = grammar_spec(body)
+    closed = forbids_additional_properties(request, body)
+    plan = plan_tools(body, closed)
+    structured = grammar_spec(body, closed)
     if plan.guide is not None:
         if structured is not None:
             raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",

@@ -49,7 +49,7 @@ from kubeinfer_serving.api.serving import (
     result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
-from kubeinfer_serving.api.structured import compile_guide, grammar_spec
+from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
@@ -97,7 +97,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
         body.prompt[0], int) else 1
     check_fanout(request, num_prompts, body.n)
-    structured = grammar_spec(body)
+    structured = grammar_spec(body, forbids_additional_properties(request, body))
     response_id, created = new_id("cmpl"), now()
     async with AsyncExitStack() as stack:
         model = resolve_model_name(request, body.model, ModelKind.GENERATE)
