@@ -27,6 +27,7 @@ from kubeinfer_serving.api import (
     load,
     lora,
     models,
+    responses,
     tokenization,
     websocket,
 )
@@ -94,7 +95,7 @@ def create_app(
 ) -> FastAPI:
     """Build the HTTP app over ``provider``.
 
-    Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+    Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
     vLLM's ``POST /v1/load_lora_adapter|unload_lora_adapter``,
     ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /kubeinfer/load`` (the router's
@@ -144,7 +145,7 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, load, tokenization, websocket, lora):
+    for module in (completions, chat, responses, embeddings, models, health, load, tokenization, websocket, lora):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -59,9 +60,9 @@ from kubeinfer_serving.api.serving import (
 )
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
-from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls, parser_for, plan_tools
+from kubeinfer_serving.api.tools import ToolCallStream, ToolPlan, parse_tool_calls, parser_for, plan_tools
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
-from kubeinfer_serving.registry.protocol import ModelKind
+from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
@@ -92,6 +93,72 @@ def check_request(request: Request, body: ChatCompletionRequest) -> None:
                        param="spaces_between_special_tokens", code="unsupported_parameter")
 
 
+@dataclass
+class ChatRun:
+    """A chat request made ready to run: the model acquired, the prompt rendered, the jobs built.
+
+    Attributes:
+        model: the model's name (the response's ``model``).
+        served: the acquired model (held until the response is over).
+        jobs: one engine request per choice.
+        plan: how the reply uses tools (:func:`~kubeinfer_serving.api.tools.plan_tools`).
+        parser: the model's tool-call format (:func:`~kubeinfer_serving.api.tools.parser_for`).
+        text_of: token id -> shown text, for log-probabilities.
+    """
+
+    model: str
+    served: ServedModel
+    jobs: list[Job]
+    plan: ToolPlan
+    parser: str
+    text_of: TokenText
+
+
+async def prepare_chat(request: Request, stack: AsyncExitStack, body: ChatCompletionRequest, response_id: str, *,
+                       context_param: str = "messages") -> ChatRun:
+    """Everything between a checked chat request and its engine jobs: tools and structured-output
+    plan, the model (acquired on ``stack``), priority and cache salt, the grammar, the prompt
+    (rendered with the chat template), the output budget and the sampling parameters.
+
+    Shared by ``/v1/chat/completions`` and ``/v1/responses`` (which converts its input into a chat request).
+
+    Args:
+        response_id: prefix of the engine request ids.
+        context_param: the request field named when the prompt does not fit the context.
+
+    Raises:
+        APIError: 400 for bad tools, constraints or prompts (naming the field), 404/503 from the provider.
+    """
+    closed = forbids_additional_properties(request, body)
+    plan = plan_tools(body, closed)
+    structured = grammar_spec(body, closed)
+    if plan.guide is not None:
+        if structured is not None:
+            raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",
+                           param=structured[0], code="invalid_value")
+        structured = ("tool_choice", plan.guide)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    want_lp = (body.top_logprobs or 0) if body.logprobs else None
+    model = resolve_model_name(request, body.model, ModelKind.GENERATE)
+    served = await acquire(request, stack, model, ModelKind.GENERATE)
+    priority = resolve_priority(request, body, served)
+    salt = cache_salt(request, body)
+    tok = served.tokenizer
+    guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
+    ids = await asyncio.to_thread(
+        chat_prompt, tok, body.messages, served.max_model_len,
+        parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
+        add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+        chat_template_kwargs=body.chat_template_kwargs, param=context_param)
+    max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param=context_param)
+    bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
+    jobs = [Job(j, 0, f"{response_id}-{j}", ids,
+                sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
+                                logprobs=want_lp))
+            for j in range(body.n)]
+    return ChatRun(model, served, jobs, plan, parser_for(tok), TokenText(tok, bool(body.return_tokens_as_token_ids)))
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """Generate the assistant's next message.
@@ -101,37 +168,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     """
     check_request(request, body)
     check_fanout(request, 1, body.n)
-    closed = forbids_additional_properties(request, body)
-    plan = plan_tools(body, closed)
-    structured = grammar_spec(body, closed)
-    if plan.guide is not None:
-        if structured is not None:
-            raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",
-                           param=structured[0], code="invalid_value")
-        structured = ("tool_choice", plan.guide)
     response_id, created = new_id("chatcmpl"), now()
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     want_lp = (body.top_logprobs or 0) if body.logprobs else None
     async with AsyncExitStack() as stack:
-        model = resolve_model_name(request, body.model, ModelKind.GENERATE)
-        served = await acquire(request, stack, model, ModelKind.GENERATE)
-        priority = resolve_priority(request, body, served)
-        salt = cache_salt(request, body)
-        tok = served.tokenizer
-        guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
-        ids = await asyncio.to_thread(
-            chat_prompt, tok, body.messages, served.max_model_len,
-            parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
-            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs)
-        max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
-        bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
-        jobs = [Job(j, 0, f"{response_id}-{j}", ids,
-                    sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
-                                    logprobs=want_lp))
-                for j in range(body.n)]
-        parser = parser_for(tok)
-        text_of = TokenText(tok, bool(body.return_tokens_as_token_ids))
+        prepared = await prepare_chat(request, stack, body, response_id)
+        model, served, jobs, plan, parser, text_of = (prepared.model, prepared.served, prepared.jobs, prepared.plan,
+                                                      prepared.parser, prepared.text_of)
         last = body.messages[-1]
         echo = _message_text(last) if body.echo and last.role == "assistant" else ""
 

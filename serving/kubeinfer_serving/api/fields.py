@@ -166,8 +166,18 @@ def check_fields(request: Request, body: BaseModel, *, defaults: dict[str, Any] 
     Raises:
         APIError: 400 ``unsupported_parameter`` naming a refused field (see :func:`unknown_fields`).
     """
-    names: list[str] = []
-    for field in unknown_fields(body, defaults=defaults):
+    return record_ignored(request, unknown_fields(body, defaults=defaults))
+
+
+def record_ignored(request: Request, fields: list[str]) -> list[str]:
+    """Report ``fields`` (paths) as ignored by this request: counted, logged once per name, and named
+    in the response header (added to those already recorded).
+
+    Returns:
+        the reported names (:func:`report_name`) of everything this request ignored so far.
+    """
+    names: list[str] = list(getattr(request.state, STATE_KEY, None) or [])
+    for field in fields:
         name = report_name(field)
         metrics.IGNORED_REQUEST_FIELDS.labels(field=name).inc()
         if name not in names:
