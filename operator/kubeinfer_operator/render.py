@@ -93,6 +93,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
     enforceEager?, quantization?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
     maxLoraRank?, diskCacheDir?, diskCacheBytes?}``.
+    A catalogue entry's ``name`` is the OpenAI id the pod serves, so it is the spec's
+    ``servedModelName`` (default ``name``) of each model and adapter.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
     ``/mnt/models/CLAIM/PATH``. With hf:// or s3:// models the disk tier lives at
@@ -102,7 +104,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     secrets = spec.model_secrets()
     for m in spec.models:
         entry: dict[str, Any] = {
-            "name": m.name,
+            "name": m.served_name,
             "source": m.source,
             "kind": m.kind,
             "preload": m.preload,
@@ -125,7 +127,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         if m.adapters:
-            entry["adapters"] = [{"name": a.name, "source": a.source} for a in m.adapters]
+            entry["adapters"] = [{"name": a.served_name, "source": a.source} for a in m.adapters]
         models.append(entry)
     out: dict[str, Any] = {
         "maxLoadedModels": spec.max_loaded_models,

@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: What ``servedModelName`` may be: the serving catalogue's model-name rule (``_NAME_PATTERN`` of
+#: serving/kubeinfer_serving/registry/catalogue.py; tests/operator/test_spec.py keeps them equal):
+#: 1-128 letters, digits, ``.``, ``_``, ``-``, ``/``, starting and ending with a letter or digit, so
+#: Hugging Face ids (``meta-llama/Llama-3.1-8B-Instruct``) and vLLM served names fit.
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
 
 #: Where the serving pod finds pvc:// sources: pvc://CLAIM/PATH -> MODEL_STORE_ROOT/CLAIM/PATH.
 MODEL_STORE_ROOT = "/mnt/models"
@@ -49,6 +54,14 @@ class AdapterSpec(_Camel):
 
     name: str = Field(max_length=63)
     source: str = Field(max_length=256)
+    #: the OpenAI ``model`` id clients send for this adapter; None: ``name``.
+    served_model_name: str | None = Field(default=None, alias="servedModelName", max_length=128,
+                                          pattern=SERVED_NAME_PATTERN)
+
+    @property
+    def served_name(self) -> str:
+        """The id clients request: ``servedModelName``, else ``name``."""
+        return self.served_model_name or self.name
 
     @field_validator("name")
     @classmethod
@@ -70,10 +83,15 @@ class AdapterSpec(_Camel):
 
 
 class ModelSpec(_Camel):
-    """One entry of ``spec.models``: an OpenAI model name and where its weights come from."""
+    """One entry of ``spec.models``: a DNS-safe key (``name``, used in Kubernetes objects, labels
+    and ``status.models``), the OpenAI id clients send (``servedModelName``, default ``name``) and
+    where its weights come from."""
 
     name: str = Field(max_length=63)
     source: str = Field(max_length=1024)
+    #: the OpenAI ``model`` id clients send (any string :data:`SERVED_NAME_PATTERN` allows); None: ``name``.
+    served_model_name: str | None = Field(default=None, alias="servedModelName", max_length=128,
+                                          pattern=SERVED_NAME_PATTERN)
     preload: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, alias="maxModelLen", ge=1, le=1 << 20)
@@ -129,6 +147,11 @@ class ModelSpec(_Camel):
     def parsed_source(self) -> ModelSource:
         """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
         return parse_model_source(self.source)
+
+    @property
+    def served_name(self) -> str:
+        """The id clients request: ``servedModelName``, else ``name``."""
+        return self.served_model_name or self.name
 
 
 class RuntimeSpec(_Camel):
@@ -335,6 +358,12 @@ class InferenceServiceSpec(_Camel):
                     raise ValueError(f"adapter name {adapter.name!r} of model {model.name!r} is already a model "
                                      "or adapter name (adapters are model names too)")
                 seen.add(adapter.name)
+        served: set[str] = set()
+        for entry in self.sources():
+            if entry.served_name in served:
+                raise ValueError(f"served model id {entry.served_name!r} appears more than once among models and "
+                                 "adapters (servedModelName, else name)")
+            served.add(entry.served_name)
         preloaded = sum(1 for m in self.models if m.preload)
         if self.runtime.max_loaded_models is not None and preloaded > self.runtime.max_loaded_models:
             raise ValueError(

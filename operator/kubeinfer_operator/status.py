@@ -234,7 +234,7 @@ def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list
         return []
     out: list[dict[str, Any]] = []
     for m in spec.models:
-        counts = {"readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
+        counts = {"servedModelName": m.served_name, "readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
         if m.preload and ready_replicas > 0:
             out.append({"name": m.name, "state": "Loaded", **counts, "message": "preloaded; a ready pod has it loaded"})
         elif m.preload:
