@@ -21,17 +21,10 @@ from typing import Any
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
 from kubeinfer_operator.models_poll import ModelPoller, summarise
-from kubeinfer_operator.render import (
-    SCALED_OBJECT_API_VERSION,
-    Owner,
-    activator_name,
-    keda_hpa_name,
-    render_activator,
-    render_children,
-    selector_labels,
-    stale_router_objects,
-    wants_activator,
-)
+from kubeinfer_operator.render import render_children, stale_router_objects
+from kubeinfer_operator.render_activator import activator_name, render_activator, wants_activator
+from kubeinfer_operator.render_autoscaling import SCALED_OBJECT_API_VERSION, keda_hpa_name
+from kubeinfer_operator.render_base import Owner, selector_labels
 from kubeinfer_operator.render_router import router_name
 from kubeinfer_operator.spec import InferenceServiceSpec, InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed

@@ -9,7 +9,7 @@ In router mode an isvc ``NAME`` gets, besides its serving Deployment:
   ``discovery.k8s.io`` EndpointSlices in the isvc's namespace, nothing else.
 * Deployment ``NAME-router``: ``routing.replicas`` pods of the operator's image running
   ``kubeinfer-router``, labelled ``app.kubernetes.io/component: router``; the isvc's Service
-  ``NAME`` selects them (:func:`kubeinfer_operator.render.render_service`).
+  ``NAME`` selects them (:func:`kubeinfer_operator.render_service.render_service`).
 
 No I/O here; the reconciler applies these with server-side apply.
 """

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_operator.models_poll import model_summary
-from kubeinfer_operator.render import service_url
+from kubeinfer_operator.render_service import service_url
 from kubeinfer_operator.spec import InferenceServiceSpec
 
 READY = "Ready"

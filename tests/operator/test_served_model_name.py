@@ -8,7 +8,8 @@ import pytest
 import yaml
 from kubeinfer_operator.config import OperatorConfig
 from kubeinfer_operator.models_poll import PodModels, summarise
-from kubeinfer_operator.render import Owner, render_children
+from kubeinfer_operator.render import render_children
+from kubeinfer_operator.render_base import Owner
 from kubeinfer_operator.spec import SERVED_NAME_PATTERN, InvalidSpecError, parse_spec
 from kubeinfer_router.keys import routing_key
 from kubeinfer_serving.registry import catalogue as serving_catalogue
