@@ -33,7 +33,8 @@ from kubeinfer_operator.spec import InferenceServiceSpec
 class Children:
     """All rendered children, in apply order (catalogue before the pods that mount it).
 
-    Exactly one of ``hpa`` (``scaling.autoscaler: hpa``) and ``scaled_object`` (``keda``) is set;
+    At most one of ``hpa`` (``scaling.autoscaler: hpa``) and ``scaled_object`` (``keda``) is set
+    (neither with ``none``: the Deployment's replicas are ``spec.replicas``);
     ``router`` holds the router-mode objects (:func:`~kubeinfer_operator.render_router.render_router_objects`),
     empty in service mode.
     """
@@ -50,14 +51,15 @@ class Children:
         return next((o for o in self.in_order() if o["kind"] == kind and o["metadata"]["name"] == name), None)
 
     @property
-    def autoscaler(self) -> dict[str, Any]:
-        """The autoscaler child of the chosen mode (HPA or ScaledObject)."""
-        return self.hpa if self.hpa is not None else self.scaled_object  # type: ignore[return-value]
+    def autoscaler(self) -> dict[str, Any] | None:
+        """The autoscaler child of the chosen mode (HPA or ScaledObject), None with ``none``."""
+        return self.hpa if self.hpa is not None else self.scaled_object
 
     def in_order(self) -> list[dict[str, Any]]:
         """ConfigMap, Service, Deployment, the router objects (router mode), then the HPA or the
-        ScaledObject."""
-        return [self.configmap, self.service, self.deployment, *self.router, self.autoscaler]
+        ScaledObject (if any)."""
+        tail = [self.autoscaler] if self.autoscaler is not None else []
+        return [self.configmap, self.service, self.deployment, *self.router, *tail]
 
 
 def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorConfig) -> Children:
@@ -65,11 +67,12 @@ def render_children(owner: Owner, spec: InferenceServiceSpec, config: OperatorCo
     configmap = render_configmap(owner, spec)
     digest = config_hash(configmap["data"][CATALOGUE_FILE])
     keda = spec.scaling.autoscaler == "keda"
+    hpa = spec.scaling.autoscaler == "hpa"
     return Children(
         configmap=configmap,
         service=render_service(owner, spec),
         deployment=render_deployment(owner, spec, config, digest),
-        hpa=None if keda else render_hpa(owner, spec),
+        hpa=render_hpa(owner, spec) if hpa else None,
         scaled_object=render_scaled_object(owner, spec, config) if keda else None,
         router=tuple(render_router_objects(owner, spec, config)) if spec.router_mode else (),
     )

@@ -12,6 +12,7 @@ from kubeinfer_operator.render_base import (
     child_metadata,
     common_labels,
     container_security_context,
+    operator_pull_secrets,
     pod_selector,
     scrape_annotations,
 )
@@ -68,6 +69,7 @@ def render_activator(owner: Owner, spec: InferenceServiceSpec, config: OperatorC
                 },
                 "spec": {
                     "containers": [container],
+                    **operator_pull_secrets(config),
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 5,

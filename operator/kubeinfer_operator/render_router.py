@@ -27,6 +27,7 @@ from kubeinfer_operator.render_base import (
     child_metadata,
     common_labels,
     container_security_context,
+    operator_pull_secrets,
     pod_selector,
     scrape_annotations,
     selector_labels,
@@ -184,6 +185,7 @@ def render_router_deployment(owner: Owner, spec: InferenceServiceSpec, config: O
                 "metadata": {"labels": labels, "annotations": scrape_annotations()},
                 "spec": {
                     "serviceAccountName": name,
+                    **operator_pull_secrets(config),
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "containers": [container],

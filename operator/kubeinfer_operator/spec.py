@@ -179,14 +179,16 @@ class ScalingSpec(_Camel):
     """``spec.scaling``: autoscaler bounds and behaviour; queue length is in waiting requests per pod.
 
     ``autoscaler`` picks who scales the Deployment: ``hpa`` (an autoscaling/v2 HPA on the Pods
-    metric ``kubeinfer_queue_length``, served by prometheus-adapter) or ``keda`` (a KEDA
-    ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero).
+    metric ``kubeinfer_queue_length``, served by prometheus-adapter), ``keda`` (a KEDA
+    ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero) or ``none``
+    (a fixed size: ``spec.replicas``, which ``kubectl scale`` and other ``/scale`` clients set;
+    ``minReplicas`` when unset).
     ``minReplicas`` 0 needs ``keda``; the Deployment then leaves zero when the isvc's queue
     (requests pending at its activator included) exceeds ``activationQueueLength`` (KEDA's
     ``activationThreshold``).
     """
 
-    autoscaler: Literal["hpa", "keda"] = "hpa"
+    autoscaler: Literal["hpa", "keda", "none"] = "hpa"
     min_replicas: int = Field(default=1, alias="minReplicas", ge=0, le=1000)
     max_replicas: int = Field(default=1, alias="maxReplicas", ge=1, le=1000)
     target_queue_length: int = Field(default=8, alias="targetQueueLength", ge=1, le=100000)
@@ -320,8 +322,38 @@ class RoutingSpec(_Camel):
 DISK_CACHE_FILL = 0.95
 
 
+#: Pod volumes the operator itself renders: a ``spec.volumes`` entry may not take these names.
+RESERVED_VOLUME_PREFIXES = ("catalogue", "tmp", "cache", "model-store-", "api-keys", "model-cache", "dshm")
+#: Where ``spec.shmSize`` mounts its memory-backed emptyDir.
+SHM_PATH = "/dev/shm"
+
+
+def _named(items: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """``items`` unchanged when each has a unique string ``name``.
+
+    Raises:
+        ValueError: an entry without a name, or a repeated name.
+    """
+    names = [item.get("name") for item in items]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"every {what} entry needs a name")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+    return items
+
+
 class InferenceServiceSpec(_Camel):
-    """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does."""
+    """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does.
+
+    The serving pod's knobs are explicit fields passed through to the pod (``serviceAccountName``,
+    ``env``, ``envFrom``, ``podAnnotations``, ``podLabels``, ``runtimeClassName``,
+    ``priorityClassName``, ``imagePullSecrets``, ``volumes``, ``volumeMounts``, ``shmSize``), not a
+    whole PodSpec: the operator owns the container command, probes, security context and its own
+    volumes, and each knob gets a schema, a description and a place in ``kubectl explain``.
+    ``replicas`` is the scale subresource's ``specReplicasPath``: the serving pods with
+    ``scaling.autoscaler: none``; the CRD refuses it with an autoscaler.
+    """
 
     models: list[ModelSpec] = Field(max_length=32)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -335,6 +367,58 @@ class InferenceServiceSpec(_Camel):
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, alias="modelCache")
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    service_account_name: str | None = Field(default=None, alias="serviceAccountName", max_length=253,
+                                             pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    env: list[dict[str, Any]] = Field(default_factory=list, max_length=128)
+    env_from: list[dict[str, Any]] = Field(default_factory=list, alias="envFrom", max_length=32)
+    pod_annotations: dict[str, str] = Field(default_factory=dict, alias="podAnnotations")
+    pod_labels: dict[str, str] = Field(default_factory=dict, alias="podLabels")
+    runtime_class_name: str | None = Field(default=None, alias="runtimeClassName", max_length=253,
+                                           pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    priority_class_name: str | None = Field(default=None, alias="priorityClassName", max_length=253,
+                                            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list, alias="imagePullSecrets", max_length=16)
+    volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, alias="volumeMounts", max_length=32)
+    shm_size: int | str | None = Field(default=None, alias="shmSize")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return _named(value, "env")
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secret_names(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        return _named(value, "imagePullSecrets")
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_names(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for volume in _named(value, "volumes"):
+            if volume["name"].startswith(RESERVED_VOLUME_PREFIXES):
+                raise ValueError(f"volume name {volume['name']!r} is reserved for the operator's own volumes "
+                                 f"(names starting with {', '.join(RESERVED_VOLUME_PREFIXES)})")
+        return value
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for mount in value:
+            if not mount.get("name") or not str(mount.get("mountPath", "")).startswith("/"):
+                raise ValueError("every volumeMounts entry needs a name and an absolute mountPath")
+        return value
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            try:
+                parse_quantity(value)
+            except ValueError as err:
+                raise ValueError(f"shmSize {value!r} is not a Kubernetes quantity") from err
+        return value
 
     @field_validator("credentials_secret")
     @classmethod
@@ -364,12 +448,27 @@ class InferenceServiceSpec(_Camel):
                 raise ValueError(f"served model id {entry.served_name!r} appears more than once among models and "
                                  "adapters (servedModelName, else name)")
             served.add(entry.served_name)
+        if self.replicas is not None and self.scaling.autoscaler != "none":
+            raise ValueError("replicas (kubectl scale) applies to scaling.autoscaler: none only; with an "
+                             "autoscaler set scaling.minReplicas and scaling.maxReplicas")
+        volumes = {v["name"] for v in self.volumes}
+        for mount in self.volume_mounts:
+            if mount["name"] not in volumes:
+                raise ValueError(f"volumeMounts entry {mount['name']!r} names no entry of spec.volumes")
         preloaded = sum(1 for m in self.models if m.preload)
         if self.runtime.max_loaded_models is not None and preloaded > self.runtime.max_loaded_models:
             raise ValueError(
                 f"{preloaded} models have preload: true but runtime.maxLoadedModels is {self.runtime.max_loaded_models}"
             )
         return self
+
+    @property
+    def fixed_replicas(self) -> int | None:
+        """Serving pods with ``scaling.autoscaler: none`` (``replicas``, else ``minReplicas``);
+        None with an autoscaler (it owns the Deployment's replicas)."""
+        if self.scaling.autoscaler != "none":
+            return None
+        return self.replicas if self.replicas is not None else self.scaling.min_replicas
 
     @property
     def max_loaded_models(self) -> int:
