@@ -217,6 +217,19 @@ MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
          "kvCacheBytes and kvCacheFraction apply to kind generate only"),
         ("eager-embed", {"models": [{**MODEL, "kind": "embed", "enforceEager": True}]},
          "enforceEager applies to kind generate only"),
+        ("dup-served-ids", {"models": [{**MODEL, "servedModelName": "meta-llama/Llama-3.2-1B-Instruct"},
+                                       {**MODEL, "name": "b", "servedModelName": "meta-llama/Llama-3.2-1B-Instruct"}]},
+         "spec.models served ids (servedModelName, else name) must be unique"),
+        ("served-id-is-a-name", {"models": [{**MODEL, "servedModelName": "b"}, {**MODEL, "name": "b"}]},
+         "spec.models served ids (servedModelName, else name) must be unique"),
+        ("adapter-id-is-model-id", {"models": [{**MODEL, "servedModelName": "org/base", "adapters": [
+            {"name": "a", "servedModelName": "org/base", "source": "file:///opt/a"}]}]},
+         "an adapter's served id (servedModelName, else name) must not be a model's served id"),
+        ("adapter-ids-in-one-model", {"models": [{**MODEL, "adapters": [
+            {"name": "a", "servedModelName": "org/sql", "source": "file:///opt/a"},
+            {"name": "c", "servedModelName": "org/sql", "source": "file:///opt/c"}]}]},
+         "adapter served ids (servedModelName, else name) must be unique"),
+        ("bad-served-id", {"models": [{**MODEL, "servedModelName": "has space"}]}, "servedModelName"),
         ("router-overcommit", {"models": [MODEL], "routing": {"resources": {"requests": {"memory": "1Gi"},
                                                                           "limits": {"memory": "512Mi"}}}},
          "routing.resources: every request must be at most its limit"),
@@ -505,6 +518,52 @@ def test_every_example_is_accepted_and_rendered(operator, k):
             kids = wait_for(f"children of {path.name}", lambda n=name: (c := children_of(k, n)) and all(c.values()) and c)
             assert kids["hpa"]["spec"]["maxReplicas"] == doc["spec"].get("scaling", {}).get("maxReplicas", 1)
             k.run("-n", NS, "delete", "isvc", name, "--wait=true")
+
+
+def test_kubectl_scale_sets_fixed_replicas_and_is_refused_under_an_autoscaler(operator, k):
+    # The scale subresource through the real API server: with scaling.autoscaler none, `kubectl scale`
+    # writes spec.replicas and the serving Deployment follows; with an autoscaler the API server
+    # refuses it with the CEL message (the autoscaler owns replicas). `kisvc` and the fully
+    # qualified name reach our kind even where KServe's `isvc` would clash.
+    fixed = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+             "metadata": {"name": "fixed"},
+             "spec": {"models": [{**MODEL, "servedModelName": "meta-llama/Llama-3.2-1B-Instruct", "preload": True}],
+                      "scaling": {"autoscaler": "none"}, "routing": {"mode": "service"}}}
+    k.apply(fixed)
+    dep = wait_for("the fixed-size Deployment", lambda: k.json("deployment", "fixed"))
+    assert dep["spec"]["replicas"] == 1  # spec.replicas unset: minReplicas
+    assert k.json("hpa", "fixed") is None
+    catalogue = yaml.safe_load(k.json("configmap", "fixed-models")["data"]["models.yaml"])
+    assert [m["name"] for m in catalogue["models"]] == ["meta-llama/Llama-3.2-1B-Instruct"]
+
+    k.run("-n", NS, "scale", "inferenceservices.serving.kubeinfer.io/fixed", "--replicas", "3")
+    assert k.json("kisvc", "fixed")["spec"]["replicas"] == 3
+    wait_for("the Deployment to follow kubectl scale",
+             lambda: (k.json("deployment", "fixed") or {}).get("spec", {}).get("replicas") == 3)
+
+    def scale_status():
+        res = k.run("-n", NS, "get", "inferenceservices.serving.kubeinfer.io", "fixed", "--subresource", "scale",
+                    "-o", "json", check=False)
+        scale = json.loads(res.stdout) if res.returncode == 0 else {}
+        return scale.get("status", {}).get("replicas") == 3 and scale
+    scale = wait_for("the scale subresource's status", scale_status, timeout=120)
+    assert scale["spec"]["replicas"] == 3
+    assert scale["status"]["selector"] == "serving.kubeinfer.io/inferenceservice=fixed,app.kubernetes.io/component=serving"
+    pods = k.json("pods", "-l", scale["status"]["selector"])["items"]
+    assert len(pods) >= 3  # the selector the scale subresource reports finds the serving pods
+
+    k.run("-n", NS, "scale", "kisvc/fixed", "--replicas", "0")
+    wait_for("scale to zero", lambda: (k.json("deployment", "fixed") or {}).get("spec", {}).get("replicas") == 0)
+
+    k.apply({**fixed, "metadata": {"name": "autoscaled"}, "spec": {**fixed["spec"], "scaling": {"autoscaler": "hpa"}}})
+    wait_for("the autoscaled isvc's HPA", lambda: k.json("hpa", "autoscaled"))
+    res = k.run("-n", NS, "scale", "kisvc/autoscaled", "--replicas", "3", check=False)
+    assert res.returncode != 0
+    assert "spec.replicas (kubectl scale) applies to scaling.autoscaler none only" in res.stderr
+    assert "replicas" not in k.json("kisvc", "autoscaled")["spec"]
+    names = k.run("-n", NS, "get", "kubeinfer", "-o", "name").stdout.split()  # the category
+    assert "inferenceservice.serving.kubeinfer.io/fixed" in names
+    k.run("-n", NS, "delete", "kisvc", "fixed", "autoscaled", "--wait=true")
 
 
 def test_helm_chart_templates_and_installs(cluster, k):
