@@ -240,3 +240,9 @@ def test_lint_is_clean_with_every_knob(tmp_path):
     result = subprocess.run([str(helm_binary()), "lint", "--strict", "--kube-version", kube_version(), str(CHART),
                              "--values", str(values)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
+
+
+def test_an_empty_readiness_path_drops_the_readiness_probe():
+    container = operator_container(render("--set", "operator.metrics.readinessPath="))
+    assert "readinessProbe" not in container and "livenessProbe" in container
+    assert {p["name"] for p in container["ports"]} == {"health", "metrics"}
