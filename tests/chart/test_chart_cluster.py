@@ -169,7 +169,7 @@ def test_chart_as_a_subchart_passes_global_values_and_pull_secrets(cluster, rele
     assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "global-regcred"}]
     env = env_of(dep)
     # what the operator gives the serving, router and activator pods it creates
-    assert env["KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS"] == "regcred,global-regcred"
+    assert env["KUBEINFER_IMAGE_PULL_SECRETS"] == "regcred,global-regcred"
     assert env["KUBEINFER_SERVING_IMAGE"] == "registry.example.com/ml/kubeinfer-serving:0.1.0"
     platform = json.loads(cluster.kubectl("-n", "chart-wrapper", "get", "configmap", "platform-platform",
                                           "-o", "json").stdout)

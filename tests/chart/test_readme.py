@@ -68,7 +68,7 @@ def test_table_rows_carry_type_default_and_description():
     rows = {r.key: r for r in values_readme().rows((CHART / "values.yaml").read_text())}
     assert rows["image.pullPolicy"].type == "string" and rows["image.pullPolicy"].default == '"IfNotPresent"'
     assert rows["startupTimeoutSeconds"].type == "int" and rows["startupTimeoutSeconds"].default == "1800"
-    assert rows["imagePullSecrets"].type == "list" and "KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS" in rows[
+    assert rows["imagePullSecrets"].type == "list" and "KUBEINFER_IMAGE_PULL_SECRETS" in rows[
         "imagePullSecrets"].description
     assert rows["resources"].type == "object" and json.loads(rows["resources"].default)["limits"] == {"memory": "512Mi"}
     assert "resources.requests" not in rows  # documented as a whole, above

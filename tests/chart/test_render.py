@@ -57,7 +57,7 @@ def test_defaults_render_valid_manifests_under_the_release_names():
     assert container["image"] == "ghcr.io/kubeinfer/kubeinfer-operator:0.1.0"
     env = env_of(container)
     assert env["KUBEINFER_OPERATOR_METRICS_PORT"] == "8080"
-    assert "KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS" not in env
+    assert "KUBEINFER_IMAGE_PULL_SECRETS" not in env
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": 8081, "metrics": 8080}
     assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
@@ -129,7 +129,7 @@ def test_every_knob_renders_valid_manifests_that_carry_each_setting():
         "KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS": "9",
         "KUBEINFER_KEDA_POLLING_SECONDS": "5",
         "KUBEINFER_OPERATOR_METRICS_PORT": "9090",
-        "KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS": "regcred,other-regcred,global-regcred",
+        "KUBEINFER_IMAGE_PULL_SECRETS": "regcred,other-regcred,global-regcred",
         "HTTPS_PROXY": "http://proxy:3128",
         "NODE_NAME": {"fieldRef": {"fieldPath": "spec.nodeName"}},
     }
@@ -191,7 +191,7 @@ def test_values_of_a_parent_chart_are_accepted():
     values = {"global": {"imagePullSecrets": ["global-regcred"], "storageClass": "fast", "anything": {"a": [1]}},
               "enabled": True}
     container_env = env_of(operator_container(render(values=values)))
-    assert container_env["KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS"] == "global-regcred"
+    assert container_env["KUBEINFER_IMAGE_PULL_SECRETS"] == "global-regcred"
 
 
 @pytest.mark.parametrize(("values", "error"), [

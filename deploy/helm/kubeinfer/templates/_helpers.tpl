@@ -50,7 +50,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 Image pull secret names, as a JSON list: imagePullSecrets, then global.imagePullSecrets (a parent
 chart's), duplicates dropped. Entries are {name: NAME} objects (the Kubernetes form) or plain NAME
 strings. The operator pod uses them, and the operator gives them to the serving pods it creates
-(env KUBEINFER_DEFAULT_IMAGE_PULL_SECRETS).
+(env KUBEINFER_IMAGE_PULL_SECRETS).
 */}}
 {{- define "kubeinfer.imagePullSecretNames" -}}
 {{- $names := list -}}
