@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.chart.chart import CHART, EVERY_KNOB, MONITORING_API, kube_version, one, render
 from tests.chart.schemas import prometheus_operator_crds
+from tests.chart.wrapper import PULL_SECRETS, write_parent_chart
 
 pytestmark = pytest.mark.cluster
 
@@ -122,36 +122,6 @@ def test_install_with_prometheus_operator_creates_the_monitors(cluster, monitori
     assert "kubeinfer-operator" in [g["name"] for g in rules[0]["spec"]["groups"]]
 
 
-PARENT_CHART = {"apiVersion": "v2", "name": "ml-platform", "version": "1.0.0",
-                "dependencies": [{"name": "kubeinfer", "version": "0.1.0", "repository": f"file://{CHART}",
-                                  "condition": "kubeinfer.enabled"}]}
-PARENT_VALUES = {
-    "global": {"imagePullSecrets": [{"name": "global-regcred"}], "imageRegistry": "registry.example.com"},
-    "platformName": "ml",
-    "kubeinfer": {"enabled": True, "imagePullSecrets": ["regcred"],
-                  "servingImage": "registry.example.com/ml/kubeinfer-serving:0.1.0"},
-}
-#: One object of the parent's own, reading the same global values.
-PARENT_TEMPLATE = """apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {{ .Release.Name }}-platform
-data:
-  name: {{ .Values.platformName }}
-  pullSecrets: {{ .Values.global.imagePullSecrets | toJson | quote }}
-"""
-
-
-def write_parent_chart(root: Path) -> Path:
-    """A platform chart that depends on deploy/helm/kubeinfer (file://), with its dependency packaged."""
-    parent = root / "ml-platform"
-    (parent / "templates").mkdir(parents=True)
-    (parent / "Chart.yaml").write_text(yaml.safe_dump(PARENT_CHART))
-    (parent / "values.yaml").write_text(yaml.safe_dump(PARENT_VALUES))
-    (parent / "templates" / "platform.yaml").write_text(PARENT_TEMPLATE)
-    return parent
-
-
 def test_chart_as_a_subchart_passes_global_values_and_pull_secrets(cluster, release, tmp_path):
     parent = write_parent_chart(tmp_path)
     cluster.helm("dependency", "update", "--skip-refresh", str(parent))
@@ -166,10 +136,10 @@ def test_chart_as_a_subchart_passes_global_values_and_pull_secrets(cluster, rele
     cluster.helm("install", "platform", str(parent), "--namespace", "chart-wrapper", "--create-namespace")
     dep = deployment(cluster, "chart-wrapper", "platform-kubeinfer-operator")
     pod = dep["spec"]["template"]["spec"]
-    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "global-regcred"}]
+    assert pod["imagePullSecrets"] == [{"name": n} for n in PULL_SECRETS]
     env = env_of(dep)
     # what the operator gives the serving, router and activator pods it creates
-    assert env["KUBEINFER_IMAGE_PULL_SECRETS"] == "regcred,global-regcred"
+    assert env["KUBEINFER_IMAGE_PULL_SECRETS"] == ",".join(PULL_SECRETS)
     assert env["KUBEINFER_SERVING_IMAGE"] == "registry.example.com/ml/kubeinfer-serving:0.1.0"
     platform = json.loads(cluster.kubectl("-n", "chart-wrapper", "get", "configmap", "platform-platform",
                                           "-o", "json").stdout)
