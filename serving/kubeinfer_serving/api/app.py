@@ -133,7 +133,7 @@ def create_app(
     app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
     app.add_middleware(HTTPMetricsMiddleware)
     app.state.drain = Drain()
-    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
+    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file, api_keys=settings.api_keys)
     fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
