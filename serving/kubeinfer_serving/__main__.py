@@ -28,6 +28,7 @@ import uvicorn
 from kubeinfer_serving.api.limits import guarded_h11_protocol
 from kubeinfer_serving.cli import build_parser, parse_settings
 from kubeinfer_serving.config import ServerSettings, flag_names, pod_keys, single_model_fields
+from kubeinfer_serving.logs import configure_logging
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger("kubeinfer_serving")
@@ -101,10 +102,7 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and environment, build the provider and app, and serve until SIGINT/SIGTERM."""
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     from kubeinfer_serving.api.app import create_app
     from kubeinfer_serving.server import DrainingServer, drain_config_timeout
 
@@ -118,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to configure_logging's handler (text or JSON)
         http=guarded_h11_protocol(settings.timeout_request_headers),
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,

@@ -27,6 +27,7 @@ ENV_PREFIX = "KUBEINFER_"
 SchedulingPolicy = Literal["fcfs", "priority"]
 Quantization = Literal["none", "int8", "fp8"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
 #: Canonical weights/KV dtypes (the catalogue's ``dtype``); ``auto`` = bfloat16 on CUDA, float32 on CPU.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: Every accepted dtype spelling (vLLM's short names too) -> its canonical name.
@@ -118,7 +119,9 @@ class ServerSettings(BaseModel):
     gpu_memory_utilization: float | None = knob(
         None, "memory budget as a fraction of device memory (physical/cgroup memory on CPU), vLLM's flag; "
         "not with --memory-budget-bytes", pod_key="gpuMemoryUtilization", fallback=0.9, gt=0.0, le=1.0)
-    log_level: LogLevel = knob("info", "log level of the server and uvicorn; debug also turns on uvicorn's access log")
+    log_level: LogLevel = knob("info", "log level of the server and uvicorn; info logs one line per request, "
+                               "debug also probes and uvicorn's access log")
+    log_format: LogFormat = knob("text", "log lines as text or as one JSON object per line (json)")
     timeout_graceful_shutdown: float = knob(30.0, "seconds in-flight requests get after SIGTERM; then they end "
                                             "cleanly (503 body / SSE error event and [DONE])", ge=0)
     max_request_body_bytes: int = knob(16 * 1024 * 1024, "largest request body; a bigger one gets 413 before "
