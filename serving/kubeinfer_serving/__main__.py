@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from kubeinfer_serving import metrics
 from kubeinfer_serving.api.limits import guarded_h11_protocol
 from kubeinfer_serving.cli import build_parser, parse_settings
 from kubeinfer_serving.config import ServerSettings, flag_names, pod_keys, single_model_fields
@@ -103,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and environment, build the provider and app, and serve until SIGINT/SIGTERM."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
+    metrics.configure_names(settings.metrics_names)
     from kubeinfer_serving.api.app import create_app
     from kubeinfer_serving.server import DrainingServer, drain_config_timeout
 

@@ -28,6 +28,7 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 Quantization = Literal["none", "int8", "fp8"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 LogFormat = Literal["text", "json"]
+MetricsNames = Literal["kubeinfer", "vllm", "both"]
 #: Canonical weights/KV dtypes (the catalogue's ``dtype``); ``auto`` = bfloat16 on CUDA, float32 on CPU.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 #: Every accepted dtype spelling (vLLM's short names too) -> its canonical name.
@@ -121,6 +122,8 @@ class ServerSettings(BaseModel):
         "not with --memory-budget-bytes", pod_key="gpuMemoryUtilization", fallback=0.9, gt=0.0, le=1.0)
     log_level: LogLevel = knob("info", "log level of the server and uvicorn; info logs one line per request, "
                                "debug also probes and uvicorn's access log")
+    metrics_names: MetricsNames = knob("kubeinfer", "names of the engine metrics at /metrics: kubeinfer_* (ours), "
+                                       "vllm (vLLM's vllm:* names and labels instead) or both")
     log_format: LogFormat = knob("text", "log lines as text or as one JSON object per line (json)")
     timeout_graceful_shutdown: float = knob(30.0, "seconds in-flight requests get after SIGTERM; then they end "
                                             "cleanly (503 body / SSE error event and [DONE])", ge=0)
