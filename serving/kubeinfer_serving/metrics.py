@@ -138,8 +138,9 @@ HTTP_REQUEST_DURATION = Histogram(
     "kubeinfer_http_request_duration_seconds", "Time from request start to the end of the response body.",
     ["route", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
-#: The kubeinfer_* engine series that ``--metrics-names vllm`` replaces by vLLM's (:mod:`.metrics_vllm`).
-ENGINE_SERIES = (QUEUE_LENGTH, NUM_REQUESTS_RUNNING, KV_CACHE_USAGE, TTFT, ITL, E2E_LATENCY, QUEUE_TIME, PROMPT_TOKENS,
+#: The kubeinfer_* engine series that ``--metrics-names vllm`` replaces by vLLM's (:mod:`.metrics_vllm`);
+#: ``kubeinfer_queue_length`` stays in every mode: the operator's autoscalers scale on it.
+ENGINE_SERIES = (NUM_REQUESTS_RUNNING, KV_CACHE_USAGE, TTFT, ITL, E2E_LATENCY, QUEUE_TIME, PROMPT_TOKENS,
                  GENERATION_TOKENS, NUM_PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, REQUESTS_FINISHED,
                  REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_PREFILL_TIME, REQUEST_DECODE_TIME)
 #: vLLM-named engine series, when ``--metrics-names`` is ``vllm`` or ``both`` (:func:`configure_names`).

@@ -6,7 +6,8 @@ Names, labels (``model_name``, ``engine``; ``finished_reason`` on ``vllm:request
 and buckets follow vLLM v1's Prometheus logger (vllm/v1/metrics/loggers.py); ``engine`` is
 always ``"0"`` (one engine per model here). With ``vllm`` the overlapping ``kubeinfer_*`` engine
 series (:data:`kubeinfer_serving.metrics.ENGINE_SERIES`) are not exported; the pod-level ones
-(model state, HTTP, tenants, registry, disk tier) keep their names in every mode.
+(model state, HTTP, tenants, registry, disk tier) and ``kubeinfer_queue_length`` (the operator's
+autoscaling signal) keep their names in every mode.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_vllm_names_and_labels_are_exported(mode: str) -> None:
         for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
             assert f'{gauge}{{engine="0",model_name="tiny-llama"}}' in text
         assert 'vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="tiny-llama"}' in text
-        assert ("kubeinfer_queue_length{" in text) == (mode == "both")
+        assert ("kubeinfer_kv_cache_usage_ratio{" in text) == (mode == "both")
+        assert "kubeinfer_queue_length{" in text  # the operator's autoscaling signal, in every mode
         assert "kubeinfer_http_requests_total{" in text and "kubeinfer_model_state{" in text  # pod series stay
     finally:
         proc.terminate()
