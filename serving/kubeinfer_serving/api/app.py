@@ -38,6 +38,7 @@ from kubeinfer_serving.api.errors import install_error_handlers
 from kubeinfer_serving.api.fields import ignored_header
 from kubeinfer_serving.api.limits import BodyLimitMiddleware
 from kubeinfer_serving.api.openapi import install_openapi
+from kubeinfer_serving.api.request_log import RequestLogMiddleware
 from kubeinfer_serving.api.result_cache import ResultCache
 from kubeinfer_serving.api.tenancy import KeyStore
 from kubeinfer_serving.config import ServerSettings
@@ -66,6 +67,7 @@ class RequestIdMiddleware:
             return
         rid = next((v for k, v in scope.get("headers", []) if k.lower() == REQUEST_ID_HEADER), None)
         rid = rid or uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode("latin-1")  # for the request log
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -140,7 +142,7 @@ def create_app(
     app.state.metrics_registry.register(ModelStateCollector(provider.list_models, provider.is_ready))
     app.add_middleware(HTTPMetricsMiddleware)
     app.state.drain = Drain()
-    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file)
+    app.state.keys = keys if keys is not None else KeyStore.load(settings.api_keys_file, api_keys=settings.api_keys)
     fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
@@ -153,5 +155,6 @@ def create_app(
     app.add_middleware(AuthMiddleware, keys=app.state.keys,  # refuse before reading a body
                        allowed_origins=settings.allowed_origins)
     app.add_middleware(load.ResidentHeaderMiddleware, resident=provider.resident_models)
+    app.add_middleware(RequestLogMiddleware)  # logs 401s and 413s too
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from kubeinfer_serving import __version__
+from kubeinfer_serving.api import request_log
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
@@ -72,6 +73,7 @@ async def acquire(request: Request, stack: AsyncExitStack, name: str | None, kin
             ``name`` is None and there is no single model to pick.
     """
     name = resolve_model_name(request, name, kind)
+    request_log.note(request.scope, model=name)
     served = await stack.enter_async_context(request.app.state.provider.acquire(name))
     if kind is ModelKind.GENERATE and getattr(served, "engine", None) is None:
         raise APIError(400, f"Model {name!r} is an embedding model; use /v1/embeddings", param="model",
@@ -265,6 +267,7 @@ async def respond(
         return Response(status_code=CLIENT_CLOSED)
     run = GenerationRun(served.engine, jobs)
     usage = UsageCounter(jobs)
+    request_log.note_usage(request.scope, usage)
     drain = request.app.state.drain
     admission: FairAdmission = request.app.state.admission
     tenant = identity_of(request.scope).tenant
@@ -301,6 +304,7 @@ async def respond(
             async def collect() -> BaseModel:
                 results = [ChoiceResult() for _ in jobs]
                 await run.wait_first()
+                request_log.note(request.scope, first_output=True)
                 async for job, out in run.outputs():
                     results[job.index].add(out)
                     usage.update(job, out)
@@ -317,6 +321,7 @@ async def respond(
                 cache.put(cache_key, data)
             return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
         await until_disconnect(request, run.wait_first())
+        request_log.note(request.scope, first_output=True)
     except ClientDisconnected:
         run.cancel()
         finish()

@@ -24,9 +24,8 @@ import torch
 from transformers import AutoModel
 
 from kubeinfer_serving.embeddings.pooling import PoolingConfig, pool, read_pooling_config
+from kubeinfer_serving.engine.config import pick_device, torch_dtype
 from kubeinfer_serving.models.loader import ModelLoadError, load_tokenizer, weights_nbytes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -112,16 +111,14 @@ class Embedder:
         Raises:
             ModelLoadError: missing/corrupt files; UnsupportedModelError: unsupported pipeline modules.
         """
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else (
-            dtype if isinstance(dtype, torch.dtype) else torch.float32
-        )
+        dev = pick_device(device)
+        weights_dtype = torch.float32 if dtype in (None, "auto") else torch_dtype(dtype, dev)
         pooling = read_pooling_config(path)
         tokenizer = load_tokenizer(path)
         if host_model is None:
             weights_nbytes(path)  # validates presence and safetensors headers with a readable message
             try:
-                model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=weights_dtype)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load embedding model from {path}: {exc}") from exc
         else:
