@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from kubeinfer_serving.distributed.sharding import TensorParallelError
@@ -63,3 +66,40 @@ def test_a_worker_that_dies_while_idle_fails_the_model_at_once(tiny_dir):
         await aeng.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_workers_exit_when_the_serving_process_is_killed(tiny_dir, tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    script = (
+        "import sys, time, torch\n"
+        "from kubeinfer_serving.engine.config import EngineConfig\n"
+        "from kubeinfer_serving.engine.llm_engine import LLMEngine\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(1)\n"
+        f"    e = LLMEngine.from_model_dir({str(tiny_dir)!r}, model_name='t', config=EngineConfig(device='cpu', "
+        "num_kv_blocks=16, tensor_parallel_size=2))\n"
+        "    print(e.tp.pids[0], flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    (tmp_path / "rank0.py").write_text(script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(str(repo / d) for d in ("serving",)))
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "rank0.py")], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its serving process"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

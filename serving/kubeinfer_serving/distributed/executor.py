@@ -11,7 +11,7 @@ engine ends every request with an error and reports itself dead: ``/health`` fai
 registry shows the model Failed). A collective that fails inside a step (a dead peer closes its
 sockets at once; a hung one hits ``$KUBEINFER_TP_TIMEOUT_S``) raises :class:`WorkerFailedError`
 from the step. :meth:`TPExecutor.close` stops the workers (``OP_STOP``, then SIGKILL after a
-grace period); workers also die with the serving process (``PR_SET_PDEATHSIG``).
+grace period); workers also exit when the serving process is gone (they watch their parent pid).
 """
 
 from __future__ import annotations

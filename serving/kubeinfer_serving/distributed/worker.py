@@ -3,8 +3,9 @@
 Started by :class:`~kubeinfer_serving.distributed.executor.TPExecutor` with
 ``torch.multiprocessing``'s spawn start method. The worker:
 
-1. asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``), ignores SIGINT (the
-   serving process decides when workers stop), connects to the group;
+1. exits when its parent process is gone (a watcher thread polls the parent pid: the kernel's
+   ``PR_SET_PDEATHSIG`` would fire when the *thread* that spawned it ends, e.g. a loader thread),
+   ignores SIGINT (the serving process decides when workers stop), connects to the group;
 2. loads its shard of the weights (safetensors slices), quantizes/packs as rank 0 does; a failure
    is written to the store (``error/RANK``) and reported at the init handshake;
 3. on ``OP_INIT`` allocates its KV pool (same block count as rank 0, its own KV heads) and reports
@@ -16,10 +17,12 @@ Started by :class:`~kubeinfer_serving.distributed.executor.TPExecutor` with
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +31,8 @@ from .group import IDLE_TIMEOUT_S, Rendezvous, TPGroup
 from .protocol import HEADER_LEN, OP_INIT, OP_STEP, OP_STOP, decode_calls, payload_len
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
+#: Seconds between checks that the serving process (the parent) still runs.
+PARENT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,12 +96,16 @@ def _load_config(model_dir: str):
     return loader.load_hf_config(model_dir)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Exit the process (status 1) once ``parent`` is no longer this process's parent."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
 def worker_main(rank: int, size: int, rdv: Rendezvous, spec: WorkerSpec) -> None:
     """The worker's entry point (see the module docstring). Exits the process with 0 on ``OP_STOP``."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: a dead rank 0 is still noticed by the failing collective
-        pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads)
