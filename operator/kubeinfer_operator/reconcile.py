@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer_operator import metrics
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
 from kubeinfer_operator.models_poll import ModelPoller, summarise
@@ -256,15 +257,29 @@ class Reconciler:
         Event per distinct message, and a normal return, so nothing retries until the spec
         changes. Existing children are left as they are meanwhile.
 
+        Each call is counted in ``kubeinfer_operator_reconciles_total{result}`` and timed in
+        ``kubeinfer_operator_reconcile_duration_seconds`` (:mod:`kubeinfer_operator.metrics`).
+
         Raises:
             KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
         """
-        with self._lock(namespace, name):
-            if isvc is None:
-                isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
-            if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
-                return Outcome(found=False)
-            return self._reconcile(dict(isvc), observed)
+        result = metrics.ERROR
+        metrics.IN_PROGRESS.inc()
+        started = time.monotonic()
+        try:
+            with self._lock(namespace, name):
+                if isvc is None:
+                    isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
+                if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
+                    result = metrics.NOT_FOUND
+                    return Outcome(found=False)
+                outcome = self._reconcile(dict(isvc), observed)
+                result = metrics.INVALID_SPEC if outcome.invalid is not None else metrics.OK
+                return outcome
+        finally:
+            metrics.IN_PROGRESS.dec()
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            metrics.RECONCILES.labels(result=result).inc()
 
     def _apply_child(
         self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed | None, outcome: Outcome
