@@ -96,10 +96,10 @@ def _run(
     indices = getattr(memo, "indices", None)
     if isvc is None and indices is not None:
         isvc = next(iter(_values(indices["isvc_index"], (namespace, name))), None)
-        if isvc is None:  # not (yet) seen by the watch: ask the API
-            isvc = reconciler.kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
-            if isvc is None:
-                return Outcome(found=False)
+    if isvc is None:  # not (yet) seen by the watch: ask the API
+        isvc = reconciler.kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
+        if isvc is None:
+            return Outcome(found=False)
     try:
         outcome = reconciler.reconcile(namespace, name, isvc=isvc, observed=observed(indices, namespace, name))
     except KubeError as err:
@@ -287,10 +287,11 @@ def _values(index: Mapping[Any, Any], key: Any) -> list[Any]:
     return list(index.get(key, []))
 
 
-def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Observed | None:
-    """The indexed children and pods of isvc ``namespace/name`` (None without indexes)."""
+def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Observed:
+    """The indexed children and pods of isvc ``namespace/name`` (nothing before the indexes exist,
+    which kopf builds before any handler runs)."""
     if indices is None:
-        return None
+        return Observed()
     children: dict[tuple[str, str], dict[str, Any]] = {}
     for key in CHILD_INDEXES:
         for obj in _values(indices[key], (namespace, name)):

@@ -162,15 +162,6 @@ class Kube:
             raise
         return True
 
-    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
-        """Pods in ``namespace`` carrying every label of ``selector``.
-
-        Raises:
-            KubeError: the list failed.
-        """
-        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
-        return list(self._call("GET", object_path("v1", "Pod", namespace), query=query).get("items") or [])
-
     def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
         """InferenceServices in ``namespace``, or in every namespace when None.
 
@@ -181,27 +172,13 @@ class Kube:
         path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
         return list(self._call("GET", path).get("items") or [])
 
-    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``obj`` as field manager ``kubeinfer-operator`` with force
-        (the operator is the single owner of the fields it sets); returns the stored object.
+    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Server-side apply ``obj`` as field manager ``kubeinfer-operator`` with force (the
+        operator is the single owner of the fields it sets); returns (created: HTTP 201 rather
+        than 200, the stored object).
 
         Raises:
             KubeError: e.g. 422 when the server rejects the object's content.
-        """
-        meta = obj["metadata"]
-        return self._call(
-            "PATCH",
-            object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            body=dict(obj),
-            content_type="application/apply-patch+yaml",
-        )
-
-    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """:meth:`apply`, also telling whether it created the object (HTTP 201) or found it (200).
-
-        Raises:
-            KubeError: as :meth:`apply`.
         """
         meta = obj["metadata"]
         status, body = self._call_status(

@@ -12,11 +12,11 @@ from kubeinfer_operator import metrics
 from kubeinfer_operator.config import OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
 from kubeinfer_operator.models_poll import ModelPoller
-from kubeinfer_operator.reconcile import Observed, Reconciler
+from kubeinfer_operator.reconcile import Reconciler
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.operator.test_reconcile import GOOD, NOW, MemoryKube, isvc
+from tests.operator.test_reconcile import GOOD, NOW, MemoryKube, isvc, run
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +54,16 @@ def _reconciler(spec: dict) -> tuple[MemoryKube, Reconciler]:
     return kube, Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW)
 
 
-def _run(kube: MemoryKube, rec: Reconciler):
-    return rec.reconcile("ns", "svc", isvc=kube.get("", "InferenceService", "ns", "svc"), observed=Observed())
-
-
 def test_reconciles_are_counted_by_result_and_timed(base):
     before = scrape(base)
     kube, rec = _reconciler(GOOD)
-    kube.apply_status = lambda obj: (True, kube.apply(obj))
-    _run(kube, rec)
-    bad_kube, bad = _reconciler({"models": []})
-    _run(bad_kube, bad)
+    run(rec)
+    _, bad = _reconciler({"models": []})
+    run(bad)
     kube.reject["ConfigMap"] = KubeError(503, "Service Unavailable", "etcd is down")
     rec._applied.clear()
     with pytest.raises(KubeError):
-        _run(kube, rec)
+        run(rec)
     after = scrape(base)
     assert reconciles(after, "ok") - reconciles(before, "ok") == 1
     assert reconciles(after, "invalid_spec") - reconciles(before, "invalid_spec") == 1
