@@ -246,3 +246,12 @@ def test_an_empty_readiness_path_drops_the_readiness_probe():
     container = operator_container(render("--set", "operator.metrics.readinessPath="))
     assert "readinessProbe" not in container and "livenessProbe" in container
     assert {p["name"] for p in container["ports"]} == {"health", "metrics"}
+
+
+@pytest.mark.parametrize("key", ["podAnnotations", "podLabels", "extraEnv", "imagePullSecrets", "podSecurityContext",
+                                 "securityContext", "nodeSelector", "tolerations", "affinity", "global", "resources"])
+def test_a_value_set_to_null_renders(key):
+    # Helm drops a key set to null (e.g. to remove a default); the templates must cope
+    docs = render("--set", f"{key}=null")
+    for doc in docs:
+        validate(doc)
