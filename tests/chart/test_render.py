@@ -255,3 +255,18 @@ def test_a_value_set_to_null_renders(key):
     docs = render("--set", f"{key}=null")
     for doc in docs:
         validate(doc)
+
+
+def test_name_override_and_long_names():
+    docs = render("--set", "nameOverride=infer", "--set", "podMonitor.enabled=true", "--set", "monitoringCRDs=true")
+    assert one(docs, "Deployment")["metadata"]["name"] == "k-infer-operator"
+    assert one(docs, "PodMonitor", "-serving")["metadata"]["name"] == "k-infer-serving"
+    assert one(docs, "Deployment")["metadata"]["labels"]["app.kubernetes.io/name"] == "infer-operator"
+    long = "a" * 60
+    docs = render("--set", f"fullnameOverride={long}", "--set", "podMonitor.enabled=true", "--set", "monitoringCRDs=true",
+                  "--set", "prometheusRule.enabled=true", "--set", "grafanaDashboard.enabled=true")
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert len(names) == len(docs) and all(len(n) <= 63 for _, n in names), names
+    for kind, component in (("Deployment", "operator"), ("ConfigMap", "dashboard"), ("PodMonitor", "serving")):
+        # the prefix gives way, the component stays whole
+        assert (kind, f"{long[:62 - len(component)]}-{component}") in names, names
