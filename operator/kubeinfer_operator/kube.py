@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client, config
 
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, PLURAL, VERSION
+from kubeinfer_operator.metrics import HEALTH, record_api_error
 
 #: (apiVersion, kind) -> (API path prefix, plural) of every kind the operator touches.
 _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
@@ -108,11 +109,12 @@ class Kube:
             response = self.api.call_api(*request, _request_timeout=30)
             response.read()
         except client.exceptions.ApiException as err:
-            raise _kube_error(err.status or 0, err.reason or "", err.body) from err
+            raise _counted(_kube_error(err.status or 0, err.reason or "", err.body)) from err
         except Exception as err:  # connection refused, TLS errors, timeouts
-            raise KubeError(0, type(err).__name__, str(err)) from err
+            raise _counted(KubeError(0, type(err).__name__, str(err))) from err
         if not 200 <= response.status <= 299:
-            raise _kube_error(response.status, response.reason or "", response.data)
+            raise _counted(_kube_error(response.status, response.reason or "", response.data))
+        HEALTH.api_ok()
         return response.status, (json.loads(response.data) if response.data else {})
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -221,6 +223,16 @@ class Kube:
         """
         path = object_path(f"{GROUP}/{VERSION}", "InferenceService", namespace, name) + "/status"
         return self._call("PATCH", path, body={"status": dict(status)}, content_type="application/merge-patch+json")
+
+
+def _counted(err: KubeError) -> KubeError:
+    """``err``, counted in ``kubeinfer_operator_api_errors_total`` unless it is a 404 (an absent
+    object is an answer, not a failure); an answer at all proves the API reachable."""
+    if err.status == 404:
+        HEALTH.api_ok()
+    else:
+        record_api_error(err.status)
+    return err
 
 
 def _kube_error(status: int, reason: str, body: Any) -> KubeError:

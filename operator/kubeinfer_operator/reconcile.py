@@ -18,20 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer_operator import metrics
 from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
 from kubeinfer_operator.models_poll import ModelPoller, summarise
-from kubeinfer_operator.render import (
-    SCALED_OBJECT_API_VERSION,
-    Owner,
-    activator_name,
-    keda_hpa_name,
-    render_activator,
-    render_children,
-    selector_labels,
-    stale_router_objects,
-    wants_activator,
-)
+from kubeinfer_operator.render import render_children, stale_router_objects
+from kubeinfer_operator.render_activator import activator_name, render_activator, wants_activator
+from kubeinfer_operator.render_autoscaling import SCALED_OBJECT_API_VERSION, keda_hpa_name
+from kubeinfer_operator.render_base import Owner, selector_labels
 from kubeinfer_operator.render_router import router_name
 from kubeinfer_operator.spec import InferenceServiceSpec, InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
@@ -204,34 +198,41 @@ class Reconciler:
             self.emit(isvc, "Warning", "ApplyFailed", message)
 
     def _remove_other_autoscaler(
-        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome,
-        observed: Observed | None = None,
+        self, isvc: Mapping[str, Any], mode: str, outcome: Outcome, observed: Observed | None = None,
     ) -> None:
-        """Delete the autoscaler of the mode the isvc does not use (after a switch between
-        ``hpa`` and ``keda``), if this isvc controls it, so two autoscalers never fight over
-        the Deployment's replicas. A watched HPA is checked from ``observed``; a ScaledObject
-        (not watched) is looked up once per isvc and mode in this process."""
+        """Delete the autoscalers of the modes the isvc does not use (after a switch between
+        ``hpa``, ``keda`` and ``none``), if this isvc controls them, so two autoscalers never
+        fight over the Deployment's replicas. A watched HPA is checked from ``observed``; a
+        ScaledObject (not watched) is looked up once per isvc and mode in this process."""
         meta = isvc["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        mode = "keda" if keda else "hpa"
-        if keda:
+        namespace, name = meta["namespace"], meta["name"]
+        if mode != "hpa":
             stale = (HPA_API_VERSION, "HorizontalPodAutoscaler")
             if observed is not None:
                 obj = observed.children.get(("HorizontalPodAutoscaler", name))
             else:
                 obj = self.kube.get(*stale, namespace, name)
-        else:
+            self._delete_if_controlled(isvc, stale, obj, mode, outcome)
+        if mode != "keda":
             stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
             if self._mode_checked.get((namespace, name)) == mode or not self.keda_installed():
                 return
             obj = self.kube.get(*stale, namespace, name)
+            self._delete_if_controlled(isvc, stale, obj, mode, outcome)
         self._mode_checked[(namespace, name)] = mode
+
+    def _delete_if_controlled(
+        self, isvc: Mapping[str, Any], stale: tuple[str, str], obj: Mapping[str, Any] | None, mode: str,
+        outcome: Outcome,
+    ) -> None:
+        """Delete autoscaler ``obj`` (``stale`` = its apiVersion, kind) if this isvc controls it."""
+        meta = isvc["metadata"]
         owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
-        if obj is None or not any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
+        if obj is None or not any(ref.get("uid") == meta["uid"] and ref.get("controller") for ref in owners):
             return
-        if self.kube.delete(*stale, namespace, name):
-            outcome.deleted.append(f"{stale[1]}/{name}")
-            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now {mode}")
+        if self.kube.delete(*stale, meta["namespace"], meta["name"]):
+            outcome.deleted.append(f"{stale[1]}/{meta['name']}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {meta['name']}: scaling.autoscaler is now {mode}")
 
     def reconcile(
         self,
@@ -256,15 +257,29 @@ class Reconciler:
         Event per distinct message, and a normal return, so nothing retries until the spec
         changes. Existing children are left as they are meanwhile.
 
+        Each call is counted in ``kubeinfer_operator_reconciles_total{result}`` and timed in
+        ``kubeinfer_operator_reconcile_duration_seconds`` (:mod:`kubeinfer_operator.metrics`).
+
         Raises:
             KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
         """
-        with self._lock(namespace, name):
-            if isvc is None:
-                isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
-            if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
-                return Outcome(found=False)
-            return self._reconcile(dict(isvc), observed)
+        result = metrics.ERROR
+        metrics.IN_PROGRESS.inc()
+        started = time.monotonic()
+        try:
+            with self._lock(namespace, name):
+                if isvc is None:
+                    isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
+                if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
+                    result = metrics.NOT_FOUND
+                    return Outcome(found=False)
+                outcome = self._reconcile(dict(isvc), observed)
+                result = metrics.INVALID_SPEC if outcome.invalid is not None else metrics.OK
+                return outcome
+        finally:
+            metrics.IN_PROGRESS.dec()
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            metrics.RECONCILES.labels(result=result).inc()
 
     def _apply_child(
         self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed | None, outcome: Outcome
@@ -386,7 +401,7 @@ class Reconciler:
                 if after is not None:
                     stored[(obj["kind"], obj["metadata"]["name"])] = after
             if outcome.invalid is None:
-                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome, observed)
+                self._remove_other_autoscaler(isvc, spec.scaling.autoscaler, outcome, observed)
                 self._remove_router(isvc, spec, observed, outcome)
         self._last_failure.pop((namespace, name), None)
         hpa_name = keda_hpa_name(name) if keda else name
