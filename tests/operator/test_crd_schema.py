@@ -259,8 +259,8 @@ def test_operator_pod_runs_as_the_user_the_operator_image_creates():
     image_uid = int(re.search(r"^ARG OPERATOR_UID=(\d+)$", dockerfile, flags=re.M).group(1))
     assert re.search(r'useradd --uid "\$OPERATOR_UID"', dockerfile)
     assert re.search(r"^USER \$\{OPERATOR_UID\}:\$\{OPERATOR_UID\}$", dockerfile, flags=re.M)
-    chart = (REPO / "deploy" / "helm" / "kubeinfer" / "templates" / "deployment.yaml").read_text()
-    assert f"runAsUser: {image_uid}" in chart and f"runAsGroup: {image_uid}" in chart
+    chart = yaml.safe_load((REPO / "deploy" / "helm" / "kubeinfer" / "values.yaml").read_text())["podSecurityContext"]
+    assert chart["runAsUser"] == chart["runAsGroup"] == image_uid
     (plain,) = [d for d in load_yaml_docs(REPO / "deploy" / "operator" / "deployment.yaml") if d["kind"] == "Deployment"]
     pod = plain["spec"]["template"]["spec"]["securityContext"]
     assert pod["runAsUser"] == pod["runAsGroup"] == image_uid

@@ -582,34 +582,6 @@ def test_kubectl_scale_sets_fixed_replicas_and_is_refused_under_an_autoscaler(op
     k.run("-n", NS, "delete", "kisvc", "fixed", "autoscaled", "--wait=true")
 
 
-def test_helm_chart_templates_and_installs(cluster, k):
-    chart = str(REPO / "deploy" / "helm" / "kubeinfer")
-    cluster.helm("lint", chart)
-    rendered = cluster.helm("template", "kubeinfer", chart, "--include-crds", "--namespace", "kubeinfer-helm",
-                            "--set", "metricsAdapter.rulesConfigMap.enabled=true").stdout
-    docs = [d for d in yaml.safe_load_all(rendered) if d]
-    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert crds == [yaml.safe_load(CRD_PATH.read_text())]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                            "Deployment", "ConfigMap"])
-    plain_rules = next(d for d in load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml")
-                       if d["kind"] == "ClusterRole")["rules"]
-    assert next(d for d in docs if d["kind"] == "ClusterRole")["rules"] == plain_rules
-    bad = cluster.helm("template", "kubeinfer", chart, "--set", "image.pullPolicy=Sometimes", check=False)
-    assert bad.returncode != 0 and "pullPolicy" in bad.stderr  # values.schema.json is enforced
-
-    cluster.helm("install", "kubeinfer", chart, "--namespace", "kubeinfer-helm", "--create-namespace",
-                 "--set", "watchNamespaces={team-a}")
-    try:
-        dep = json.loads(k.run("-n", "kubeinfer-helm", "get", "deployment", "kubeinfer-kubeinfer-operator",
-                               "-o", "json").stdout)
-        assert "--namespace=team-a" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
-        k.run("get", "crd", CRD_NAME)
-    finally:
-        cluster.helm("uninstall", "kubeinfer", "--namespace", "kubeinfer-helm")
-
-
 def test_crd_directory_and_kustomization_apply_cleanly(cluster, k):
     # `kubectl apply -f deploy/crds/` must see the CRD only (the kustomize entry is named
     # "Kustomization", which kubectl skips), and `kubectl apply -k deploy/operator` still gets it.
