@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer_operator.metrics import MODEL_POLLS
 from kubeinfer_operator.spec import InferenceServiceSpec
 
 DEFAULT_PORT = 8000
@@ -114,9 +115,12 @@ class ModelPoller:
     def _poll_one(self, pod: Mapping[str, Any], ip: str, port: int) -> PodModels:
         name = pod["metadata"]["name"]
         try:
-            return PodModels(name, pod_is_ready(pod), fetch_models(ip, port, self.timeout))
+            answer = PodModels(name, pod_is_ready(pod), fetch_models(ip, port, self.timeout))
         except (OSError, ValueError, KeyError, TypeError) as err:
+            MODEL_POLLS.labels(result="error").inc()
             return PodModels(name, pod_is_ready(pod), error=f"{type(err).__name__}: {err}")
+        MODEL_POLLS.labels(result="ok").inc()
+        return answer
 
     def poll(self, pods: Iterable[Mapping[str, Any]]) -> list[PodModels]:
         """Answers of every Running pod with an IP (cached ones reused), in pod-name order."""

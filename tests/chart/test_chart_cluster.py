@@ -77,6 +77,8 @@ def test_lint_templates_and_install_with_watch_namespaces(cluster, release):
                        "--set", "prometheusRule.enabled=true").stdout
     # without prometheus-operator the monitors are left out, and the notes say so
     assert "serves no monitoring.coreos.com/v1" in out, out
+    # the notes' commands name our kind unambiguously (KServe's is also "isvc")
+    assert "kubectl wait --for=condition=Ready inferenceservices.serving.kubeinfer.io/tiny-chat" in out, out
     manifest = cluster.helm("get", "manifest", "kubeinfer", "--namespace", "chart-plain").stdout
     assert "kind: PodMonitor" not in manifest and "kind: PrometheusRule" not in manifest
     dep = deployment(cluster, "chart-plain", "kubeinfer-kubeinfer-operator")

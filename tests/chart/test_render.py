@@ -56,15 +56,15 @@ def test_defaults_render_valid_manifests_under_the_release_names():
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["image"] == "ghcr.io/kubeinfer/kubeinfer-operator:0.1.0"
     env = env_of(container)
-    assert env["KUBEINFER_OPERATOR_METRICS_PORT"] == "8080"
     assert "KUBEINFER_IMAGE_PULL_SECRETS" not in env
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"health": 8081, "metrics": 8080}
-    assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
+    assert ports == {"health": 8080, "metrics": 8081}
+    assert container["args"] == ["--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz",
+                                 "--metrics=0.0.0.0:8081"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
-    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "8081", "prometheus.io/path": "/metrics"}
 
 
 def test_every_knob_is_covered_by_the_every_knob_values():
@@ -115,7 +115,8 @@ def test_every_knob_renders_valid_manifests_that_carry_each_setting():
     assert container["resources"] == EVERY_KNOB["resources"]
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
                                             "capabilities": {"drop": ["ALL"]}}
-    assert container["args"] == ["--namespace=team-a", "--namespace=team-b", "--liveness=http://0.0.0.0:9081/healthz"]
+    assert container["args"] == ["--namespace=team-a", "--namespace=team-b", "--liveness=http://0.0.0.0:9081/healthz",
+                                 "--metrics=0.0.0.0:9090"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 9081, "metrics": 9090}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     env = env_of(container)
@@ -128,7 +129,6 @@ def test_every_knob_renders_valid_manifests_that_carry_each_setting():
         "KUBEINFER_ROUTER_IMAGE": "registry.example.com/ml/kubeinfer-operator:1.2.3",
         "KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS": "9",
         "KUBEINFER_KEDA_POLLING_SECONDS": "5",
-        "KUBEINFER_OPERATOR_METRICS_PORT": "9090",
         "KUBEINFER_IMAGE_PULL_SECRETS": "regcred,other-regcred,global-regcred",
         "HTTPS_PROXY": "http://proxy:3128",
         "NODE_NAME": {"fieldRef": {"fieldPath": "spec.nodeName"}},
@@ -246,3 +246,27 @@ def test_an_empty_readiness_path_drops_the_readiness_probe():
     container = operator_container(render("--set", "operator.metrics.readinessPath="))
     assert "readinessProbe" not in container and "livenessProbe" in container
     assert {p["name"] for p in container["ports"]} == {"health", "metrics"}
+
+
+@pytest.mark.parametrize("key", ["podAnnotations", "podLabels", "extraEnv", "imagePullSecrets", "podSecurityContext",
+                                 "securityContext", "nodeSelector", "tolerations", "affinity", "global", "resources"])
+def test_a_value_set_to_null_renders(key):
+    # Helm drops a key set to null (e.g. to remove a default); the templates must cope
+    docs = render("--set", f"{key}=null")
+    for doc in docs:
+        validate(doc)
+
+
+def test_name_override_and_long_names():
+    docs = render("--set", "nameOverride=infer", "--set", "podMonitor.enabled=true", "--set", "monitoringCRDs=true")
+    assert one(docs, "Deployment")["metadata"]["name"] == "k-infer-operator"
+    assert one(docs, "PodMonitor", "-serving")["metadata"]["name"] == "k-infer-serving"
+    assert one(docs, "Deployment")["metadata"]["labels"]["app.kubernetes.io/name"] == "infer-operator"
+    long = "a" * 60
+    docs = render("--set", f"fullnameOverride={long}", "--set", "podMonitor.enabled=true", "--set", "monitoringCRDs=true",
+                  "--set", "prometheusRule.enabled=true", "--set", "grafanaDashboard.enabled=true")
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert len(names) == len(docs) and all(len(n) <= 63 for _, n in names), names
+    for kind, component in (("Deployment", "operator"), ("ConfigMap", "dashboard"), ("PodMonitor", "serving")):
+        # the prefix gives way, the component stays whole
+        assert (kind, f"{long[:62 - len(component)]}-{component}") in names, names

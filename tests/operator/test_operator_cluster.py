@@ -63,16 +63,18 @@ class Operator:
     def start(self) -> None:
         self.starts += 1
         self.log_path = self.log_dir / f"operator-{self.starts}.log"
-        with socket.socket() as s:
+        with socket.socket() as s, socket.socket() as m:
             s.bind(("127.0.0.1", 0))
+            m.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+            self.metrics_port = m.getsockname()[1]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE,
                # kwok's fake pod IPs lead off this machine: poll /v1/models only on local addresses
                "KUBEINFER_MODEL_POLL_NETWORKS": os.environ.get("KUBEINFER_MODEL_POLL_NETWORKS", "127.0.0.0/8"),
                **self.extra_env}
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", self.namespace, "-v",
-             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics", f"127.0.0.1:{self.metrics_port}"],
             env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -312,6 +314,20 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
         f"$ kubectl apply -f deploy/examples/{FIRST.name}\n{applied}"
         f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa,sa,role,rolebinding\n{children_table}"
     )
+
+
+def test_operator_serves_its_metrics_and_readiness(operator, k):
+    base = f"http://127.0.0.1:{operator.metrics_port}"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+        assert (r.status, r.read()) == (200, b"ok")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("kubeinfer_operator_reconciles_total", (("result", "ok"),))] >= 1  # the first example's
+    assert samples[("kubeinfer_operator_reconcile_duration_seconds_count", ())] >= 1
 
 
 def test_router_children_with_their_rbac_and_selectors(operator, k):

@@ -15,9 +15,12 @@ Defaults: Deployment kubeinfer-kubeinfer-operator for release "kubeinfer".
 {{- end -}}
 {{- end -}}
 
-{{/* "<prefix>-<component>", at most 63 characters: include "kubeinfer.componentName" (list . "dashboard") */}}
+{{/* "<prefix>-<component>", at most 63 characters (the prefix is shortened, the component kept):
+include "kubeinfer.componentName" (list . "dashboard") */}}
 {{- define "kubeinfer.componentName" -}}
-{{- printf "%s-%s" (include "kubeinfer.prefix" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- $component := index . 1 -}}
+{{- $prefix := include "kubeinfer.prefix" (index . 0) | trunc (int (sub 62 (len $component))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $prefix $component -}}
 {{- end -}}
 
 {{/* The operator's Deployment, ClusterRole, ClusterRoleBinding and PodMonitor. */}}
