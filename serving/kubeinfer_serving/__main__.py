@@ -39,6 +39,7 @@ _SINGLE_MODEL_ONLY = {
     "served_model_name": "it names the --model model",
     "lora_modules": "list adapters per model in the catalogue",
     "quantization": "set quantization per model in the catalogue",
+    "tensor_parallel_size": "set tensorParallelSize per model in the catalogue",
 }
 #: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
 _POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
@@ -90,6 +91,7 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
         catalogue = single_model_catalogue(source, name, dtype=settings.dtype, max_model_len=settings.max_model_len,
                                            result_cache=bool(settings.result_cache),
                                            quantization=settings.quantization,
+                                           tensor_parallel_size=settings.tensor_parallel_size,
                                            adapters=settings.lora_adapters(), **overrides)
         return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
                              show_sources=False)

@@ -8,6 +8,7 @@ Each field ``foo_bar`` reads ``KUBEINFER_FOO_BAR`` (e.g. ``KUBEINFER_PORT=9000``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,27 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "KUBEINFER_"
+
+
+class StructuredOutputsConfig(BaseModel):
+    """vLLM's ``--structured-outputs-config`` (a JSON object), the keys this server knows.
+
+    Attributes:
+        backend: the grammar library; this server has one (llguidance, vLLM's ``guidance``).
+        disable_additional_properties: JSON schemas (``response_format``, ``guided_json``,
+            ``structured_outputs.json``, forced tool calls) forbid properties they do not
+            declare unless they say ``additionalProperties`` themselves. vLLM's option of this
+            name (default false there) makes its ``guidance`` backend behave as its default
+            ``xgrammar`` backend does; this server defaults to true, so a schema without
+            ``additionalProperties`` (LangChain's and litellm's tool schemas) gets only its
+            declared keys. ``false`` restores llguidance's JSON-schema default (undeclared keys
+            allowed); a request's ``structured_outputs.disable_additional_properties`` wins.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "guidance", "llguidance"] = "auto"
+    disable_additional_properties: bool = True
 
 
 class ServerSettings(BaseModel):
@@ -34,6 +56,7 @@ class ServerSettings(BaseModel):
         served_model_name: the OpenAI ``model`` name of ``model`` (default:
             :func:`~kubeinfer_serving.registry.catalogue.default_served_name`).
         quantization: weight quantization of the single model (``int8``, ``fp8``, ``none``; None: none).
+        tensor_parallel_size: ranks the single model is split over (vLLM's flag; None: 1).
         max_num_seqs: most sequences in a generative engine's running batch (None: the
             catalogue's ``maxNumSeqs``, else the engine default 256).
         max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
@@ -79,6 +102,7 @@ class ServerSettings(BaseModel):
         allowed_origins: web origins (``scheme://host[:port]``) whose pages may open this server's
             WebSockets; a handshake from any other site is refused (comma-separated in the flag
             and the environment). Default: none (same-site pages and non-browser clients only).
+        structured_outputs_config: vLLM's ``--structured-outputs-config`` (:class:`StructuredOutputsConfig`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +114,7 @@ class ServerSettings(BaseModel):
     model_dir: Path | None = None
     served_model_name: str | None = None
     quantization: Literal["int8", "fp8", "none"] | None = None
+    tensor_parallel_size: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)
     max_waiting_requests: int | None = Field(None, ge=1)
@@ -139,6 +164,18 @@ class ServerSettings(BaseModel):
             out.append({"name": name, "source": source if "://" in source else str(Path(source).expanduser().resolve())})
         return out
     allowed_origins: tuple[str, ...] = ()
+    structured_outputs_config: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
+
+    @field_validator("structured_outputs_config", mode="before")
+    @classmethod
+    def _parse_structured_outputs_config(cls, value: object) -> object:
+        """The flag and the environment give a JSON object as text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object: {exc}") from None
+        return value
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -196,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ORG/NAME for hf://, NAME for builtin://)")
     p.add_argument("--quantization", choices=["int8", "fp8", "none"],
                    help="single-model mode: weight-only quantization (int8 per-channel; fp8 needs CUDA; default none)")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="single-model mode: split the model over this many ranks (GPUs; processes on CPU; default 1)")
     p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
     p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap per engine; beyond it 429 (default: the catalogue's maxWaitingRequests, else 1024)")
@@ -243,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins",
                    help="comma-separated web origins (https://app.example) whose pages may open WebSockets "
                    "to this server (default: none; other sites' handshakes are refused)")
+    p.add_argument("--structured-outputs-config", metavar="JSON",
+                   help='vLLM\'s structured-outputs options, e.g. \'{"disable_additional_properties": false}\' '
+                   "to let JSON schemas without additionalProperties admit undeclared keys (default: forbidden)")
     return p
 
 

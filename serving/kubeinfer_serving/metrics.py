@@ -266,6 +266,11 @@ RESULT_CACHE_REQUESTS = Counter(
     "kubeinfer_result_cache_requests", "Cacheable requests looked up in the result cache (outcome: hit or miss).",
     ["model_name", "outcome"], registry=REGISTRY,
 )
+IGNORED_REQUEST_FIELDS = Counter(
+    "kubeinfer_ignored_request_fields", "Request fields this server does not implement, accepted and ignored "
+    "(vLLM's policy; :mod:`kubeinfer_serving.api.fields`). The label set is capped: further names count as 'other'.",
+    ["field"], registry=REGISTRY,
+)
 RESULT_CACHE_BYTES = Gauge(
     "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
 )

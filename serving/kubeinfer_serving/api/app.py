@@ -27,6 +27,7 @@ from kubeinfer_serving.api import (
     load,
     lora,
     models,
+    responses,
     tokenization,
     websocket,
 )
@@ -34,6 +35,7 @@ from kubeinfer_serving.api.admission import FairAdmission
 from kubeinfer_serving.api.auth import AuthMiddleware
 from kubeinfer_serving.api.drain import Drain
 from kubeinfer_serving.api.errors import install_error_handlers
+from kubeinfer_serving.api.fields import ignored_header
 from kubeinfer_serving.api.limits import BodyLimitMiddleware
 from kubeinfer_serving.api.openapi import install_openapi
 from kubeinfer_serving.api.result_cache import ResultCache
@@ -49,7 +51,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 
 
 class RequestIdMiddleware:
-    """Pure ASGI middleware: every HTTP response carries ``X-Request-Id`` (the client's or a new uuid4 hex).
+    """Pure ASGI middleware: every HTTP response carries ``X-Request-Id`` (the client's or a new uuid4 hex),
+    and ``x-kubeinfer-ignored-fields`` when the route ignored request fields (:mod:`.fields`).
 
     Works for streamed responses too (it only edits the ``http.response.start`` message).
     """
@@ -67,7 +70,11 @@ class RequestIdMiddleware:
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
-                message = {**message, "headers": headers + [(b"x-request-id", rid)]}
+                headers.append((b"x-request-id", rid))
+                ignored = ignored_header(scope)
+                if ignored is not None:
+                    headers.append(ignored)
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -88,7 +95,7 @@ def create_app(
 ) -> FastAPI:
     """Build the HTTP app over ``provider``.
 
-    Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+    Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/embeddings``,
     ``GET /v1/models``, ``GET /v1/models/{name}``, ``POST /admin/models/{name}/load|unload``,
     vLLM's ``POST /v1/load_lora_adapter|unload_lora_adapter``,
     ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /kubeinfer/load`` (the router's
@@ -138,7 +145,7 @@ def create_app(
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
     install_error_handlers(app)
-    for module in (completions, chat, embeddings, models, health, load, tokenization, websocket, lora):
+    for module in (completions, chat, responses, embeddings, models, health, load, tokenization, websocket, lora):
         app.include_router(module.router)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,

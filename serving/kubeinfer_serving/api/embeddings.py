@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.prompts import split_inputs
@@ -55,7 +55,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     unimplemented field (e.g. vLLM's ``truncate_prompt_tokens``), or input the embedder rejects (e.g.
     too long); 503 model cannot be loaded. A client that leaves stops its work.
     """
-    refuse_unknown_fields(body, defaults={"add_special_tokens": True})
+    check_fields(request, body, defaults={"add_special_tokens": True})
     if body.dimensions is not None:
         raise APIError(400, "dimensions is not supported: the model's output size is fixed", param="dimensions",
                        code="unsupported_parameter")

@@ -48,6 +48,7 @@ _GENERATION = (400, 401, 404, 408, 413, 429, 500, 503)
 _STATUSES: list[tuple[str, tuple[int, ...]]] = [
     ("/v1/completions", _GENERATION),
     ("/v1/chat/completions", _GENERATION),
+    ("/v1/responses", _GENERATION),
     ("/v1/embeddings", (400, 401, 404, 408, 413, 429, 500, 503)),
     ("/v1/models", (401, 404)),
     ("/tokenize", (400, 401, 404, 408, 413, 500, 503)),
@@ -57,7 +58,7 @@ _STATUSES: list[tuple[str, tuple[int, ...]]] = [
     ("/health", (503,)),
     ("/ready", (503,)),
 ]
-_STREAMING = {"/v1/completions", "/v1/chat/completions"}
+_STREAMING = {"/v1/completions", "/v1/chat/completions", "/v1/responses"}
 
 
 def install_openapi(app: FastAPI) -> None:

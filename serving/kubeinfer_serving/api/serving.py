@@ -229,6 +229,8 @@ async def respond(
     stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
     cache_key: str | None = None,
     include_usage: bool = False,
+    continuous_usage: bool = False,
+    done_event: str | None = DONE,
 ) -> Response:
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
@@ -243,6 +245,8 @@ async def respond(
 
         cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
         include_usage: the stream's ``stream_options.include_usage`` (for a replayed hit).
+        continuous_usage: the stream's ``stream_options.continuous_usage_stats`` (for a replayed hit).
+        done_event: the stream's last event (None: none; the Responses API ends with its own event).
 
     Returns:
         a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
@@ -252,7 +256,7 @@ async def respond(
         hit = cache.get(cache_key, served.name)
         if hit is not None:
             if stream:
-                return StreamingResponse(replay(hit, include_usage), media_type="text/event-stream",
+                return StreamingResponse(replay(hit, include_usage, continuous_usage), media_type="text/event-stream",
                                          headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
             return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
     try:
@@ -329,7 +333,8 @@ async def respond(
         except Exception as exc:  # an engine failure mid-stream: the status line is already sent
             err = to_api_error(exc)
             yield sse_event(error_body(err.status, err.message, param=err.param, code=err.code))
-        yield DONE
+        if done_event is not None:
+            yield done_event
 
     owned = stack.pop_all()
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from kubeinfer_serving import __version__
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.prompts import chat_prompt, check_text_fits, tokenizer_lock
 from kubeinfer_serving.api.schemas import (
@@ -52,7 +52,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     ``context_length_exceeded`` for a text longer than the model's context can hold (the
     generation routes' check, made before tokenizing); 404 unknown model.
     """
-    refuse_unknown_fields(body)
+    check_fields(request, body)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt", code="invalid_value")
     async with AsyncExitStack() as stack:
@@ -77,7 +77,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     """The text of ``tokens``. Errors: 400 for a token id outside the vocabulary; 404 unknown model."""
-    refuse_unknown_fields(body)
+    check_fields(request, body)
     async with AsyncExitStack() as stack:
         served = await acquire(request, stack, resolve_model_name(request, body.model, ModelKind.GENERATE),
                                ModelKind.GENERATE)

@@ -26,6 +26,7 @@ from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.schemas import ChatCompletionRequest, FunctionCall, ToolCall
+from kubeinfer_serving.api.structured import forbid_additional_properties
 from kubeinfer_serving.structured.grammar import GrammarSpec
 
 HERMES = "hermes"
@@ -65,12 +66,17 @@ def _function(tool: dict[str, Any], i: int) -> dict[str, Any]:
     return fn
 
 
-def _parameters(fn: dict[str, Any]) -> dict[str, Any]:
-    return fn.get("parameters") or {"type": "object", "properties": {}}
+def _parameters(fn: dict[str, Any], forbid_additional: bool) -> dict[str, Any]:
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return forbid_additional_properties(params) if forbid_additional else params
 
 
-def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
+def plan_tools(body: ChatCompletionRequest, forbid_additional: bool = True) -> ToolPlan:
     """Check ``tools``/``tool_choice``/``parallel_tool_calls`` and decide how the reply is produced.
+
+    Args:
+        forbid_additional: a forced call's arguments get only the properties its schema declares
+            (:func:`~kubeinfer_serving.api.structured.forbid_additional_properties`).
 
     Raises:
         APIError: 400 naming the field for a malformed tool, an unknown ``tool_choice``, a
@@ -90,7 +96,7 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
         if not match:
             raise APIError(400, f"tool_choice names {name!r}, which is not among tools", param="tool_choice",
                            code="invalid_value")
-        spec = GrammarSpec("json", json.dumps(_parameters(match[0]), sort_keys=True))
+        spec = GrammarSpec("json", json.dumps(_parameters(match[0], forbid_additional), sort_keys=True))
         return ToolPlan(tools, "named", named=name, guide=spec)
     if choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a named function",
@@ -100,7 +106,8 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     if choice == "required":
         item = {"anyOf": [{
             "type": "object",
-            "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": _parameters(f)},
+            "properties": {"name": {"type": "string", "enum": [f["name"]]},
+                           "parameters": _parameters(f, forbid_additional)},
             "required": ["name", "parameters"],
             "additionalProperties": False,
         } for f in fns]}

@@ -84,6 +84,8 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.model_name}", daemon=True)
         self._thread.start()
+        if engine.tp is not None:  # a tensor-parallel worker that dies fails the model at once, idle or not
+            engine.tp.on_failure(self._worker_failed)
 
     @classmethod
     def from_model_dir(
@@ -187,6 +189,16 @@ class AsyncLLMEngine:
         return self._thread.is_alive() and not self._stopping and self._dead is None
 
     @property
+    def dead_reason(self) -> str | None:
+        """Why the loop crashed (e.g. a tensor-parallel worker died), or None while it runs or after a clean stop."""
+        return None if self._dead is None else str(self._dead) or type(self._dead).__name__
+
+    def _worker_failed(self, reason: str) -> None:
+        """A tensor-parallel worker died (monitor thread): the loop crashes with ``reason`` at its next turn."""
+        self._inbox.put(("fail", reason))
+        self._wakeup.set()
+
+    @property
     def is_dead(self) -> bool:
         """True once the loop thread crashed (not after a clean shutdown): the liveness probe fails."""
         return self._dead is not None
@@ -241,6 +253,10 @@ class AsyncLLMEngine:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival, lora=lora)
                 except Exception as exc:  # noqa: BLE001 - validation errors go back to the caller
                     stream.put(exc)
+            elif msg[0] == "fail":
+                from kubeinfer_serving.distributed.executor import WorkerFailedError
+
+                raise WorkerFailedError(msg[1])
             elif msg[0] == "call":
                 _, fn, fut = msg
                 try:

@@ -56,6 +56,9 @@ class EngineConfig:
         max_lora_rank: the highest adapter rank the slots hold (vLLM's ``max_lora_rank``).
         quantization: ``none``, ``int8`` (weight-only, per channel) or ``fp8`` (CUDA) for the
             decoder layers' projections (:mod:`kubeinfer_serving.layers.quant`).
+        tensor_parallel_size: ranks the model is split over (vLLM's ``tensor_parallel_size``;
+            :mod:`kubeinfer_serving.distributed`); > 1 needs a model directory
+            (:meth:`~.llm_engine.LLMEngine.from_model_dir`).
     """
 
     max_num_seqs: int = 256
@@ -74,13 +77,15 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 16
     quantization: str = "none"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting_requests",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -78,6 +78,16 @@ def check_finite_weights(model: torch.nn.Module) -> None:
                               f"first: {bad[0]}")
 
 
+def model_max_len(hf_config: Any, config: EngineConfig) -> int:
+    """The context length an engine runs with: ``config.max_model_len``, else the model's
+    ``max_position_embeddings`` (2048 without one), capped at a sliding window (Mistral)."""
+    max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        max_len = min(max_len, int(window))
+    return max_len
+
+
 def lora_slots_bytes(hf_config: Any, config: EngineConfig, dtype: torch.dtype) -> int:
     """Device bytes of the LoRA slot pool ``config`` asks for (0 when ``max_loras`` is 0)."""
     if not config.max_loras:
@@ -111,6 +121,8 @@ class LLMEngine:
 
     ``cuda_graph_sizes`` (constructor): the decode graph buckets to capture, None for none, or
     ``"auto"`` (:func:`~.cuda_graphs.decode_graph_sizes` of the device and config).
+    ``tp`` (constructor): rank 0's :class:`~kubeinfer_serving.distributed.executor.TPExecutor`
+    when ``model`` is rank 0's shard of a tensor-parallel model, else None.
     """
 
     def __init__(
@@ -124,6 +136,7 @@ class LLMEngine:
         max_model_len: int,
         num_kv_blocks: int,
         cuda_graph_sizes: list[int] | None | str = "auto",
+        tp=None,
     ) -> None:
         self.config = config or EngineConfig()
         self.model = model
@@ -147,8 +160,11 @@ class LLMEngine:
                                    slot_gate=self.lora)
         graph_sizes = (decode_graph_sizes(self.device, self.config.enforce_eager, self.config.max_num_seqs)
                        if cuda_graph_sizes == "auto" else cuda_graph_sizes)
+        #: rank 0's :class:`~kubeinfer_serving.distributed.executor.TPExecutor` (None: one rank).
+        self.tp = tp
         self.runner = ModelRunner(model, num_kv_blocks, self.config.block_size, self.device,
-                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len, lora=self.lora)
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len, lora=self.lora,
+                                  tp=tp)
         #: device bytes the decode CUDA graphs hold (pool + static inputs; 0 without graphs).
         self.cuda_graph_bytes = self.runner.graphs.memory_bytes() if self.runner.graphs is not None else 0
         #: device bytes of the LoRA slot pool (0 with LoRA off), counted in ``weights_bytes``.
@@ -173,8 +189,15 @@ class LLMEngine:
         tokenizer: Any = None,
         config: EngineConfig | None = None,
         model_name: str = "model",
+        tp=None,
     ) -> LLMEngine:
         """Build the model from a Hugging Face config and (name, tensor) pairs, size the KV pool.
+
+        ``tp``: a launched :class:`~kubeinfer_serving.distributed.executor.TPExecutor`; then
+        ``weights`` are rank 0's parts, the model is rank 0's shard, steps run eagerly, the pool
+        sizes count every rank (each rank holds the same number of blocks of its own KV heads) and
+        the workers get the pool size once it is decided (see
+        :func:`kubeinfer_serving.distributed.launch.load_tp_engine`).
 
         KV pool size: ``config.num_kv_blocks``, else what ``config.kv_pool_sizer`` decides from
         the weights and the activation peak of a profiling step (:mod:`.kv_sizing`; the peak is
@@ -198,32 +221,36 @@ class LLMEngine:
         check_quantization(config.quantization, device)
         if device.type == "cpu":
             keep_freed_host_memory()  # CPU activations: no page faults on every operator's output
-        max_len = int(config.max_model_len or getattr(hf_config, "max_position_embeddings", 2048))
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
-            max_len = min(max_len, int(window))
-        model = LlamaForCausalLM(hf_config, max_positions=max_len, dtype=dtype, device=device)
+        max_len = model_max_len(hf_config, config)
+        model = LlamaForCausalLM(hf_config, max_positions=max_len, dtype=dtype, device=device,
+                                 tp=tp.group if tp is not None else None)
         model.load_weights(weights)
         model.eval()
         check_finite_weights(model)
         quantize_linear_layers(model, config.quantization)  # int8 / fp8 projections (none: no-op)
         pack_linear_layers(model)  # CPU float32: oneDNN-packed projections (no-op elsewhere and when quantized)
-        per_block = kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
-        graph_sizes = decode_graph_sizes(device, config.enforce_eager, config.max_num_seqs)
+        ranks = tp.size if tp is not None else 1
+        # KV bytes of one block over all ranks (each rank holds its own KV heads of every block).
+        per_block = ranks * kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads,
+                                               model.head_dim, dtype)
+        graph_sizes = None if tp is not None else decode_graph_sizes(device, config.enforce_eager,
+                                                                     config.max_num_seqs)
         sizing = None
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
             full = -(-max_len // config.block_size) * config.max_num_seqs
             if config.kv_pool_sizer is not None:
-                activation = profile_activation_peak(
+                # A profiling forward of a tensor-parallel shard would wait for workers that do not
+                # follow it: not measured there.
+                activation = None if tp is not None else profile_activation_peak(
                     model, max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                     max_model_len=max_len, block_size=config.block_size, device=device)
                 graph_bytes = profile_graph_memory(model, sizes=graph_sizes, max_model_len=max_len,
                                                    block_size=config.block_size, device=device) if graph_sizes else None
                 if graph_bytes is None:
                     graph_sizes = None  # the capture failed (warned): serve eagerly, with no null block
-                weights = weight_bytes(model) + lora_slots_bytes(hf_config, config, dtype)
+                weights = ranks * weight_bytes(model) + lora_slots_bytes(hf_config, config, dtype)
                 sizing = config.kv_pool_sizer(weights, activation, per_block, full, graph_bytes,
                                               1 if graph_sizes else 0)
                 num_blocks = sizing.num_blocks
@@ -231,14 +258,18 @@ class LLMEngine:
                 # The asked bytes hold the pool and the graphs' null block.
                 num_blocks = config.kv_cache_memory_bytes // per_block - (1 if graph_sizes else 0)
             elif device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                num_blocks = min(full, int(free * CUDA_DEFAULT_KV_FRACTION) // per_block)
+                free, _ = torch.cuda.mem_get_info(device)  # each rank has a device of its own
+                num_blocks = min(full, int(free * CUDA_DEFAULT_KV_FRACTION) * ranks // per_block)
             else:
                 num_blocks = min(full, CPU_DEFAULT_KV_BYTES // per_block)
             num_blocks = max(1, num_blocks)
         engine = cls(model, hf_config=hf_config, tokenizer=tokenizer, config=config, model_name=model_name,
-                     max_model_len=max_len, num_kv_blocks=num_blocks, cuda_graph_sizes=graph_sizes)
+                     max_model_len=max_len, num_kv_blocks=num_blocks, cuda_graph_sizes=graph_sizes, tp=tp)
         engine.kv_sizing = sizing
+        if tp is not None:
+            tp.start(num_blocks)  # the workers allocate their pools and report their bytes
+            engine.weights_bytes += sum(w for w, _ in tp.worker_bytes)
+            engine.kv_cache_bytes += sum(kv for _, kv in tp.worker_bytes)
         return engine
 
     @classmethod
@@ -246,14 +277,24 @@ class LLMEngine:
         """Load config, tokenizer and weights from a Hugging Face directory (safetensors) or a
         ``.gguf`` file (dequantized into the engine's dtype, :mod:`kubeinfer_serving.models.gguf`).
 
+        With ``config.tensor_parallel_size`` > 1 the model is split over that many ranks
+        (:func:`kubeinfer_serving.distributed.launch.load_tp_engine`).
+
         Raises:
             kubeinfer_serving.models.loader.ModelLoadError: missing/corrupt files, a GGUF tensor
                 type that cannot be dequantized.
+            kubeinfer_serving.distributed.sharding.TensorParallelError: heads that do not divide
+                by the tensor parallel size (naming the numbers), too few GPUs, LoRA with it.
+            kubeinfer_serving.distributed.executor.WorkerFailedError: a worker failed to start or load.
             kubeinfer_serving.models.loader.UnsupportedModelError: architecture not Llama/Mistral/Qwen2.
             kubeinfer_serving.models.llama.WeightLoadError: tensors do not match the config.
         """
         from kubeinfer_serving.models import gguf, loader
 
+        if config is not None and config.tensor_parallel_size > 1:
+            from kubeinfer_serving.distributed.launch import load_tp_engine
+
+            return load_tp_engine(cls, path, model_name=model_name, config=config)
         if gguf.is_gguf(path):
             info = gguf.read_gguf(path)
             chosen = config or EngineConfig()
@@ -525,8 +566,12 @@ class LLMEngine:
         Returns:
             (token per scheduled item as :meth:`ModelRunner.run` returns them, request ids that failed).
         """
+        from kubeinfer_serving.distributed.executor import WorkerFailedError
+
         try:
             return self.runner.run(scheduled), set()
+        except WorkerFailedError:
+            raise  # a tensor-parallel worker is gone: no request is at fault, the model fails
         except Exception:  # noqa: BLE001 - isolated below; the engine keeps stepping
             if len(scheduled) == 1:
                 log.exception("engine %s: request %s failed", self.model_name, scheduled[0].seq.request_id)
@@ -538,6 +583,8 @@ class LLMEngine:
         for item in scheduled:
             try:
                 tokens.extend(self.runner.run([item]))
+            except WorkerFailedError:
+                raise
             except Exception:  # noqa: BLE001 - this request alone is at fault
                 log.exception("engine %s: request %s failed", self.model_name, item.seq.request_id)
                 tokens.append(None)

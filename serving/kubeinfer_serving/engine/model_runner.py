@@ -130,7 +130,12 @@ class StepInputs:
         host: host (NumPy) views of the packed input ids, positions and slot mapping, [T] int64
             each (valid until the next-but-one :meth:`ModelRunner.prepare`).
         lora: each row's LoRA adapter slot (its ``kept`` for the ``logits_idx`` rows) when some
-            scheduled sequence has an adapter, else None.
+            scheduled sequence has an adapter, else None; not built for a graph replay
+            (``to_device=False``), which takes ``row_slots`` instead.
+        row_slots: [T] int64 host LoRA slot of each row (-1: none) when some scheduled sequence
+            has an adapter, else None.
+        packed: the whole packed int64 host buffer the inputs were built from (what tensor-parallel
+            workers receive), and counts: its (num_tokens, num_samples, num_seqs, max_nb).
     """
 
     input_ids: torch.Tensor
@@ -140,6 +145,48 @@ class StepInputs:
     sample_rows: list[int]
     host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     lora: LoRAStep | None = None
+    row_slots: np.ndarray | None = None
+    packed: np.ndarray | None = None
+    counts: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+def buffer_sizes(num_tokens: int, num_samples: int, num_seqs: int, max_nb: int) -> tuple[int, ...]:
+    """Lengths of the parts of a step's packed int64 input buffer: ids | positions | slots |
+    logits_idx | query_start_loc | seq_lens | block tables (see :meth:`ModelRunner.prepare`)."""
+    return (num_tokens, num_tokens, num_tokens, num_samples, num_seqs + 1, num_seqs, num_seqs * max_nb)
+
+
+def step_inputs_from_buffer(host: np.ndarray, dev: torch.Tensor, num_tokens: int, num_samples: int,
+                            num_seqs: int, max_nb: int, block_size: int) -> StepInputs:
+    """The :class:`StepInputs` of a packed step buffer (as :meth:`ModelRunner.prepare` packs it).
+
+    Args:
+        host: the packed int64 buffer on the host (NumPy); dev: the same values where the model
+            runs (the host buffer itself on CPU).
+        num_tokens, num_samples, num_seqs, max_nb: the part sizes (see :func:`buffer_sizes`).
+        block_size: tokens per KV block.
+
+    Returns:
+        the inputs, ``sample_rows`` empty and ``lora`` None (the caller fills them when it knows them).
+    """
+    offs = np.cumsum((0,) + buffer_sizes(num_tokens, num_samples, num_seqs, max_nb))
+    part = [host[offs[i]:offs[i + 1]] for i in range(7)]
+    d = [dev[offs[i]:offs[i + 1]] for i in range(7)]
+    qsl, seq_lens = part[4], part[5]
+    meta = AttentionMetadata(
+        slot_mapping=d[2], query_start_loc=d[4], seq_lens=d[5], block_tables=d[6].view(num_seqs, max_nb),
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()), max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=qsl.copy(), seq_lens_cpu=seq_lens, block_tables_cpu=part[6].reshape(num_seqs, max_nb).copy(),
+        block_size=block_size,
+    )
+    return StepInputs(d[0], d[1], meta, d[3], [], host=(part[0], part[1], part[2]), packed=host,
+                      counts=(num_tokens, num_samples, num_seqs, max_nb))
+
+
+def _logits_idx_slice(inputs: StepInputs) -> slice:
+    """Where the logits indexes lie in ``inputs.packed`` (see :func:`buffer_sizes`)."""
+    num_tokens, num_samples = inputs.counts[0], inputs.counts[1]
+    return slice(3 * num_tokens, 3 * num_tokens + num_samples)
 
 
 class ModelRunner:
@@ -155,15 +202,20 @@ class ModelRunner:
             graphs the pool gets one more block, the null block of padded rows.
         max_model_len: context length in tokens; sets the graphs' block-table width (needed
             with ``cuda_graph_sizes``).
-        lora: the engine's LoRA adapters and slots, or None (LoRA off). A step with adapters
-            runs eagerly (no decode graph).
+        lora: the engine's LoRA adapters and slots, or None (LoRA off). With decode graphs, the
+            graphs apply each row's adapter (slot indexes as graph inputs), so decode steps that
+            mix adapters replay too.
+        tp: with a tensor-parallel model, rank 0's
+            :class:`~kubeinfer_serving.distributed.executor.TPExecutor`: each step's plan goes to
+            the workers before the forward, and every step runs eagerly. None: one rank.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, *,
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
-                 lora: LoRAManager | None = None) -> None:
+                 lora: LoRAManager | None = None, tp=None) -> None:
         self.model = model
         self.lora = lora
+        self.tp = tp
         self.block_size = block_size
         self.device = device
         pool_blocks = num_blocks + (1 if cuda_graph_sizes else 0)
@@ -177,11 +229,11 @@ class ModelRunner:
         ) * pool_blocks
         #: decode graphs (None: every step runs eagerly).
         self.graphs: DecodeGraphs | None = None
-        if cuda_graph_sizes:
+        if cuda_graph_sizes and tp is None:  # tensor-parallel steps run eagerly on every rank
             if max_model_len is None:
                 raise ValueError("cuda_graph_sizes needs max_model_len")
             self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
-                                       block_size, device)
+                                       block_size, device, lora_slots=lora.slots if lora is not None else None)
             if device.type == "cuda":
                 try:
                     self.graphs.capture()
@@ -237,7 +289,7 @@ class ModelRunner:
         num_samples = sample_rows.size
 
         # One buffer: ids | positions | slots | logits_idx | query_start_loc | seq_lens | block tables.
-        sizes = (num_tokens, num_tokens, num_tokens, num_samples, num_seqs + 1, num_seqs, num_seqs * max_nb)
+        sizes = buffer_sizes(num_tokens, num_samples, num_seqs, max_nb)
         offs = np.cumsum((0,) + sizes)
         staging = self._inputs_to_device.host_buffer(int(offs[-1]))
         host = staging.numpy()
@@ -260,19 +312,18 @@ class ModelRunner:
         dev = staging[:offs[-1]]
         if to_device:
             dev = self._inputs_to_device.upload(dev)  # pinned source: asynchronous, fenced (CPU: the view)
-        d = [dev[offs[i]:offs[i + 1]] for i in range(len(sizes))]
-        meta = AttentionMetadata(
-            slot_mapping=d[2], query_start_loc=d[4], seq_lens=d[5], block_tables=d[6].view(num_seqs, max_nb),
-            max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl.copy(), seq_lens_cpu=seq_lens, block_tables_cpu=table.copy(), block_size=bs,
-        )
-        lora_step = None
+        inputs = step_inputs_from_buffer(host[:offs[-1]], dev, num_tokens, num_samples, num_seqs, max_nb, bs)
+        lora_step = row_slots = None
         if self.lora is not None and any(s.seq.lora is not None for s in scheduled):
             seq_slots = np.fromiter([self.lora.slot_of(s.seq.lora) for s in scheduled], np.int64, num_seqs)
-            lora_step = LoRAStep(self.lora.slots, seq_slots[row_of], self.device)
-            lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
-        return StepInputs(d[0], d[1], meta, d[3], sample_rows.tolist(), host=(part[0], part[1], part[2]),
-                          lora=lora_step)
+            row_slots = seq_slots[row_of]
+            if to_device:
+                lora_step = LoRAStep(self.lora.slots, row_slots, self.device)
+                lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
+        inputs.sample_rows = sample_rows.tolist()
+        inputs.lora = lora_step
+        inputs.row_slots = row_slots
+        return inputs
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> list[int | None]:
@@ -300,20 +351,26 @@ class ModelRunner:
         if any(s.seq.params.prompt_logprobs is not None for s in scheduled):
             last_idx = (inputs.meta.query_start_loc_cpu[1:] - 1).tolist()
             prompt_jobs = _prompt_logprob_jobs(scheduled, last_idx)
+        computed = None
         if bucket is None:
             # Only the sampling rows' final hidden states are needed unless prompt positions are
             # scored: then the last layer skips the rest of a prefill chunk after writing its K/V.
             keep = None
             if not prompt_jobs and len(rows) < inputs.input_ids.shape[0]:
                 keep = inputs.logits_idx
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep, inputs.lora)
+            if self.tp is not None:
+                hidden, computed = self._run_tp(inputs, keep, prompt_jobs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep,
+                                    inputs.lora)
             logits_idx = None if keep is not None else inputs.logits_idx
         else:
             # One token per row: batch row i is scheduled item i; rows that do not sample are
             # one-token prefill chunks short of their prompt's end.
             # (Off CUDA, where nothing is captured, the same padded static inputs run eagerly: tests.)
             run = self.graphs.replay if self.device.type == "cuda" else self.graphs.run_padded
-            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
+            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu,
+                         inputs.row_slots)
             logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
                 inputs.sample_rows, torch.int64, self.device)
         if not rows and not prompt_jobs:
@@ -323,7 +380,8 @@ class ModelRunner:
         lp_rows: list[int] = []
         if rows:
             last = hidden if logits_idx is None else hidden.index_select(0, logits_idx)
-            logits = apply_logits_processors(self.model.compute_logits(last), seqs)
+            raw = next(computed) if computed is not None else self.model.compute_logits(last)
+            logits = apply_logits_processors(raw, seqs)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             if not prompt_jobs and all(s.params.logprobs is None for s in seqs):
                 # The step's one device-to-host copy: the sampled ids.
@@ -336,7 +394,7 @@ class ModelRunner:
             if lp_rows:
                 sel = _h2d(lp_rows, torch.int64, self.device)
                 to_host.extend(_token_logprobs(logits[sel], tokens[sel], k))
-        prompt_parts = self._prompt_logprobs(hidden, prompt_jobs)
+        prompt_parts = self._prompt_logprobs(hidden, prompt_jobs, computed)
         host = _copy_to_host(to_host + prompt_parts, self._values_to_host)  # the step's one device-to-host copy
         if rows:
             toks = [int(t) for t in host.pop(0)]
@@ -358,24 +416,61 @@ class ModelRunner:
         return result
 
     def _decode_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
-        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket; else None."""
+        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket, and
+        no row with an adapter unless the graphs apply adapters; else None."""
         if self.graphs is None:
             return None
-        if any(s.num_new_tokens != 1 or s.seq.lora is not None for s in scheduled):
+        if any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        if not self.graphs.lora and any(s.seq.lora is not None for s in scheduled):
             return None
         return self.graphs.bucket_for(len(scheduled))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, jobs: list[tuple[Sequence, list[int], list[int]]]
-                         ) -> list[torch.Tensor]:
-        """Device tensors (own, top values, top ids) per job, rows in slices of ``_PROMPT_ROWS``."""
+    def _run_tp(self, inputs: StepInputs, keep: torch.Tensor | None,
+                prompt_jobs: list[tuple[Sequence, list[int], list[int]]]):
+        """Rank 0 of a tensor-parallel step: send the plan, run the forward and every logits call
+        the step makes (the workers make the same collective calls in the same order).
+
+        Returns:
+            (hidden states, an iterator over the logits in call order: the sampling rows' first
+            when any sequence samples, then each prompt-logprobs slice of ``_PROMPT_ROWS`` rows).
+
+        Raises:
+            kubeinfer_serving.distributed.executor.WorkerFailedError: a collective failed (a worker
+                died or timed out); the model cannot run any more.
+        """
+        calls: list[np.ndarray] = []
+        if inputs.sample_rows:
+            num = len(inputs.sample_rows)
+            calls.append(np.arange(num) if keep is not None else inputs.packed[_logits_idx_slice(inputs)])
+        for _, batch_rows, _ in prompt_jobs:
+            calls.extend(np.asarray(batch_rows[a:a + _PROMPT_ROWS], np.int64)
+                         for a in range(0, len(batch_rows), _PROMPT_ROWS))
+        try:
+            self.tp.send_step(inputs, keep is not None, calls)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, keep, inputs.lora)
+            computed = [self.model.compute_logits(hidden.index_select(0, _h2d(c.tolist(), torch.int64, self.device)))
+                        for c in calls]
+        except Exception as exc:
+            raise self.tp.failure(exc) from exc
+        return hidden, iter(computed)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, jobs: list[tuple[Sequence, list[int], list[int]]],
+                         computed=None) -> list[torch.Tensor]:
+        """Device tensors (own, top values, top ids) per job, rows in slices of ``_PROMPT_ROWS``
+        (``computed``: the slices' logits already computed, in order, by a tensor-parallel step)."""
         parts: list[torch.Tensor] = []
         for seq, batch_rows, targets in jobs:
             k = seq.params.prompt_logprobs or 0
             own_l, v_l, i_l = [], [], []
             for a in range(0, len(batch_rows), _PROMPT_ROWS):
-                sel = _h2d(batch_rows[a:a + _PROMPT_ROWS], torch.int64, self.device)
                 tgt = _h2d(targets[a:a + _PROMPT_ROWS], torch.int64, self.device)
-                own, v, i = _token_logprobs(self.model.compute_logits(hidden[sel]), tgt, k)
+                if computed is not None:
+                    logits = next(computed)
+                else:
+                    logits = self.model.compute_logits(hidden[_h2d(batch_rows[a:a + _PROMPT_ROWS], torch.int64,
+                                                                   self.device)])
+                own, v, i = _token_logprobs(logits, tgt, k)
                 own_l.append(own)
                 v_l.append(v)
                 i_l.append(i)
@@ -383,6 +478,9 @@ class ModelRunner:
         return parts
 
     def release(self) -> None:
-        """Drop the KV pool tensors and any decode graphs (frees their memory once no other reference remains)."""
+        """Drop the KV pool tensors and any decode graphs (frees their memory once no other reference
+        remains); with tensor parallelism, stop the workers too."""
         self.kv_caches = []
         self.graphs = None
+        if self.tp is not None:
+            self.tp.close()

@@ -24,6 +24,8 @@ from kubeinfer_serving.layers.attention import AttentionMetadata
 from kubeinfer_serving.layers.rotary import RotaryInputs, rope_paged_attention, rotary_inputs
 
 if TYPE_CHECKING:
+    from kubeinfer_serving.distributed.group import TPGroup
+    from kubeinfer_serving.distributed.sharding import TPShape
     from kubeinfer_serving.lora.slots import LoRAStep
 
 #: Architectures this implementation runs (the ``architectures`` field of config.json).
@@ -79,11 +81,15 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over the paged KV cache."""
 
-    def __init__(self, config, head_dim: int, layer_idx: int = 0) -> None:
+    def __init__(self, config, head_dim: int, layer_idx: int = 0, tp: TPGroup | None = None,
+                 shard: TPShape | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        if shard is not None:  # tensor parallel: this rank's heads (qkv column-, o row-parallel)
+            self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+        self.tp = tp
         self.head_dim = head_dim
         qwen2 = getattr(config, "model_type", "") == "qwen2"
         qkv_bias = bool(getattr(config, "attention_bias", False)) or qwen2
@@ -123,36 +129,42 @@ class Attention(nn.Module):
         out = self.o_proj(o)
         if lora is not None:
             lora.apply(self.layer_idx, "o", o, out)
-        return out
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config, layer_idx: int = 0) -> None:
+    def __init__(self, config, layer_idx: int = 0, tp: TPGroup | None = None, shard: TPShape | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.tp = tp
         bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size if shard is None else shard.intermediate
         # gate_proj and up_proj of the checkpoint stacked by rows: one matmul instead of two.
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        # Tensor parallel: gate_up column-parallel (this rank's gate | up rows), down row-parallel.
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None = None) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]; ``lora``: the rows' adapters, or None."""
         if lora is None:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        gate_up = lora.apply(self.layer_idx, "gate_up", x, self.gate_up_proj(x))
-        act = silu_and_mul(gate_up)
-        return lora.apply(self.layer_idx, "down", act, self.down_proj(act))
+            out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        else:
+            gate_up = lora.apply(self.layer_idx, "gate_up", x, self.gate_up_proj(x))
+            act = silu_and_mul(gate_up)
+            out = lora.apply(self.layer_idx, "down", act, self.down_proj(act))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config, head_dim: int, layer_idx: int = 0) -> None:
+    def __init__(self, config, head_dim: int, layer_idx: int = 0, tp: TPGroup | None = None,
+                 shard: TPShape | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config, head_dim, layer_idx)
-        self.mlp = MLP(config, layer_idx)
+        self.self_attn = Attention(config, head_dim, layer_idx, tp, shard)
+        self.mlp = MLP(config, layer_idx, tp, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -176,10 +188,16 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm (HF name ``model``)."""
 
-    def __init__(self, config, head_dim: int) -> None:
+    def __init__(self, config, head_dim: int, tp: TPGroup | None = None, shard: TPShape | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, head_dim, i) for i in range(config.num_hidden_layers))
+        if tp is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            from kubeinfer_serving.distributed.embedding import VocabParallelEmbedding
+
+            self.embed_tokens = VocabParallelEmbedding(shard.vocab_per_rank, shard.vocab_start, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, head_dim, i, tp, shard)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -191,20 +209,41 @@ class LlamaForCausalLM(nn.Module):
         max_positions: positions to precompute RoPE tables for (the engine's max_model_len).
         dtype: weights dtype (float32 on CPU, bfloat16 on CUDA usually).
         device: where weights live.
+        tp: this rank's tensor-parallel group, or None (one rank). With a group the model holds this
+            rank's shard (:mod:`kubeinfer_serving.distributed.sharding`): its query and KV heads,
+            its MLP rows, its vocabulary rows; load it with the rank's parts of the checkpoint
+            (:func:`~kubeinfer_serving.distributed.sharding.iter_rank_weights`). Every rank must
+            then run every forward and :meth:`compute_logits` call in the same order.
+
+    Raises:
+        kubeinfer_serving.distributed.sharding.TensorParallelError: with ``tp``, heads or sizes that
+            do not divide by the group size.
 
     The parameters are created uninitialised; call :meth:`load_weights` before use.
     Mistral's sliding window is not applied: the engine caps ``max_model_len`` at the window.
     """
 
-    def __init__(self, config, max_positions: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config, max_positions: int, dtype: torch.dtype, device: torch.device,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tp = tp
+        shard = None
+        vocab_rows = config.vocab_size
+        if tp is not None:
+            from kubeinfer_serving.distributed.sharding import tp_shape
+
+            shard = tp_shape(config, tp.rank, tp.size)
+            self.num_kv_heads = shard.num_kv_heads
+            vocab_rows = shard.vocab_per_rank
+        #: this rank's share of the model (None: one rank).
+        self.shard = shard
         with torch.device("meta"):
-            self.model = LlamaModel(config, self.head_dim)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.model = LlamaModel(config, self.head_dim, tp, shard)
+            self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False)
         # dtype first, on meta (no memory), then real storage once, in the final dtype.
         self.to(dtype)
         self.to_empty(device=device)
@@ -319,6 +358,16 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, kv, meta, keep if i == last else None, lora)
         return self.model.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32 logits."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[N, hidden] -> [N, vocab] float32 logits.
+
+        Tensor parallel: each rank computes its vocabulary rows' logits; rank 0 gathers them
+        (padding rows past the vocabulary dropped) and returns [N, vocab]; the other ranks return None.
+        """
+        logits = self.lm_head(hidden)
+        if self.tp is not None:
+            logits = self.tp.gather_last_dim(logits)
+            if logits is None:
+                return None
+            logits = logits[:, :self.config.vocab_size]
+        return logits.float()

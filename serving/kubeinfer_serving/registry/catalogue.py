@@ -38,6 +38,7 @@ camelCase keys::
         enforceEager: true          # this model's decode CUDA graphs off (overrides the pod's enforceEager)
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
         quantization: none          # none | int8 (weight-only, per channel) | fp8 (CUDA only)
+        tensorParallelSize: 1       # ranks (GPUs of the pod, or CPU processes) the model is split over
         adapters:                   # LoRA adapters of this (generate) model, PEFT format
           - name: llama-1b-sql      # an OpenAI `model` name: requests for it run on llama-1b with it
             source: s3://adapters/sql   # any source scheme models take (not builtin://)
@@ -176,6 +177,9 @@ class ModelEntry(_CamelModel):
             capability 8.9+; refused elsewhere, failing the model with the reason) or ``none``
             (:mod:`kubeinfer_serving.layers.quant`). The budget and ``/v1/models`` count the
             quantized bytes.
+        tensor_parallel_size: ranks a generate model is split over (:mod:`kubeinfer_serving.distributed`):
+            rank r on ``cuda:r`` (CPU: processes sharing the host). Its heads must divide (the load
+            fails naming the numbers otherwise); no LoRA adapters with it; the budget counts every rank.
     """
 
     name: str = Field(pattern=_NAME_PATTERN)
@@ -192,9 +196,12 @@ class ModelEntry(_CamelModel):
     enforce_eager: bool | None = None
     adapters: list[AdapterEntry] = Field(default_factory=list)
     quantization: Literal["none", "int8", "fp8"] = "none"
+    tensor_parallel_size: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelEntry:
+        if self.tensor_parallel_size > 1 and (self.kind is not ModelKind.GENERATE or self.adapters):
+            raise ValueError("tensorParallelSize > 1 applies to generate models without LoRA adapters")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
             raise ValueError("set kvCacheBytes or kvCacheFraction, not both")
         if self.adapters and self.kind is not ModelKind.GENERATE:
@@ -385,7 +392,7 @@ def default_served_name(source: str) -> str:
 def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None = None,
                            max_model_len: int | None = None, result_cache: bool = False,
                            quantization: str | None = None, adapters: list[dict[str, str]] | None = None,
-                           **pod: object) -> Catalogue:
+                           tensor_parallel_size: int | None = None, **pod: object) -> Catalogue:
     """The one-entry catalogue of single-model mode (``kubeinfer-serve --model SOURCE``).
 
     Args:
@@ -398,6 +405,7 @@ def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None =
         result_cache: ``--result-cache``.
         quantization: ``--quantization`` (``int8``, ``fp8``, ``none``); None: none.
         adapters: ``--lora-modules`` as ``[{name, source}]`` (a plain path is a local directory).
+        tensor_parallel_size: ``--tensor-parallel-size``; None: 1.
         pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
 
     Returns:
@@ -418,6 +426,8 @@ def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None =
              "max_model_len": max_model_len, "result_cache": result_cache, "adapters": adapters or []}
     if quantization is not None:
         model["quantization"] = quantization
+    if tensor_parallel_size is not None:
+        model["tensor_parallel_size"] = tensor_parallel_size
     return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 

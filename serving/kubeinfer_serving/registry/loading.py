@@ -270,10 +270,16 @@ class DefaultModelLoader:
         weights = quantized_weight_bytes(cfg, numel, elem, entry.quantization)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        tp = entry.tensor_parallel_size
+        if tp > 1:  # every rank holds its KV heads (replicated when fewer than ranks)
+            from kubeinfer_serving.distributed.sharding import tp_shape
+
+            kv_heads = tp_shape(cfg, 0, tp).num_kv_heads * tp
         per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
         max_len = entry.max_model_len or int(getattr(cfg, "max_position_embeddings", 2048))
         full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
-        if entry.adapters or self.catalogue.enable_lora:  # the LoRA slot pool is allocated with the weights
+        lora = (entry.adapters or self.catalogue.enable_lora) and entry.tensor_parallel_size == 1
+        if lora:  # the LoRA slot pool is allocated with the weights (not with tensor parallelism)
             weights += LoRASlots.bytes_for(LoRAShapes.from_hf_config(cfg), self.catalogue.max_loras,
                                            self.catalogue.max_lora_rank, self._dtype(entry))
         asked, fraction = self.catalogue.kv_request(entry)
@@ -359,9 +365,11 @@ class DefaultModelLoader:
             max_model_len=entry.max_model_len,
             device=str(self.device),
             dtype=self._dtype(entry),
-            max_loras=self.catalogue.max_loras if entry.adapters or self.catalogue.enable_lora else 0,
+            max_loras=(self.catalogue.max_loras if (entry.adapters or self.catalogue.enable_lora)
+                       and entry.tensor_parallel_size == 1 else 0),
             max_lora_rank=self.catalogue.max_lora_rank,
             quantization=entry.quantization,
+            tensor_parallel_size=entry.tensor_parallel_size,
         )
         if warm is not None:
             w: _WarmWeights = warm.payload
@@ -396,8 +404,10 @@ class DefaultModelLoader:
             snap = await asyncio.to_thread(copy)
             return HostSnapshot(snap, sum(t.numel() * t.element_size() for t in snap.weights.values()))
 
-        # A quantized model's parameters cannot be reloaded as checkpoint weights: it does not offload.
+        # A quantized model's parameters cannot be reloaded as checkpoint weights, nor can rank 0's
+        # shard of a tensor-parallel one: they do not offload.
+        offloads = entry.quantization == "none" and entry.tensor_parallel_size == 1
         return LoadedModel(entry.name, ModelKind.GENERATE, eng.tokenizer, eng.max_model_len,
                            eng.memory_bytes + activation + adapter_bytes, close=eng.shutdown, engine=eng,
-                           offload=offload if entry.quantization == "none" else None, warm=warm is not None,
+                           offload=offload if offloads else None, warm=warm is not None,
                            adapters=adapters)

@@ -557,10 +557,14 @@ class ModelRegistry:
         return entry
 
     def _info(self, e: _Entry) -> ModelInfo:
+        state, message = e.state, e.message
+        dead = getattr(e.handle.engine, "dead_reason", None) if e.handle is not None else None
+        if dead:  # its engine crashed (e.g. a tensor-parallel worker died): Failed, with the reason
+            state, message = ModelState.FAILED, dead
         return ModelInfo(
-            name=e.name, kind=e.spec.kind, state=e.state,
+            name=e.name, kind=e.spec.kind, state=state,
             bytes=e.reserved if e.state is ModelState.LOADED else 0,
-            message=e.message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
+            message=message, preload=e.spec.preload, max_model_len=e.max_model_len, created=e.created,
             idle_timeout_seconds=self.idle_timeout(e),
             source=e.spec.source if self.show_sources else "", revision=e.revision, tier=self.tier(e.name),
         )
