@@ -135,7 +135,9 @@ def test_chart_as_a_subchart_passes_global_values_and_pull_secrets(cluster, rele
     assert [d["kind"] for d in yaml.safe_load_all(off) if d] == ["ConfigMap"]
 
     release.append(("platform", "chart-wrapper"))
-    cluster.helm("install", "platform", str(parent), "--namespace", "chart-wrapper", "--create-namespace")
+    out = cluster.helm("install", "platform", str(parent), "--namespace", "chart-wrapper", "--create-namespace",
+                       "--render-subchart-notes").stdout
+    assert "pull with the Secrets regcred, global-regcred: create them in\nchart-wrapper" in out, out
     dep = deployment(cluster, "chart-wrapper", "platform-kubeinfer-operator")
     pod = dep["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": n} for n in PULL_SECRETS]
