@@ -98,8 +98,9 @@ class ServerSettings(BaseModel):
             override the catalogue's ``enableLora`` / ``maxLoras`` / ``maxLoraRank`` (None: the catalogue's).
         lora_modules: single-model mode: LoRA adapters of the model as ``NAME=SOURCE`` (vLLM's
             ``--lora-modules``; the environment variable takes them comma-separated).
-        allowed_origins: web origins (``scheme://host[:port]``) whose pages may open this server's
-            WebSockets; a handshake from any other site is refused (comma-separated in the flag
+        allowed_origins: web origins (``scheme://host[:port]``) whose pages may call this server
+            (CORS, as vLLM's ``--allowed-origins``) and open its WebSockets; a handshake from any
+            other site is refused (comma-separated in the flag
             and the environment). Default: none (same-site pages and non-browser clients only).
         structured_outputs_config: vLLM's ``--structured-outputs-config`` (:class:`StructuredOutputsConfig`).
     """
@@ -276,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
                    help="fair admission across tenants (default: on when API keys are configured)")
     p.add_argument("--allowed-origins",
-                   help="comma-separated web origins (https://app.example) whose pages may open WebSockets "
-                   "to this server (default: none; other sites' handshakes are refused)")
+                   help="comma-separated web origins (https://app.example) whose pages may call this server "
+                   "(CORS) and open its WebSockets (default: none; other sites' handshakes are refused)")
     p.add_argument("--structured-outputs-config", metavar="JSON",
                    help='vLLM\'s structured-outputs options, e.g. \'{"disable_additional_properties": false}\' '
                    "to let JSON schemas without additionalProperties admit undeclared keys (default: forbidden)")
