@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubeinfer_serving.api.tool_parsers import PARSERS as TOOL_PARSERS
+
 ENV_PREFIX = "KUBEINFER_"
 
 
@@ -103,6 +105,8 @@ class ServerSettings(BaseModel):
             other site is refused (comma-separated in the flag
             and the environment). Default: none (same-site pages and non-browser clients only).
         structured_outputs_config: vLLM's ``--structured-outputs-config`` (:class:`StructuredOutputsConfig`).
+        tool_call_parser: the format ``tool_choice: "auto"`` replies are parsed in, by vLLM's parser
+            names (:mod:`kubeinfer_serving.api.tool_parsers`); None: from each model's chat template.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -164,6 +168,15 @@ class ServerSettings(BaseModel):
         return out
     allowed_origins: tuple[str, ...] = ()
     structured_outputs_config: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
+    tool_call_parser: str | None = None
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        """One of vLLM's parser names this server has."""
+        if value is not None and value not in TOOL_PARSERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(sorted(TOOL_PARSERS))}")
+        return value
 
     @field_validator("structured_outputs_config", mode="before")
     @classmethod
