@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubeinfer_serving.api.tool_parsers import PARSERS as TOOL_PARSERS
+
 ENV_PREFIX = "KUBEINFER_"
 
 SchedulingPolicy = Literal["fcfs", "priority"]
@@ -196,15 +198,24 @@ class ServerSettings(BaseModel):
     chat_template: str | None = knob(
         None, "single-model mode: the chat template (a Jinja file, or the template itself), replacing the "
         "tokenizer's (vLLM's flag)", model_key="chatTemplate", doc_default="the tokenizer's")
-    tool_call_parser: str | None = knob(None, "how tool calls are read from generated text (vLLM's parser names)",
+    tool_call_parser: str | None = knob(None, "how tool calls are read from generated text (vLLM's parser names: "
+                                        f"{', '.join(sorted(TOOL_PARSERS))})",
                                         doc_default="chosen from the chat template")
     allowed_origins: tuple[str, ...] = knob(
-        (), "comma-separated web origins (https://app.example) whose pages may open WebSockets; other sites' "
-        "handshakes get 403", doc_default="none")
+        (), "comma-separated web origins (https://app.example) whose pages may call this server (CORS, vLLM's "
+        "flag) and open its WebSockets; other sites' handshakes get 403", doc_default="none")
     structured_outputs_config: StructuredOutputsConfig = knob(
         StructuredOutputsConfig(), 'vLLM\'s structured-outputs options as JSON, e.g. \'{"disable_additional_properties": '
         'false}\' to let JSON schemas without additionalProperties admit undeclared keys', metavar="JSON",
         doc_default='{"disable_additional_properties": true}')
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        """One of vLLM's parser names this server has."""
+        if value is not None and value not in TOOL_PARSERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(sorted(TOOL_PARSERS))}")
+        return value
 
     @field_validator("structured_outputs_config", mode="before")
     @classmethod

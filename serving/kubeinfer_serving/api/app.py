@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from kubeinfer_serving import __version__
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: The request-id header: echoed when the client sends one, else generated (as vLLM does).
 REQUEST_ID_HEADER = b"x-request-id"
+#: Response headers a web page of an allowed origin may read (CORS ``Access-Control-Expose-Headers``).
+EXPOSED_HEADERS = ("x-request-id", "x-kubeinfer-ignored-fields", "x-kubeinfer-resident", "x-kubeinfer-result-cache",
+                   "retry-after")
 
 
 class RequestIdMiddleware:
@@ -103,7 +107,9 @@ def create_app(
     ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /kubeinfer/load`` (the router's
     load report), and vLLM's ``POST /tokenize``, ``POST /detokenize``, ``GET /version``. Every
     error has OpenAI's error body; every response carries ``X-Request-Id`` and
-    ``x-kubeinfer-resident`` (:mod:`.load`).
+    ``x-kubeinfer-resident`` (:mod:`.load`). With ``settings.allowed_origins`` (vLLM's
+    ``--allowed-origins``), web pages of those origins may call the API (CORS, Starlette's
+    ``CORSMiddleware``) and open its WebSockets.
 
     Args:
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
@@ -154,6 +160,9 @@ def create_app(
                        body_timeout=settings.timeout_request_body)
     app.add_middleware(AuthMiddleware, keys=app.state.keys,  # refuse before reading a body
                        allowed_origins=settings.allowed_origins)
+    if settings.allowed_origins:  # outside auth: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=list(EXPOSED_HEADERS))
     app.add_middleware(load.ResidentHeaderMiddleware, resident=provider.resident_models)
     app.add_middleware(RequestLogMiddleware)  # logs 401s and 413s too
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too

@@ -156,7 +156,8 @@ async def prepare_chat(request: Request, stack: AsyncExitStack, body: ChatComple
                 sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
                                 logprobs=want_lp))
             for j in range(body.n)]
-    return ChatRun(model, served, jobs, plan, parser_for(tok), TokenText(tok, bool(body.return_tokens_as_token_ids)))
+    parser = parser_for(tok, request.app.state.settings.tool_call_parser)
+    return ChatRun(model, served, jobs, plan, parser, TokenText(tok, bool(body.return_tokens_as_token_ids)))
 
 
 @router.post("/v1/chat/completions", response_model=None)

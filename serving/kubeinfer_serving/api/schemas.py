@@ -343,6 +343,8 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=MAX_INT32)
     user: Name | None = None
+    normalize: bool | None = Field(None, description="vLLM's: L2-normalise the vectors (default: as the model's "
+                                   "pipeline does)")
 
 
 class PromptTokensDetails(BaseModel):
