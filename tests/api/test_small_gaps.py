@@ -124,3 +124,15 @@ def test_cors_for_allowed_origins(matryoshka_server: ServerThread, server) -> No
     assert "access-control-allow-origin" not in other.headers
     plain = httpx.options(f"{server.base_url}/v1/chat/completions", headers=preflight, timeout=10)
     assert "access-control-allow-origin" not in plain.headers
+
+
+def test_openapi_documents_the_bearer_scheme(server) -> None:
+    """FastAPI's ``HTTPBearer`` scheme is in the document, so ``/docs`` offers "Authorize"."""
+    doc = httpx.get(f"{server.base_url}/openapi.json", timeout=30).json()
+    schemes = doc["components"]["securitySchemes"]
+    assert list(schemes.values()) == [{"type": "http", "scheme": "bearer",
+                                       "description": schemes[next(iter(schemes))]["description"]}]
+    name = next(iter(schemes))
+    assert doc["paths"]["/v1/chat/completions"]["post"]["security"] == [{name: []}]
+    assert doc["paths"]["/v1/responses"]["post"]["security"] == [{name: []}]
+    assert "security" not in doc["paths"]["/health"]["get"]

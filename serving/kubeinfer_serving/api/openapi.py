@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from kubeinfer_serving.api.auth import BEARER, OPEN_PATHS
+
 _ERROR_SCHEMA: dict[str, Any] = {
     "title": "ErrorResponse",
     "type": "object",
@@ -70,10 +72,14 @@ def install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         doc.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+        scheme = BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc["components"]["securitySchemes"] = {BEARER.scheme_name: scheme}
         ref = {"$ref": "#/components/schemas/ErrorResponse"}
         for path, ops in doc.get("paths", {}).items():
             statuses = next((codes for prefix, codes in _STATUSES if path.startswith(prefix)), ())
             for op in ops.values():
+                if path not in OPEN_PATHS:
+                    op["security"] = [{BEARER.scheme_name: []}]
                 responses = op.setdefault("responses", {})
                 responses.pop("422", None)
                 for code in statuses:
