@@ -43,6 +43,9 @@ CACHE_DIR = "/var/cache/kubeinfer"
 #: Where the Secret named by ``spec.apiKeysSecret`` is mounted, and its key read by the serving pod.
 API_KEYS_DIR = "/etc/kubeinfer-keys"
 API_KEYS_FILE = "keys.yaml"
+#: ``sizeLimit`` of the memory-backed ``/dev/shm`` of pods with a tensor-parallel model (it counts
+#: against the container's memory; a container's default ``/dev/shm`` is 64 MiB).
+DEV_SHM_SIZE = "1Gi"
 #: Mount point of the disk tier of hf:// and s3:// models (an emptyDir with sizeLimit, or spec.modelCache.claimName).
 MODEL_CACHE_DIR = f"{CACHE_DIR}/models"
 MODEL_CACHE_VOLUME = "model-cache"
@@ -91,7 +94,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, quantization?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
+    enforceEager?, quantization?, tensorParallelSize?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
     maxLoraRank?, diskCacheDir?, diskCacheBytes?}``.
     ``gpuMemoryUtilization`` is the fraction of device memory for weights + KV cache of all loaded
     models; ``pvcRoot`` is where pvc:// claims are mounted, so ``pvc://CLAIM/PATH`` reads
@@ -122,6 +125,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["enforceEager"] = m.enforce_eager
         if m.quantization != "none":
             entry["quantization"] = m.quantization
+        if m.tensor_parallel_size > 1:
+            entry["tensorParallelSize"] = m.tensor_parallel_size
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         if m.adapters:
@@ -246,6 +251,9 @@ def render_deployment(
     if spec.remote_models:
         volumes.append(model_cache_volume(spec))
         mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
+    if spec.tensor_parallel:  # NCCL's shared-memory transport between the ranks' processes
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": DEV_SHM_SIZE}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     env = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
