@@ -33,7 +33,7 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
     Format of serving/kubeinfer_serving/registry/catalogue.py: ``{maxLoadedModels,
     gpuMemoryUtilization, maxNumSeqs, maxNumBatchedTokens, maxWaitingRequests, pvcRoot, enforceEager?, models: [{name,
     source, kind, preload, dtype, maxModelLen?, idleTimeoutSeconds?, resultCache?, kvCacheBytes?, kvCacheFraction?,
-    enforceEager?, quantization?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
+    enforceEager?, quantization?, tensorParallelSize?, credentialsEnvPrefix?, adapters?: [{name, source}]}], enableLora?, maxLoras?,
     maxLoraRank?, diskCacheDir?, diskCacheBytes?}``.
     A catalogue entry's ``name`` is the OpenAI id the pod serves, so it is the spec's
     ``servedModelName`` (default ``name``) of each model and adapter.
@@ -66,6 +66,8 @@ def render_catalogue(spec: InferenceServiceSpec) -> dict[str, Any]:
             entry["enforceEager"] = m.enforce_eager
         if m.quantization != "none":
             entry["quantization"] = m.quantization
+        if m.tensor_parallel_size > 1:
+            entry["tensorParallelSize"] = m.tensor_parallel_size
         if m.credentials_secret:
             entry["credentialsEnvPrefix"] = secret_env_prefix(secrets.index(m.credentials_secret))
         if m.adapters:

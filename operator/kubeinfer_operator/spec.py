@@ -106,9 +106,13 @@ class ModelSpec(_Camel):
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=32)
     #: weight quantization of a generate model (kubeinfer_serving.layers.quant).
     quantization: Literal["none", "int8", "fp8"] = "none"
+    #: GPUs of the pod (ranks) a generate model is split over (kubeinfer_serving.distributed).
+    tensor_parallel_size: int = Field(default=1, alias="tensorParallelSize", ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelSpec:
+        if self.tensor_parallel_size > 1 and (self.kind != "generate" or self.adapters):
+            raise ValueError("tensorParallelSize > 1 applies to kind generate without adapters")
         if self.adapters and self.kind != "generate":
             raise ValueError("adapters apply to kind generate only")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
@@ -209,6 +213,10 @@ class ScalingSpec(_Camel):
         if self.prometheus_address is not None and not re.match(r"^https?://[^\s/]+", self.prometheus_address):
             raise ValueError(f"prometheusAddress {self.prometheus_address!r} must be an http(s):// URL")
         return self
+
+
+#: The extended resource of the pod's GPUs (what ``tensorParallelSize`` must divide).
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 def _is_extended_resource(name: str) -> bool:
@@ -455,6 +463,13 @@ class InferenceServiceSpec(_Camel):
         for mount in self.volume_mounts:
             if mount["name"] not in volumes:
                 raise ValueError(f"volumeMounts entry {mount['name']!r} names no entry of spec.volumes")
+        gpus = self.resources.limits.get(GPU_RESOURCE)
+        if gpus is not None:
+            count = int(parse_quantity(gpus))
+            for model in self.models:
+                if count % model.tensor_parallel_size:
+                    raise ValueError(f"model {model.name!r}: tensorParallelSize {model.tensor_parallel_size} does not "
+                                     f"divide the pod's {count} {GPU_RESOURCE}")
         preloaded = sum(1 for m in self.models if m.preload)
         if self.runtime.max_loaded_models is not None and preloaded > self.runtime.max_loaded_models:
             raise ValueError(
@@ -474,6 +489,11 @@ class InferenceServiceSpec(_Camel):
     def max_loaded_models(self) -> int:
         """``runtime.maxLoadedModels``, or the number of models when unset (all may be resident)."""
         return self.runtime.max_loaded_models or len(self.models)
+
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether any model is split over several ranks (the pod then needs a larger ``/dev/shm``)."""
+        return any(m.tensor_parallel_size > 1 for m in self.models)
 
     @property
     def router_mode(self) -> bool:
