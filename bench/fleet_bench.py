@@ -67,6 +67,7 @@ class Result:
     ok: bool
     endpoint: str
     start: float
+    route: str = ""
     end: float = 0.0
     ttft: float = 0.0
     e2e: float = 0.0
@@ -97,6 +98,7 @@ async def stream_one(client: httpx.AsyncClient, job: Job) -> Result:
     try:
         async with client.stream("POST", f"{job.base_url}/v1/completions", json=body) as resp:
             res.endpoint = resp.headers.get("x-kubeinfer-endpoint", job.base_url)
+            res.route = resp.headers.get("x-kubeinfer-route", "")
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
@@ -180,6 +182,21 @@ def max_inflight(results: list[Result]) -> dict[str, int]:
     return out
 
 
+def placement(results: list[Result], groups: list[int]) -> dict:
+    """Where each prefix group's requests went: ``endpoints_per_group`` (group -> endpoint -> requests),
+    the mean number of endpoints a group touched, and the router's decision reasons (when it set them)."""
+    per_group: dict[int, dict[str, int]] = {}
+    reasons: dict[str, int] = {}
+    for r, g in zip(results, groups, strict=True):
+        where = per_group.setdefault(g, {})
+        where[r.endpoint] = where.get(r.endpoint, 0) + 1
+        if r.route:
+            reasons[r.route] = reasons.get(r.route, 0) + 1
+    spread = statistics.mean(len(v) for v in per_group.values()) if per_group else 0.0
+    return {"endpoints_per_group": {str(g): per_group[g] for g in sorted(per_group)},
+            "mean_endpoints_per_group": spread, "route_reasons": reasons}
+
+
 def route_random(urls: list[str], seed: int) -> Callable[[int, str], str]:
     """A Service's spreading: each request to a pod chosen at random (seeded apart from the workload's
     own draws, which use the integer seeds: the same stream would send model i to pod i)."""
@@ -254,7 +271,7 @@ def workload_prefix(fleet: Fleet, router: str, args: argparse.Namespace) -> dict
         hits = fleet.total("kubeinfer_prefix_cache_hits_total") - hits0
         queries = fleet.total("kubeinfer_prefix_cache_queries_total") - queries0
         out[name] = {"prefix_hit_rate": hits / queries if queries else 0.0, "prefix_hit_tokens": int(hits),
-                     "prompt_tokens_looked_up": int(queries), **summary(results, wall)}
+                     "prompt_tokens_looked_up": int(queries), **placement(results, order), **summary(results, wall)}
     return out
 
 
