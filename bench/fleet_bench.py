@@ -11,10 +11,17 @@ Workloads (each routing runs the same seeded request sequence):
     clean start (every model unloaded): routed to a random pod, model i to pod i (the ideal), and
     through the router. Reported: model loads (``kubeinfer_model_loads_total`` summed over the
     pods), wall time, p50/p99 end-to-end latency.
-(b) **shared prefixes**: groups that share a ~``--prefix-tokens``-token system prompt, each
-    request adding a unique question; one model loaded on every pod. Reported: the pods' summed
-    prefix-cache hit rate (``kubeinfer_prefix_cache_hits_total`` / ``..._queries_total``) and
-    output tokens/s, random vs router.
+(b) **shared prefixes**: ``--prefix-groups`` groups that each share a ``--prefix-tokens``-token
+    system prompt (counted with the model's tokenizer), each request adding a unique question,
+    ``--prefix-requests`` requests per group in a shuffled order; one model loaded on every pod.
+    That model has a KV pool of its own, sized relative to the prompts: room for each pod's share of
+    the running requests plus a cache of ``--prefix-kv-share`` of all groups' prefixes (0.5: one pod
+    can cache half of the groups' prompts, the fleet's pools together all of them, the regime
+    prefix-aware routing is for; a pool that caches every group on every pod leaves random
+    spreading only its first miss per group and pod). Reported: the pods' summed prefix-cache hit
+    rate (``kubeinfer_prefix_cache_hits_total`` / ``..._queries_total``), output tokens/s, and
+    where each group's requests went, random vs router on the same request sequence (each run
+    with prompts of its own, so neither finds the other's prefixes cached).
 (c) **unique prompts** (control): output tokens/s random vs router, and the most requests any
     endpoint held at once (from each response's ``x-kubeinfer-endpoint`` and its start/end times)
     against the CHWBL bound ``ceil(concurrency / pods * 1.25)``.
@@ -49,10 +56,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.fleet import Fleet, counter, model_names
+from bench.fleet import Fleet, counter, kv_bytes_per_token, model_names, tokenizer
 
 #: The routers' ``--load-factor`` (the spec's default), for the bound reported in (c).
 LOAD_FACTOR = 1.25
+#: KV tokens a running shared-prefix request needs beyond its prefix (question, output, a partial block).
+TAIL_TOKENS = 64
 #: Seconds to let the routers' pollers see a change made behind their back (unloads, preloads).
 SETTLE_SECONDS = 2.5
 _WORDS = ["river", "stone", "light", "model", "token", "cache", "block", "queue", "batch", "graph", "north",
@@ -252,15 +261,37 @@ def workload_fleet(fleet: Fleet, router: str, args: argparse.Namespace) -> dict:
     return out
 
 
+def sized_text(tok, rng: random.Random, head: str, tokens: int) -> str:
+    """``head`` and pseudo-words, just enough for ``tokens`` tokens of ``tok`` (a few more at most)."""
+    text = head
+    while (have := len(tok.encode(text, add_special_tokens=False).ids)) < tokens:
+        text += " " + words(rng, max(1, (tokens - have) // 3))
+    return text
+
+
+def prefix_model(args: argparse.Namespace) -> str:
+    """The model of workload (b): the catalogue's last (it has the KV pool of :func:`prefix_pool_bytes`)."""
+    return model_names(args.models)[-1]
+
+
+def prefix_pool_bytes(args: argparse.Namespace) -> int:
+    """The KV pool of :func:`prefix_model`: each pod's share of the running requests (prefix and tail
+    each) plus ``--prefix-kv-share`` of every group's prefix, in bytes."""
+    running = math.ceil(args.concurrency / args.pods) * (args.prefix_tokens + TAIL_TOKENS)
+    cached = math.ceil(args.prefix_kv_share * args.prefix_groups * args.prefix_tokens)
+    return (running + cached) * kv_bytes_per_token()
+
+
 def workload_prefix(fleet: Fleet, router: str, args: argparse.Namespace) -> dict:
     """(b): summed prefix-cache hit rate and throughput with shared system prompts, random vs router."""
-    model = model_names(args.models)[0]
+    model = prefix_model(args)
     preload_everywhere(fleet, model)
+    tok = tokenizer()
     out = {}
     for run, (name, route) in enumerate({"random": route_random(fleet.urls, args.seed),
                                          "router": route_fixed(router)}.items()):
         rng = random.Random(args.seed * 100 + run)  # fresh prefixes per run: the other run's cache cannot help
-        systems = [f"System prompt {run}-{g}: " + words(rng, int(args.prefix_tokens / 1.4))
+        systems = [sized_text(tok, rng, f"System prompt {run}-{g}:", args.prefix_tokens)
                    for g in range(args.prefix_groups)]
         order = [g for g in range(args.prefix_groups) for _ in range(args.prefix_requests)]
         random.Random(f"order-{args.seed}").shuffle(order)
@@ -372,15 +403,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens of (a)-(c) requests")
     p.add_argument("--fleet-requests", type=int, default=60)
     p.add_argument("--prefix-groups", type=int, default=8)
-    p.add_argument("--prefix-requests", type=int, default=6, help="requests per prefix group")
-    p.add_argument("--prefix-tokens", type=int, default=1000)
+    p.add_argument("--prefix-requests", type=int, default=12,
+                   help="requests per prefix group (enough that a group's first misses amortise)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="tokens of each group's shared system prompt")
+    p.add_argument("--prefix-kv-share", type=float, default=0.5,
+                   help="(b)'s KV pool per pod caches this share of all groups' prefixes, besides its running requests")
     p.add_argument("--unique-requests", type=int, default=48)
     p.add_argument("--unique-words", type=int, default=150)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--overhead-tokens", type=int, default=48)
     p.add_argument("--overhead-reps", type=int, default=2)
     p.add_argument("--kv-cache-bytes", type=int, default=24 * 1024**2,
-                   help="KV pool per model: small, so a pod holds only a few groups' prefixes")
+                   help="KV pool of every model but (b)'s (which --prefix-kv-share sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--pin", action="store_true",
@@ -407,8 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("--pin needs at least 2 CPUs")
         pod_cpus, router_cpus = frozenset(cpus[:-1]), frozenset(cpus[-1:])
         os.sched_setaffinity(0, router_cpus)
+    args.prefix_kv_pool_bytes = prefix_pool_bytes(args)
     with Fleet(pods=args.pods, models=args.models, kv_cache_bytes=args.kv_cache_bytes,
-               pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
+               kv_overrides={prefix_model(args): args.prefix_kv_pool_bytes}, pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
         router = fleet.router()
         single = fleet.router([fleet.urls[0]])
         report: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
