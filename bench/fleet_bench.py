@@ -27,12 +27,18 @@ Workloads (each routing runs the same seeded request sequence):
     against the CHWBL bound ``ceil(concurrency / pods * 1.25)``.
 (d) **overhead**: ``--streams`` concurrent streams direct to one pod vs through a router whose only
     endpoint is that pod, alternating ``--overhead-reps`` times: output tokens/s ratio and the
-    added median time to first token.
+    added median time to first token (median over the reps of each rep's median), next to the
+    router's own mean overhead per request (its ``kubeinfer_router_proxy_overhead_seconds``); then
+    ``--probe-requests`` single requests, alternating direct and through the router, one at a
+    time: the added median time to first token of a lone request (no batching noise).
 
 ``--workloads`` picks some of ``fleet,prefix,unique,overhead`` (default all). ``--pin`` (at least 2
-CPUs) runs the pods on all CPUs but the last and the routers and this client on the last one, so
-the router's CPU time does not slow the pods down, as in a cluster where the router has pods of
-its own; without it every process shares every core.
+CPUs) runs the routers alone on the last CPU and the pods and this client on the others, as in a
+cluster where the router has pods (and CPUs) of its own and the clients are elsewhere: the
+client's CPU time then weighs on the pods equally in both arms of every comparison, and neither
+the router nor the client slows the other down (with the client on the routers' CPU, a burst of
+64 streams made each wait for the other, which no deployment does); without it every process
+shares every core.
 
 Writes ``fleet_bench.json`` into ``--out-dir`` (default ``bench/results/fleet``) and prints a table.
 The machine is shared and noisy: compare the ratios of side-by-side runs, not absolute times.
@@ -337,6 +343,12 @@ def workload_overhead(fleet: Fleet, single_router: str, args: argparse.Namespace
             runs[name].append(summary(results, wall))
     sums = {n: counter(single_router, f"kubeinfer_router_proxy_overhead_seconds_{n}") - sums0[n]
             for n in ("sum", "count")}
+    probe: dict[str, list[float]] = {"direct": [], "router": []}
+    for i in range(args.probe_requests):
+        for name, url in (("direct", fleet.urls[0]), ("router", single_router)):
+            results, _ = asyncio.run(run_jobs([Job(url, model, f"probe {i} " + words(rng, 12), 4)], 1))
+            if results[0].ok:
+                probe[name].append(results[0].ttft)
     med = {k: {"output_tok_s": statistics.median(r["output_tok_s"] for r in v),
                "ttft_p50_s": statistics.median(r["ttft_p50_s"] for r in v)} for k, v in runs.items()}
     return {
@@ -344,6 +356,9 @@ def workload_overhead(fleet: Fleet, single_router: str, args: argparse.Namespace
         "tok_s_ratio_router_vs_direct": med["router"]["output_tok_s"] / med["direct"]["output_tok_s"],
         "added_median_ttft_ms": 1000 * (med["router"]["ttft_p50_s"] - med["direct"]["ttft_p50_s"]),
         "router_mean_proxy_overhead_ms": 1000 * sums["sum"] / sums["count"] if sums["count"] else None,
+        "probe_ttft_p50_ms": {k: 1000 * statistics.median(v) if v else None for k, v in probe.items()},
+        "probe_added_median_ttft_ms": (1000 * (statistics.median(probe["router"]) - statistics.median(probe["direct"]))
+                                       if probe["router"] and probe["direct"] else None),
     }
 
 
@@ -389,7 +404,8 @@ def print_table(report: dict) -> None:
     if d := report.get("overhead"):
         print(f"(d) overhead, {report['config']['streams']} streams: tok/s router/direct "
               f"{d['tok_s_ratio_router_vs_direct']:.3f}, added median TTFT {d['added_median_ttft_ms']:.2f} ms, "
-              f"router's own mean proxy overhead {d['router_mean_proxy_overhead_ms'] or 0:.2f} ms")
+              f"router's own mean proxy overhead {d['router_mean_proxy_overhead_ms'] or 0:.2f} ms; one request at a "
+              f"time: added median TTFT {d['probe_added_median_ttft_ms'] or 0:.2f} ms")
     print("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["targets"].items()))
 
 
@@ -412,13 +428,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unique-words", type=int, default=150)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--overhead-tokens", type=int, default=48)
-    p.add_argument("--overhead-reps", type=int, default=2)
+    p.add_argument("--overhead-reps", type=int, default=5)
+    p.add_argument("--probe-requests", type=int, default=40,
+                   help="(d): lone requests per arm, alternating direct and through the router")
     p.add_argument("--kv-cache-bytes", type=int, default=24 * 1024**2,
                    help="KV pool of every model but (b)'s (which --prefix-kv-share sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--pin", action="store_true",
-                   help="pods on every CPU but the last, routers and this client on the last one")
+                   help="routers alone on the last CPU, the pods and this client on the others")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - set(WORKLOADS)
@@ -427,6 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.fleet_requests, args.prefix_groups, args.prefix_requests, args.prefix_tokens = 9, 2, 3, 200
         args.unique_requests, args.unique_words, args.streams, args.overhead_reps = 6, 30, 8, 1
+        args.probe_requests = 2
         args.max_tokens, args.overhead_tokens, args.concurrency = 4, 8, 3
     return args
 
@@ -440,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(cpus) < 2:
             raise SystemExit("--pin needs at least 2 CPUs")
         pod_cpus, router_cpus = frozenset(cpus[:-1]), frozenset(cpus[-1:])
-        os.sched_setaffinity(0, router_cpus)
+        os.sched_setaffinity(0, pod_cpus)
     args.prefix_kv_pool_bytes = prefix_pool_bytes(args)
     with Fleet(pods=args.pods, models=args.models, kv_cache_bytes=args.kv_cache_bytes,
                kv_overrides={prefix_model(args): args.prefix_kv_pool_bytes}, pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:

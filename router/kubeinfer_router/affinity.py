@@ -31,12 +31,12 @@ from collections import OrderedDict
 DEFAULT_TTL_SECONDS = 300.0
 #: Default most keys remembered (least recently used forgotten first).
 DEFAULT_MAX_KEYS = 65_536
-#: Most endpoints remembered per key (the most recent ones).
+#: Most endpoints remembered per key (a new one replaces the least recently used).
 MAX_HOLDERS_PER_KEY = 4
 
 
 class AffinityMemory:
-    """Routing key -> the endpoints it was sent to recently, most recent first; keys per endpoint.
+    """Routing key -> the endpoints it was sent to recently, first holder first; keys per endpoint.
 
     Args:
         ttl_seconds: how long a (key, endpoint) pair counts without another request of the key to
@@ -54,7 +54,8 @@ class AffinityMemory:
             raise ValueError(f"max_keys must be >= 1, got {max_keys}")
         self.ttl_seconds = ttl_seconds
         self.max_keys = max_keys
-        # key -> {endpoint URL: monotonic time of the last request}, most recent last; keys in LRU order
+        # key -> {endpoint URL: monotonic time of its last request of the key}, in the order the
+        # endpoints became holders; keys in least-recently-used order
         self._keys: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._counts: dict[str, int] = {}
 
@@ -62,7 +63,9 @@ class AffinityMemory:
         return len(self._keys)
 
     def holders(self, key: str, now: float) -> list[str]:
-        """The endpoints ``key`` was sent to within ``ttl_seconds`` before ``now``, most recent first."""
+        """The endpoints ``key`` was sent to within ``ttl_seconds`` before ``now``, the one it was placed
+        on first leading (later holders took its overflow: preferring the first keeps one pod's copy
+        of the prefix hot instead of spreading the key's traffic, and every pod's cache, over all)."""
         entry = self._keys.get(key)
         if entry is None:
             return []
@@ -71,14 +74,16 @@ class AffinityMemory:
         if not entry:
             del self._keys[key]
             return []
-        return list(reversed(entry))
+        return list(entry)
 
     def keys_of(self, url: str) -> int:
         """How many remembered keys name ``url`` as a holder (approximate; see the module docstring)."""
         return self._counts.get(url, 0)
 
     def record(self, key: str, url: str, now: float) -> None:
-        """``key`` was just sent to ``url`` (at ``now``): it becomes the key's most recent holder."""
+        """``key`` was just sent to ``url`` (at ``now``): a new holder joins after the key's others (the
+        least recently used one leaves when the key has :data:`MAX_HOLDERS_PER_KEY`); a known one is
+        refreshed in place."""
         self._expire(now)
         entry = self._keys.get(key)
         if entry is None:
@@ -87,19 +92,17 @@ class AffinityMemory:
                 self._forget_oldest()
         else:
             self._keys.move_to_end(key)
-        if url in entry:
-            del entry[url]
-        else:
+        if url not in entry:
             self._counts[url] = self._counts.get(url, 0) + 1
             if len(entry) >= MAX_HOLDERS_PER_KEY:
-                self._drop(entry, next(iter(entry)))
+                self._drop(entry, min(entry, key=entry.__getitem__))
         entry[url] = now
 
     def _expire(self, now: float) -> None:
         """Forget keys whose most recent request is older than the TTL (they sit at the LRU end)."""
         while self._keys:
             key, entry = next(iter(self._keys.items()))
-            if entry and now - next(reversed(entry.values())) <= self.ttl_seconds:
+            if entry and now - max(entry.values()) <= self.ttl_seconds:
                 return
             self._forget_oldest()
 

@@ -31,10 +31,11 @@ steps, in order; each decision carries the reason of the step that made it (:dat
 
    a. **Affinity** (llm-d's prefix scorer, SGLang's cache-aware routing): the endpoints this picker
       sent the same key ``(model, adapter, affinity)`` to within ``affinity_ttl_seconds``
-      (:class:`~kubeinfer_router.affinity.AffinityMemory`), most recent first: the first one under
-      the bound, ``affinity``. Its prefix cache most likely still holds the key's prefix, so a key
-      that once spilled to a second endpoint under load goes back to one that holds it instead of
-      to a third.
+      (:class:`~kubeinfer_router.affinity.AffinityMemory`), the one the key was placed on first
+      leading: the first one under the bound, ``affinity``. Its prefix cache most likely still
+      holds the key's prefix, so a key that once spilled to a second endpoint under load goes back
+      to one that holds it instead of to a third, and its first holder takes all it can (the
+      others only its overflow), so one pod's copy of the prefix stays hot.
    b. **CHWBL.** A ring (:class:`~kubeinfer_router.ring.HashRing`) over the candidates, keyed by
       ``(model, adapter, affinity)``; walk clockwise and take the first endpoint under the bound.
       For a key no candidate holds yet, the walk also skips endpoints that already hold more than
@@ -46,7 +47,7 @@ steps, in order; each decision carries the reason of the step that made it (:dat
       ``hash_spill`` otherwise. Some endpoint always passes the in-flight bound (the least loaded
       has ``inflight < mean``).
 
-   Every warm decision (steps 3-5) is remembered as the key's most recent holder.
+   Every warm decision (steps 3-5) is remembered: its endpoint becomes (or stays) a holder of the key.
 6. **Cold.** No endpoint holds the model. Endpoints this picker sent the same model to within
    ``cold_claim_seconds`` are taken as its holders (a load they are doing is not reported yet), so a
    burst of requests for a cold model loads it once, not on every replica. Only models some

@@ -202,16 +202,19 @@ def test_a_first_choice_over_the_bound_spills_to_the_next_on_the_ring_and_the_ke
     assert third.reason == "hash_spill" and third.endpoint.url == ring_order[2]
 
 
-def test_a_key_goes_to_its_most_recent_holder_and_is_forgotten_after_the_ttl():
+def test_a_key_goes_back_to_its_first_holder_and_is_forgotten_after_the_ttl():
     clock = Clock()
     table = fleet(3, {"m": Tier.DEVICE})
     picker = Picker(clock=clock, affinity_ttl_seconds=60.0)
     first = picker.pick(table.all(), key(affinity="tenant"))
     first.endpoint.inflight = 5  # mean 2, bound 3: spill
     spilled = picker.pick(table.all(), key(affinity="tenant"))
+    assert spilled.reason == "hash_spill"
+    clock.now += 30.0
+    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(spilled.endpoint, "affinity")  # first busy
     first.endpoint.inflight = 0
-    clock.now += 59.0
-    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(spilled.endpoint, "affinity")
+    clock.now += 29.0  # the first holder was last used 59 s ago: still remembered, and first in line
+    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(first.endpoint, "affinity")
     clock.now += 61.0  # past the TTL of every holder: the ring decides again
     assert picker.pick(table.all(), key(affinity="tenant")) == Decision(first.endpoint, "hash")
 
@@ -377,7 +380,8 @@ def test_urgent_cold_requests_still_go_to_the_fastest():
 
 
 @pytest.mark.parametrize("kwargs", [{"load_factor": 0.9}, {"virtual_nodes": 0}, {"imbalance_ratio": 0.5},
-                                    {"imbalance_min_requests": -1}, {"cold_claim_seconds": -1}])
+                                    {"imbalance_min_requests": -1}, {"cold_claim_seconds": -1},
+                                    {"key_load_factor": 0.9}, {"affinity_ttl_seconds": 0}, {"affinity_keys": 0}])
 def test_bad_picker_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         Picker(**kwargs)
