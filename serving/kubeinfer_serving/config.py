@@ -9,7 +9,12 @@ catalogue (and the engine) take from here (:func:`fallback`). The CLI parser
 (:mod:`kubeinfer_serving.settings_doc`) are all generated from or read this table.
 
 Precedence: a flag given on the command line, else the environment variable, else the
-catalogue's value (for knobs with a catalogue key), else the default.
+catalogue's value (for knobs with a catalogue key), else the default. The class is a
+pydantic-settings ``BaseSettings``: its sources are the constructor's arguments (the parsed
+flags) over the environment (``KUBEINFER_*``; an empty variable counts as not set). Variables are
+not JSON-decoded (``enable_decoding=False``): list knobs take comma-separated values and
+``structured_outputs_config`` parses its JSON in its own validator, so a bad value is a
+validation error naming the flag and the variable, never the value of a secret.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from kubeinfer_serving.api.tool_parsers import PARSERS as TOOL_PARSERS
 
@@ -100,14 +112,29 @@ class StructuredOutputsConfig(BaseModel):
     disable_additional_properties: bool = True
 
 
-class ServerSettings(BaseModel):
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source reading ``env`` (a mapping given by the caller) instead of
+    ``os.environ``; names match case-insensitively and empty values count as not set, as in the base class."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._env.items() if not (self.env_ignore_empty and v == "")}
+
+
+class ServerSettings(BaseSettings):
     """Everything ``kubeinfer-serve`` is configured with: one field per knob (see the module docstring).
 
     Each field's description is its documentation (``kubeinfer-serve --help`` and the README
     table print it); :func:`meta` gives its flag names, catalogue key and fallback default.
+    ``ServerSettings(**values)`` takes ``values`` over the ``KUBEINFER_*`` variables over the
+    defaults; :meth:`from_sources` does the same for parsed flags and turns errors into messages.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_ignore_empty=True,
+                                      enable_decoding=False)
 
     host: str = knob("0.0.0.0", "bind address (0.0.0.0 in a container; make serve passes 127.0.0.1)")
     port: int = knob(8000, "TCP port", ge=0, le=65535)
@@ -278,6 +305,15 @@ class ServerSettings(BaseModel):
         return name in self.model_fields_set and getattr(self, name) is not None
 
     @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The constructor's values over the environment; no ``.env`` file, no secrets directory."""
+        return init_settings, env_settings
+
+    @classmethod
     def env_name(cls, field: str) -> str:
         """The environment variable of ``field`` (``KUBEINFER_`` + upper case)."""
         return ENV_PREFIX + field.upper()
@@ -293,15 +329,10 @@ class ServerSettings(BaseModel):
         Raises:
             ValueError: a value is invalid (the message names the flag/variable, never a secret's value).
         """
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for name in cls.model_fields:
-            if cli.get(name) is not None:
-                values[name] = cli[name]
-            elif env.get(cls.env_name(name), "") != "":
-                values[name] = env[cls.env_name(name)]
+        values = {name: cli[name] for name in cls.model_fields if cli.get(name) is not None}
+        sources = (InitSettingsSource(cls, values), _MappingEnvSource(cls, os.environ if env is None else env))
         try:
-            return cls(**values)
+            return cls(_build_sources=(sources, values))
         except ValidationError as exc:
             msgs = [f"{flag_names(str(e['loc'][0]))[0]} / {cls.env_name(str(e['loc'][0]))}: "
                     f"{'invalid value' if meta(str(e['loc'][0]))['secret'] else e['msg']}" for e in exc.errors()]
