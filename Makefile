@@ -60,7 +60,7 @@ s3proxy:
 	@tests/s3/install.sh >/dev/null
 
 lint: install
-	$(VENV)/bin/ruff check serving operator tests bench images
+	$(VENV)/bin/ruff check serving operator tests bench images deploy
 
 bench: install
 	$(PY) -m kubeinfer_serving.bench.kubeinfer_bench $(BENCH_ARGS)

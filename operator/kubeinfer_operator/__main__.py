@@ -2,7 +2,8 @@
 
 Credentials: ``--kubeconfig``, else ``$KUBECONFIG`` / ``~/.kube/config``, else the pod's
 service account. Watches ``--namespace`` (repeatable) or, with ``--all-namespaces``, every
-namespace. Serves kopf's liveness endpoint (``/healthz``) at ``--liveness``.
+namespace. Serves kopf's liveness endpoint (``/healthz``) at ``--liveness``, and the operator's
+``/metrics`` and readiness (``/readyz``) at ``--metrics`` (:mod:`kubeinfer_operator.metrics`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+
+from kubeinfer_operator.metrics import METRICS_PORT, parse_address, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="kubeconfig path (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
     p.add_argument("--liveness", default=os.environ.get("KUBEINFER_LIVENESS", "http://0.0.0.0:8080/healthz"),
                    help="liveness endpoint URL, or '' to disable (default %(default)s)")
+    p.add_argument("--metrics", default=os.environ.get("KUBEINFER_METRICS_ADDRESS", f"0.0.0.0:{METRICS_PORT}"),
+                   help="HOST:PORT of /metrics and /readyz, or '' to disable (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every reconcile")
     p.add_argument("--debug", action="store_true", help="log kopf internals and API calls")
     return p
@@ -36,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
     if not args.namespace and not args.all_namespaces:
         args.all_namespaces = True
+    if args.metrics:
+        serve(*parse_address(args.metrics))
     import kopf  # after KUBECONFIG is final
 
     import kubeinfer_operator.handlers  # noqa: F401  (registers the handlers)

@@ -58,6 +58,9 @@ class OperatorConfig:
             image (env ``KUBEINFER_ACTIVATOR_IMAGE``; the chart sets it).
         activator_retry_after_seconds: ``Retry-After`` of the activator's 503, in seconds (env
             ``KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS``).
+        image_pull_secrets: Secret names every pod the operator renders pulls its images with
+            (serving pods add their ``spec.imagePullSecrets``); env ``KUBEINFER_IMAGE_PULL_SECRETS``,
+            comma-separated (the chart sets it from its ``imagePullSecrets``).
         router_image: image of the fleet router pods (``routing.mode: router``), the operator's own
             image, which carries ``kubeinfer-router`` (env ``KUBEINFER_ROUTER_IMAGE``, else the
             activator image; the chart sets both).
@@ -76,6 +79,7 @@ class OperatorConfig:
     activator_image: str = DEFAULT_OPERATOR_IMAGE
     activator_retry_after_seconds: int = 5
     router_image: str = DEFAULT_OPERATOR_IMAGE
+    image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
@@ -109,6 +113,8 @@ class OperatorConfig:
                                       if n.strip()),
             activator_image=env.get("KUBEINFER_ACTIVATOR_IMAGE") or DEFAULT_OPERATOR_IMAGE,
             activator_retry_after_seconds=positive("KUBEINFER_ACTIVATOR_RETRY_AFTER_SECONDS", 5),
+            image_pull_secrets=tuple(n.strip() for n in (env.get("KUBEINFER_IMAGE_PULL_SECRETS") or "").split(",")
+                                     if n.strip()),
             router_image=(env.get("KUBEINFER_ROUTER_IMAGE") or env.get("KUBEINFER_ACTIVATOR_IMAGE")
                           or DEFAULT_OPERATOR_IMAGE),
         )

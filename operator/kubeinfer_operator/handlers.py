@@ -30,6 +30,7 @@ import kopf
 
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError, load_api_client
+from kubeinfer_operator.metrics import HEALTH, INFERENCESERVICES
 from kubeinfer_operator.reconcile import Observed, Outcome, Reconciler
 from kubeinfer_operator.render_base import COMPONENT_LABEL, ISVC_LABEL, SERVING
 
@@ -95,10 +96,10 @@ def _run(
     indices = getattr(memo, "indices", None)
     if isvc is None and indices is not None:
         isvc = next(iter(_values(indices["isvc_index"], (namespace, name))), None)
-        if isvc is None:  # not (yet) seen by the watch: ask the API
-            isvc = reconciler.kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
-            if isvc is None:
-                return Outcome(found=False)
+    if isvc is None:  # not (yet) seen by the watch: ask the API
+        isvc = reconciler.kube.get(f"{GROUP}/{VERSION}", KIND, namespace, name)
+        if isvc is None:
+            return Outcome(found=False)
     try:
         outcome = reconciler.reconcile(namespace, name, isvc=isvc, observed=observed(indices, namespace, name))
     except KubeError as err:
@@ -138,11 +139,13 @@ def resync_once(memo: kopf.Memo) -> int:
     """
     reconciler: Reconciler = memo.reconciler
     seen = 0
+    listed = True
     for namespace in getattr(memo, "namespaces", None) or [None]:
         try:
             items = reconciler.kube.list_isvcs(namespace)
         except KubeError as err:
             logger.warning("resync: cannot list InferenceServices in %s: %s", namespace or "all namespaces", err)
+            listed = False
             continue
         for item in items:
             meta = item["metadata"]
@@ -151,6 +154,8 @@ def resync_once(memo: kopf.Memo) -> int:
                 _run(memo, meta["namespace"], meta["name"], "resync", isvc=item)
             except kopf.TemporaryError as err:
                 logger.warning("%s", err)
+    if listed:
+        INFERENCESERVICES.set(seen)
     return seen
 
 
@@ -166,6 +171,7 @@ async def start_resync(memo: kopf.Memo, **kwargs: Any) -> None:
     resync task (after :func:`configure` built the reconciler)."""
     memo.indices = {key: kwargs[key] for key in INDEXES}
     memo.resync_task = asyncio.create_task(_resync_loop(memo))
+    HEALTH.mark_started()
 
 
 @kopf.on.cleanup()
@@ -281,10 +287,11 @@ def _values(index: Mapping[Any, Any], key: Any) -> list[Any]:
     return list(index.get(key, []))
 
 
-def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Observed | None:
-    """The indexed children and pods of isvc ``namespace/name`` (None without indexes)."""
+def observed(indices: Mapping[str, Any] | None, namespace: str, name: str) -> Observed:
+    """The indexed children and pods of isvc ``namespace/name`` (nothing before the indexes exist,
+    which kopf builds before any handler runs)."""
     if indices is None:
-        return None
+        return Observed()
     children: dict[tuple[str, str], dict[str, Any]] = {}
     for key in CHILD_INDEXES:
         for obj in _values(indices[key], (namespace, name)):

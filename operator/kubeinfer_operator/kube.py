@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes import client, config
 
 from kubeinfer_operator.config import FIELD_MANAGER, GROUP, PLURAL, VERSION
+from kubeinfer_operator.metrics import HEALTH, record_api_error
 
 #: (apiVersion, kind) -> (API path prefix, plural) of every kind the operator touches.
 _RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
@@ -108,11 +109,12 @@ class Kube:
             response = self.api.call_api(*request, _request_timeout=30)
             response.read()
         except client.exceptions.ApiException as err:
-            raise _kube_error(err.status or 0, err.reason or "", err.body) from err
+            raise _counted(_kube_error(err.status or 0, err.reason or "", err.body)) from err
         except Exception as err:  # connection refused, TLS errors, timeouts
-            raise KubeError(0, type(err).__name__, str(err)) from err
+            raise _counted(KubeError(0, type(err).__name__, str(err))) from err
         if not 200 <= response.status <= 299:
-            raise _kube_error(response.status, response.reason or "", response.data)
+            raise _counted(_kube_error(response.status, response.reason or "", response.data))
+        HEALTH.api_ok()
         return response.status, (json.loads(response.data) if response.data else {})
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -160,15 +162,6 @@ class Kube:
             raise
         return True
 
-    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
-        """Pods in ``namespace`` carrying every label of ``selector``.
-
-        Raises:
-            KubeError: the list failed.
-        """
-        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items())))]
-        return list(self._call("GET", object_path("v1", "Pod", namespace), query=query).get("items") or [])
-
     def list_isvcs(self, namespace: str | None) -> list[dict[str, Any]]:
         """InferenceServices in ``namespace``, or in every namespace when None.
 
@@ -179,27 +172,13 @@ class Kube:
         path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
         return list(self._call("GET", path).get("items") or [])
 
-    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply ``obj`` as field manager ``kubeinfer-operator`` with force
-        (the operator is the single owner of the fields it sets); returns the stored object.
+    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """Server-side apply ``obj`` as field manager ``kubeinfer-operator`` with force (the
+        operator is the single owner of the fields it sets); returns (created: HTTP 201 rather
+        than 200, the stored object).
 
         Raises:
             KubeError: e.g. 422 when the server rejects the object's content.
-        """
-        meta = obj["metadata"]
-        return self._call(
-            "PATCH",
-            object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            body=dict(obj),
-            content_type="application/apply-patch+yaml",
-        )
-
-    def apply_status(self, obj: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
-        """:meth:`apply`, also telling whether it created the object (HTTP 201) or found it (200).
-
-        Raises:
-            KubeError: as :meth:`apply`.
         """
         meta = obj["metadata"]
         status, body = self._call_status(
@@ -221,6 +200,16 @@ class Kube:
         """
         path = object_path(f"{GROUP}/{VERSION}", "InferenceService", namespace, name) + "/status"
         return self._call("PATCH", path, body={"status": dict(status)}, content_type="application/merge-patch+json")
+
+
+def _counted(err: KubeError) -> KubeError:
+    """``err``, counted in ``kubeinfer_operator_api_errors_total`` unless it is a 404 (an absent
+    object is an answer, not a failure); an answer at all proves the API reachable."""
+    if err.status == 404:
+        HEALTH.api_ok()
+    else:
+        record_api_error(err.status)
+    return err
 
 
 def _kube_error(status: int, reason: str, body: Any) -> KubeError:

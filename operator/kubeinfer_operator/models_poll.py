@@ -7,7 +7,8 @@ access, so the operator polls it. Polls are bounded: a connect+read timeout per 
 (new resourceVersion) or whose answer is older than ``max_age`` seconds.
 
 :func:`summarise` is pure: polled answers + the spec -> ``status.models`` entries
-``{name, state, readyPods, loadedPods, failedPods, message}``.
+``{name, servedModelName, state, readyPods, loadedPods, failedPods, message}``; a pod reports
+models by their served id, ``servedModelName`` (default ``name``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer_operator.metrics import MODEL_POLLS
 from kubeinfer_operator.spec import InferenceServiceSpec
 
 DEFAULT_PORT = 8000
@@ -113,9 +115,12 @@ class ModelPoller:
     def _poll_one(self, pod: Mapping[str, Any], ip: str, port: int) -> PodModels:
         name = pod["metadata"]["name"]
         try:
-            return PodModels(name, pod_is_ready(pod), fetch_models(ip, port, self.timeout))
+            answer = PodModels(name, pod_is_ready(pod), fetch_models(ip, port, self.timeout))
         except (OSError, ValueError, KeyError, TypeError) as err:
+            MODEL_POLLS.labels(result="error").inc()
             return PodModels(name, pod_is_ready(pod), error=f"{type(err).__name__}: {err}")
+        MODEL_POLLS.labels(result="ok").inc()
+        return answer
 
     def poll(self, pods: Iterable[Mapping[str, Any]]) -> list[PodModels]:
         """Answers of every Running pod with an IP (cached ones reused), in pod-name order."""
@@ -164,7 +169,7 @@ def summarise(spec: InferenceServiceSpec, answers: Sequence[PodModels]) -> list[
     errors = [f"{a.pod}: {a.error}" for a in answers if a.error is not None]
     out = []
     for model in spec.models:
-        states = {a.pod: a.models.get(model.name, ("", "")) for a in answered}
+        states = {a.pod: a.models.get(model.served_name, ("", "")) for a in answered}
         loaded = sum(1 for a in answered if a.ready and states[a.pod][0] == "loaded")
         failed = [(pod, msg) for pod, (s, msg) in states.items() if s == "failed"]
         loading = sum(1 for s, _ in states.values() if s == "loading")
@@ -182,8 +187,8 @@ def summarise(spec: InferenceServiceSpec, answers: Sequence[PodModels]) -> list[
         else:
             state = "Pending"
             message = "no serving pod answered /v1/models yet" + (f" ({'; '.join(errors)[:300]})" if errors else "")
-        out.append({"name": model.name, "state": state, "readyPods": ready, "loadedPods": loaded,
-                    "failedPods": len(failed), "message": message[:1024]})
+        out.append({"name": model.name, "servedModelName": model.served_name, "state": state, "readyPods": ready,
+                    "loadedPods": loaded, "failedPods": len(failed), "message": message[:1024]})
     return out
 
 

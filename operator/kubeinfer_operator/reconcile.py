@@ -18,25 +18,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeinfer_operator.config import GROUP, KIND, VERSION, OperatorConfig
+from kubeinfer_operator import metrics
+from kubeinfer_operator.config import OperatorConfig
 from kubeinfer_operator.kube import Kube, KubeError
 from kubeinfer_operator.models_poll import ModelPoller, summarise
-from kubeinfer_operator.render import (
-    SCALED_OBJECT_API_VERSION,
-    Owner,
-    activator_name,
-    keda_hpa_name,
-    render_activator,
-    render_children,
-    selector_labels,
-    stale_router_objects,
-    wants_activator,
-)
+from kubeinfer_operator.render import render_children, stale_router_objects
+from kubeinfer_operator.render_activator import activator_name, render_activator, wants_activator
+from kubeinfer_operator.render_autoscaling import SCALED_OBJECT_API_VERSION, keda_hpa_name
+from kubeinfer_operator.render_base import Owner
 from kubeinfer_operator.render_router import router_name
 from kubeinfer_operator.spec import InferenceServiceSpec, InvalidSpecError, parse_spec
 from kubeinfer_operator.status import INVALID_SPEC, READY, compute_status, status_changed
 
-ISVC_API_VERSION = f"{GROUP}/{VERSION}"
 HPA_API_VERSION = "autoscaling/v2"
 #: Seconds a KEDA discovery answer is reused; installing KEDA is noticed within this time.
 KEDA_CHECK_SECONDS = 60.0
@@ -204,70 +197,80 @@ class Reconciler:
             self.emit(isvc, "Warning", "ApplyFailed", message)
 
     def _remove_other_autoscaler(
-        self, isvc: Mapping[str, Any], keda: bool, keda_installed: bool, outcome: Outcome,
-        observed: Observed | None = None,
+        self, isvc: Mapping[str, Any], mode: str, outcome: Outcome, observed: Observed,
     ) -> None:
-        """Delete the autoscaler of the mode the isvc does not use (after a switch between
-        ``hpa`` and ``keda``), if this isvc controls it, so two autoscalers never fight over
-        the Deployment's replicas. A watched HPA is checked from ``observed``; a ScaledObject
-        (not watched) is looked up once per isvc and mode in this process."""
+        """Delete the autoscalers of the modes the isvc does not use (after a switch between
+        ``hpa``, ``keda`` and ``none``), if this isvc controls them, so two autoscalers never
+        fight over the Deployment's replicas. A watched HPA is checked from ``observed``; a
+        ScaledObject (not watched) is looked up once per isvc and mode in this process."""
         meta = isvc["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        mode = "keda" if keda else "hpa"
-        if keda:
+        namespace, name = meta["namespace"], meta["name"]
+        if mode != "hpa":
             stale = (HPA_API_VERSION, "HorizontalPodAutoscaler")
-            if observed is not None:
-                obj = observed.children.get(("HorizontalPodAutoscaler", name))
-            else:
-                obj = self.kube.get(*stale, namespace, name)
-        else:
+            obj = observed.children.get(("HorizontalPodAutoscaler", name))
+            self._delete_if_controlled(isvc, stale, obj, mode, outcome)
+        if mode != "keda":
             stale = (SCALED_OBJECT_API_VERSION, "ScaledObject")
             if self._mode_checked.get((namespace, name)) == mode or not self.keda_installed():
                 return
             obj = self.kube.get(*stale, namespace, name)
+            self._delete_if_controlled(isvc, stale, obj, mode, outcome)
         self._mode_checked[(namespace, name)] = mode
-        owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
-        if obj is None or not any(ref.get("uid") == uid and ref.get("controller") for ref in owners):
-            return
-        if self.kube.delete(*stale, namespace, name):
-            outcome.deleted.append(f"{stale[1]}/{name}")
-            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {name}: scaling.autoscaler is now {mode}")
 
-    def reconcile(
-        self,
-        namespace: str,
-        name: str,
-        isvc: Mapping[str, Any] | None = None,
-        observed: Observed | None = None,
-    ) -> Outcome:
+    def _delete_if_controlled(
+        self, isvc: Mapping[str, Any], stale: tuple[str, str], obj: Mapping[str, Any] | None, mode: str,
+        outcome: Outcome,
+    ) -> None:
+        """Delete autoscaler ``obj`` (``stale`` = its apiVersion, kind) if this isvc controls it."""
+        meta = isvc["metadata"]
+        owners = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+        if obj is None or not any(ref.get("uid") == meta["uid"] and ref.get("controller") for ref in owners):
+            return
+        if self.kube.delete(*stale, meta["namespace"], meta["name"]):
+            outcome.deleted.append(f"{stale[1]}/{meta['name']}")
+            self.emit(isvc, "Normal", "Deleted", f"deleted {stale[1]} {meta['name']}: scaling.autoscaler is now {mode}")
+
+    def reconcile(self, namespace: str, name: str, isvc: Mapping[str, Any] | None, observed: Observed) -> Outcome:
         """Bring the children and status of isvc ``namespace/name`` in line with its spec.
 
         Args:
-            isvc: the object as kopf delivered it (or as an index holds it); read from the API
-                when None.
+            isvc: the object as kopf delivered it (or as an index or the API holds it); None when
+                it does not exist.
             observed: what the operator's watches hold of the children and pods (kopf indexes).
-                With it, no child is read from the API: a child whose rendered content and
+                No child is read from the API: a child whose rendered content and
                 resourceVersion equal what this process last applied is not applied again,
-                and status comes from the watched (or just applied) objects. Without it, each
-                child is read before it is applied, and the Deployment, HPA and pods after.
+                and status comes from the watched (or just applied) objects. (KEDA's
+                ScaledObject, which is not watched, is the one child read.)
 
         A spec the operator cannot serve (parse failure, or a child the API server rejects
         with 400/422) is not an error here: it yields Ready=False/InvalidSpec, one Warning
         Event per distinct message, and a normal return, so nothing retries until the spec
         changes. Existing children are left as they are meanwhile.
 
+        Each call is counted in ``kubeinfer_operator_reconciles_total{result}`` and timed in
+        ``kubeinfer_operator_reconcile_duration_seconds`` (:mod:`kubeinfer_operator.metrics`).
+
         Raises:
             KubeError: a transient API failure (connection, 409, 5xx); the caller retries.
         """
-        with self._lock(namespace, name):
-            if isvc is None:
-                isvc = self.kube.get(ISVC_API_VERSION, KIND, namespace, name)
-            if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
-                return Outcome(found=False)
-            return self._reconcile(dict(isvc), observed)
+        result = metrics.ERROR
+        metrics.IN_PROGRESS.inc()
+        started = time.monotonic()
+        try:
+            with self._lock(namespace, name):
+                if isvc is None or (isvc.get("metadata") or {}).get("deletionTimestamp"):
+                    result = metrics.NOT_FOUND
+                    return Outcome(found=False)
+                outcome = self._reconcile(dict(isvc), observed)
+                result = metrics.INVALID_SPEC if outcome.invalid is not None else metrics.OK
+                return outcome
+        finally:
+            metrics.IN_PROGRESS.dec()
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            metrics.RECONCILES.labels(result=result).inc()
 
     def _apply_child(
-        self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed | None, outcome: Outcome
+        self, isvc: Mapping[str, Any], obj: dict[str, Any], observed: Observed, outcome: Outcome
     ) -> dict[str, Any] | None:
         """Apply one child unless ``observed`` shows it unchanged since this process applied the
         same content; record created/updated; return the object as stored (None when skipped)."""
@@ -275,23 +278,17 @@ class Reconciler:
         namespace, kind, child = meta["namespace"], obj["kind"], obj["metadata"]["name"]
         digest = content_hash(obj)
         key = (namespace, kind, child)
-        if observed is not None:
-            seen = observed.children.get((kind, child))
-            seen_print = fingerprint(seen) if seen is not None else None
-            last = self._applied.get(key)
-            if last is not None and last[0] == digest and (
-                seen is None  # applied, but the watch has not delivered it yet (a deletion calls forget())
-                or seen_print == last[1]  # nobody changed it since our identical apply
-                or _generation(seen) < last[2]  # the watch still shows an older version than ours
-            ):
-                return None
-            created, after = self.kube.apply_status(obj)
-            before_print = seen_print if seen is not None else (last[1] if last else None)
-        else:
-            before = self.kube.get(obj["apiVersion"], kind, namespace, child)
-            after = self.kube.apply(obj)
-            created = before is None
-            before_print = fingerprint(before) if before is not None else None
+        seen = observed.children.get((kind, child))
+        seen_print = fingerprint(seen) if seen is not None else None
+        last = self._applied.get(key)
+        if last is not None and last[0] == digest and (
+            seen is None  # applied, but the watch has not delivered it yet (a deletion calls forget())
+            or seen_print == last[1]  # nobody changed it since our identical apply
+            or _generation(seen) < last[2]  # the watch still shows an older version than ours
+        ):
+            return None
+        created, after = self.kube.apply_status(obj)
+        before_print = seen_print if seen is not None else (last[1] if last else None)
         after_print = fingerprint(after)
         self._applied[key] = (digest, after_print, _generation(after))
         if created:
@@ -303,22 +300,17 @@ class Reconciler:
         return after
 
     def _delete_owned(
-        self, isvc: Mapping[str, Any], api_version: str, kind: str, child: str, observed: Observed | None,
+        self, isvc: Mapping[str, Any], api_version: str, kind: str, child: str, observed: Observed,
         outcome: Outcome, why: str,
     ) -> None:
         """Delete child ``kind/child`` if it exists and this isvc controls it; post a Deleted
-        Event saying ``why``. With ``observed`` the watches say whether it exists (no API read
-        unless this process applied it and the watch has not shown it yet)."""
+        Event saying ``why``. The watches (``observed``) say whether it exists; one this process
+        applied that the watch has not shown yet is deleted too."""
         meta = isvc["metadata"]
         namespace = meta["namespace"]
-        if observed is not None:
-            current = observed.children.get((kind, child))
-            if current is None and (namespace, kind, child) not in self._applied:
-                return
-        else:
-            current = self.kube.get(api_version, kind, namespace, child)
-            if current is None:
-                return
+        current = observed.children.get((kind, child))
+        if current is None and (namespace, kind, child) not in self._applied:
+            return
         owners = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
         if current is not None and not any(r.get("uid") == meta["uid"] and r.get("controller") for r in owners):
             return
@@ -329,7 +321,7 @@ class Reconciler:
 
     def _reconcile_activator(
         self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, deployment: Mapping[str, Any] | None,
-        keda_installed: bool, observed: Observed | None, outcome: Outcome,
+        keda_installed: bool, observed: Observed, outcome: Outcome,
     ) -> None:
         """Run the activator Deployment while :func:`wants_activator` says so (service mode, KEDA,
         minReplicas 0, no ready serving pod), else delete it if this isvc controls one."""
@@ -344,7 +336,7 @@ class Reconciler:
         self._delete_owned(isvc, "apps/v1", "Deployment", activator_name(name), observed, outcome, why)
 
     def _remove_router(
-        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, observed: Observed | None, outcome: Outcome
+        self, isvc: Mapping[str, Any], spec: InferenceServiceSpec, observed: Observed, outcome: Outcome
     ) -> None:
         """In service mode, delete the router-mode objects this isvc controls (after a switch from
         router mode); the Service ``NAME`` already selects the serving pods again."""
@@ -353,7 +345,7 @@ class Reconciler:
         for api_version, kind, child in stale_router_objects(owner, spec):
             self._delete_owned(isvc, api_version, kind, child, observed, outcome, "routing.mode is service")
 
-    def _reconcile(self, isvc: dict[str, Any], observed: Observed | None) -> Outcome:
+    def _reconcile(self, isvc: dict[str, Any], observed: Observed) -> Outcome:
         meta = isvc["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         written = self._written.get((namespace, name))
@@ -386,27 +378,21 @@ class Reconciler:
                 if after is not None:
                     stored[(obj["kind"], obj["metadata"]["name"])] = after
             if outcome.invalid is None:
-                self._remove_other_autoscaler(isvc, keda, keda_installed, outcome, observed)
+                self._remove_other_autoscaler(isvc, spec.scaling.autoscaler, outcome, observed)
                 self._remove_router(isvc, spec, observed, outcome)
         self._last_failure.pop((namespace, name), None)
         hpa_name = keda_hpa_name(name) if keda else name
         router_mode = spec is not None and spec.router_mode
         router = None
-        if observed is not None:
-            deployment = self._latest(namespace, "Deployment", name, stored.get(("Deployment", name)),
-                                      observed.children.get(("Deployment", name)))
-            hpa = self._latest(namespace, "HorizontalPodAutoscaler", hpa_name,
-                               None if keda else stored.get(("HorizontalPodAutoscaler", hpa_name)),
-                               observed.children.get(("HorizontalPodAutoscaler", hpa_name)))
-            if router_mode:
-                router = self._latest(namespace, "Deployment", router_name(name),
-                                      stored.get(("Deployment", router_name(name))),
-                                      observed.children.get(("Deployment", router_name(name))))
-        else:
-            deployment = self.kube.get("apps/v1", "Deployment", namespace, name)
-            hpa = self.kube.get(HPA_API_VERSION, "HorizontalPodAutoscaler", namespace, hpa_name)
-            if router_mode:
-                router = self.kube.get("apps/v1", "Deployment", namespace, router_name(name))
+        deployment = self._latest(namespace, "Deployment", name, stored.get(("Deployment", name)),
+                                  observed.children.get(("Deployment", name)))
+        hpa = self._latest(namespace, "HorizontalPodAutoscaler", hpa_name,
+                           None if keda else stored.get(("HorizontalPodAutoscaler", hpa_name)),
+                           observed.children.get(("HorizontalPodAutoscaler", hpa_name)))
+        if router_mode:
+            router = self._latest(namespace, "Deployment", router_name(name),
+                                  stored.get(("Deployment", router_name(name))),
+                                  observed.children.get(("Deployment", router_name(name))))
         if spec is not None and outcome.invalid is None:
             self._reconcile_activator(isvc, spec, deployment, keda_installed, observed, outcome)
         scaled_object = None
@@ -415,8 +401,7 @@ class Reconciler:
                 SCALED_OBJECT_API_VERSION, "ScaledObject", namespace, name)
         models = None
         if spec is not None and self.poller is not None and deployment is not None:
-            pods = observed.pods if observed is not None else self.kube.list_pods(namespace, selector_labels(name))
-            answers = self.poller.poll(pods)
+            answers = self.poller.poll(observed.pods)
             if answers:  # else no pod to ask (or none the operator may reach): derive from readiness
                 models = summarise(spec, answers)
         new_status = compute_status(

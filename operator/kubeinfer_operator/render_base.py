@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, VERSION
+from kubeinfer_operator.config import FIELD_MANAGER, GROUP, KIND, VERSION, OperatorConfig
 
 #: Container port (named ``http``) of serving, activator and router pods.
 SERVING_PORT = 8000
@@ -94,3 +94,11 @@ def child_metadata(owner: Owner, name: str, component: str = SERVING) -> dict[st
             }
         ],
     }
+
+
+def operator_pull_secrets(config: OperatorConfig) -> dict[str, Any]:
+    """``{"imagePullSecrets": [...]}`` of the operator's default pull secrets for pods of the
+    operator's image (router, activator); empty when there are none."""
+    if not config.image_pull_secrets:
+        return {}
+    return {"imagePullSecrets": [{"name": n} for n in config.image_pull_secrets]}

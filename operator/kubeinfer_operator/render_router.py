@@ -9,7 +9,7 @@ In router mode an isvc ``NAME`` gets, besides its serving Deployment:
   ``discovery.k8s.io`` EndpointSlices in the isvc's namespace, nothing else.
 * Deployment ``NAME-router``: ``routing.replicas`` pods of the operator's image running
   ``kubeinfer-router``, labelled ``app.kubernetes.io/component: router``; the isvc's Service
-  ``NAME`` selects them (:func:`kubeinfer_operator.render.render_service`).
+  ``NAME`` selects them (:func:`kubeinfer_operator.render_service.render_service`).
 
 No I/O here; the reconciler applies these with server-side apply.
 """
@@ -27,6 +27,7 @@ from kubeinfer_operator.render_base import (
     child_metadata,
     common_labels,
     container_security_context,
+    operator_pull_secrets,
     pod_selector,
     scrape_annotations,
     selector_labels,
@@ -184,6 +185,7 @@ def render_router_deployment(owner: Owner, spec: InferenceServiceSpec, config: O
                 "metadata": {"labels": labels, "annotations": scrape_annotations()},
                 "spec": {
                     "serviceAccountName": name,
+                    **operator_pull_secrets(config),
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "containers": [container],

@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: What ``servedModelName`` may be: the serving catalogue's model-name rule (``_NAME_PATTERN`` of
+#: serving/kubeinfer_serving/registry/catalogue.py; tests/operator/test_spec.py keeps them equal):
+#: 1-128 letters, digits, ``.``, ``_``, ``-``, ``/``, starting and ending with a letter or digit, so
+#: Hugging Face ids (``meta-llama/Llama-3.1-8B-Instruct``) and vLLM served names fit.
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
 
 #: Where the serving pod finds pvc:// sources: pvc://CLAIM/PATH -> MODEL_STORE_ROOT/CLAIM/PATH.
 MODEL_STORE_ROOT = "/mnt/models"
@@ -49,6 +54,14 @@ class AdapterSpec(_Camel):
 
     name: str = Field(max_length=63)
     source: str = Field(max_length=256)
+    #: the OpenAI ``model`` id clients send for this adapter; None: ``name``.
+    served_model_name: str | None = Field(default=None, alias="servedModelName", max_length=128,
+                                          pattern=SERVED_NAME_PATTERN)
+
+    @property
+    def served_name(self) -> str:
+        """The id clients request: ``servedModelName``, else ``name``."""
+        return self.served_model_name or self.name
 
     @field_validator("name")
     @classmethod
@@ -70,10 +83,15 @@ class AdapterSpec(_Camel):
 
 
 class ModelSpec(_Camel):
-    """One entry of ``spec.models``: an OpenAI model name and where its weights come from."""
+    """One entry of ``spec.models``: a DNS-safe key (``name``, used in Kubernetes objects, labels
+    and ``status.models``), the OpenAI id clients send (``servedModelName``, default ``name``) and
+    where its weights come from."""
 
     name: str = Field(max_length=63)
     source: str = Field(max_length=1024)
+    #: the OpenAI ``model`` id clients send (any string :data:`SERVED_NAME_PATTERN` allows); None: ``name``.
+    served_model_name: str | None = Field(default=None, alias="servedModelName", max_length=128,
+                                          pattern=SERVED_NAME_PATTERN)
     preload: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, alias="maxModelLen", ge=1, le=1 << 20)
@@ -134,6 +152,11 @@ class ModelSpec(_Camel):
         """The parsed :class:`~kubeinfer_serving.sources.ModelSource` of ``source``."""
         return parse_model_source(self.source)
 
+    @property
+    def served_name(self) -> str:
+        """The id clients request: ``servedModelName``, else ``name``."""
+        return self.served_model_name or self.name
+
 
 class RuntimeSpec(_Camel):
     """``spec.runtime``: serving image and engine limits (tokens, sequences, memory fraction)."""
@@ -160,14 +183,16 @@ class ScalingSpec(_Camel):
     """``spec.scaling``: autoscaler bounds and behaviour; queue length is in waiting requests per pod.
 
     ``autoscaler`` picks who scales the Deployment: ``hpa`` (an autoscaling/v2 HPA on the Pods
-    metric ``kubeinfer_queue_length``, served by prometheus-adapter) or ``keda`` (a KEDA
-    ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero).
+    metric ``kubeinfer_queue_length``, served by prometheus-adapter), ``keda`` (a KEDA
+    ScaledObject with a Prometheus trigger; KEDA owns the HPA and can scale to zero) or ``none``
+    (a fixed size: ``spec.replicas``, which ``kubectl scale`` and other ``/scale`` clients set;
+    ``minReplicas`` when unset).
     ``minReplicas`` 0 needs ``keda``; the Deployment then leaves zero when the isvc's queue
     (requests pending at its activator included) exceeds ``activationQueueLength`` (KEDA's
     ``activationThreshold``).
     """
 
-    autoscaler: Literal["hpa", "keda"] = "hpa"
+    autoscaler: Literal["hpa", "keda", "none"] = "hpa"
     min_replicas: int = Field(default=1, alias="minReplicas", ge=0, le=1000)
     max_replicas: int = Field(default=1, alias="maxReplicas", ge=1, le=1000)
     target_queue_length: int = Field(default=8, alias="targetQueueLength", ge=1, le=100000)
@@ -305,8 +330,38 @@ class RoutingSpec(_Camel):
 DISK_CACHE_FILL = 0.95
 
 
+#: Pod volumes the operator itself renders: a ``spec.volumes`` entry may not take these names.
+RESERVED_VOLUME_PREFIXES = ("catalogue", "tmp", "cache", "model-store-", "api-keys", "model-cache", "dshm")
+#: Where ``spec.shmSize`` mounts its memory-backed emptyDir.
+SHM_PATH = "/dev/shm"
+
+
+def _named(items: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """``items`` unchanged when each has a unique string ``name``.
+
+    Raises:
+        ValueError: an entry without a name, or a repeated name.
+    """
+    names = [item.get("name") for item in items]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"every {what} entry needs a name")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+    return items
+
+
 class InferenceServiceSpec(_Camel):
-    """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does."""
+    """The whole ``spec`` of an InferenceService, defaults filled in as the CRD schema does.
+
+    The serving pod's knobs are explicit fields passed through to the pod (``serviceAccountName``,
+    ``env``, ``envFrom``, ``podAnnotations``, ``podLabels``, ``runtimeClassName``,
+    ``priorityClassName``, ``imagePullSecrets``, ``volumes``, ``volumeMounts``, ``shmSize``), not a
+    whole PodSpec: the operator owns the container command, probes, security context and its own
+    volumes, and each knob gets a schema, a description and a place in ``kubectl explain``.
+    ``replicas`` is the scale subresource's ``specReplicasPath``: the serving pods with
+    ``scaling.autoscaler: none``; the CRD refuses it with an autoscaler.
+    """
 
     models: list[ModelSpec] = Field(max_length=32)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -320,6 +375,58 @@ class InferenceServiceSpec(_Camel):
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret", max_length=253)
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec, alias="modelCache")
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    service_account_name: str | None = Field(default=None, alias="serviceAccountName", max_length=253,
+                                             pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    env: list[dict[str, Any]] = Field(default_factory=list, max_length=128)
+    env_from: list[dict[str, Any]] = Field(default_factory=list, alias="envFrom", max_length=32)
+    pod_annotations: dict[str, str] = Field(default_factory=dict, alias="podAnnotations")
+    pod_labels: dict[str, str] = Field(default_factory=dict, alias="podLabels")
+    runtime_class_name: str | None = Field(default=None, alias="runtimeClassName", max_length=253,
+                                           pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    priority_class_name: str | None = Field(default=None, alias="priorityClassName", max_length=253,
+                                            pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list, alias="imagePullSecrets", max_length=16)
+    volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, alias="volumeMounts", max_length=32)
+    shm_size: int | str | None = Field(default=None, alias="shmSize")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return _named(value, "env")
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secret_names(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
+        return _named(value, "imagePullSecrets")
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_names(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for volume in _named(value, "volumes"):
+            if volume["name"].startswith(RESERVED_VOLUME_PREFIXES):
+                raise ValueError(f"volume name {volume['name']!r} is reserved for the operator's own volumes "
+                                 f"(names starting with {', '.join(RESERVED_VOLUME_PREFIXES)})")
+        return value
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for mount in value:
+            if not mount.get("name") or not str(mount.get("mountPath", "")).startswith("/"):
+                raise ValueError("every volumeMounts entry needs a name and an absolute mountPath")
+        return value
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            try:
+                parse_quantity(value)
+            except ValueError as err:
+                raise ValueError(f"shmSize {value!r} is not a Kubernetes quantity") from err
+        return value
 
     @field_validator("credentials_secret")
     @classmethod
@@ -343,6 +450,19 @@ class InferenceServiceSpec(_Camel):
                     raise ValueError(f"adapter name {adapter.name!r} of model {model.name!r} is already a model "
                                      "or adapter name (adapters are model names too)")
                 seen.add(adapter.name)
+        served: set[str] = set()
+        for entry in self.sources():
+            if entry.served_name in served:
+                raise ValueError(f"served model id {entry.served_name!r} appears more than once among models and "
+                                 "adapters (servedModelName, else name)")
+            served.add(entry.served_name)
+        if self.replicas is not None and self.scaling.autoscaler != "none":
+            raise ValueError("replicas (kubectl scale) applies to scaling.autoscaler: none only; with an "
+                             "autoscaler set scaling.minReplicas and scaling.maxReplicas")
+        volumes = {v["name"] for v in self.volumes}
+        for mount in self.volume_mounts:
+            if mount["name"] not in volumes:
+                raise ValueError(f"volumeMounts entry {mount['name']!r} names no entry of spec.volumes")
         gpus = self.resources.limits.get(GPU_RESOURCE)
         if gpus is not None:
             count = int(parse_quantity(gpus))
@@ -356,6 +476,14 @@ class InferenceServiceSpec(_Camel):
                 f"{preloaded} models have preload: true but runtime.maxLoadedModels is {self.runtime.max_loaded_models}"
             )
         return self
+
+    @property
+    def fixed_replicas(self) -> int | None:
+        """Serving pods with ``scaling.autoscaler: none`` (``replicas``, else ``minReplicas``);
+        None with an autoscaler (it owns the Deployment's replicas)."""
+        if self.scaling.autoscaler != "none":
+            return None
+        return self.replicas if self.replicas is not None else self.scaling.min_replicas
 
     @property
     def max_loaded_models(self) -> int:

@@ -9,7 +9,8 @@ human ``message``, ``observedGeneration`` (the isvc generation this was computed
   minimum availability), False on ``ProgressDeadlineExceeded``.
 * ``AutoscalerReady``: the HPA controller accepted the HPA (``AbleToScale``) and can read
   the queue-length metric (``ScalingActive``); with minReplicas == maxReplicas no metric is
-  needed, so a missing metric does not make it False. In keda mode first: KEDA's API is
+  needed, so a missing metric does not make it False. With ``autoscaler: none`` always True
+  (reason ``FixedReplicas``). In keda mode first: KEDA's API is
   served (else ``KedaNotInstalled``), the ScaledObject is ``Ready``, and a Deployment that
   KEDA scaled to zero is fine (``ScaledToZero``); then the HPA KEDA created, as above.
 * ``ModelsReady``: a serving pod is ready, i.e. every preloaded model is loaded (the
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_operator.models_poll import model_summary
-from kubeinfer_operator.render import service_url
+from kubeinfer_operator.render_base import selector_labels
+from kubeinfer_operator.render_service import service_url
 from kubeinfer_operator.spec import InferenceServiceSpec
 
 READY = "Ready"
@@ -44,6 +46,7 @@ MODELS_READY = "ModelsReady"
 ROUTER_READY = "RouterReady"
 INVALID_SPEC = "InvalidSpec"
 SERVICE_MODE = "ServiceMode"
+FIXED_REPLICAS = "FixedReplicas"
 CONDITION_ORDER = (READY, DEPLOYMENT_AVAILABLE, ROUTER_READY, AUTOSCALER_READY, MODELS_READY)
 
 
@@ -171,6 +174,9 @@ def autoscaler_verdict(
         models: ``status.models`` from polling the pods (None: not polled; derived from readiness).
         replicas: the Deployment's desired replica count (0 when KEDA scaled it to zero).
     """
+    if spec is not None and spec.fixed_replicas is not None:
+        return Verdict("True", FIXED_REPLICAS, f"scaling.autoscaler none: {spec.fixed_replicas} replica(s) "
+                       "(spec.replicas, which kubectl scale sets)")
     keda = spec is not None and spec.scaling.autoscaler == "keda"
     if keda:
         verdict = _keda_verdict(spec, scaled_object, keda_installed, replicas)
@@ -190,7 +196,7 @@ def autoscaler_verdict(
         if fixed:
             return Verdict(
                 "True",
-                "FixedReplicas",
+                FIXED_REPLICAS,
                 f"minReplicas == maxReplicas == {spec.scaling.min_replicas}: no metric needed "
                 f"({active.get('reason')}: {active.get('message', '')})",
             )
@@ -234,7 +240,7 @@ def model_states(spec: InferenceServiceSpec | None, ready_replicas: int) -> list
         return []
     out: list[dict[str, Any]] = []
     for m in spec.models:
-        counts = {"readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
+        counts = {"servedModelName": m.served_name, "readyPods": ready_replicas, "loadedPods": ready_replicas if m.preload else 0, "failedPods": 0}
         if m.preload and ready_replicas > 0:
             out.append({"name": m.name, "state": "Loaded", **counts, "message": "preloaded; a ready pod has it loaded"})
         elif m.preload:
@@ -291,6 +297,13 @@ def merge_conditions(
     return out
 
 
+def scale_selector(name: str) -> str:
+    """``status.selector``, the scale subresource's ``labelSelectorPath``: the serving pods'
+    selector as a label-selector string (what ``kubectl get --subresource scale`` and tools that
+    drive ``/scale``, such as an HPA or VPA targeting the isvc, read)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
 def compute_status(
     isvc: Mapping[str, Any],
     spec: InferenceServiceSpec | None,
@@ -326,7 +339,7 @@ def compute_status(
     if deployment is not None:
         desired = int((deployment.get("spec") or {}).get("replicas") or 0)
     else:
-        desired = spec.scaling.min_replicas if spec else 0
+        desired = (spec.fixed_replicas if spec.fixed_replicas is not None else spec.scaling.min_replicas) if spec else 0
     dep_v = deployment_verdict(deployment)
     hpa_v = autoscaler_verdict(hpa, spec, scaled_object, keda_installed, desired)
     router_v = router_verdict(spec, router)
@@ -348,6 +361,7 @@ def compute_status(
         "url": service_url(meta.get("name", ""), meta.get("namespace", "")),
         "replicas": replicas,
         "readyReplicas": ready,
+        "selector": scale_selector(meta.get("name", "")),
         "replicaSummary": f"{ready}/{desired}",
         "routerSummary": router_summary(spec, router),
         "modelNames": ",".join(names),

@@ -25,25 +25,14 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from kubeinfer_serving import metrics
 from kubeinfer_serving.api.limits import guarded_h11_protocol
-from kubeinfer_serving.config import ServerSettings, build_parser, parse_settings
+from kubeinfer_serving.cli import build_parser, parse_settings
+from kubeinfer_serving.config import ServerSettings, flag_names, pod_keys, single_model_fields
+from kubeinfer_serving.logs import configure_logging
 from kubeinfer_serving.registry.protocol import ModelProvider
 
 log = logging.getLogger("kubeinfer_serving")
-
-
-#: Flags that only single-model mode honours; with a catalogue they live in the catalogue file.
-_SINGLE_MODEL_ONLY = {
-    "max_model_len": "set maxModelLen per model in the catalogue",
-    "dtype": "set dtype per model in the catalogue",
-    "served_model_name": "it names the --model model",
-    "lora_modules": "list adapters per model in the catalogue",
-    "quantization": "set quantization per model in the catalogue",
-    "tensor_parallel_size": "set tensorParallelSize per model in the catalogue",
-}
-#: Pod-level flags that override the catalogue's value (and configure single-model mode's catalogue).
-_POD_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy",
-              "idle_timeout_seconds", "enforce_eager", "enable_lora", "max_loras", "max_lora_rank")
 
 
 def single_model_source(settings: ServerSettings) -> str | None:
@@ -81,24 +70,30 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
     )
     from kubeinfer_serving.registry.manager import ModelRegistry
 
-    overrides = {k: getattr(settings, k) for k in _POD_FLAGS if getattr(settings, k) is not None}
+    overrides = {k: getattr(settings, k) for k in pod_keys() if settings.given(k)}
+    if "memory_budget_bytes" in overrides and "gpu_memory_utilization" in overrides:
+        raise ValueError("--memory-budget-bytes and --gpu-memory-utilization both set the budget; give one of them")
+    if "gpu_memory_utilization" in overrides:  # the flag's fraction replaces a catalogue's absolute budget
+        overrides["memory_budget_bytes"] = None
     source = single_model_source(settings)
     if source is not None:
         for k in ("models_config", "idle_timeout_seconds"):
-            if getattr(settings, k) is not None:
-                raise ValueError(f"--{k.replace('_', '-')} belongs to catalogue mode; it cannot go with --model")
+            if settings.given(k):
+                raise ValueError(f"{flag_names(k)[0]} belongs to catalogue mode; it cannot go with --model")
         name = settings.served_model_name or default_served_name(source)
         catalogue = single_model_catalogue(source, name, dtype=settings.dtype, max_model_len=settings.max_model_len,
                                            result_cache=bool(settings.result_cache),
                                            quantization=settings.quantization,
                                            tensor_parallel_size=settings.tensor_parallel_size,
-                                           adapters=settings.lora_adapters(), **overrides)
+                                           adapters=settings.lora_adapters(),
+                                           chat_template=settings.chat_template, **overrides)
         return ModelRegistry(catalogue, budget_bytes=settings.memory_budget_bytes, device=settings.device,
                              show_sources=False)
-    misplaced = [k for k in _SINGLE_MODEL_ONLY if getattr(settings, k) is not None]
+    misplaced = [k for k in single_model_fields() if settings.given(k)]
     if misplaced:
         raise ValueError("; ".join(
-            f"--{k.replace('_', '-')} needs --model ({_SINGLE_MODEL_ONLY[k]})" for k in misplaced
+            f"{flag_names(k)[0]} needs --model (with a catalogue, set {single_model_fields()[k]!r} per model)"
+            for k in misplaced
         ))
     catalogue = load_catalogue(settings.models_config) if settings.models_config else default_catalogue()
     if overrides:
@@ -109,10 +104,8 @@ def build_provider(settings: ServerSettings) -> ModelProvider:
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and environment, build the provider and app, and serve until SIGINT/SIGTERM."""
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    metrics.configure_names(settings.metrics_names)
     from kubeinfer_serving.api.app import create_app
     from kubeinfer_serving.server import DrainingServer, drain_config_timeout
 
@@ -126,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to configure_logging's handler (text or JSON)
         http=guarded_h11_protocol(settings.timeout_request_headers),
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,

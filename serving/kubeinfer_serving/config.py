@@ -1,126 +1,232 @@
-"""Settings of the serving pod, from command-line flags and ``KUBEINFER_*`` environment variables.
+"""The settings table of the serving pod: every knob declared once, with its flag, variable, catalogue key, default, help.
 
-Precedence: a flag given on the command line, else the environment variable, else the default.
-Each field ``foo_bar`` reads ``KUBEINFER_FOO_BAR`` (e.g. ``KUBEINFER_PORT=9000``,
-``KUBEINFER_MODELS_CONFIG=/etc/kubeinfer/models.yaml``).
+Each field of :class:`ServerSettings` is one row (:func:`knob`): the flag is ``--`` + the field
+name with dashes (plus vLLM's spelling where it differs, e.g. ``--api-key``), the environment
+variable ``KUBEINFER_`` + the name in capitals, the help text is the field's description, and
+pod-level knobs that the catalogue also carries name their catalogue key and the default the
+catalogue (and the engine) take from here (:func:`fallback`). The CLI parser
+(:mod:`kubeinfer_serving.cli`), the catalogue, the engine config and the README's flag table
+(:mod:`kubeinfer_serving.settings_doc`) are all generated from or read this table.
+
+Precedence: a flag given on the command line, else the environment variable, else the
+catalogue's value (for knobs with a catalogue key), else the default.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubeinfer_serving.api.tool_parsers import PARSERS as TOOL_PARSERS
+
 ENV_PREFIX = "KUBEINFER_"
 
+SchedulingPolicy = Literal["fcfs", "priority"]
+Quantization = Literal["none", "int8", "fp8"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
+MetricsNames = Literal["kubeinfer", "vllm", "both"]
+#: Canonical weights/KV dtypes (the catalogue's ``dtype``); ``auto`` = bfloat16 on CUDA, float32 on CPU.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: Every accepted dtype spelling (vLLM's short names too) -> its canonical name.
+DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
+               "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "half": "float16"}
+#: KV block sizes (tokens) the attention kernels take: powers of two >= 16 (the Triton kernel's rule).
+BLOCK_SIZES = (16, 32, 64, 128)
 
-class ServerSettings(BaseModel):
-    """Everything ``kubeinfer-serve`` is configured with.
+
+def canonical_dtype(name: str | None) -> str:
+    """The canonical name of a dtype spelling (None -> ``auto``).
+
+    Raises:
+        ValueError: an unknown spelling (the message lists the accepted ones).
+    """
+    if name is None:
+        return "auto"
+    if name.lower() not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
+    return DTYPE_NAMES[name.lower()]
+
+
+def knob(default: Any, help: str, *, aliases: tuple[str, ...] = (), pod_key: str | None = None,
+         fallback: Any = None, model_key: str | None = None, doc_default: str | None = None,
+         metavar: str | None = None, negatable: bool = False, secret: bool = False, **constraints: Any) -> Any:
+    """One row of the settings table (a pydantic ``Field`` carrying the CLI and docs metadata).
+
+    Args:
+        default: the value when neither the flag nor the variable is given (None: "not given").
+        help: the flag's help, also the README's "meaning" column.
+        aliases: further flag spellings (vLLM's names), e.g. ``("--api-key",)``.
+        pod_key: the catalogue's pod-level key this knob overrides (``maxNumSeqs``); its default is
+            then None (= the catalogue's) and ``fallback`` is the catalogue's and the engine's default.
+        fallback: the default of a ``pod_key`` knob.
+        model_key: the catalogue's per-model key a single-model-mode knob becomes (it needs ``--model``).
+        doc_default: the README's default column, where the value alone does not say it.
+        metavar: argparse's metavar.
+        negatable: a boolean with a ``--no-`` form.
+        secret: never shown (repr, error messages).
+        constraints: pydantic constraints (``ge``, ``gt``, ``le``).
+    """
+    extra = {"aliases": list(aliases), "pod_key": pod_key, "fallback": fallback, "model_key": model_key,
+             "doc_default": doc_default, "metavar": metavar, "negatable": negatable, "secret": secret}
+    return Field(default, description=help, repr=not secret, json_schema_extra=extra, **constraints)
+
+
+class StructuredOutputsConfig(BaseModel):
+    """vLLM's ``--structured-outputs-config`` (a JSON object), the keys this server knows.
 
     Attributes:
-        host: address to bind (``0.0.0.0`` in a container; ``make serve`` passes 127.0.0.1).
-        port: TCP port.
-        models_config: catalogue YAML (the ConfigMap the operator mounts); None with no
-            ``model`` serves the default catalogue (smollm2-135m-instruct, tiny-llama, all-minilm-l6-v2).
-        model: serve one model instead of a catalogue (vLLM-style single-model mode): any
-            catalogue source (``hf://``, ``s3://``, ``file://``, ``pvc://``, ``builtin://``), a
-            Hugging Face directory or a ``.gguf`` file; its name is ``served_model_name``.
-        model_dir: the older spelling of ``model`` (a local directory); not both.
-        served_model_name: the OpenAI ``model`` name of ``model`` (default:
-            :func:`~kubeinfer_serving.registry.catalogue.default_served_name`).
-        quantization: weight quantization of the single model (``int8``, ``fp8``, ``none``; None: none).
-        tensor_parallel_size: ranks the single model is split over (vLLM's flag; None: 1).
-        max_num_seqs: most sequences in a generative engine's running batch (None: the
-            catalogue's ``maxNumSeqs``, else the engine default 256).
-        max_num_batched_tokens: token budget of one engine step (None: the catalogue's, else 8192).
-        max_waiting_requests: waiting-queue cap per engine; beyond it requests get 429
-            (None: the catalogue's ``maxWaitingRequests``, else the engine default 1024).
-        max_model_len: context length cap in tokens (single-model mode; None: the model's own).
-        device: "cuda", "cpu" or None (CUDA when available).
-        dtype: weights dtype in single-model mode ("bfloat16", "float32", ...) or None (bf16 on
-            CUDA, fp32 on CPU); catalogue entries carry their own ``dtype``.
-        memory_budget_bytes: registry budget for weights + KV of all loaded models (None: the
-            catalogue's ``memoryBudgetBytes``/``gpuMemoryUtilization``).
-        log_level: uvicorn and application log level.
-        timeout_graceful_shutdown: seconds in-flight requests may take to finish after SIGTERM;
-            whatever still runs then ends cleanly (503 body / an SSE error event and ``[DONE]``).
-        max_request_body_bytes: largest request body; a bigger one gets 413 before it is read.
-        timeout_request_headers: seconds a client may take to send a request's headers (and
-            ``timeout_request_body`` its body) before the connection is closed (408 for a body).
-        timeout_keep_alive: seconds an idle keep-alive connection stays open.
-        timeout_stalled_response: seconds a streamed response may wait for a client that reads
-            nothing; then the stream ends and the connection is closed.
-        limit_concurrency: most connections + requests at once; beyond it 503 (None: no cap).
-        max_jobs_per_request: most engine requests one HTTP request may become (prompts x ``n``).
-        max_embedding_inputs / max_embedding_tokens: caps per embeddings request (OpenAI's: 2048
-            inputs, 300,000 tokens).
-        parse_special_tokens_in_chat: let chat message text produce the model's control tokens
-            (off: ``<|eot_id|>`` typed by a user stays text; turn it on only for trusted clients).
-        api_keys_file: API keys and tenants (:mod:`kubeinfer_serving.api.tenancy`); keys also come
-            from ``$KUBEINFER_API_KEYS`` / ``$KUBEINFER_ADMIN_API_KEYS``. None of them: no auth.
-        scheduling_policy: ``fcfs`` or ``priority`` for the generate engines (None: the catalogue's, else fcfs).
-        idle_timeout_seconds: idle TTL of non-preloaded models (catalogue mode; None: the catalogue's).
-        result_cache: single-model mode: cache complete responses of deterministic requests
-            (catalogue mode: ``resultCache: true`` per model).
-        enforce_eager: run every generate model's decode steps eagerly, never as CUDA graphs
-            (vLLM's ``--enforce-eager``); overrides the catalogue's pod-level ``enforceEager``
-            (a model's own ``enforceEager`` still wins). None: the catalogue's.
-        fair_admission: weighted fair admission across tenants ahead of each engine
-            (:mod:`kubeinfer_serving.api.admission`); None: on when API keys are configured.
-        enable_lora, max_loras, max_lora_rank: vLLM's LoRA flags: LoRA slots for every generate
-            model (adapters can then be added at run time), slots per model, their highest rank;
-            override the catalogue's ``enableLora`` / ``maxLoras`` / ``maxLoraRank`` (None: the catalogue's).
-        lora_modules: single-model mode: LoRA adapters of the model as ``NAME=SOURCE`` (vLLM's
-            ``--lora-modules``; the environment variable takes them comma-separated).
-        allowed_origins: web origins (``scheme://host[:port]``) whose pages may open this server's
-            WebSockets; a handshake from any other site is refused (comma-separated in the flag
-            and the environment). Default: none (same-site pages and non-browser clients only).
+        backend: the grammar library; this server has one (llguidance, vLLM's ``guidance``).
+        disable_additional_properties: JSON schemas (``response_format``, ``guided_json``,
+            ``structured_outputs.json``, forced tool calls) forbid properties they do not
+            declare unless they say ``additionalProperties`` themselves. vLLM's option of this
+            name (default false there) makes its ``guidance`` backend behave as its default
+            ``xgrammar`` backend does; this server defaults to true, so a schema without
+            ``additionalProperties`` (LangChain's and litellm's tool schemas) gets only its
+            declared keys. ``false`` restores llguidance's JSON-schema default (undeclared keys
+            allowed); a request's ``structured_outputs.disable_additional_properties`` wins.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
-    models_config: Path | None = None
-    model: str | None = None
-    model_dir: Path | None = None
-    served_model_name: str | None = None
-    quantization: Literal["int8", "fp8", "none"] | None = None
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    max_waiting_requests: int | None = Field(None, ge=1)
-    max_model_len: int | None = Field(None, ge=2)
-    device: str | None = None
-    dtype: str | None = None
-    memory_budget_bytes: int | None = Field(None, ge=1)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
-    timeout_graceful_shutdown: float = Field(30.0, ge=0)
-    max_request_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    timeout_request_headers: float = Field(30.0, gt=0)
-    timeout_request_body: float = Field(60.0, gt=0)
-    timeout_keep_alive: int = Field(5, ge=1)
-    timeout_stalled_response: float = Field(60.0, gt=0)
-    limit_concurrency: int | None = Field(None, ge=1)
-    max_jobs_per_request: int = Field(128, ge=1)
-    max_embedding_inputs: int = Field(2048, ge=1)
-    max_embedding_tokens: int = Field(300_000, ge=1)
-    parse_special_tokens_in_chat: bool = False
-    api_keys_file: Path | None = None
-    fair_admission: bool | None = None
-    scheduling_policy: Literal["fcfs", "priority"] | None = None
-    idle_timeout_seconds: float | None = Field(None, ge=0)
-    result_cache: bool = False
-    enforce_eager: bool | None = None
-    enable_lora: bool | None = None
-    max_loras: int | None = Field(None, ge=1)
-    max_lora_rank: int | None = Field(None, ge=1)
-    lora_modules: list[str] | None = None
+    backend: Literal["auto", "guidance", "llguidance"] = "auto"
+    disable_additional_properties: bool = True
+
+
+class ServerSettings(BaseModel):
+    """Everything ``kubeinfer-serve`` is configured with: one field per knob (see the module docstring).
+
+    Each field's description is its documentation (``kubeinfer-serve --help`` and the README
+    table print it); :func:`meta` gives its flag names, catalogue key and fallback default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = knob("0.0.0.0", "bind address (0.0.0.0 in a container; make serve passes 127.0.0.1)")
+    port: int = knob(8000, "TCP port", ge=0, le=65535)
+    models_config: Path | None = knob(None, "model catalogue YAML/JSON (what the operator mounts, e.g. "
+                                      "/etc/kubeinfer/models.yaml); none with no --model: the default catalogue",
+                                      doc_default="the default catalogue")
+    model: str | None = knob(None, "serve this one model (single-model mode): hf://ORG/NAME, s3://BUCKET/PREFIX, "
+                             "file:///DIR, pvc://CLAIM/PATH, builtin://NAME, a Hugging Face directory or a .gguf file",
+                             doc_default="-")
+    model_dir: Path | None = knob(None, "the older spelling of --model (a local directory); not both",
+                                  doc_default="-")
+    served_model_name: str | None = knob(
+        None, "single-model mode: the OpenAI model name of --model", model_key="name",
+        doc_default="the directory or file name without .gguf, ORG/NAME for hf://, NAME for builtin://")
+    quantization: Quantization | None = knob(
+        None, "single-model mode: weight-only quantization of the decoder projections (int8 per channel; "
+        "fp8 needs CUDA)", model_key="quantization", doc_default="none")
+    tensor_parallel_size: int | None = knob(
+        None, "single-model mode: split the model over this many ranks (GPUs of the pod; processes on CPU), "
+        "vLLM's flag", model_key="tensorParallelSize", doc_default="1", ge=1)
+    max_num_seqs: int | None = knob(None, "most sequences in an engine's running batch", pod_key="maxNumSeqs",
+                                    fallback=256, ge=1)
+    max_num_batched_tokens: int | None = knob(None, "token budget of one engine step (prefill chunks + decodes)",
+                                              pod_key="maxNumBatchedTokens", fallback=8192, ge=1)
+    max_waiting_requests: int | None = knob(None, "waiting-queue cap per engine; beyond it 429 with Retry-After",
+                                            pod_key="maxWaitingRequests", fallback=1024, ge=1)
+    block_size: int | None = knob(None, f"tokens per KV-cache block (vLLM's flag; one of "
+                                  f"{', '.join(map(str, BLOCK_SIZES))})", pod_key="blockSize", fallback=16)
+    max_model_len: int | None = knob(None, "single-model mode: context length cap in tokens (prompt + output)",
+                                     model_key="maxModelLen", doc_default="the model's", ge=2)
+    device: str | None = knob(None, "cuda or cpu", doc_default="CUDA when available")
+    dtype: str | None = knob(None, "single-model mode: weights/KV dtype: bfloat16/bf16, float16/fp16/half, "
+                             "float32/fp32 or auto", model_key="dtype", doc_default="auto: bf16 on CUDA, fp32 on CPU")
+    memory_budget_bytes: int | None = knob(
+        None, "bytes for weights + activation peaks + KV pools of all loaded models", pod_key="memoryBudgetBytes",
+        doc_default="catalogue's, else --gpu-memory-utilization x device memory", ge=1)
+    gpu_memory_utilization: float | None = knob(
+        None, "memory budget as a fraction of device memory (physical/cgroup memory on CPU), vLLM's flag; "
+        "not with --memory-budget-bytes", pod_key="gpuMemoryUtilization", fallback=0.9, gt=0.0, le=1.0)
+    log_level: LogLevel = knob("info", "log level of the server and uvicorn; info logs one line per request, "
+                               "debug also probes and uvicorn's access log")
+    metrics_names: MetricsNames = knob("kubeinfer", "names of the engine metrics at /metrics: kubeinfer_* (ours), "
+                                       "vllm (vLLM's vllm:* names and labels instead) or both")
+    log_format: LogFormat = knob("text", "log lines as text or as one JSON object per line (json)")
+    timeout_graceful_shutdown: float = knob(30.0, "seconds in-flight requests get after SIGTERM; then they end "
+                                            "cleanly (503 body / SSE error event and [DONE])", ge=0)
+    max_request_body_bytes: int = knob(16 * 1024 * 1024, "largest request body; a bigger one gets 413 before "
+                                       "it is read", doc_default="16 MiB", ge=1024)
+    timeout_request_headers: float = knob(30.0, "seconds to receive a request's headers; then the connection "
+                                          "is closed", gt=0)
+    timeout_request_body: float = knob(60.0, "seconds to receive a request's body; then 408", gt=0)
+    timeout_keep_alive: int = knob(5, "seconds an idle keep-alive connection stays open", ge=1)
+    timeout_stalled_response: float = knob(60.0, "seconds a stream may wait for a client that reads nothing; "
+                                           "then it is closed", gt=0)
+    limit_concurrency: int | None = knob(None, "most connections + requests at once; beyond it 503",
+                                         doc_default="no cap", ge=1)
+    max_jobs_per_request: int = knob(128, "most engine requests one HTTP request may become (prompts x n)", ge=1)
+    max_embedding_inputs: int = knob(2048, "most inputs per embeddings request (OpenAI's limit)", ge=1)
+    max_embedding_tokens: int = knob(300_000, "most tokens per embeddings request (OpenAI's limit)", ge=1)
+    parse_special_tokens_in_chat: bool = knob(False, "let chat message text produce the model's control tokens "
+                                              "(trusted clients only)")
+    api_keys_file: Path | None = knob(None, "YAML file of API keys and tenants", doc_default="none")
+    api_keys: list[str] | None = knob(
+        None, "API keys as KEY or KEY=TENANT (vLLM's --api-key; the variable takes them comma-separated); "
+        "with none of them, nor a keys file, nor KUBEINFER_ADMIN_API_KEYS: no auth",
+        aliases=("--api-key",), metavar="KEY", doc_default="none", secret=True)
+    fair_admission: bool | None = knob(None, "weighted fair admission across tenants", negatable=True,
+                                       doc_default="on when API keys are configured")
+    scheduling_policy: SchedulingPolicy | None = knob(
+        None, "engine scheduling policy: fcfs or priority (requests' priority field), vLLM's policies",
+        pod_key="schedulingPolicy", fallback="fcfs")
+    idle_timeout_seconds: float | None = knob(None, "catalogue mode: unload a non-preloaded model idle this long",
+                                              pod_key="idleTimeoutSeconds", doc_default="catalogue's, else never",
+                                              ge=0)
+    result_cache: bool | None = knob(None, "single-model mode: cache complete responses of greedy/seeded requests",
+                                     model_key="resultCache", doc_default="off")
+    enforce_eager: bool | None = knob(None, "never run decode steps as CUDA graphs (vLLM's flag); a catalogue "
+                                      "entry's own enforceEager still wins", pod_key="enforceEager", fallback=False)
+    enable_lora: bool | None = knob(None, "LoRA slots for every generate model, so adapters can be added at run "
+                                    "time (vLLM's flag)", pod_key="enableLora", fallback=False)
+    max_loras: int | None = knob(None, "LoRA adapters one step can mix per model (vLLM's flag)", pod_key="maxLoras",
+                                 fallback=4, ge=1)
+    max_lora_rank: int | None = knob(None, "highest LoRA adapter rank (vLLM's flag)", pod_key="maxLoraRank",
+                                     fallback=16, ge=1)
+    lora_modules: list[str] | None = knob(
+        None, "single-model mode: LoRA adapters of the --model model as NAME=SOURCE (vLLM's flag; the variable "
+        "takes them comma-separated)", model_key="adapters", metavar="NAME=SOURCE", doc_default="none")
+    chat_template: str | None = knob(
+        None, "single-model mode: the chat template (a Jinja file, or the template itself), replacing the "
+        "tokenizer's (vLLM's flag)", model_key="chatTemplate", doc_default="the tokenizer's")
+    tool_call_parser: str | None = knob(None, "how tool calls are read from generated text (vLLM's parser names: "
+                                        f"{', '.join(sorted(TOOL_PARSERS))})",
+                                        doc_default="chosen from the chat template")
+    allowed_origins: tuple[str, ...] = knob(
+        (), "comma-separated web origins (https://app.example) whose pages may call this server (CORS, vLLM's "
+        "flag) and open its WebSockets; other sites' handshakes get 403", doc_default="none")
+    structured_outputs_config: StructuredOutputsConfig = knob(
+        StructuredOutputsConfig(), 'vLLM\'s structured-outputs options as JSON, e.g. \'{"disable_additional_properties": '
+        'false}\' to let JSON schemas without additionalProperties admit undeclared keys', metavar="JSON",
+        doc_default='{"disable_additional_properties": true}')
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        """One of vLLM's parser names this server has."""
+        if value is not None and value not in TOOL_PARSERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(sorted(TOOL_PARSERS))}")
+        return value
+
+    @field_validator("structured_outputs_config", mode="before")
+    @classmethod
+    def _parse_structured_outputs_config(cls, value: object) -> object:
+        """The flag and the environment give a JSON object as text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object: {exc}") from None
+        return value
 
     @field_validator("lora_modules", mode="before")
     @classmethod
@@ -133,14 +239,12 @@ class ServerSettings(BaseModel):
                 raise ValueError(f"{item!r} is not NAME=SOURCE")
         return value
 
-    def lora_adapters(self) -> list[dict[str, str]]:
-        """``lora_modules`` as catalogue adapter entries ``{name, source}`` (plain paths made absolute)."""
-        out = []
-        for item in self.lora_modules or []:
-            name, source = item.split("=", 1)
-            out.append({"name": name, "source": source if "://" in source else str(Path(source).expanduser().resolve())})
-        return out
-    allowed_origins: tuple[str, ...] = ()
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -149,6 +253,25 @@ class ServerSettings(BaseModel):
         if isinstance(value, str):
             return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
         return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int | None) -> int | None:
+        if value is not None and value not in BLOCK_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, BLOCK_SIZES))}")
+        return value
+
+    def lora_adapters(self) -> list[dict[str, str]]:
+        """``lora_modules`` as catalogue adapter entries ``{name, source}`` (plain paths made absolute)."""
+        out = []
+        for item in self.lora_modules or []:
+            name, source = item.split("=", 1)
+            out.append({"name": name, "source": source if "://" in source else str(Path(source).expanduser().resolve())})
+        return out
+
+    def given(self, name: str) -> bool:
+        """Whether ``name`` was set (by a flag, a variable or the constructor) rather than left at its default."""
+        return name in self.model_fields_set and getattr(self, name) is not None
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -164,7 +287,7 @@ class ServerSettings(BaseModel):
             env: the environment (default ``os.environ``).
 
         Raises:
-            ValueError: a value is invalid (the message names the flag/variable).
+            ValueError: a value is invalid (the message names the flag/variable, never a secret's value).
         """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
@@ -176,90 +299,55 @@ class ServerSettings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            msgs = [f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')} / "
-                    f"{cls.env_name(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors()]
+            msgs = [f"{flag_names(str(e['loc'][0]))[0]} / {cls.env_name(str(e['loc'][0]))}: "
+                    f"{'invalid value' if meta(str(e['loc'][0]))['secret'] else e['msg']}" for e in exc.errors()]
             raise ValueError("; ".join(msgs)) from exc
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``kubeinfer-serve`` argument parser; every flag defaults to None (= env var or default)."""
-    p = argparse.ArgumentParser(
-        prog="kubeinfer-serve",
-        description="OpenAI-compatible serving pod. With no model flags it serves the default catalogue "
-        "(smollm2-135m-instruct + tiny-llama + all-minilm-l6-v2). Every flag can also be set as KUBEINFER_<FLAG> (e.g. KUBEINFER_PORT).",
-    )
-    p.add_argument("--host", help="bind address (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--models-config", type=Path, help="model catalogue YAML (e.g. /etc/kubeinfer/models.yaml)")
-    p.add_argument("--model", help="serve this one model: hf://ORG/NAME, s3://BUCKET/PREFIX, file:///DIR, "
-                   "pvc://CLAIM/PATH, builtin://NAME, a Hugging Face directory or a .gguf file")
-    p.add_argument("--model-dir", type=Path, help="serve this one Hugging Face model directory (older spelling of --model)")
-    p.add_argument("--served-model-name", help="OpenAI model name for --model (default: the directory or file name, "
-                   "ORG/NAME for hf://, NAME for builtin://)")
-    p.add_argument("--quantization", choices=["int8", "fp8", "none"],
-                   help="single-model mode: weight-only quantization (int8 per-channel; fp8 needs CUDA; default none)")
-    p.add_argument("--tensor-parallel-size", type=int,
-                   help="single-model mode: split the model over this many ranks (GPUs; processes on CPU; default 1)")
-    p.add_argument("--max-num-seqs", type=int, help="max sequences in a running batch (default 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step (default 8192)")
-    p.add_argument("--max-waiting-requests", type=int, help="waiting-queue cap per engine; beyond it 429 (default: the catalogue's maxWaitingRequests, else 1024)")
-    p.add_argument("--max-model-len", type=int, help="context length cap in tokens (default: the model's)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--memory-budget-bytes", type=int, help="bytes for weights + KV of all loaded models")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
-    p.add_argument("--timeout-graceful-shutdown", type=float,
-                   help="seconds in-flight requests get to finish on shutdown, then they end cleanly (default 30)")
-    p.add_argument("--max-request-body-bytes", type=int, help="largest request body; beyond it 413 (default 16 MiB)")
-    p.add_argument("--timeout-request-headers", type=float,
-                   help="seconds to receive a request's headers before closing the connection (default 30)")
-    p.add_argument("--timeout-request-body", type=float,
-                   help="seconds to receive a request's body before answering 408 (default 60)")
-    p.add_argument("--timeout-keep-alive", type=int, help="seconds an idle keep-alive connection stays open (default 5)")
-    p.add_argument("--timeout-stalled-response", type=float,
-                   help="seconds a stream may wait for a client that reads nothing, then it is closed (default 60)")
-    p.add_argument("--limit-concurrency", type=int, help="most connections + requests at once; beyond it 503")
-    p.add_argument("--max-jobs-per-request", type=int,
-                   help="most engine requests per HTTP request, prompts x n (default 128)")
-    p.add_argument("--max-embedding-inputs", type=int, help="most inputs per embeddings request (default 2048)")
-    p.add_argument("--max-embedding-tokens", type=int, help="most tokens per embeddings request (default 300000)")
-    p.add_argument("--parse-special-tokens-in-chat", action="store_true", default=None,
-                   help="let chat message text produce control tokens (unsafe with untrusted clients)")
-    p.add_argument("--api-keys-file", type=Path,
-                   help="YAML file of API keys and tenants (also: $KUBEINFER_API_KEYS, $KUBEINFER_ADMIN_API_KEYS)")
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
-                   help="engine scheduling policy: fcfs (default) or priority (requests' priority field)")
-    p.add_argument("--idle-timeout-seconds", type=float,
-                   help="unload a non-preloaded model idle this long (catalogue mode; default: the catalogue's)")
-    p.add_argument("--result-cache", action="store_true", default=None,
-                   help="single-model mode: cache responses of greedy/seeded requests (catalogue: resultCache)")
-    p.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="never run decode steps as CUDA graphs (vLLM's flag; default: the catalogue's enforceEager, "
-                   "else graphs on where the engine can capture them)")
-    p.add_argument("--enable-lora", action="store_true", default=None,
-                   help="LoRA slots for every generate model, so adapters can be added at run time (vLLM's flag)")
-    p.add_argument("--max-loras", type=int, help="LoRA adapters one step can mix per model (default 4)")
-    p.add_argument("--max-lora-rank", type=int, help="highest LoRA adapter rank (default 16)")
-    p.add_argument("--lora-modules", nargs="+", metavar="NAME=SOURCE",
-                   help="LoRA adapters of the --model model (PEFT directories or any source)")
-    p.add_argument("--fair-admission", action=argparse.BooleanOptionalAction, default=None,
-                   help="fair admission across tenants (default: on when API keys are configured)")
-    p.add_argument("--allowed-origins",
-                   help="comma-separated web origins (https://app.example) whose pages may open WebSockets "
-                   "to this server (default: none; other sites' handshakes are refused)")
-    return p
-
-
-def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerSettings:
-    """Settings from ``argv`` (default ``sys.argv[1:]``) and ``env`` (default ``os.environ``).
+def meta(name: str) -> dict[str, Any]:
+    """The table metadata of field ``name`` (see :func:`knob`).
 
     Raises:
-        SystemExit: invalid flags or values (argparse prints the usage and the reason, exit code 2).
+        KeyError: no such field.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return ServerSettings.from_sources(vars(args), env)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    return dict(ServerSettings.model_fields[name].json_schema_extra or {})
+
+
+def flag_names(name: str) -> list[str]:
+    """The flags of field ``name``: ``--`` + the name with dashes, then its aliases."""
+    return ["--" + name.replace("_", "-"), *meta(name)["aliases"]]
+
+
+def fallback(name: str) -> Any:
+    """The default of knob ``name`` when neither the flags nor the catalogue set it (the catalogue's and
+    the engine's default; for a knob without a catalogue key: its own default)."""
+    field = ServerSettings.model_fields[name]
+    return meta(name)["fallback"] if meta(name)["pod_key"] else field.default
+
+
+def pod_keys() -> dict[str, str]:
+    """Fields that override a catalogue pod-level key -> that key."""
+    return {n: meta(n)["pod_key"] for n in ServerSettings.model_fields if meta(n)["pod_key"]}
+
+
+def single_model_fields() -> dict[str, str]:
+    """Fields of single-model mode (refused with a catalogue) -> the catalogue's per-model key they become."""
+    return {n: meta(n)["model_key"] for n in ServerSettings.model_fields if meta(n)["model_key"]}
+
+
+def build_parser():  # noqa: ANN201 - re-exported from kubeinfer_serving.cli (lazy: argparse types there)
+    """The ``kubeinfer-serve`` argument parser (:func:`kubeinfer_serving.cli.build_parser`)."""
+    from kubeinfer_serving.cli import build_parser as build
+
+    return build()
+
+
+def parse_settings(argv=None, env: Mapping[str, str] | None = None) -> ServerSettings:  # noqa: ANN001
+    """Settings from ``argv`` and ``env`` (:func:`kubeinfer_serving.cli.parse_settings`).
+
+    Raises:
+        SystemExit: invalid flags or values (usage and reason on stderr, exit code 2).
+    """
+    from kubeinfer_serving.cli import parse_settings as parse
+
+    return parse(argv, env)

@@ -11,6 +11,7 @@ collector's ``process_*`` series, per-request token and phase-time histograms
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kubeinfer_serving.metrics_vllm import VllmSeries
 
 #: The registry served at ``/metrics``. A dedicated one keeps tests and embedding apps isolated
 #: from the process-global default registry.
@@ -135,6 +138,31 @@ HTTP_REQUEST_DURATION = Histogram(
     "kubeinfer_http_request_duration_seconds", "Time from request start to the end of the response body.",
     ["route", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
+#: The kubeinfer_* engine series that ``--metrics-names vllm`` replaces by vLLM's (:mod:`.metrics_vllm`);
+#: ``kubeinfer_queue_length`` stays in every mode: the operator's autoscalers scale on it.
+ENGINE_SERIES = (NUM_REQUESTS_RUNNING, KV_CACHE_USAGE, TTFT, ITL, E2E_LATENCY, QUEUE_TIME, PROMPT_TOKENS,
+                 GENERATION_TOKENS, NUM_PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, REQUESTS_FINISHED,
+                 REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_PREFILL_TIME, REQUEST_DECODE_TIME)
+#: vLLM-named engine series, when ``--metrics-names`` is ``vllm`` or ``both`` (:func:`configure_names`).
+_VLLM: VllmSeries | None = None
+
+
+def configure_names(mode: str) -> None:
+    """Choose the engine series' names, once per process, before any engine runs.
+
+    Args:
+        mode: ``kubeinfer`` (ours only, the default), ``vllm`` (vLLM's instead of the overlapping
+            kubeinfer_* engine series) or ``both``.
+    """
+    global _VLLM
+    if mode in ("vllm", "both") and _VLLM is None:
+        _VLLM = VllmSeries(REGISTRY)
+    if mode == "vllm":
+        for series in ENGINE_SERIES:
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(series)
+
+
 #: process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux /proc).
 PROCESS = ProcessCollector(registry=REGISTRY)
 
@@ -154,6 +182,8 @@ def record_finished_request(model_name: str, out: Any) -> None:
     """
     REQUEST_PROMPT_TOKENS.labels(model_name=model_name).observe(out.num_prompt_tokens)
     REQUEST_GENERATION_TOKENS.labels(model_name=model_name).observe(out.num_output_tokens)
+    if _VLLM is not None:
+        _VLLM.record_finished(model_name, out)
     timings = getattr(out, "timings", None)
     if timings is None:
         return
@@ -266,6 +296,11 @@ RESULT_CACHE_REQUESTS = Counter(
     "kubeinfer_result_cache_requests", "Cacheable requests looked up in the result cache (outcome: hit or miss).",
     ["model_name", "outcome"], registry=REGISTRY,
 )
+IGNORED_REQUEST_FIELDS = Counter(
+    "kubeinfer_ignored_request_fields", "Request fields this server does not implement, accepted and ignored "
+    "(vLLM's policy; :mod:`kubeinfer_serving.api.fields`). The label set is capped: further names count as 'other'.",
+    ["field"], registry=REGISTRY,
+)
 RESULT_CACHE_BYTES = Gauge(
     "kubeinfer_result_cache_bytes", "Bytes of responses held by the result cache.", registry=REGISTRY,
 )
@@ -349,6 +384,8 @@ class EngineMetrics:
             REQUESTS_FINISHED.labels(model_name=self.model_name, finish_reason=reason).inc()
         if stats.lora_running is not None:
             self._record_lora(stats)
+        if _VLLM is not None:
+            _VLLM.record_step(self.model_name, stats)
 
     def _record_lora(self, stats) -> None:
         m = self.model_name

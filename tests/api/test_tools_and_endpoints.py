@@ -14,7 +14,8 @@ import pytest
 from kubeinfer_serving import __version__
 from kubeinfer_serving.__main__ import build_provider
 from kubeinfer_serving.api.app import create_app
-from kubeinfer_serving.api.tools import HERMES, LLAMA3_JSON, ToolCallStream, ToolPlan, parse_tool_calls
+from kubeinfer_serving.api.tool_parsers import HERMES, LLAMA3_JSON
+from kubeinfer_serving.api.tools import ToolCallStream, ToolPlan, parse_tool_calls
 from kubeinfer_serving.config import ServerSettings
 
 from tests.api.conftest import MAX_MODEL_LEN, ServerThread

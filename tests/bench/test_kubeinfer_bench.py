@@ -32,3 +32,23 @@ def test_random_weight_shapes_and_a_subset_of_methods(tmp_path, monkeypatch):
     assert report["mismatching_requests_vs_sequential"]["engine"] == 0  # same random weights in both
     assert set(report["engine_ratio_per_rep_median"]["4"]) == {"vs_static"}
     assert report["decode_roofline"] == {}  # CUDA only
+
+
+def test_static_batch_follows_concurrency_and_int8_runs_next_to_unquantized(tmp_path):
+    """Issue 19's CPU comparison at CI size: static batching per concurrency, the engine's int8 twin
+    (tokens/s, weight bytes, greedy agreement) and the Markdown table."""
+    report = kubeinfer_bench.main(["--num-requests", "6", "--prompt-len", "4", "16", "--output-len", "2", "6",
+                                   "--concurrency", "2", "4", "--reps", "1", "--static-batch", "concurrency",
+                                   "--methods", "sequential", "static", "--compare-quantization", "int8",
+                                   "--out-dir", str(tmp_path)])
+    assert [r["concurrency"] for r in report["methods"]["static"]] == [2, 4]
+    assert [r["concurrency"] for r in report["methods"]["engine_int8"]] == [2, 4]
+    for c in ("2", "4"):
+        assert set(report["engine_ratio_per_rep_median"][c]) == {"vs_static", "vs_sequential", "engine_int8_vs_engine"}
+    assert report["mismatching_requests_vs_sequential"]["engine"] == 0
+    assert "engine_int8" not in report["mismatching_requests_vs_sequential"]  # compared by agreement instead
+    q = report["quantization_comparison"]
+    assert q["weights_bytes"] < q["unquantized_weights_bytes"]
+    assert 0.0 <= q["greedy_token_agreement_vs_engine"] <= 1.0
+    table = kubeinfer_bench.format_table(report)
+    assert "| 4 | engine_int8 |" in table and "| 2 | static |" in table and "greedy token agreement" in table

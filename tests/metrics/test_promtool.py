@@ -37,7 +37,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_alert_rules_pass_promtool_check(promtool: Path) -> None:
     res = run(promtool, "check", "rules", ALERTS)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS: 9 rules found" in res.stdout
+    assert "SUCCESS: 11 rules found" in res.stdout
 
 
 def test_alert_rules_unit_tests(promtool: Path) -> None:

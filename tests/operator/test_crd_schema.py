@@ -4,12 +4,21 @@ tests/operator/test_operator_cluster.py checks the same against it)."""
 from __future__ import annotations
 
 import copy
+import typing
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-from kubeinfer_operator.spec import ModelSpec, RoutingSpec, RuntimeSpec, ScalingSpec, parse_spec
+from kubeinfer_operator.spec import (
+    InferenceServiceSpec,
+    ModelSpec,
+    RoutingSpec,
+    RuntimeSpec,
+    ScalingSpec,
+    parse_spec,
+)
+from pydantic import BaseModel
 
 from tests.operator.conftest import CRD_PATH, EXAMPLES, REPO, load_yaml_docs
 
@@ -47,10 +56,61 @@ def test_crd_identity(crd, version):
     assert crd["metadata"]["name"] == "inferenceservices.serving.kubeinfer.io"
     assert crd["spec"]["group"] == "serving.kubeinfer.io"
     names = crd["spec"]["names"]
+    # isvc is KServe's short name too: kisvc never clashes, and the category lists both kinds of ours
     assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
-        "InferenceService", "inferenceservices", ["isvc"], ["kubeinfer"])
+        "InferenceService", "inferenceservices", ["isvc", "kisvc"], ["kubeinfer"])
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
+
+
+def _undescribed(node: dict, path: str) -> list[str]:
+    out = []
+    for key, child in (node.get("properties") or {}).items():
+        if "description" not in child and f"{path}.{key}" != ".metadata":  # the API server forbids one there
+            out.append(f"{path}.{key}")
+        out += _undescribed(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        out += _undescribed(node["items"], f"{path}[]")
+    return out
+
+
+def test_every_field_is_described_for_kubectl_explain(version):
+    assert _undescribed(version["schema"]["openAPIV3Schema"], "") == []
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (``M``, ``M | None``, ``list[M]``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _sub_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _mismatches(model: type[BaseModel], node: dict, path: str) -> list[str]:
+    """Fields of ``model`` (by alias) missing from the CRD ``node``'s properties and the reverse,
+    recursing into nested models: the spec model and the CRD describe the same object."""
+    crd = node.get("properties") or {}
+    fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+    out = [f"{path}.{k}: in the spec model, not in the CRD" for k in sorted(set(fields) - set(crd))]
+    out += [f"{path}.{k}: in the CRD, not in the spec model" for k in sorted(set(crd) - set(fields))]
+    for key in sorted(set(fields) & set(crd)):
+        sub = _sub_model(fields[key].annotation)
+        if sub is not None:
+            child = crd[key]
+            out += _mismatches(sub, child.get("items", child), f"{path}.{key}")
+    return out
+
+
+def test_crd_spec_schema_and_the_spec_model_have_the_same_fields(version):
+    # adding a field means: the spec model (spec.py), one renderer, and the CRD; this keeps the two
+    # descriptions of the spec from drifting apart
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert _mismatches(InferenceServiceSpec, spec, "spec") == []
 
 
 def test_printer_columns(version):
@@ -199,8 +259,8 @@ def test_operator_pod_runs_as_the_user_the_operator_image_creates():
     image_uid = int(re.search(r"^ARG OPERATOR_UID=(\d+)$", dockerfile, flags=re.M).group(1))
     assert re.search(r'useradd --uid "\$OPERATOR_UID"', dockerfile)
     assert re.search(r"^USER \$\{OPERATOR_UID\}:\$\{OPERATOR_UID\}$", dockerfile, flags=re.M)
-    chart = (REPO / "deploy" / "helm" / "kubeinfer" / "templates" / "deployment.yaml").read_text()
-    assert f"runAsUser: {image_uid}" in chart and f"runAsGroup: {image_uid}" in chart
+    chart = yaml.safe_load((REPO / "deploy" / "helm" / "kubeinfer" / "values.yaml").read_text())["podSecurityContext"]
+    assert chart["runAsUser"] == chart["runAsGroup"] == image_uid
     (plain,) = [d for d in load_yaml_docs(REPO / "deploy" / "operator" / "deployment.yaml") if d["kind"] == "Deployment"]
     pod = plain["spec"]["template"]["spec"]["securityContext"]
     assert pod["runAsUser"] == pod["runAsGroup"] == image_uid

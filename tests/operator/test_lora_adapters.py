@@ -7,7 +7,7 @@ import copy
 import jsonschema
 import pytest
 import yaml
-from kubeinfer_operator.render import render_catalogue
+from kubeinfer_operator.render_catalogue import render_catalogue
 from kubeinfer_operator.spec import InvalidSpecError, parse_spec
 from kubeinfer_serving.registry.catalogue import parse_catalogue
 

@@ -63,16 +63,18 @@ class Operator:
     def start(self) -> None:
         self.starts += 1
         self.log_path = self.log_dir / f"operator-{self.starts}.log"
-        with socket.socket() as s:
+        with socket.socket() as s, socket.socket() as m:
             s.bind(("127.0.0.1", 0))
+            m.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+            self.metrics_port = m.getsockname()[1]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEINFER_SERVING_IMAGE": SERVING_IMAGE,
                # kwok's fake pod IPs lead off this machine: poll /v1/models only on local addresses
                "KUBEINFER_MODEL_POLL_NETWORKS": os.environ.get("KUBEINFER_MODEL_POLL_NETWORKS", "127.0.0.0/8"),
                **self.extra_env}
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "kubeinfer-operator"), "-n", self.namespace, "-v",
-             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", "--metrics", f"127.0.0.1:{self.metrics_port}"],
             env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -217,6 +219,19 @@ MODEL = {"name": "tiny", "source": "file:///opt/kubeinfer/models/tiny-llama"}
          "kvCacheBytes and kvCacheFraction apply to kind generate only"),
         ("eager-embed", {"models": [{**MODEL, "kind": "embed", "enforceEager": True}]},
          "enforceEager applies to kind generate only"),
+        ("dup-served-ids", {"models": [{**MODEL, "servedModelName": "meta-llama/Llama-3.2-1B-Instruct"},
+                                       {**MODEL, "name": "b", "servedModelName": "meta-llama/Llama-3.2-1B-Instruct"}]},
+         "spec.models served ids (servedModelName, else name) must be unique"),
+        ("served-id-is-a-name", {"models": [{**MODEL, "servedModelName": "b"}, {**MODEL, "name": "b"}]},
+         "spec.models served ids (servedModelName, else name) must be unique"),
+        ("adapter-id-is-model-id", {"models": [{**MODEL, "servedModelName": "org/base", "adapters": [
+            {"name": "a", "servedModelName": "org/base", "source": "file:///opt/a"}]}]},
+         "an adapter's served id (servedModelName, else name) must not be a model's served id"),
+        ("adapter-ids-in-one-model", {"models": [{**MODEL, "adapters": [
+            {"name": "a", "servedModelName": "org/sql", "source": "file:///opt/a"},
+            {"name": "c", "servedModelName": "org/sql", "source": "file:///opt/c"}]}]},
+         "adapter served ids (servedModelName, else name) must be unique"),
+        ("bad-served-id", {"models": [{**MODEL, "servedModelName": "has space"}]}, "servedModelName"),
         ("router-overcommit", {"models": [MODEL], "routing": {"resources": {"requests": {"memory": "1Gi"},
                                                                           "limits": {"memory": "512Mi"}}}},
          "routing.resources: every request must be at most its limit"),
@@ -299,6 +314,20 @@ def test_first_example_becomes_ready_with_its_children(cluster, operator, k):
         f"$ kubectl apply -f deploy/examples/{FIRST.name}\n{applied}"
         f"$ kubectl get isvc\n{table}\n$ kubectl get deploy,svc,hpa,sa,role,rolebinding\n{children_table}"
     )
+
+
+def test_operator_serves_its_metrics_and_readiness(operator, k):
+    base = f"http://127.0.0.1:{operator.metrics_port}"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+        assert (r.status, r.read()) == (200, b"ok")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("kubeinfer_operator_reconciles_total", (("result", "ok"),))] >= 1  # the first example's
+    assert samples[("kubeinfer_operator_reconcile_duration_seconds_count", ())] >= 1
 
 
 def test_router_children_with_their_rbac_and_selectors(operator, k):
@@ -507,32 +536,50 @@ def test_every_example_is_accepted_and_rendered(operator, k):
             k.run("-n", NS, "delete", "isvc", name, "--wait=true")
 
 
-def test_helm_chart_templates_and_installs(cluster, k):
-    chart = str(REPO / "deploy" / "helm" / "kubeinfer")
-    cluster.helm("lint", chart)
-    rendered = cluster.helm("template", "kubeinfer", chart, "--include-crds", "--namespace", "kubeinfer-helm",
-                            "--set", "metricsAdapter.rulesConfigMap.enabled=true").stdout
-    docs = [d for d in yaml.safe_load_all(rendered) if d]
-    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    assert crds == [yaml.safe_load(CRD_PATH.read_text())]
-    kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                            "Deployment", "ConfigMap"])
-    plain_rules = next(d for d in load_yaml_docs(REPO / "deploy" / "operator" / "rbac.yaml")
-                       if d["kind"] == "ClusterRole")["rules"]
-    assert next(d for d in docs if d["kind"] == "ClusterRole")["rules"] == plain_rules
-    bad = cluster.helm("template", "kubeinfer", chart, "--set", "image.pullPolicy=Sometimes", check=False)
-    assert bad.returncode != 0 and "pullPolicy" in bad.stderr  # values.schema.json is enforced
+def test_kubectl_scale_sets_fixed_replicas_and_is_refused_under_an_autoscaler(operator, k):
+    # The scale subresource through the real API server: with scaling.autoscaler none, `kubectl scale`
+    # writes spec.replicas and the serving Deployment follows; with an autoscaler the API server
+    # refuses it with the CEL message (the autoscaler owns replicas). `kisvc` and the fully
+    # qualified name reach our kind even where KServe's `isvc` would clash.
+    fixed = {"apiVersion": "serving.kubeinfer.io/v1alpha1", "kind": "InferenceService",
+             "metadata": {"name": "fixed"},
+             "spec": {"models": [{**MODEL, "servedModelName": "meta-llama/Llama-3.2-1B-Instruct", "preload": True}],
+                      "scaling": {"autoscaler": "none"}, "routing": {"mode": "service"}}}
+    k.apply(fixed)
+    dep = wait_for("the fixed-size Deployment", lambda: k.json("deployment", "fixed"))
+    assert dep["spec"]["replicas"] == 1  # spec.replicas unset: minReplicas
+    assert k.json("hpa", "fixed") is None
+    catalogue = yaml.safe_load(k.json("configmap", "fixed-models")["data"]["models.yaml"])
+    assert [m["name"] for m in catalogue["models"]] == ["meta-llama/Llama-3.2-1B-Instruct"]
 
-    cluster.helm("install", "kubeinfer", chart, "--namespace", "kubeinfer-helm", "--create-namespace",
-                 "--set", "watchNamespaces={team-a}")
-    try:
-        dep = json.loads(k.run("-n", "kubeinfer-helm", "get", "deployment", "kubeinfer-kubeinfer-operator",
-                               "-o", "json").stdout)
-        assert "--namespace=team-a" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
-        k.run("get", "crd", CRD_NAME)
-    finally:
-        cluster.helm("uninstall", "kubeinfer", "--namespace", "kubeinfer-helm")
+    k.run("-n", NS, "scale", "inferenceservices.serving.kubeinfer.io/fixed", "--replicas", "3")
+    assert k.json("kisvc", "fixed")["spec"]["replicas"] == 3
+    wait_for("the Deployment to follow kubectl scale",
+             lambda: (k.json("deployment", "fixed") or {}).get("spec", {}).get("replicas") == 3)
+
+    def scale_status():
+        res = k.run("-n", NS, "get", "inferenceservices.serving.kubeinfer.io", "fixed", "--subresource", "scale",
+                    "-o", "json", check=False)
+        scale = json.loads(res.stdout) if res.returncode == 0 else {}
+        return scale.get("status", {}).get("replicas") == 3 and scale
+    scale = wait_for("the scale subresource's status", scale_status, timeout=120)
+    assert scale["spec"]["replicas"] == 3
+    assert scale["status"]["selector"] == "serving.kubeinfer.io/inferenceservice=fixed,app.kubernetes.io/component=serving"
+    pods = k.json("pods", "-l", scale["status"]["selector"])["items"]
+    assert len(pods) >= 3  # the selector the scale subresource reports finds the serving pods
+
+    k.run("-n", NS, "scale", "kisvc/fixed", "--replicas", "0")
+    wait_for("scale to zero", lambda: (k.json("deployment", "fixed") or {}).get("spec", {}).get("replicas") == 0)
+
+    k.apply({**fixed, "metadata": {"name": "autoscaled"}, "spec": {**fixed["spec"], "scaling": {"autoscaler": "hpa"}}})
+    wait_for("the autoscaled isvc's HPA", lambda: k.json("hpa", "autoscaled"))
+    res = k.run("-n", NS, "scale", "kisvc/autoscaled", "--replicas", "3", check=False)
+    assert res.returncode != 0
+    assert "spec.replicas (kubectl scale) applies to scaling.autoscaler none only" in res.stderr
+    assert "replicas" not in k.json("kisvc", "autoscaled")["spec"]
+    names = k.run("-n", NS, "get", "kubeinfer", "-o", "name").stdout.split()  # the category
+    assert "inferenceservice.serving.kubeinfer.io/fixed" in names
+    k.run("-n", NS, "delete", "kisvc", "fixed", "autoscaled", "--wait=true")
 
 
 def test_crd_directory_and_kustomization_apply_cleanly(cluster, k):

@@ -1,5 +1,8 @@
 """reconcile.py against an in-memory API (plain dicts): events, InvalidSpec handling, idempotence.
 
+Every reconcile here takes the one path production runs: the isvc as delivered and the children
+as the watches hold them (:func:`watched`, what kopf's indexes would hold: every stored child);
+a child deleted behind the operator's back reaches it as a DELETED event (``rec.forget``).
 The real API server behaviour (server-side apply, garbage collection, CEL) is covered by
 test_operator_cluster.py; here only the reconciler's own decisions are checked.
 """
@@ -12,7 +15,7 @@ import datetime as dt
 import pytest
 from kubeinfer_operator.config import OperatorConfig
 from kubeinfer_operator.kube import KubeError
-from kubeinfer_operator.reconcile import Reconciler
+from kubeinfer_operator.reconcile import Observed, Reconciler
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -39,6 +42,10 @@ class MemoryKube:
     def get(self, api_version, kind, namespace, name):
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
+
+    def apply_status(self, obj):
+        created = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) not in self.objects
+        return created, self.apply(obj)
 
     def apply(self, obj):
         if obj["kind"] in self.reject:
@@ -73,6 +80,19 @@ ROUTER = ["Service/svc-pods", "ServiceAccount/svc-router", "Role/svc-router", "R
           "Deployment/svc-router"]
 
 
+def watched(kube):
+    """What the watches would hold: every child (and serving pod) as stored now."""
+    return Observed(children={(k, n): copy.deepcopy(o) for (k, ns, n), o in kube.objects.items()
+                              if k not in ("InferenceService", "Pod")},
+                    pods=[copy.deepcopy(o) for (k, _, _), o in kube.objects.items() if k == "Pod"])
+
+
+def run(rec, name="svc"):
+    """One reconcile as the operator's handlers run it: the isvc and its children as watched."""
+    isvc = rec.kube.get("serving.kubeinfer.io/v1alpha1", "InferenceService", "ns", name)
+    return rec.reconcile("ns", name, isvc=isvc, observed=watched(rec.kube))
+
+
 def make(spec):
     kube = MemoryKube(isvc(spec))
     events: list[tuple[str, str, str]] = []
@@ -83,7 +103,7 @@ def make(spec):
 
 def test_first_reconcile_creates_children_and_says_so():
     kube, rec, events = make(GOOD)
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", *ROUTER,
                            "HorizontalPodAutoscaler/svc"]
     assert [(t, r) for t, r, _ in events] == [("Normal", "Created")] * 9
@@ -94,20 +114,20 @@ def test_first_reconcile_creates_children_and_says_so():
 
 def test_second_reconcile_is_silent():
     kube, rec, events = make(GOOD)
-    rec.reconcile("ns", "svc")
+    run(rec)
     n_events, n_patches = len(events), kube.status_patches
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert (out.created, out.updated, out.status_written) == ([], [], False)
     assert (len(events), kube.status_patches) == (n_events, n_patches)
 
 
 def test_spec_change_updates_and_reports():
     kube, rec, events = make(GOOD)
-    rec.reconcile("ns", "svc")
+    run(rec)
     obj = kube.objects[("InferenceService", "ns", "svc")]
     obj["spec"]["models"].append({"name": "more", "source": "hf://o/n"})
     obj["metadata"]["generation"] = 3
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.updated == ["ConfigMap/svc-models", "Deployment/svc"]
     assert obj["status"]["observedGeneration"] == 3
 
@@ -117,7 +137,7 @@ def test_invalid_spec_one_event_no_children_no_exception():
                                                                           "limits": {"cpu": "1"}}}
     kube, rec, events = make(bad)
     for _ in range(3):
-        out = rec.reconcile("ns", "svc")
+        out = run(rec)
         assert out.invalid and "exceeds limits[cpu]" in out.invalid
     assert [r for _, r, _ in events] == ["InvalidSpec"]
     assert [k for k in kube.objects if k[0] != "InferenceService"] == []
@@ -128,7 +148,7 @@ def test_invalid_spec_one_event_no_children_no_exception():
 def test_server_rejection_is_invalid_spec_not_a_retry():
     kube, rec, events = make(GOOD)
     kube.reject["Deployment"] = KubeError(422, "Unprocessable Entity", 'Deployment.apps "svc" is invalid: bad toleration')
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.invalid.startswith("the API server rejected Deployment svc")
     assert events[-1][1] == "InvalidSpec"
 
@@ -138,22 +158,23 @@ def test_transient_failure_propagates_for_retry():
     kube.reject["Service"] = KubeError(503, "Service Unavailable", "etcd timeout")
     for _ in range(3):
         with pytest.raises(KubeError):
-            rec.reconcile("ns", "svc")
+            run(rec)
     assert [r for _, r, _ in events if r == "ApplyFailed"] == ["ApplyFailed"]  # one Event per outage
     del kube.reject["Service"]
-    rec.reconcile("ns", "svc")
+    run(rec)
     kube.reject["Service"] = KubeError(503, "Service Unavailable", "etcd timeout")
     kube.objects.pop(("Service", "ns", "svc"))
+    rec.forget("ns", "Service", "svc")  # the DELETED event
     with pytest.raises(KubeError):
-        rec.reconcile("ns", "svc")
+        run(rec)
     assert [r for _, r, _ in events if r == "ApplyFailed"] == ["ApplyFailed"] * 2  # a new outage is reported
 
 
 def test_deleted_or_deleting_isvc_is_left_alone():
     kube, rec, events = make(GOOD)
     kube.objects[("InferenceService", "ns", "svc")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    assert rec.reconcile("ns", "svc").found is False
-    assert rec.reconcile("ns", "other").found is False
+    assert run(rec).found is False
+    assert run(rec, "other").found is False
     assert events == []
 
 
@@ -167,7 +188,7 @@ def _autoscaler_condition(kube):
 
 def test_keda_mode_without_keda_runs_the_deployment_and_says_why_it_cannot_scale():
     kube, rec, events = make(KEDA)
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.created == ["ConfigMap/svc-models", "Service/svc", "Deployment/svc", *ROUTER]
     cond = _autoscaler_condition(kube)
     assert (cond["status"], cond["reason"]) == ("False", "KedaNotInstalled")
@@ -177,7 +198,7 @@ def test_keda_mode_without_keda_runs_the_deployment_and_says_why_it_cannot_scale
 def test_keda_mode_with_keda_applies_a_scaled_object():
     kube, rec, events = make(KEDA)
     kube.keda = True
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert "ScaledObject/svc" in out.created
     assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
     assert _autoscaler_condition(kube)["reason"] == "AutoscalerPending"  # KEDA has not reported yet
@@ -186,17 +207,17 @@ def test_keda_mode_with_keda_applies_a_scaled_object():
 def test_activator_runs_while_no_serving_pod_is_ready_and_goes_when_one_is():
     kube, rec, events = make({**KEDA, "routing": {"mode": "service"}})
     kube.keda = True
-    out = rec.reconcile("ns", "svc")  # the serving Deployment has no ready pod yet
+    out = run(rec)  # the serving Deployment has no ready pod yet
     assert out.created[-1] == "Deployment/svc-activator"
     assert kube.objects[("Deployment", "ns", "svc-activator")]["spec"]["replicas"] == 1
     kube.objects[("Deployment", "ns", "svc")]["status"] = {"readyReplicas": 1, "replicas": 1}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == ["Deployment/svc-activator"]
     assert ("Deployment", "ns", "svc-activator") not in kube.objects
     assert ("Normal", "Deleted", "deleted Deployment svc-activator: a serving pod is ready") in events
-    assert rec.reconcile("ns", "svc").deleted == []  # nothing left to delete
+    assert run(rec).deleted == []  # nothing left to delete
     kube.objects[("Deployment", "ns", "svc")]["spec"]["replicas"] = 0  # KEDA scaled it to zero
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.created == ["Deployment/svc-activator"]
 
 
@@ -205,23 +226,23 @@ def test_no_activator_for_min_replicas_above_zero_or_without_keda():
                        (KEDA, False), (GOOD, True)):
         kube, rec, _ = make(spec)
         kube.keda = keda
-        rec.reconcile("ns", "svc")
+        run(rec)
         assert ("Deployment", "ns", "svc-activator") not in kube.objects
 
 
 def test_switching_modes_removes_the_other_autoscaler():
     kube, rec, events = make(GOOD)
     kube.keda = True
-    rec.reconcile("ns", "svc")
+    run(rec)
     assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
     obj = kube.objects[("InferenceService", "ns", "svc")]
     obj["spec"]["scaling"] = {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == ["HorizontalPodAutoscaler/svc"]
     assert ("ScaledObject", "ns", "svc") in kube.objects
     assert ("HorizontalPodAutoscaler", "ns", "svc") not in kube.objects
     obj["spec"]["scaling"] = {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == ["ScaledObject/svc"]
     assert ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
 
@@ -231,7 +252,7 @@ def test_an_autoscaler_of_another_owner_is_never_deleted():
     kube.keda = True
     kube.objects[("HorizontalPodAutoscaler", "ns", "svc")] = {
         "metadata": {"name": "svc", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == [] and ("HorizontalPodAutoscaler", "ns", "svc") in kube.objects
 
 
@@ -250,21 +271,9 @@ class CountingKube(MemoryKube):
         self.calls.append(f"APPLY {obj['kind']}")
         return super().apply(obj)
 
-    def apply_status(self, obj):
-        created = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) not in self.objects
-        return created, self.apply(obj)
-
     def patch_isvc_status(self, namespace, name, status):
         self.calls.append("PATCH status")
         return super().patch_isvc_status(namespace, name, status)
-
-
-def watched(kube):
-    """What the watches would hold: every child as stored now."""
-    from kubeinfer_operator.reconcile import Observed
-
-    return Observed(children={(k, n): copy.deepcopy(o) for (k, ns, n), o in kube.objects.items()
-                              if k != "InferenceService"})
 
 
 def test_reconcile_from_watched_state_reads_nothing_and_skips_unchanged_children():
@@ -309,7 +318,7 @@ def _available(kube, name, ready):
 
 def test_router_ready_follows_the_router_deployment_and_gates_ready():
     kube, rec, events = make(GOOD)
-    rec.reconcile("ns", "svc")
+    run(rec)
     assert (_condition(kube, "RouterReady")["status"], _condition(kube, "RouterReady")["reason"]) == (
         "Unknown", "DeploymentPending")
     _available(kube, "svc", 1)
@@ -317,12 +326,12 @@ def test_router_ready_follows_the_router_deployment_and_gates_ready():
     kube.objects[("HorizontalPodAutoscaler", "ns", "svc")]["status"] = {"conditions": [
         {"type": "AbleToScale", "status": "True", "reason": "ReadyForNewScale", "message": "ok"},
         {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric", "message": "x"}]}
-    rec.reconcile("ns", "svc")
+    run(rec)
     ready = _condition(kube, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "MinimumReplicasUnavailable")  # the router's
     assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "0/2"
     _available(kube, "svc-router", 2)
-    rec.reconcile("ns", "svc")
+    run(rec)
     assert _condition(kube, "RouterReady")["status"] == "True"
     assert (_condition(kube, "Ready")["status"], _condition(kube, "Ready")["reason"]) == ("True", "Available")
     assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "2/2"
@@ -331,12 +340,12 @@ def test_router_ready_follows_the_router_deployment_and_gates_ready():
 def test_switching_routing_modes_deletes_the_other_modes_objects():
     kube, rec, events = make({**KEDA, "scaling": {**KEDA["scaling"]}})
     kube.keda = True
-    rec.reconcile("ns", "svc")
+    run(rec)
     assert ("Deployment", "ns", "svc-router") in kube.objects
     assert ("Deployment", "ns", "svc-activator") not in kube.objects  # the router holds at zero
     obj = kube.objects[("InferenceService", "ns", "svc")]
     obj["spec"]["routing"] = {"mode": "service"}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == ["Deployment/svc-router", "Service/svc-pods", "RoleBinding/svc-router",
                            "Role/svc-router", "ServiceAccount/svc-router"]
     assert out.created == ["Deployment/svc-activator"]
@@ -344,9 +353,9 @@ def test_switching_routing_modes_deletes_the_other_modes_objects():
     router_ready = _condition(kube, "RouterReady")
     assert (router_ready["status"], router_ready["reason"]) == ("True", "ServiceMode")
     assert kube.objects[("InferenceService", "ns", "svc")]["status"]["routerSummary"] == "service"
-    assert rec.reconcile("ns", "svc").deleted == []  # nothing left to delete
+    assert run(rec).deleted == []  # nothing left to delete
     obj["spec"]["routing"] = {"mode": "router"}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == ["Deployment/svc-activator"]
     assert ("Normal", "Deleted", "deleted Deployment svc-activator: routing.mode is router (the router holds "
             "requests at zero)") in events
@@ -359,13 +368,13 @@ def test_router_objects_of_another_owner_are_never_deleted():
     kube, rec, events = make({**GOOD, "routing": {"mode": "service"}})
     kube.objects[("Deployment", "ns", "svc-router")] = {
         "metadata": {"name": "svc-router", "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
-    out = rec.reconcile("ns", "svc")
+    out = run(rec)
     assert out.deleted == [] and ("Deployment", "ns", "svc-router") in kube.objects
 
 
 def test_watched_router_objects_left_from_router_mode_are_deleted_after_a_restart():
     kube = CountingKube(isvc(GOOD))
-    Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW).reconcile("ns", "svc")
+    run(Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW))
     body = kube.objects[("InferenceService", "ns", "svc")]
     body["spec"]["routing"] = {"mode": "service"}
     fresh = Reconciler(kube, OperatorConfig(model_poll=False), lambda *a: None, clock=lambda: NOW)  # a new process

@@ -10,14 +10,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubeinfer_operator.config import OPERATOR_UID, SERVING_UID, OperatorConfig
-from kubeinfer_operator.render import (
-    CONFIG_HASH_ANNOTATION,
-    Owner,
-    render_activator,
-    render_children,
-    selector_labels,
-    wants_activator,
-)
+from kubeinfer_operator.render import render_children
+from kubeinfer_operator.render_activator import render_activator, wants_activator
+from kubeinfer_operator.render_base import Owner, selector_labels
+from kubeinfer_operator.render_catalogue import CONFIG_HASH_ANNOTATION
 from kubeinfer_operator.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -365,7 +361,7 @@ def test_examples_render_valid_children(examples):
 
 
 def test_api_keys_secret_is_mounted_and_named_to_the_server(tmp_path):
-    from kubeinfer_operator.render import API_KEYS_DIR, API_KEYS_FILE
+    from kubeinfer_operator.render_deployment import API_KEYS_DIR, API_KEYS_FILE
 
     spec = copy.deepcopy(SPEC)
     spec["apiKeysSecret"] = "chat-api-keys"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import yaml
 from kubeinfer_operator.config import OperatorConfig
-from kubeinfer_operator.render import MODEL_CACHE_DIR, Owner, render_children
+from kubeinfer_operator.render import render_children
+from kubeinfer_operator.render_base import Owner
+from kubeinfer_operator.render_catalogue import MODEL_CACHE_DIR
 from kubeinfer_operator.spec import parse_spec
 from kubeinfer_serving.registry.catalogue import parse_catalogue
 

@@ -9,13 +9,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubeinfer_operator.config import OPERATOR_UID, OperatorConfig
-from kubeinfer_operator.render import (
-    Owner,
-    render_activator,
-    render_children,
-    stale_router_objects,
-    wants_activator,
-)
+from kubeinfer_operator.render import render_children, stale_router_objects
+from kubeinfer_operator.render_activator import render_activator, wants_activator
+from kubeinfer_operator.render_base import Owner
 from kubeinfer_operator.render_router import ROUTER_RESOURCES, router_args
 from kubeinfer_operator.spec import parse_spec
 

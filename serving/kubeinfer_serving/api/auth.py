@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
+from fastapi.security import HTTPBearer
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubeinfer_serving import metrics
@@ -71,14 +73,16 @@ def cross_site_reason(scope: Scope, allowed_origins: Collection[str] = ()) -> st
     return None
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
-    return None
+#: The bearer scheme (FastAPI's): parses ``Authorization: Bearer <key>`` for :class:`AuthMiddleware`
+#: and documents it in the OpenAPI document, so ``/docs`` can authorize.
+BEARER = HTTPBearer(auto_error=False, scheme_name="APIKey",
+                    description="An API key of the keys file, as OpenAI's clients send it.")
+
+
+async def bearer_token(scope: Scope) -> str | None:
+    """The request's bearer token (:data:`BEARER`'s reading of its ``Authorization`` header), or None."""
+    credentials = await BEARER(HTTPConnection(scope))
+    return credentials.credentials.strip() or None if credentials is not None else None
 
 
 class AuthMiddleware:
@@ -109,7 +113,7 @@ class AuthMiddleware:
                 err = APIError(403, f"Cross-site requests to {what} are refused: {reason}", code="cross_site_request")
         identity = self.keys.anonymous
         if err is None and self.keys.enabled:
-            token = _bearer(scope)
+            token = await bearer_token(scope)
             found = self.keys.lookup(token) if token is not None else None
             if found is None:
                 metrics.AUTH_FAILURES.labels(reason="missing_key" if token is None else "invalid_key").inc()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.generation import (
     GenerationRun,
     Job,
@@ -58,23 +59,24 @@ from kubeinfer_serving.api.serving import (
     result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
-from kubeinfer_serving.api.structured import compile_guide, grammar_spec
-from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls, parser_for, plan_tools
+from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
+from kubeinfer_serving.api.tools import ToolCallStream, ToolPlan, parse_tool_calls, parser_for, plan_tools
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
-from kubeinfer_serving.registry.protocol import ModelKind
+from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
 
-def check_request(body: ChatCompletionRequest) -> None:
+def check_request(request: Request, body: ChatCompletionRequest) -> None:
     """Refuse what this route cannot honour, naming the field (400).
 
     Raises:
-        APIError: unknown or unsupported fields; ``top_logprobs`` without ``logprobs`` or
+        APIError: unimplemented fields that would change the output (others are ignored and
+            reported, :mod:`.fields`); ``top_logprobs`` without ``logprobs`` or
             above 20; ``stream_options`` without ``stream``; both ``add_generation_prompt`` and
             ``continue_final_message``.
     """
-    refuse_unknown_fields(body, defaults={"add_special_tokens": False})
+    check_fields(request, body, defaults={"add_special_tokens": False})
     if body.top_logprobs is not None and body.top_logprobs > 0 and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if body.top_logprobs is not None and body.top_logprobs > MAX_LOGPROBS:
@@ -91,6 +93,73 @@ def check_request(body: ChatCompletionRequest) -> None:
                        param="spaces_between_special_tokens", code="unsupported_parameter")
 
 
+@dataclass
+class ChatRun:
+    """A chat request made ready to run: the model acquired, the prompt rendered, the jobs built.
+
+    Attributes:
+        model: the model's name (the response's ``model``).
+        served: the acquired model (held until the response is over).
+        jobs: one engine request per choice.
+        plan: how the reply uses tools (:func:`~kubeinfer_serving.api.tools.plan_tools`).
+        parser: the model's tool-call format (:func:`~kubeinfer_serving.api.tools.parser_for`).
+        text_of: token id -> shown text, for log-probabilities.
+    """
+
+    model: str
+    served: ServedModel
+    jobs: list[Job]
+    plan: ToolPlan
+    parser: str
+    text_of: TokenText
+
+
+async def prepare_chat(request: Request, stack: AsyncExitStack, body: ChatCompletionRequest, response_id: str, *,
+                       context_param: str = "messages") -> ChatRun:
+    """Everything between a checked chat request and its engine jobs: tools and structured-output
+    plan, the model (acquired on ``stack``), priority and cache salt, the grammar, the prompt
+    (rendered with the chat template), the output budget and the sampling parameters.
+
+    Shared by ``/v1/chat/completions`` and ``/v1/responses`` (which converts its input into a chat request).
+
+    Args:
+        response_id: prefix of the engine request ids.
+        context_param: the request field named when the prompt does not fit the context.
+
+    Raises:
+        APIError: 400 for bad tools, constraints or prompts (naming the field), 404/503 from the provider.
+    """
+    closed = forbids_additional_properties(request, body)
+    plan = plan_tools(body, closed)
+    structured = grammar_spec(body, closed)
+    if plan.guide is not None:
+        if structured is not None:
+            raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",
+                           param=structured[0], code="invalid_value")
+        structured = ("tool_choice", plan.guide)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    want_lp = (body.top_logprobs or 0) if body.logprobs else None
+    model = resolve_model_name(request, body.model, ModelKind.GENERATE)
+    served = await acquire(request, stack, model, ModelKind.GENERATE)
+    priority = resolve_priority(request, body, served)
+    salt = cache_salt(request, body)
+    tok = served.tokenizer
+    guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
+    ids = await asyncio.to_thread(
+        chat_prompt, tok, body.messages, served.max_model_len,
+        parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
+        add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+        chat_template_kwargs=body.chat_template_kwargs, param=context_param)
+    max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param=context_param)
+    bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
+    jobs = [Job(j, 0, f"{response_id}-{j}", ids,
+                sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
+                                logprobs=want_lp))
+            for j in range(body.n)]
+    parser = parser_for(tok, request.app.state.settings.tool_call_parser)
+    return ChatRun(model, served, jobs, plan, parser, TokenText(tok, bool(body.return_tokens_as_token_ids)))
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     """Generate the assistant's next message.
@@ -98,38 +167,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     Returns a ``chat.completion`` object (or an SSE stream of ``chat.completion.chunk`` ending in
     ``data: [DONE]``). Errors as for ``/v1/completions``; ``param`` is ``messages`` for context overflow.
     """
-    check_request(body)
+    check_request(request, body)
     check_fanout(request, 1, body.n)
-    plan = plan_tools(body)
-    structured = grammar_spec(body)
-    if plan.guide is not None:
-        if structured is not None:
-            raise APIError(400, f"tool_choice {plan.mode} cannot be combined with {structured[0]}",
-                           param=structured[0], code="invalid_value")
-        structured = ("tool_choice", plan.guide)
     response_id, created = new_id("chatcmpl"), now()
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     want_lp = (body.top_logprobs or 0) if body.logprobs else None
     async with AsyncExitStack() as stack:
-        model = resolve_model_name(request, body.model, ModelKind.GENERATE)
-        served = await acquire(request, stack, model, ModelKind.GENERATE)
-        priority = resolve_priority(request, body, served)
-        salt = cache_salt(request, body)
-        tok = served.tokenizer
-        guide = await compile_guide(request, served.engine, tok, structured[1], structured[0]) if structured else None
-        ids = await asyncio.to_thread(
-            chat_prompt, tok, body.messages, served.max_model_len,
-            parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=plan.tools or None,
-            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs)
-        max_tokens = resolve_max_tokens(requested, len(ids), served.max_model_len, param="messages")
-        bad = await asyncio.to_thread(bad_words_token_ids, tok, body.bad_words) if body.bad_words else None
-        jobs = [Job(j, 0, f"{response_id}-{j}", ids,
-                    sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad, guide=guide,
-                                    logprobs=want_lp))
-                for j in range(body.n)]
-        parser = parser_for(tok)
-        text_of = TokenText(tok, bool(body.return_tokens_as_token_ids))
+        prepared = await prepare_chat(request, stack, body, response_id)
+        model, served, jobs, plan, parser, text_of = (prepared.model, prepared.served, prepared.jobs, prepared.plan,
+                                                      prepared.parser, prepared.text_of)
         last = body.messages[-1]
         echo = _message_text(last) if body.echo and last.role == "assistant" else ""
 
@@ -159,9 +204,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 out.append(ToolCallDelta(index=i, function=FunctionCallDelta(arguments=c.function.arguments)))
             return out
 
+        continuous = body.stream_options is not None and body.stream_options.continuous
+
         async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
-            yield chunk([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=echo))
-                         for j in jobs])
+            def chunk_of(choices: list[ChatChunkChoice]) -> str:
+                return chunk(choices, usage.usage() if continuous else None)
+
+            yield chunk_of([ChatChunkChoice(index=j.index, delta=DeltaMessage(role="assistant", content=echo))
+                            for j in jobs])
             streams = {j.index: ToolCallStream(plan, parser) for j in jobs}
             async for job, out in run.outputs():
                 usage.update(job, out)
@@ -170,21 +220,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 lp = chat_logprobs(out.new_logprobs or [], text_of, want_lp) if want_lp is not None else None
                 if not out.finished:
                     if content or (lp is not None and lp.content):
-                        yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
-                                                     logprobs=lp)])
+                        yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                        logprobs=lp)])
                     continue
                 rest, calls = ts.finish()
                 content += rest
                 reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
                 if content or (lp is not None and lp.content):
-                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
-                                                 logprobs=lp)])
+                    yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
+                                                    logprobs=lp)])
                 for delta in call_deltas(calls):
-                    yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
-                yield chunk([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
+                    yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
+                yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield chunk([], usage.usage())
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
                              stream_events=events, cache_key=result_cache_key(request, "chat", body, served),
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                             continuous_usage=continuous)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.fields import refuse_unknown_fields
+from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.generation import (
     GenerationRun,
     Job,
@@ -49,22 +49,23 @@ from kubeinfer_serving.api.serving import (
     result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
-from kubeinfer_serving.api.structured import compile_guide, grammar_spec
+from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
 
-def check_request(body: CompletionRequest) -> None:
+def check_request(request: Request, body: CompletionRequest) -> None:
     """Refuse what this route cannot honour, naming the field (400).
 
     Raises:
-        APIError: unknown or unsupported fields; ``best_of`` other than ``n``; ``suffix``;
+        APIError: unimplemented fields that would change the output (others are ignored and
+            reported, :mod:`.fields`); ``best_of`` other than ``n``; ``suffix``;
             ``logprobs`` outside [0, 20]; ``max_tokens: 0`` without ``echo``; ``stream_options``
             without ``stream``.
     """
-    refuse_unknown_fields(body, defaults={"add_special_tokens": True})
+    check_fields(request, body, defaults={"add_special_tokens": True})
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported by this server", param="best_of",
                        code="unsupported_parameter")
@@ -92,11 +93,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     max_tokens beyond the context length; 429 with ``Retry-After`` when the queue is full; 503
     when the model cannot be loaded.
     """
-    check_request(body)
+    check_request(request, body)
     num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
         body.prompt[0], int) else 1
     check_fanout(request, num_prompts, body.n)
-    structured = grammar_spec(body)
+    structured = grammar_spec(body, forbids_additional_properties(request, body))
     response_id, created = new_id("cmpl"), now()
     async with AsyncExitStack() as stack:
         model = resolve_model_name(request, body.model, ModelKind.GENERATE)
@@ -145,10 +146,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage,
                                       system_fingerprint=SYSTEM_FINGERPRINT)
 
-        def chunk(index: int, text: str, reason: str | None, logprobs: CompletionLogprobs | None = None) -> str:
+        continuous = body.stream_options is not None and body.stream_options.continuous
+
+        def chunk(index: int, text: str, reason: str | None, logprobs: CompletionLogprobs | None = None,
+                  usage: Usage | None = None) -> str:
             choice = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=logprobs)
             return sse_event(CompletionResponse(id=response_id, created=created, model=model, choices=[choice],
-                                                system_fingerprint=SYSTEM_FINGERPRINT))
+                                                usage=usage, system_fingerprint=SYSTEM_FINGERPRINT))
 
         async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
             echoed: set[int] = set()
@@ -170,11 +174,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                                                    offsets[job.index])
                     logprobs = merge(head, tail)
                 if text or out.finished or (logprobs is not None and logprobs.tokens):
-                    yield chunk(job.index, text, out.finish_reason if out.finished else None, logprobs)
+                    yield chunk(job.index, text, out.finish_reason if out.finished else None, logprobs,
+                                usage.usage() if continuous else None)
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield sse_event(CompletionResponse(id=response_id, created=created, model=model, choices=[],
                                                    usage=usage.usage(), system_fingerprint=SYSTEM_FINGERPRINT))
 
         return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
                              stream_events=events, cache_key=result_cache_key(request, "completions", body, served),
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                             continuous_usage=continuous)

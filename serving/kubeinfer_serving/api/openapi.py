@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from kubeinfer_serving.api.auth import BEARER, OPEN_PATHS
+
 _ERROR_SCHEMA: dict[str, Any] = {
     "title": "ErrorResponse",
     "type": "object",
@@ -48,16 +50,18 @@ _GENERATION = (400, 401, 404, 408, 413, 429, 500, 503)
 _STATUSES: list[tuple[str, tuple[int, ...]]] = [
     ("/v1/completions", _GENERATION),
     ("/v1/chat/completions", _GENERATION),
+    ("/v1/responses", _GENERATION),
     ("/v1/embeddings", (400, 401, 404, 408, 413, 429, 500, 503)),
     ("/v1/models", (401, 404)),
     ("/tokenize", (400, 401, 404, 408, 413, 500, 503)),
     ("/detokenize", (400, 401, 404, 408, 413, 500, 503)),
+    ("/tokenizer_info", (400, 401, 404, 500, 503)),
     ("/version", (401,)),
     ("/admin/", (401, 403, 404, 503)),
     ("/health", (503,)),
     ("/ready", (503,)),
 ]
-_STREAMING = {"/v1/completions", "/v1/chat/completions"}
+_STREAMING = {"/v1/completions", "/v1/chat/completions", "/v1/responses"}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -68,10 +72,14 @@ def install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
         doc.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+        scheme = BEARER.model.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc["components"]["securitySchemes"] = {BEARER.scheme_name: scheme}
         ref = {"$ref": "#/components/schemas/ErrorResponse"}
         for path, ops in doc.get("paths", {}).items():
             statuses = next((codes for prefix, codes in _STATUSES if path.startswith(prefix)), ())
             for op in ops.values():
+                if path not in OPEN_PATHS:
+                    op["security"] = [{BEARER.scheme_name: []}]
                 responses = op.setdefault("responses", {})
                 responses.pop("422", None)
                 for code in statuses:

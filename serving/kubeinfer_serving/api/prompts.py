@@ -270,6 +270,7 @@ def chat_prompt(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    param: str = "messages",
 ) -> list[int]:
     """Token ids of a chat conversation rendered by the model's chat template.
 
@@ -288,6 +289,7 @@ def chat_prompt(
         continue_final_message: leave the last message open so the model continues it
             (a "prefill"); exclusive with ``add_generation_prompt``.
         chat_template_kwargs: extra variables for the template (e.g. ``enable_thinking``).
+        param: the request field named when the conversation cannot fit (``/v1/responses``: ``input``).
 
     Raises:
         APIError: 400 when the model has no chat template, the template rejects the conversation
@@ -298,7 +300,7 @@ def chat_prompt(
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
     if max_model_len is not None:
-        check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param="messages")
+        check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param=param)
     kwargs = dict(chat_template_kwargs or {})
     for reserved in ("conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize"):
         if reserved in kwargs:

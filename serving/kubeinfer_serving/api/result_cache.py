@@ -118,17 +118,20 @@ def _tool_call_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def replay(body: dict[str, Any], include_usage: bool) -> Iterator[str]:
+def replay(body: dict[str, Any], include_usage: bool, continuous_usage: bool = False) -> Iterator[str]:
     """SSE events replaying a stored completion or chat body, ending with ``[DONE]``.
 
     Each choice's text comes in :data:`REPLAY_CHARS`-character pieces; the first piece carries
     the choice's whole ``logprobs``; a chat choice's tool calls follow as the live stream sends
-    them, then its ``finish_reason``.
+    them, then its ``finish_reason``. With ``continuous_usage`` every event carries the stored usage.
     """
     chat = body.get("object") == "chat.completion"
     base = {"id": body["id"], "created": body["created"], "model": body["model"],
             "system_fingerprint": body.get("system_fingerprint")}
     obj = "chat.completion.chunk" if chat else "text_completion"
+
+    if continuous_usage:
+        base["usage"] = body.get("usage")
 
     def event(choice: dict[str, Any]) -> str:
         return sse_event({**base, "object": obj, "choices": [choice]})

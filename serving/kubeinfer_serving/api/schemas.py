@@ -8,9 +8,9 @@ Extensions with vLLM's names and meanings: ``top_k``, ``min_p``, ``repetition_pe
 ``guided_*`` / ``structured_outputs`` constraints, the chat template controls, ``priority``
 and ``cache_salt``.
 
-No field is silently ignored: request bodies keep unknown fields (``extra="allow"``) so that
-:func:`kubeinfer_serving.api.fields.refuse_unknown_fields` can answer 400 naming any field this
-server does not implement (OpenAI's and vLLM's fields alike), as OpenAI's API does.
+Request bodies keep unknown fields (``extra="allow"``) so that
+:func:`kubeinfer_serving.api.fields.check_fields` can refuse those whose loss would change the
+output and report the others as ignored (vLLM's policy).
 
 Every field is bounded, so no value can reach the engine that it cannot represent (a ``top_k``
 of 2**64 once killed an engine): integers are within int32 (``seed`` within int64), floats are
@@ -169,9 +169,16 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    """``stream_options``: ``include_usage`` adds a final chunk with empty ``choices`` and the ``usage``."""
+    """``stream_options``: ``include_usage`` adds a final chunk with empty ``choices`` and the ``usage``;
+    with it, vLLM's ``continuous_usage_stats`` also puts the usage so far on every chunk."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+    @property
+    def continuous(self) -> bool:
+        """Whether every chunk carries the usage so far (vLLM: both flags set)."""
+        return self.include_usage and self.continuous_usage_stats
 
 
 class _SamplingFields(_Request):
@@ -336,6 +343,8 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=MAX_INT32)
     user: Name | None = None
+    normalize: bool | None = Field(None, description="vLLM's: L2-normalise the vectors (default: as the model's "
+                                   "pipeline does)")
 
 
 class PromptTokensDetails(BaseModel):

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from kubeinfer_serving import __version__
+from kubeinfer_serving.api import request_log
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
@@ -72,6 +73,7 @@ async def acquire(request: Request, stack: AsyncExitStack, name: str | None, kin
             ``name`` is None and there is no single model to pick.
     """
     name = resolve_model_name(request, name, kind)
+    request_log.note(request.scope, model=name)
     served = await stack.enter_async_context(request.app.state.provider.acquire(name))
     if kind is ModelKind.GENERATE and getattr(served, "engine", None) is None:
         raise APIError(400, f"Model {name!r} is an embedding model; use /v1/embeddings", param="model",
@@ -229,6 +231,8 @@ async def respond(
     stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
     cache_key: str | None = None,
     include_usage: bool = False,
+    continuous_usage: bool = False,
+    done_event: str | None = DONE,
 ) -> Response:
     """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
 
@@ -243,6 +247,8 @@ async def respond(
 
         cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
         include_usage: the stream's ``stream_options.include_usage`` (for a replayed hit).
+        continuous_usage: the stream's ``stream_options.continuous_usage_stats`` (for a replayed hit).
+        done_event: the stream's last event (None: none; the Responses API ends with its own event).
 
     Returns:
         a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
@@ -252,7 +258,7 @@ async def respond(
         hit = cache.get(cache_key, served.name)
         if hit is not None:
             if stream:
-                return StreamingResponse(replay(hit, include_usage), media_type="text/event-stream",
+                return StreamingResponse(replay(hit, include_usage, continuous_usage), media_type="text/event-stream",
                                          headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
             return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
     try:
@@ -261,6 +267,7 @@ async def respond(
         return Response(status_code=CLIENT_CLOSED)
     run = GenerationRun(served.engine, jobs)
     usage = UsageCounter(jobs)
+    request_log.note_usage(request.scope, usage)
     drain = request.app.state.drain
     admission: FairAdmission = request.app.state.admission
     tenant = identity_of(request.scope).tenant
@@ -297,6 +304,7 @@ async def respond(
             async def collect() -> BaseModel:
                 results = [ChoiceResult() for _ in jobs]
                 await run.wait_first()
+                request_log.note(request.scope, first_output=True)
                 async for job, out in run.outputs():
                     results[job.index].add(out)
                     usage.update(job, out)
@@ -313,6 +321,7 @@ async def respond(
                 cache.put(cache_key, data)
             return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
         await until_disconnect(request, run.wait_first())
+        request_log.note(request.scope, first_output=True)
     except ClientDisconnected:
         run.cancel()
         finish()
@@ -329,7 +338,8 @@ async def respond(
         except Exception as exc:  # an engine failure mid-stream: the status line is already sent
             err = to_api_error(exc)
             yield sse_event(error_body(err.status, err.message, param=err.param, code=err.code))
-        yield DONE
+        if done_event is not None:
+            yield done_event
 
     owned = stack.pop_all()
 

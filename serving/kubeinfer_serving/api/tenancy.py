@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +151,14 @@ class KeyStore:
         return self._keys.get(hash_key(key))
 
     @classmethod
-    def load(cls, path: Path | None = None, env: Mapping[str, str] | None = None) -> KeyStore:
+    def load(cls, path: Path | None = None, env: Mapping[str, str] | None = None,
+             api_keys: Sequence[str] | None = None) -> KeyStore:
         """Read the keys file (when given) and the environment variables.
+
+        Args:
+            path: the keys file.
+            env: the environment (default ``os.environ``).
+            api_keys: ``KEY[=TENANT]`` entries (``--api-key``) used instead of ``$KUBEINFER_API_KEYS``.
 
         Raises:
             KeysFileError: unreadable file, bad schema, a key given twice, or an env entry without a key.
@@ -168,7 +174,8 @@ class KeyStore:
             except (yaml.YAMLError, ValidationError) as exc:
                 raise KeysFileError(f"invalid API keys file {path}: {exc}") from exc
         keys = list(spec.keys)
-        for item in filter(None, (x.strip() for x in env.get(API_KEYS_ENV, "").split(","))):
+        entries = env.get(API_KEYS_ENV, "").split(",") if api_keys is None else api_keys
+        for item in filter(None, (x.strip() for x in entries)):
             key, _, tenant = item.partition("=")
             keys.append(_env_key(key, tenant or DEFAULT_TENANT, admin=False))
         for item in filter(None, (x.strip() for x in env.get(ADMIN_API_KEYS_ENV, "").split(","))):

@@ -9,28 +9,22 @@ What vLLM's OpenAI server does, with the same two parser formats:
 - ``"required"``: the output is forced to a JSON list of ``{"name", "parameters"}`` objects
   (one per call, at most one without ``parallel_tool_calls``), each naming a given tool.
 - ``"auto"`` (the default with tools): the model writes what it wants and the text is parsed
-  with the model family's format: Hermes ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
-  blocks (Qwen, Hermes, Mistral-instruct derivatives), or Llama 3's bare JSON
-  ``{"name": ..., "parameters": ...}`` (several separated by ``;``, optionally after
-  ``<|python_tag|>``). The format is chosen from the chat template: ``<tool_call>`` in it means
-  Hermes, else Llama 3 JSON.
+  in the model's format (:mod:`kubeinfer_serving.api.tool_parsers`: vLLM's ``hermes``,
+  ``llama3_json``, ``mistral`` and ``qwen3_xml`` formats, picked by the ``tool_call_parser``
+  setting or the chat template).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.schemas import ChatCompletionRequest, FunctionCall, ToolCall
+from kubeinfer_serving.api.schemas import ChatCompletionRequest, ToolCall
+from kubeinfer_serving.api.structured import forbid_additional_properties
+from kubeinfer_serving.api.tool_parsers import START_MARKERS, make_call, parse_auto, parser_name
 from kubeinfer_serving.structured.grammar import GrammarSpec
-
-HERMES = "hermes"
-LLAMA3_JSON = "llama3_json"
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 @dataclass
@@ -65,12 +59,17 @@ def _function(tool: dict[str, Any], i: int) -> dict[str, Any]:
     return fn
 
 
-def _parameters(fn: dict[str, Any]) -> dict[str, Any]:
-    return fn.get("parameters") or {"type": "object", "properties": {}}
+def _parameters(fn: dict[str, Any], forbid_additional: bool) -> dict[str, Any]:
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    return forbid_additional_properties(params) if forbid_additional else params
 
 
-def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
+def plan_tools(body: ChatCompletionRequest, forbid_additional: bool = True) -> ToolPlan:
     """Check ``tools``/``tool_choice``/``parallel_tool_calls`` and decide how the reply is produced.
+
+    Args:
+        forbid_additional: a forced call's arguments get only the properties its schema declares
+            (:func:`~kubeinfer_serving.api.structured.forbid_additional_properties`).
 
     Raises:
         APIError: 400 naming the field for a malformed tool, an unknown ``tool_choice``, a
@@ -90,7 +89,7 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
         if not match:
             raise APIError(400, f"tool_choice names {name!r}, which is not among tools", param="tool_choice",
                            code="invalid_value")
-        spec = GrammarSpec("json", json.dumps(_parameters(match[0]), sort_keys=True))
+        spec = GrammarSpec("json", json.dumps(_parameters(match[0], forbid_additional), sort_keys=True))
         return ToolPlan(tools, "named", named=name, guide=spec)
     if choice not in ("none", "auto", "required"):
         raise APIError(400, f"tool_choice {choice!r} is not one of 'none', 'auto', 'required' or a named function",
@@ -100,7 +99,8 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     if choice == "required":
         item = {"anyOf": [{
             "type": "object",
-            "properties": {"name": {"type": "string", "enum": [f["name"]]}, "parameters": _parameters(f)},
+            "properties": {"name": {"type": "string", "enum": [f["name"]]},
+                           "parameters": _parameters(f, forbid_additional)},
             "required": ["name", "parameters"],
             "additionalProperties": False,
         } for f in fns]}
@@ -111,42 +111,9 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(tools, choice)
 
 
-def parser_for(tokenizer: Any) -> str:
-    """The tool-call format of a model: Hermes when its chat template mentions ``<tool_call>``, else Llama 3 JSON."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):
-        template = " ".join(str(v) for v in template.values())
-    return HERMES if "<tool_call>" in template else LLAMA3_JSON
-
-
-def new_call_id() -> str:
-    """A tool-call id like OpenAI's (``call_`` + 24 hex digits)."""
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _call(name: Any, args: Any) -> ToolCall | None:
-    if not isinstance(name, str) or not name:
-        return None
-    if args is None:
-        args = {}
-    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=text))
-
-
-def _json_objects(text: str) -> list[Any] | None:
-    """Parse ``text`` as JSON values separated by ``;`` or whitespace; None if it is not only that."""
-    dec = json.JSONDecoder()
-    out, i = [], 0
-    while True:
-        while i < len(text) and (text[i].isspace() or text[i] == ";"):
-            i += 1
-        if i >= len(text):
-            return out
-        try:
-            value, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return None
-        out.append(value)
+def parser_for(tokenizer: Any, configured: str | None = None) -> str:
+    """The tool-call format of a model (:func:`~kubeinfer_serving.api.tool_parsers.parser_name`)."""
+    return parser_name(configured, tokenizer)
 
 
 def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None, list[ToolCall]]:
@@ -155,19 +122,18 @@ def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None
     Args:
         text: the generated text.
         plan: from :func:`plan_tools`.
-        parser: :data:`HERMES` or :data:`LLAMA3_JSON` (used in ``auto`` mode).
+        parser: a format of :data:`~kubeinfer_serving.api.tool_parsers.PARSERS` (used in ``auto`` mode).
 
     Returns:
         (content or None, calls). With no call found the text is the content, unchanged; a
         forced call whose JSON is incomplete (cut by ``max_tokens``) is returned as content.
     """
-    names = {t["function"]["name"] for t in plan.tools}
     if plan.mode == "named":
         try:
             args = json.loads(text)
         except json.JSONDecodeError:
             return text, []
-        call = _call(plan.named, args)
+        call = make_call(plan.named, args)
         return None, [call] if call else []
     if plan.mode == "required":
         try:
@@ -176,37 +142,11 @@ def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None
             return text, []
         if not isinstance(items, list):
             return text, []
-        calls = [_call(it.get("name"), it.get("parameters")) for it in items if isinstance(it, dict)]
+        calls = [make_call(it.get("name"), it.get("parameters")) for it in items if isinstance(it, dict)]
         return None, [c for c in calls if c is not None]
     if plan.mode != "auto":
         return text, []
-    if parser == HERMES:
-        start = text.find("<tool_call>")
-        if start < 0:
-            return text, []
-        calls = []
-        for block in _HERMES_BLOCK.findall(text[start:]):
-            try:
-                obj = json.loads(block)
-            except json.JSONDecodeError:
-                return text, []
-            call = _call(obj.get("name"), obj.get("arguments", obj.get("parameters"))) if isinstance(obj, dict) else None
-            if call is None or call.function.name not in names:
-                return text, []
-            calls.append(call)
-        content = text[:start].strip()
-        return content or None, calls
-    body = text.strip()
-    if body.startswith("<|python_tag|>"):
-        body = body[len("<|python_tag|>"):]
-    if not body.startswith("{"):
-        return text, []
-    objs = _json_objects(body)
-    if not objs or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] in names
-                           for o in objs):
-        return text, []
-    calls = [_call(o["name"], o.get("parameters", o.get("arguments"))) for o in objs]
-    return None, [c for c in calls if c is not None]
+    return parse_auto(text, plan.tools, parser)
 
 
 class ToolCallStream:
@@ -214,8 +154,9 @@ class ToolCallStream:
 
     Forced modes (``named``, ``required``) hold everything; ``auto`` with Llama 3 JSON holds
     the reply while it is empty or starts like a call (``{`` or ``<|python_tag|>``) and
-    streams it once it cannot; ``auto`` with Hermes streams up to ``<tool_call>`` (or a
-    suffix that could begin it). :meth:`finish` parses the whole reply.
+    streams it once it cannot; ``auto`` in the other formats streams up to the text that opens
+    a call (``<tool_call>``, ``[TOOL_CALLS]``) or a suffix that could begin it. :meth:`finish`
+    parses the whole reply.
     """
 
     def __init__(self, plan: ToolPlan, parser: str) -> None:
@@ -230,11 +171,11 @@ class ToolCallStream:
             return len(self.text)
         if self.plan.mode != "auto":
             return 0
-        if self.parser == HERMES:
-            i = self.text.find("<tool_call>")
+        tag = START_MARKERS.get(self.parser)
+        if tag is not None:
+            i = self.text.find(tag)
             if i >= 0:
                 return i
-            tag = "<tool_call>"
             for k in range(min(len(tag) - 1, len(self.text)), 0, -1):
                 if tag.startswith(self.text[-k:]):
                     return len(self.text) - k
@@ -259,8 +200,9 @@ class ToolCallStream:
         if not calls:
             rest, self._sent = self.text[self._sent:], len(self.text)
             return rest, []
-        # Content before the calls (Hermes) that was not streamed yet.
-        start = self.text.find("<tool_call>") if self.parser == HERMES and self.plan.mode == "auto" else 0
+        # Content before the calls (formats with a start marker) that was not streamed yet.
+        tag = START_MARKERS.get(self.parser) if self.plan.mode == "auto" else None
+        start = self.text.find(tag) if tag is not None else 0
         rest = self.text[self._sent:max(self._sent, start)] if content else ""
         self._sent = len(self.text)
         return rest, calls

@@ -8,14 +8,20 @@ requests arrive at t0, so TTFT includes queueing):
 * ``transformers_cb``: transformers' continuous batching (``ContinuousBatchingManager``) with at
   most ``concurrency`` requests per batch; TTFT from its per-token timestamps.
 * ``static``: Hugging Face ``generate`` over batches of ``--static-batch`` (8) requests, left
-  padded, each batch running until its longest request ends (the batch size does not follow
-  the concurrency: one line); TTFT = when its batch's first token came out.
+  padded, each batch running until its longest request ends (one line); with
+  ``--static-batch concurrency`` the batch size is each concurrency in turn (one point per
+  concurrency, like the engine); TTFT = when its batch's first token came out.
 * ``sequential``: ``generate`` one request at a time (one line).
+* ``engine_int8`` / ``engine_fp8`` (with ``--compare-quantization int8|fp8``): our engine again with
+  that weight quantization, per concurrency, next to the unquantized engine: tokens/s, weight
+  bytes and the fraction of output tokens equal to the unquantized engine's (greedy agreement;
+  quantized weights are not expected to be token-identical).
 
 The workload is seeded random token ids (prompt and output lengths uniform in the given
 ranges). Methods are interleaved within each repetition; the medians over ``--reps`` are
-reported with the ratios of the engine to each baseline. Outputs are checked against
-``sequential`` token for token. Writes ``<out-dir>/kubeinfer_bench.json`` and a PNG (output
+reported with the ratios of the engine to each baseline. Outputs of the unquantized methods are
+checked against ``sequential`` token for token (``mismatching_requests_vs_sequential``: requests
+whose tokens differ, 0 when identical). Writes ``<out-dir>/kubeinfer_bench.json`` and a PNG (output
 tokens/s and P99 TTFT against concurrency, one line per method). The HTTP serving benchmark
 is ``bench/serve_bench.py``.
 
@@ -30,6 +36,10 @@ model's shapes (config values in :mod:`~kubeinfer_serving.bench.roofline`; no hu
 
 The GPU workload of issue 10: ``kubeinfer-bench --shapes llama-3.2-1b --num-requests 256
 --prompt-len 512 512 --output-len 256 256 --concurrency 64 256 --methods engine transformers_cb static``.
+The CPU workload of issue 19 (SmolLM2 against transformers at concurrency 8 and 32, int8 next to
+unquantized): ``kubeinfer-bench --model builtin://smollm2-135m-instruct --device cpu --threads 2
+--num-requests 32 --prompt-len 16 128 --output-len 16 64 --concurrency 8 32 --static-batch concurrency
+--compare-quantization int8 --reps 1``.
 """
 
 from __future__ import annotations
@@ -190,6 +200,58 @@ def run_sequential(model, reqs):
     return time.perf_counter() - t0, ttfts, out
 
 
+def token_agreement(got: dict[str, list[int]], ref: dict[str, list[int]]) -> float:
+    """Fraction (0..1) of output positions where ``got`` has the same token as ``ref``, over all
+    requests (positions after a request's first difference count too: greedy agreement)."""
+    same = total = 0
+    for rid, want in ref.items():
+        have = got[rid]
+        same += sum(a == b for a, b in zip(have, want, strict=False))
+        total += max(len(have), len(want))
+    return same / total if total else 1.0
+
+
+def _static_batch(value: str) -> int | str:
+    """``--static-batch``: a positive batch size, or ``concurrency`` (the batch follows each concurrency)."""
+    if value == "concurrency":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--static-batch must be a positive integer or 'concurrency', got {value!r}")
+    return size
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table: per concurrency, each method's output tokens/s and P99 TTFT,
+    the engine's ratio to it (per-repetition median), then the token checks and weight bytes."""
+    conc = report["concurrency"]
+    lines = ["| concurrency | method | output tok/s | P99 TTFT (s) | engine / method |", "|---|---|---|---|---|"]
+    for i, c in enumerate(conc):
+        ratios = report["engine_ratio_per_rep_median"][str(c)]
+        for method, rows in report["methods"].items():
+            row = rows[i] if len(rows) == len(conc) else rows[0]
+            if method == "engine":
+                ratio = "1"
+            elif f"vs_{method}" in ratios:
+                ratio = f"{ratios[f'vs_{method}']:.2f}"
+            else:
+                ratio = f"{1 / ratios[f'{method}_vs_engine']:.2f}"
+            lines.append(f"| {c} | {method} | {row['output_tok_s']:.1f} | {row['ttft_p99_s']:.2f} | {ratio} |")
+    mism = ", ".join(f"{m} {n}" for m, n in report["mismatching_requests_vs_sequential"].items())
+    lines.append(f"\nrequests whose tokens differ from {report['mismatch_reference']}: {mism} "
+                 f"(of {report['num_requests']})")
+    q = report["quantization_comparison"]
+    if q:
+        lines.append(f"{q['method']}: weights {q['weights_bytes'] / 2**20:.1f} MiB vs "
+                     f"{q['unquantized_weights_bytes'] / 2**20:.1f} MiB unquantized "
+                     f"({q['weights_bytes'] / q['unquantized_weights_bytes']:.2f}x); greedy token agreement "
+                     f"with the unquantized engine {100 * q['greedy_token_agreement_vs_engine']:.1f}%")
+    return "\n".join(lines)
+
+
 def _plot(report: dict, path: Path) -> bool:
     """Write the PNG; False (and a message) when matplotlib is not installed (``pip install 'kubeinfer[bench]'``)."""
     try:
@@ -240,7 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 128), metavar=("MIN", "MAX"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 64])
-    ap.add_argument("--static-batch", type=int, default=8)
+    ap.add_argument("--static-batch", type=_static_batch, default=8,
+                    help="generate's batch size for the static method, or 'concurrency' (one batch size per concurrency)")
+    ap.add_argument("--compare-quantization", choices=["int8", "fp8"],
+                    help="also run the engine with this weight quantization (method engine_QUANT): tokens/s, "
+                    "weight bytes and greedy agreement with the unquantized engine")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -259,6 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     methods = ["engine"] + [m for m in METHODS if m != "engine" and m in args.methods]
+    quant_method = f"engine_{args.compare_quantization}" if args.compare_quantization else None
+    static_follows = args.static_batch == "concurrency"
+    static_sizes = list(args.concurrency) if static_follows else [args.static_batch]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = EngineConfig(dtype=args.dtype).resolve_dtype(device)
@@ -278,28 +347,34 @@ def main(argv: list[str] | None = None) -> dict:
     total_out = sum(n for _, _, n in reqs)
     longest = max(len(p) + n for _, p, n in reqs)
 
-    def engine_for(c: int) -> LLMEngine:
+    def engine_for(c: int, quantization: str) -> LLMEngine:
         # The pool holds c requests of the longest length (never preempts), sized explicitly so
         # that engines for several concurrencies fit one device side by side.
         cfg = EngineConfig(max_num_seqs=c, max_num_batched_tokens=2048, dtype=dtype, device=str(device),
                            enable_prefix_caching=False, max_model_len=longest,
-                           num_kv_blocks=c * -(-longest // 16) + 1, quantization=args.quantization)
+                           num_kv_blocks=c * -(-longest // 16) + 1, quantization=quantization)
         return LLMEngine.from_weights(hf.config, hf.state_dict().items(), config=cfg, model_name="bench")
 
-    engines = {c: engine_for(c) for c in args.concurrency}
+    engines = {c: engine_for(c, args.quantization) for c in args.concurrency}
+    quant_engines = {c: engine_for(c, args.compare_quantization) for c in args.concurrency} if quant_method else {}
     pad_id = 0
     warm = reqs[:2]  # warm-up every path once
     for c, eng in engines.items():
         run_engine(eng, warm)
+        if quant_method:
+            run_engine(quant_engines[c], warm)
         if "transformers_cb" in methods:
             run_transformers_cb(hf, warm, c)
     if "static" in methods:
-        run_static(hf, warm, args.static_batch, pad_id)
+        for size in static_sizes:
+            run_static(hf, warm, size, pad_id)
     if "sequential" in methods:
         run_sequential(hf, warm)
 
-    runs: dict[str, list[list[dict]]] = {m: [] for m in methods}
+    runs: dict[str, list[list[dict]]] = {m: [] for m in methods + ([quant_method] if quant_method else [])}
     mismatches: dict[str, int] = {}
+    agreement: dict[str, float] = {}
+    engine_out: dict[int, dict[str, list[int]]] = {}  # concurrency -> the unquantized engine's tokens, this rep
     decode: dict[int, list[list[DecodeStep]]] = {c: [] for c in args.concurrency}
     for rep in range(args.reps):
         ref = None
@@ -307,23 +382,34 @@ def main(argv: list[str] | None = None) -> dict:
             t, ttft, ref = run_sequential(hf, reqs)
             runs["sequential"].append([_summary(t, ttft, total_out)])
         if "static" in methods:
-            t, ttft, out = run_static(hf, reqs, args.static_batch, pad_id)
-            runs["static"].append([_summary(t, ttft, total_out)])
-            ref = ref or out
-            mismatches["static"] = sum(out[r] != ref[r] for r, _, _ in reqs)
+            rows = []
+            for size in static_sizes:
+                t, ttft, out = run_static(hf, reqs, size, pad_id)
+                rows.append(_summary(t, ttft, total_out) | ({"concurrency": size} if static_follows else {}))
+                ref = ref or out
+                mismatches["static"] = max(mismatches.get("static", 0), sum(out[r] != ref[r] for r, _, _ in reqs))
+            runs["static"].append(rows)
 
         def engine_run(c):
             decode[c].append([])
-            return run_engine(engines[c], reqs, decode[c][-1])
+            t, ttft, out = run_engine(engines[c], reqs, decode[c][-1])
+            engine_out[c] = out
+            return t, ttft, out
 
-        for name, fn in (("engine", engine_run), ("transformers_cb", lambda c: run_transformers_cb(hf, reqs, c))):
-            if name not in methods:
+        named = [("engine", engine_run), ("transformers_cb", lambda c: run_transformers_cb(hf, reqs, c))]
+        if quant_method:
+            named.append((quant_method, lambda c: run_engine(quant_engines[c], reqs)))
+        for name, fn in named:
+            if name not in runs:
                 continue
             rows = []
             for c in args.concurrency:
                 t, ttft, out = fn(c)
-                ref = ref or out
                 rows.append(_summary(t, ttft, total_out) | {"concurrency": c})
+                if name == quant_method:  # against the unquantized engine, not token-identical by design
+                    agreement[name] = min(agreement.get(name, 1.0), token_agreement(out, engine_out[c]))
+                    continue
+                ref = ref or out
                 mismatches[name] = max(mismatches.get(name, 0), sum(out[r] != ref[r] for r, _, _ in reqs))
             runs[name].append(rows)
         tok_s = {m: "/".join(f"{r['output_tok_s']:.0f}" for r in v[-1]) for m, v in runs.items()}
@@ -338,9 +424,18 @@ def main(argv: list[str] | None = None) -> dict:
         eng = [rep[i]["output_tok_s"] for rep in runs["engine"]]
         ratios[str(c)] = {}
         for m in methods[1:]:
-            col = i if m == "transformers_cb" else 0
+            col = i if m == "transformers_cb" or (m == "static" and static_follows) else 0
             ratios[str(c)][f"vs_{m}"] = statistics.median(
                 e / rep[col]["output_tok_s"] for e, rep in zip(eng, runs[m], strict=True))
+    quantized = {}
+    if quant_method:
+        for i, c in enumerate(args.concurrency):
+            ratios[str(c)][f"{quant_method}_vs_engine"] = statistics.median(
+                q[i]["output_tok_s"] / e[i]["output_tok_s"] for q, e in zip(runs[quant_method], runs["engine"],
+                                                                              strict=True))
+        quantized = {"method": quant_method, "weights_bytes": quant_engines[args.concurrency[0]].weights_bytes,
+                     "unquantized_weights_bytes": engines[args.concurrency[0]].weights_bytes,
+                     "greedy_token_agreement_vs_engine": agreement[quant_method]}
     roofline = {}
     if device.type == "cuda":
         # The engine's pure-decode steps against the HBM roofline (median rep by decode tokens/s).
@@ -359,12 +454,15 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_len": list(args.prompt_len), "output_len": list(args.output_len), "output_tokens": total_out,
         "concurrency": args.concurrency, "static_batch": args.static_batch, "reps": args.reps, "seed": args.seed,
         "methods": summaries, "engine_ratio_per_rep_median": ratios,
-        "mismatching_requests_vs_sequential": mismatches, "mismatch_reference": next(m for m in METHODS if m in methods), "decode_roofline": roofline, "raw": runs,
+        "mismatching_requests_vs_sequential": mismatches, "mismatch_reference": next(m for m in METHODS if m in methods),
+        "quantization_comparison": quantized, "decode_roofline": roofline, "raw": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "kubeinfer_bench.json").write_text(json.dumps(report, indent=2))
     plotted = _plot(report, args.out_dir / "kubeinfer_bench.png")
-    print(json.dumps({"ratios": ratios, "mismatching_requests_vs_sequential": mismatches}, indent=2))
+    print(json.dumps({"ratios": ratios, "mismatching_requests_vs_sequential": mismatches,
+                      "quantization_comparison": quantized}, indent=2))
+    print(format_table(report))
     print(f"wrote {args.out_dir / 'kubeinfer_bench.json'}" + (f" and {args.out_dir / 'kubeinfer_bench.png'}"
                                                                   if plotted else ""))
     return report

@@ -16,7 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,8 @@ import torch
 from transformers import AutoModel
 
 from kubeinfer_serving.embeddings.pooling import PoolingConfig, pool, read_pooling_config
+from kubeinfer_serving.engine.config import pick_device, torch_dtype
 from kubeinfer_serving.models.loader import ModelLoadError, load_tokenizer, weights_nbytes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -54,6 +53,9 @@ class Embedder:
 
     Attributes:
         dim: embedding size (floats per vector).
+        is_matryoshka, matryoshka_dimensions: whether the model was trained so that a prefix of
+            its vector is an embedding too (``is_matryoshka`` / ``matryoshka_dimensions`` in its
+            ``config.json``, as vLLM reads them), and the prefix sizes it names (None: any).
         max_model_len: most tokens per input, special tokens included.
         num_forwards: forwards run so far (a batching counter tests can read).
     """
@@ -78,6 +80,10 @@ class Embedder:
         limits = [n for n in (pooling.max_seq_length, getattr(cfg, "max_position_embeddings", None)) if n]
         self.max_model_len = int(min(limits)) if limits else 512
         self.dim = int(cfg.hidden_size)
+        dims = getattr(cfg, "matryoshka_dimensions", None)
+        self.matryoshka_dimensions: tuple[int, ...] | None = tuple(int(d) for d in dims) if dims else None
+        self.is_matryoshka = bool(getattr(cfg, "is_matryoshka", False) or dims)
+        self._raw_pooling = replace(pooling, normalize=False)
         self.num_forwards = 0
         self._uses_token_types = getattr(cfg, "type_vocab_size", 0) > 0
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -112,16 +118,14 @@ class Embedder:
         Raises:
             ModelLoadError: missing/corrupt files; UnsupportedModelError: unsupported pipeline modules.
         """
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) and dtype in _DTYPES else (
-            dtype if isinstance(dtype, torch.dtype) else torch.float32
-        )
+        dev = pick_device(device)
+        weights_dtype = torch.float32 if dtype in (None, "auto") else torch_dtype(dtype, dev)
         pooling = read_pooling_config(path)
         tokenizer = load_tokenizer(path)
         if host_model is None:
             weights_nbytes(path)  # validates presence and safetensors headers with a readable message
             try:
-                model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=weights_dtype)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load embedding model from {path}: {exc}") from exc
         else:
@@ -192,11 +196,18 @@ class Embedder:
         return cached
 
     async def embed(
-        self, inputs: list[str] | list[list[int]], max_total_tokens: int | None = None
+        self, inputs: list[str] | list[list[int]], max_total_tokens: int | None = None, *,
+        normalize: bool | None = None, dimensions: int | None = None,
     ) -> tuple[np.ndarray, int]:
         """Embed ``inputs``, batched fairly with whatever other callers are waiting.
 
         Cancelling the call (the client left) drops its rows not yet run from the next forwards.
+
+        Args:
+            normalize: L2-normalise each vector (None: as the model's pipeline does, its
+                ``Normalize`` module).
+            dimensions: keep the first ``dimensions`` values of each vector before normalising
+                (Matryoshka truncation; the caller checks the model supports it).
 
         Returns:
             (vectors, prompt_tokens): ``vectors`` is a (len(inputs), dim) float32 array in input
@@ -221,6 +232,11 @@ class Embedder:
         self._pending.append(job)
         self._wake.set()
         vectors = await job.future
+        if dimensions is not None:
+            vectors = np.ascontiguousarray(vectors[:, :dimensions])
+        if self.pooling.normalize if normalize is None else normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
         return vectors, sum(len(r) for r in ids)
 
     def _next_batch(self) -> list[tuple[_Job, int]]:
@@ -266,7 +282,8 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward_all(self, rows: list[list[int]]) -> np.ndarray:
-        """Embed ``rows`` (token ids) in forwards of <= max_batch_size sequences; (len(rows), dim) float32."""
+        """Embed ``rows`` (token ids) in forwards of <= max_batch_size sequences; (len(rows), dim) float32,
+        not normalised (:meth:`embed` normalises per request)."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for s in range(0, len(order), self.max_batch_size):
@@ -280,7 +297,7 @@ class Embedder:
             ids, mask = ids.to(self.device), mask.to(self.device)
             kwargs = {"token_type_ids": torch.zeros_like(ids)} if self._uses_token_types else {}
             hidden = self.model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
-            out[idx] = pool(hidden, mask, self.pooling).cpu().numpy()
+            out[idx] = pool(hidden, mask, self._raw_pooling).cpu().numpy()
             self.num_forwards += 1
         return out
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kubeinfer_serving.config import canonical_dtype, fallback
 from kubeinfer_serving.layers.quant import QUANTIZATION_MODES
 
 if TYPE_CHECKING:
@@ -22,6 +23,30 @@ KVPoolSizer = Callable[[int, "int | None", int, int, "int | None", int], "KVSizi
 CPU_DEFAULT_KV_BYTES = 256 * 1024 * 1024
 #: Fraction of the free GPU memory (after weights) the KV pool takes by default on CUDA.
 CUDA_DEFAULT_KV_FRACTION = 0.5
+#: Canonical dtype names (:data:`kubeinfer_serving.config.DTYPE_NAMES`) -> torch dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: torch.device | str | None) -> torch.device:
+    """``device``, else CUDA when available, else CPU: the one device default of the serving pod."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The torch dtype of a dtype or any spelling :func:`~kubeinfer_serving.config.canonical_dtype` takes;
+    None/``auto``: bfloat16 on CUDA, float32 on CPU.
+
+    Raises:
+        ValueError: an unknown spelling.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = canonical_dtype(dtype)
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
 
 
 @dataclass
@@ -61,21 +86,21 @@ class EngineConfig:
             (:meth:`~.llm_engine.LLMEngine.from_model_dir`).
     """
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
+    max_num_seqs: int = fallback("max_num_seqs")
+    max_num_batched_tokens: int = fallback("max_num_batched_tokens")
+    block_size: int = fallback("block_size")
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     max_model_len: int | None = None
-    max_waiting_requests: int = 1024
+    max_waiting_requests: int = fallback("max_waiting_requests")
     enable_prefix_caching: bool = True
     device: str | None = None
     dtype: torch.dtype | str | None = None
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = fallback("scheduling_policy")
     kv_pool_sizer: KVPoolSizer | None = None
-    enforce_eager: bool = False
+    enforce_eager: bool = fallback("enforce_eager")
     max_loras: int = 0
-    max_lora_rank: int = 16
+    max_lora_rank: int = fallback("max_lora_rank")
     quantization: str = "none"
     tensor_parallel_size: int = 1
 
@@ -100,21 +125,11 @@ class EngineConfig:
 
     def resolve_device(self) -> torch.device:
         """The device to run on: the configured one, else CUDA when available, else CPU."""
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return pick_device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """Weights/KV dtype: the configured one, else bfloat16 on CUDA and float32 on CPU."""
-        if self.dtype is None or self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if self.dtype not in names:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(names)}")
-        return names[self.dtype]
+        return torch_dtype(self.dtype, device)
 
 
 @dataclass

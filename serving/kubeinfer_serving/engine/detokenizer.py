@@ -1,15 +1,21 @@
 """Incremental detokenization with stop-string handling, one instance per request.
 
-Decoding token by token breaks multi-byte characters and word-boundary spaces, so each step
-decodes a short window: the tokens since ``prefix_offset`` against those up to
-``read_offset``, and emits the difference once it no longer ends in an incomplete UTF-8
-character (U+FFFD). The technique is the one of Hugging Face text-generation-inference and
-vLLM; the window starts inside the prompt so SentencePiece leading spaces come out right.
+Decoding token by token breaks multi-byte characters and word-boundary spaces. With a fast
+(Rust ``tokenizers``) tokenizer, ``tokenizers.decoders.DecodeStream`` does it: it holds tokens
+back until they decode to whole characters and yields only the new text, seeded with the last
+prompt tokens so SentencePiece leading spaces come out right (what vLLM's fast incremental
+detokenizer uses). Other tokenizers decode a short window per step: the tokens since
+``prefix_offset`` against those up to ``read_offset``, emitting the difference once it no longer
+ends in an incomplete UTF-8 character (U+FFFD), the technique of Hugging Face
+text-generation-inference that ``DecodeStream`` implements in Rust.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 #: Prompt tokens kept as leading context of the first decode window.
 _PROMPT_CONTEXT = 5
@@ -40,6 +46,10 @@ class IncrementalDetokenizer:
         self.stop = list(stop)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         context = prompt_token_ids[-_PROMPT_CONTEXT:] if tokenizer is not None else []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if isinstance(backend, Tokenizer) else None
+        self._stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens) \
+            if self._backend is not None else None
         self._ids: list[int] = list(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
@@ -52,6 +62,12 @@ class IncrementalDetokenizer:
         if self.tokenizer is None or self.stopped:
             return
         old_len = len(self.text)
+        if self._stream is not None:
+            for tid in token_ids:
+                piece = self._stream.step(self._backend, tid)
+                if piece:
+                    self.text += piece
+            token_ids = []
         for tid in token_ids:
             self._ids.append(tid)
             skip = self.skip_special_tokens

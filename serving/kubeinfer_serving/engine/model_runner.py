@@ -130,7 +130,10 @@ class StepInputs:
         host: host (NumPy) views of the packed input ids, positions and slot mapping, [T] int64
             each (valid until the next-but-one :meth:`ModelRunner.prepare`).
         lora: each row's LoRA adapter slot (its ``kept`` for the ``logits_idx`` rows) when some
-            scheduled sequence has an adapter, else None.
+            scheduled sequence has an adapter, else None; not built for a graph replay
+            (``to_device=False``), which takes ``row_slots`` instead.
+        row_slots: [T] int64 host LoRA slot of each row (-1: none) when some scheduled sequence
+            has an adapter, else None.
         packed: the whole packed int64 host buffer the inputs were built from (what tensor-parallel
             workers receive), and counts: its (num_tokens, num_samples, num_seqs, max_nb).
     """
@@ -142,6 +145,7 @@ class StepInputs:
     sample_rows: list[int]
     host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     lora: LoRAStep | None = None
+    row_slots: np.ndarray | None = None
     packed: np.ndarray | None = None
     counts: tuple[int, int, int, int] = (0, 0, 0, 0)
 
@@ -198,8 +202,9 @@ class ModelRunner:
             graphs the pool gets one more block, the null block of padded rows.
         max_model_len: context length in tokens; sets the graphs' block-table width (needed
             with ``cuda_graph_sizes``).
-        lora: the engine's LoRA adapters and slots, or None (LoRA off). A step with adapters
-            runs eagerly (no decode graph).
+        lora: the engine's LoRA adapters and slots, or None (LoRA off). With decode graphs, the
+            graphs apply each row's adapter (slot indexes as graph inputs), so decode steps that
+            mix adapters replay too.
         tp: with a tensor-parallel model, rank 0's
             :class:`~kubeinfer_serving.distributed.executor.TPExecutor`: each step's plan goes to
             the workers before the forward, and every step runs eagerly. None: one rank.
@@ -224,11 +229,11 @@ class ModelRunner:
         ) * pool_blocks
         #: decode graphs (None: every step runs eagerly).
         self.graphs: DecodeGraphs | None = None
-        if cuda_graph_sizes:
+        if cuda_graph_sizes and tp is None:  # tensor-parallel steps run eagerly on every rank
             if max_model_len is None:
                 raise ValueError("cuda_graph_sizes needs max_model_len")
             self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
-                                       block_size, device)
+                                       block_size, device, lora_slots=lora.slots if lora is not None else None)
             if device.type == "cuda":
                 try:
                     self.graphs.capture()
@@ -308,13 +313,16 @@ class ModelRunner:
         if to_device:
             dev = self._inputs_to_device.upload(dev)  # pinned source: asynchronous, fenced (CPU: the view)
         inputs = step_inputs_from_buffer(host[:offs[-1]], dev, num_tokens, num_samples, num_seqs, max_nb, bs)
-        lora_step = None
+        lora_step = row_slots = None
         if self.lora is not None and any(s.seq.lora is not None for s in scheduled):
             seq_slots = np.fromiter([self.lora.slot_of(s.seq.lora) for s in scheduled], np.int64, num_seqs)
-            lora_step = LoRAStep(self.lora.slots, seq_slots[row_of], self.device)
-            lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
+            row_slots = seq_slots[row_of]
+            if to_device:
+                lora_step = LoRAStep(self.lora.slots, row_slots, self.device)
+                lora_step.kept = LoRAStep(self.lora.slots, seq_slots[sample_rows], self.device)
         inputs.sample_rows = sample_rows.tolist()
         inputs.lora = lora_step
+        inputs.row_slots = row_slots
         return inputs
 
     @torch.inference_mode()
@@ -361,7 +369,8 @@ class ModelRunner:
             # one-token prefill chunks short of their prompt's end.
             # (Off CUDA, where nothing is captured, the same padded static inputs run eagerly: tests.)
             run = self.graphs.replay if self.device.type == "cuda" else self.graphs.run_padded
-            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
+            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu,
+                         inputs.row_slots)
             logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
                 inputs.sample_rows, torch.int64, self.device)
         if not rows and not prompt_jobs:
@@ -407,10 +416,13 @@ class ModelRunner:
         return result
 
     def _decode_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
-        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket; else None."""
+        """The graph bucket this step replays: pure decode (one token per row) that fits a bucket, and
+        no row with an adapter unless the graphs apply adapters; else None."""
         if self.graphs is None:
             return None
-        if any(s.num_new_tokens != 1 or s.seq.lora is not None for s in scheduled):
+        if any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        if not self.graphs.lora and any(s.seq.lora is not None for s in scheduled):
             return None
         return self.graphs.bucket_for(len(scheduled))
 

@@ -87,9 +87,11 @@ class LoRAStep:
 
     Args:
         slots: the pool.
-        row_slots: [T] int slot per row (-1: no adapter), on the host.
+        row_slots: [T] int slot per row (-1: no adapter), on the host (None with ``row_slots_device``).
         device: where the step runs.
         use_triton: apply with the Triton kernels (:mod:`.triton_ops`); default: on CUDA.
+        row_slots_device: the Triton path's [T] slots as a device tensor used as is (not copied;
+            see :meth:`on_device`); default: a copy of ``row_slots``.
 
     Attributes:
         groups: (slot, row indexes [n] int64 on ``device`` or None for all rows) per slot present.
@@ -97,15 +99,16 @@ class LoRAStep:
         batched: whether the CPU path runs the segments as one padded batch (see the module docstring).
     """
 
-    def __init__(self, slots: LoRASlots, row_slots: np.ndarray, device: torch.device,
-                 use_triton: bool | None = None) -> None:
+    def __init__(self, slots: LoRASlots, row_slots: np.ndarray | None, device: torch.device,
+                 use_triton: bool | None = None, row_slots_device: torch.Tensor | None = None) -> None:
         self.slots = slots
         self.row_slots = row_slots
         self.device = device
         self.use_triton = device.type == "cuda" if use_triton is None else use_triton
         self.groups: list[tuple[int, torch.Tensor | None]] = []
         if self.use_triton:
-            self.row_slots_device = torch.from_numpy(row_slots.astype(np.int32)).to(device)
+            self.row_slots_device = (row_slots_device if row_slots_device is not None
+                                     else torch.from_numpy(row_slots.astype(np.int32)).to(device))
             self.kept = None
             return
         present = np.unique(row_slots)
@@ -125,6 +128,19 @@ class LoRAStep:
             longest = max(len(r) for r in host_rows)
             if len(host_rows) * longest <= 2 * sum(len(r) for r in host_rows):
                 self._batch(host_rows, longest)
+
+    @classmethod
+    def on_device(cls, slots: LoRASlots, row_slots_device: torch.Tensor) -> LoRAStep:
+        """A Triton-path step whose per-row slots are the given device tensor, read when the kernels
+        run (not copied): a decode CUDA graph captures it over its static inputs and replays it with
+        whatever slots were written there (:mod:`kubeinfer_serving.engine.cuda_graphs`).
+
+        Args:
+            slots: the pool; row_slots_device: [T] int32 or int64 on the pool's device, -1 = none.
+
+        No ``kept`` and no host grouping: for forwards that keep every row (decode graphs).
+        """
+        return cls(slots, None, row_slots_device.device, use_triton=True, row_slots_device=row_slots_device)
 
     def _batch(self, host_rows: list[np.ndarray], longest: int) -> None:
         """Lay the segments out as [G, longest] (padding repeats a segment's first row, masked to 0)."""

@@ -13,6 +13,7 @@ camelCase keys::
     loadTimeoutSeconds: 600         # how long a request waits for a load to finish
     maxNumSeqs: 256                 # engine knobs applied to every generate model
     maxNumBatchedTokens: 8192
+    blockSize: 16                   # tokens per KV-cache block: 16, 32, 64 or 128 (vLLM's block_size)
     maxWaitingRequests: 1024        # queue cap per generate model; beyond it HTTP 429 + Retry-After
     schedulingPolicy: fcfs          # fcfs | priority (requests' `priority`, lower first; vLLM's policies)
     enforceEager: false             # true: no decode CUDA graphs for any generate model (vLLM's enforce_eager)
@@ -39,6 +40,8 @@ camelCase keys::
         resultCache: false          # cache complete responses of deterministic requests (opt-in)
         quantization: none          # none | int8 (weight-only, per channel) | fp8 (CUDA only)
         tensorParallelSize: 1       # ranks (GPUs of the pod, or CPU processes) the model is split over
+        # chatTemplate: chat.jinja  # a Jinja file (absolute or relative to the working directory) or
+                                    # the template itself, replacing the tokenizer's (vLLM's --chat-template)
         adapters:                   # LoRA adapters of this (generate) model, PEFT format
           - name: llama-1b-sql      # an OpenAI `model` name: requests for it run on llama-1b with it
             source: s3://adapters/sql   # any source scheme models take (not builtin://)
@@ -80,7 +83,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from kubeinfer_serving.engine.config import EngineConfig
+from kubeinfer_serving.config import (
+    BLOCK_SIZES,
+    Dtype,
+    Quantization,
+    SchedulingPolicy,
+    canonical_dtype,
+    fallback,
+)
 from kubeinfer_serving.models.builtin import (
     BUILTIN_CHAT_MODEL_NAME,
     BUILTIN_EMBEDDING_MODEL_NAME,
@@ -180,13 +190,15 @@ class ModelEntry(_CamelModel):
         tensor_parallel_size: ranks a generate model is split over (:mod:`kubeinfer_serving.distributed`):
             rank r on ``cuda:r`` (CPU: processes sharing the host). Its heads must divide (the load
             fails naming the numbers otherwise); no LoRA adapters with it; the budget counts every rank.
+        chat_template: the chat template replacing the tokenizer's: a Jinja file's path, or the
+            template itself (vLLM's ``--chat-template``; :func:`read_chat_template`). None: the tokenizer's.
     """
 
     name: str = Field(pattern=_NAME_PATTERN)
     source: str = Field(min_length=1)
     kind: ModelKind = ModelKind.GENERATE
     preload: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     max_model_len: int | None = Field(default=None, ge=2)
     kv_cache_bytes: int | None = Field(default=None, ge=1)
     kv_cache_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -195,8 +207,9 @@ class ModelEntry(_CamelModel):
     credentials_env_prefix: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     enforce_eager: bool | None = None
     adapters: list[AdapterEntry] = Field(default_factory=list)
-    quantization: Literal["none", "int8", "fp8"] = "none"
+    quantization: Quantization = "none"
     tensor_parallel_size: int = Field(default=1, ge=1)
+    chat_template: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_kv_size(self) -> ModelEntry:
@@ -236,6 +249,7 @@ class Catalogue(_CamelModel):
         acquire_timeout_seconds: longest wait for memory to be freed before HTTP 503.
         load_timeout_seconds: longest wait of a request for a load in progress before HTTP 503.
         max_num_seqs, max_num_batched_tokens: engine knobs of every generate model.
+        block_size: tokens per KV-cache block of every generate model (16, 32, 64 or 128).
         max_waiting_requests: waiting-queue cap of every generate model; requests beyond it get HTTP 429.
         pvc_root: mount point of ``pvc://`` claims.
         scheduling_policy: ``fcfs`` or ``priority`` for every generate model.
@@ -260,20 +274,21 @@ class Catalogue(_CamelModel):
     warm_cache_bytes: int = Field(default=0, ge=0)
     acquire_timeout_seconds: float = Field(default=30.0, gt=0)
     load_timeout_seconds: float = Field(default=600.0, gt=0)
-    max_num_seqs: int = Field(default=256, ge=1)
-    max_num_batched_tokens: int = Field(default=8192, ge=1)
-    max_waiting_requests: int = Field(default=1024, ge=1)
+    max_num_seqs: int = Field(default=fallback("max_num_seqs"), ge=1)
+    max_num_batched_tokens: int = Field(default=fallback("max_num_batched_tokens"), ge=1)
+    max_waiting_requests: int = Field(default=fallback("max_waiting_requests"), ge=1)
+    block_size: Literal[BLOCK_SIZES] = fallback("block_size")  # type: ignore[valid-type]
     pvc_root: str = "/mnt/models"
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    scheduling_policy: SchedulingPolicy = fallback("scheduling_policy")
     idle_timeout_seconds: float | None = Field(default=None, ge=0)
     result_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     result_cache_ttl_seconds: float = Field(default=600.0, gt=0)
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = Field(default=DEFAULT_DISK_CACHE_BYTES, ge=1)
-    enforce_eager: bool = EngineConfig.enforce_eager
-    enable_lora: bool = False
-    max_loras: int = Field(default=4, ge=1)
-    max_lora_rank: int = Field(default=EngineConfig.max_lora_rank, ge=1)
+    enforce_eager: bool = fallback("enforce_eager")
+    enable_lora: bool = fallback("enable_lora")
+    max_loras: int = Field(default=fallback("max_loras"), ge=1)
+    max_lora_rank: int = Field(default=fallback("max_lora_rank"), ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Catalogue:
@@ -361,11 +376,6 @@ def default_catalogue() -> Catalogue:
     )
 
 
-#: ``--dtype`` spellings of single-model mode (vLLM's short names too) -> the catalogue's ``dtype``.
-_DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32",
-                "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
-
-
 def default_served_name(source: str) -> str:
     """The OpenAI ``model`` name single-model mode gives ``source`` without ``--served-model-name``.
 
@@ -392,7 +402,8 @@ def default_served_name(source: str) -> str:
 def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None = None,
                            max_model_len: int | None = None, result_cache: bool = False,
                            quantization: str | None = None, adapters: list[dict[str, str]] | None = None,
-                           tensor_parallel_size: int | None = None, **pod: object) -> Catalogue:
+                           tensor_parallel_size: int | None = None, chat_template: str | None = None,
+                           **pod: object) -> Catalogue:
     """The one-entry catalogue of single-model mode (``kubeinfer-serve --model SOURCE``).
 
     Args:
@@ -406,6 +417,7 @@ def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None =
         quantization: ``--quantization`` (``int8``, ``fp8``, ``none``); None: none.
         adapters: ``--lora-modules`` as ``[{name, source}]`` (a plain path is a local directory).
         tensor_parallel_size: ``--tensor-parallel-size``; None: 1.
+        chat_template: ``--chat-template``: a file's path or the template itself (as vLLM takes it).
         pod: pod-level fields by their Python names (``max_num_seqs=4``, ``kv_cache_bytes=...``).
 
     Returns:
@@ -414,20 +426,24 @@ def single_model_catalogue(source: str | Path, name: str, *, dtype: str | None =
     Raises:
         CatalogueError: an unknown dtype, a bad source, name or value (the message names the field).
     """
-    if dtype is not None and dtype.lower() not in _DTYPE_NAMES:
-        raise CatalogueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_NAMES))}")
+    try:
+        canonical = canonical_dtype(dtype)
+    except ValueError as exc:
+        raise CatalogueError(str(exc)) from None
     text = str(source)
     try:
         local = parse_source(text).scheme == "path"
     except SourceError as exc:
         raise CatalogueError(str(exc)) from None
     model = {"name": name, "source": str(Path(text).expanduser().resolve()) if local else text,
-             "kind": ModelKind.GENERATE, "preload": True, "dtype": _DTYPE_NAMES[dtype.lower()] if dtype else "auto",
+             "kind": ModelKind.GENERATE, "preload": True, "dtype": canonical,
              "max_model_len": max_model_len, "result_cache": result_cache, "adapters": adapters or []}
     if quantization is not None:
         model["quantization"] = quantization
     if tensor_parallel_size is not None:
         model["tensor_parallel_size"] = tensor_parallel_size
+    if chat_template is not None:
+        model["chat_template"] = chat_template
     return parse_catalogue({"models": [model], **pod}, origin=f"single-model configuration of {name!r}")
 
 
@@ -439,3 +455,23 @@ def catalogue_from_config(path: str | Path | None = None) -> Catalogue:
     """
     chosen = path if path else os.environ.get(MODELS_CONFIG_ENV)
     return load_catalogue(chosen) if chosen else default_catalogue()
+
+
+def read_chat_template(value: str) -> str:
+    """The template text of a ``chatTemplate`` value: the file's contents when ``value`` names an existing
+    file, else ``value`` itself (vLLM's rule for ``--chat-template``).
+
+    Raises:
+        CatalogueError: the file exists but cannot be read.
+    """
+    path = Path(value).expanduser()
+    try:
+        is_file = "\n" not in value and "{" not in value and path.is_file()
+    except OSError:
+        is_file = False
+    if not is_file:
+        return value
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogueError(f"cannot read the chat template {path}: {exc.strerror or exc}") from exc

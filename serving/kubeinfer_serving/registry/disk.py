@@ -40,6 +40,7 @@ from pathlib import Path
 
 from kubeinfer_serving import metrics
 from kubeinfer_serving.registry.fetch import Fetcher, FetchError
+from kubeinfer_serving.registry.progress import PROGRESS_INTERVAL_S, FetchProgress
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,13 @@ class DiskTier:
 
     Attributes:
         hits, misses: :meth:`ensure` calls served from disk / that fetched.
+        progress_interval_s: seconds between two progress lines of a fetch (:mod:`.progress`).
     """
 
-    def __init__(self, root: str | Path, budget_bytes: int) -> None:
+    def __init__(self, root: str | Path, budget_bytes: int, *, progress_interval_s: float = PROGRESS_INTERVAL_S) -> None:
         if budget_bytes <= 0:
             raise ValueError(f"disk cache budget must be positive, got {budget_bytes}")
+        self.progress_interval_s = progress_interval_s
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget_bytes = budget_bytes
@@ -240,7 +243,9 @@ class DiskTier:
         staging = self.root / f"{_PARTIAL}{key}-{uuid.uuid4().hex[:8]}"
         try:
             staging.mkdir()
-            fetcher.download(listing, staging)
+            with FetchProgress(f"{fetcher.source.uri} for model {model!r}", staging, listing.total_bytes,
+                               self.progress_interval_s):
+                fetcher.download(listing, staging)
             for f in listing.files:
                 f.verify(staging / f.path)
             shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
@@ -264,8 +269,8 @@ class DiskTier:
                 self._pins[key] += 1
         metrics.MODEL_FETCH_SECONDS.labels(model_name=model).observe(seconds)
         metrics.MODEL_FETCH_BYTES.labels(model_name=model).inc(listing.total_bytes)
-        log.info("fetched %s (%s, %d bytes) in %.3f s", fetcher.source.uri, listing.revision,
-                 listing.total_bytes, seconds)
+        log.info("fetched %s (%s, %d bytes) in %.3f s, %.1f MiB/s", fetcher.source.uri, listing.revision,
+                 listing.total_bytes, seconds, listing.total_bytes / 1024**2 / max(seconds, 1e-9))
         return snap
 
 

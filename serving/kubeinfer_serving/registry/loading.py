@@ -21,7 +21,7 @@ import torch
 from kubeinfer_serving import metrics
 from kubeinfer_serving.embeddings import Embedder
 from kubeinfer_serving.engine.async_engine import AsyncLLMEngine
-from kubeinfer_serving.engine.config import EngineConfig, KVPoolSizer
+from kubeinfer_serving.engine.config import TORCH_DTYPES, EngineConfig, KVPoolSizer, pick_device
 from kubeinfer_serving.engine.llm_engine import LLMEngine
 from kubeinfer_serving.layers.quant import check_quantization, quantized_weight_bytes
 from kubeinfer_serving.lora.adapter import LoRAShapes
@@ -32,16 +32,19 @@ from kubeinfer_serving.models.builtin import (
     builtin_model_dir,
 )
 from kubeinfer_serving.registry.adapters import AdapterStatus, load_adapter_into, read_adapter
-from kubeinfer_serving.registry.catalogue import BUILTIN_SCHEME, AdapterEntry, Catalogue, ModelEntry
+from kubeinfer_serving.registry.catalogue import (
+    BUILTIN_SCHEME,
+    AdapterEntry,
+    Catalogue,
+    ModelEntry,
+    read_chat_template,
+)
 from kubeinfer_serving.registry.disk import DiskTier
 from kubeinfer_serving.registry.fetch import make_fetcher
 from kubeinfer_serving.registry.memory import resolve_budget
 from kubeinfer_serving.registry.protocol import ModelKind
 from kubeinfer_serving.registry.warm import HostSnapshot
 
-_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Tokens per KV block used for generate models (vLLM's default, DESIGN.md section 5).
-KV_BLOCK_SIZE = 16
 #: Longest wait for a running engine's loop to take an adapter in or out, seconds.
 ENGINE_CALL_TIMEOUT_S = 60.0
 
@@ -170,9 +173,7 @@ class DefaultModelLoader:
     def __init__(self, catalogue: Catalogue, device: torch.device | str | None = None,
                  budget_bytes: int | None = None) -> None:
         self.catalogue = catalogue
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
+        self.device = pick_device(device)
         self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
             catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device)
         self._disk: DiskTier | None = None
@@ -214,7 +215,7 @@ class DefaultModelLoader:
 
     def _dtype(self, entry: ModelEntry) -> torch.dtype:
         if entry.dtype != "auto":
-            return _DTYPE[entry.dtype]
+            return TORCH_DTYPES[entry.dtype]
         if entry.kind is ModelKind.EMBED or self.device.type != "cuda":
             return torch.float32
         return torch.bfloat16
@@ -275,9 +276,10 @@ class DefaultModelLoader:
             from kubeinfer_serving.distributed.sharding import tp_shape
 
             kv_heads = tp_shape(cfg, 0, tp).num_kv_heads * tp
-        per_block = 2 * cfg.num_hidden_layers * KV_BLOCK_SIZE * kv_heads * head_dim * elem
+        block_size = self.catalogue.block_size
+        per_block = 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * elem
         max_len = entry.max_model_len or int(getattr(cfg, "max_position_embeddings", 2048))
-        full_blocks = -(-max_len // KV_BLOCK_SIZE) * self.catalogue.max_num_seqs
+        full_blocks = -(-max_len // block_size) * self.catalogue.max_num_seqs
         lora = (entry.adapters or self.catalogue.enable_lora) and entry.tensor_parallel_size == 1
         if lora:  # the LoRA slot pool is allocated with the weights (not with tensor parallelism)
             weights += LoRASlots.bytes_for(LoRAShapes.from_hf_config(cfg), self.catalogue.max_loras,
@@ -359,7 +361,7 @@ class DefaultModelLoader:
             max_waiting_requests=self.catalogue.max_waiting_requests,
             scheduling_policy=self.catalogue.scheduling_policy,
             enforce_eager=self.catalogue.enforce_eager_for(entry),
-            block_size=KV_BLOCK_SIZE,
+            block_size=self.catalogue.block_size,
             num_kv_blocks=plan.num_kv_blocks if plan.size_kv is None else None,
             kv_pool_sizer=plan.size_kv,
             max_model_len=entry.max_model_len,
@@ -377,6 +379,8 @@ class DefaultModelLoader:
                                          model_name=entry.name)
         else:
             llm = LLMEngine.from_model_dir(plan.model_dir, model_name=entry.name, config=config)
+        if entry.chat_template is not None and llm.tokenizer is not None:  # --chat-template / chatTemplate
+            llm.tokenizer.chat_template = read_chat_template(entry.chat_template)
         llm.add_stat_logger(metrics.EngineMetrics(entry.name))
         adapters = {a.name: load_adapter_into(llm, a, self._local_dir) for a in entry.adapters}
         # On CPU the adapters' host copies share the budget's memory with the model.

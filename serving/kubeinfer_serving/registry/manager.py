@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kubeinfer_serving import metrics
-from kubeinfer_serving.engine.config import KVPoolSizer
+from kubeinfer_serving.engine.config import KVPoolSizer, pick_device
 from kubeinfer_serving.engine.kv_sizing import KVSizing, size_kv_pool
 from kubeinfer_serving.registry.adapters import AdapterBoundEngine, AdapterStatus
 from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, AdapterEntry, Catalogue, ModelEntry
@@ -162,9 +162,7 @@ class ModelRegistry:
     ) -> None:
         self.catalogue = catalogue
         self.show_sources = show_sources
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )
+        self.device = pick_device(device)
         self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
             catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device
         )

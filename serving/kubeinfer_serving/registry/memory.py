@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from kubeinfer_serving.config import fallback
+
 #: Fraction of device memory used when the catalogue names no budget (vLLM's gpu_memory_utilization default).
-DEFAULT_MEMORY_FRACTION = 0.9
+DEFAULT_MEMORY_FRACTION: float = fallback("gpu_memory_utilization")
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -35,7 +37,3 @@ def resolve_budget(memory_budget_bytes: int | None, fraction: float | None, devi
         return int(memory_budget_bytes)
     return int(device_memory_bytes(device) * (fraction if fraction is not None else DEFAULT_MEMORY_FRACTION))
 
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU (the engine's own default)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

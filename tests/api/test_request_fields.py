@@ -1,20 +1,28 @@
-"""Every request field of OpenAI's and vLLM's schemas is either implemented or refused with a 400 naming it.
+"""The request-field policy (vLLM's): implemented, refused because ignoring would change the output, or ignored.
 
 OpenAI's field lists come from the installed ``openai`` package's request types; vLLM's are
 its ``CompletionRequest`` / ``ChatCompletionRequest`` fields (vllm/entrypoints/openai/protocol.py),
 written out here since vLLM is not a dependency. Each field is sent with a value that asks
 for something; the answer must match this file's classification: 200 for implemented fields
-(each has a behaviour test elsewhere), 400 with ``param`` = the field for refused ones.
+(each has a behaviour test elsewhere), 400 with ``param`` = the field for fields whose loss
+would change the output, and 200 naming the field in ``x-kubeinfer-ignored-fields`` (and
+counting it in ``kubeinfer_ignored_request_fields_total``) for the others. guidellm's streamed
+requests (``stream_options.continuous_usage_stats``) are reproduced as guidellm sends them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import uuid
+
 import httpx
+import openai
 import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
-from tests.api.conftest import MODEL
+from tests.api.conftest import EMBED_MODEL, MODEL, metric_value
 
 VLLM_COMPLETION = [
     "model", "prompt", "prompt_embeds", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
@@ -94,9 +102,17 @@ IMPLEMENTED = {
         "guided_decoding_backend", "return_tokens_as_token_ids", "structured_outputs", "cache_salt",
     },
 }
+#: Known, not implemented, and harmless to ignore: the output is what it would be with them honoured
+#: (bookkeeping, caching and routing hints, hints a model without reasoning has no use for).
+IGNORED = {
+    "metadata", "moderation", "prediction", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "reasoning_effort", "safety_identifier", "service_tier", "store", "verbosity", "request_id",
+    "kv_transfer_params", "include_reasoning",
+}
 #: Implemented, but the test server schedules fcfs: a non-zero value is then 400 naming the field
 #: (as vLLM answers); tests/api/test_tenants.py covers it under the priority policy.
 REFUSED_BY_POLICY = {"priority"}
+IGNORED_METRIC = "kubeinfer_ignored_request_fields_total"
 
 
 def _cases():
@@ -106,8 +122,13 @@ def _cases():
             yield route, name
 
 
+def _ignored(resp: httpx.Response) -> list[str]:
+    value = resp.headers.get("x-kubeinfer-ignored-fields")
+    return value.split(",") if value else []
+
+
 @pytest.mark.parametrize(("route", "field"), list(_cases()))
-def test_every_field_is_implemented_or_refused_naming_it(server, route: str, field: str) -> None:
+def test_every_field_is_implemented_refused_or_ignored_visibly(server, route: str, field: str) -> None:
     if field == "add_special_tokens":
         value = not ADD_SPECIAL_DEFAULT[route]
     elif field == "logprobs":
@@ -115,30 +136,110 @@ def test_every_field_is_implemented_or_refused_naming_it(server, route: str, fie
     else:
         value = SAMPLES[field]
     body = {**BASE[route], **COMPANIONS.get(field, {}), field: value}
+    before = metric_value(server.base_url, IGNORED_METRIC, field=field)
     resp = httpx.post(f"{server.base_url}/v1/{route}", json=body, timeout=60)
     if field in IMPLEMENTED[route] and field not in REFUSED_BY_POLICY:
         assert resp.status_code == 200, resp.text
+        assert _ignored(resp) == []
+    elif field in IGNORED:
+        assert resp.status_code == 200, resp.text
+        assert _ignored(resp) == [field]
+        assert metric_value(server.base_url, IGNORED_METRIC, field=field) == before + 1
     else:
         assert resp.status_code == 400, resp.text
         err = resp.json()["error"]
         assert err["param"] == field and field in err["message"], err
 
 
-def test_unknown_fields_and_unknown_message_fields_are_refused(server) -> None:
-    resp = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30, json={
-        **BASE["chat/completions"], "messages": [{"role": "user", "content": "hi", "mood": "happy"}]})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages[0].mood"
+def test_unknown_fields_anywhere_are_ignored_named_counted_and_logged_once(server, caplog) -> None:
+    name = f"future_field_{uuid.uuid4().hex[:8]}"
+    body = {**BASE["chat/completions"], name: {"x": 1},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}],
+                          "mood": "happy"}]}
+    with caplog.at_level(logging.WARNING, logger="kubeinfer_serving.api.fields"):
+        for _ in range(2):
+            resp = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 200, resp.text
+            assert sorted(_ignored(resp)) == sorted([name, "messages.content.cache_control", "messages.mood"])
+    assert metric_value(server.base_url, IGNORED_METRIC, field=name) == 2
+    assert sum(name in r.getMessage() for r in caplog.records) == 1
     resp = httpx.post(f"{server.base_url}/v1/completions", timeout=30,
                       json={**BASE["completions"], "stream": True, "stream_options": {"include_usage": True,
                                                                                        "sparkle": 1}})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream_options.sparkle"
-    from tests.api.conftest import EMBED_MODEL
+    assert resp.status_code == 200 and _ignored(resp) == ["stream_options.sparkle"]
+    resp = httpx.post(f"{server.base_url}/v1/embeddings", timeout=30,
+                      json={"model": EMBED_MODEL, "input": "hi", "encoding_format": "float", "sparkle": 1})
+    assert resp.status_code == 200 and _ignored(resp) == ["sparkle"]
+    # The official client's extra_body reaches the server the same way.
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={"sparkle": True})
+    assert raw.headers["x-kubeinfer-ignored-fields"] == "sparkle"
+    assert raw.parse().choices[0].finish_reason in ("stop", "length")
 
-    for field, value in (("truncate_prompt_tokens", 8), ("normalize", False)):
+
+def test_ignored_field_names_are_bounded(server) -> None:
+    """Names that do not look like field names, and names beyond the cap, are reported as ``other``."""
+    junk = {f"z{uuid.uuid4().hex}_{i}": 1 for i in range(80)}
+    junk["not a field name!"] = 1
+    resp = httpx.post(f"{server.base_url}/v1/completions", json={**BASE["completions"], **junk}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    names = _ignored(resp)
+    assert "other" in names and len(names) <= 65
+    assert len(resp.headers["x-kubeinfer-ignored-fields"]) < 65 * 70
+
+
+def test_refused_fields_and_their_off_values(server) -> None:
+    for field, value in (("truncate_prompt_tokens", 8),):
         resp = httpx.post(f"{server.base_url}/v1/embeddings", timeout=30,
                           json={"model": EMBED_MODEL, "input": "hi", field: value})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == field, resp.text
-    # The value that means "off" is accepted for fields this server does not implement.
+    # The value that means "off" is accepted, and not reported, for fields whose use is refused.
     resp = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30,
-                      json={**BASE["chat/completions"], "store": False, "use_beam_search": False, "priority": 0})
+                      json={**BASE["chat/completions"], "use_beam_search": False, "priority": 0, "length_penalty": 1.0})
     assert resp.status_code == 200, resp.text
+    assert _ignored(resp) == []
+
+
+def _sse(resp: httpx.Response) -> list[dict]:
+    events = []
+    for line in resp.iter_lines():
+        if line.startswith("data:") and line != "data: [DONE]":
+            events.append(json.loads(line[len("data:"):]))
+    return events
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_guidellm_streamed_request(server, route: str) -> None:
+    """guidellm's request body (src/guidellm/backends/openai/request_handlers.py): usage on every chunk."""
+    body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "stop": None, "ignore_eos": True}
+    if route == "completions":
+        body |= {"max_tokens": 12, "prompt": "the quick brown fox"}
+    else:
+        body |= {"max_completion_tokens": 12,
+                 "messages": [{"role": "user", "content": [{"type": "text", "text": "the quick brown fox"}]}]}
+    with httpx.stream("POST", f"{server.base_url}/v1/{route}", json=body, timeout=60) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert _ignored(resp) == []
+        events = _sse(resp)
+    assert events and all(e.get("usage") for e in events), events
+    completions = [e["usage"]["completion_tokens"] for e in events]
+    assert completions == sorted(completions) and completions[-1] == 12
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == events[-1]["usage"][
+        "prompt_tokens"] + 12
+    assert all(e["usage"]["prompt_tokens"] == events[0]["usage"]["prompt_tokens"] > 0 for e in events)
+
+
+def test_continuous_usage_with_the_official_client(client) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=6, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)
+    assert chunks[-1].usage.completion_tokens == 6
+    # Without include_usage, continuous_usage_stats adds nothing (vLLM: both flags are needed).
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3, stream=True,
+        stream_options={"continuous_usage_stats": True})
+    assert all(c.usage is None for c in stream)

@@ -1,0 +1,211 @@
+"""``POST /v1/responses``: the stateless part of OpenAI's Responses API, on the chat route's generation path.
+
+vLLM's shape: the route hands the request to one serving class (:class:`ResponsesServing`), which
+turns it into the chat request it means (:mod:`.responses_input`), prepares it as the chat route
+does (:func:`~kubeinfer_serving.api.chat.prepare_chat`: template, tools, grammar, sampling) and
+answers with its full generator (one ``response`` object) or its streaming generator (the typed
+events, each with its ``sequence_number``, as OpenAI sends them):
+
+``response.created``, ``response.in_progress``; for text: ``response.output_item.added`` (a
+``message``), ``response.content_part.added`` (``output_text``), ``response.output_text.delta``
+per piece, ``response.output_text.done``, ``response.content_part.done``,
+``response.output_item.done``; per function call: ``response.output_item.added``
+(``function_call``), ``response.function_call_arguments.delta``,
+``response.function_call_arguments.done``, ``response.output_item.done``; last
+``response.completed``, or ``response.incomplete`` when ``max_output_tokens`` cut the output.
+
+Nothing is stored: ``store: true`` is accepted and reported as ignored (as vLLM does without its
+store), and what needs a stored response is refused (:func:`.responses_input.check_stateless`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from kubeinfer_serving.api import chat
+from kubeinfer_serving.api.fields import check_fields, record_ignored
+from kubeinfer_serving.api.generation import GenerationRun
+from kubeinfer_serving.api.limits import OffLoopJSONRoute
+from kubeinfer_serving.api.responses_input import to_chat_request
+from kubeinfer_serving.api.responses_protocol import (
+    FunctionCallItem,
+    IncompleteDetails,
+    InputTokensDetails,
+    OutputMessage,
+    OutputText,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+from kubeinfer_serving.api.schemas import ToolCall, Usage
+from kubeinfer_serving.api.serving import ChoiceResult, UsageCounter, now, respond
+from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls
+
+router = APIRouter(route_class=OffLoopJSONRoute)
+
+
+def _id(prefix: str) -> str:
+    """An id like OpenAI's Responses ids (``resp_``, ``msg_``, ``fc_`` + 32 hex digits)."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def response_usage(usage: Usage) -> ResponseUsage:
+    """Chat ``usage`` in the Responses API's names."""
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return ResponseUsage(input_tokens=usage.prompt_tokens, input_tokens_details=InputTokensDetails(cached_tokens=cached),
+                         output_tokens=usage.completion_tokens, total_tokens=usage.total_tokens)
+
+
+def _sse(kind: str, sequence: int, **fields: Any) -> str:
+    """One typed stream event: ``event: <type>`` and its JSON ``data`` (with ``type`` and ``sequence_number``)."""
+    data = {"type": kind, "sequence_number": sequence}
+    for key, value in fields.items():
+        data[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class ResponsesServing:
+    """One ``/v1/responses`` request: converted, prepared, then answered by :meth:`full_generator`
+    or :meth:`stream_generator`.
+
+    Args:
+        request: the HTTP request.
+        body: the parsed request body.
+    """
+
+    def __init__(self, request: Request, body: ResponsesRequest) -> None:
+        self.request = request
+        self.body = body
+        self.response_id = _id("resp")
+        self.created = now()
+        self.prepared: chat.ChatRun | None = None
+
+    async def create(self) -> Response:
+        """Answer the request (a JSON ``response`` or its event stream).
+
+        Raises:
+            APIError: 400 naming the field for what cannot be served (see :mod:`.responses_input`),
+                the chat route's errors otherwise (404, 429, 503, context length).
+        """
+        check_fields(self.request, self.body)
+        if self.body.store:
+            record_ignored(self.request, ["store"])
+        chat_body = to_chat_request(self.body)
+        chat.check_request(self.request, chat_body)
+        async with AsyncExitStack() as stack:
+            self.prepared = await chat.prepare_chat(self.request, stack, chat_body, self.response_id,
+                                                    context_param="input")
+            return await respond(self.request, stack, self.prepared.served, self.prepared.jobs,
+                                 stream=self.body.stream, build_response=self.full_generator,
+                                 stream_events=self.stream_generator, done_event=None)
+
+    def _response(self, status: str, output: list[OutputMessage | FunctionCallItem], usage: Usage | None = None,
+                  finish_reason: str | None = None) -> ResponseObject:
+        body = self.body
+        assert self.prepared is not None
+        if finish_reason == "length":
+            status = "incomplete"
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
+        return ResponseObject(
+            id=self.response_id, created_at=self.created, status=status, model=self.prepared.model, output=output,
+            usage=response_usage(usage) if usage is not None else None,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+            instructions=body.instructions, max_output_tokens=body.max_output_tokens, metadata=body.metadata,
+            parallel_tool_calls=body.parallel_tool_calls is not False, temperature=body.temperature,
+            top_p=body.top_p, tool_choice=choice, tools=body.tools or [],
+            text=body.text or {"format": {"type": "text"}}, user=body.user)
+
+    def _split(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        assert self.prepared is not None
+        return parse_tool_calls(text, self.prepared.plan, self.prepared.parser)
+
+    @staticmethod
+    def _call_item(call: ToolCall, status: str) -> FunctionCallItem:
+        return FunctionCallItem(id=_id("fc"), call_id=call.id, name=call.function.name,
+                                arguments=call.function.arguments if status == "completed" else "", status=status)
+
+    def full_generator(self, results: list[ChoiceResult], usage: Usage) -> ResponseObject:
+        """The whole ``response`` object from the finished output (a message and/or function calls)."""
+        result = results[0]
+        content, calls = self._split(result.text)
+        item_status = "incomplete" if result.finish_reason == "length" else "completed"
+        output: list[OutputMessage | FunctionCallItem] = []
+        if content is not None:
+            output.append(OutputMessage(id=_id("msg"), status=item_status, content=[OutputText(text=content)]))
+        output += [self._call_item(c, "completed") for c in calls]
+        return self._response("completed", output, usage, result.finish_reason)
+
+    async def stream_generator(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
+        """The typed events of the response, from ``response.created`` to ``response.completed``
+        (or ``response.incomplete``); text streams as it is generated, function calls when complete."""
+        assert self.prepared is not None
+        seq = 0
+
+        def event(kind: str, **fields: Any) -> str:
+            nonlocal seq
+            seq += 1
+            return _sse(kind, seq - 1, **fields)
+
+        yield event("response.created", response=self._response("in_progress", []))
+        yield event("response.in_progress", response=self._response("in_progress", []))
+        tool_stream = ToolCallStream(self.prepared.plan, self.prepared.parser)
+        message = OutputMessage(id=_id("msg"), status="in_progress", content=[])
+        ids = {"item_id": message.id, "output_index": 0}
+        opened, text, calls, reason = False, "", [], None
+        async for job, out in run.outputs():
+            usage.update(job, out)
+            piece = tool_stream.feed(out.new_text)
+            if out.finished:
+                rest, calls = tool_stream.finish()
+                piece += rest
+                reason = out.finish_reason
+            if piece:
+                if not opened:
+                    opened = True
+                    yield event("response.output_item.added", output_index=0, item=message)
+                    yield event("response.content_part.added", **ids, content_index=0, part=OutputText(text=""))
+                text += piece
+                yield event("response.output_text.delta", **ids, content_index=0, delta=piece, logprobs=[])
+        output: list[OutputMessage | FunctionCallItem] = []
+        if opened or not calls:
+            if not opened:
+                yield event("response.output_item.added", output_index=0, item=message)
+                yield event("response.content_part.added", **ids, content_index=0, part=OutputText(text=""))
+            part = OutputText(text=text)
+            yield event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
+            yield event("response.content_part.done", **ids, content_index=0, part=part)
+            done = message.model_copy(update={"status": "incomplete" if reason == "length" else "completed",
+                                              "content": [part]})
+            yield event("response.output_item.done", output_index=0, item=done)
+            output.append(done)
+        for call in calls:
+            index = len(output)
+            item = self._call_item(call, "in_progress")
+            call_ids = {"item_id": item.id, "output_index": index}
+            yield event("response.output_item.added", output_index=index, item=item)
+            yield event("response.function_call_arguments.delta", **call_ids, delta=call.function.arguments)
+            yield event("response.function_call_arguments.done", **call_ids, arguments=call.function.arguments)
+            item = item.model_copy(update={"status": "completed", "arguments": call.function.arguments})
+            yield event("response.output_item.done", output_index=index, item=item)
+            output.append(item)
+        final = self._response("completed", output, usage.usage(), reason)
+        yield event("response.incomplete" if final.status == "incomplete" else "response.completed", response=final)
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    """Generate a model response (OpenAI's Responses API, stateless).
+
+    Returns a ``response`` object, or with ``stream: true`` its typed SSE events. Errors (OpenAI
+    body): 400 for what cannot be served, naming the field (``previous_response_id`` and other
+    stored state, non-function tools, non-text input parts, context overflow naming ``input``);
+    404 unknown model; 429 queue full; 503 model unavailable.
+    """
+    return await ResponsesServing(request, body).create()

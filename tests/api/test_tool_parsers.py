@@ -1,0 +1,113 @@
+"""Tool-call formats selectable by vLLM's parser names: hermes, llama3_json, mistral, qwen3_xml (qwen3_coder).
+
+End to end, a server configured with each parser gets a reply forced (``guided_choice``) to a
+call written in that format, in ``tool_choice: "auto"`` mode, and must answer with OpenAI's
+``tool_calls``, streamed and not, with the content before the call kept as content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+from kubeinfer_serving.api.app import create_app
+from kubeinfer_serving.api.tool_parsers import PARSERS, parse_auto, parser_name
+from kubeinfer_serving.api.tools import ToolCallStream, ToolPlan
+from kubeinfer_serving.config import ServerSettings
+from kubeinfer_serving.registry.catalogue import Catalogue, ModelEntry
+from kubeinfer_serving.registry.manager import ModelRegistry
+
+from tests.api.conftest import MAX_MODEL_LEN, MODEL, ServerThread
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+TOOLS = [WEATHER]
+ARGS = {"city": "Oslo", "days": 3}
+
+#: parser -> (the reply as the model family writes it, the content before the call).
+REPLIES = {
+    "hermes": ('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n'
+               "</tool_call>", "Let me look."),
+    "llama3_json": ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "days": 3}}', None),
+    "mistral": ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo", "days": 3}', "Checking."),
+    "qwen3_xml": ("Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+                  "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>", "Sure."),
+}
+
+
+def test_each_format_parses_and_rejects_what_is_not_a_call() -> None:
+    for parser, (text, content) in REPLIES.items():
+        got, calls = parse_auto(text, TOOLS, parser)
+        assert got == content and len(calls) == 1, parser
+        assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == ARGS, parser
+    old_mistral = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}, ' \
+                  '{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    _, calls = parse_auto(old_mistral, TOOLS, "mistral")
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Oslo", "Rome"]
+    two = '[TOOL_CALLS]get_weather{"city": "Oslo"}[TOOL_CALLS]get_weather{"city": "Rome"}'
+    assert len(parse_auto(two, TOOLS, "mistral")[1]) == 2
+    for parser, text in (("mistral", "[TOOL_CALLS]rm_rf[ARGS]{}"), ("mistral", "[TOOL_CALLS]get_weather[ARGS]{bad"),
+                         ("qwen3_xml", "<tool_call><function=rm_rf></function></tool_call>"),
+                         ("hermes", '<tool_call>{"name": "get_weather", "argu'), ("llama3_json", "It is sunny.")):
+        assert parse_auto(text, TOOLS, parser) == (text, []), (parser, text)
+
+
+def test_parser_names_and_template_hints() -> None:
+    class Tok:
+        def __init__(self, template: str) -> None:
+            self.chat_template = template
+
+    assert parser_name("qwen3_coder", Tok("")) == "qwen3_xml" and set(PARSERS) >= {
+        "hermes", "llama3_json", "mistral", "qwen3_xml", "qwen3_coder"}
+    assert parser_name(None, Tok("<tool_call><function=")) == "qwen3_xml"
+    assert parser_name(None, Tok("x <tool_call> y")) == "hermes"
+    assert parser_name(None, Tok("[TOOL_CALLS]")) == "mistral"
+    assert parser_name(None, Tok("")) == "llama3_json"
+    with pytest.raises(ValueError):
+        parser_name("pythonic", Tok(""))
+    with pytest.raises(ValueError):
+        ServerSettings(tool_call_parser="pythonic")
+
+
+def test_streams_hold_back_only_the_call() -> None:
+    plan = ToolPlan(TOOLS, "auto")
+    for parser in ("mistral", "qwen3_xml"):
+        text, content = REPLIES[parser]
+        stream = ToolCallStream(plan, parser)
+        sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+        rest, calls = stream.finish()
+        assert (sent + rest).strip() == content and len(calls) == 1, parser
+
+
+@pytest.fixture(scope="module", params=sorted(REPLIES))
+def parser_server(request) -> Iterator[tuple[str, ServerThread]]:
+    catalogue = Catalogue(models=[ModelEntry(name=MODEL, source=f"builtin://{MODEL}", preload=True,
+                                             max_model_len=MAX_MODEL_LEN)], max_num_seqs=2)
+    settings = ServerSettings(host="127.0.0.1", port=0, tool_call_parser=request.param)
+    srv = ServerThread(create_app(ModelRegistry(catalogue, device="cpu"), settings=settings))
+    srv.start()
+    yield request.param, srv
+    srv.stop()
+
+
+def test_configured_parser_end_to_end(parser_server: tuple[str, ServerThread]) -> None:
+    parser, srv = parser_server
+    text, content = REPLIES[parser]
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS, "max_tokens": 400,
+          "extra_body": {"guided_choice": [text]}}
+    out = client.chat.completions.create(**kw)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content == content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", ARGS)]
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert streamed.strip() == (content or "")
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
