@@ -37,8 +37,9 @@ API_KEYS_FILE = "keys.yaml"
 MODEL_CACHE_VOLUME = "model-cache"
 #: The ``/dev/shm`` volume of ``spec.shmSize``.
 SHM_VOLUME = "dshm"
-#: ``/dev/shm`` size of pods with a model split over several ranks when ``spec.shmSize`` is unset
-#: (memory-backed: it counts against the pod's memory).
+#: ``/dev/shm`` size of pods with a tensor-parallel model when ``shmSize`` is not given (NCCL's
+#: shared-memory transport between the ranks' processes; a container's default is 64 MiB). It
+#: counts against the container's memory.
 TP_SHM_SIZE = "1Gi"
 
 
@@ -156,10 +157,9 @@ def render_deployment(
     if spec.remote_models:
         volumes.append(model_cache_volume(spec))
         mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
-    # NCCL's shared-memory transport between the ranks of a split model needs more than the runtime's default.
-    shm_size = spec.shm_size if spec.shm_size is not None else (TP_SHM_SIZE if spec.tensor_parallel else None)
-    if shm_size is not None:
-        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(shm_size)}})
+    shm = spec.shm_size if spec.shm_size is not None else (TP_SHM_SIZE if spec.tensor_parallel else None)
+    if shm is not None:
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}})
         mounts.append({"name": SHM_VOLUME, "mountPath": SHM_PATH})
     volumes.extend(dict(v) for v in spec.volumes)
     mounts.extend(dict(m) for m in spec.volume_mounts)
