@@ -12,6 +12,7 @@ synced). Counters are read from each pod's ``/metrics`` (Prometheus text, summed
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -56,7 +57,8 @@ def model_names(count: int) -> list[str]:
     return [f"{BUILTIN_MODEL_NAME}-{i}" for i in range(count)]
 
 
-def catalogue(count: int, *, kv_cache_bytes: int, max_model_len: int = 2048, max_num_seqs: int = 64) -> dict:
+def catalogue(count: int, *, kv_cache_bytes: int, max_model_len: int = 2048, max_num_seqs: int = 64,
+              kv_overrides: dict[str, int] | None = None) -> dict:
     """A catalogue of ``count`` on-demand copies of the built-in tiny model, one loaded at a time.
 
     Args:
@@ -64,13 +66,31 @@ def catalogue(count: int, *, kv_cache_bytes: int, max_model_len: int = 2048, max
         kv_cache_bytes: each model's KV pool, bytes (small pools make prefix-cache locality matter).
         max_model_len: context length, tokens.
         max_num_seqs: batch slots per engine.
+        kv_overrides: model name -> its own KV pool in bytes (the entry's ``kvCacheBytes``).
     """
+    overrides = kv_overrides or {}
     return {
         "maxLoadedModels": 1, "memoryBudgetBytes": 2 * 1024**3, "kvCacheBytes": kv_cache_bytes,
         "maxNumSeqs": max_num_seqs, "maxNumBatchedTokens": 2048,
-        "models": [{"name": n, "source": f"builtin://{BUILTIN_MODEL_NAME}", "maxModelLen": max_model_len}
+        "models": [{"name": n, "source": f"builtin://{BUILTIN_MODEL_NAME}", "maxModelLen": max_model_len,
+                    **({"kvCacheBytes": overrides[n]} if n in overrides else {})}
                    for n in model_names(count)],
     }
+
+
+def kv_bytes_per_token() -> int:
+    """KV-cache bytes one token of the built-in tiny model takes on a CPU pod (K and V, every layer,
+    float32: the engine's CPU dtype), from its ``config.json``."""
+    config = json.loads((ensure_builtin_model() / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+
+
+def tokenizer():
+    """The built-in tiny model's tokenizer (``tokenizers.Tokenizer``), to size prompts in tokens."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(ensure_builtin_model() / "tokenizer.json"))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
@@ -148,6 +168,7 @@ class Fleet:
         pods: how many serving processes.
         models: catalogue size (copies of the built-in tiny model, ``maxLoadedModels: 1``).
         kv_cache_bytes: each model's KV pool in bytes.
+        kv_overrides: model name -> its own KV pool in bytes.
         log_dir: where each process's stdout/stderr go (default a temporary directory).
         pod_cpus, router_cpus: CPU sets (``os.sched_setaffinity``) the pods and the routers run on;
             None: anywhere. Disjoint sets keep the router's CPU time off the pods' cores, as in a
@@ -157,6 +178,7 @@ class Fleet:
     pods: int = 3
     models: int = 3
     kv_cache_bytes: int = 64 * 1024**2
+    kv_overrides: dict[str, int] | None = None
     log_dir: Path | None = None
     pod_cpus: frozenset[int] | None = None
     router_cpus: frozenset[int] | None = None
@@ -169,7 +191,8 @@ class Fleet:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="kubeinfer-fleet-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config = self.log_dir / "models.yaml"
-        config.write_text(yaml.safe_dump(catalogue(self.models, kv_cache_bytes=self.kv_cache_bytes)))
+        config.write_text(yaml.safe_dump(catalogue(self.models, kv_cache_bytes=self.kv_cache_bytes,
+                                                kv_overrides=self.kv_overrides)))
         ensure_builtin_model()  # built once here, not raced by N pods
         try:
             for _ in range(self.pods):

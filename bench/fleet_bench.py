@@ -11,21 +11,34 @@ Workloads (each routing runs the same seeded request sequence):
     clean start (every model unloaded): routed to a random pod, model i to pod i (the ideal), and
     through the router. Reported: model loads (``kubeinfer_model_loads_total`` summed over the
     pods), wall time, p50/p99 end-to-end latency.
-(b) **shared prefixes**: groups that share a ~``--prefix-tokens``-token system prompt, each
-    request adding a unique question; one model loaded on every pod. Reported: the pods' summed
-    prefix-cache hit rate (``kubeinfer_prefix_cache_hits_total`` / ``..._queries_total``) and
-    output tokens/s, random vs router.
+(b) **shared prefixes**: ``--prefix-groups`` groups that each share a ``--prefix-tokens``-token
+    system prompt (counted with the model's tokenizer), each request adding a unique question,
+    ``--prefix-requests`` requests per group in a shuffled order; one model loaded on every pod.
+    That model has a KV pool of its own, sized relative to the prompts: room for each pod's share of
+    the running requests plus a cache of ``--prefix-kv-share`` of all groups' prefixes (0.5: one pod
+    can cache half of the groups' prompts, the fleet's pools together all of them, the regime
+    prefix-aware routing is for; a pool that caches every group on every pod leaves random
+    spreading only its first miss per group and pod). Reported: the pods' summed prefix-cache hit
+    rate (``kubeinfer_prefix_cache_hits_total`` / ``..._queries_total``), output tokens/s, and
+    where each group's requests went, random vs router on the same request sequence (each run
+    with prompts of its own, so neither finds the other's prefixes cached).
 (c) **unique prompts** (control): output tokens/s random vs router, and the most requests any
     endpoint held at once (from each response's ``x-kubeinfer-endpoint`` and its start/end times)
     against the CHWBL bound ``ceil(concurrency / pods * 1.25)``.
 (d) **overhead**: ``--streams`` concurrent streams direct to one pod vs through a router whose only
     endpoint is that pod, alternating ``--overhead-reps`` times: output tokens/s ratio and the
-    added median time to first token.
+    added median time to first token (median over the reps of each rep's median), next to the
+    router's own mean overhead per request (its ``kubeinfer_router_proxy_overhead_seconds``); then
+    ``--probe-requests`` single requests, alternating direct and through the router, one at a
+    time: the added median time to first token of a lone request (no batching noise).
 
 ``--workloads`` picks some of ``fleet,prefix,unique,overhead`` (default all). ``--pin`` (at least 2
-CPUs) runs the pods on all CPUs but the last and the routers and this client on the last one, so
-the router's CPU time does not slow the pods down, as in a cluster where the router has pods of
-its own; without it every process shares every core.
+CPUs) runs the routers alone on the last CPU and the pods and this client on the others, as in a
+cluster where the router has pods (and CPUs) of its own and the clients are elsewhere: the
+client's CPU time then weighs on the pods equally in both arms of every comparison, and neither
+the router nor the client slows the other down (with the client on the routers' CPU, a burst of
+64 streams made each wait for the other, which no deployment does); without it every process
+shares every core.
 
 Writes ``fleet_bench.json`` into ``--out-dir`` (default ``bench/results/fleet``) and prints a table.
 The machine is shared and noisy: compare the ratios of side-by-side runs, not absolute times.
@@ -49,10 +62,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.fleet import Fleet, counter, model_names
+from bench.fleet import Fleet, counter, kv_bytes_per_token, model_names, tokenizer
 
 #: The routers' ``--load-factor`` (the spec's default), for the bound reported in (c).
 LOAD_FACTOR = 1.25
+#: KV tokens a running shared-prefix request needs beyond its prefix (question, output, a partial block).
+TAIL_TOKENS = 64
 #: Seconds to let the routers' pollers see a change made behind their back (unloads, preloads).
 SETTLE_SECONDS = 2.5
 _WORDS = ["river", "stone", "light", "model", "token", "cache", "block", "queue", "batch", "graph", "north",
@@ -67,6 +82,7 @@ class Result:
     ok: bool
     endpoint: str
     start: float
+    route: str = ""
     end: float = 0.0
     ttft: float = 0.0
     e2e: float = 0.0
@@ -97,6 +113,7 @@ async def stream_one(client: httpx.AsyncClient, job: Job) -> Result:
     try:
         async with client.stream("POST", f"{job.base_url}/v1/completions", json=body) as resp:
             res.endpoint = resp.headers.get("x-kubeinfer-endpoint", job.base_url)
+            res.route = resp.headers.get("x-kubeinfer-route", "")
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
@@ -180,6 +197,21 @@ def max_inflight(results: list[Result]) -> dict[str, int]:
     return out
 
 
+def placement(results: list[Result], groups: list[int]) -> dict:
+    """Where each prefix group's requests went: ``endpoints_per_group`` (group -> endpoint -> requests),
+    the mean number of endpoints a group touched, and the router's decision reasons (when it set them)."""
+    per_group: dict[int, dict[str, int]] = {}
+    reasons: dict[str, int] = {}
+    for r, g in zip(results, groups, strict=True):
+        where = per_group.setdefault(g, {})
+        where[r.endpoint] = where.get(r.endpoint, 0) + 1
+        if r.route:
+            reasons[r.route] = reasons.get(r.route, 0) + 1
+    spread = statistics.mean(len(v) for v in per_group.values()) if per_group else 0.0
+    return {"endpoints_per_group": {str(g): per_group[g] for g in sorted(per_group)},
+            "mean_endpoints_per_group": spread, "route_reasons": reasons}
+
+
 def route_random(urls: list[str], seed: int) -> Callable[[int, str], str]:
     """A Service's spreading: each request to a pod chosen at random (seeded apart from the workload's
     own draws, which use the integer seeds: the same stream would send model i to pod i)."""
@@ -235,15 +267,37 @@ def workload_fleet(fleet: Fleet, router: str, args: argparse.Namespace) -> dict:
     return out
 
 
+def sized_text(tok, rng: random.Random, head: str, tokens: int) -> str:
+    """``head`` and pseudo-words, just enough for ``tokens`` tokens of ``tok`` (a few more at most)."""
+    text = head
+    while (have := len(tok.encode(text, add_special_tokens=False).ids)) < tokens:
+        text += " " + words(rng, max(1, (tokens - have) // 3))
+    return text
+
+
+def prefix_model(args: argparse.Namespace) -> str:
+    """The model of workload (b): the catalogue's last (it has the KV pool of :func:`prefix_pool_bytes`)."""
+    return model_names(args.models)[-1]
+
+
+def prefix_pool_bytes(args: argparse.Namespace) -> int:
+    """The KV pool of :func:`prefix_model`: each pod's share of the running requests (prefix and tail
+    each) plus ``--prefix-kv-share`` of every group's prefix, in bytes."""
+    running = math.ceil(args.concurrency / args.pods) * (args.prefix_tokens + TAIL_TOKENS)
+    cached = math.ceil(args.prefix_kv_share * args.prefix_groups * args.prefix_tokens)
+    return (running + cached) * kv_bytes_per_token()
+
+
 def workload_prefix(fleet: Fleet, router: str, args: argparse.Namespace) -> dict:
     """(b): summed prefix-cache hit rate and throughput with shared system prompts, random vs router."""
-    model = model_names(args.models)[0]
+    model = prefix_model(args)
     preload_everywhere(fleet, model)
+    tok = tokenizer()
     out = {}
     for run, (name, route) in enumerate({"random": route_random(fleet.urls, args.seed),
                                          "router": route_fixed(router)}.items()):
         rng = random.Random(args.seed * 100 + run)  # fresh prefixes per run: the other run's cache cannot help
-        systems = [f"System prompt {run}-{g}: " + words(rng, int(args.prefix_tokens / 1.4))
+        systems = [sized_text(tok, rng, f"System prompt {run}-{g}:", args.prefix_tokens)
                    for g in range(args.prefix_groups)]
         order = [g for g in range(args.prefix_groups) for _ in range(args.prefix_requests)]
         random.Random(f"order-{args.seed}").shuffle(order)
@@ -254,7 +308,7 @@ def workload_prefix(fleet: Fleet, router: str, args: argparse.Namespace) -> dict
         hits = fleet.total("kubeinfer_prefix_cache_hits_total") - hits0
         queries = fleet.total("kubeinfer_prefix_cache_queries_total") - queries0
         out[name] = {"prefix_hit_rate": hits / queries if queries else 0.0, "prefix_hit_tokens": int(hits),
-                     "prompt_tokens_looked_up": int(queries), **summary(results, wall)}
+                     "prompt_tokens_looked_up": int(queries), **placement(results, order), **summary(results, wall)}
     return out
 
 
@@ -289,6 +343,12 @@ def workload_overhead(fleet: Fleet, single_router: str, args: argparse.Namespace
             runs[name].append(summary(results, wall))
     sums = {n: counter(single_router, f"kubeinfer_router_proxy_overhead_seconds_{n}") - sums0[n]
             for n in ("sum", "count")}
+    probe: dict[str, list[float]] = {"direct": [], "router": []}
+    for i in range(args.probe_requests):
+        for name, url in (("direct", fleet.urls[0]), ("router", single_router)):
+            results, _ = asyncio.run(run_jobs([Job(url, model, f"probe {i} " + words(rng, 12), 4)], 1))
+            if results[0].ok:
+                probe[name].append(results[0].ttft)
     med = {k: {"output_tok_s": statistics.median(r["output_tok_s"] for r in v),
                "ttft_p50_s": statistics.median(r["ttft_p50_s"] for r in v)} for k, v in runs.items()}
     return {
@@ -296,6 +356,9 @@ def workload_overhead(fleet: Fleet, single_router: str, args: argparse.Namespace
         "tok_s_ratio_router_vs_direct": med["router"]["output_tok_s"] / med["direct"]["output_tok_s"],
         "added_median_ttft_ms": 1000 * (med["router"]["ttft_p50_s"] - med["direct"]["ttft_p50_s"]),
         "router_mean_proxy_overhead_ms": 1000 * sums["sum"] / sums["count"] if sums["count"] else None,
+        "probe_ttft_p50_ms": {k: 1000 * statistics.median(v) if v else None for k, v in probe.items()},
+        "probe_added_median_ttft_ms": (1000 * (statistics.median(probe["router"]) - statistics.median(probe["direct"]))
+                                       if probe["router"] and probe["direct"] else None),
     }
 
 
@@ -341,7 +404,8 @@ def print_table(report: dict) -> None:
     if d := report.get("overhead"):
         print(f"(d) overhead, {report['config']['streams']} streams: tok/s router/direct "
               f"{d['tok_s_ratio_router_vs_direct']:.3f}, added median TTFT {d['added_median_ttft_ms']:.2f} ms, "
-              f"router's own mean proxy overhead {d['router_mean_proxy_overhead_ms'] or 0:.2f} ms")
+              f"router's own mean proxy overhead {d['router_mean_proxy_overhead_ms'] or 0:.2f} ms; one request at a "
+              f"time: added median TTFT {d['probe_added_median_ttft_ms'] or 0:.2f} ms")
     print("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in report["targets"].items()))
 
 
@@ -355,19 +419,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens of (a)-(c) requests")
     p.add_argument("--fleet-requests", type=int, default=60)
     p.add_argument("--prefix-groups", type=int, default=8)
-    p.add_argument("--prefix-requests", type=int, default=6, help="requests per prefix group")
-    p.add_argument("--prefix-tokens", type=int, default=1000)
+    p.add_argument("--prefix-requests", type=int, default=12,
+                   help="requests per prefix group (enough that a group's first misses amortise)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="tokens of each group's shared system prompt")
+    p.add_argument("--prefix-kv-share", type=float, default=0.5,
+                   help="(b)'s KV pool per pod caches this share of all groups' prefixes, besides its running requests")
     p.add_argument("--unique-requests", type=int, default=48)
     p.add_argument("--unique-words", type=int, default=150)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--overhead-tokens", type=int, default=48)
-    p.add_argument("--overhead-reps", type=int, default=2)
+    p.add_argument("--overhead-reps", type=int, default=5)
+    p.add_argument("--probe-requests", type=int, default=40,
+                   help="(d): lone requests per arm, alternating direct and through the router")
     p.add_argument("--kv-cache-bytes", type=int, default=24 * 1024**2,
-                   help="KV pool per model: small, so a pod holds only a few groups' prefixes")
+                   help="KV pool of every model but (b)'s (which --prefix-kv-share sizes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--pin", action="store_true",
-                   help="pods on every CPU but the last, routers and this client on the last one")
+                   help="routers alone on the last CPU, the pods and this client on the others")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.workloads) - set(WORKLOADS)
@@ -376,6 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.fleet_requests, args.prefix_groups, args.prefix_requests, args.prefix_tokens = 9, 2, 3, 200
         args.unique_requests, args.unique_words, args.streams, args.overhead_reps = 6, 30, 8, 1
+        args.probe_requests = 2
         args.max_tokens, args.overhead_tokens, args.concurrency = 4, 8, 3
     return args
 
@@ -389,9 +459,10 @@ def main(argv: list[str] | None = None) -> dict:
         if len(cpus) < 2:
             raise SystemExit("--pin needs at least 2 CPUs")
         pod_cpus, router_cpus = frozenset(cpus[:-1]), frozenset(cpus[-1:])
-        os.sched_setaffinity(0, router_cpus)
+        os.sched_setaffinity(0, pod_cpus)
+    args.prefix_kv_pool_bytes = prefix_pool_bytes(args)
     with Fleet(pods=args.pods, models=args.models, kv_cache_bytes=args.kv_cache_bytes,
-               pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
+               kv_overrides={prefix_model(args): args.prefix_kv_pool_bytes}, pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
         router = fleet.router()
         single = fleet.router([fleet.urls[0]])
         report: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kubeinfer_router.affinity import DEFAULT_MAX_KEYS, DEFAULT_TTL_SECONDS
+
 ENV_PREFIX = "KUBEINFER_ROUTER_"
 #: Where a pod finds its own namespace (the service-account mount), the default of ``--kube-namespace``.
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -40,6 +42,9 @@ class RouterSettings(BaseModel):
             <= ceil(mean load x load_factor) (>= 1).
         virtual_nodes: points per endpoint on the consistent-hash ring.
         prefix_chars: characters of the prompt's start (first user message for chat) in the routing key.
+        affinity_ttl_seconds: how long the router remembers that an endpoint served a routing key
+            (and so probably still caches its prefix) without another request of the key there.
+        affinity_keys: most routing keys remembered (least recently used forgotten first).
         imbalance_min_requests: the imbalance gate opens only above this many in-flight requests
             on the busiest endpoint.
         imbalance_ratio: ... and when the busiest has more than this times the least busy's.
@@ -70,6 +75,8 @@ class RouterSettings(BaseModel):
     load_factor: float = Field(1.25, ge=1.0)
     virtual_nodes: int = Field(256, ge=1, le=10_000)
     prefix_chars: int = Field(100, ge=0)
+    affinity_ttl_seconds: float = Field(DEFAULT_TTL_SECONDS, gt=0)
+    affinity_keys: int = Field(DEFAULT_MAX_KEYS, ge=1)
     imbalance_min_requests: int = Field(64, ge=0)
     imbalance_ratio: float = Field(1.5, ge=1.0)
     poll_interval_seconds: float = Field(1.0, gt=0)
@@ -175,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-factor", type=float, help="CHWBL bound: in-flight + 1 <= ceil(mean x factor) (default 1.25)")
     p.add_argument("--virtual-nodes", type=int, help="ring points per endpoint (default 256)")
     p.add_argument("--prefix-chars", type=int, help="prompt characters in the routing key (default 100)")
+    p.add_argument("--affinity-ttl-seconds", type=float,
+                   help="seconds an endpoint stays a routing key's holder without a request of it (default 300)")
+    p.add_argument("--affinity-keys", type=int, help="most routing keys remembered (default 65536)")
     p.add_argument("--imbalance-min-requests", type=int,
                    help="the imbalance gate opens above this many in-flight requests on the busiest endpoint (default 64)")
     p.add_argument("--imbalance-ratio", type=float,

@@ -25,12 +25,29 @@ steps, in order; each decision carries the reason of the step that made it (:dat
    absolute threshold; this one, as the router's contract states, tests ``max``.
    The gate's load is ``max(inflight, queue_length + running)``: the pod's own count also covers the
    other router replicas' requests, which this router's ``inflight`` does not see.
-5. **CHWBL.** A ring (:class:`~kubeinfer_router.ring.HashRing`) over the candidates, keyed by
-   ``(model, adapter, affinity)``; walk clockwise and take the first endpoint with
-   ``inflight + 1 <= ceil(mean * load_factor)``, ``mean = (sum of candidates' inflight + 1) / n``
-   (the KubeAI / Vimeo formulation of Mirrokni et al.'s bound). ``hash`` when that is the ring's first
-   choice, ``hash_spill`` when the first choice was over the bound. Some endpoint always passes
-   (the least loaded has ``inflight < mean``), so no endpoint is ever pushed above the bound.
+5. **Affinity, then CHWBL.** The bound is ``cap = ceil(mean * load_factor)``, ``mean = (sum of
+   candidates' inflight + 1) / n`` (the KubeAI / Vimeo formulation of Mirrokni et al.'s bound); no
+   step below ever picks an endpoint with ``inflight + 1 > cap``.
+
+   a. **Affinity** (llm-d's prefix scorer, SGLang's cache-aware routing): the endpoints this picker
+      sent the same key ``(model, adapter, affinity)`` to within ``affinity_ttl_seconds``
+      (:class:`~kubeinfer_router.affinity.AffinityMemory`), the one the key was placed on first
+      leading: the first one under the bound, ``affinity``. Its prefix cache most likely still
+      holds the key's prefix, so a key that once spilled to a second endpoint under load goes back
+      to one that holds it instead of to a third, and its first holder takes all it can (the
+      others only its overflow), so one pod's copy of the prefix stays hot.
+   b. **CHWBL.** A ring (:class:`~kubeinfer_router.ring.HashRing`) over the candidates, keyed by
+      ``(model, adapter, affinity)``; walk clockwise and take the first endpoint under the bound.
+      For a key no candidate holds yet, the walk also skips endpoints that already hold more than
+      their share of keys: ``keys + 1 <= ceil((sum of candidates' keys + 1) / n * key_load_factor)``
+      (the same bound on remembered key counts, strict by default: :data:`KEY_LOAD_FACTOR`), so a
+      handful of large prefix groups spreads evenly over the replicas instead of the ring putting
+      half of them on one (with many keys the ring is even by itself and the bound rarely acts);
+      when no endpoint passes both bounds, the in-flight bound alone decides. ``hash`` when the walk's first endpoint was taken,
+      ``hash_spill`` otherwise. Some endpoint always passes the in-flight bound (the least loaded
+      has ``inflight < mean``).
+
+   Every warm decision (steps 3-5) is remembered: its endpoint becomes (or stays) a holder of the key.
 6. **Cold.** No endpoint holds the model. Endpoints this picker sent the same model to within
    ``cold_claim_seconds`` are taken as its holders (a load they are doing is not reported yet), so a
    burst of requests for a cold model loads it once, not on every replica. Only models some
@@ -54,6 +71,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from kubeinfer_router.affinity import DEFAULT_MAX_KEYS, DEFAULT_TTL_SECONDS, AffinityMemory
 from kubeinfer_router.health import is_ejected
 from kubeinfer_router.keys import RoutingKey
 from kubeinfer_router.ring import DEFAULT_VIRTUAL_NODES, HashRing
@@ -62,10 +80,14 @@ from kubeinfer_router.state import EndpointState, Tier
 __all__ = ["REASONS", "Decision", "Picker", "RoutingKey"]
 
 #: Every value of :attr:`Decision.reason` (the ``reason`` label of the router's request metric).
-REASONS = ("hash", "hash_spill", "imbalance", "urgent", "cold_hash", "cold_memory", "only", "any")
+REASONS = ("affinity", "hash", "hash_spill", "imbalance", "urgent", "cold_hash", "cold_memory", "only", "any")
 
 _RESIDENT_TIERS = (Tier.DEVICE, Tier.HOST, Tier.DISK)
 _RING_CACHE_SIZE = 64
+#: Default bound factor on remembered keys per endpoint for a new key (1.0: key counts differ by at
+#: most one where the in-flight bound allows). Strict, unlike the in-flight bound, because a key's
+#: placement lasts (its later requests follow it) while an in-flight count changes every request.
+KEY_LOAD_FACTOR = 1.0
 # Guards ceil() against float error when mean * load_factor is an integer (e.g. 2.0000000000000004).
 _CEIL_EPSILON = 1e-9
 
@@ -90,6 +112,10 @@ class Picker:
         clock: monotonic seconds (for ejections and cold claims).
         cold_claim_seconds: how long a cold pick counts as "this endpoint is loading the model"
             (seconds, >= 0; 0 disables claims).
+        affinity_ttl_seconds: how long a key's endpoint is remembered without another request of
+            the key there (seconds, > 0).
+        affinity_keys: most keys remembered (>= 1).
+        key_load_factor: bound factor on remembered keys per endpoint when placing a new key (>= 1).
 
     Raises:
         ValueError: a parameter is out of its range.
@@ -97,9 +123,11 @@ class Picker:
 
     def __init__(self, load_factor: float = 1.25, virtual_nodes: int = DEFAULT_VIRTUAL_NODES,
                  imbalance_min_requests: int = 64, imbalance_ratio: float = 1.5,
-                 clock: Callable[[], float] = time.monotonic, cold_claim_seconds: float = 30.0) -> None:
-        if load_factor < 1.0:
-            raise ValueError(f"load_factor must be >= 1, got {load_factor}")
+                 clock: Callable[[], float] = time.monotonic, cold_claim_seconds: float = 30.0,
+                 affinity_ttl_seconds: float = DEFAULT_TTL_SECONDS, affinity_keys: int = DEFAULT_MAX_KEYS,
+                 key_load_factor: float = KEY_LOAD_FACTOR) -> None:
+        if load_factor < 1.0 or key_load_factor < 1.0:
+            raise ValueError(f"load_factor and key_load_factor must be >= 1, got {load_factor}, {key_load_factor}")
         if virtual_nodes < 1:
             raise ValueError(f"virtual_nodes must be >= 1, got {virtual_nodes}")
         if imbalance_min_requests < 0 or imbalance_ratio < 1.0:
@@ -108,11 +136,13 @@ class Picker:
         if cold_claim_seconds < 0:
             raise ValueError(f"cold_claim_seconds must be >= 0, got {cold_claim_seconds}")
         self.load_factor = load_factor
+        self.key_load_factor = key_load_factor
         self.virtual_nodes = virtual_nodes
         self.imbalance_min_requests = imbalance_min_requests
         self.imbalance_ratio = imbalance_ratio
         self.clock = clock
         self.cold_claim_seconds = cold_claim_seconds
+        self.affinity = AffinityMemory(affinity_ttl_seconds, affinity_keys)
         self._rings: OrderedDict[frozenset[str], HashRing] = OrderedDict()
         # (model, adapter) -> endpoint URL -> monotonic time the claim ends
         self._claims: dict[tuple[str, str | None], dict[str, float]] = {}
@@ -139,7 +169,9 @@ class Picker:
         holders = _best_holders(usable, key.model)
         if holders:
             ring_key = "\x00".join((key.model, key.adapter or "", key.affinity))
-            return self._choose(usable, holders, ring_key, priority, "hash", "hash_spill")
+            decision = self._choose(usable, holders, ring_key, priority, "hash", "hash_spill", now)
+            self.affinity.record(ring_key, decision.endpoint.url, now)
+            return decision
         return self._pick_cold(usable, key.model, key.adapter, priority, now)
 
     def _pick_cold(self, usable: list[EndpointState], model: str, adapter: str | None, priority: int,
@@ -160,8 +192,9 @@ class Picker:
         return decision
 
     def _choose(self, usable: list[EndpointState], candidates: list[EndpointState], ring_key: str,
-                priority: int, first_reason: str, spill_reason: str) -> Decision:
-        """Steps 3-5 over ``candidates`` (a non-empty subset of ``usable``)."""
+                priority: int, first_reason: str, spill_reason: str, now: float | None = None) -> Decision:
+        """Steps 3-5 over ``candidates`` (a non-empty subset of ``usable``); with ``now`` (warm picks)
+        step 5 consults the affinity memory, without it (cold picks) the ring alone decides."""
         if priority < 0:
             return Decision(min(candidates, key=_fastest_order), "urgent")
         least = min(candidates, key=self._least_loaded_order)
@@ -173,8 +206,10 @@ class Picker:
         busiest = max(gate_load(ep) for ep in candidates)
         if self._imbalanced(busiest, gate_load(least)):
             return Decision(least, "imbalance")
-        endpoint, first = self._bounded_walk(candidates, ring_key)
-        return Decision(endpoint, first_reason if first else spill_reason)
+        if now is None:
+            endpoint, first = self._bounded_walk(candidates, ring_key)
+            return Decision(endpoint, first_reason if first else spill_reason)
+        return self._affine_walk(candidates, ring_key, now, first_reason, spill_reason)
 
     def _imbalanced(self, high: int, low: int) -> bool:
         return high > self.imbalance_min_requests and high > self.imbalance_ratio * low
@@ -183,13 +218,46 @@ class Picker:
         """CHWBL: the first endpoint clockwise from ``ring_key`` under the bound, and whether it was
         the ring's first choice."""
         by_url = {ep.url: ep for ep in candidates}
-        mean = (sum(ep.inflight for ep in candidates) + 1) / len(candidates)
-        cap = math.ceil(mean * self.load_factor - _CEIL_EPSILON)
+        cap = self._cap(ep.inflight for ep in candidates)
         for index, url in enumerate(self._ring(by_url).walk(ring_key)):
             endpoint = by_url[url]
             if endpoint.inflight + 1 <= cap:
                 return endpoint, index == 0
         return min(candidates, key=self._least_loaded_order), False  # unreachable with load_factor >= 1
+
+    def _affine_walk(self, candidates: list[EndpointState], ring_key: str, now: float, first_reason: str,
+                     spill_reason: str) -> Decision:
+        """Step 5: a remembered holder under the bound, else the ring walk (with the key bound for a new key)."""
+        by_url = {ep.url: ep for ep in candidates}
+        cap = self._cap(ep.inflight for ep in candidates)
+        held = False
+        for url in self.affinity.holders(ring_key, now):
+            endpoint = by_url.get(url)
+            if endpoint is None:
+                continue
+            held = True
+            if endpoint.inflight + 1 <= cap:
+                return Decision(endpoint, "affinity")
+        walk = list(self._ring(by_url).walk(ring_key))
+        if not held:
+            keys = {url: self.affinity.keys_of(url) for url in walk}
+            key_cap = self._cap(keys.values(), self.key_load_factor)
+            for index, url in enumerate(walk):
+                endpoint = by_url[url]
+                if endpoint.inflight + 1 <= cap and keys[url] + 1 <= key_cap:
+                    return Decision(endpoint, first_reason if index == 0 else spill_reason)
+        for index, url in enumerate(walk):
+            endpoint = by_url[url]
+            if endpoint.inflight + 1 <= cap:
+                return Decision(endpoint, first_reason if index == 0 else spill_reason)
+        return Decision(min(candidates, key=self._least_loaded_order), spill_reason)  # unreachable
+
+    def _cap(self, loads: Iterable[int], factor: float | None = None) -> int:
+        """The bound ``ceil((sum(loads) + 1) / n * factor)`` over one load per candidate (``factor``
+        defaults to ``load_factor``)."""
+        values = list(loads)
+        factor = self.load_factor if factor is None else factor
+        return math.ceil((sum(values) + 1) / len(values) * factor - _CEIL_EPSILON)
 
     def _ring(self, urls: Iterable[str]) -> HashRing:
         nodes = frozenset(urls)

@@ -183,7 +183,8 @@ class Router:
         self.table = EndpointTable(clock=clock, policy=policy)
         self.picker = Picker(load_factor=settings.load_factor, virtual_nodes=settings.virtual_nodes,
                              imbalance_min_requests=settings.imbalance_min_requests,
-                             imbalance_ratio=settings.imbalance_ratio, clock=clock)
+                             imbalance_ratio=settings.imbalance_ratio, clock=clock,
+                             affinity_ttl_seconds=settings.affinity_ttl_seconds, affinity_keys=settings.affinity_keys)
         self.metrics = RouterMetrics(self.table.all, clock)
         self.synced = False
         self.session: aiohttp.ClientSession | None = None
@@ -470,7 +471,8 @@ class Router:
                 await out.write(chunk)
             except ConnectionError:  # the client left: the finally of _attempt drops the upstream connection
                 return out
-        await out.write_eof()
+        with contextlib.suppress(ConnectionError):  # a client that stops reading at [DONE] may be gone already
+            await out.write_eof()
         return out
 
     @staticmethod

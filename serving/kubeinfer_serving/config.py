@@ -152,6 +152,10 @@ class ServerSettings(BaseModel):
     metrics_names: MetricsNames = knob("kubeinfer", "names of the engine metrics at /metrics: kubeinfer_* (ours), "
                                        "vllm (vLLM's vllm:* names and labels instead) or both")
     log_format: LogFormat = knob("text", "log lines as text or as one JSON object per line (json)")
+    otlp_traces_endpoint: str | None = knob(
+        None, "OTLP/HTTP URL that receives OpenTelemetry traces of requests, e.g. http://collector:4318/v1/traces "
+        "(vLLM's flag); OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT also turn traces on",
+        doc_default="the OTEL_EXPORTER_OTLP_* variables, else no traces")
     timeout_graceful_shutdown: float = knob(30.0, "seconds in-flight requests get after SIGTERM; then they end "
                                             "cleanly (503 body / SSE error event and [DONE])", ge=0)
     max_request_body_bytes: int = knob(16 * 1024 * 1024, "largest request body; a bigger one gets 413 before "

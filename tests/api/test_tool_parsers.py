@@ -52,6 +52,15 @@ def test_each_format_parses_and_rejects_what_is_not_a_call() -> None:
                          ("qwen3_xml", "<tool_call><function=rm_rf></function></tool_call>"),
                          ("hermes", '<tool_call>{"name": "get_weather", "argu'), ("llama3_json", "It is sunny.")):
         assert parse_auto(text, TOOLS, parser) == (text, []), (parser, text)
+    # Shapes a model (or a client's guided_choice) may write that are not calls: never an exception.
+    odd = {"hermes": ['<tool_call>{"name": ["get_weather"]}</tool_call>', "<tool_call>[1, 2]</tool_call>"],
+           "llama3_json": ['{"name": ["get_weather"]}', '{"name": 5}', "[1]", "{}"],
+           "mistral": ['[TOOL_CALLS][{"name": {"a": 1}}]', "[TOOL_CALLS][1, 2]", '[TOOL_CALLS]{"x": 1}',
+                       "[TOOL_CALLS][ARGS]", '[TOOL_CALLS][["get_weather"]]'],
+           "qwen3_xml": ["<tool_call><function=></function></tool_call>", "<tool_call>junk</tool_call>"]}
+    for parser, texts in odd.items():
+        for text in texts:
+            assert parse_auto(text, TOOLS, parser) == (text, []), (parser, text)
 
 
 def test_parser_names_and_template_hints() -> None:

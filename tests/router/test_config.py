@@ -28,6 +28,8 @@ SAMPLES = {
     "load_factor": ("1.5", 1.5),
     "virtual_nodes": ("64", 64),
     "prefix_chars": ("200", 200),
+    "affinity_ttl_seconds": ("60", 60.0),
+    "affinity_keys": ("1000", 1000),
     "imbalance_min_requests": ("8", 8),
     "imbalance_ratio": ("2.5", 2.5),
     "poll_interval_seconds": ("0.5", 0.5),

@@ -168,29 +168,85 @@ def test_a_hot_model_spreads_past_its_busy_holder_only_beyond_the_gate():
     assert picker.pick(table.all(), key()) == Decision(idle, "imbalance")
 
 
-# --- 5. CHWBL -------------------------------------------------------------------------------------
+# --- 5. affinity, then CHWBL ---------------------------------------------------------------------
 
 def test_same_affinity_sticks_and_different_affinities_spread():
     table = fleet(4, {"m": Tier.DEVICE})
     picker = Picker()
     for i in range(20):
         first = picker.pick(table.all(), key(affinity=f"session-{i}"))
-        assert all(picker.pick(table.all(), key(affinity=f"session-{i}")) == first for _ in range(5))
-        assert first.reason == "hash"
+        assert first.reason in ("hash", "hash_spill")  # a new key: the ring, under the key bound
+        again = [picker.pick(table.all(), key(affinity=f"session-{i}")) for _ in range(5)]
+        assert all(d.endpoint is first.endpoint and d.reason == "affinity" for d in again)
     spread = {picker.pick(table.all(), key(affinity=f"session-{i}")).endpoint.url for i in range(40)}
     assert len(spread) == 4
 
 
-def test_a_first_choice_over_the_bound_spills_to_the_next_on_the_ring():
-    table = fleet(3, {"m": Tier.DEVICE})
+def test_a_first_choice_over_the_bound_spills_to_the_next_on_the_ring_and_the_key_stays_with_its_holders():
+    table = fleet(4, {"m": Tier.DEVICE})
     picker = Picker()
     first = picker.pick(table.all(), key(affinity="hot"))
     assert first.reason == "hash"
-    first.endpoint.inflight = 3  # mean = 4/3, bound ceil(1.67) = 2: 3 + 1 is over it
+    ring_order = list(picker._ring({ep.url for ep in table.all()}).walk("m\x00\x00hot"))
+    assert ring_order[0] == first.endpoint.url
+    first.endpoint.inflight = 3  # mean = 4/4, bound ceil(1.25) = 2: 3 + 1 is over it
     spilled = picker.pick(table.all(), key(affinity="hot"))
-    assert spilled.reason == "hash_spill" and spilled.endpoint is not first.endpoint
+    assert spilled.reason == "hash_spill" and spilled.endpoint.url == ring_order[1]
+    # the second holder busy, the first free again: back to the first holder, not on to a third endpoint
+    first.endpoint.inflight, spilled.endpoint.inflight = 0, 3
+    back = picker.pick(table.all(), key(affinity="hot"))
+    assert back.reason == "affinity" and back.endpoint is first.endpoint
+    # both holders over the bound: the ring's next endpoint after them
+    first.endpoint.inflight = 3  # mean = 7/4, bound ceil(2.19) = 3
+    third = picker.pick(table.all(), key(affinity="hot"))
+    assert third.reason == "hash_spill" and third.endpoint.url == ring_order[2]
+
+
+def test_a_key_goes_back_to_its_first_holder_and_is_forgotten_after_the_ttl():
+    clock = Clock()
+    table = fleet(3, {"m": Tier.DEVICE})
+    picker = Picker(clock=clock, affinity_ttl_seconds=60.0)
+    first = picker.pick(table.all(), key(affinity="tenant"))
+    first.endpoint.inflight = 5  # mean 2, bound 3: spill
+    spilled = picker.pick(table.all(), key(affinity="tenant"))
+    assert spilled.reason == "hash_spill"
+    clock.now += 30.0
+    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(spilled.endpoint, "affinity")  # first busy
     first.endpoint.inflight = 0
-    assert picker.pick(table.all(), key(affinity="hot")) == first
+    clock.now += 29.0  # the first holder was last used 59 s ago: still remembered, and first in line
+    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(first.endpoint, "affinity")
+    clock.now += 61.0  # past the TTL of every holder: the ring decides again
+    assert picker.pick(table.all(), key(affinity="tenant")) == Decision(first.endpoint, "hash")
+
+
+def keys_owned_by(picker: Picker, table: EndpointTable, url: str, count: int) -> list[RoutingKey]:
+    """``count`` keys whose ring's first choice is ``url`` (a fleet of few big prefix groups the ring
+    happens to stack on one endpoint)."""
+    ring = picker._ring({ep.url for ep in table.all()})
+    found = [f"group {i}" for i in range(10_000) if ring.lookup(f"m\x00\x00group {i}") == url]
+    return [key(affinity=a) for a in found[:count]]
+
+
+def test_new_keys_spread_under_the_key_bound_even_when_the_ring_stacks_them_on_one_endpoint():
+    table = fleet(3, {"m": Tier.DEVICE})
+    picker = Picker(imbalance_min_requests=NO_GATE)
+    groups = keys_owned_by(picker, table, table.all()[0].url, 8)
+    placed = {}
+    for k in groups:  # one request per group at a time (no in-flight load at all)
+        placed[k] = picker.pick(table.all(), k).endpoint
+    per_endpoint = [sum(1 for ep in placed.values() if ep is e) for e in table.all()]
+    assert sorted(per_endpoint) == [2, 3, 3], per_endpoint  # the strict key bound: as even as 8 / 3 gets
+    for k, ep in placed.items():  # and every group stays where it was placed
+        assert picker.pick(table.all(), k) == Decision(ep, "affinity")
+
+
+def test_without_the_memory_the_ring_alone_stacks_those_keys_on_one_endpoint():
+    """The control for the test above: the ring's skew is real, the key bound is what spreads it."""
+    table = fleet(3, {"m": Tier.DEVICE})
+    picker = Picker(imbalance_min_requests=NO_GATE)
+    groups = keys_owned_by(picker, table, table.all()[0].url, 8)
+    assert {picker._bounded_walk(table.all(), "m\x00\x00" + k.affinity)[0].url for k in groups} == {
+        table.all()[0].url}
 
 
 def skewed_stream(rng: random.Random, n: int) -> list[RoutingKey]:
@@ -324,7 +380,8 @@ def test_urgent_cold_requests_still_go_to_the_fastest():
 
 
 @pytest.mark.parametrize("kwargs", [{"load_factor": 0.9}, {"virtual_nodes": 0}, {"imbalance_ratio": 0.5},
-                                    {"imbalance_min_requests": -1}, {"cold_claim_seconds": -1}])
+                                    {"imbalance_min_requests": -1}, {"cold_claim_seconds": -1},
+                                    {"key_load_factor": 0.9}, {"affinity_ttl_seconds": 0}, {"affinity_keys": 0}])
 def test_bad_picker_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         Picker(**kwargs)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
-from kubeinfer_serving import __version__
+from kubeinfer_serving import __version__, tracing
 from kubeinfer_serving.api import (
     chat,
     completions,
@@ -40,6 +40,7 @@ from kubeinfer_serving.api.fields import ignored_header
 from kubeinfer_serving.api.limits import BodyLimitMiddleware
 from kubeinfer_serving.api.openapi import install_openapi
 from kubeinfer_serving.api.request_log import RequestLogMiddleware
+from kubeinfer_serving.api.request_trace import RequestTraceMiddleware
 from kubeinfer_serving.api.result_cache import ResultCache
 from kubeinfer_serving.api.tenancy import KeyStore
 from kubeinfer_serving.config import ServerSettings
@@ -109,7 +110,9 @@ def create_app(
     error has OpenAI's error body; every response carries ``X-Request-Id`` and
     ``x-kubeinfer-resident`` (:mod:`.load`). With ``settings.allowed_origins`` (vLLM's
     ``--allowed-origins``), web pages of those origins may call the API (CORS, Starlette's
-    ``CORSMiddleware``) and open its WebSockets.
+    ``CORSMiddleware``) and open its WebSockets. With an OTLP endpoint (``settings.otlp_traces_endpoint``
+    or the ``OTEL_EXPORTER_OTLP_*`` variables), each request is traced (:mod:`.request_trace`) by the
+    tracer provider kept as ``app.state.tracing`` (None: traces off).
 
     Args:
         provider: hands out models by name; started by the lifespan (``provider.start()`` as a
@@ -138,6 +141,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
             await provider.shutdown()
+            if app.state.tracing is not None:
+                await asyncio.to_thread(app.state.tracing.shutdown)  # export the last spans
 
     settings = settings or ServerSettings()
     app = FastAPI(title="kubeinfer serving", version=__version__, lifespan=lifespan)
@@ -152,6 +157,7 @@ def create_app(
     fair = settings.fair_admission if settings.fair_admission is not None else app.state.keys.enabled
     app.state.admission = FairAdmission(enabled=fair)
     app.state.result_cache = _result_cache(provider)
+    app.state.tracing = tracing.from_settings(settings.otlp_traces_endpoint)
     install_error_handlers(app)
     for module in (completions, chat, responses, embeddings, models, health, load, tokenization, websocket, lora):
         app.include_router(module.router)
@@ -164,6 +170,8 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=list(EXPOSED_HEADERS))
     app.add_middleware(load.ResidentHeaderMiddleware, resident=provider.resident_models)
+    if app.state.tracing is not None:  # inside the log (its record gives model and usage), outside auth
+        app.add_middleware(RequestTraceMiddleware, tracing=app.state.tracing)
     app.add_middleware(RequestLogMiddleware)  # logs 401s and 413s too
     app.add_middleware(RequestIdMiddleware)  # outermost: 401s and 413s carry X-Request-Id too
     return app

@@ -175,6 +175,8 @@ class GenerationRun:
         self._finished: set[int] = set()
         self._output_tokens: dict[int, int] = {}
         self._ended = 0
+        #: choice index -> the job's last output (``finished``, with the engine's ``timings``), once it ended.
+        self.last_outputs: dict[int, RequestOutput] = {}
         #: Called once per job when the engine is done with it (finished, failed or aborted), with
         #: True for the last one; the consumer may still be reading the job's outputs.
         self.on_job_end: Callable[[bool], None] | None = None
@@ -196,6 +198,7 @@ class GenerationRun:
             async for out in it:
                 self._output_tokens[job.index] = out.num_output_tokens
                 if out.finished:
+                    self.last_outputs[job.index] = out
                     metrics.record_finished_request(getattr(self._engine, "model_name", "unknown"), out)
                 self._queue.put_nowait((job.index, out, None))
         except asyncio.CancelledError:

@@ -11,7 +11,11 @@
 * :class:`GuardedH11Protocol` (uvicorn's h11 protocol): closes a connection whose request
   headers have not arrived completely within ``header_timeout`` seconds of their first byte
   (slowloris), which uvicorn alone never does. Idle keep-alive connections are closed by
-  uvicorn's ``timeout_keep_alive``.
+  uvicorn's ``timeout_keep_alive``. It subclasses a private class of uvicorn (its
+  ``data_received``, ``connection_lost``, ``conn``, ``loop``, ``transport`` and ``logger``), so
+  uvicorn is pinned to the minor version this is tested with (pyproject.toml;
+  tests/api/test_uvicorn_pin.py checks the installed version and that surface, and
+  test_hardening.py's D13 test the behaviour through a real server).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.schemas import ChatMessage
+from kubeinfer_serving.engine.errors import context_length_message
 
 
 def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str) -> list[str] | list[list[int]]:
@@ -81,6 +82,13 @@ def max_token_chars(tokenizer: Any) -> int:
     return cached
 
 
+def context_length_error(max_model_len: int, detail: str, remedy: str, param: str) -> APIError:
+    """400 ``context_length_exceeded`` naming ``param``, in the one wording of
+    :func:`~kubeinfer_serving.engine.errors.context_length_message`."""
+    return APIError(400, context_length_message(max_model_len, detail, remedy), param=param,
+                    code="context_length_exceeded")
+
+
 def check_text_fits(tokenizer: Any, num_chars: int, max_model_len: int, *, param: str) -> None:
     """Reject a text that cannot fit the context before spending any time tokenizing it.
 
@@ -89,13 +97,8 @@ def check_text_fits(tokenizer: Any, num_chars: int, max_model_len: int, *, param
             ``max_model_len`` tokens whatever they are (see :func:`max_token_chars`).
     """
     if num_chars > max_model_len * max_token_chars(tokenizer):
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, your {param} has "
-            f"{num_chars} characters, more than {max_model_len} tokens can hold. Please reduce the {param}.",
-            param=param,
-            code="context_length_exceeded",
-        )
+        raise context_length_error(max_model_len, f"your {param} has {num_chars} characters, more than "
+                                   f"{max_model_len} tokens can hold", f"the {param}", param)
 
 
 def completion_prompts(
@@ -125,9 +128,7 @@ def completion_prompts(
             if isinstance(p, str):
                 check_text_fits(tokenizer, len(p), max_model_len, param="prompt")
             elif len(p) > max_model_len:
-                raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, "
-                               f"your prompt has {len(p)} tokens. Please reduce the prompt.",
-                               param="prompt", code="context_length_exceeded")
+                raise context_length_error(max_model_len, f"your prompt has {len(p)} tokens", "the prompt", "prompt")
     out: list[list[int]] = []
     for p in texts_or_ids:
         if isinstance(p, str):
@@ -354,21 +355,11 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
     """
     if requested is None:
         if num_prompt_tokens >= max_model_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
-                f"{num_prompt_tokens} tokens, leaving no room for the completion. Please reduce the prompt.",
-                param=param,
-                code="context_length_exceeded",
-            )
+            raise context_length_error(max_model_len, f"your prompt has {num_prompt_tokens} tokens, leaving no room "
+                                       "for the completion", "the prompt", param)
         return max_model_len - num_prompt_tokens
     if num_prompt_tokens + requested > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} for the "
-            f"completion). Please reduce the prompt or max_tokens.",
-            param=param,
-            code="context_length_exceeded",
-        )
+        raise context_length_error(max_model_len, f"you requested {num_prompt_tokens + requested} tokens "
+                                   f"({num_prompt_tokens} in the prompt, {requested} for the completion)",
+                                   "the prompt or max_tokens", param)
     return requested

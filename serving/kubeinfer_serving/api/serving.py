@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from kubeinfer_serving import __version__
-from kubeinfer_serving.api import request_log
+from kubeinfer_serving.api import request_log, request_trace
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
@@ -262,7 +262,8 @@ async def respond(
                                          headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
             return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
     try:
-        ticket = await admit(request, served, jobs)
+        with request_trace.phase(request.scope, "admission"):
+            ticket = await admit(request, served, jobs)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     run = GenerationRun(served.engine, jobs)
@@ -274,13 +275,14 @@ async def respond(
     settled = False
 
     def settle() -> None:
-        """Release the admission room and charge the completion tokens (once)."""
+        """Release the admission room, charge the completion tokens and write the engine phases' spans (once)."""
         nonlocal settled
         if not settled:
             settled = True
             if ticket is not None:
                 ticket.release()
             admission.charge(tenant, run.completion_tokens, "generation")
+            request_trace.engine_spans(request.scope, served.name, jobs, run.last_outputs)
 
     def job_ended(last: bool) -> None:
         """The engine is done with one job: its admission room is free at once, even while the

@@ -95,7 +95,7 @@ def json_values(text: str, separators: str = "; \t\r\n") -> list[Any] | None:
 
 
 def _named(obj: Any, names: set[str], *arg_keys: str) -> ToolCall | None:
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
         return None
     args = next((obj[k] for k in arg_keys if k in obj), None)
     return make_call(obj["name"], args)

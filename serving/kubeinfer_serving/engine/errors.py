@@ -23,6 +23,12 @@ class EngineDeadError(EngineError):
     """The engine loop has stopped (shut down or crashed); no request can be served (HTTP 503)."""
 
 
+def context_length_message(max_model_len: int, detail: str, remedy: str) -> str:
+    """The one wording (OpenAI's) of every context-length error: ``This model's maximum context
+    length is N tokens. However, <detail>. Please reduce <remedy>.``"""
+    return f"This model's maximum context length is {max_model_len} tokens. However, {detail}. Please reduce {remedy}."
+
+
 class PromptTooLongError(EngineError, ValueError):
     """Prompt tokens + ``max_tokens`` exceed the model's context length (HTTP 400).
 
@@ -33,11 +39,9 @@ class PromptTooLongError(EngineError, ValueError):
         self.max_model_len = max_model_len
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the length of the prompt or completion."
-        )
+        super().__init__(context_length_message(
+            max_model_len, f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion)", "the length of the prompt or completion"))
 
 
 class RequestFailedError(EngineError):
