@@ -24,14 +24,18 @@ class Run:
     """What :func:`run_workload` saw: outputs per request, each step's rows, the sampled logits, statistics."""
 
     tokens: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list] = field(default_factory=dict)
     steps: list[list[tuple[int, int]]] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     preemptions: int = 0
     prefix_hits: int = 0
 
 
-def run_workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> Run:
+def run_workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, scored_every: int = 0) -> Run:
     """Add every prompt (greedy, EOS ignored) and step until all finish.
+
+    ``scored_every`` n > 0: every n-th request also asks for ``logprobs=3`` and ``prompt_logprobs=2``
+    (collected in :attr:`Run.logprobs`: prompt positions, then output tokens).
 
     Records, per step, (tokens computed before, new tokens) of each scheduled sequence, and every
     [N, vocab] logits tensor rank 0's model returned (the rows sampled from).
@@ -55,14 +59,20 @@ def run_workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -
     engine.runner.run = recording_run
     try:
         for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                               ignore_eos=True))
+            scored = scored_every and i % scored_every == 1
+            engine.add_request(f"r{i}", prompt, SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                logprobs=3 if scored else None, prompt_logprobs=2 if scored else None))
         while engine.has_unfinished_requests():
             outs, stats = engine.step_with_stats()
             run.preemptions += stats.num_preemptions
             run.prefix_hits += stats.prefix_hits
             for o in outs:
                 run.tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+                if o.prompt_logprobs:
+                    run.logprobs.setdefault(o.request_id, []).extend(p for p in o.prompt_logprobs if p is not None)
+                if o.new_logprobs:
+                    run.logprobs.setdefault(o.request_id, []).extend(o.new_logprobs)
     finally:
         del model.compute_logits
         del engine.runner.run

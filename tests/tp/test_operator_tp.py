@@ -36,10 +36,14 @@ def test_the_split_reaches_the_serving_catalogue_and_the_pod_gets_shared_memory(
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
 
-def test_a_pod_without_a_split_model_keeps_the_default_shm():
+def test_a_pod_without_a_split_model_keeps_the_default_shm_and_shm_size_wins():
     pod = render_children(OWNER, parse_spec(_spec(1), OWNER.name), CONFIG).deployment["spec"]["template"]["spec"]
     assert all(v["name"] != "dshm" for v in pod["volumes"])
     assert "tensorParallelSize" not in catalogue_yaml(parse_spec(_spec(1), OWNER.name))
+    spec = parse_spec({**_spec(2), "shmSize": "8Gi"}, OWNER.name)
+    pod = render_children(OWNER, spec, CONFIG).deployment["spec"]["template"]["spec"]
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["sizeLimit"] == "8Gi"
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -2,7 +2,9 @@
 
 The same workload runs through a 2-rank engine and a 1-rank engine with the same small KV pool and
 token budget: chunked prefills beside decodes, preemptions and prefix-cache hits all happen, and
-the greedy outputs must agree token for token and every sampled logits row within 1e-4.
+the greedy outputs must agree token for token, every sampled logits row within 1e-4, and the
+log-probabilities of the requests that ask for them (prompt positions included: those steps make
+more than one logits call, each a collective) within 1e-4.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ def runs(tiny_dir):
     tp = LLMEngine.from_model_dir(tiny_dir, model_name="tiny-tp", config=_config(2))
     try:
         assert tp.tp is not None and len(tp.tp.pids) == 1
-        tp_run = run_workload(tp, _prompts(), MAX_TOKENS)
+        tp_run = run_workload(tp, _prompts(), MAX_TOKENS, scored_every=4)
     finally:
         tp.release()
     one = LLMEngine.from_model_dir(tiny_dir, model_name="tiny", config=_config(1))
-    return tp_run, run_workload(one, _prompts(), MAX_TOKENS)
+    return tp_run, run_workload(one, _prompts(), MAX_TOKENS, scored_every=4)
 
 
 def test_greedy_output_equals_one_rank_token_for_token(runs):
@@ -72,3 +74,15 @@ def test_mixed_steps_preemption_and_prefix_hits_happen_under_tp(runs):
     assert tp_run.preemptions > 0
     assert tp_run.prefix_hits > 0
     assert tp_run.steps == one_run.steps  # the scheduler above the model is unchanged
+
+
+def test_logprobs_and_prompt_logprobs_equal_one_rank(runs):
+    tp_run, one_run = runs
+    assert len(one_run.logprobs) == NUM_PROMPTS // 4
+    assert tp_run.logprobs.keys() == one_run.logprobs.keys()
+    for rid, entries in one_run.logprobs.items():
+        assert len(tp_run.logprobs[rid]) == len(entries) > MAX_TOKENS  # prompt positions and outputs
+        for a, b in zip(tp_run.logprobs[rid], entries, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top, strict=True))
