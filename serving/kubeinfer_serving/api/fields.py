@@ -16,9 +16,12 @@ Request bodies keep fields their schema does not declare (``extra="allow"``). Ea
   ``x-kubeinfer-ignored-fields`` (comma-separated). Nested fields are named by their path
   without list indexes (``messages.cache_control``, ``stream_options.sparkle``).
 
-Field names become metric labels and header values only when they look like field names
-(:data:`_NAME`) and only for the first :data:`MAX_DISTINCT_NAMES` distinct names; the others are
-counted and named as ``other``, so no client can grow the label set or the header without bound.
+Field names are reported only when they look like field names (:data:`_NAME`), else as
+``other``. The header names at most :data:`MAX_HEADER_NAMES` fields per response; the metric's
+label set and the log hold the first :data:`MAX_DISTINCT_NAMES` distinct names of the process
+and count the rest as ``other``, so no client can grow either without bound (a client that
+sends many made-up names only moves later names into ``other`` in the metric; the header of
+each response still names them).
 Declared fields whose values this server cannot honour are checked by the routes (e.g.
 ``best_of`` other than ``n``).
 """
@@ -75,8 +78,10 @@ _HINTS = {
 HEADER = "x-kubeinfer-ignored-fields"
 #: Where a route leaves the ignored field names for the header (``request.state``).
 STATE_KEY = "ignored_fields"
-#: Most distinct field names used as metric labels and header entries (the rest are ``other``).
+#: Most distinct field names used as metric labels and logged, per process (the rest are ``other``).
 MAX_DISTINCT_NAMES = 64
+#: Most field names one response's header names (the rest are ``other``).
+MAX_HEADER_NAMES = 32
 #: What a field name must look like to be reported by name.
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _seen: set[str] = set()
@@ -134,13 +139,17 @@ def unknown_fields(body: BaseModel, *, defaults: dict[str, Any] | None = None, p
 
 
 def report_name(name: str) -> str:
-    """The name under which an ignored field is counted and reported: itself, or ``other`` when it
-    does not look like a field name or :data:`MAX_DISTINCT_NAMES` names were already seen. Logs
-    the first sighting of each reported name at warning level."""
-    if not _NAME.match(name):
-        return "other"
+    """The name an ignored field is reported under: itself, or ``other`` when it does not look like
+    a field name."""
+    return name if _NAME.match(name) else "other"
+
+
+def metric_label(name: str) -> str:
+    """The metric label of reported name ``name``: itself while fewer than :data:`MAX_DISTINCT_NAMES`
+    names were seen in this process, else ``other``. Logs the first sighting of each labelled name
+    at warning level."""
     with _seen_lock:
-        if name in _seen:
+        if name in _seen or name == "other":
             return name
         if len(_seen) >= MAX_DISTINCT_NAMES:
             return "other"
@@ -179,9 +188,10 @@ def record_ignored(request: Request, fields: list[str]) -> list[str]:
     names: list[str] = list(getattr(request.state, STATE_KEY, None) or [])
     for field in fields:
         name = report_name(field)
-        metrics.IGNORED_REQUEST_FIELDS.labels(field=name).inc()
-        if name not in names:
-            names.append(name)
+        metrics.IGNORED_REQUEST_FIELDS.labels(field=metric_label(name)).inc()
+        entry = name if name in names or len(names) < MAX_HEADER_NAMES else "other"
+        if entry not in names:
+            names.append(entry)
     if names:
         setattr(request.state, STATE_KEY, names)
     return names
