@@ -22,9 +22,9 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 #: What ``servedModelName`` may be: the serving catalogue's model-name rule (``_NAME_PATTERN`` of
 #: serving/kubeinfer_serving/registry/catalogue.py; tests/operator/test_spec.py keeps them equal):
-#: 1-128 letters, digits, ``.``, ``_``, ``-``, ``/``, starting and ending with a letter or digit, so
+#: 1-128 letters, digits, ``.``, ``_``, ``:``, ``@``, ``+``, ``-``, ``/``, starting and ending with a letter or digit, so
 #: Hugging Face ids (``meta-llama/Llama-3.1-8B-Instruct``) and vLLM served names fit.
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:@+/-]{0,126}[A-Za-z0-9])?$"
 
 #: Where the serving pod finds pvc:// sources: pvc://CLAIM/PATH -> MODEL_STORE_ROOT/CLAIM/PATH.
 MODEL_STORE_ROOT = "/mnt/models"

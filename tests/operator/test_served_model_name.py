@@ -41,7 +41,7 @@ def test_the_pattern_is_the_serving_catalogues():
     assert SERVED_NAME_PATTERN == serving_catalogue._NAME_PATTERN
 
 
-@pytest.mark.parametrize("served", ["meta-llama/Llama-3.1-8B-Instruct", "Llama-3.1-8B", "qwen2.5-7b", "gpt_4o.mini"])
+@pytest.mark.parametrize("served", ["meta-llama/Llama-3.1-8B-Instruct", "Llama-3.1-8B", "qwen2.5-7b", "gpt_4o.mini", "qwen2.5:7b", "org/model@v2+int8"])
 def test_client_ids_that_are_not_dns_labels_are_accepted(served):
     spec = parse_spec({"models": [{**QWEN, "servedModelName": served}]}, "chat")
     assert (spec.models[0].name, spec.models[0].served_name) == ("qwen", served)

@@ -117,7 +117,7 @@ class _CamelModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
-_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$"
+_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:@+/-]{0,126}[A-Za-z0-9])?$"
 
 
 def _valid_source(source: str) -> str:
@@ -163,7 +163,7 @@ class ModelEntry(_CamelModel):
     """One model of the catalogue (see the module docstring for the file format).
 
     Attributes:
-        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``-``, ``/`` (1-128 chars,
+        name: the OpenAI ``model`` name; letters, digits, ``.``, ``_``, ``:``, ``@``, ``+``, ``-``, ``/`` (1-128 chars,
             starting and ending with a letter or digit; ``org/name`` as vLLM users name models).
         source: ``pvc://CLAIM/PATH``, ``file:///abs/path``, ``hf://ORG/NAME[/FILE.gguf][@REVISION]``,
             ``s3://BUCKET/PREFIX``, a plain local path, or ``builtin://NAME``.
