@@ -34,13 +34,12 @@ Workloads (each routing runs the same seeded request sequence):
     time: the added median time to first token of a lone request (no batching noise).
 
 ``--workloads`` picks some of ``fleet,prefix,unique,overhead`` (default all). ``--pin`` (at least 2
-CPUs) runs the pods on every CPU but the last and the routers on the last one, so the router's CPU
-time does not slow the pods down, as in a cluster where the router has pods of its own. This client
-runs beside the routers in (a)-(c) (off the pods' CPUs, so it reads each stream's end promptly and
-its in-flight counts in (c) stay close to the router's) and beside the pods in (d): there the
-client's CPU time then weighs on the pod equally in both arms, and the router and the client do not
-slow each other down (sharing one CPU, a burst of 64 streams made each wait for the other, which no
-deployment does). Without ``--pin`` every process shares every core.
+CPUs) runs the routers alone on the last CPU and the pods and this client on the others, as in a
+cluster where the router has pods (and CPUs) of its own and the clients are elsewhere: the
+client's CPU time then weighs on the pods equally in both arms of every comparison, and neither
+the router nor the client slows the other down (with the client on the routers' CPU, a burst of
+64 streams made each wait for the other, which no deployment does); without it every process
+shares every core.
 
 Writes ``fleet_bench.json`` into ``--out-dir`` (default ``bench/results/fleet``) and prints a table.
 The machine is shared and noisy: compare the ratios of side-by-side runs, not absolute times.
@@ -331,18 +330,7 @@ def workload_unique(fleet: Fleet, router: str, args: argparse.Namespace) -> dict
 
 
 def workload_overhead(fleet: Fleet, single_router: str, args: argparse.Namespace) -> dict:
-    """(d): ``--streams`` concurrent streams direct to pod 0 vs through a router over pod 0 only (with
-    ``--pin``, this client on the pods' CPUs meanwhile)."""
-    if args.pod_cpus:
-        os.sched_setaffinity(0, args.pod_cpus)
-    try:
-        return _overhead(fleet, single_router, args)
-    finally:
-        if args.router_cpus:
-            os.sched_setaffinity(0, args.router_cpus)
-
-
-def _overhead(fleet: Fleet, single_router: str, args: argparse.Namespace) -> dict:
+    """(d): ``--streams`` concurrent streams direct to pod 0 vs through a router over pod 0 only."""
     model = model_names(args.models)[0]
     preload_everywhere(fleet, model)
     rng = random.Random(args.seed + 11)
@@ -453,8 +441,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--pin", action="store_true",
-                   help="routers on the last CPU, pods on the others; this client beside the routers, in (d) "
-                        "beside the pods")
+                   help="routers alone on the last CPU, the pods and this client on the others")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if args.prefix_kv_share is None:
@@ -479,15 +466,13 @@ def main(argv: list[str] | None = None) -> dict:
         if len(cpus) < 2:
             raise SystemExit("--pin needs at least 2 CPUs")
         pod_cpus, router_cpus = frozenset(cpus[:-1]), frozenset(cpus[-1:])
-        os.sched_setaffinity(0, router_cpus)
-    args.pod_cpus, args.router_cpus = pod_cpus, router_cpus
+        os.sched_setaffinity(0, pod_cpus)
     args.prefix_kv_pool_bytes = prefix_pool_bytes(args)
     with Fleet(pods=args.pods, models=args.models, kv_cache_bytes=args.kv_cache_bytes,
                kv_overrides={prefix_model(args): args.prefix_kv_pool_bytes}, pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
         router = fleet.router(None, *args.router_flags.split())
         single = fleet.router([fleet.urls[0]])
-        report: dict = {"config": {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, frozenset) else v)
-                               for k, v in vars(args).items()}}
+        report: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         for name in args.workloads:
             if name == "overhead":
                 report[name] = workload_overhead(fleet, single, args)
