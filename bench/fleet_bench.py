@@ -15,10 +15,11 @@ Workloads (each routing runs the same seeded request sequence):
     system prompt (counted with the model's tokenizer), each request adding a unique question,
     ``--prefix-requests`` requests per group in a shuffled order; one model loaded on every pod.
     That model has a KV pool of its own, sized relative to the prompts: room for each pod's share of
-    the running requests plus a cache of ``--prefix-kv-share`` of all groups' prefixes (0.5: one pod
-    can cache half of the groups' prompts, the fleet's pools together all of them, the regime
+    the running requests plus a cache of ``--prefix-kv-share`` of all groups' prefixes (default
+    ``1 / --pods``: each pod can cache its share of the groups' prompts, the fleet's pools together
+    every group once, so ideal placement fits and random spreading cannot; this is the regime
     prefix-aware routing is for; a pool that caches every group on every pod leaves random
-    spreading only its first miss per group and pod). Reported: the pods' summed prefix-cache hit
+    spreading only its first miss per group and pod, and no router can double that). Reported: the pods' summed prefix-cache hit
     rate (``kubeinfer_prefix_cache_hits_total`` / ``..._queries_total``), output tokens/s, and
     where each group's requests went, random vs router on the same request sequence (each run
     with prompts of its own, so neither finds the other's prefixes cached).
@@ -422,8 +423,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefix-requests", type=int, default=12,
                    help="requests per prefix group (enough that a group's first misses amortise)")
     p.add_argument("--prefix-tokens", type=int, default=1000, help="tokens of each group's shared system prompt")
-    p.add_argument("--prefix-kv-share", type=float, default=0.5,
-                   help="(b)'s KV pool per pod caches this share of all groups' prefixes, besides its running requests")
+    p.add_argument("--prefix-kv-share", type=float, default=None,
+                   help="(b)'s KV pool per pod caches this share of all groups' prefixes, besides its running "
+                        "requests (default 1 / pods: the fleet's pools together cache every group once)")
+    p.add_argument("--router-flags", default="",
+                   help="more kubeinfer-router flags for the fleet's router (e.g. '--load-factor 2'); not the "
+                        "overhead workload's")
     p.add_argument("--unique-requests", type=int, default=48)
     p.add_argument("--unique-words", type=int, default=150)
     p.add_argument("--streams", type=int, default=64)
@@ -439,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="routers alone on the last CPU, the pods and this client on the others")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.prefix_kv_share is None:
+        args.prefix_kv_share = 1 / args.pods
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
         p.error(f"unknown workloads {sorted(unknown)}; pick from {','.join(WORKLOADS)}")
@@ -463,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.prefix_kv_pool_bytes = prefix_pool_bytes(args)
     with Fleet(pods=args.pods, models=args.models, kv_cache_bytes=args.kv_cache_bytes,
                kv_overrides={prefix_model(args): args.prefix_kv_pool_bytes}, pod_cpus=pod_cpus, router_cpus=router_cpus) as fleet:
-        router = fleet.router()
+        router = fleet.router(None, *args.router_flags.split())
         single = fleet.router([fleet.urls[0]])
         report: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
         for name in args.workloads:

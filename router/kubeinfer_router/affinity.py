@@ -29,8 +29,8 @@ from collections import OrderedDict
 
 #: Default seconds a remembered (key, endpoint) pair stays valid without a new request.
 DEFAULT_TTL_SECONDS = 300.0
-#: Default most keys remembered (least recently used forgotten first).
-DEFAULT_MAX_KEYS = 65_536
+#: Default most keys remembered (least recently used forgotten first): a few MiB of memory.
+DEFAULT_MAX_KEYS = 16_384
 #: Most endpoints remembered per key (a new one replaces the least recently used).
 MAX_HOLDERS_PER_KEY = 4
 

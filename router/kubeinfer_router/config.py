@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-chars", type=int, help="prompt characters in the routing key (default 100)")
     p.add_argument("--affinity-ttl-seconds", type=float,
                    help="seconds an endpoint stays a routing key's holder without a request of it (default 300)")
-    p.add_argument("--affinity-keys", type=int, help="most routing keys remembered (default 65536)")
+    p.add_argument("--affinity-keys", type=int, help="most routing keys remembered (default 16384)")
     p.add_argument("--imbalance-min-requests", type=int,
                    help="the imbalance gate opens above this many in-flight requests on the busiest endpoint (default 64)")
     p.add_argument("--imbalance-ratio", type=float,

@@ -238,14 +238,16 @@ class Picker:
             held = True
             if endpoint.inflight + 1 <= cap:
                 return Decision(endpoint, "affinity")
-        walk = list(self._ring(by_url).walk(ring_key))
+        walk = self._ring(by_url).walk(ring_key)  # lazy: most picks stop at the first endpoint
         if not held:
-            keys = {url: self.affinity.keys_of(url) for url in walk}
-            key_cap = self._cap(keys.values(), self.key_load_factor)
-            for index, url in enumerate(walk):
+            key_cap = self._cap((self.affinity.keys_of(url) for url in by_url), self.key_load_factor)
+            walked: list[str] = []
+            for url in walk:
+                walked.append(url)
                 endpoint = by_url[url]
-                if endpoint.inflight + 1 <= cap and keys[url] + 1 <= key_cap:
-                    return Decision(endpoint, first_reason if index == 0 else spill_reason)
+                if endpoint.inflight + 1 <= cap and self.affinity.keys_of(url) + 1 <= key_cap:
+                    return Decision(endpoint, first_reason if len(walked) == 1 else spill_reason)
+            walk = iter(walked)
         for index, url in enumerate(walk):
             endpoint = by_url[url]
             if endpoint.inflight + 1 <= cap:
