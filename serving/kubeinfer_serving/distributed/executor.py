@@ -1,6 +1,7 @@
 """Rank 0's side of a tensor-parallel model: start the workers, hand them each step, watch them.
 
-Placement: rank r computes on ``cuda:r`` (the model spans the pod's first N GPUs; rank 0 runs in
+Placement: rank r computes on ``cuda:K+r`` (the model spans N contiguous GPUs from the engine's
+device ``cuda:K``, K = 0 unless the registry placed it elsewhere; rank 0 runs in
 the serving process) or, on CPU, all ranks share the host. Plans go to the workers as two int64
 broadcasts over gloo per step (:mod:`.protocol`); ``bench/tp_cpu.py`` measured that against
 ``broadcast_object_list`` (pickled objects).
@@ -88,7 +89,7 @@ class TPExecutor:
             p.start()
             procs.append(p)
         made: list = []
-        joiner = threading.Thread(target=lambda: made.append(TPGroup(0, size, rank_device(spec.device_type, 0),
+        joiner = threading.Thread(target=lambda: made.append(TPGroup(0, size, rank_device(spec.device_type, 0, spec.first_device),
                                                                      store, timeout)),
                                   daemon=True, name=f"tp-join-{name}")
         joiner.start()

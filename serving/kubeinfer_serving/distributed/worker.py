@@ -41,11 +41,12 @@ class WorkerSpec:
 
     Attributes:
         model_dir: the model directory or ``.gguf`` file.
-        dtype: weights/KV dtype; device_type: ``cpu`` or ``cuda`` (rank r uses ``cuda:r``).
+        dtype: weights/KV dtype; device_type: ``cpu`` or ``cuda`` (rank r uses ``cuda:first_device+r``).
         max_positions: RoPE table length (the engine's max_model_len).
         block_size: tokens per KV block; quantization: as :class:`~kubeinfer_serving.engine.config.EngineConfig`.
         num_threads: torch intra-op threads per rank.
         timeout_s: limit of one collective inside a step, seconds.
+        first_device: CUDA index of rank 0's GPU (the registry's placement); ignored on CPU.
     """
 
     model_dir: str
@@ -56,11 +57,12 @@ class WorkerSpec:
     quantization: str
     num_threads: int
     timeout_s: float
+    first_device: int = 0
 
 
-def rank_device(device_type: str, rank: int) -> torch.device:
-    """The device of ``rank``: ``cuda:rank`` on CUDA (one GPU per rank), else the CPU."""
-    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+def rank_device(device_type: str, rank: int, first_device: int = 0) -> torch.device:
+    """The device of ``rank``: ``cuda:first_device+rank`` on CUDA (one GPU per rank), else the CPU."""
+    return torch.device("cuda", first_device + rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def build_rank_model(model_dir: str, hf_config, spec: WorkerSpec, group: TPGroup):
@@ -109,7 +111,7 @@ def worker_main(rank: int, size: int, rdv: Rendezvous, spec: WorkerSpec) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads)
-    device = rank_device(spec.device_type, rank)
+    device = rank_device(spec.device_type, rank, spec.first_device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = TPGroup.connect_store(rdv, size, spec.timeout_s)
