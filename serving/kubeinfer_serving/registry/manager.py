@@ -8,10 +8,14 @@ Rules (DESIGN.md section 5 "Registry"):
 * **Budget.** Each resident model costs its weights, its activation peak and its KV pool
   (bytes, as planned by the loader before loading, as sized once its weights are loaded by
   :meth:`ModelRegistry.size_kv`, and as reported by the engine after). A load first reserves its
-  planned bytes; while the reservation does not fit ``budget_bytes`` (or the model count would
-  exceed ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
+  planned bytes; while the reservation does not fit (or the model count would exceed
+  ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
   not preloaded, with no request holding it and none waiting for it. Models being evicted
   still count until their memory is released.
+* **Devices.** Each device of the pod has its own budget (``budgets``; one device: one budget,
+  ``budget_bytes``). A model spans one device, or its tensor parallel size of contiguous ones,
+  and charges each its share; :func:`~.placement.place` chooses the devices and the LRU victims,
+  evicting only models on the devices the new model needs.
 * **Waiting.** When nothing evictable is left, the load waits for a model to become idle, up to
   ``acquireTimeoutSeconds``; then its requests get :class:`ModelUnavailableError` (HTTP 503)
   naming the busy models.
