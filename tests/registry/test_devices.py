@@ -114,3 +114,24 @@ def test_place_prefers_fitting_over_evicting() -> None:
 def test_place_returns_none_when_nothing_can_be_evicted() -> None:
     busy = Holder("busy", (0, 1), 900, evictable=False)
     assert place(500, 1, [1000, 1000], [busy]) is None
+
+
+async def test_real_split_model_charges_both_slots_and_serves(model_dirs) -> None:
+    """The built-in tiny Llama split over 2 ranks on 2 CPU slots, beside an unsplit copy."""
+    src = str(model_dirs["tiny-0"])
+    cat = Catalogue(models=[ModelEntry(name="split", source=src, tensor_parallel_size=2, kv_cache_bytes=1 << 20),
+                            ModelEntry(name="one", source=src, kv_cache_bytes=1 << 20)],
+                    memory_budget_bytes=2 << 30)
+    reg = ModelRegistry(cat, device="cpu", devices=["cpu", "cpu"])
+    try:
+        async with reg.acquire("split") as split:
+            assert split.engine.engine.tp is not None
+        async with reg.acquire("one"):
+            pass
+        split_bytes, one_bytes = (m.bytes for m in reg.list_models())
+        assert reg.placement("split") == (0, 1)
+        assert reg.placement("one") == (0,)  # both slots equally free: the first
+        half = -(-split_bytes // 2)
+        assert reg.device_used_bytes() == [half + one_bytes, half]
+    finally:
+        await reg.shutdown()
