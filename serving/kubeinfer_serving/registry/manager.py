@@ -853,6 +853,8 @@ class ModelRegistry:
                    else f"{e.active} running, {e.waiting} waiting requests")
             holders.append(f"{e.name} ({why}, {e.reserved} bytes)")
         limit = f", maxLoadedModels {self.max_loaded_models}" if self.max_loaded_models else ""
+        if len(self.devices) > 1:
+            limit += f" (per device {self.device_used_bytes()} of {self.budgets})"
         return (
             f"no memory for model {entry.name!r} within {self.catalogue.acquire_timeout_seconds:g} s: it needs "
             f"{need} bytes, {self.used_bytes()} of {self.budget_bytes} are in use{limit}; busy models: "
