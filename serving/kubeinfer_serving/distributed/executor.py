@@ -1,6 +1,7 @@
 """Rank 0's side of a tensor-parallel model: start the workers, hand them each step, watch them.
 
-Placement: rank r computes on ``cuda:r`` (the model spans the pod's first N GPUs; rank 0 runs in
+Placement: rank r computes on ``cuda:K+r`` (the model spans N contiguous GPUs from the engine's
+device ``cuda:K``, K = 0 unless the registry placed it elsewhere; rank 0 runs in
 the serving process) or, on CPU, all ranks share the host. Plans go to the workers as two int64
 broadcasts over gloo per step (:mod:`.protocol`); ``bench/tp_cpu.py`` measured that against
 ``broadcast_object_list`` (pickled objects).
@@ -27,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .group import TPGroup
-from .protocol import OP_INIT, OP_STOP, encode_step, header
+from .protocol import OP_STOP, REPORT_LEN, encode_replay, encode_step, header, init_messages
 from .worker import WorkerSpec, rank_device, worker_main
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class TPExecutor:
         size: ranks, rank 0 included.
         failure_reason: why the model failed, or None while healthy.
         worker_bytes: (weights, KV pool) bytes of each worker, after :meth:`start`.
+        worker_graph_bytes: decode CUDA graph bytes of each worker, after :meth:`start`.
+        graphs_ok: every worker captured the graphs it was asked to (after :meth:`start`).
     """
 
     def __init__(self, group: TPGroup, procs: list, name: str) -> None:
@@ -67,6 +70,8 @@ class TPExecutor:
         self.name = name
         self.failure_reason: str | None = None
         self.worker_bytes: list[tuple[int, int]] = []
+        self.worker_graph_bytes: list[int] = []
+        self.graphs_ok = False
         self._closing = False
         self._on_failure: list[Callable[[str], None]] = []
         self._monitor: threading.Thread | None = None
@@ -88,7 +93,7 @@ class TPExecutor:
             p.start()
             procs.append(p)
         made: list = []
-        joiner = threading.Thread(target=lambda: made.append(TPGroup(0, size, rank_device(spec.device_type, 0),
+        joiner = threading.Thread(target=lambda: made.append(TPGroup(0, size, rank_device(spec.device_type, 0, spec.first_device),
                                                                      store, timeout)),
                                   daemon=True, name=f"tp-join-{name}")
         joiner.start()
@@ -105,15 +110,27 @@ class TPExecutor:
             raise WorkerFailedError(f"the tensor-parallel group of {name!r} did not form within {timeout:.0f}s")
         return cls(made[0], procs, name)
 
-    def start(self, num_blocks: int) -> None:
-        """Tell the workers the KV pool size, collect their byte counts, start the monitor.
+    def start(self, num_blocks: int, graph_sizes: list[int] | None = None, width: int = 0,
+              capture: Callable[[], None] | None = None) -> None:
+        """Tell the workers the KV pool size (and the decode graph buckets to capture), collect their
+        reports, start the monitor.
+
+        Args:
+            num_blocks: KV pool blocks of every rank (the null block of the graphs not included).
+            graph_sizes: decode CUDA graph buckets rank 0 captures (None: no graphs); the workers
+                capture the same ones, in the same order, with block-table width ``width``.
+            capture: rank 0's capture, run after the workers were told and before their reports
+                (the captures' warm-up steps and graphs hold collectives every rank makes together).
 
         Raises:
             WorkerFailedError: a worker failed to load its shard (its error is in the message) or died.
         """
         try:
-            self.group.broadcast_host(header(OP_INIT, arg=num_blocks))
-            parts = self.group.gather_host(torch.zeros(3, dtype=torch.int64))
+            for msg in init_messages(num_blocks, graph_sizes, width):
+                self.group.broadcast_host(msg)
+            if capture is not None:
+                capture()
+            parts = self.group.gather_host(torch.zeros(REPORT_LEN, dtype=torch.int64))
         except Exception as exc:
             raise self.failure(exc) from exc
         errors = [(rank, self.group.store.get(f"error/{rank}").decode()) for rank, part in enumerate(parts)
@@ -124,6 +141,8 @@ class TPExecutor:
             rank, msg = errors[0]
             raise WorkerFailedError(f"tensor-parallel worker rank {rank} of {self.name!r} failed to load: {msg}")
         self.worker_bytes = [(int(p[0]), int(p[1])) for p in parts[1:]]
+        self.worker_graph_bytes = [int(p[4]) for p in parts[1:]]
+        self.graphs_ok = bool(graph_sizes) and all(int(p[3]) for p in parts[1:])
         self._monitor = threading.Thread(target=self._watch, daemon=True, name=f"tp-monitor-{self.name}")
         self._monitor.start()
 
@@ -142,6 +161,20 @@ class TPExecutor:
         if self.failure_reason is not None:
             raise WorkerFailedError(self.failure_reason)
         h, payload = encode_step(inputs, keep, calls)
+        self.group.broadcast_host(h)
+        self.group.broadcast_host(payload)
+
+    def send_replay(self, bucket: int, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                    seq_lens: np.ndarray, tables: np.ndarray, calls: list[np.ndarray]) -> None:
+        """Tell the workers to replay ``bucket``'s decode graph on this step's rows (see
+        :func:`~.protocol.encode_replay`); the caller then replays its own.
+
+        Raises:
+            WorkerFailedError: the model already failed.
+        """
+        if self.failure_reason is not None:
+            raise WorkerFailedError(self.failure_reason)
+        h, payload = encode_replay(bucket, ids, positions, slots, seq_lens, tables, calls)
         self.group.broadcast_host(h)
         self.group.broadcast_host(payload)
 

@@ -47,10 +47,12 @@ def load_tp_engine(engine_cls, path: str | Path, *, model_name: str, config):
         raise TensorParallelError(f"LoRA adapters do not run with tensor parallelism yet (tensor parallel size {size})")
     device = config.resolve_device()
     dtype = config.resolve_dtype(device)
-    if device.type == "cuda" and torch.cuda.device_count() < size:
-        raise TensorParallelError(f"tensor parallel size {size} needs {size} GPUs; {torch.cuda.device_count()} visible")
+    first = device.index or 0  # rank r on cuda:first+r
+    if device.type == "cuda" and torch.cuda.device_count() < first + size:
+        raise TensorParallelError(f"tensor parallel size {size} from cuda:{first} needs GPUs {first}..{first + size - 1}; "
+                                  f"{torch.cuda.device_count()} visible")
     spec = WorkerSpec(str(path), dtype, device.type, model_max_len(hf_config, config), config.block_size,
-                      config.quantization, torch.get_num_threads(), collective_timeout_s())
+                      config.quantization, torch.get_num_threads(), collective_timeout_s(), first_device=first)
     executor = TPExecutor.launch(spec, size, model_name)
     try:
         return engine_cls.from_weights(hf_config, iter_rank_weights(path, shape, dtype), tokenizer=tokenizer,

@@ -8,10 +8,13 @@ Started by :class:`~kubeinfer_serving.distributed.executor.TPExecutor` with
    ignores SIGINT (the serving process decides when workers stop), connects to the group;
 2. loads its shard of the weights (safetensors slices), quantizes/packs as rank 0 does; a failure
    is written to the store (``error/RANK``) and reported at the init handshake;
-3. on ``OP_INIT`` allocates its KV pool (same block count as rank 0, its own KV heads) and reports
-   its weight and KV bytes;
+3. on ``OP_INIT`` allocates its KV pool (same block count as rank 0, its own KV heads), captures
+   the decode CUDA graph buckets rank 0 sent (on CUDA; the same buckets in the same order, so the
+   NCCL all-reduces inside them line up) and reports its weight, KV and graph bytes;
 4. on each ``OP_STEP`` rebuilds the step's inputs from the payload, runs the forward and the step's
-   logits calls (the collectives rank 0 runs), and discards the results;
+   logits calls (the collectives rank 0 runs), and discards the results; on each ``OP_REPLAY``
+   pads the step into its graphs' static inputs and replays its graph of the same bucket (off
+   CUDA: the same padded inputs run eagerly), then the logits calls;
 5. exits on ``OP_STOP``, or with an error when a collective fails (rank 0 gone).
 """
 
@@ -28,7 +31,18 @@ from dataclasses import dataclass
 import torch
 
 from .group import IDLE_TIMEOUT_S, Rendezvous, TPGroup
-from .protocol import HEADER_LEN, OP_INIT, OP_STEP, OP_STOP, decode_calls, payload_len
+from .protocol import (
+    HEADER_LEN,
+    OP_INIT,
+    OP_REPLAY,
+    OP_STEP,
+    OP_STOP,
+    REPORT_LEN,
+    decode_calls,
+    decode_replay,
+    payload_len,
+    replay_payload_len,
+)
 
 log = logging.getLogger(__name__)
 #: Seconds between checks that the serving process (the parent) still runs.
@@ -41,11 +55,12 @@ class WorkerSpec:
 
     Attributes:
         model_dir: the model directory or ``.gguf`` file.
-        dtype: weights/KV dtype; device_type: ``cpu`` or ``cuda`` (rank r uses ``cuda:r``).
+        dtype: weights/KV dtype; device_type: ``cpu`` or ``cuda`` (rank r uses ``cuda:first_device+r``).
         max_positions: RoPE table length (the engine's max_model_len).
         block_size: tokens per KV block; quantization: as :class:`~kubeinfer_serving.engine.config.EngineConfig`.
         num_threads: torch intra-op threads per rank.
         timeout_s: limit of one collective inside a step, seconds.
+        first_device: CUDA index of rank 0's GPU (the registry's placement); ignored on CPU.
     """
 
     model_dir: str
@@ -56,11 +71,12 @@ class WorkerSpec:
     quantization: str
     num_threads: int
     timeout_s: float
+    first_device: int = 0
 
 
-def rank_device(device_type: str, rank: int) -> torch.device:
-    """The device of ``rank``: ``cuda:rank`` on CUDA (one GPU per rank), else the CPU."""
-    return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+def rank_device(device_type: str, rank: int, first_device: int = 0) -> torch.device:
+    """The device of ``rank``: ``cuda:first_device+rank`` on CUDA (one GPU per rank), else the CPU."""
+    return torch.device("cuda", first_device + rank) if device_type == "cuda" else torch.device("cpu")
 
 
 def build_rank_model(model_dir: str, hf_config, spec: WorkerSpec, group: TPGroup):
@@ -109,7 +125,7 @@ def worker_main(rank: int, size: int, rdv: Rendezvous, spec: WorkerSpec) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads)
-    device = rank_device(spec.device_type, rank)
+    device = rank_device(spec.device_type, rank, spec.first_device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = TPGroup.connect_store(rdv, size, spec.timeout_s)
@@ -136,13 +152,28 @@ def _serve(group: TPGroup, model, spec: WorkerSpec, error: str) -> int:
             if op == OP_STOP:
                 return 0
             if op == OP_INIT:
+                sizes = None
+                if int(h[1]):
+                    sizes = group.broadcast_host(torch.empty(int(h[1]), dtype=torch.int64)).tolist()
                 if not error:
-                    runner = ModelRunner(model, int(h[8]), spec.block_size, group.device)
+                    runner = ModelRunner(model, int(h[8]), spec.block_size, group.device, cuda_graph_sizes=sizes,
+                                         max_model_len=int(h[4]) * spec.block_size if sizes else None)
+                graphs = runner.graphs if runner is not None else None
                 report = torch.tensor([_weights_bytes(model) if not error else 0,
-                                       runner.kv_cache_bytes if runner is not None else 0, int(bool(error))])
+                                       runner.kv_cache_bytes if runner is not None else 0, int(bool(error)),
+                                       int(graphs is not None), graphs.memory_bytes() if graphs is not None else 0])
+                assert report.numel() == REPORT_LEN
                 group.gather_host(report)
                 if error:
                     return 1
+                continue
+            if op == OP_REPLAY:
+                payload = group.broadcast_host(torch.empty(replay_payload_len(h), dtype=torch.int64))
+                bucket, arrays, calls = decode_replay(h, payload.numpy())
+                run = runner.graphs.replay if group.device.type == "cuda" else runner.graphs.run_padded
+                hidden = run(bucket, *arrays)
+                for rows in calls:
+                    model.compute_logits(hidden.index_select(0, torch.from_numpy(rows).to(group.device)))
                 continue
             if op != OP_STEP:
                 raise RuntimeError(f"unknown tensor-parallel op {op}")

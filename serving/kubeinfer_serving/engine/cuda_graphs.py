@@ -243,6 +243,9 @@ class DecodeGraphs:
         """
         self._upload(bucket, ids, positions, slots, seq_lens, tables, row_slots)
         ids_v, pos_v, meta = self._views(bucket)
+        if self.device.type == "cpu":  # the CPU attention backend reads the host copies: the padded ones
+            meta.seq_lens_cpu = meta.seq_lens.numpy()
+            meta.block_tables_cpu = meta.block_tables.numpy()
         return self.model(ids_v, pos_v, self.kv_caches, meta, None, self._lora_step(bucket, row_slots))[:len(ids)]
 
     @torch.inference_mode()

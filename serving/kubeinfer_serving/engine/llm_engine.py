@@ -194,10 +194,13 @@ class LLMEngine:
         """Build the model from a Hugging Face config and (name, tensor) pairs, size the KV pool.
 
         ``tp``: a launched :class:`~kubeinfer_serving.distributed.executor.TPExecutor`; then
-        ``weights`` are rank 0's parts, the model is rank 0's shard, steps run eagerly, the pool
-        sizes count every rank (each rank holds the same number of blocks of its own KV heads) and
-        the workers get the pool size once it is decided (see
-        :func:`kubeinfer_serving.distributed.launch.load_tp_engine`).
+        ``weights`` are rank 0's parts, the model is rank 0's shard, the pool sizes count every rank
+        (each rank holds the same number of blocks of its own KV heads) and the workers get the pool
+        size and the decode graph buckets once they are decided; every rank then captures its
+        graphs together (see :func:`kubeinfer_serving.distributed.launch.load_tp_engine`). If any
+        rank's capture fails, every step runs eagerly. The activation peak and the graphs' memory
+        are not profiled before the pool is sized (a profiling forward of one rank would wait for
+        workers that do not follow it).
 
         KV pool size: ``config.num_kv_blocks``, else what ``config.kv_pool_sizer`` decides from
         the weights and the activation peak of a profiling step (:mod:`.kv_sizing`; the peak is
@@ -233,8 +236,7 @@ class LLMEngine:
         # KV bytes of one block over all ranks (each rank holds its own KV heads of every block).
         per_block = ranks * kv_bytes_per_block(model.num_layers, config.block_size, model.num_kv_heads,
                                                model.head_dim, dtype)
-        graph_sizes = None if tp is not None else decode_graph_sizes(device, config.enforce_eager,
-                                                                     config.max_num_seqs)
+        graph_sizes = decode_graph_sizes(device, config.enforce_eager, config.max_num_seqs)
         sizing = None
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -247,8 +249,9 @@ class LLMEngine:
                     model, max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                     max_model_len=max_len, block_size=config.block_size, device=device)
                 graph_bytes = profile_graph_memory(model, sizes=graph_sizes, max_model_len=max_len,
-                                                   block_size=config.block_size, device=device) if graph_sizes else None
-                if graph_bytes is None:
+                                                   block_size=config.block_size,
+                                                   device=device) if graph_sizes and tp is None else None
+                if graph_bytes is None and tp is None:
                     graph_sizes = None  # the capture failed (warned): serve eagerly, with no null block
                 weights = ranks * weight_bytes(model) + lora_slots_bytes(hf_config, config, dtype)
                 sizing = config.kv_pool_sizer(weights, activation, per_block, full, graph_bytes,
@@ -267,9 +270,16 @@ class LLMEngine:
                      max_model_len=max_len, num_kv_blocks=num_blocks, cuda_graph_sizes=graph_sizes, tp=tp)
         engine.kv_sizing = sizing
         if tp is not None:
-            tp.start(num_blocks)  # the workers allocate their pools and report their bytes
+            graphs = engine.runner.graphs
+            # The workers allocate their pools and capture the same graph buckets as rank 0, then report.
+            tp.start(num_blocks, graphs.sizes if graphs is not None else None,
+                     graphs.width if graphs is not None else 0, capture=engine.runner.capture_graphs)
+            if engine.runner.graphs is not None and not tp.graphs_ok:
+                engine.runner.graphs = None  # a rank could not capture: every step runs eagerly
             engine.weights_bytes += sum(w for w, _ in tp.worker_bytes)
             engine.kv_cache_bytes += sum(kv for _, kv in tp.worker_bytes)
+            engine.cuda_graph_bytes = (engine.runner.graphs.memory_bytes() + sum(tp.worker_graph_bytes)
+                                       if engine.runner.graphs is not None else 0)
         return engine
 
     @classmethod

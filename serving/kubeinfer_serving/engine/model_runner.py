@@ -207,7 +207,11 @@ class ModelRunner:
             mix adapters replay too.
         tp: with a tensor-parallel model, rank 0's
             :class:`~kubeinfer_serving.distributed.executor.TPExecutor`: each step's plan goes to
-            the workers before the forward, and every step runs eagerly. None: one rank.
+            the workers before the forward; with ``cuda_graph_sizes`` the graphs are captured by
+            :meth:`capture_graphs` once the workers capture theirs (every rank's warm-up steps
+            and graphs hold the same collectives), and a pure-decode step tells the workers which
+            bucket to replay (:meth:`~kubeinfer_serving.distributed.executor.TPExecutor.send_replay`).
+            None: one rank.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, *,
@@ -229,17 +233,13 @@ class ModelRunner:
         ) * pool_blocks
         #: decode graphs (None: every step runs eagerly).
         self.graphs: DecodeGraphs | None = None
-        if cuda_graph_sizes and tp is None:  # tensor-parallel steps run eagerly on every rank
+        if cuda_graph_sizes:
             if max_model_len is None:
                 raise ValueError("cuda_graph_sizes needs max_model_len")
             self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_sizes, -(-max_model_len // block_size),
                                        block_size, device, lora_slots=lora.slots if lora is not None else None)
-            if device.type == "cuda":
-                try:
-                    self.graphs.capture()
-                except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
-                    log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
-                    self.graphs = None
+            if tp is None:
+                self.capture_graphs()
         if attention_backend(device, model.dtype) == "cpu":
             from kubeinfer_serving.layers.paged_attention_cpu import warm_up
 
@@ -253,6 +253,19 @@ class ModelRunner:
         self._values_to_host = DeviceToHost(device, torch.float64)
         #: host seconds the latest :meth:`prepare` took (for step statistics).
         self.last_prepare_s = 0.0
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs (on CUDA; elsewhere nothing is captured and pure-decode steps
+        run the padded static inputs eagerly). A failed capture leaves every step eager (warned).
+        Called by the constructor with one rank; with tensor parallelism by
+        :meth:`~kubeinfer_serving.distributed.executor.TPExecutor.start` after the workers were told."""
+        if self.graphs is None or self.device.type != "cuda":
+            return
+        try:
+            self.graphs.capture()
+        except Exception:  # noqa: BLE001 - graphs are an optimisation: serve eagerly rather than fail the load
+            log.warning("decode CUDA graph capture failed; every step runs eagerly", exc_info=True)
+            self.graphs = None
 
     def prepare(self, scheduled: list[ScheduledSeq], to_device: bool = True) -> StepInputs:
         """Build the step's inputs, vectorized over sequences (NumPy), with one host-to-device copy.
@@ -369,8 +382,19 @@ class ModelRunner:
             # one-token prefill chunks short of their prompt's end.
             # (Off CUDA, where nothing is captured, the same padded static inputs run eagerly: tests.)
             run = self.graphs.replay if self.device.type == "cuda" else self.graphs.run_padded
-            hidden = run(bucket, *inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu,
-                         inputs.row_slots)
+            args = (*inputs.host, inputs.meta.seq_lens_cpu, inputs.meta.block_tables_cpu)
+            if self.tp is not None:  # every rank replays its graph of this bucket, then the same logits call
+                calls = [np.asarray(rows, np.int64)] if rows else []
+                try:
+                    self.tp.send_replay(bucket, *args, calls)
+                    hidden = run(bucket, *args)
+                    computed = iter([self.model.compute_logits(hidden.index_select(0, _h2d(c.tolist(), torch.int64,
+                                                                                            self.device)))
+                                     for c in calls])
+                except Exception as exc:
+                    raise self.tp.failure(exc) from exc
+            else:
+                hidden = run(bucket, *args, inputs.row_slots)
             logits_idx = None if len(inputs.sample_rows) == len(scheduled) else _h2d(
                 inputs.sample_rows, torch.int64, self.device)
         if not rows and not prompt_jobs:
@@ -424,6 +448,8 @@ class ModelRunner:
             return None
         if not self.graphs.lora and any(s.seq.lora is not None for s in scheduled):
             return None
+        if self.tp is not None and any(s.seq.params.prompt_logprobs is not None for s in scheduled):
+            return None  # a replayed step carries one logits call (the sampling rows'), no prompt scoring
         return self.graphs.bucket_for(len(scheduled))
 
     def _run_tp(self, inputs: StepInputs, keep: torch.Tensor | None,

@@ -85,6 +85,8 @@ class LoadPlan:
         fetch_seconds: wall time of the fetch on a miss, else 0.0.
         release: call once when the load does not go ahead (or when the loaded model closes): lets
             the disk tier evict the snapshot again. Idempotent.
+        device: set by the registry of a pod with several devices: the model's first device
+            (``cuda:K``; a split model's rank r runs on ``cuda:K+r``); None: the loader's device.
     """
 
     model_dir: Path
@@ -98,6 +100,7 @@ class LoadPlan:
     disk: str = ""
     fetch_seconds: float = 0.0
     release: Callable[[], None] = field(default=lambda: None, repr=False)
+    device: str | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -342,7 +345,7 @@ class DefaultModelLoader:
 
     def _load_embedder(self, entry: ModelEntry, plan: LoadPlan, warm: HostSnapshot | None) -> LoadedModel:
         emb = Embedder.from_model_dir(
-            plan.model_dir, device=self.device, dtype=self._dtype(entry), name=entry.name,
+            plan.model_dir, device=plan.device or self.device, dtype=self._dtype(entry), name=entry.name,
             host_model=warm.payload if warm is not None else None,
         )
 
@@ -365,7 +368,7 @@ class DefaultModelLoader:
             num_kv_blocks=plan.num_kv_blocks if plan.size_kv is None else None,
             kv_pool_sizer=plan.size_kv,
             max_model_len=entry.max_model_len,
-            device=str(self.device),
+            device=plan.device or str(self.device),
             dtype=self._dtype(entry),
             max_loras=(self.catalogue.max_loras if (entry.adapters or self.catalogue.enable_lora)
                        and entry.tensor_parallel_size == 1 else 0),

@@ -8,10 +8,14 @@ Rules (DESIGN.md section 5 "Registry"):
 * **Budget.** Each resident model costs its weights, its activation peak and its KV pool
   (bytes, as planned by the loader before loading, as sized once its weights are loaded by
   :meth:`ModelRegistry.size_kv`, and as reported by the engine after). A load first reserves its
-  planned bytes; while the reservation does not fit ``budget_bytes`` (or the model count would
-  exceed ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
+  planned bytes; while the reservation does not fit (or the model count would exceed
+  ``maxLoadedModels``), the least recently used *idle* model is evicted. Idle = loaded,
   not preloaded, with no request holding it and none waiting for it. Models being evicted
   still count until their memory is released.
+* **Devices.** Each device of the pod has its own budget (``budgets``; one device: one budget,
+  ``budget_bytes``). A model spans one device, or its tensor parallel size of contiguous ones,
+  and charges each its share; :func:`~.placement.place` chooses the devices and the LRU victims,
+  evicting only models on the devices the new model needs.
 * **Waiting.** When nothing evictable is left, the load waits for a model to become idle, up to
   ``acquireTimeoutSeconds``; then its requests get :class:`ModelUnavailableError` (HTTP 503)
   naming the busy models.
@@ -54,7 +58,8 @@ from kubeinfer_serving.engine.kv_sizing import KVSizing, size_kv_pool
 from kubeinfer_serving.registry.adapters import AdapterBoundEngine, AdapterStatus
 from kubeinfer_serving.registry.catalogue import DEFAULT_KV_CACHE_BYTES, AdapterEntry, Catalogue, ModelEntry
 from kubeinfer_serving.registry.loading import DefaultModelLoader, LoadedModel, ModelLoader
-from kubeinfer_serving.registry.memory import resolve_budget
+from kubeinfer_serving.registry.memory import device_budgets, pod_devices
+from kubeinfer_serving.registry.placement import Holder, capacity, per_device_bytes, place
 from kubeinfer_serving.registry.protocol import (
     AdapterRequestError,
     ModelInfo,
@@ -110,6 +115,7 @@ class _Entry:
     evicting: asyncio.Future | None = field(default=None, repr=False)
     max_model_len: int | None = None
     revision: str | None = None  # pinned revision of a remote source, once fetched or found on disk
+    placement: tuple[int, ...] = (0,)  # device indexes it spans (see .placement), set when reserved
 
     @property
     def name(self) -> str:
@@ -139,14 +145,19 @@ class ModelRegistry:
     Args:
         catalogue: the models and the pod-level limits.
         loader: sizes and loads models; default :class:`DefaultModelLoader` (engines and embedders).
-        budget_bytes: override of the byte budget; default from the catalogue
-            (``memoryBudgetBytes``, else ``gpuMemoryUtilization`` x device memory).
+        budget_bytes: override of the byte budget of each device (CPU slots: of the host, split
+            between them); default from the catalogue (``memoryBudgetBytes``, else
+            ``gpuMemoryUtilization`` x device memory; :func:`~.memory.device_budgets`).
         device: where models run (default CUDA when available, else CPU).
+        devices: the pod's devices models are placed on (:func:`~.memory.pod_devices`: default
+            every visible GPU, else ``[device]``); several CPU entries make CPU "slots" whose
+            per-device accounting works as GPUs' does (placement: :mod:`.placement`).
         show_sources: report each model's catalogue ``source`` in :meth:`list_models`; single-model
             mode turns it off (its source is a local path given on the command line).
 
     Attributes:
-        budget_bytes: bytes of weights + KV pools allowed on the device at once.
+        budget_bytes: bytes of weights + KV pools allowed in the pod at once (sum of ``budgets``).
+        devices: the pod's devices; budgets: bytes allowed on each of them.
         warm: the host-memory tier of evicted weights.
         events: completed loads/evictions (:class:`LoadEvent`), oldest first.
     """
@@ -158,15 +169,17 @@ class ModelRegistry:
         loader: ModelLoader | None = None,
         budget_bytes: int | None = None,
         device: torch.device | str | None = None,
+        devices: list[torch.device | str] | None = None,
         show_sources: bool = True,
     ) -> None:
         self.catalogue = catalogue
         self.show_sources = show_sources
         self.device = pick_device(device)
-        self.budget_bytes = budget_bytes if budget_bytes is not None else resolve_budget(
-            catalogue.memory_budget_bytes, catalogue.gpu_memory_utilization, self.device
-        )
-        self.loader: ModelLoader = loader or DefaultModelLoader(catalogue, self.device, self.budget_bytes)
+        self.devices = pod_devices(self.device, devices)
+        self.budgets = device_budgets(budget_bytes if budget_bytes is not None else catalogue.memory_budget_bytes,
+                                      catalogue.gpu_memory_utilization, self.devices)
+        self.budget_bytes = sum(self.budgets)
+        self.loader: ModelLoader = loader or DefaultModelLoader(catalogue, self.device, self.budgets[0])
         self.max_loaded_models = catalogue.max_loaded_models
         self.warm = WarmTier(catalogue.warm_cache_bytes)
         self.events: list[LoadEvent] = []
@@ -541,6 +554,19 @@ class ModelRegistry:
         """Bytes of the budget reserved now (loaded, loading and still-evicting models)."""
         return sum(e.reserved for e in self._entries.values())
 
+    def placement(self, name: str) -> tuple[int, ...]:
+        """Indexes into :attr:`devices` of the devices model ``name`` holds memory on (() when none)."""
+        e = self._get(name)
+        return e.placement if e.reserved > 0 else ()
+
+    def device_used_bytes(self) -> list[int]:
+        """Bytes reserved on each device of :attr:`devices` now (loaded, loading, being evicted)."""
+        used = [0] * len(self.budgets)
+        for h in self._holders(list(self._entries.values())):
+            for d in h.devices:
+                used[d] += h.per_device
+        return used
+
     def in_use(self, name: str) -> tuple[int, int]:
         """(requests holding, requests waiting for) model ``name``."""
         e = self._get(name)
@@ -635,11 +661,13 @@ class ModelRegistry:
             plan = await asyncio.to_thread(planner, spec)
             entry.revision = getattr(plan, "revision", None)
             release = getattr(plan, "release", lambda: None)
-            if plan.total_bytes > self.budget_bytes:
+            ranks = self._ranks(entry)
+            if plan.total_bytes > capacity(self.budgets, ranks):
                 release()
                 raise MemoryError(
                     f"needs {plan.total_bytes} bytes (weights {plan.weights_bytes} + KV pool "
-                    f"{plan.kv_cache_bytes}), more than the whole memory budget of {self.budget_bytes} bytes"
+                    f"{plan.kv_cache_bytes}), more than the whole memory budget of "
+                    f"{capacity(self.budgets, ranks)} bytes" + self._span_text(ranks)
                 )
             warm = self.warm.pop(name)  # taken before evicting, so evictions cannot push it out of the tier
             try:
@@ -651,6 +679,7 @@ class ModelRegistry:
                 raise
             if entry.spec.kind is ModelKind.GENERATE:
                 plan.size_kv = self._kv_sizer(entry, asyncio.get_running_loop())
+            plan.device = str(self.devices[entry.placement[0]]) if len(self.devices) > 1 else None
             t0 = time.perf_counter()
             handle = await asyncio.to_thread(self.loader.load, spec, plan, warm)
             seconds = time.perf_counter() - t0
@@ -723,9 +752,16 @@ class ModelRegistry:
             if self.max_loaded_models is not None:
                 free_slots = self.max_loaded_models - sum(1 for e in others if e.holds_slot)
                 share = max(1, min(share, free_slots))
+        # The model's devices: its span x the tightest of them (one device: the budget and the others' bytes).
+        span = entry.placement
+        used = [0] * len(self.budgets)
+        for h in self._holders(others):
+            for d in h.devices:
+                used[d] += h.per_device
         sizing = size_kv_pool(
-            budget_bytes=self.budget_bytes, weights_bytes=weights_bytes, activation_bytes=activation_bytes,
-            others_bytes=sum(e.reserved for e in others), block_bytes=block_bytes, max_blocks=max_blocks,
+            budget_bytes=len(span) * min(self.budgets[d] for d in span), weights_bytes=weights_bytes,
+            activation_bytes=activation_bytes, others_bytes=len(span) * max(used[d] for d in span),
+            block_bytes=block_bytes, max_blocks=max_blocks,
             requested_bytes=asked, fraction=fraction, share=share, fallback_bytes=DEFAULT_KV_CACHE_BYTES,
             name=repr(name), graph_bytes=graph_bytes, extra_blocks=extra_blocks,
         )
@@ -734,48 +770,62 @@ class ModelRegistry:
         self._notify()
         return sizing
 
-    def _fits(self, need: int, used: int, slots: int) -> bool:
-        if used + need > self.budget_bytes:
-            return False
-        return self.max_loaded_models is None or slots + 1 <= self.max_loaded_models
+    def _ranks(self, entry: _Entry) -> int:
+        """Devices ``entry`` spans: its tensor parallel size (on CPU, where the ranks share the host,
+        at most the pod's slots).
+
+        Raises:
+            ValueError: a split model on GPUs needs more devices than the pod has.
+        """
+        tp, n = entry.spec.tensor_parallel_size, len(self.devices)
+        if tp <= n:
+            return tp
+        if any(d.type == "cuda" for d in self.devices):
+            raise ValueError(f"tensor parallel size {tp} needs {tp} GPUs; the pod has {n}")
+        return n
+
+    def _span_text(self, ranks: int) -> str:
+        """`` (N bytes on each of R devices)``-style detail for messages of a pod with several devices."""
+        if len(self.devices) == 1:
+            return ""
+        return f" ({ranks} contiguous device(s) of the pod's budgets {self.budgets})"
+
+    def _holders(self, entries: list[_Entry]) -> list[Holder]:
+        """What ``entries`` hold on the devices, for :func:`~.placement.place`."""
+        return [
+            Holder(e, e.placement, per_device_bytes(e.reserved, len(e.placement)), e.last_used,
+                   evictable=(e.state is ModelState.LOADED and e.evicting is None and not e.spec.preload
+                              and e.idle),
+                   leaving=e.evicting is not None, slot=e.holds_slot)
+            for e in entries if e.reserved > 0 or e.holds_slot
+        ]
 
     async def _reserve(self, entry: _Entry, need: int) -> None:
-        """Reserve ``need`` bytes and a model slot for ``entry``, evicting idle models LRU-first.
+        """Reserve ``need`` bytes (over the model's devices) and a model slot for ``entry``, choosing
+        its devices and evicting idle models LRU-first (:func:`~.placement.place`).
 
         Raises:
             ModelUnavailableError: nothing more can be evicted within ``acquireTimeoutSeconds``
                 (the message names the models that hold the memory), or shutdown began.
+            ValueError: the model needs more GPUs than the pod has.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.catalogue.acquire_timeout_seconds
+        ranks = self._ranks(entry)
         while True:
             if self._closing:
                 raise ModelUnavailableError("the server is shutting down")
             others = [e for e in self._entries.values() if e is not entry]
-            used = sum(e.reserved for e in others)
-            slots = sum(1 for e in others if e.holds_slot)
-            if self._fits(need, used, slots):
-                entry.reserved = need
+            holders = self._holders(others)
+            chosen = place(per_device_bytes(need, ranks), ranks, self.budgets, holders, self.max_loaded_models)
+            if chosen is not None and self._fits_now(chosen.devices, need, ranks, holders):
+                entry.placement, entry.reserved = chosen.devices, need
                 return
-            leaving = [e for e in others if e.evicting is not None]
-            used -= sum(e.reserved for e in leaving)
-            slots -= len(leaving)
-            candidates = sorted(
-                (e for e in others if e.state is ModelState.LOADED and e.evicting is None
-                 and not e.spec.preload and e.idle),
-                key=lambda e: e.last_used,
-            )
-            victims = []
-            for cand in candidates:
-                if self._fits(need, used, slots):
-                    break
-                victims.append(cand)
-                used -= cand.reserved
-                slots -= 1
-            if self._fits(need, used, slots):
+            if chosen is not None:
+                victims = [v for v in chosen.victims if isinstance(v, _Entry)]
                 for v in victims:
                     self._start_unload(v, action="evict")
-                pending = [e.evicting for e in leaving + victims if e.evicting is not None]
+                pending = [e.evicting for e in others if e.evicting is not None]
                 if pending:
                     await asyncio.wait([asyncio.shield(p) for p in pending])
                 continue
@@ -783,6 +833,16 @@ class ModelRegistry:
             if remaining <= 0:
                 raise ModelUnavailableError(self._no_memory_message(entry, need), retry_after=RETRY_AFTER_SECONDS)
             await self._wait_change(remaining)
+
+    def _fits_now(self, devices: tuple[int, ...], need: int, ranks: int, holders: list[Holder]) -> bool:
+        """Whether ``need`` bytes over ``devices`` and a model slot fit with every holder counted."""
+        used = [0] * len(self.budgets)
+        for h in holders:
+            for d in h.devices:
+                used[d] += h.per_device
+        slots = sum(1 for h in holders if h.slot)
+        return (all(used[d] + per_device_bytes(need, ranks) <= self.budgets[d] for d in devices)
+                and (self.max_loaded_models is None or slots + 1 <= self.max_loaded_models))
 
     def _no_memory_message(self, entry: _Entry, need: int) -> str:
         holders = []
@@ -793,6 +853,8 @@ class ModelRegistry:
                    else f"{e.active} running, {e.waiting} waiting requests")
             holders.append(f"{e.name} ({why}, {e.reserved} bytes)")
         limit = f", maxLoadedModels {self.max_loaded_models}" if self.max_loaded_models else ""
+        if len(self.devices) > 1:
+            limit += f" (per device {self.device_used_bytes()} of {self.budgets})"
         return (
             f"no memory for model {entry.name!r} within {self.catalogue.acquire_timeout_seconds:g} s: it needs "
             f"{need} bytes, {self.used_bytes()} of {self.budget_bytes} are in use{limit}; busy models: "

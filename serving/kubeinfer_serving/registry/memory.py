@@ -37,3 +37,31 @@ def resolve_budget(memory_budget_bytes: int | None, fraction: float | None, devi
         return int(memory_budget_bytes)
     return int(device_memory_bytes(device) * (fraction if fraction is not None else DEFAULT_MEMORY_FRACTION))
 
+
+
+def pod_devices(device: torch.device, devices: list[torch.device | str] | None = None) -> list[torch.device]:
+    """The devices the registry places models on, in index order.
+
+    ``devices`` when given (tests inject several CPU "slots" this way, e.g. ``["cpu"] * 4``); else
+    every visible GPU when ``device`` is CUDA without an index (the pod's GPUs), else ``[device]``.
+    """
+    if devices:
+        return [torch.device(d) for d in devices]
+    if device.type == "cuda" and device.index is None:
+        return [torch.device("cuda", i) for i in range(max(torch.cuda.device_count(), 1))]
+    return [device]
+
+
+def device_budgets(memory_budget_bytes: int | None, fraction: float | None,
+                   devices: list[torch.device]) -> list[int]:
+    """The byte budget of each device (see :func:`resolve_budget` for one device).
+
+    A GPU has its own memory: each gets ``memory_budget_bytes``, else ``fraction`` x its memory.
+    CPU slots share the host: the one host budget is split evenly between them (one slot: the
+    whole budget, as with a single device).
+    """
+    out = []
+    for d in devices:
+        budget = resolve_budget(memory_budget_bytes, fraction, d)
+        out.append(budget if d.type == "cuda" else budget // len(devices))
+    return out
