@@ -169,7 +169,8 @@ class ServerSettings(BaseSettings):
     dtype: str | None = knob(None, "single-model mode: weights/KV dtype: bfloat16/bf16, float16/fp16/half, "
                              "float32/fp32 or auto", model_key="dtype", doc_default="auto: bf16 on CUDA, fp32 on CPU")
     memory_budget_bytes: int | None = knob(
-        None, "bytes for weights + activation peaks + KV pools of all loaded models", pod_key="memoryBudgetBytes",
+        None, "bytes for weights + activation peaks + KV pools of the loaded models, per GPU (on CPU: for the "
+        "host)", pod_key="memoryBudgetBytes",
         doc_default="catalogue's, else --gpu-memory-utilization x device memory", ge=1)
     gpu_memory_utilization: float | None = knob(
         None, "memory budget as a fraction of device memory (physical/cgroup memory on CPU), vLLM's flag; "
