@@ -97,6 +97,8 @@ class ResponsesServing:
         check_fields(self.request, self.body)
         if self.body.store:
             record_ignored(self.request, ["store"])
+        if self.body.include:
+            record_ignored(self.request, ["include"])
         chat_body = to_chat_request(self.body)
         chat.check_request(self.request, chat_body)
         async with AsyncExitStack() as stack:

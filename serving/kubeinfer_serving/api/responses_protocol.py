@@ -30,7 +30,8 @@ class ResponsesRequest(_SamplingFields):
     """``POST /v1/responses``: ``input`` is a string (one user message) or a list of input items.
 
     ``store: true`` is accepted and has no effect (nothing is kept; vLLM does the same without its
-    store); ``previous_response_id``, ``conversation``, ``prompt`` and ``background: true`` need
+    store); ``include`` is accepted, and reported as ignored when it asks for anything (the Agents
+    SDK sends ``include: []`` on every request); ``previous_response_id``, ``conversation``, ``prompt`` and ``background: true`` need
     server-side state and are refused with 400.
     """
 
@@ -43,6 +44,7 @@ class ResponsesRequest(_SamplingFields):
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_INT32)
     store: bool | None = None
+    include: Annotated[list[Name], Field(max_length=16)] | None = None
     previous_response_id: Name | None = None
     conversation: Text | JSONObject | None = None
     prompt: JSONObject | None = None
