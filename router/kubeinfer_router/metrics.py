@@ -90,6 +90,25 @@ class RouterMetrics:
                               buckets=TTFB_BUCKETS, registry=r)
         r.register(_EndpointsCollector(endpoints, clock))
         self._endpoints = endpoints
+        # labelled children by label values: ``labels()`` takes a lock and builds a key per call
+        self._request_children: dict[tuple[str, str, str, int], Counter] = {}
+        self._ttfb_children: dict[str, Histogram] = {}
+
+    def count_request(self, model: str | None, endpoint: str, reason: str, code: int) -> None:
+        """Count one answered request in ``kubeinfer_router_requests_total`` (``model`` as :meth:`model_label`
+        bounds it)."""
+        values = (self.model_label(model), endpoint, reason, code)
+        child = self._request_children.get(values)
+        if child is None:
+            child = self._request_children[values] = self.requests.labels(*values[:3], str(code))
+        child.inc()
+
+    def observe_ttfb(self, endpoint: str, seconds: float) -> None:
+        """One upstream time to first byte of ``endpoint`` (its name), seconds."""
+        child = self._ttfb_children.get(endpoint)
+        if child is None:
+            child = self._ttfb_children[endpoint] = self.ttfb.labels(endpoint)
+        child.observe(seconds)
 
     def model_label(self, model: str | None) -> str:
         """The bounded ``model`` label: the id if an endpoint reports it, ``other`` if not, ``none`` for no model."""

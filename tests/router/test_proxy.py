@@ -51,6 +51,7 @@ class FakePod:
         mode: "ok", "500" (every API request 500), "draining" (503 ``server_shutting_down``),
             "cut" (a stream stops after two chunks with the connection aborted).
         gate: when set, a stream waits for it after its first chunk.
+        head_gate: when set, a stream waits for it after its headers, before its first chunk.
         seen: (method, path, headers, body) of each API request.
     """
 
@@ -58,6 +59,7 @@ class FakePod:
         self.models: dict[str, str] = {}
         self.mode = "ok"
         self.gate: asyncio.Event | None = None
+        self.head_gate: asyncio.Event | None = None
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.require_key: str | None = None
         self.cancelled = 0  # requests whose client left (handler cancelled)
@@ -141,6 +143,8 @@ class FakePod:
         out = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                           "Cache-Control": "no-cache"})
         await out.prepare(request)
+        if self.head_gate is not None:
+            await self.head_gate.wait()
         for i, text in enumerate(CHUNKS):
             chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": payload.get("model", ""),
                      "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
@@ -244,6 +248,22 @@ def reported(app: web.Application, pod: FakePod, model: str) -> Callable[[], boo
 
 def completion(model: str = "m", stream: bool = False, prompt: str = "hello") -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": 4, "stream": stream}
+
+
+async def test_a_streams_headers_reach_the_client_before_its_body_begins():
+    # the router sends an answer's headers with the body bytes that came with them (one write); when
+    # none came, the headers still go at once, not when the first token does
+    async with pods(1) as (pod,), router(StaticDiscovery([pod.url])) as (url, _), aiohttp.ClientSession() as http:
+        pod.head_gate = asyncio.Event()
+        request = http.post(f"{url}/v1/completions", json=completion(stream=True))
+        r = await asyncio.wait_for(request, 5)  # the pod holds its first chunk until the gate opens
+        async with r:
+            assert r.status == 200 and r.headers["x-pod-header"] == "from-pod"
+            assert r.headers["x-kubeinfer-endpoint"] == pod.url
+            pod.head_gate.set()
+            events = [e[len("data: "):] for e in (await r.content.read()).decode().split("\n\n") if e]
+        assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == CHUNKS
+        assert events[-1] == "[DONE]"
 
 
 async def test_sse_chunks_reach_the_client_as_the_pod_sends_them():
