@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kubeinfer_serving.asgi_status import StatusRecorder
 from kubeinfer_serving.metrics_vllm import VllmSeries
 
 #: The registry served at ``/metrics``. A dedicated one keeps tests and embedding apps isolated
@@ -254,21 +255,14 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, recorder)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = http_method_label(scope.get("method", "GET"))
-            HTTP_REQUESTS.labels(route=template, method=method, status=str(status)).inc()
+            HTTP_REQUESTS.labels(route=template, method=method, status=str(recorder.status)).inc()
             HTTP_REQUEST_DURATION.labels(route=template, method=method).observe(time.perf_counter() - start)
 
 AUTH_FAILURES = Counter(

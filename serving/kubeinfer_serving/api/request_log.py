@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_serving.api.auth import identity_of
+from kubeinfer_serving.asgi_status import StatusRecorder
 
 log = logging.getLogger("kubeinfer_serving.requests")
 
@@ -98,18 +99,11 @@ class RequestLogMiddleware:
             return
         record = RequestRecord(time.perf_counter())
         scope.setdefault("state", {})[_KEY] = record
-        status = 500
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, recorder)
         finally:
-            fields = _fields(scope, record, status, scope["state"].get("request_id", "-"))
+            fields = _fields(scope, record, recorder.status, scope["state"].get("request_id", "-"))
             level = logging.DEBUG if scope.get("path") in QUIET_PATHS else logging.INFO
             if log.isEnabledFor(level):
                 text = " ".join(f"{k}={'-' if v is None else v}" for k, v in fields.items())

@@ -37,6 +37,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from kubeinfer_serving.api.auth import identity_of
 from kubeinfer_serving.api.request_log import QUIET_PATHS, record_of
+from kubeinfer_serving.asgi_status import StatusRecorder
 from kubeinfer_serving.engine.outputs import RequestOutput
 from kubeinfer_serving.tracing import Tracing, monotonic_to_epoch_ns, set_attributes
 
@@ -143,21 +144,14 @@ class RequestTraceMiddleware:
                                       attributes={"http.request.method": method, "url.path": scope.get("path", "")})
         state = scope.setdefault("state", {})
         state[_KEY], state[_KEY + ".tracer"] = span, self.tracer
-        status = 500
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, recorder)
         except BaseException as exc:
             span.record_exception(exc)
             raise
         finally:
-            self._finish(scope, span, method, status)
+            self._finish(scope, span, method, recorder.status)
 
     @staticmethod
     def _finish(scope: dict[str, Any], span: trace.Span, method: str, status: int) -> None:
