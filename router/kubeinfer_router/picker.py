@@ -48,16 +48,24 @@ steps, in order; each decision carries the reason of the step that made it (:dat
       has ``inflight < mean``).
 
    Every warm decision (steps 3-5) is remembered: its endpoint becomes (or stays) a holder of the key.
-6. **Cold.** No endpoint holds the model. Endpoints this picker sent the same model to within
-   ``cold_claim_seconds`` are taken as its holders (a load they are doing is not reported yet), so a
-   burst of requests for a cold model loads it once, not on every replica. Only models some
-   endpoint's catalogue lists are claimed (a misspelt model id, answered 404, claims nothing). Otherwise the candidates
-   are, first non-empty of: endpoints that can load it without evicting anything (nothing on the
-   device, or free budget >= the model's reported bytes), endpoints with enough idle evictable
-   bytes, all. Skipped: endpoints claimed for another model. Steps 3-5 then run over them with the
-   ring keyed by ``(model, adapter)`` only, so each model settles on the same few replicas whatever
-   the prompts while load is low. ``cold_memory`` when the memory preference narrowed the
-   candidates, else ``cold_hash``.
+6. **Cold.** No endpoint holds the model. Its holders are then the endpoints loading it: the
+   ones whose report says its load runs (started by any router replica, or a client of the plain
+   Service), and the ones this picker sent it to within ``cold_claim_seconds`` (a load they are
+   doing is not reported yet), so a burst of requests for a cold model loads it once, not on every
+   replica. Only models some endpoint's catalogue lists are claimed (a misspelt model id, answered
+   404, claims nothing). Otherwise the candidates are, first non-empty of: endpoints that can load
+   it without evicting anything (nothing on the device or loading and a free ``maxLoadedModels``
+   slot, or free budget >= the model's reported bytes), endpoints with enough idle evictable bytes,
+   all. Skipped: endpoints claimed for another model. Steps 3-5 then run over them, with the
+   model's *home* tried first: every catalogue model (an adapter follows its base) is placed on the
+   usable endpoints by :func:`~kubeinfer_router.ring.bounded_assignment`, at most
+   ``ceil(models / endpoints)`` per endpoint. The home depends only on the catalogue and the
+   endpoint set, which every router replica sees alike, so replicas deciding at the same moment put
+   different cold models on different pods (each replica's ring alone put two of three models on
+   one pod about two times in three, and with ``maxLoadedModels: 1`` that pod then evicts one model
+   for the other on every switch). Past the home the ring keyed by ``(model, adapter)`` decides, so
+   each model settles on the same few replicas whatever the prompts while load is low.
+   ``cold_memory`` when the memory preference narrowed the candidates, else ``cold_hash``.
 
 Pure logic: the clock is injectable, there is no I/O; one instance per router (it caches rings and
 remembers cold claims), used from one asyncio loop.
@@ -74,7 +82,7 @@ from dataclasses import dataclass
 from kubeinfer_router.affinity import DEFAULT_MAX_KEYS, DEFAULT_TTL_SECONDS, AffinityMemory
 from kubeinfer_router.health import is_ejected
 from kubeinfer_router.keys import RoutingKey
-from kubeinfer_router.ring import DEFAULT_VIRTUAL_NODES, HashRing
+from kubeinfer_router.ring import DEFAULT_VIRTUAL_NODES, HashRing, bounded_assignment
 from kubeinfer_router.state import EndpointState, Tier
 
 __all__ = ["REASONS", "Decision", "Picker", "RoutingKey"]
@@ -144,6 +152,8 @@ class Picker:
         self.cold_claim_seconds = cold_claim_seconds
         self.affinity = AffinityMemory(affinity_ttl_seconds, affinity_keys)
         self._rings: OrderedDict[frozenset[str], HashRing] = OrderedDict()
+        # (endpoint URLs, base model ids) -> base model id -> home URL (the last one computed)
+        self._homes: tuple[frozenset[str], frozenset[str], dict[str, str]] | None = None
         # (model, adapter) -> endpoint URL -> monotonic time the claim ends
         self._claims: dict[tuple[str, str | None], dict[str, float]] = {}
 
@@ -180,21 +190,39 @@ class Picker:
         self._prune_claims(now)
         claimed = self._claims.get(claim_key, {})
         ring_key = "\x00".join((model, adapter or ""))
-        candidates = [ep for ep in usable if ep.url in claimed]
+        candidates = [ep for ep in usable if ep.url in claimed or model in ep.loading]
         reason = "cold_hash"
         if not candidates:
             busy = {url for other, urls in self._claims.items() if other != claim_key for url in urls}
             candidates, narrowed = _cold_candidates(usable, model, busy)
             reason = "cold_memory" if narrowed else "cold_hash"
-        decision = self._choose(usable, candidates, ring_key, priority, reason, reason)
+        decision = self._choose(usable, candidates, ring_key, priority, reason, reason,
+                                home=self._home(usable, model))
         if self.cold_claim_seconds > 0 and any(model in ep.models for ep in usable):
             self._claims.setdefault(claim_key, {})[decision.endpoint.url] = now + self.cold_claim_seconds
         return decision
 
+    def _home(self, usable: list[EndpointState], model: str) -> str | None:
+        """The URL ``model`` (its base, for an adapter) is placed on by the bounded assignment of the
+        catalogue's base models over ``usable``; None for a model no catalogue lists."""
+        parents: dict[str, str] = {}
+        for ep in usable:
+            parents.update(ep.parents)
+        base = parents.get(model, model)
+        bases = frozenset(m for ep in usable for m in ep.models if m not in parents)
+        if base not in bases:
+            return None
+        urls = frozenset(ep.url for ep in usable)
+        if self._homes is None or self._homes[0] != urls or self._homes[1] != bases:
+            self._homes = (urls, bases, bounded_assignment(self._ring(urls), bases))
+        return self._homes[2].get(base)
+
     def _choose(self, usable: list[EndpointState], candidates: list[EndpointState], ring_key: str,
-                priority: int, first_reason: str, spill_reason: str, now: float | None = None) -> Decision:
+                priority: int, first_reason: str, spill_reason: str, now: float | None = None,
+                home: str | None = None) -> Decision:
         """Steps 3-5 over ``candidates`` (a non-empty subset of ``usable``); with ``now`` (warm picks)
-        step 5 consults the affinity memory, without it (cold picks) the ring alone decides."""
+        step 5 consults the affinity memory, without it (cold picks) ``home`` (when a candidate
+        under the bound) and then the ring decide."""
         if priority < 0:
             return Decision(min(candidates, key=_fastest_order), "urgent")
         least = min(candidates, key=self._least_loaded_order)
@@ -207,18 +235,21 @@ class Picker:
         if self._imbalanced(busiest, gate_load(least)):
             return Decision(least, "imbalance")
         if now is None:
-            endpoint, first = self._bounded_walk(candidates, ring_key)
+            endpoint, first = self._bounded_walk(candidates, ring_key, home)
             return Decision(endpoint, first_reason if first else spill_reason)
         return self._affine_walk(candidates, ring_key, now, first_reason, spill_reason)
 
     def _imbalanced(self, high: int, low: int) -> bool:
         return high > self.imbalance_min_requests and high > self.imbalance_ratio * low
 
-    def _bounded_walk(self, candidates: list[EndpointState], ring_key: str) -> tuple[EndpointState, bool]:
-        """CHWBL: the first endpoint clockwise from ``ring_key`` under the bound, and whether it was
-        the ring's first choice."""
+    def _bounded_walk(self, candidates: list[EndpointState], ring_key: str,
+                      home: str | None = None) -> tuple[EndpointState, bool]:
+        """CHWBL: ``home`` when it is a candidate under the bound, else the first endpoint clockwise
+        from ``ring_key`` under the bound; and whether that was the first choice."""
         by_url = {ep.url: ep for ep in candidates}
         cap = self._cap(ep.inflight for ep in candidates)
+        if home in by_url and by_url[home].inflight + 1 <= cap:
+            return by_url[home], True
         for index, url in enumerate(self._ring(by_url).walk(ring_key)):
             endpoint = by_url[url]
             if endpoint.inflight + 1 <= cap:
@@ -321,7 +352,9 @@ def _cold_candidates(usable: list[EndpointState], model: str,
 
 
 def _loads_without_eviction(ep: EndpointState, need: int | None) -> bool:
-    if not any(tier is Tier.DEVICE for tier in ep.models.values()):
+    if ep.max_loaded_models is not None and ep.loaded_models >= ep.max_loaded_models:
+        return False  # every maxLoadedModels slot is held (loaded, loading or evicting models)
+    if not ep.loading and not any(tier is Tier.DEVICE for tier in ep.models.values()):
         return True
     return need is not None and ep.free_bytes is not None and ep.free_bytes >= need
 

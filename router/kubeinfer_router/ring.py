@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Iterable, Iterator
 
 DEFAULT_VIRTUAL_NODES = 256
@@ -101,3 +102,36 @@ class HashRing:
     def lookup(self, key: str) -> str | None:
         """The node that owns ``key`` (first clockwise), or None on an empty ring."""
         return next(self.walk(key), None)
+
+
+def bounded_assignment(ring: HashRing, keys: Iterable[str]) -> dict[str, str]:
+    """Place every key of a known key set on the ring's nodes, no node taking more than its share.
+
+    Consistent hashing with bounded loads (Mirrokni et al., SODA 2018) run over the whole key set at
+    once with the strict bound ``ceil(len(keys) / len(nodes))``: keys are placed in the order of
+    their own hash (:func:`hash64`, then the key), each on the first node of its clockwise walk that
+    holds fewer than the bound. The result depends only on the key set and the node set, so every
+    process computing it over the same sets gets the same placement without talking to the others
+    (the router's replicas use it to put different cold models on different pods), and it keeps the
+    ring's stability: a node joining or leaving moves few keys.
+
+    Args:
+        ring: the nodes (an empty ring gives ``{}``).
+        keys: the key set (duplicates count once).
+
+    Returns:
+        key -> node, for every key.
+    """
+    unique = sorted(set(keys), key=lambda k: (hash64(k), k))
+    if not unique or not len(ring):
+        return {}
+    cap = math.ceil(len(unique) / len(ring))
+    counts: dict[str, int] = {}
+    placed: dict[str, str] = {}
+    for key in unique:
+        for node in ring.walk(key):
+            if counts.get(node, 0) < cap:
+                counts[node] = counts.get(node, 0) + 1
+                placed[key] = node
+                break
+    return placed

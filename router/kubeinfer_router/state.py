@@ -70,6 +70,9 @@ class EndpointState:
     last_report: float | None = None  # monotonic time of the last good /kubeinfer/load
     warm_tier: bool = False  # the last report said the pod has a warm (host RAM) tier
     model_bytes: dict[str, int] = field(default_factory=dict)  # model id -> bytes, when reported
+    loading: frozenset[str] = frozenset()  # ids the last report said are loading (any router's request)
+    max_loaded_models: int | None = None  # the pod's maxLoadedModels (None: no count limit, or unknown)
+    loaded_models: int = 0  # slots of that limit held (loaded, loading or being evicted models)
 
 
 class EndpointTable:
@@ -116,6 +119,9 @@ class EndpointTable:
 
         Missing or ill-typed scalar fields keep a neutral value (0, False, None); a model entry
         without a known ``tier`` counts as DEVICE when its ``state`` is ``loaded``, else ABSENT.
+        Entries whose ``state`` is ``loading`` make :attr:`EndpointState.loading` (a load any
+        router, or a client of the plain Service, started there); ``memory.max_loaded_models`` and
+        ``memory.loaded_models`` give the pod's model-count limit and the slots it holds.
         The model list replaces the one from earlier reports and headers.
 
         Raises:
@@ -144,6 +150,7 @@ class EndpointTable:
         memory = report.get("memory") if isinstance(report.get("memory"), dict) else {}
         budget, used = memory.get("budget_bytes"), memory.get("used_bytes")
         ep.models, ep.parents, ep.model_bytes = models, parents, sizes
+        ep.loading = frozenset(entry["id"] for entry in entries if entry.get("state") == "loading")
         ep.queue_length = _int_or(report.get("queue_length"), 0)
         ep.running = _int_or(report.get("running"), 0)
         usage = report.get("kv_cache_usage")
@@ -153,6 +160,9 @@ class EndpointTable:
         ep.free_bytes = max(budget - used, 0) if _is_int(budget) and _is_int(used) else None
         evictable = memory.get("evictable_bytes")
         ep.evictable_bytes = evictable if _is_int(evictable) else None
+        limit = memory.get("max_loaded_models")
+        ep.max_loaded_models = limit if _is_int(limit) else None
+        ep.loaded_models = _int_or(memory.get("loaded_models"), 0)
         ep.last_report = self.clock()
 
     def apply_resident_header(self, url: str, model: str | None, header: str | None,

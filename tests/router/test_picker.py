@@ -372,6 +372,49 @@ def test_cold_picks_prefer_free_memory_then_idle_evictable_bytes():
     assert picker.pick(table.all(), key(model="new")).reason == "cold_hash"
 
 
+def test_router_replicas_deciding_at_once_put_different_cold_models_on_different_pods():
+    """Issue 18's e2e: 2 router replicas, 3 pods, 3 models, maxLoadedModels 1. Each replica knows
+    only its own claims; the models' homes keep them apart anyway."""
+    for fleet_id in range(20):
+        urls = {f"http://10.{fleet_id}.0.{i}:8000": (f"pod-{i}", True) for i in range(3)}
+        tables = [EndpointTable(clock=Clock()), EndpointTable(clock=Clock())]
+        for table in tables:
+            table.sync(urls)
+            for ep in table.all():
+                ep.models = {m: Tier.ABSENT for m in ("tiny-a", "tiny-b", "tiny-c")}
+                ep.max_loaded_models = 1
+        pickers = [Picker(clock=Clock()), Picker(clock=Clock())]
+        # replica 0 gets tiny-a and tiny-b, replica 1 tiny-c, before any pod reports a load
+        placed = {model: send(pickers[r], tables[r], key(model=model)).endpoint.url
+                  for r, model in ((0, "tiny-a"), (0, "tiny-b"), (1, "tiny-c"))}
+        assert len(set(placed.values())) == 3, (fleet_id, placed)
+        # and replica 1, asked for tiny-a later, sends it where replica 0 did
+        assert send(pickers[1], tables[1], key(model="tiny-a")).endpoint.url == placed["tiny-a"]
+
+
+def test_a_load_another_replica_started_makes_its_pod_the_holder():
+    table = fleet(3, {"m": Tier.ABSENT, "other": Tier.ABSENT})
+    a, b, c = table.all()
+    home = Picker(clock=Clock()).pick(table.all(), key()).endpoint
+    loader = next(ep for ep in (a, b, c) if ep is not home)
+    loader.loading = frozenset({"m"})  # its report: m is loading (another router sent it there)
+    picker = Picker(clock=Clock())
+    assert {send(picker, table, key(affinity=str(i))).endpoint.url for i in range(6)} == {loader.url}
+
+
+def test_a_pod_whose_model_slots_are_all_held_is_not_free():
+    table = fleet(2, {"m": Tier.ABSENT, "other": Tier.ABSENT})
+    a, b = table.all()
+    for ep in (a, b):
+        ep.max_loaded_models = 1
+    home = Picker(cold_claim_seconds=0).pick(table.all(), key()).endpoint
+    home.loaded_models, home.loading = 1, frozenset({"other"})  # loading another model in its one slot
+    other = b if home is a else a
+    assert Picker(cold_claim_seconds=0).pick(table.all(), key()) == Decision(other, "cold_memory")
+    home.loading, home.loaded_models, home.max_loaded_models = frozenset(), 1, 2  # a slot is still free
+    assert Picker(cold_claim_seconds=0).pick(table.all(), key()) == Decision(home, "cold_hash")
+
+
 def test_urgent_cold_requests_still_go_to_the_fastest():
     table = fleet(3)
     a, b, c = table.all()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 
 import pytest
-from kubeinfer_router.ring import HashRing, hash64
+from kubeinfer_router.ring import HashRing, bounded_assignment, hash64
 
 NODES = [f"http://10.0.0.{i}:8000" for i in range(1, 11)]
 KEYS = [f"tenant-{i}/prompt prefix {i * 7919}" for i in range(20_000)]
@@ -84,3 +85,34 @@ def test_add_and_remove_are_idempotent_and_empty_ring_owns_nothing():
 def test_virtual_nodes_must_be_positive():
     with pytest.raises(ValueError, match="virtual_nodes"):
         HashRing(NODES, virtual_nodes=0)
+
+
+def test_bounded_assignment_gives_each_node_at_most_its_share_and_every_process_the_same_answer():
+    models = [f"model-{i}" for i in range(7)]
+    placed = bounded_assignment(HashRing(NODES[:3]), models)
+    assert set(placed) == set(models)
+    assert max(collections.Counter(placed.values()).values()) <= 3  # ceil(7 / 3)
+    # another process (another router replica) building its own ring from the same sets agrees
+    assert bounded_assignment(HashRing(reversed(NODES[:3])), reversed(models)) == placed
+
+
+def test_bounded_assignment_of_as_many_keys_as_nodes_is_one_each_where_the_ring_alone_doubles_up():
+    doubled = 0
+    for fleet in range(30):
+        nodes = [f"http://10.{fleet}.0.{i}:8000" for i in range(3)]
+        keys = ["tiny-a", "tiny-b", "tiny-c"]
+        assert sorted(bounded_assignment(HashRing(nodes), keys).values()) == sorted(nodes)
+        ring = HashRing(nodes)
+        doubled += len({ring.lookup(k) for k in keys}) < 3
+    assert doubled >= 10  # control: the plain ring puts two of three keys on one node in most fleets
+
+
+def test_bounded_assignment_moves_few_keys_when_a_node_leaves():
+    keys = [f"model-{i}" for i in range(300)]
+    ring = HashRing(NODES)
+    before = bounded_assignment(ring, keys)
+    ring.remove(NODES[0])
+    after = bounded_assignment(ring, keys)
+    moved = sum(before[k] != after[k] for k in keys)
+    assert moved < 0.25 * len(keys)  # the leaver's 30 keys plus some knock-on, far from a reshuffle
+    assert bounded_assignment(HashRing(), keys) == {} and bounded_assignment(ring, []) == {}

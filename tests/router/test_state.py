@@ -9,13 +9,14 @@ A, B, C = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
 
 REPORT = {
     "queue_length": 3, "running": 5, "kv_cache_usage": 0.42, "draining": False, "warm_tier": True,
-    "memory": {"budget_bytes": 1000, "used_bytes": 600, "evictable_bytes": 200},
+    "memory": {"budget_bytes": 1000, "used_bytes": 600, "evictable_bytes": 200, "max_loaded_models": 3,
+               "loaded_models": 2},
     "models": [
         {"id": "tiny-llama", "kind": "generate", "state": "loaded", "tier": "device", "parent": None,
          "queue_length": 1, "running": 2, "bytes": 400},
         {"id": "qwen", "kind": "generate", "state": "unloaded", "tier": "host", "parent": None},
         {"id": "bert", "kind": "embed", "state": "unloaded", "tier": "disk"},
-        {"id": "llama-70b", "kind": "generate", "state": "unloaded", "tier": "absent"},
+        {"id": "llama-70b", "kind": "generate", "state": "loading", "tier": "absent"},
         {"id": "tiny-llama-sql", "kind": "generate", "state": "loaded", "parent": "tiny-llama"},
     ],
 }
@@ -63,6 +64,7 @@ def test_apply_report_reads_every_field():
     assert a.model_bytes == {"tiny-llama": 400}
     assert (a.queue_length, a.running, a.kv_cache_usage, a.draining, a.warm_tier) == (3, 5, 0.42, False, True)
     assert (a.free_bytes, a.evictable_bytes, a.last_report) == (400, 200, 50.0)
+    assert (a.loading, a.max_loaded_models, a.loaded_models) == (frozenset({"llama-70b"}), 3, 2)
 
 
 def test_a_later_report_replaces_models_and_missing_fields_become_neutral():
@@ -73,6 +75,7 @@ def test_a_later_report_replaces_models_and_missing_fields_become_neutral():
     assert a.models == {"qwen": Tier.DEVICE}
     assert (a.queue_length, a.running, a.kv_cache_usage, a.free_bytes, a.evictable_bytes) == (0, 0, 0.0, None, None)
     assert a.draining is True and a.warm_tier is False
+    assert (a.loading, a.max_loaded_models, a.loaded_models) == (frozenset(), None, 0)
 
 
 @pytest.mark.parametrize("report", [[], "x", {"models": "tiny"}, {"models": [{"tier": "device"}]},
