@@ -115,7 +115,8 @@ def test_a_read_keeps_an_entry_and_the_bytes_gauge_follows() -> None:
     cache = ResultCache(max_bytes=2 * size, ttl_seconds=60, models={"m"})
     cache.put("k1", body)
     cache.put("k2", body)
-    assert cache.bytes == 2 * size and metrics.REGISTRY.get_sample_value("kubeinfer_result_cache_bytes") == 2 * size
+    assert cache.bytes == 2 * size
+    assert metrics.REGISTRY.get_sample_value("kubeinfer_result_cache_bytes") == 2 * size
     assert cache.get("k1", "m") is not None  # k1 is now the most recently used
     cache.put("k3", body)
     assert cache.get("k2", "m") is None and cache.get("k1", "m") is not None and cache.get("k3", "m") is not None

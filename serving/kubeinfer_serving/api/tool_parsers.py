@@ -289,7 +289,8 @@ def stable_arguments(done: Any, grown: Any) -> str:
 
     ``json.dumps`` of the object read so far, less the closing brackets of whatever is still
     open; when the reply stops inside a string value, that string's characters so far (never
-    half a surrogate pair). A prefix of :func:`arguments_text` of every completion of the object.
+    half a surrogate pair). A prefix of :func:`arguments_text` of every completion of the object
+    (unless a key is repeated: the later value replaces the earlier one).
 
     Args:
         done: the arguments read with complete atoms only (:func:`partial_json`'s first value).
@@ -487,9 +488,8 @@ def partial_calls(text: str, tools: list[dict[str, Any]], parser: str) -> list[P
         The calls, each with the certain start of its ``arguments`` (:class:`PartialCall`).
     """
     functions = {t["function"]["name"]: t["function"] for t in tools}
-    if parser == QWEN3_XML:
-        return _qwen3_partial(text, functions)
     return _PARTIAL[parser](text, functions)
 
 
-_PARTIAL = {HERMES: _hermes_partial, LLAMA3_JSON: _llama3_partial, MISTRAL: _mistral_partial}
+_PARTIAL = {HERMES: _hermes_partial, LLAMA3_JSON: _llama3_partial, MISTRAL: _mistral_partial,
+            QWEN3_XML: _qwen3_partial}

@@ -190,7 +190,8 @@ def partial_tool_calls(text: str, plan: ToolPlan, parser: str) -> list[PartialCa
     return []
 
 
-#: A stream reads a reply's calls again once it has grown by this fraction of its length (:meth:`ToolCallStream.call_deltas`).
+#: A stream reads a reply's calls again once it has grown by 1/REREAD_FRACTION of its length
+#: (:meth:`ToolCallStream.call_deltas`).
 REREAD_FRACTION = 128
 
 
@@ -272,7 +273,7 @@ class ToolCallStream:
         return rest, calls
 
     def call_deltas(self) -> list[ToolCallDelta]:
-        """The tool-call deltas that the text fed so far makes certain and that were not sent yet (see the class).
+        """The tool-call deltas that the text fed so far makes certain and that were not sent yet.
 
         Each reading parses the reply so far, so the reply is read again only once it has grown
         by 1/:data:`REREAD_FRACTION` of its length (at least a character) since the last reading:
