@@ -147,6 +147,17 @@ def test_tool_calls_stream_as_openai_streams_them(hclient: openai.OpenAI) -> Non
     # The forced call's arguments stream as they are generated and add up to the unstreamed ones.
     assert name == "get_time" and args == whole.function.arguments and pieces > 1
     assert len(ids) == 1 and reasons == ["tool_calls"]
+    # tool_choice "required": the calls of the forced list stream the same way.
+    kw = {**kw, "tool_choice": "required", "max_tokens": 150, "temperature": 0.8, "seed": 4}
+    calls = hclient.chat.completions.create(**kw).choices[0].message.tool_calls
+    streamed: dict[int, list] = {}
+    for chunk in hclient.chat.completions.create(stream=True, **kw):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed.setdefault(tc.index, []).append(tc)
+    assert [ds[0].function.name for ds in streamed.values()] == [c.function.name for c in calls]
+    assert ["".join(d.function.arguments or "" for d in ds) for ds in streamed.values()] == [
+        c.function.arguments for c in calls]
+    assert len([d for d in streamed[0] if d.function.arguments]) > 1
 
 
 def test_bad_tool_requests_are_400(hclient: openai.OpenAI) -> None:
