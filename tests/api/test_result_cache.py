@@ -103,3 +103,23 @@ def test_lru_bound_in_bytes_and_ttl() -> None:
     assert cache.get("k1", "m") is None and cache.get("k3", "m") is not None  # the oldest went first
     time.sleep(0.25)
     assert cache.get("k3", "m") is None  # expired
+
+
+def test_a_read_keeps_an_entry_and_the_bytes_gauge_follows() -> None:
+    from kubeinfer_serving import metrics
+    from kubeinfer_serving.api.result_cache import ResultCache
+
+    body = {"object": "text_completion", "id": "x", "created": 0, "model": "m",
+            "choices": [{"index": 0, "text": "b" * 50, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1}}
+    size = len(json.dumps(body, separators=(",", ":")))
+    cache = ResultCache(max_bytes=2 * size, ttl_seconds=60, models={"m"})
+    cache.put("k1", body)
+    cache.put("k2", body)
+    assert cache.bytes == 2 * size
+    assert metrics.REGISTRY.get_sample_value("kubeinfer_result_cache_bytes") == 2 * size
+    assert cache.get("k1", "m") is not None  # k1 is now the most recently used
+    cache.put("k3", body)
+    assert cache.get("k2", "m") is None and cache.get("k1", "m") is not None and cache.get("k3", "m") is not None
+    cache.put("big", {**body, "choices": [{"index": 0, "text": "c" * (3 * size)}]})  # over the budget: skipped
+    assert cache.get("big", "m") is None and cache.bytes == 2 * size
+    assert ResultCache(max_bytes=0, ttl_seconds=60, models={"m"}).key("r", "t", "m", "e", None) is None

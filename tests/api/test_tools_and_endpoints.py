@@ -132,7 +132,7 @@ def test_tool_calls_stream_as_openai_streams_them(hclient: openai.OpenAI) -> Non
     kw = dict(model=NAME, messages=[{"role": "user", "content": "time?"}], tools=[WEATHER, TIME], max_tokens=60,
               temperature=0.5, seed=2, tool_choice={"type": "function", "function": {"name": "get_time"}})
     whole = hclient.chat.completions.create(**kw).choices[0].message.tool_calls[0]
-    name, args, ids, reasons = "", "", [], []
+    name, args, ids, reasons, pieces = "", "", [], [], 0
     for chunk in hclient.chat.completions.create(stream=True, **kw):
         for c in chunk.choices:
             for tc in c.delta.tool_calls or []:
@@ -141,10 +141,23 @@ def test_tool_calls_stream_as_openai_streams_them(hclient: openai.OpenAI) -> Non
                     ids.append(tc.id)
                 name += tc.function.name or ""
                 args += tc.function.arguments or ""
+                pieces += bool(tc.function.arguments)
             if c.finish_reason:
                 reasons.append(c.finish_reason)
-    assert name == "get_time" and json.loads(args) == json.loads(whole.function.arguments)
+    # The forced call's arguments stream as they are generated and add up to the unstreamed ones.
+    assert name == "get_time" and args == whole.function.arguments and pieces > 1
     assert len(ids) == 1 and reasons == ["tool_calls"]
+    # tool_choice "required": the calls of the forced list stream the same way.
+    kw = {**kw, "tool_choice": "required", "max_tokens": 150, "temperature": 0.8, "seed": 4}
+    calls = hclient.chat.completions.create(**kw).choices[0].message.tool_calls
+    streamed: dict[int, list] = {}
+    for chunk in hclient.chat.completions.create(stream=True, **kw):
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            streamed.setdefault(tc.index, []).append(tc)
+    assert [ds[0].function.name for ds in streamed.values()] == [c.function.name for c in calls]
+    assert ["".join(d.function.arguments or "" for d in ds) for ds in streamed.values()] == [
+        c.function.arguments for c in calls]
+    assert len([d for d in streamed[0] if d.function.arguments]) > 1
 
 
 def test_bad_tool_requests_are_400(hclient: openai.OpenAI) -> None:

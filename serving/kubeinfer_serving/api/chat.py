@@ -6,8 +6,8 @@ The conversation is rendered with the model's chat template (with the request's 
 (``max_model_len - prompt``), as vLLM does. A stream opens with a
 ``{"role": "assistant", "content": ""}`` delta per choice, as OpenAI's does. Tool calls
 (:mod:`kubeinfer_serving.api.tools`) come back as ``message.tool_calls`` with
-``finish_reason: "tool_calls"``; streamed, each call is one delta with its id, type and name
-followed by one with its arguments.
+``finish_reason: "tool_calls"``; streamed, each call is a delta with its id, type and name
+followed by ``arguments`` fragments as the model writes them (:class:`~.tools.ToolCallStream`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ from kubeinfer_serving.api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     DeltaMessage,
-    FunctionCallDelta,
-    ToolCall,
-    ToolCallDelta,
     Usage,
 )
 from kubeinfer_serving.api.serving import (
@@ -196,14 +193,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             return sse_event(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices,
                                                  usage=usage, system_fingerprint=SYSTEM_FINGERPRINT))
 
-        def call_deltas(calls: list[ToolCall]) -> list[ToolCallDelta]:
-            out = []
-            for i, c in enumerate(calls):
-                out.append(ToolCallDelta(index=i, id=c.id, type="function",
-                                         function=FunctionCallDelta(name=c.function.name, arguments="")))
-                out.append(ToolCallDelta(index=i, function=FunctionCallDelta(arguments=c.function.arguments)))
-            return out
-
         continuous = body.stream_options is not None and body.stream_options.continuous
 
         async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
@@ -222,6 +211,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                     if content or (lp is not None and lp.content):
                         yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
                                                         logprobs=lp)])
+                    for delta in ts.call_deltas():
+                        yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
                     continue
                 rest, calls = ts.finish()
                 content += rest
@@ -229,7 +220,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                 if content or (lp is not None and lp.content):
                     yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(content=content or None),
                                                     logprobs=lp)])
-                for delta in call_deltas(calls):
+                for delta in ts.finish_deltas(calls):
                     yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(tool_calls=[delta]))])
                 yield chunk_of([ChatChunkChoice(index=job.index, delta=DeltaMessage(), finish_reason=reason)])
             if body.stream_options is not None and body.stream_options.include_usage:

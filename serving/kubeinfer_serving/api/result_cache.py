@@ -8,8 +8,9 @@ engine instance (a reloaded model starts with an empty cache: entries of the old
 never match again and age out) and the request body without the fields that do not change the
 output (``stream``, ``stream_options``, ``user``), serialized with sorted keys.
 
-Entries are LRU-evicted to stay within ``max_bytes`` (their JSON size) and expire after
-``ttl_seconds``. A hit answers without touching the engine: the stored body gets a new ``id``
+Entries live in a ``cachetools.TTLCache`` sized by their JSON length in bytes: least recently
+used ones are evicted to stay within ``max_bytes`` and each expires ``ttl_seconds`` after it was
+stored (reads do not extend it). A hit answers without touching the engine: the stored body gets a new ``id``
 and ``created``, ``usage.result_cache_hit: true`` and the header ``X-Kubeinfer-Result-Cache:
 hit``; a stream replays everything the stored answer holds (:func:`replay`: texts in chunks of
 ``REPLAY_CHARS`` characters, log-probabilities, tool calls, finish reasons), then the usage
@@ -24,9 +25,10 @@ import hashlib
 import json
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
+
+from cachetools import TTLCache
 
 from kubeinfer_serving import metrics
 from kubeinfer_serving.api.sse import DONE, sse_event
@@ -44,11 +46,11 @@ def is_deterministic(body: Any) -> bool:
 
 
 class ResultCache:
-    """LRU cache of response bodies bounded in bytes, with a TTL.
+    """LRU cache of response bodies bounded in bytes, with a TTL (a ``cachetools.TTLCache``).
 
     Args:
         max_bytes: most bytes of stored JSON (0 disables storing).
-        ttl_seconds: how long an entry may answer.
+        ttl_seconds: how long an entry may answer after it was stored, in seconds.
         models: the names of the models that opted in.
     """
 
@@ -56,8 +58,15 @@ class ResultCache:
         self.max_bytes = max_bytes
         self.ttl_seconds = ttl_seconds
         self.models = set(models)
-        self.bytes = 0
-        self._entries: OrderedDict[str, tuple[float, int, dict[str, Any]]] = OrderedDict()
+        # Values are (JSON size in bytes, body); the cache sums the sizes against max_bytes.
+        self._entries: TTLCache[str, tuple[int, dict[str, Any]]] = TTLCache(
+            maxsize=max_bytes, ttl=ttl_seconds, timer=time.monotonic, getsizeof=lambda entry: entry[0])
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of JSON held by entries that have not expired."""
+        self._entries.expire()
+        return int(self._entries.currsize)
 
     def key(self, route: str, tenant: str, model: str, engine_id: str, body: Any) -> str | None:
         """The cache key of a request, or None when it must not be cached (model not opted in, not deterministic)."""
@@ -68,17 +77,14 @@ class ResultCache:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def get(self, key: str, model: str) -> dict[str, Any] | None:
-        """A fresh copy of the stored body for ``key``, marked as a hit; None on a miss."""
-        entry = self._entries.get(key)
-        if entry is not None and time.monotonic() - entry[0] > self.ttl_seconds:
-            self._drop(key)
-            entry = None
+        """A fresh copy of the stored body for ``key``, marked as a hit; None on a miss (absent or expired)."""
+        entry = self._entries.get(key)  # a hit becomes the most recently used entry
+        metrics.RESULT_CACHE_BYTES.set(self.bytes)
         if entry is None:
             metrics.RESULT_CACHE_REQUESTS.labels(model_name=model, outcome="miss").inc()
             return None
-        self._entries.move_to_end(key)
         metrics.RESULT_CACHE_REQUESTS.labels(model_name=model, outcome="hit").inc()
-        body = copy.deepcopy(entry[2])
+        body = copy.deepcopy(entry[1])
         prefix = "chatcmpl" if body.get("object") == "chat.completion" else "cmpl"
         body["id"] = f"{prefix}-{uuid.uuid4().hex}"
         body["created"] = int(time.time())
@@ -92,17 +98,7 @@ class ResultCache:
         size = len(json.dumps(body, separators=(",", ":")))
         if size > self.max_bytes:
             return
-        if key in self._entries:
-            self._drop(key)
-        while self.bytes + size > self.max_bytes and self._entries:
-            self._drop(next(iter(self._entries)))
-        self._entries[key] = (time.monotonic(), size, body)
-        self.bytes += size
-        metrics.RESULT_CACHE_BYTES.set(self.bytes)
-
-    def _drop(self, key: str) -> None:
-        _, size, _ = self._entries.pop(key)
-        self.bytes -= size
+        self._entries[key] = (size, body)
         metrics.RESULT_CACHE_BYTES.set(self.bytes)
 
 

@@ -12,6 +12,10 @@ What vLLM's OpenAI server does, with the same two parser formats:
   in the model's format (:mod:`kubeinfer_serving.api.tool_parsers`: vLLM's ``hermes``,
   ``llama3_json``, ``mistral`` and ``qwen3_xml`` formats, picked by the ``tool_call_parser``
   setting or the chat template).
+
+Streamed, a call's deltas come as the model writes it (:class:`ToolCallStream`): first its id,
+type and name, then ``arguments`` fragments as they grow, whose concatenation is the final
+``arguments`` string (what the same reply gives unstreamed).
 """
 
 from __future__ import annotations
@@ -21,9 +25,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
-from kubeinfer_serving.api.schemas import ChatCompletionRequest, ToolCall
+from kubeinfer_serving.api.schemas import ChatCompletionRequest, FunctionCallDelta, ToolCall, ToolCallDelta
 from kubeinfer_serving.api.structured import forbid_additional_properties
-from kubeinfer_serving.api.tool_parsers import START_MARKERS, make_call, parse_auto, parser_name
+from kubeinfer_serving.api.tool_parsers import (
+    START_MARKERS,
+    PartialCall,
+    arguments_text,
+    list_calls,
+    make_call,
+    new_call_id,
+    parse_auto,
+    parser_name,
+    partial_calls,
+    partial_json,
+    stable_arguments,
+)
 from kubeinfer_serving.structured.grammar import GrammarSpec
 
 
@@ -149,6 +165,45 @@ def parse_tool_calls(text: str, plan: ToolPlan, parser: str) -> tuple[str | None
     return parse_auto(text, plan.tools, parser)
 
 
+def partial_tool_calls(text: str, plan: ToolPlan, parser: str) -> list[PartialCall]:
+    """The calls an unfinished reply has written so far under ``plan``, each with the certain start of its arguments.
+
+    ``named``: the reply is the arguments object; ``required``: a JSON list of
+    ``{"name", "parameters"}``; ``auto``: the model's format
+    (:func:`~kubeinfer_serving.api.tool_parsers.partial_calls`); ``none``: no calls.
+
+    Args:
+        text: the reply so far.
+        plan: from :func:`plan_tools`.
+        parser: a format of :data:`~kubeinfer_serving.api.tool_parsers.PARSERS` (used in ``auto`` mode).
+    """
+    if plan.mode == "named" and plan.named is not None and text.strip():
+        try:
+            return [PartialCall(plan.named, arguments_text(json.loads(text)))]
+        except json.JSONDecodeError:
+            parsed = partial_json(text)
+            return [PartialCall(plan.named, stable_arguments(*parsed) if parsed is not None else "")]
+    if plan.mode == "required":
+        return list_calls(text, None, ("parameters",))
+    if plan.mode == "auto":
+        return partial_calls(text, plan.tools, parser)
+    return []
+
+
+#: A stream reads a reply's calls again once it has grown by 1/REREAD_FRACTION of its length
+#: (:meth:`ToolCallStream.call_deltas`).
+REREAD_FRACTION = 128
+
+
+@dataclass
+class _SentCall:
+    """What a stream has sent of one call: its id, name and the arguments text so far."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
 class ToolCallStream:
     """Streams a reply's content while holding back text that may turn out to be a tool call.
 
@@ -157,6 +212,14 @@ class ToolCallStream:
     streams it once it cannot; ``auto`` in the other formats streams up to the text that opens
     a call (``<tool_call>``, ``[TOOL_CALLS]``) or a suffix that could begin it. :meth:`finish`
     parses the whole reply.
+
+    The held-back calls stream as OpenAI streams them: :meth:`call_deltas` gives, after each
+    :meth:`feed`, the deltas the text so far makes certain (:func:`partial_tool_calls`): per new
+    call one with its id, type and name, then ``arguments`` fragments as they grow;
+    :meth:`finish_deltas` the rest, so that each call's fragments concatenate to its final
+    ``arguments``. When the finished reply turns out not to hold the calls the stream began (a
+    call cut off by ``max_tokens``, a later malformed one), what was sent stays sent and
+    :meth:`finish` returns the held-back text as content, as the unstreamed answer has it.
     """
 
     def __init__(self, plan: ToolPlan, parser: str) -> None:
@@ -165,6 +228,8 @@ class ToolCallStream:
         self.text = ""
         self._sent = 0
         self._content = plan.mode == "none"
+        self._calls: list[_SentCall] = []
+        self._read = 0  # length of the text at the last reading of its calls
 
     def _safe_end(self) -> int:
         if self._content:
@@ -206,3 +271,41 @@ class ToolCallStream:
         rest = self.text[self._sent:max(self._sent, start)] if content else ""
         self._sent = len(self.text)
         return rest, calls
+
+    def call_deltas(self) -> list[ToolCallDelta]:
+        """The tool-call deltas that the text fed so far makes certain and that were not sent yet.
+
+        Each reading parses the reply so far, so the reply is read again only once it has grown
+        by 1/:data:`REREAD_FRACTION` of its length (at least a character) since the last reading:
+        every token while it is short, and linear rather than quadratic work over a long one.
+        """
+        if self._content or len(self.text) - self._read < max(1, len(self.text) // REREAD_FRACTION):
+            return []
+        self._read = len(self.text)
+        return self._advance(partial_tool_calls(self.text, self.plan, self.parser), [])
+
+    def finish_deltas(self, calls: list[ToolCall]) -> list[ToolCallDelta]:
+        """The deltas still to send for ``calls`` (from :meth:`finish`): the rest of each begun
+        call's arguments, and whole new calls (id, type and name, then the arguments).
+
+        A begun call whose sent arguments are not the start of its final ones (only with a
+        model that repeats a key) gets nothing more.
+        """
+        return self._advance([PartialCall(c.function.name, c.function.arguments) for c in calls],
+                             [c.id for c in calls])
+
+    def _advance(self, calls: list[PartialCall], ids: list[str]) -> list[ToolCallDelta]:
+        out = []
+        for i, call in enumerate(calls):
+            if i == len(self._calls):
+                self._calls.append(_SentCall(ids[i] if i < len(ids) else new_call_id(), call.name))
+                out.append(ToolCallDelta(index=i, id=self._calls[i].id, type="function",
+                                         function=FunctionCallDelta(name=call.name, arguments="")))
+            sent = self._calls[i]
+            if call.name != sent.name:
+                break
+            if len(call.arguments) > len(sent.arguments) and call.arguments.startswith(sent.arguments):
+                out.append(ToolCallDelta(index=i, function=FunctionCallDelta(
+                    arguments=call.arguments[len(sent.arguments):])))
+                sent.arguments = call.arguments
+        return out
