@@ -23,6 +23,7 @@ What is counted (the measured request only, all threads but the engine's loop th
   Comprehensions, module bodies and the ``__init__`` that ``dataclasses`` generates are not
   counted as functions. The worker threads of ``asyncio.to_thread`` are replaced by fresh ones
   before the measured request, so that the profiler reaches them.
+* ``modules``: the distinct modules those functions belong to.
 * ``asgi_layers``: the ASGI middleware between uvicorn and the router: the objects reached from
   ``app.middleware_stack`` through ``.app`` until the router (Starlette's own
   ``ServerErrorMiddleware`` and ``ExceptionMiddleware`` included), by class name.
@@ -184,7 +185,8 @@ async def measure() -> dict[str, Any]:
         server.should_exit = True
         await serving
         sock.close()
-    return {"route": ROUTE, "hops": len(recorder.hops), "calls": sum(recorder.hops.values()),
+    modules = {key.split(":", 1)[0] for key in recorder.hops}
+    return {"route": ROUTE, "hops": len(recorder.hops), "calls": sum(recorder.hops.values()), "modules": len(modules),
             "asgi_layers": len(layers), "layers": layers, "functions": dict(sorted(recorder.hops.items()))}
 
 

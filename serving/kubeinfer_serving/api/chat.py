@@ -30,7 +30,7 @@ from kubeinfer_serving.api.generation import (
 )
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.logprobs import TokenText, chat_logprobs
-from kubeinfer_serving.api.prompts import _message_text, chat_prompt
+from kubeinfer_serving.api.prompts import _message_text, chat_prompt, check_template_flags
 from kubeinfer_serving.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -110,9 +110,7 @@ class ChatServing(GenerationServing):
         if body.top_logprobs is not None and body.top_logprobs > MAX_LOGPROBS:
             raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs",
                            code="invalid_value")
-        if body.continue_final_message and body.add_generation_prompt:
-            raise APIError(400, "continue_final_message needs add_generation_prompt: false",
-                           param="continue_final_message", code="invalid_value")
+        check_template_flags(body.add_generation_prompt, body.continue_final_message)
         check_stream_fields(body)
         check_fanout(self.request, 1, body.n)
 

@@ -241,6 +241,18 @@ def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessa
 
 
 
+def check_template_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """Refuse both ``add_generation_prompt`` and ``continue_final_message`` (a new assistant turn and
+    the last message left open exclude each other).
+
+    Raises:
+        APIError: 400 naming ``continue_final_message``.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false",
+                       param="continue_final_message", code="invalid_value")
+
+
 def chat_prompt(
     tokenizer: Any,
     messages: Sequence[ChatMessage],

@@ -12,7 +12,7 @@ from kubeinfer_serving import __version__
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
-from kubeinfer_serving.api.prompts import chat_prompt, max_token_chars, tokenizer_lock
+from kubeinfer_serving.api.prompts import chat_prompt, check_template_flags, max_token_chars, tokenizer_lock
 from kubeinfer_serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -20,7 +20,7 @@ from kubeinfer_serving.api.schemas import (
     TokenizeResponse,
 )
 from kubeinfer_serving.api.serving import acquire, resolve_model_name
-from kubeinfer_serving.engine.validation import check_text_fits
+from kubeinfer_serving.engine.validation import check_text_fits, outside_vocabulary
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -61,9 +61,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
                                ModelKind.GENERATE)
         tok = served.tokenizer
         if body.messages is not None:
-            if body.continue_final_message and body.add_generation_prompt:
-                raise APIError(400, "continue_final_message needs add_generation_prompt: false",
-                               param="continue_final_message", code="invalid_value")
+            check_template_flags(body.add_generation_prompt, body.continue_final_message)
             ids = await asyncio.to_thread(
                 chat_prompt, tok, body.messages, served.max_model_len,
                 parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=body.tools,
@@ -85,8 +83,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         vocab = len(served.tokenizer)
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens",
-                           code="invalid_value")
+            raise APIError(400, outside_vocabulary(bad[0], vocab), param="tokens", code="invalid_value")
         return DetokenizeResponse(prompt=await asyncio.to_thread(served.tokenizer.decode, body.tokens))
 
 

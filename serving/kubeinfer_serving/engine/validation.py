@@ -92,6 +92,11 @@ def output_budget(max_model_len: int, requested: int | None, num_prompt_tokens: 
     return requested
 
 
+def outside_vocabulary(token_id: int, vocab_size: int) -> str:
+    """The one message of a token id outside a vocabulary of ``vocab_size`` ids (``[0, vocab_size)``)."""
+    return f"token id {token_id} is outside the vocabulary (ids in [0, {vocab_size}))"
+
+
 def queue_full(model_name: str) -> QueueFullError:
     """The one error of a full queue for ``model_name`` (the engine's or the fair-admission gate's)."""
     return QueueFullError(f"too many requests waiting for {model_name!r}; retry later", retry_after=QUEUE_RETRY_AFTER)
@@ -132,7 +137,7 @@ class RequestValidator:
             raise InvalidRequestError(self._outside_vocabulary(bad), param=param)
 
     def _outside_vocabulary(self, token_id: int) -> str:
-        return f"token id {token_id} is outside the vocabulary (ids in [0, {self.vocab_size}))"
+        return outside_vocabulary(token_id, self.vocab_size)
 
     # ------------------------------------------------------------------ priority policy
     def check_priority(self, priority: int) -> None:
