@@ -94,3 +94,38 @@ async def test_shutdown_finishes_outstanding_requests_with_abort(make_engine):
     assert eng.engine.runner.kv_caches == [] and eng.engine.model is None
     with pytest.raises(EngineDeadError):
         await _collect(eng, "late", [7, 8], SamplingParams())
+
+
+async def test_sink_gets_every_output_on_the_loop_and_delivery_ends_with_the_last(aengine, hf_greedy):
+    """``add_request``: the engine thread hands each output to the caller's sink, on the caller's
+    loop (the API's one queue per request); the finished output ends the delivery by itself, and
+    detaching a running request aborts it and frees its blocks."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Queue = asyncio.Queue()
+
+    def sink(item) -> None:
+        assert asyncio.get_running_loop() is loop
+        got.put_nowait(item)
+
+    prompt = _prompt(11, 9)
+    aengine.add_request("sunk", prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), sink)
+    outs = []
+    while not outs or not outs[-1].finished:
+        outs.append(await asyncio.wait_for(got.get(), 60))
+    assert [t for o in outs for t in o.new_token_ids] == hf_greedy(prompt, 5)
+    aengine.add_request("sunk", prompt, SamplingParams(max_tokens=1), sink)  # the id is free again: no detach needed
+    while not (await asyncio.wait_for(got.get(), 60)).finished:
+        pass
+    aengine.add_request("cut", _prompt(12, 30), SamplingParams(max_tokens=500, ignore_eos=True), sink)
+    await asyncio.wait_for(got.get(), 60)
+    aengine.detach("cut")
+    await _wait_idle(aengine)
+
+
+async def test_validation_errors_reach_the_sink(aengine):
+    """A request the model cannot serve comes back through the sink (the engine validates it when it takes it in)."""
+    got: asyncio.Queue = asyncio.Queue()
+    aengine.add_request("long", [7] * 10, SamplingParams(max_tokens=10**6), got.put_nowait)
+    err = await asyncio.wait_for(got.get(), 60)
+    assert isinstance(err, PromptTooLongError) and err.param == "prompt"
+    assert str(err) == str(PromptTooLongError(aengine.max_model_len, 10, 10**6))

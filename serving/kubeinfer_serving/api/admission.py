@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from kubeinfer_serving import metrics
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.tenancy import Tenant
+from kubeinfer_serving.engine.validation import queue_full
 
 #: Retry-After (seconds) suggested when a tenant's waiting cap is reached.
 QUEUE_RETRY_AFTER = 1.0
@@ -234,7 +235,9 @@ class FairAdmission:
 
         Raises:
             APIError: 429 ``rate_limit_exceeded`` (token rate), ``tenant_queue_full`` (the tenant's
-                ``max_waiting_requests``) or ``queue_full`` (the model's queue), with ``retry_after``.
+                ``max_waiting_requests``), with ``retry_after``.
+            QueueFullError: the model's queue is full (answered 429 ``queue_full``; the one error of
+                :func:`~kubeinfer_serving.engine.validation.queue_full`).
         """
         self.check_rate(tenant)
         if not self.enabled:
@@ -254,8 +257,7 @@ class FairAdmission:
                            code="tenant_queue_full", retry_after=QUEUE_RETRY_AFTER)
         if gate.queued_jobs + jobs > max_queued_jobs:
             metrics.TENANT_REQUESTS.labels(tenant=tenant.name, outcome="queue_full").inc()
-            raise APIError(429, f"too many requests waiting for {model!r}; retry later", code="queue_full",
-                           retry_after=QUEUE_RETRY_AFTER)
+            raise queue_full(model)
         if not queue:  # becoming active: start at the current minimum, so idle time earns no credit
             active = [gate.start_tag.get(t, 0.0) for t, q in gate.queues.items() if q]
             floor = min(active) if active else max(gate.start_tag.values(), default=0.0)

@@ -27,7 +27,7 @@ from kubeinfer_serving.api.generation import (
 )
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.logprobs import TokenText, completion_logprobs, merge, prompt_completion_logprobs
-from kubeinfer_serving.api.prompts import completion_prompts, resolve_max_tokens
+from kubeinfer_serving.api.prompts import completion_prompts
 from kubeinfer_serving.api.schemas import (
     CompletionChoice,
     CompletionLogprobs,
@@ -38,50 +38,160 @@ from kubeinfer_serving.api.schemas import (
 from kubeinfer_serving.api.serving import (
     SYSTEM_FINGERPRINT,
     ChoiceResult,
+    GenerationServing,
     UsageCounter,
     acquire,
     cache_salt,
-    new_id,
-    now,
+    check_stream_fields,
+    http_response,
     resolve_model_name,
     resolve_priority,
-    respond,
-    result_cache_key,
 )
 from kubeinfer_serving.api.sse import sse_event
 from kubeinfer_serving.api.structured import compile_guide, forbids_additional_properties, grammar_spec
 from kubeinfer_serving.engine.sampling import MAX_LOGPROBS
-from kubeinfer_serving.registry.protocol import ModelKind
+from kubeinfer_serving.engine.validation import output_budget
+from kubeinfer_serving.registry.protocol import ModelKind, ServedModel
 
 router = APIRouter(route_class=OffLoopJSONRoute)
 
 
-def check_request(request: Request, body: CompletionRequest) -> None:
-    """Refuse what this route cannot honour, naming the field (400).
+class CompletionServing(GenerationServing):
+    """One ``/v1/completions`` request: checked, prepared (prompts tokenized, one job per prompt and
+    choice), then answered by :meth:`full_response` (a ``text_completion``) or :meth:`stream_events`.
 
-    Raises:
-        APIError: unimplemented fields that would change the output (others are ignored and
-            reported, :mod:`.fields`); ``best_of`` other than ``n``; ``suffix``;
-            ``logprobs`` outside [0, 20]; ``max_tokens: 0`` without ``echo``; ``stream_options``
-            without ``stream``.
+    Args:
+        request: the HTTP request.
+        body: the parsed request body.
     """
-    check_fields(request, body, defaults={"add_special_tokens": True})
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, "best_of other than n is not supported by this server", param="best_of",
-                       code="unsupported_parameter")
-    if body.suffix:
-        raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
-    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-        raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs", code="invalid_value")
-    if body.max_tokens == 0 and not body.echo:
-        raise APIError(400, "max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens",
-                       code="invalid_value")
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options can only be given with stream: true", param="stream_options",
-                       code="invalid_value")
-    if body.spaces_between_special_tokens is False:
-        raise APIError(400, "spaces_between_special_tokens false is not supported by this server",
-                       param="spaces_between_special_tokens", code="unsupported_parameter")
+
+    cache_route: str | None = "completions"
+    id_prefix = "cmpl"
+    #: What :meth:`prepare` finds: each prompt's text to echo, and token texts for log-probabilities.
+    echo_texts: list[str] = []
+    text_of: TokenText | None = None
+
+    def check(self) -> None:
+        """Refuse what this route cannot honour, naming the field (400), and enforce the fan-out cap.
+
+        Raises:
+            APIError: unimplemented fields that would change the output (others are ignored and
+                reported, :mod:`.fields`); ``best_of`` other than ``n``; ``suffix``;
+                ``logprobs`` outside [0, 20]; ``max_tokens: 0`` without ``echo``; ``stream_options``
+                without ``stream``; more prompts x ``n`` than ``--max-jobs-per-request``.
+        """
+        body = self.body
+        check_fields(self.request, body, defaults={"add_special_tokens": True})
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of other than n is not supported by this server", param="best_of",
+                           code="unsupported_parameter")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs", code="invalid_value")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens",
+                           code="invalid_value")
+        check_stream_fields(body)
+        num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
+            body.prompt[0], int) else 1
+        check_fanout(self.request, num_prompts, body.n)
+
+    async def prepare(self, stack: AsyncExitStack) -> tuple[ServedModel, list[Job]]:
+        """The model (acquired on ``stack``), priority and cache salt, the grammar, the prompts' token
+        ids, each prompt's output budget and the jobs (choice ``index`` = ``prompt_index * n + j``).
+
+        Raises:
+            APIError: 400 for bad prompts or constraints (naming the field), 404/503 from the provider.
+        """
+        request, body = self.request, self.body
+        structured = grammar_spec(body, forbids_additional_properties(request, body))
+        model = resolve_model_name(request, body.model, ModelKind.GENERATE)
+        served = await acquire(request, stack, model, ModelKind.GENERATE)
+        priority = resolve_priority(request, body, served)
+        salt = cache_salt(request, body)
+        guide = (await compile_guide(request, served.engine, served.tokenizer, structured[1], structured[0])
+                 if structured else None)
+        prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.engine.validator)
+        bad = await asyncio.to_thread(bad_words_token_ids, served.tokenizer, body.bad_words) if body.bad_words else None
+        if isinstance(body.prompt, str):
+            self.echo_texts = [body.prompt]
+        elif isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            self.echo_texts = list(body.prompt)
+        else:
+            self.echo_texts = [served.tokenizer.decode(ids) for ids in prompts]
+        want_lp = body.logprobs
+        jobs: list[Job] = []
+        for p, ids in enumerate(prompts):
+            max_tokens = output_budget(served.max_model_len, body.max_tokens, len(ids), param="prompt")
+            for j in range(body.n):
+                index = p * body.n + j
+                params = sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad,
+                                         guide=guide, logprobs=want_lp,
+                                         prompt_logprobs=want_lp if body.echo and want_lp is not None else None)
+                jobs.append(Job(index, p, f"{self.response_id}-{index}", ids, params))
+        self.model = model
+        self.text_of = TokenText(served.tokenizer, bool(body.return_tokens_as_token_ids))
+        return served, jobs
+
+    def _echo(self, job: Job) -> str:
+        """The prompt text to prepend to ``job``'s output (``echo``), else ''."""
+        return self.echo_texts[job.prompt_index] if self.body.echo else ""
+
+    def full_response(self, results: list[ChoiceResult], usage: Usage) -> CompletionResponse:
+        """The ``text_completion`` object: per choice its text (after the echoed prompt), log-probabilities
+        and finish reason."""
+        body, want_lp = self.body, self.body.logprobs
+        choices = []
+        for job in self._jobs:
+            r = results[job.index]
+            logprobs = None
+            if want_lp is not None:
+                head, offset = CompletionLogprobs(), 0
+                if body.echo and r.prompt_logprobs is not None:
+                    head, _ = prompt_completion_logprobs(job.prompt_token_ids, r.prompt_logprobs, self.text_of,
+                                                         want_lp)
+                    offset = len(self._echo(job))
+                tail, _ = completion_logprobs(r.logprobs, self.text_of, want_lp, offset)
+                logprobs = merge(head, tail)
+            choices.append(CompletionChoice(index=job.index, text=self._echo(job) + r.text, logprobs=logprobs,
+                                            finish_reason=r.finish_reason))
+        return CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage, system_fingerprint=SYSTEM_FINGERPRINT)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None) -> str:
+        return sse_event(CompletionResponse(id=self.response_id, created=self.created, model=self.model,
+                                            choices=choices, usage=usage, system_fingerprint=SYSTEM_FINGERPRINT))
+
+    async def stream_events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
+        """``text_completion`` events: each choice's echoed prompt first, then its text as it comes;
+        the usage event when asked."""
+        body, want_lp = self.body, self.body.logprobs
+        include_usage, continuous = self.stream_options()
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        async for job, out in run.outputs():
+            usage.update(job, out)
+            text = out.new_text
+            logprobs = None
+            head = CompletionLogprobs()
+            if job.index not in echoed:
+                echoed.add(job.index)
+                text = self._echo(job) + text
+                if want_lp is not None and body.echo and out.prompt_logprobs is not None:
+                    head, _ = prompt_completion_logprobs(job.prompt_token_ids, out.prompt_logprobs, self.text_of,
+                                                         want_lp)
+                offsets[job.index] = len(self._echo(job))
+            if want_lp is not None:
+                tail, offsets[job.index] = completion_logprobs(out.new_logprobs or [], self.text_of, want_lp,
+                                                               offsets[job.index])
+                logprobs = merge(head, tail)
+            if text or out.finished or (logprobs is not None and logprobs.tokens):
+                choice = CompletionChoice(index=job.index, text=text, logprobs=logprobs,
+                                          finish_reason=out.finish_reason if out.finished else None)
+                yield self._chunk([choice], usage.usage() if continuous else None)
+        if include_usage:
+            yield self._chunk([], usage.usage())
 
 
 @router.post("/v1/completions", response_model=None)
@@ -93,94 +203,4 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     max_tokens beyond the context length; 429 with ``Retry-After`` when the queue is full; 503
     when the model cannot be loaded.
     """
-    check_request(request, body)
-    num_prompts = len(body.prompt) if isinstance(body.prompt, list) and body.prompt and not isinstance(
-        body.prompt[0], int) else 1
-    check_fanout(request, num_prompts, body.n)
-    structured = grammar_spec(body, forbids_additional_properties(request, body))
-    response_id, created = new_id("cmpl"), now()
-    async with AsyncExitStack() as stack:
-        model = resolve_model_name(request, body.model, ModelKind.GENERATE)
-        served = await acquire(request, stack, model, ModelKind.GENERATE)
-        priority = resolve_priority(request, body, served)
-        salt = cache_salt(request, body)
-        guide = (await compile_guide(request, served.engine, served.tokenizer, structured[1], structured[0])
-                 if structured else None)
-        prompts = await asyncio.to_thread(completion_prompts, served.tokenizer, body.prompt, served.max_model_len)
-        bad = await asyncio.to_thread(bad_words_token_ids, served.tokenizer, body.bad_words) if body.bad_words else None
-        if isinstance(body.prompt, str):
-            echo_texts = [body.prompt]
-        elif isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
-            echo_texts = list(body.prompt)
-        else:
-            echo_texts = [served.tokenizer.decode(ids) for ids in prompts]
-        want_lp = body.logprobs
-        jobs: list[Job] = []
-        for p, ids in enumerate(prompts):
-            max_tokens = resolve_max_tokens(body.max_tokens, len(ids), served.max_model_len, param="prompt")
-            for j in range(body.n):
-                index = p * body.n + j
-                params = sampling_params(body, max_tokens, j, priority, salt, bad_words_ids=bad,
-                                         guide=guide, logprobs=want_lp,
-                                         prompt_logprobs=want_lp if body.echo and want_lp is not None else None)
-                jobs.append(Job(index, p, f"{response_id}-{index}", ids, params))
-        text_of = TokenText(served.tokenizer, bool(body.return_tokens_as_token_ids))
-
-        def echo(job: Job) -> str:
-            return echo_texts[job.prompt_index] if body.echo else ""
-
-        def build(results: list[ChoiceResult], usage: Usage) -> CompletionResponse:
-            choices = []
-            for job in jobs:
-                r = results[job.index]
-                logprobs = None
-                if want_lp is not None:
-                    head, offset = CompletionLogprobs(), 0
-                    if body.echo and r.prompt_logprobs is not None:
-                        head, _ = prompt_completion_logprobs(job.prompt_token_ids, r.prompt_logprobs, text_of, want_lp)
-                        offset = len(echo(job))
-                    tail, _ = completion_logprobs(r.logprobs, text_of, want_lp, offset)
-                    logprobs = merge(head, tail)
-                choices.append(CompletionChoice(index=job.index, text=echo(job) + r.text, logprobs=logprobs,
-                                                finish_reason=r.finish_reason))
-            return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage,
-                                      system_fingerprint=SYSTEM_FINGERPRINT)
-
-        continuous = body.stream_options is not None and body.stream_options.continuous
-
-        def chunk(index: int, text: str, reason: str | None, logprobs: CompletionLogprobs | None = None,
-                  usage: Usage | None = None) -> str:
-            choice = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=logprobs)
-            return sse_event(CompletionResponse(id=response_id, created=created, model=model, choices=[choice],
-                                                usage=usage, system_fingerprint=SYSTEM_FINGERPRINT))
-
-        async def events(run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
-            echoed: set[int] = set()
-            offsets: dict[int, int] = {}
-            async for job, out in run.outputs():
-                usage.update(job, out)
-                text = out.new_text
-                logprobs = None
-                head = CompletionLogprobs()
-                if job.index not in echoed:
-                    echoed.add(job.index)
-                    text = echo(job) + text
-                    if want_lp is not None and body.echo and out.prompt_logprobs is not None:
-                        head, _ = prompt_completion_logprobs(job.prompt_token_ids, out.prompt_logprobs, text_of,
-                                                             want_lp)
-                    offsets[job.index] = len(echo(job))
-                if want_lp is not None:
-                    tail, offsets[job.index] = completion_logprobs(out.new_logprobs or [], text_of, want_lp,
-                                                                   offsets[job.index])
-                    logprobs = merge(head, tail)
-                if text or out.finished or (logprobs is not None and logprobs.tokens):
-                    yield chunk(job.index, text, out.finish_reason if out.finished else None, logprobs,
-                                usage.usage() if continuous else None)
-            if body.stream_options is not None and body.stream_options.include_usage:
-                yield sse_event(CompletionResponse(id=response_id, created=created, model=model, choices=[],
-                                                   usage=usage.usage(), system_fingerprint=SYSTEM_FINGERPRINT))
-
-        return await respond(request, stack, served, jobs, stream=body.stream, build_response=build,
-                             stream_events=events, cache_key=result_cache_key(request, "completions", body, served),
-                             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                             continuous_usage=continuous)
+    return http_response(await CompletionServing(request, body).create())

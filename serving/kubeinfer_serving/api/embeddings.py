@@ -19,13 +19,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from kubeinfer_serving.api.auth import identity_of
-from kubeinfer_serving.api.errors import APIError
+from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, ClientDisconnected
 from kubeinfer_serving.api.fields import check_fields
-from kubeinfer_serving.api.generation import ClientDisconnected, until_disconnect
+from kubeinfer_serving.api.generation import until_disconnect
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
 from kubeinfer_serving.api.prompts import split_inputs
 from kubeinfer_serving.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
-from kubeinfer_serving.api.serving import CLIENT_CLOSED, acquire
+from kubeinfer_serving.api.serving import acquire
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter(route_class=OffLoopJSONRoute)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer_serving.engine.errors import (
     EngineDeadError,
-    PromptTooLongError,
+    InvalidRequestError,
     QueueFullError,
     RequestFailedError,
 )
@@ -114,7 +114,8 @@ def to_api_error(exc: BaseException) -> APIError:
 
     ``ModelError`` keeps its own status/code/retry_after; ``ClientDisconnected`` becomes 499 (never
     sent: the client is gone); ``QueueFullError`` becomes 429 with
-    ``Retry-After``; ``PromptTooLongError`` 400 ``context_length_exceeded``; ``EngineDeadError`` 503;
+    ``Retry-After``; ``InvalidRequestError`` (the model's request rules, :mod:`~kubeinfer_serving.engine.validation`)
+    400 naming its field (``context_length_exceeded`` for the context length); ``EngineDeadError`` 503;
     anything else 500 (logged with its traceback).
     """
     if isinstance(exc, APIError):
@@ -125,8 +126,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(exc.status, exc.message, param="model", code=exc.code, retry_after=exc.retry_after)
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", retry_after=getattr(exc, "retry_after", None) or 1.0)
-    if isinstance(exc, PromptTooLongError):
-        return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, EngineDeadError):
         return APIError(503, "The model's engine stopped; the server is restarting it", code="engine_dead")
     if isinstance(exc, RequestFailedError):
@@ -209,7 +210,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
 
-    for cls in (ModelError, QueueFullError, PromptTooLongError, EngineDeadError, RequestFailedError,
+    for cls in (ModelError, QueueFullError, InvalidRequestError, EngineDeadError, RequestFailedError,
                 ClientDisconnected, Exception):
 
         @app.exception_handler(cls)

@@ -1,17 +1,17 @@
 """Running the engine requests of one HTTP request: one per choice, concurrently, with clean aborts.
 
-A completion with several prompts or ``n > 1`` becomes several engine requests. Each runs in
-its own task that pumps ``engine.generate(...)`` into one queue, so their prefill and decode
-share the engine's batches. Cancelling a :class:`GenerationRun` cancels those tasks; the
-cancellation lands inside the engine's async iterator, which aborts the request and frees its
-KV blocks. Routes cancel the run when the client disconnects (streaming or not), so a client
+A completion with several prompts or ``n > 1`` becomes several engine requests, submitted
+together so their prefill and decode share the engine's batches; the engine thread delivers
+their outputs into the run's one queue. Cancelling a :class:`GenerationRun` detaches its
+requests from the engine, which aborts them and frees their KV blocks at its next step. The
+serving classes cancel the run when the client disconnects (streaming or not), so a client
 that goes away never leaves work behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from kubeinfer_serving import metrics
 from kubeinfer_serving.api.errors import APIError, ClientDisconnected
 from kubeinfer_serving.api.prompts import tokenizer_lock
 from kubeinfer_serving.api.schemas import _SamplingFields
-from kubeinfer_serving.engine.errors import PromptTooLongError
 from kubeinfer_serving.engine.outputs import RequestOutput
 from kubeinfer_serving.engine.sampling import SamplingParams
 
@@ -161,25 +160,34 @@ class Job:
 class GenerationRun:
     """The engine requests of one HTTP request, run concurrently and merged into one output stream.
 
+    Every job is submitted with :meth:`AsyncLLMEngine.add_request
+    <kubeinfer_serving.engine.async_engine.AsyncLLMEngine.add_request>` and a sink of this run:
+    the engine thread hands each output to the event loop once, straight into this run's one
+    queue (no queue per job, no task per job).
+
     Usage: ``run.start()``, then ``await run.wait_first()`` (raises the engine's admission errors:
     ``QueueFullError``, ``PromptTooLongError``, ``EngineDeadError``), then ``async for job, out in
     run.outputs()``; ``run.cancel()`` aborts whatever still runs and is safe to call at any time.
+
+    Args:
+        engine: the model's engine (``add_request`` / ``detach``).
+        jobs: the engine requests, choice indexes 0..len(jobs)-1.
+        on_job_end: called once per job when the engine is done with it (finished, failed or
+            aborted), with True for the last one; the consumer may still be reading the job's outputs.
     """
 
-    def __init__(self, engine: Any, jobs: list[Job]) -> None:
+    def __init__(self, engine: Any, jobs: list[Job], on_job_end: Callable[[bool], None] | None = None) -> None:
         self._engine = engine
         self._jobs = {j.index: j for j in jobs}
         self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._finished: set[int] = set()
+        self._ended: set[int] = set()
         self._output_tokens: dict[int, int] = {}
-        self._ended = 0
+        self._model = getattr(engine, "model_name", "unknown")
         #: choice index -> the job's last output (``finished``, with the engine's ``timings``), once it ended.
         self.last_outputs: dict[int, RequestOutput] = {}
-        #: Called once per job when the engine is done with it (finished, failed or aborted), with
-        #: True for the last one; the consumer may still be reading the job's outputs.
-        self.on_job_end: Callable[[bool], None] | None = None
+        self.on_job_end = on_job_end
 
     @property
     def completion_tokens(self) -> int:
@@ -187,35 +195,44 @@ class GenerationRun:
         return sum(self._output_tokens.values())
 
     def start(self) -> None:
-        """Submit every job to the engine (one task each)."""
-        self._tasks = [asyncio.ensure_future(self._pump(job)) for job in self._jobs.values()]
+        """Submit every job to the engine. A job the engine refuses at once (queue full, engine
+        stopped) ends the run: its error comes out of :meth:`wait_first` and later jobs are not sent."""
+        for job in self._jobs.values():
+            try:
+                self._engine.add_request(job.request_id, job.prompt_token_ids, job.params,
+                                         functools.partial(self._deliver, job.index))
+            except Exception as exc:  # noqa: BLE001 - the consumer gets it from wait_first
+                self._deliver(job.index, exc)
+                self.cancel()
+                return
 
-    async def _pump(self, job: Job) -> None:
-        it = self._engine.generate(job.request_id, job.prompt_token_ids, job.params)
-        if inspect.isawaitable(it):
-            it = await it
-        try:
-            async for out in it:
-                self._output_tokens[job.index] = out.num_output_tokens
-                if out.finished:
-                    self.last_outputs[job.index] = out
-                    metrics.record_finished_request(getattr(self._engine, "model_name", "unknown"), out)
-                self._queue.put_nowait((job.index, out, None))
-        except asyncio.CancelledError:
-            raise
-        except PromptTooLongError as exc:
-            self._queue.put_nowait((job.index, None, exc))
-        except ValueError as exc:  # the engine's verdict on the request itself (e.g. unknown token ids)
-            self._queue.put_nowait((job.index, None, APIError(400, str(exc), param="prompt")))
-        except Exception as exc:
-            self._queue.put_nowait((job.index, None, exc))
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            self._ended += 1
-            if self.on_job_end is not None:
-                self.on_job_end(self._ended == len(self._jobs))
+    def _deliver(self, index: int, item: RequestOutput | BaseException) -> None:
+        """The sink of job ``index`` (on the event loop): queue the output or the error for the consumer."""
+        if index in self._ended:
+            return
+        if isinstance(item, BaseException):
+            if type(item) is ValueError:  # the engine's verdict on the request itself (e.g. an unknown adapter)
+                item = APIError(400, str(item), param="prompt")
+            self._queue.put_nowait((index, None, item))
+            self._end(index, detach=False)
+            return
+        self._output_tokens[index] = item.num_output_tokens
+        if item.finished:
+            self.last_outputs[index] = item
+            metrics.record_finished_request(self._model, item)
+        self._queue.put_nowait((index, item, None))
+        if item.finished:
+            self._end(index, detach=False)
+
+    def _end(self, index: int, *, detach: bool = True) -> None:
+        """The engine is done with job ``index``. ``detach``: stop its delivery, aborting it if it
+        still runs (not needed after its last output or error, which end the delivery; a job never
+        submitted is unknown to the engine, and detaching it does nothing)."""
+        self._ended.add(index)
+        if detach:
+            self._engine.detach(self._jobs[index].request_id)
+        if self.on_job_end is not None:
+            self.on_job_end(len(self._ended) == len(self._jobs))
 
     async def _next(self) -> tuple[int, RequestOutput]:
         index, out, exc = await self._queue.get()
@@ -260,10 +277,10 @@ class GenerationRun:
         self._queue.put_nowait((-1, None, exc))
 
     def cancel(self) -> None:
-        """Abort every job still running (their engine iterators close and free their KV blocks)."""
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
+        """Abort every job still running (the engine frees their KV blocks at its next step)."""
+        for index in list(self._jobs):
+            if index not in self._ended:
+                self._end(index)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.schemas import ChatMessage
-from kubeinfer_serving.engine.errors import context_length_message
+from kubeinfer_serving.engine import validation
+from kubeinfer_serving.engine.validation import RequestValidator
 
 
 def split_inputs(raw: str | list[str] | list[int] | list[list[int]], param: str) -> list[str] | list[list[int]]:
@@ -82,27 +83,8 @@ def max_token_chars(tokenizer: Any) -> int:
     return cached
 
 
-def context_length_error(max_model_len: int, detail: str, remedy: str, param: str) -> APIError:
-    """400 ``context_length_exceeded`` naming ``param``, in the one wording of
-    :func:`~kubeinfer_serving.engine.errors.context_length_message`."""
-    return APIError(400, context_length_message(max_model_len, detail, remedy), param=param,
-                    code="context_length_exceeded")
-
-
-def check_text_fits(tokenizer: Any, num_chars: int, max_model_len: int, *, param: str) -> None:
-    """Reject a text that cannot fit the context before spending any time tokenizing it.
-
-    Raises:
-        APIError: 400 ``context_length_exceeded`` when ``num_chars`` characters need more than
-            ``max_model_len`` tokens whatever they are (see :func:`max_token_chars`).
-    """
-    if num_chars > max_model_len * max_token_chars(tokenizer):
-        raise context_length_error(max_model_len, f"your {param} has {num_chars} characters, more than "
-                                   f"{max_model_len} tokens can hold", f"the {param}", param)
-
-
 def completion_prompts(
-    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], max_model_len: int | None = None
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], validator: RequestValidator | None = None
 ) -> list[list[int]]:
     """Token ids of each prompt of a completion request.
 
@@ -111,24 +93,25 @@ def completion_prompts(
     Args:
         tokenizer: a Hugging Face tokenizer (special tokens such as BOS are added as the model expects).
         prompt: one of OpenAI's four forms.
-        max_model_len: when given, a prompt that cannot fit this context is refused before it is
-            tokenized (a token-id list longer than it, or a text longer than it can hold).
+        validator: the model's request rules; when given, a prompt that cannot fit the context is
+            refused before it is tokenized (a token-id list longer than it, or a text longer
+            than it can hold), and each prompt's token ids are checked against the vocabulary.
 
     Returns:
         one list of token ids (int) per prompt, in request order.
 
     Raises:
-        APIError: 400 when the list of prompts is empty, a prompt has no tokens, or a token id is
-            outside the vocabulary; 400 ``context_length_exceeded`` for a prompt that cannot fit.
+        APIError: 400 when the list of prompts is empty.
+        InvalidRequestError: 400 naming ``prompt`` for a prompt without tokens or a token id outside
+            the vocabulary; ``context_length_exceeded`` for a prompt that cannot fit.
     """
     texts_or_ids = split_inputs(prompt, "prompt")
-    vocab = len(tokenizer)
-    if max_model_len is not None:
+    if validator is not None:
         for p in texts_or_ids:
             if isinstance(p, str):
-                check_text_fits(tokenizer, len(p), max_model_len, param="prompt")
-            elif len(p) > max_model_len:
-                raise context_length_error(max_model_len, f"your prompt has {len(p)} tokens", "the prompt", "prompt")
+                validation.check_text_fits(validator.max_model_len, len(p), max_token_chars(tokenizer))
+            else:
+                validation.check_prompt_length(validator.max_model_len, len(p))
     out: list[list[int]] = []
     for p in texts_or_ids:
         if isinstance(p, str):
@@ -136,11 +119,8 @@ def completion_prompts(
                 ids = tokenizer.encode(p)
         else:
             ids = list(p)
-        if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
+        if validator is not None:
+            validator.check_prompt_tokens(ids)
         out.append(ids)
     return out
 
@@ -261,6 +241,18 @@ def _refuse_control_text(specials: tuple[str, ...], messages: Sequence[ChatMessa
 
 
 
+def check_template_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """Refuse both ``add_generation_prompt`` and ``continue_final_message`` (a new assistant turn and
+    the last message left open exclude each other).
+
+    Raises:
+        APIError: 400 naming ``continue_final_message``.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false",
+                       param="continue_final_message", code="invalid_value")
+
+
 def chat_prompt(
     tokenizer: Any,
     messages: Sequence[ChatMessage],
@@ -301,7 +293,8 @@ def chat_prompt(
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
     if max_model_len is not None:
-        check_text_fits(tokenizer, sum(len(m["content"]) for m in conv), max_model_len, param=param)
+        validation.check_text_fits(max_model_len, sum(len(m["content"]) for m in conv), max_token_chars(tokenizer),
+                                   param=param)
     kwargs = dict(chat_template_kwargs or {})
     for reserved in ("conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize"):
         if reserved in kwargs:
@@ -335,31 +328,3 @@ def chat_prompt(
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(t) for t in ids]
-
-
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int, *, param: str) -> int:
-    """The output budget of one prompt, checked against the context length.
-
-    Args:
-        requested: ``max_tokens`` from the request, or None for "fill the remaining context".
-        num_prompt_tokens: prompt length in tokens.
-        max_model_len: the model's context length in tokens (prompt + output).
-        param: the request field named in the error (``prompt`` or ``messages``).
-
-    Returns:
-        max output tokens (>= 1).
-
-    Raises:
-        APIError: 400 ``context_length_exceeded`` when prompt + max_tokens exceeds ``max_model_len``
-            (or the prompt alone leaves no room); the message names both numbers, as OpenAI's does.
-    """
-    if requested is None:
-        if num_prompt_tokens >= max_model_len:
-            raise context_length_error(max_model_len, f"your prompt has {num_prompt_tokens} tokens, leaving no room "
-                                       "for the completion", "the prompt", param)
-        return max_model_len - num_prompt_tokens
-    if num_prompt_tokens + requested > max_model_len:
-        raise context_length_error(max_model_len, f"you requested {num_prompt_tokens + requested} tokens "
-                                   f"({num_prompt_tokens} in the prompt, {requested} for the completion)",
-                                   "the prompt or max_tokens", param)
-    return requested

@@ -1,10 +1,10 @@
 """``POST /v1/responses``: the stateless part of OpenAI's Responses API, on the chat route's generation path.
 
-vLLM's shape: the route hands the request to one serving class (:class:`ResponsesServing`), which
-turns it into the chat request it means (:mod:`.responses_input`), prepares it as the chat route
-does (:func:`~kubeinfer_serving.api.chat.prepare_chat`: template, tools, grammar, sampling) and
-answers with its full generator (one ``response`` object) or its streaming generator (the typed
-events, each with its ``sequence_number``, as OpenAI sends them):
+vLLM's shape: the route hands the request to one serving class (:class:`ResponsesServing`, a
+:class:`~kubeinfer_serving.api.chat.ChatServing`), which turns it into the chat request it means
+(:mod:`.responses_input`), prepares it as the chat route does (template, tools, grammar,
+sampling) and answers with its full generator (one ``response`` object) or its streaming
+generator (the typed events, each with its ``sequence_number``, as OpenAI sends them):
 
 ``response.created``, ``response.in_progress``; for text: ``response.output_item.added`` (a
 ``message``), ``response.content_part.added`` (``output_text``), ``response.output_text.delta``
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -45,7 +44,7 @@ from kubeinfer_serving.api.responses_protocol import (
     ResponseUsage,
 )
 from kubeinfer_serving.api.schemas import ToolCall, Usage
-from kubeinfer_serving.api.serving import ChoiceResult, UsageCounter, now, respond
+from kubeinfer_serving.api.serving import ChoiceResult, UsageCounter, http_response
 from kubeinfer_serving.api.tools import ToolCallStream, parse_tool_calls
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -71,52 +70,48 @@ def _sse(kind: str, sequence: int, **fields: Any) -> str:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-class ResponsesServing:
-    """One ``/v1/responses`` request: converted, prepared, then answered by :meth:`full_generator`
-    or :meth:`stream_generator`.
+class ResponsesServing(chat.ChatServing):
+    """One ``/v1/responses`` request: converted into the chat request it means, prepared as the chat
+    route prepares it, then answered by :meth:`full_response` or :meth:`stream_events`.
+
+    Not result-cached; its stream ends with its own ``response.completed`` event (no ``[DONE]``).
 
     Args:
         request: the HTTP request.
         body: the parsed request body.
     """
 
-    def __init__(self, request: Request, body: ResponsesRequest) -> None:
-        self.request = request
-        self.body = body
-        self.response_id = _id("resp")
-        self.created = now()
-        self.prepared: chat.ChatRun | None = None
+    cache_route = None
+    done_event = None
+    context_param = "input"
 
-    async def create(self) -> Response:
-        """Answer the request (a JSON ``response`` or its event stream).
+    def __init__(self, request: Request, body: ResponsesRequest) -> None:
+        super().__init__(request, body)
+        self.response_id = _id("resp")  # the Responses API's id format: resp_<32 hex>
+        self.responses_body = body
+
+    def check(self) -> None:
+        """Fields policy, the stateless refusals and the chat route's checks of the converted request.
 
         Raises:
-            APIError: 400 naming the field for what cannot be served (see :mod:`.responses_input`),
-                the chat route's errors otherwise (404, 429, 503, context length).
+            APIError: 400 naming the field for what cannot be served (see :mod:`.responses_input`).
         """
         check_fields(self.request, self.body)
         if self.body.store:
             record_ignored(self.request, ["store"])
         if self.body.include:
             record_ignored(self.request, ["include"])
-        chat_body = to_chat_request(self.body)
-        chat.check_request(self.request, chat_body)
-        async with AsyncExitStack() as stack:
-            self.prepared = await chat.prepare_chat(self.request, stack, chat_body, self.response_id,
-                                                    context_param="input")
-            return await respond(self.request, stack, self.prepared.served, self.prepared.jobs,
-                                 stream=self.body.stream, build_response=self.full_generator,
-                                 stream_events=self.stream_generator, done_event=None)
+        self.chat_body = to_chat_request(self.body)
+        super().check()
 
     def _response(self, status: str, output: list[OutputMessage | FunctionCallItem], usage: Usage | None = None,
                   finish_reason: str | None = None) -> ResponseObject:
-        body = self.body
-        assert self.prepared is not None
+        body = self.responses_body
         if finish_reason == "length":
             status = "incomplete"
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
         return ResponseObject(
-            id=self.response_id, created_at=self.created, status=status, model=self.prepared.model, output=output,
+            id=self.response_id, created_at=self.created, status=status, model=self.model, output=output,
             usage=response_usage(usage) if usage is not None else None,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
             instructions=body.instructions, max_output_tokens=body.max_output_tokens, metadata=body.metadata,
@@ -125,15 +120,14 @@ class ResponsesServing:
             text=body.text or {"format": {"type": "text"}}, user=body.user)
 
     def _split(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        assert self.prepared is not None
-        return parse_tool_calls(text, self.prepared.plan, self.prepared.parser)
+        return parse_tool_calls(text, self.plan, self.parser)
 
     @staticmethod
     def _call_item(call: ToolCall, status: str) -> FunctionCallItem:
         return FunctionCallItem(id=_id("fc"), call_id=call.id, name=call.function.name,
                                 arguments=call.function.arguments if status == "completed" else "", status=status)
 
-    def full_generator(self, results: list[ChoiceResult], usage: Usage) -> ResponseObject:
+    def full_response(self, results: list[ChoiceResult], usage: Usage) -> ResponseObject:
         """The whole ``response`` object from the finished output (a message and/or function calls)."""
         result = results[0]
         content, calls = self._split(result.text)
@@ -144,10 +138,9 @@ class ResponsesServing:
         output += [self._call_item(c, "completed") for c in calls]
         return self._response("completed", output, usage, result.finish_reason)
 
-    async def stream_generator(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
+    async def stream_events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
         """The typed events of the response, from ``response.created`` to ``response.completed``
         (or ``response.incomplete``); text streams as it is generated, function calls when complete."""
-        assert self.prepared is not None
         seq = 0
 
         def event(kind: str, **fields: Any) -> str:
@@ -157,7 +150,7 @@ class ResponsesServing:
 
         yield event("response.created", response=self._response("in_progress", []))
         yield event("response.in_progress", response=self._response("in_progress", []))
-        tool_stream = ToolCallStream(self.prepared.plan, self.prepared.parser)
+        tool_stream = ToolCallStream(self.plan, self.parser)
         message = OutputMessage(id=_id("msg"), status="in_progress", content=[])
         ids = {"item_id": message.id, "output_index": 0}
         opened, text, calls, reason = False, "", [], None
@@ -210,4 +203,4 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     stored state, non-function tools, non-text input parts, context overflow naming ``input``);
     404 unknown model; 429 queue full; 503 model unavailable.
     """
-    return await ResponsesServing(request, body).create()
+    return http_response(await ResponsesServing(request, body).create())

@@ -1,4 +1,6 @@
-"""What completions and chat completions share: acquiring the model, running the jobs, usage, ids.
+"""What the generation endpoints share: :class:`GenerationServing` (the base of the serving classes
+of ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/responses``), its results and their
+HTTP wrapping, acquiring the model, usage, ids.
 
 The model acquired from the provider is held (busy, never evicted) until the response is fully
 sent: for a non-streaming request until the handler returns, for a stream until its last event
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +25,8 @@ from kubeinfer_serving import __version__
 from kubeinfer_serving.api import request_log, request_trace
 from kubeinfer_serving.api.admission import FairAdmission, Ticket
 from kubeinfer_serving.api.auth import identity_of
-from kubeinfer_serving.api.errors import CLIENT_CLOSED, APIError, error_body, to_api_error
-from kubeinfer_serving.api.generation import ClientDisconnected, GenerationRun, Job, until_disconnect
+from kubeinfer_serving.api.errors import APIError, error_body, to_api_error
+from kubeinfer_serving.api.generation import GenerationRun, Job, until_disconnect
 from kubeinfer_serving.api.result_cache import HEADER as RESULT_CACHE_HEADER
 from kubeinfer_serving.api.result_cache import ResultCache, replay
 from kubeinfer_serving.api.schemas import PromptTokensDetails, Usage
@@ -140,36 +143,45 @@ class UsageCounter:
         )
 
 
-def engine_config(served: ServedModel) -> Any:
-    """The :class:`~kubeinfer_serving.engine.config.EngineConfig` of ``served``'s engine, or None."""
-    return getattr(getattr(served.engine, "engine", None), "config", None)
-
-
 def resolve_priority(request: Request, body: Any, served: ServedModel) -> int:
     """The request's scheduling priority: its ``priority`` field, else its tenant's default.
 
     Under the ``fcfs`` policy every request has priority 0 (as in vLLM, a non-zero ``priority``
-    is then an error). With API keys on, a tenant may not ask for a priority below its floor
-    (``minPriority`` in the keys file, default its own ``priority``), so no tenant can jump the
-    others' queues; without keys (one anonymous tenant) any value is allowed.
+    is then an error: the model's rule, :meth:`~kubeinfer_serving.engine.validation.RequestValidator.check_priority`).
+    With API keys on, a tenant may not ask for a priority below its floor (``minPriority`` in the
+    keys file, default its own ``priority``), so no tenant can jump the others' queues; without
+    keys (one anonymous tenant) any value is allowed.
 
     Raises:
-        APIError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model;
-            400 ``invalid_value`` for a priority below the tenant's floor.
+        InvalidRequestError: 400 ``unsupported_parameter`` for a non-zero ``priority`` on an ``fcfs`` model.
+        APIError: 400 ``invalid_value`` for a priority below the tenant's floor.
     """
-    config = engine_config(served)
-    policy = getattr(config, "scheduling_policy", "fcfs")
+    validator = served.engine.validator
+    by_priority = validator.scheduling_policy == "priority"
     if body.priority is not None:
-        if body.priority != 0 and policy != "priority":
-            raise APIError(400, f"priority needs the priority scheduling policy; model {served.name!r} schedules "
-                           "first come, first served", param="priority", code="unsupported_parameter")
+        validator.check_priority(body.priority)
         tenant = identity_of(request.scope).tenant
-        if policy == "priority" and request.app.state.keys.enabled and body.priority < tenant.priority_floor:
+        if by_priority and request.app.state.keys.enabled and body.priority < tenant.priority_floor:
             raise APIError(400, f"priority must be at least {tenant.priority_floor} for tenant {tenant.name!r} "
                            "(lower values run first; the tenant's minPriority)", param="priority",
                            code="invalid_value")
         return body.priority
-    return identity_of(request.scope).tenant.priority if policy == "priority" else 0
+    return identity_of(request.scope).tenant.priority if by_priority else 0
+
+
+def check_stream_fields(body: Any) -> None:
+    """The output-format rules every generation endpoint with these fields shares.
+
+    Raises:
+        APIError: 400 ``stream_options`` without ``stream``; 400 ``unsupported_parameter`` for
+            ``spaces_between_special_tokens: false``.
+    """
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options can only be given with stream: true", param="stream_options",
+                       code="invalid_value")
+    if body.spaces_between_special_tokens is False:
+        raise APIError(400, "spaces_between_special_tokens false is not supported by this server",
+                       param="spaces_between_special_tokens", code="unsupported_parameter")
 
 
 def result_cache_key(request: Request, route: str, body: Any, served: ServedModel) -> str | None:
@@ -205,7 +217,7 @@ async def admit(request: Request, served: ServedModel, jobs: list[Job]) -> Ticke
     """
     admission: FairAdmission = request.app.state.admission
     tenant = identity_of(request.scope).tenant
-    config = engine_config(served)
+    config = getattr(getattr(served.engine, "engine", None), "config", None)  # the EngineConfig, if any
     prompts = {j.prompt_index: len(j.prompt_token_ids) for j in jobs}
     if not admission.enabled or config is None:
         admission.check_rate(tenant)
@@ -220,135 +232,224 @@ async def admit(request: Request, served: ServedModel, jobs: list[Job]) -> Ticke
     return ticket
 
 
-async def respond(
-    request: Request,
-    stack: AsyncExitStack,
-    served: ServedModel,
-    jobs: list[Job],
-    *,
-    stream: bool,
-    build_response: Callable[[list[ChoiceResult], Usage], BaseModel],
-    stream_events: Callable[[GenerationRun, UsageCounter], AsyncIterator[str]],
-    cache_key: str | None = None,
-    include_usage: bool = False,
-    continuous_usage: bool = False,
-    done_event: str | None = DONE,
-) -> Response:
-    """Run ``jobs`` on ``served.engine`` and answer as one JSON body or as an SSE stream.
+@dataclass
+class FullResult:
+    """A whole JSON response of a serving class.
+
+    Attributes:
+        body: the response body (JSON-ready).
+        headers: extra response headers (e.g. the result cache's ``hit``/``miss``).
+    """
+
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StreamResult:
+    """A streamed response of a serving class: its SSE events, and what to run when it ends.
+
+    Attributes:
+        events: the ``text/event-stream`` events, each a complete event.
+        on_close: run once however the stream ends (aborts the engine requests, releases the
+            model); None for a stream that holds nothing (a replayed cache hit).
+        headers: extra response headers.
+        stall_timeout: seconds one event may wait to be sent (None: no limit).
+    """
+
+    events: AsyncIterator[str] | Iterator[str]
+    on_close: Callable[[], Awaitable[None]] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_timeout: float | None = None
+
+
+def http_response(result: FullResult | StreamResult) -> Response:
+    """Wrap a serving class's result for the route: a JSONResponse, or an SSE stream."""
+    if isinstance(result, FullResult):
+        return JSONResponse(result.body, headers=result.headers or None)
+    if result.on_close is None:
+        return StreamingResponse(result.events, media_type="text/event-stream",
+                                 headers={**result.headers, "Cache-Control": "no-cache"})
+    return SSEResponse(result.events, result.on_close, stall_timeout=result.stall_timeout)
+
+
+class GenerationServing(ABC):
+    """One generation request (a completion, a chat completion, a response), vLLM's serving-class shape.
+
+    :meth:`create` checks the request (:meth:`check`), prepares its engine jobs (:meth:`prepare`:
+    the model acquired, the prompt tokenized, the sampling parameters built), answers from the
+    result cache when it can, passes fair admission, runs the jobs on the model's engine and
+    answers with the subclass's full generator (:meth:`full_response`) or its streaming
+    generator (:meth:`stream_events`). The model stays acquired (busy, never evicted) until the
+    response is fully sent: for a full response until :meth:`create` returns, for a stream until
+    its last event or the client's disconnect.
 
     Errors raised by the engine before the first output (queue full, prompt too long) become
-    HTTP errors; the stream starts as soon as one job produced its first output (each choice
-    streams as soon as it has tokens). If the client
+    HTTP errors; a stream starts as soon as one job produced its first output. If the client
     disconnects, the jobs are aborted (freeing their KV blocks) and nothing is sent.
 
     Args:
-        build_response: (results per choice index, usage) -> the response body.
-        stream_events: (run, usage counter) -> the SSE ``data:`` events, without the final ``[DONE]``.
-
-        cache_key: the result-cache key (:mod:`.result_cache`) when the request may be cached.
-        include_usage: the stream's ``stream_options.include_usage`` (for a replayed hit).
-        continuous_usage: the stream's ``stream_options.continuous_usage_stats`` (for a replayed hit).
-        done_event: the stream's last event (None: none; the Responses API ends with its own event).
-
-    Returns:
-        a JSONResponse, an SSEResponse (which now owns ``stack``), or an empty 499 response.
+        request: the HTTP request.
+        body: the parsed request body.
     """
-    cache: ResultCache = request.app.state.result_cache
-    if cache_key is not None:
-        hit = cache.get(cache_key, served.name)
-        if hit is not None:
-            if stream:
-                return StreamingResponse(replay(hit, include_usage, continuous_usage), media_type="text/event-stream",
-                                         headers={RESULT_CACHE_HEADER: "hit", "Cache-Control": "no-cache"})
-            return JSONResponse(hit, headers={RESULT_CACHE_HEADER: "hit"})
-    try:
-        with request_trace.phase(request.scope, "admission"):
-            ticket = await admit(request, served, jobs)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED)
-    run = GenerationRun(served.engine, jobs)
-    usage = UsageCounter(jobs)
-    request_log.note_usage(request.scope, usage)
-    drain = request.app.state.drain
-    admission: FairAdmission = request.app.state.admission
-    tenant = identity_of(request.scope).tenant
-    settled = False
 
-    def settle() -> None:
-        """Release the admission room, charge the completion tokens and write the engine phases' spans (once)."""
-        nonlocal settled
-        if not settled:
-            settled = True
-            if ticket is not None:
-                ticket.release()
-            admission.charge(tenant, run.completion_tokens, "generation")
-            request_trace.engine_spans(request.scope, served.name, jobs, run.last_outputs)
+    #: The result cache's route name (None: never cached).
+    cache_route: str | None = None
+    #: Prefix of the response id (``cmpl``, ``chatcmpl``): ``<prefix>-<32 hex>``.
+    id_prefix = "cmpl"
+    #: The stream's last event (None: none; the Responses API ends with its own event).
+    done_event: str | None = DONE
 
-    def job_ended(last: bool) -> None:
-        """The engine is done with one job: its admission room is free at once, even while the
-        client is still reading (or not reading) the response, so an unread stream holds nothing."""
-        if ticket is not None:
-            ticket.release(1)
-        if last:
-            settle()
+    def __init__(self, request: Request, body: Any) -> None:
+        self.request = request
+        self.body = body
+        self.response_id = new_id(self.id_prefix)
+        self.created = now()
+        #: The model's name as the response reports it (set by :meth:`prepare`).
+        self.model = ""
+        self._ticket: Ticket | None = None
+        self._settled = False
+        self._run: GenerationRun | None = None
+        self._jobs: list[Job] = []
+        self._served: ServedModel | None = None
 
-    def finish() -> None:
-        """The response is over (sent, failed or abandoned): stop tracking the run for the drain, and settle."""
-        drain.untrack(run)
-        settle()
+    @abstractmethod
+    def check(self) -> None:
+        """Refuse what the endpoint cannot honour, before any model is touched.
 
-    run.on_job_end = job_ended
-    run.start()
-    drain.track(run)
-    try:
-        if not stream:
+        Raises:
+            APIError: 400 naming the field.
+        """
 
-            async def collect() -> BaseModel:
-                results = [ChoiceResult() for _ in jobs]
-                await run.wait_first()
-                request_log.note(request.scope, first_output=True)
-                async for job, out in run.outputs():
-                    results[job.index].add(out)
-                    usage.update(job, out)
-                return build_response(results, usage.usage())
+    @abstractmethod
+    async def prepare(self, stack: AsyncExitStack) -> tuple[ServedModel, list[Job]]:
+        """Acquire the model on ``stack`` and build the engine jobs (one per choice).
 
+        Raises:
+            APIError: 400 naming the field (prompts, tools, grammar, context length); the
+                provider's 404/503.
+        """
+
+    @abstractmethod
+    def full_response(self, results: list[ChoiceResult], usage: Usage) -> BaseModel:
+        """The whole response body from every choice's finished output."""
+
+    @abstractmethod
+    def stream_events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
+        """The stream's events while the jobs run (without :attr:`done_event`); updates ``usage``."""
+
+    def stream_options(self) -> tuple[bool, bool]:
+        """``stream_options``' (``include_usage``, ``continuous_usage_stats``) of the request."""
+        options = getattr(self.body, "stream_options", None)
+        return bool(options and options.include_usage), bool(options and options.continuous)
+
+    async def create(self) -> FullResult | StreamResult:
+        """Answer the request, as a full JSON body or as a stream (``body.stream``).
+
+        Raises:
+            APIError: the request's errors (400 naming the field, 404, 429 with ``retry_after``,
+                503); engine errors before the first output (``QueueFullError``,
+                ``PromptTooLongError``, ``EngineDeadError``).
+            ClientDisconnected: the client left before the response started (answered 499).
+        """
+        self.check()
+        async with AsyncExitStack() as stack:
+            served, jobs = await self.prepare(stack)
+            self._served, self._jobs = served, jobs
+            cache_key = (result_cache_key(self.request, self.cache_route, self.body, served)
+                         if self.cache_route is not None else None)
+            if cache_key is not None:  # an identical earlier request's stored answer (:mod:`.result_cache`)
+                hit = self.request.app.state.result_cache.get(cache_key, served.name)
+                if hit is not None and self.body.stream:
+                    include_usage, continuous = self.stream_options()
+                    return StreamResult(replay(hit, include_usage, continuous), headers={RESULT_CACHE_HEADER: "hit"})
+                if hit is not None:
+                    return FullResult(hit, {RESULT_CACHE_HEADER: "hit"})
+            with request_trace.phase(self.request.scope, "admission"):
+                self._ticket = await admit(self.request, served, jobs)
+            run = self._run = GenerationRun(served.engine, jobs, on_job_end=self._job_ended)
+            usage = UsageCounter(jobs)
+            request_log.note_usage(self.request.scope, usage)
+            run.start()
+            self.request.app.state.drain.track(run)
+            if not self.body.stream:
+                try:
+                    return await self._full(run, usage, cache_key)
+                finally:
+                    self._finish()
             try:
-                body = await until_disconnect(request, collect())
-            finally:
-                finish()
-            data = body.model_dump(mode="json")
-            if cache_key is None:
-                return JSONResponse(data)
-            if all(c.get("finish_reason") in ("stop", "length", "tool_calls") for c in data.get("choices", [])):
-                cache.put(cache_key, data)
-            return JSONResponse(data, headers={RESULT_CACHE_HEADER: "miss"})
-        await until_disconnect(request, run.wait_first())
-        request_log.note(request.scope, first_output=True)
-    except ClientDisconnected:
-        run.cancel()
-        finish()
-        return Response(status_code=CLIENT_CLOSED)
-    except BaseException:
-        run.cancel()
-        finish()
-        raise
+                await until_disconnect(self.request, run.wait_first())
+            except BaseException:
+                run.cancel()
+                self._finish()
+                raise
+            request_log.note(self.request.scope, first_output=True)
+            owned = stack.pop_all()
 
-    async def events() -> AsyncIterator[str]:
+            async def on_close() -> None:
+                run.cancel()
+                self._finish()
+                await owned.aclose()
+
+            return StreamResult(self._events(run, usage), on_close,
+                                stall_timeout=self.request.app.state.settings.timeout_stalled_response)
+
+    async def _full(self, run: GenerationRun, usage: UsageCounter, cache_key: str | None) -> FullResult:
+        """Collect every output, build the body with :meth:`full_response`, store it when cacheable."""
+
+        async def collect() -> BaseModel:
+            results = [ChoiceResult() for _ in self._jobs]
+            await run.wait_first()
+            request_log.note(self.request.scope, first_output=True)
+            async for job, out in run.outputs():
+                results[job.index].add(out)
+                usage.update(job, out)
+            return self.full_response(results, usage.usage())
+
         try:
-            async for event in stream_events(run, usage):
+            body = await until_disconnect(self.request, collect())
+        except BaseException:
+            run.cancel()
+            raise
+        data = body.model_dump(mode="json")
+        if cache_key is None:
+            return FullResult(data)
+        if all(c.get("finish_reason") in ("stop", "length", "tool_calls") for c in data.get("choices", [])):
+            self.request.app.state.result_cache.put(cache_key, data)
+        return FullResult(data, {RESULT_CACHE_HEADER: "miss"})
+
+    async def _events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
+        """:meth:`stream_events`, then :attr:`done_event`; an engine failure mid-stream becomes an error event."""
+        try:
+            async for event in self.stream_events(run, usage):
                 yield event
         except Exception as exc:  # an engine failure mid-stream: the status line is already sent
             err = to_api_error(exc)
             yield sse_event(error_body(err.status, err.message, param=err.param, code=err.code))
-        if done_event is not None:
-            yield done_event
+        if self.done_event is not None:
+            yield self.done_event
 
-    owned = stack.pop_all()
+    def _job_ended(self, last: bool) -> None:
+        """The engine is done with one job: its admission room is free at once, even while the
+        client is still reading (or not reading) the response, so an unread stream holds nothing."""
+        if self._ticket is not None:
+            self._ticket.release(1)
+        if last:
+            self._settle()
 
-    async def on_close() -> None:
-        run.cancel()
-        finish()
-        await owned.aclose()
+    def _settle(self) -> None:
+        """Release the admission room, charge the completion tokens and write the engine phases' spans (once)."""
+        if self._settled or self._run is None or self._served is None:
+            return
+        self._settled = True
+        if self._ticket is not None:
+            self._ticket.release()
+        tenant = identity_of(self.request.scope).tenant
+        self.request.app.state.admission.charge(tenant, self._run.completion_tokens, "generation")
+        request_trace.engine_spans(self.request.scope, self._served.name, self._jobs, self._run.last_outputs)
 
-    return SSEResponse(events(), on_close, stall_timeout=request.app.state.settings.timeout_stalled_response)
-
+    def _finish(self) -> None:
+        """The response is over (sent, failed or abandoned): stop tracking the run for the drain, and settle."""
+        if self._run is not None:
+            self.request.app.state.drain.untrack(self._run)
+        self._settle()

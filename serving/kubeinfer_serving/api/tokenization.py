@@ -12,7 +12,7 @@ from kubeinfer_serving import __version__
 from kubeinfer_serving.api.errors import APIError
 from kubeinfer_serving.api.fields import check_fields
 from kubeinfer_serving.api.limits import OffLoopJSONRoute
-from kubeinfer_serving.api.prompts import chat_prompt, check_text_fits, tokenizer_lock
+from kubeinfer_serving.api.prompts import chat_prompt, check_template_flags, max_token_chars, tokenizer_lock
 from kubeinfer_serving.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -20,6 +20,7 @@ from kubeinfer_serving.api.schemas import (
     TokenizeResponse,
 )
 from kubeinfer_serving.api.serving import acquire, resolve_model_name
+from kubeinfer_serving.engine.validation import check_text_fits, outside_vocabulary
 from kubeinfer_serving.registry.protocol import ModelKind
 
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -29,10 +30,10 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: 
     """Token ids of ``text`` under the tokenizer's lock (blocking: called in a worker thread).
 
     Raises:
-        APIError: 400 ``context_length_exceeded`` for a text no context of ``max_model_len`` can
-            hold (checked before tokenizing, as for generation).
+        ContextLengthError: 400 ``context_length_exceeded`` for a text no context of
+            ``max_model_len`` can hold (checked before tokenizing, as for generation).
     """
-    check_text_fits(tokenizer, len(text), max_model_len, param="prompt")
+    check_text_fits(max_model_len, len(text), max_token_chars(tokenizer))
     with tokenizer_lock(tokenizer):
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -60,9 +61,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
                                ModelKind.GENERATE)
         tok = served.tokenizer
         if body.messages is not None:
-            if body.continue_final_message and body.add_generation_prompt:
-                raise APIError(400, "continue_final_message needs add_generation_prompt: false",
-                               param="continue_final_message", code="invalid_value")
+            check_template_flags(body.add_generation_prompt, body.continue_final_message)
             ids = await asyncio.to_thread(
                 chat_prompt, tok, body.messages, served.max_model_len,
                 parse_special_tokens=request.app.state.settings.parse_special_tokens_in_chat, tools=body.tools,
@@ -84,8 +83,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         vocab = len(served.tokenizer)
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="tokens",
-                           code="invalid_value")
+            raise APIError(400, outside_vocabulary(bad[0], vocab), param="tokens", code="invalid_value")
         return DetokenizeResponse(prompt=await asyncio.to_thread(served.tokenizer.decode, body.tokens))
 
 

@@ -25,6 +25,7 @@ from transformers import AutoModel
 
 from kubeinfer_serving.embeddings.pooling import PoolingConfig, pool, read_pooling_config
 from kubeinfer_serving.engine.config import pick_device, torch_dtype
+from kubeinfer_serving.engine.validation import outside_vocabulary
 from kubeinfer_serving.models.loader import ModelLoadError, load_tokenizer, weights_nbytes
 
 
@@ -176,7 +177,7 @@ class Embedder:
             for row in inputs:
                 bad = [t for t in row if not 0 <= int(t) < vocab]
                 if bad:
-                    raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                    raise ValueError(outside_vocabulary(bad[0], vocab))
                 ids.append(self._prefix + [int(t) for t in row] + self._suffix)
         for i, row in enumerate(ids):
             if len(row) > self.max_model_len:

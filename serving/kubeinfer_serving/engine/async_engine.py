@@ -3,8 +3,9 @@
 The model runs in a dedicated thread so the HTTP event loop never waits for a step (torch
 releases the GIL inside its kernels). Requests and aborts travel to the thread through a
 thread-safe inbox, drained at the start of every step, so a request joins the running batch
-at the next step; outputs travel back through ``loop.call_soon_threadsafe`` into one
-``asyncio.Queue`` per request.
+at the next step; outputs travel back through ``loop.call_soon_threadsafe`` to one sink per
+request, called on the requester's event loop (the API's run puts them straight into its one
+queue per HTTP request; :meth:`AsyncLLMEngine.generate` into a queue of its own).
 """
 
 from __future__ import annotations
@@ -21,27 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig, EngineStats
-from .errors import EngineDeadError, QueueFullError, RequestFailedError
+from .errors import EngineDeadError, RequestFailedError
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling import SamplingParams
+from .validation import RequestValidator
 
 log = logging.getLogger(__name__)
 
 #: Seconds the idle loop sleeps between checks for shutdown (a new request wakes it at once).
 _IDLE_WAIT = 0.5
-#: ``retry_after`` of :class:`QueueFullError`, seconds.
-_RETRY_AFTER = 1.0
+
+
+#: Where the engine thread hands a request's outputs: called on the requester's event loop with
+#: each output, the last one ``finished``, or with the exception that ended the request.
+OutputSink = Callable[[RequestOutput | BaseException], None]
 
 
 class _Stream:
-    """Where one request's outputs go: its event loop and queue."""
+    """Where one request's outputs go: its event loop and the requester's sink (called on that loop)."""
 
-    __slots__ = ("loop", "queue", "prompt_len", "done")
+    __slots__ = ("loop", "sink", "prompt_len", "done")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_len: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: OutputSink, prompt_len: int) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.sink = sink
         self.prompt_len = prompt_len
         self.done = False
 
@@ -49,7 +54,7 @@ class _Stream:
         if isinstance(item, BaseException) or item.finished:
             self.done = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.sink, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
@@ -73,6 +78,8 @@ class AsyncLLMEngine:
         self.max_model_len = engine.max_model_len
         self.device = engine.device
         self.memory_bytes = engine.weights_bytes + engine.kv_cache_bytes + engine.cuda_graph_bytes
+        #: The model's request rules (:class:`~kubeinfer_serving.engine.validation.RequestValidator`).
+        self.validator: RequestValidator = engine.validator
         #: Unique per engine instance: a reloaded model is a new instance (result-cache keys use it).
         self.instance_id = uuid.uuid4().hex
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -103,12 +110,57 @@ class AsyncLLMEngine:
         return cls(LLMEngine.from_model_dir(path, model_name=model_name, config=config))
 
     # ------------------------------------------------------------------ public API
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: OutputSink,
+        lora: str | None = None,
+    ) -> None:
+        """Queue a request whose outputs go to ``sink``, called on the calling event loop (no queue
+        of the engine's own: the caller's sink is the one hand-off from the engine thread).
+
+        ``sink`` receives each output as steps produce it, the last one with ``finished``, or
+        instead the exception that ended the request (``EngineDeadError`` when the loop crashed,
+        ``RequestFailedError`` when the engine failed this request, or an error of the engine's
+        own validation when the loop takes the request in: :attr:`validator`'s ``PromptTooLongError``
+        or ``InvalidRequestError``, or a ValueError for an unknown adapter). Delivery stops by
+        itself after a finished output; call :meth:`detach` for a request no longer wanted.
+
+        Args:
+            lora: the name of a LoRA adapter of this engine to run with (None: the base model).
+
+        Raises:
+            QueueFullError: ``max_waiting_requests`` waiting already (``retry_after`` seconds).
+            EngineDeadError: the engine was shut down or its loop crashed.
+            ValueError: a request id in use.
+        """
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError(f"engine for {self.model_name!r} is not running")
+        stream = _Stream(asyncio.get_running_loop(), sink, len(prompt_token_ids))
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            waiting = self.engine.num_waiting_beyond_batch(self._num_pending_adds)
+            self.engine.validator.check_queue(waiting)
+            self._streams[request_id] = stream
+            self._num_pending_adds += 1
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic(), lora))
+        self._wakeup.set()
+
+    def detach(self, request_id: str) -> None:
+        """Stop delivering ``request_id``'s outputs; abort it when its last output was not delivered yet
+        (its KV blocks are freed at the next step). A no-op for an unknown request."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.done:
+            self.abort(request_id)
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as steps produce them; the last one has ``finished``.
 
-        ``lora``: the name of a LoRA adapter of this engine to run with (None: the base model).
+        :meth:`add_request` with an ``asyncio.Queue`` of its own as the sink, for callers that
+        want one request as an async iterator. ``lora``: the name of a LoRA adapter of this
+        engine to run with (None: the base model).
 
         Errors are raised at the first iteration, before any output:
 
@@ -121,40 +173,18 @@ class AsyncLLMEngine:
         If the consumer stops early (``aclose()``, task cancellation on client disconnect),
         the request is aborted and its KV blocks are freed at the next step.
         """
-        if self._dead is not None or self._stopping:
-            raise EngineDeadError(f"engine for {self.model_name!r} is not running")
-        self.engine.validate(prompt_token_ids, params)
-        stream = _Stream(asyncio.get_running_loop(), len(prompt_token_ids))
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            waiting = self.engine.num_waiting_beyond_batch(self._num_pending_adds)
-            if waiting >= self.engine.config.max_waiting_requests:
-                raise QueueFullError(
-                    f"too many requests waiting for {self.model_name!r} ({waiting}); retry later",
-                    retry_after=_RETRY_AFTER,
-                )
-            self._streams[request_id] = stream
-            self._num_pending_adds += 1
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic(), lora))
-        self._wakeup.set()
-        finished = False
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.add_request(request_id, prompt_token_ids, params, outputs.put_nowait, lora)
         try:
             while True:
-                item = await stream.queue.get()
+                item = await outputs.get()
                 if isinstance(item, BaseException):
-                    finished = True
                     raise item
-                if item.finished:
-                    finished = True
                 yield item
-                if finished:
+                if item.finished:
                     return
         finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            self.detach(request_id)
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Run ``fn(engine)`` on the loop thread between steps (the engine is not thread-safe),
@@ -252,6 +282,8 @@ class AsyncLLMEngine:
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival, lora=lora)
                 except Exception as exc:  # noqa: BLE001 - validation errors go back to the caller
+                    with self._lock:
+                        self._streams.pop(rid, None)
                     stream.put(exc)
             elif msg[0] == "fail":
                 from kubeinfer_serving.distributed.executor import WorkerFailedError
@@ -269,8 +301,9 @@ class AsyncLLMEngine:
                     self._deliver(out)
 
     def _deliver(self, out: RequestOutput) -> None:
-        with self._lock:
-            stream = self._streams.get(out.request_id)
+        last = out.finished or out.error is not None
+        with self._lock:  # a request's last output ends its delivery: the requester need not detach it
+            stream = self._streams.pop(out.request_id, None) if last else self._streams.get(out.request_id)
         if stream is not None:
             stream.put(RequestFailedError(out.error) if out.error is not None else out)
 

@@ -29,19 +29,46 @@ def context_length_message(max_model_len: int, detail: str, remedy: str) -> str:
     return f"This model's maximum context length is {max_model_len} tokens. However, {detail}. Please reduce {remedy}."
 
 
-class PromptTooLongError(EngineError, ValueError):
+class InvalidRequestError(EngineError, ValueError):
+    """A request the model can never serve as asked (HTTP 400 naming ``param``).
+
+    Raised by :class:`~kubeinfer_serving.engine.validation.RequestValidator`, the one place that
+    checks a request against the model.
+
+    Attributes:
+        param: the request field at fault (OpenAI's error ``param``), or None.
+        code: OpenAI's error ``code``.
+    """
+
+    def __init__(self, message: str, *, param: str | None = "prompt", code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthError(InvalidRequestError):
+    """The request does not fit the model's context length (HTTP 400 ``context_length_exceeded``),
+    in the one wording of :func:`context_length_message`."""
+
+    def __init__(self, max_model_len: int, detail: str, remedy: str, *, param: str | None = "prompt") -> None:
+        super().__init__(context_length_message(max_model_len, detail, remedy), param=param,
+                         code="context_length_exceeded")
+        self.max_model_len = max_model_len
+
+
+class PromptTooLongError(ContextLengthError):
     """Prompt tokens + ``max_tokens`` exceed the model's context length (HTTP 400).
 
     The message follows OpenAI's wording and names both numbers.
     """
 
-    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int) -> None:
-        self.max_model_len = max_model_len
+    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int, *,
+                 param: str | None = "prompt") -> None:
+        super().__init__(max_model_len, f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} "
+                         f"in the prompt, {max_tokens} for the completion)", "the length of the prompt or completion",
+                         param=param)
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
-        super().__init__(context_length_message(
-            max_model_len, f"you requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
-            f"prompt, {max_tokens} for the completion)", "the length of the prompt or completion"))
 
 
 class RequestFailedError(EngineError):

@@ -27,7 +27,6 @@ from .block_manager import BlockManager
 from .config import CPU_DEFAULT_KV_BYTES, CUDA_DEFAULT_KV_FRACTION, EngineConfig, EngineStats
 from .cuda_graphs import decode_graph_sizes
 from .detokenizer import IncrementalDetokenizer
-from .errors import PromptTooLongError, QueueFullError
 from .host_allocator import keep_freed_host_memory
 from .kv_sizing import KVSizing, profile_activation_peak, profile_graph_memory
 from .model_runner import ModelRunner, kv_bytes_per_block
@@ -36,6 +35,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .stats import StatLogger, StepStats
+from .validation import RequestValidator
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,12 @@ class LLMEngine:
         self.vocab_size = int(hf_config.vocab_size)
         self.num_kv_blocks = num_kv_blocks
         self.max_model_len = min(max_model_len, num_kv_blocks * self.config.block_size)
+        #: The rules a request must pass on this model (context, vocabulary, priority, queue cap).
+        self.validator = RequestValidator(
+            model_name=model_name, max_model_len=self.max_model_len,
+            vocab_size=min(self.vocab_size, len(tokenizer)) if hasattr(tokenizer, "__len__") else self.vocab_size,
+            scheduling_policy=self.config.scheduling_policy,
+            max_waiting_requests=self.config.max_waiting_requests, has_tokenizer=tokenizer is not None)
         self.eos_token_ids = frozenset(_eos_ids(hf_config, tokenizer))
         #: LoRA adapters and their device slots (None when ``config.max_loras`` is 0).
         self.lora: LoRAManager | None = None
@@ -318,26 +324,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Reject a request that can never run (safe to call from another thread).
+        """Reject a request that can never run (safe to call from another thread): :attr:`validator`'s rules.
 
         Raises:
             PromptTooLongError: prompt + max_tokens > max_model_len.
-            ValueError: empty prompt, token ids outside the vocabulary (in the prompt or in
-                ``logit_bias``, ``allowed_token_ids``, ``bad_words_token_ids``, ``stop_token_ids``),
-                or stop strings without a tokenizer.
+            InvalidRequestError (a ValueError): empty prompt, token ids outside the vocabulary (in
+                the prompt or in ``logit_bias``, ``allowed_token_ids``, ``bad_words_token_ids``,
+                ``stop_token_ids``), stop strings without a tokenizer, a priority the scheduling
+                policy does not allow.
         """
-        if not prompt_token_ids:
-            raise ValueError("the prompt must contain at least one token")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if params.max_token_id() >= self.vocab_size:
-            raise ValueError(f"token ids in the sampling parameters must be in [0, {self.vocab_size})")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise PromptTooLongError(self.max_model_len, len(prompt_token_ids), params.max_tokens)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none")
-        if params.priority != 0 and self.config.scheduling_policy != "priority":
-            raise ValueError("priority needs the priority scheduling policy (this engine schedules fcfs)")
+        self.validator.validate(prompt_token_ids, params)
 
     def add_lora(self, adapter: LoRAAdapter) -> None:
         """Serve ``adapter`` to requests that name it (engine thread only).
@@ -387,9 +383,7 @@ class LLMEngine:
             adapter = self.lora.get(lora)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        waiting = self.num_waiting_beyond_batch()
-        if waiting >= self.config.max_waiting_requests:
-            raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests)", retry_after=1.0)
+        self.validator.check_queue(self.num_waiting_beyond_batch())
         seq = Sequence(request_id, list(prompt_token_ids), params,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         seq.lora = adapter

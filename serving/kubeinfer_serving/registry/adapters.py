@@ -90,5 +90,9 @@ class AdapterBoundEngine:
         """The base engine's ``generate`` with ``lora`` = this adapter (same outputs and errors)."""
         return self._engine.generate(request_id, prompt_token_ids, params, lora=self.adapter)
 
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any, sink: Any) -> None:
+        """The base engine's ``add_request`` with ``lora`` = this adapter (same sink and errors)."""
+        self._engine.add_request(request_id, prompt_token_ids, params, sink, lora=self.adapter)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
