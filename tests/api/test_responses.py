@@ -112,6 +112,16 @@ def test_function_calls_and_their_outputs(client: openai.OpenAI) -> None:
     assert added.item.type == done.item.type == "function_call" and added.item.status == "in_progress"
     assert set(json.loads(done.item.arguments)) == {"city"}
     assert events[-1].response.output[0].call_id == done.item.call_id
+    # The arguments stream as the model writes them: several deltas that add up to the final string.
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == done.item.arguments
+    assert types.index("response.output_item.added") < types.index("response.function_call_arguments.delta")
+    # The SDK's stream helper assembles the same call from them.
+    with client.responses.stream(model=MODEL, input="weather?", tools=[WEATHER], tool_choice=FORCED,
+                                 max_output_tokens=40) as stream:
+        final = stream.get_final_response()
+    streamed = [o for o in final.output if o.type == "function_call"]
+    assert len(streamed) == 1 and set(json.loads(streamed[0].arguments)) == {"city"}
 
 
 @pytest.mark.parametrize(("extra", "param"), [

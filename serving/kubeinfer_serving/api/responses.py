@@ -10,8 +10,8 @@ generator (the typed events, each with its ``sequence_number``, as OpenAI sends 
 ``message``), ``response.content_part.added`` (``output_text``), ``response.output_text.delta``
 per piece, ``response.output_text.done``, ``response.content_part.done``,
 ``response.output_item.done``; per function call: ``response.output_item.added``
-(``function_call``), ``response.function_call_arguments.delta``,
-``response.function_call_arguments.done``, ``response.output_item.done``; last
+(``function_call``, as soon as its name is known), ``response.function_call_arguments.delta``
+per piece of its arguments as the model writes them, ``response.function_call_arguments.done``, ``response.output_item.done``; last
 ``response.completed``, or ``response.incomplete`` when ``max_output_tokens`` cut the output.
 
 Nothing is stored: ``store: true`` is accepted and reported as ignored (as vLLM does without its
@@ -140,7 +140,11 @@ class ResponsesServing(chat.ChatServing):
 
     async def stream_events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
         """The typed events of the response, from ``response.created`` to ``response.completed``
-        (or ``response.incomplete``); text streams as it is generated, function calls when complete."""
+        (or ``response.incomplete``). Text streams as it is generated; a function call opens its
+        item as soon as its name is known and streams its ``arguments`` as the model writes them
+        (:meth:`~.tools.ToolCallStream.call_deltas`), so the deltas of each call concatenate to its
+        final arguments. Items are sent one after the other: a message item closes before the first
+        call's item opens."""
         seq = 0
 
         def event(kind: str, **fields: Any) -> str:
@@ -150,48 +154,110 @@ class ResponsesServing(chat.ChatServing):
 
         yield event("response.created", response=self._response("in_progress", []))
         yield event("response.in_progress", response=self._response("in_progress", []))
+        stream = _ItemStream(event)
         tool_stream = ToolCallStream(self.plan, self.parser)
-        message = OutputMessage(id=_id("msg"), status="in_progress", content=[])
-        ids = {"item_id": message.id, "output_index": 0}
-        opened, text, calls, reason = False, "", [], None
+        reason = None
         async for job, out in run.outputs():
             usage.update(job, out)
             piece = tool_stream.feed(out.new_text)
             if out.finished:
                 rest, calls = tool_stream.finish()
                 piece += rest
+                deltas = tool_stream.finish_deltas(calls)
                 reason = out.finish_reason
-            if piece:
-                if not opened:
-                    opened = True
-                    yield event("response.output_item.added", output_index=0, item=message)
-                    yield event("response.content_part.added", **ids, content_index=0, part=OutputText(text=""))
-                text += piece
-                yield event("response.output_text.delta", **ids, content_index=0, delta=piece, logprobs=[])
-        output: list[OutputMessage | FunctionCallItem] = []
-        if opened or not calls:
-            if not opened:
-                yield event("response.output_item.added", output_index=0, item=message)
-                yield event("response.content_part.added", **ids, content_index=0, part=OutputText(text=""))
-            part = OutputText(text=text)
-            yield event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
-            yield event("response.content_part.done", **ids, content_index=0, part=part)
-            done = message.model_copy(update={"status": "incomplete" if reason == "length" else "completed",
-                                              "content": [part]})
-            yield event("response.output_item.done", output_index=0, item=done)
-            output.append(done)
-        for call in calls:
-            index = len(output)
-            item = self._call_item(call, "in_progress")
-            call_ids = {"item_id": item.id, "output_index": index}
-            yield event("response.output_item.added", output_index=index, item=item)
-            yield event("response.function_call_arguments.delta", **call_ids, delta=call.function.arguments)
-            yield event("response.function_call_arguments.done", **call_ids, arguments=call.function.arguments)
-            item = item.model_copy(update={"status": "completed", "arguments": call.function.arguments})
-            yield event("response.output_item.done", output_index=index, item=item)
-            output.append(item)
-        final = self._response("completed", output, usage.usage(), reason)
+            else:
+                deltas = tool_stream.call_deltas()
+            for line in stream.text(piece):
+                yield line
+            for delta in deltas:
+                for line in stream.call_delta(delta.index, delta.id, delta.function.name, delta.function.arguments):
+                    yield line
+        for line in stream.close(reason):
+            yield line
+        final = self._response("completed", stream.output, usage.usage(), reason)
         yield event("response.incomplete" if final.status == "incomplete" else "response.completed", response=final)
+
+
+class _ItemStream:
+    """The output items of one streamed response and the events that open, fill and close them.
+
+    One item is open at a time (a message or a function call), as OpenAI streams them; a call's
+    item is keyed by the call's index in the tool-call stream. :attr:`output` holds the closed items.
+    """
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.output: list[OutputMessage | FunctionCallItem] = []
+        self._message: OutputMessage | None = None  # the open message item
+        self._text = ""
+        self._call: tuple[int, FunctionCallItem] | None = None  # (call index, its open item)
+        self._args = ""
+
+    def _ids(self, item_id: str) -> dict[str, Any]:
+        return {"item_id": item_id, "output_index": len(self.output)}
+
+    def text(self, piece: str) -> list[str]:
+        """Events for generated text: a message item opened when none is, then the text delta."""
+        if not piece:
+            return []
+        lines = self._close_call("completed") + self._open_message()
+        self._text += piece
+        lines.append(self.event("response.output_text.delta", **self._ids(self._message.id), content_index=0,
+                                delta=piece, logprobs=[]))
+        return lines
+
+    def _open_message(self) -> list[str]:
+        if self._message is not None:
+            return []
+        self._message, self._text = OutputMessage(id=_id("msg"), status="in_progress", content=[]), ""
+        return [self.event("response.output_item.added", output_index=len(self.output), item=self._message),
+                self.event("response.content_part.added", **self._ids(self._message.id), content_index=0,
+                           part=OutputText(text=""))]
+
+    def call_delta(self, index: int, call_id: str | None, name: str | None, arguments: str | None) -> list[str]:
+        """Events for one tool-call delta: a new call (``call_id`` set) closes the open item and opens
+        its own; an ``arguments`` fragment becomes a ``function_call_arguments.delta``."""
+        lines: list[str] = []
+        if call_id is not None:
+            lines += self._close_message("completed") + self._close_call("completed")
+            item = FunctionCallItem(id=_id("fc"), call_id=call_id, name=name or "", arguments="", status="in_progress")
+            self._call, self._args = (index, item), ""
+            lines.append(self.event("response.output_item.added", output_index=len(self.output), item=item))
+        if arguments and self._call is not None and self._call[0] == index:
+            self._args += arguments
+            lines.append(self.event("response.function_call_arguments.delta", **self._ids(self._call[1].id),
+                                    delta=arguments))
+        return lines
+
+    def close(self, finish_reason: str | None) -> list[str]:
+        """Close the open item (a reply cut by ``max_output_tokens`` leaves it ``incomplete``); an
+        empty reply still gets its (empty) message item."""
+        status = "incomplete" if finish_reason == "length" else "completed"
+        if not self.output and self._call is None:
+            return self._open_message() + self._close_message(status)
+        return self._close_message(status) + self._close_call(status)
+
+    def _close_message(self, status: str) -> list[str]:
+        if self._message is None:
+            return []
+        ids, part = self._ids(self._message.id), OutputText(text=self._text)
+        done = self._message.model_copy(update={"status": status, "content": [part]})
+        self._message = None
+        lines = [self.event("response.output_text.done", **ids, content_index=0, text=self._text, logprobs=[]),
+                 self.event("response.content_part.done", **ids, content_index=0, part=part),
+                 self.event("response.output_item.done", output_index=len(self.output), item=done)]
+        self.output.append(done)
+        return lines
+
+    def _close_call(self, status: str) -> list[str]:
+        if self._call is None:
+            return []
+        item = self._call[1].model_copy(update={"status": status, "arguments": self._args})
+        self._call = None
+        lines = [self.event("response.function_call_arguments.done", **self._ids(item.id), arguments=item.arguments),
+                 self.event("response.output_item.done", output_index=len(self.output), item=item)]
+        self.output.append(item)
+        return lines
 
 
 @router.post("/v1/responses", response_model=None)
