@@ -207,5 +207,6 @@ def test_invalid_processor_params_name_the_field(kwargs, field):
 
 def test_token_ids_in_params_outside_the_vocabulary_are_refused(make_engine):
     engine = make_engine(num_kv_blocks=8)
-    with pytest.raises(ValueError, match="sampling parameters"):
+    with pytest.raises(ValueError, match="token id 1000000 is outside the vocabulary") as refused:
         engine.validate([7, 8], SamplingParams(logit_bias={10**6: 1.0}))
+    assert refused.value.param == "logit_bias"  # the field at fault, for OpenAI's error body
