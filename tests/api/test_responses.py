@@ -124,6 +124,23 @@ def test_function_calls_and_their_outputs(client: openai.OpenAI) -> None:
     assert len(streamed) == 1 and set(json.loads(streamed[0].arguments)) == {"city"}
 
 
+def test_a_call_cut_by_max_output_tokens_is_not_reported_completed(client: openai.OpenAI) -> None:
+    # Two tokens cannot hold the forced arguments object, so the call item the stream opened is cut.
+    events = list(client.responses.create(model=MODEL, input="weather?", tools=[WEATHER], tool_choice=FORCED,
+                                          max_output_tokens=2, temperature=0, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    calls = [i for i in done if i.type == "function_call"]
+    assert calls and all(c.status == "incomplete" for c in calls)
+    final = events[-1]
+    assert final.type == "response.incomplete" and final.response.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, o.status) for o in final.response.output] == [(i.type, i.status) for i in done]
+    # The unstreamed response has the reply's text as an incomplete message, which the stream sends too.
+    full = client.responses.create(model=MODEL, input="weather?", tools=[WEATHER], tool_choice=FORCED,
+                                   max_output_tokens=2, temperature=0)
+    assert [(o.type, o.status) for o in full.output] == [("message", "incomplete")]
+    assert final.response.output[-1].content[0].text == full.output_text
+
+
 @pytest.mark.parametrize(("extra", "param"), [
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),

@@ -144,7 +144,8 @@ class ResponsesServing(chat.ChatServing):
         item as soon as its name is known and streams its ``arguments`` as the model writes them
         (:meth:`~.tools.ToolCallStream.call_deltas`), so the deltas of each call concatenate to its
         final arguments. Items are sent one after the other: a message item closes before the first
-        call's item opens."""
+        call's item opens. A call cut off by ``max_output_tokens`` closes ``incomplete`` and the
+        reply's text follows as a message, as the unstreamed response has it."""
         seq = 0
 
         def event(kind: str, **fields: Any) -> str:
@@ -165,6 +166,9 @@ class ResponsesServing(chat.ChatServing):
                 piece += rest
                 deltas = tool_stream.finish_deltas(calls)
                 reason = out.finish_reason
+                if not calls:  # the call begun is not in the finished reply (cut by max_output_tokens)
+                    for line in stream.cut_call():
+                        yield line
             else:
                 deltas = tool_stream.call_deltas()
             for line in stream.text(piece):
@@ -228,6 +232,11 @@ class _ItemStream:
             lines.append(self.event("response.function_call_arguments.delta", **self._ids(self._call[1].id),
                                     delta=arguments))
         return lines
+
+    def cut_call(self) -> list[str]:
+        """Close the open call item as ``incomplete``: the finished reply does not hold it (its JSON
+        was cut by ``max_output_tokens``), so its ``arguments`` are what was sent, not a call to run."""
+        return self._close_call("incomplete")
 
     def close(self, finish_reason: str | None) -> list[str]:
         """Close the open item (a reply cut by ``max_output_tokens`` leaves it ``incomplete``); an
