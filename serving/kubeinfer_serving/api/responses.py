@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -123,9 +123,9 @@ class ResponsesServing(chat.ChatServing):
         return parse_tool_calls(text, self.plan, self.parser)
 
     @staticmethod
-    def _call_item(call: ToolCall, status: str) -> FunctionCallItem:
+    def _call_item(call: ToolCall) -> FunctionCallItem:
         return FunctionCallItem(id=_id("fc"), call_id=call.id, name=call.function.name,
-                                arguments=call.function.arguments if status == "completed" else "", status=status)
+                                arguments=call.function.arguments, status="completed")
 
     def full_response(self, results: list[ChoiceResult], usage: Usage) -> ResponseObject:
         """The whole ``response`` object from the finished output (a message and/or function calls)."""
@@ -135,7 +135,7 @@ class ResponsesServing(chat.ChatServing):
         output: list[OutputMessage | FunctionCallItem] = []
         if content is not None:
             output.append(OutputMessage(id=_id("msg"), status=item_status, content=[OutputText(text=content)]))
-        output += [self._call_item(c, "completed") for c in calls]
+        output += [self._call_item(c) for c in calls]
         return self._response("completed", output, usage, result.finish_reason)
 
     async def stream_events(self, run: GenerationRun, usage: UsageCounter) -> AsyncIterator[str]:
@@ -189,7 +189,7 @@ class _ItemStream:
     item is keyed by the call's index in the tool-call stream. :attr:`output` holds the closed items.
     """
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: Callable[..., str]) -> None:
         self.event = event
         self.output: list[OutputMessage | FunctionCallItem] = []
         self._message: OutputMessage | None = None  # the open message item
