@@ -60,6 +60,17 @@ def wait_ready(base_url: str, timeout: float = 180.0, proc: subprocess.Popen | N
     raise RuntimeError(f"server at {base_url} not ready after {timeout} s: {last}")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a server the test started: SIGTERM, wait up to ``timeout`` seconds for it to drain and
+    exit, then SIGKILL (and reap it either way)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a daemon thread."""
 
@@ -174,9 +185,4 @@ def cli_server(model_dir: Path) -> Iterator[str]:
         wait_ready(base_url, proc=proc)
         yield base_url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import _free_port, wait_ready
+from tests.api.conftest import _free_port, stop_process, wait_ready
 from tests.api.test_settings_table import _env
 
 KEY = "sk-request-log-key"
@@ -33,12 +33,7 @@ def json_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
             wait_ready(base, proc=proc)
             yield base, log_path
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def _request_lines(log_path: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from kubeinfer_serving.engine.config import EngineConfig
 from kubeinfer_serving.registry.catalogue import Catalogue, parse_catalogue
 from kubeinfer_serving.registry.memory import device_memory_bytes
 
-from tests.api.conftest import _free_port, wait_ready
+from tests.api.conftest import _free_port, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-do-not-print-4242"
@@ -131,12 +131,7 @@ def vllm_flags_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         wait_ready(base, proc=proc)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_vllm_flag_names_take_effect(vllm_flags_server: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.api.conftest import MAX_MODEL_LEN, MODEL, _free_port, wait_ready
+from tests.api.conftest import MAX_MODEL_LEN, MODEL, _free_port, stop_process, wait_ready
 
 
 @contextlib.contextmanager
@@ -33,12 +33,7 @@ def serve_subprocess(model_dir: Path, *flags: str, env: dict | None = None) -> I
         yield url, proc
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 LONG = {"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN - 8, "ignore_eos": True, "temperature": 0,

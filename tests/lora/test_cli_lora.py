@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import _free_port, wait_ready
+from tests.api.conftest import _free_port, stop_process, wait_ready
 from tests.lora.peft_adapters import greedy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +42,7 @@ def test_lora_modules_flags_serve_adapters_by_name(tiny_dir, adapter_dirs, peft_
         assert err.value.status_code == 503
         assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_lora_flags_parse_and_belong_to_their_mode(tmp_path):

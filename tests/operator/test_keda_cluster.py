@@ -26,7 +26,7 @@ import pytest
 import yaml
 from kubeinfer_serving.models.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
 
-from tests.api.conftest import wait_ready
+from tests.api.conftest import stop_process, wait_ready
 from tests.metrics_stack_fixture import free_port
 from tests.operator import test_operator_cluster as toc
 from tests.operator.conftest import CRD_PATH, REPO
@@ -58,12 +58,7 @@ def serving(metrics_stack) -> Iterator[str]:
         wait_ready(base, proc=proc)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import pytest
 from kubeinfer_serving.models.builtin import model_cache_root
 from kubeinfer_serving.models.smollm2 import GGUF_MEMBER, WHEEL_SHA256, ensure_wheel
 
-from tests.api.conftest import wait_ready
+from tests.api.conftest import stop_process, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,12 +50,7 @@ def serve(*args: str) -> Iterator[str]:
         wait_ready(url, timeout=600, proc=proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def exit_reason(*args: str) -> tuple[int, str]:

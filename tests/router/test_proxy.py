@@ -33,6 +33,7 @@ from kubeinfer_router.picker import REASONS
 from kubeinfer_router.proxy import ROUTER, create_app
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api.conftest import stop_process
 from tests.metrics_stack_fixture import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -592,15 +593,6 @@ def _start(cmd: list[str], base_url: str, what: str) -> subprocess.Popen:
         time.sleep(0.2)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 async def test_sigterm_lets_a_stream_in_flight_finish_then_the_router_exits_0():
     async with pods(1) as (pod,), aiohttp.ClientSession() as http:
         port = free_port()
@@ -621,7 +613,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_then_the_router_exits_0():
             assert rest.endswith("data: [DONE]\n\n") and rest.count("data: ") == len(CHUNKS)
             assert await asyncio.to_thread(proc.wait, 20) == 0
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 @pytest.mark.timeout(300)
@@ -665,6 +657,6 @@ async def test_a_real_serving_pod_streams_token_identical_through_the_router_ove
                 await asyncio.sleep(0.2)
             assert cards[BUILTIN_MODEL_NAME]["endpoints"] == [{"name": pod, "url": pod, "tier": "device"}]
         finally:
-            _stop(proxy)
+            stop_process(proxy)
     finally:
-        _stop(serve)
+        stop_process(serve)
